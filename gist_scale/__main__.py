@@ -1,0 +1,5 @@
+"""`python -m gist_scale ...` is the same as the `gist-scale` command."""
+
+from gist_scale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The `gist-scale` command: a thin dispatcher to each subcommand's `main(argv)`.
+
+Each subcommand's module is imported only when it runs, so `gist-scale --help` stays fast and a data command does
+not import DeepSpeed. Every `main(argv)` is also callable in-process from tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("gist_scale.train", "fine-tune a student with GISTEmbed (no arguments: the offline quickstart)"),
+    "data": ("gist_scale.wordnet", "build datasets: `data wordnet OUT_DIR` writes WordNet triplets"),
+}
+
+USAGE = "usage: gist-scale COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
+    f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()
+) + "\n\n`gist-scale COMMAND --help` describes each command."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"gist-scale: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)

