@@ -1,0 +1,135 @@
+"""Atomic, resumable checkpoints under RUN/checkpoints/step_N/.
+
+Every rank writes its part with `accelerator.save_state` (ZeRO shards included) into a temporary directory; the
+main process then writes `trainer_state.json` (step, epoch, sampler position) and the completion marker, and only
+then renames the directory to `step_N`. A job killed mid-save leaves a `.tmp-step_N` directory, or a `step_N`
+without its marker, both of which resume ignores (and reports), so the previous checkpoint stays the one used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+COMPLETE_MARKER = "complete.json"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable; the message names the file."""
+
+
+@dataclass
+class TrainerState:
+    """What `save_state` does not know: where the loop is."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    epoch: int = 0
+    """Current epoch."""
+    position: int = 0
+    """Micro-batches of `epoch` this rank has consumed (the sampler resumes right after them)."""
+    nonfinite_in_a_row: int = 0
+    """Consecutive skipped non-finite steps."""
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Leftovers of interrupted saves: temporary directories and step directories without the marker."""
+    if not checkpoint_dir.is_dir():
+        return []
+    return sorted(
+        path for path in checkpoint_dir.iterdir()
+        if path.name.startswith(".tmp-") or (_STEP_DIR.match(path.name) and not (path / COMPLETE_MARKER).is_file())
+    )
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> Path:
+    """Save on every rank; returns the final directory. All ranks must call this at the same step."""
+    final = checkpoint_dir / f"step_{state.step}"
+    tmp = checkpoint_dir / f".tmp-step_{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    # Each rank's loop position can differ only in principle (same sampler length on every rank); store rank 0's.
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        marker = tmp / COMPLETE_MARKER
+        marker.write_text(json.dumps({"step": state.step, "files": files}))
+        _fsync(marker)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
+    """`auto` -> newest complete checkpoint or None (fresh start); a path -> that checkpoint, verified."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        complete = complete_checkpoints(checkpoint_dir)
+        return complete[-1] if complete else None
+    path = Path(resume)
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"{path / COMPLETE_MARKER}: missing; {path} is not a complete checkpoint "
+                              f"(an interrupted save?). Use --resume auto to pick the newest complete one.")
+    return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Every file the marker lists must still be there; name the first missing one."""
+    marker = path / COMPLETE_MARKER
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{marker}: unreadable completion marker ({error})") from error
+    for name in listed:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: listed in {marker} but missing; the checkpoint is damaged")
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint."""
+    verify_checkpoint(path)
+    state_file = path / STATE_FILE
+    try:
+        state = TrainerState(**json.loads(state_file.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{state_file}: unreadable trainer state ({error})") from error
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:  # torch/DeepSpeed raise many types; name the checkpoint in every case
+        raise CheckpointError(f"{path}: could not load the saved state: {error}") from error
+    accelerator.wait_for_everyone()
+    return state
