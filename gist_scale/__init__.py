@@ -1,0 +1,3 @@
+from gist_scale.loss import GISTLoss
+
+__all__ = ["GISTLoss"]

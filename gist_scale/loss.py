@@ -1,0 +1,398 @@
+"""GISTEmbed guided in-batch contrastive loss, computed over the global (all-rank) batch.
+
+Formulation (GISTEmbed, arXiv 2402.16829; original code
+``gist_embed/trainer/loss.py::guided_in_batch_contrastive_loss``)
+----------------------------------------------------------------------------------------
+For query (anchor) ``q_i`` with positive ``p_i``, the candidates are the columns of ::
+
+    [ qp | qn | qq | pp ]
+
+* ``qp``: ``q_i`` against every positive ``p_j``      (N columns; the label is ``p_i``),
+* ``qn``: ``q_i`` against every hard negative ``n_jk`` (N*K columns, absent without negatives),
+* ``qq``: ``q_i`` against every query ``q_j``         (N columns, if ``contrast_anchors``),
+* ``pp``: ``p_i`` against every positive ``p_j``      (N columns, if ``contrast_positives``),
+
+where N is the number of rows in the (global) batch. Similarities are cosine, computed in fp32
+whatever the input dtype (bf16 cosines are too coarse once divided by a temperature of 0.01),
+and the logits are ``sim / temperature``. The loss is the cross-entropy with label ``p_i``.
+
+Guided mask. A frozen guide model embeds the same texts. Candidate ``j`` of row ``i`` is
+removed (logit ``-inf``) when its guide similarity is *strictly greater* than the row threshold
+derived from the guide's ``g(q_i, p_i)``:
+
+* ``absolute``: ``g_sim > g(q_i, p_i) - margin``
+* ``relative``: ``g_sim > g(q_i, p_i) - |g(q_i, p_i)| * margin``
+
+The rationale: a candidate the guide rates as at least as relevant as the labelled positive is
+probably a false negative, and pushing it away would teach the model the wrong thing. The
+positive ``p_i`` itself is never masked, even when ``margin > 0`` puts it above the threshold.
+
+Self pairs: one deliberate difference from the original. ``(q_i, q_i)`` in ``qq`` and
+``(p_i, p_i)`` in ``pp`` are trivially similar and are *always* excluded. The original relies
+on the guide mask for this (guide self-similarity 1 exceeds the threshold), which fails on a
+tie: a query identical to its positive has threshold 1, its self-similarity is not strictly
+greater, and the original kept a logit of ``1/temperature`` in the denominator that no
+training can change. On inputs without such ties both agree.
+
+``guide_* = None`` gives plain in-batch InfoNCE over the same blocks (self pairs still
+excluded), for ablations.
+
+Global batch and scaling
+------------------------
+Inside an initialized process group, the student columns are all-gathered *with* gradient and
+the guide columns *without*, so each row sees the candidates of all ranks in all four blocks
+(queries too; sentence-transformers keeps the anchors of the ``qq`` block local). Each rank
+computes the cross-entropy only for its own rows (against all global candidates), so the
+logit matrix is ``[B_local, C]``. Ranks may hold different ``B_local`` (even zero): one tiny
+all-gather exchanges the sizes (and each rank's input validity, so that a bad input raises
+``ValueError`` on every rank rather than hanging the others), then the columns are padded to
+the largest rank, gathered, and stripped back to exactly ``N`` rows. Embeddings travel in their
+own dtype (bf16 halves the traffic) and are upcast to fp32 after the gather.
+
+Each rank returns ``sum(local row losses) * W / N`` (``W`` ranks, ``N`` global rows), so that
+
+* the mean over ranks of the returned values equals the single-process loss on the
+  concatenated batch (for logging, average it over ranks);
+* the all-gather's backward is a reduce-scatter SUM, so the gradient reaching rank ``r``'s
+  inputs is ``d(sum_r' loss_r')/dx_r = W * dL/dx_r``; after the usual DDP / ZeRO gradient
+  averaging (a division by ``W``), the parameter gradients equal exactly those of one process
+  holding the whole global batch. Consequently, *every* rank must run backward on its loss.
+
+Without a process group (or with ``gather_across_ranks=False``) this is the ordinary mean over
+the local rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gist_scale import distributed as gdist
+
+__all__ = ["GISTLoss", "LossStats"]
+
+_MARGIN_STRATEGIES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Diagnostics of the last forward, as detached 0-dim float32 tensors on the loss device.
+
+    Tensors rather than Python numbers so that reading them costs no host sync; call
+    ``.item()`` (or :func:`gist_scale.distributed.all_reduce_mean`) only when logging.
+
+    Attributes:
+        masked_fraction: fraction of this rank's maskable candidates that the guide masked.
+            Rows are this rank's local rows; columns are all global candidates *except* the
+            row's positive (never masked) and its self pairs (always excluded), i.e. the
+            denominator is ``local_rows * (candidates_per_anchor - 1)``. ``0`` without a guide.
+            This is the number to watch when tuning ``margin``.
+        candidates_per_anchor: logit columns each row competes over: the positive, all other
+            global candidates, excluding the self pairs (there are no padding columns).
+        local_rows: rows this rank computed the loss for.
+        global_rows: rows in the global batch (``N``).
+    """
+
+    masked_fraction: Tensor
+    candidates_per_anchor: Tensor
+    local_rows: Tensor
+    global_rows: Tensor
+
+
+class GISTLoss(nn.Module):
+    """Guided in-batch contrastive loss of GISTEmbed over the global batch.
+
+    See the module docstring for the formulation, the self-pair rule and the distributed
+    scaling.
+
+    Args:
+        temperature: logits are ``cosine / temperature``; must be > 0.
+        margin_strategy: ``"absolute"`` or ``"relative"``, how ``margin`` lowers the threshold.
+        margin: threshold margin. ``0`` masks candidates the guide rates above the positive;
+            larger values mask more aggressively.
+        contrast_anchors: include the query-query block ``qq``.
+        contrast_positives: include the positive-positive block ``pp``.
+        gather_across_ranks: inside a process group, contrast against the candidates of all
+            ranks (the point of this class). ``False`` computes a rank-local loss.
+        check_finite: raise ``ValueError`` on NaN/inf embeddings. Costs one host sync per call
+            in single-process mode; in a process group the check rides on the size exchange
+            that happens anyway. Disable only if that sync matters and you check elsewhere.
+
+    Forward:
+        ``anchor``, ``positive``: ``[B, D]`` student embeddings. ``negative``: ``None``,
+        ``[B, D]`` or ``[B, K, D]``. ``guide_*``: the guide's embeddings of the same texts with
+        the same shapes except the last dim ``Dg`` (any dtype), or all ``None`` for plain
+        InfoNCE. Returns a 0-dim fp32 loss; diagnostics land in :attr:`last_stats`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        margin_strategy: str = "absolute",
+        margin: float = 0.0,
+        contrast_anchors: bool = True,
+        contrast_positives: bool = True,
+        gather_across_ranks: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if margin_strategy not in _MARGIN_STRATEGIES:
+            raise ValueError(f"margin_strategy must be one of {_MARGIN_STRATEGIES}, got {margin_strategy!r}")
+        if not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise ValueError(f"margin must be a finite number, got {margin!r}")
+        self.temperature = float(temperature)
+        self.margin_strategy = margin_strategy
+        self.margin = float(margin)
+        self.contrast_anchors = bool(contrast_anchors)
+        self.contrast_positives = bool(contrast_positives)
+        self.gather_across_ranks = bool(gather_across_ranks)
+        self.check_finite = bool(check_finite)
+        self.last_stats: LossStats | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, margin_strategy={self.margin_strategy!r}, margin={self.margin}, "
+            f"contrast_anchors={self.contrast_anchors}, contrast_positives={self.contrast_positives}"
+        )
+
+    def forward(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        negative: Tensor | None = None,
+        guide_anchor: Tensor | None = None,
+        guide_positive: Tensor | None = None,
+        guide_negative: Tensor | None = None,
+    ) -> Tensor:
+        error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
+        has_guide = guide_anchor is not None
+        distributed = self.gather_across_ranks and gdist.world_size() > 1
+
+        columns = (anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
+        tensors = [t for t in columns if t is not None]
+        if distributed:
+            # One tiny all-gather carries every rank's sizes *and* its validity, so that a bad
+            # input on one rank makes every rank raise together instead of leaving the healthy
+            # ranks blocked in the embedding all-gather until the timeout.
+            device = anchor.device if isinstance(anchor, Tensor) else gdist.comm_device()
+            if self.check_finite and error is None:
+                finite = _all_finite(tensors, device).long().view(1)
+            else:
+                finite = torch.ones(1, dtype=torch.int64, device=device)
+            # non_blocking: a blocking host-to-device copy would sync the stream, and the
+            # .tolist() below is meant to be the only sync.
+            meta = torch.tensor([*shape, 0 if error is None else 1], dtype=torch.int64).to(device, non_blocking=True)
+            meta = torch.cat([meta, finite])
+            all_meta = gdist.gather_no_grad(meta.view(1, -1), sizes=[1] * gdist.world_size()).tolist()
+            _raise_if_any_invalid(error, all_meta)
+            sizes = [row[0] for row in all_meta]
+        else:
+            if error is not None:
+                raise ValueError(error)
+            if self.check_finite and not bool(_all_finite(tensors, anchor.device)):
+                raise ValueError("embeddings contain NaN or inf")
+            sizes = [anchor.shape[0]]
+
+        n_global = sum(sizes)
+        if n_global == 0:
+            raise ValueError("the (global) batch is empty")
+        rank = gdist.rank() if distributed else 0
+        world = len(sizes)
+        offset = sum(sizes[:rank])
+        b_local = anchor.shape[0]
+        k = shape[1]
+
+        # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three.
+        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True)
+        labels = torch.arange(offset, offset + b_local, device=q.device)
+        logits = _block_matrix(q, p, n, offset, b_local, self.contrast_anchors, self.contrast_positives)
+
+        n_cols = logits.shape[1]
+        col = torch.arange(n_cols, device=logits.device)
+        qq_start = n_global + n_global * k
+        pp_start = qq_start + (n_global if self.contrast_anchors else 0)
+        n_self = int(self.contrast_anchors) + int(self.contrast_positives)
+        # Self pairs by index arithmetic: row i's global index is offset + i in every block.
+        excluded = torch.zeros((b_local, n_cols), dtype=torch.bool, device=logits.device)
+        if self.contrast_anchors:
+            excluded |= col == (qq_start + labels)[:, None]
+        if self.contrast_positives:
+            excluded |= col == (pp_start + labels)[:, None]
+
+        if has_guide:
+            with torch.no_grad():
+                gq, gp, gn = self._gathered_columns(
+                    guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
+                )
+                guide_sims = _block_matrix(gq, gp, gn, offset, b_local, self.contrast_anchors, self.contrast_positives)
+                # Threshold from the very matrix entry the label column holds, so "strictly
+                # greater" compares like with like.
+                pos_sim = guide_sims.gather(1, labels[:, None])
+                if self.margin_strategy == "absolute":
+                    threshold = pos_sim - self.margin
+                else:
+                    threshold = pos_sim - pos_sim.abs() * self.margin
+                guided = guide_sims > threshold
+                guided &= col != labels[:, None]
+                guided &= ~excluded
+            masked_count = guided.sum()
+            excluded |= guided
+        else:
+            masked_count = torch.zeros((), dtype=torch.int64, device=logits.device)
+
+        logits = (logits / self.temperature).masked_fill(excluded, float("-inf"))
+        row_losses = F.cross_entropy(logits, labels, reduction="none")
+        loss = row_losses.sum() * (world / n_global)
+
+        maskable = b_local * (n_cols - 1 - n_self)
+        stats_device = logits.device
+        self.last_stats = LossStats(
+            masked_fraction=(masked_count.float() / max(maskable, 1)).detach(),
+            candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
+            local_rows=torch.full((), float(b_local), device=stats_device),
+            global_rows=torch.full((), float(n_global), device=stats_device),
+        )
+        return loss
+
+    @staticmethod
+    def _gathered_columns(
+        a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool, with_grad: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Global, L2-normalized fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``."""
+        b, d = a.shape
+        k = 0 if n is None else (1 if n.ndim == 2 else n.shape[1])
+        n2 = None if n is None else n.reshape(b, k * d)
+        if distributed:
+            cols = [a, p] if n2 is None else [a, p, n2]
+            dtype = cols[0].dtype
+            for c in cols[1:]:
+                dtype = torch.promote_types(dtype, c.dtype)
+            # Gathered in the input dtype (half the traffic for bf16); normalized in fp32 after.
+            packed = torch.cat([c.to(dtype) for c in cols], dim=1)
+            packed = gdist.gather_with_grad(packed, sizes) if with_grad else gdist.gather_no_grad(packed, sizes)
+            a, p = packed[:, :d], packed[:, d : 2 * d]
+            n2 = None if n2 is None else packed[:, 2 * d :]
+        a = F.normalize(a.float(), dim=-1)
+        p = F.normalize(p.float(), dim=-1)
+        negs = None if n2 is None or k == 0 else F.normalize(n2.float().reshape(-1, d), dim=-1)
+        return a, p, negs
+
+
+def _block_matrix(
+    q: Tensor,
+    p: Tensor,
+    n: Tensor | None,
+    offset: int,
+    b_local: int,
+    contrast_anchors: bool,
+    contrast_positives: bool,
+) -> Tensor:
+    """Cosine matrix ``[B_local, C]`` of the local rows against ``[qp | qn | qq | pp]``.
+
+    ``q``, ``p``, ``n`` are global and normalized; this rank's rows are the global rows
+    ``offset .. offset + b_local``. The three query blocks share one matmul.
+    """
+    rows = slice(offset, offset + b_local)
+    candidates = [p] + ([n] if n is not None else []) + ([q] if contrast_anchors else [])
+    blocks = [q[rows] @ torch.cat(candidates).T]
+    if contrast_positives:
+        blocks.append(p[rows] @ p.T)
+    return torch.cat(blocks, dim=1)
+
+
+def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
+    flags = [torch.isfinite(t).all().to(device) for t in tensors]
+    return torch.stack(flags).all()
+
+
+def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) -> None:
+    """Raise the same ``ValueError`` decision on every rank from the exchanged metadata."""
+    if local_error is not None:
+        raise ValueError(local_error)
+    bad = [r for r, row in enumerate(all_meta) if row[-2] != 0]
+    if bad:
+        raise ValueError(f"invalid loss inputs on rank(s) {bad} (see that rank's error)")
+    nonfinite = [r for r, row in enumerate(all_meta) if row[-1] == 0]
+    if nonfinite:
+        raise ValueError(f"embeddings contain NaN or inf on rank(s) {nonfinite}")
+    # K, D, Dg and the guide/negative layout must agree, or the gathered columns would not line up.
+    layouts = {tuple(row[1:-2]) for row in all_meta}
+    if len(layouts) > 1:
+        raise ValueError(
+            "ranks disagree on (K, D, Dg, has_negative, has_guide): "
+            + ", ".join(f"rank {r}: {tuple(row[1:-2])}" for r, row in enumerate(all_meta))
+        )
+
+
+def _check_inputs(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor | None,
+    guide_anchor: Tensor | None,
+    guide_positive: Tensor | None,
+    guide_negative: Tensor | None,
+) -> tuple[str | None, tuple[int, int, int, int, int, int]]:
+    """Validate shapes without raising: ``(error or None, (B, K, D, Dg, has_neg, has_guide))``.
+
+    Not raising lets a distributed caller first tell the other ranks (see
+    :func:`_raise_if_any_invalid`). No host sync: only shapes are inspected here.
+    """
+    bad_shape = (-1, -1, -1, -1, -1, -1)
+    named = {
+        "anchor": anchor,
+        "positive": positive,
+        "negative": negative,
+        "guide_anchor": guide_anchor,
+        "guide_positive": guide_positive,
+        "guide_negative": guide_negative,
+    }
+    for name, t in named.items():
+        if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
+            return f"{name} must be a floating-point tensor or None, got {type(t).__name__}", bad_shape
+    if anchor is None or positive is None:
+        return "anchor and positive are required", bad_shape
+    if anchor.ndim != 2 or positive.ndim != 2:
+        return f"anchor and positive must be [B, D], got {tuple(anchor.shape)} and {tuple(positive.shape)}", bad_shape
+    b, d = anchor.shape
+    if positive.shape != (b, d):
+        return f"positive shape {tuple(positive.shape)} does not match anchor shape {tuple(anchor.shape)}", bad_shape
+    if d == 0:
+        return "embedding dimension must be > 0", bad_shape
+    k = 0
+    if negative is not None:
+        if negative.ndim not in (2, 3) or negative.shape[0] != b or negative.shape[-1] != d:
+            return f"negative must be [B, D] or [B, K, D] with B={b}, D={d}, got {tuple(negative.shape)}", bad_shape
+        k = 1 if negative.ndim == 2 else negative.shape[1]
+
+    guides = (guide_anchor, guide_positive, guide_negative)
+    students = (anchor, positive, negative)
+    if all(g is None for g in guides):
+        return None, (b, k, d, 0, int(negative is not None), 0)
+    missing = [
+        f"guide_{c}" if g is None else c
+        for c, s, g in zip(("anchor", "positive", "negative"), students, guides)
+        if (s is None) != (g is None)
+    ]
+    if missing:
+        return f"guide embeddings must be given for all columns or none; unmatched: {missing}", bad_shape
+    if guide_anchor.ndim != 2:
+        return f"guide_anchor must be [B, Dg], got {tuple(guide_anchor.shape)}", bad_shape
+    dg = guide_anchor.shape[1]
+    if guide_anchor.shape[0] != b or guide_positive.shape != (b, dg) or dg == 0:
+        return (
+            f"guide_anchor/guide_positive must both be [B={b}, Dg], got "
+            f"{tuple(guide_anchor.shape)} and {tuple(guide_positive.shape)}"
+        ), bad_shape
+    if guide_negative is not None:
+        gk = 1 if guide_negative.ndim == 2 else (guide_negative.shape[1] if guide_negative.ndim == 3 else -1)
+        if gk != k or guide_negative.shape[0] != b or guide_negative.shape[-1] != dg:
+            return (
+                f"guide_negative must match negative's [B={b}, K={k}] with Dg={dg}, got {tuple(guide_negative.shape)}"
+            ), bad_shape
+    return None, (b, k, d, dg, int(negative is not None), 1)

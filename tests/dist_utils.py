@@ -1,0 +1,67 @@
+"""Run a function on N local gloo ranks, failing (not hanging) if any rank stalls.
+
+Usage::
+
+    run_distributed(_worker, world_size=2, args=(...,))   # calls _worker(rank, world_size, *args)
+
+``_worker`` must be a module-level function (it is pickled by reference into spawned
+processes). An exception on any rank fails the calling test with that rank's traceback.
+Two timeouts guard against hangs: gloo's own collective timeout (a rank blocked in a
+collective raises) and a wall-clock deadline after which the parent kills the ranks it spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple[Any, ...]) -> None:
+    # Each rank gets one thread: the tests run on 2 cores and oversubscription makes them crawl.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, args: tuple[Any, ...] = (), timeout_s: float = 90.0
+) -> None:
+    """Spawn ``world_size`` gloo ranks running ``fn(rank, world_size, *args)``; raise on failure or timeout."""
+    ctx = mp.start_processes(
+        _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=0.2):  # join() raises ProcessRaisedException if a rank failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in ctx.processes:
+                proc.join(5)
+            raise TimeoutError(f"distributed test did not finish within {timeout_s} s (hang?)")

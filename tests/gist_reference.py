@@ -1,0 +1,170 @@
+"""Independent references for testing :class:`gist_scale.loss.GISTLoss`.
+
+* :func:`naive_gist_loss`: a per-row Python loop over the original GISTEmbed formulation
+  (``[qp | qn | qq | pp]``, strict ``>``, label ``i``), in float64, sharing no code with the
+  vectorized implementation.
+* :func:`st_gist_loss`: sentence-transformers' ``GISTEmbedLoss`` fed our exact tensors, by
+  giving it stub models and swapping the ``embed_columns`` it calls for one that returns them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def make_inputs(
+    n: int,
+    k: int | None,
+    d: int = 16,
+    dg: int = 12,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    related: float = 0.0,
+) -> dict[str, Tensor | None]:
+    """Random student/guide columns. ``k=None``: no negatives; ``k=0``: ``[B, D]`` negatives; else ``[B, K, D]``.
+
+    ``related > 0`` pulls each positive towards its anchor (in both models), which keeps the loss
+    O(1) like in real training instead of O(1/temperature), so that fp32 absolute errors are small.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g)
+
+    neg_shape = None if k is None else ((n,) if k == 0 else (n, k))
+    anchor, guide_anchor = rnd(n, d), rnd(n, dg)
+    out = {
+        "anchor": anchor,
+        "positive": related * anchor + rnd(n, d),
+        "negative": None if neg_shape is None else rnd(*neg_shape, d),
+        "guide_anchor": guide_anchor,
+        "guide_positive": related * guide_anchor + rnd(n, dg),
+        "guide_negative": None if neg_shape is None else rnd(*neg_shape, dg),
+    }
+    return {name: None if t is None else t.to(dtype) for name, t in out.items()}
+
+
+def _cos(x: Tensor, y: Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+
+def naive_gist_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor | None,
+    guide_anchor: Tensor | None,
+    guide_positive: Tensor | None,
+    guide_negative: Tensor | None,
+    temperature: float = 0.01,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    exclude_self: bool = False,
+) -> tuple[float, int, int]:
+    """Original formulation, one row at a time. Returns ``(mean loss, masked count, maskable count)``.
+
+    ``exclude_self=False`` is the original: self pairs are dropped only if the guide threshold
+    masks them. ``exclude_self=True`` always drops them (gist-scale's rule). The positive is
+    never masked. Masked/maskable counts exclude the positive and the self pairs.
+    """
+    n, d = anchor.shape
+    guided = guide_anchor is not None
+    negs = [] if negative is None else list(negative.reshape(-1, d))
+    gnegs = [] if guide_negative is None else list(guide_negative.reshape(len(negs), -1))
+    total, masked, maskable = 0.0, 0, 0
+
+    def gcos(x: Tensor | None, y: Tensor | None) -> float | None:
+        return _cos(x, y) if guided else None
+
+    ga = guide_anchor if guided else [None] * n
+    gp = guide_positive if guided else [None] * n
+    gnegs = gnegs if guided else [None] * len(negs)
+    for i in range(n):
+        # (student sim, guide sim, is the positive, is a self pair)
+        cands: list[tuple[float, float | None, bool, bool]] = []
+        for j in range(n):
+            cands.append((_cos(anchor[i], positive[j]), gcos(ga[i], gp[j]), j == i, False))
+        for m in range(len(negs)):
+            cands.append((_cos(anchor[i], negs[m]), gcos(ga[i], gnegs[m]), False, False))
+        if contrast_anchors:
+            for j in range(n):
+                cands.append((_cos(anchor[i], anchor[j]), gcos(ga[i], ga[j]), False, j == i))
+        if contrast_positives:
+            for j in range(n):
+                cands.append((_cos(positive[i], positive[j]), gcos(gp[i], gp[j]), False, j == i))
+        threshold = None
+        if guided:
+            pos = _cos(ga[i], gp[i])
+            threshold = pos - margin if margin_strategy == "absolute" else pos - abs(pos) * margin
+        kept = []
+        label_logit = None
+        for sim, gsim, is_pos, is_self in cands:
+            if is_pos:
+                label_logit = sim / temperature
+                kept.append(label_logit)
+                continue
+            if is_self and exclude_self:
+                continue
+            hit = guided and gsim > threshold
+            if not is_self:
+                maskable += 1
+                masked += int(hit)
+            if not hit:
+                kept.append(sim / temperature)
+        top = max(kept)
+        lse = top + math.log(sum(math.exp(v - top) for v in kept))
+        total += lse - label_logit
+    return total / n, masked, maskable
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+
+
+class _StubModel(nn.Module):
+    """Just enough of a SentenceTransformer for GISTEmbedLoss's constructor checks."""
+
+    max_seq_length = 128
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = _tokenizer()
+
+
+def st_gist_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor | None,
+    guide_anchor: Tensor,
+    guide_positive: Tensor,
+    guide_negative: Tensor | None,
+    **kwargs,
+) -> Tensor:
+    """sentence-transformers' ``GISTEmbedLoss`` on exactly these embeddings (``negative``: ``[B, D]``)."""
+    from sentence_transformers.sentence_transformer.losses import gist_embed as st_module
+
+    student, guide = _StubModel(), _StubModel()
+    loss = st_module.GISTEmbedLoss(student, guide, **kwargs)
+    cols = [anchor, positive] + ([negative] if negative is not None else [])
+    guide_cols = [guide_anchor, guide_positive] + ([guide_negative] if guide_negative is not None else [])
+
+    def embed_columns(model, features_list, separate_first=True):
+        return list(cols if model is student else guide_cols)
+
+    original = st_module.embed_columns
+    st_module.embed_columns = embed_columns
+    try:
+        return loss([{} for _ in cols], None)
+    finally:
+        st_module.embed_columns = original

@@ -1,0 +1,251 @@
+"""Single-process tests of GISTLoss: formulation, sentence-transformers parity, dtypes, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from gist_reference import make_inputs, naive_gist_loss, st_gist_loss
+
+from gist_scale import GISTLoss
+from gist_scale.loss import LossStats
+
+# k=None: no negatives; k=0: negatives as [B, D]; k>=1: [B, K, D]
+NEGATIVES = [None, 0, 1, 3]
+
+
+def _loss(inputs, **kwargs) -> tuple[torch.Tensor, GISTLoss]:
+    fn = GISTLoss(**kwargs)
+    return fn(**inputs), fn
+
+
+def _no_ties(inputs, margin: float = 0.0) -> None:
+    """The original relies on the guide threshold to drop self pairs; that needs threshold < 1."""
+    ga = torch.nn.functional.normalize(inputs["guide_anchor"].double(), dim=-1)
+    gp = torch.nn.functional.normalize(inputs["guide_positive"].double(), dim=-1)
+    assert ((ga * gp).sum(-1) - margin < 1 - 1e-6).all()
+
+
+@pytest.mark.parametrize("k", NEGATIVES)
+@pytest.mark.parametrize(
+    "contrast_anchors,contrast_positives", [(True, True), (False, True), (True, False), (False, False)]
+)
+def test_matches_naive_original_formulation(k, contrast_anchors, contrast_positives):
+    inputs = make_inputs(7, k, seed=11)
+    _no_ties(inputs)
+    flags = dict(contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
+    loss, fn = _loss(inputs, **flags)
+    expected, masked, maskable = naive_gist_loss(**inputs, **flags)
+    assert loss.dtype == torch.float32 and loss.ndim == 0
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
+    assert fn.last_stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
+    assert 0 < masked < maskable  # the guide is actually doing something in this test
+
+
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize(
+    "strategy,margin", [("absolute", 0.1), ("relative", 0.1), ("absolute", 0.5), ("relative", -0.2)]
+)
+def test_matches_naive_with_margins(k, strategy, margin):
+    inputs = make_inputs(6, k, seed=3)
+    kwargs = dict(margin_strategy=strategy, margin=margin)
+    loss, fn = _loss(inputs, **kwargs)
+    expected, masked, maskable = naive_gist_loss(**inputs, exclude_self=True, **kwargs)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
+    assert fn.last_stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
+
+
+def test_no_guide_is_plain_infonce_without_self_pairs():
+    inputs = make_inputs(6, 2, seed=5)
+    no_guide = {**inputs, "guide_anchor": None, "guide_positive": None, "guide_negative": None}
+    loss, fn = _loss(no_guide)
+    expected, masked, _ = naive_gist_loss(**no_guide, exclude_self=True)
+    assert masked == 0
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
+    assert fn.last_stats.masked_fraction.item() == 0.0
+    # without a guide (and with one) the self pairs never enter the denominator
+    assert fn.last_stats.candidates_per_anchor.item() == 6 + 12 + 5 + 5
+
+
+def test_self_pairs_excluded_even_when_guide_threshold_ties():
+    """The one deliberate difference from the original (see the loss module docstring)."""
+    inputs = make_inputs(5, None, seed=7)
+    inputs["guide_positive"][2] = inputs["guide_anchor"][2]  # guide threshold of row 2 is exactly 1
+    ours = GISTLoss()(**inputs).item()
+    always_excluded, _, _ = naive_gist_loss(**inputs, exclude_self=True)
+    original, _, _ = naive_gist_loss(**inputs, exclude_self=False)
+    assert ours == pytest.approx(always_excluded, rel=1e-5, abs=5e-5)
+    assert abs(ours - original) > 1e-3  # the original keeps (q_2, q_2) and (p_2, p_2) in the denominator
+
+
+def test_positive_never_masked_even_with_large_margin():
+    inputs = make_inputs(6, 1, seed=2)
+    fn = GISTLoss(margin=2.0)  # threshold g_ii - 2 <= -1: every candidate but the positive is masked
+    loss = fn(**inputs)
+    assert loss.item() == 0.0  # one surviving logit, the label
+    assert fn.last_stats.masked_fraction.item() == 1.0
+
+
+@pytest.mark.parametrize("k", [None, 0])
+@pytest.mark.parametrize("strategy", ["absolute", "relative"])
+@pytest.mark.parametrize("margin", [0.0, 0.1])
+@pytest.mark.parametrize("contrast_anchors", [True, False])
+@pytest.mark.parametrize("contrast_positives", [True, False])
+def test_matches_sentence_transformers(k, strategy, margin, contrast_anchors, contrast_positives):
+    # related=1: an O(1) loss as in real training (an O(1/temperature) one would spend the 1e-5
+    # budget on fp32 rounding alone); seed 23 makes the guide mask something in every case.
+    inputs = make_inputs(8, k, seed=23, related=1.0)
+    _no_ties(inputs, margin)
+    kwargs = dict(
+        temperature=0.01,
+        margin_strategy=strategy,
+        margin=margin,
+        contrast_anchors=contrast_anchors,
+        contrast_positives=contrast_positives,
+    )
+    fn = GISTLoss(**kwargs)
+    ours = fn(**inputs)
+    theirs = st_gist_loss(**inputs, **kwargs)
+    assert fn.last_stats.masked_fraction.item() > 0
+    assert abs(ours.item() - theirs.item()) <= 1e-5
+
+
+def test_bf16_inputs_match_fp32_of_the_rounded_inputs():
+    bf16 = make_inputs(8, 2, seed=4, dtype=torch.bfloat16)
+    fp32 = {name: t.float() for name, t in bf16.items()}
+    loss_bf16, fn = _loss(bf16, temperature=0.01)
+    loss_fp32, _ = _loss(fp32, temperature=0.01)
+    assert loss_bf16.dtype == torch.float32 and torch.isfinite(loss_bf16)
+    # the cast to fp32 is the first thing that happens, so bf16 only costs the input rounding
+    torch.testing.assert_close(loss_bf16, loss_fp32, rtol=0, atol=1e-6)
+    assert fn.last_stats.masked_fraction.dtype == torch.float32
+
+
+def test_fp16_and_mixed_dtypes_give_fp32_loss_and_grads_in_input_dtype():
+    inputs = make_inputs(5, 1, seed=9)
+    student = {k: inputs[k].half().requires_grad_() for k in ("anchor", "positive", "negative")}
+    loss = GISTLoss()(**{**inputs, **student})
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert all(t.grad is not None and t.grad.dtype == torch.float16 for t in student.values())
+
+
+def test_row_whose_guide_masks_every_negative_is_finite():
+    inputs = make_inputs(6, 2, seed=8)
+    # Row 0: the guide puts the positive opposite the query, so the threshold is -1 and every
+    # other candidate of that row scores above it.
+    inputs["guide_positive"][0] = -inputs["guide_anchor"][0]
+    student = {k: inputs[k].clone().requires_grad_() for k in ("anchor", "positive", "negative")}
+    fn = GISTLoss()
+    loss = fn(**{**inputs, **student})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(t.grad).all() for t in student.values())
+    expected, _, _ = naive_gist_loss(**inputs, exclude_self=True)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
+
+
+def test_single_row_batch_with_guide_is_finite():
+    loss = GISTLoss()(**make_inputs(1, None, seed=1))
+    assert loss.item() == 0.0  # only the positive is a candidate
+
+
+def test_stats_are_detached_zero_dim_tensors():
+    inputs = make_inputs(4, 3, seed=6)
+    student = {k: inputs[k].clone().requires_grad_() for k in ("anchor", "positive", "negative")}
+    fn = GISTLoss(contrast_anchors=False)
+    assert fn.last_stats is None
+    fn(**{**inputs, **student})
+    stats = fn.last_stats
+    assert isinstance(stats, LossStats)
+    for value in (stats.masked_fraction, stats.candidates_per_anchor, stats.local_rows, stats.global_rows):
+        assert isinstance(value, torch.Tensor) and value.ndim == 0 and not value.requires_grad
+    assert stats.candidates_per_anchor.item() == 4 + 12 + 3  # qp + qn + pp minus the self pair
+    assert stats.local_rows.item() == stats.global_rows.item() == 4
+
+
+def test_guide_receives_no_gradient():
+    inputs = make_inputs(4, 1, seed=10)
+    tensors = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    GISTLoss()(**tensors).backward()
+    assert all(tensors[k].grad is None for k in ("guide_anchor", "guide_positive", "guide_negative"))
+    assert all(tensors[k].grad is not None for k in ("anchor", "positive", "negative"))
+
+
+def test_guide_may_have_a_different_width_and_dtype():
+    inputs = make_inputs(5, 2, d=16, dg=7, seed=12)
+    inputs["guide_anchor"] = inputs["guide_anchor"].double()
+    loss = GISTLoss()(**inputs)
+    expected, _, _ = naive_gist_loss(**inputs)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=math.nan), "temperature"),
+        (dict(margin_strategy="percent"), "margin_strategy"),
+        (dict(margin=math.inf), "margin"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GISTLoss(**kwargs)
+
+
+def _mutate(name, fn):
+    def apply(inputs):
+        inputs[name] = fn(inputs[name])
+        return inputs
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (_mutate("positive", lambda t: t[:-1]), "positive shape"),
+        (_mutate("negative", lambda t: t[:-1]), "negative must be"),
+        (_mutate("negative", lambda t: t[..., :-1]), "negative must be"),
+        (_mutate("guide_positive", lambda t: t[:-1]), "guide_anchor/guide_positive"),
+        (_mutate("guide_negative", lambda t: t[:, :1]), "guide_negative must match"),
+        (_mutate("guide_negative", lambda t: None), "all columns or none"),
+        (_mutate("guide_anchor", lambda t: None), "all columns or none"),
+        (_mutate("negative", lambda t: None), "all columns or none"),
+        (_mutate("anchor", lambda t: t.long()), "floating-point"),
+        (_mutate("anchor", lambda t: t[0]), r"\[B, D\]"),
+        (_mutate("anchor", lambda t: t.index_fill(0, torch.tensor([1]), math.nan)), "NaN or inf"),
+        (_mutate("negative", lambda t: t.index_fill(0, torch.tensor([2]), math.inf)), "NaN or inf"),
+        (_mutate("guide_positive", lambda t: t.index_fill(0, torch.tensor([0]), -math.inf)), "NaN or inf"),
+    ],
+)
+def test_bad_inputs(mutate, match):
+    inputs = mutate(make_inputs(4, 2, seed=0))
+    with pytest.raises(ValueError, match=match):
+        GISTLoss()(**inputs)
+
+
+def test_empty_batch_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        GISTLoss()(**make_inputs(0, 1))
+
+
+def test_guide_ties_with_the_threshold_are_kept():
+    """Strict ``>``: a candidate the guide rates exactly as high as the positive stays in."""
+    inputs = make_inputs(5, 1, seed=13)
+    # One-hot guide vectors make every guide cosine exactly 1.0 (no rounding anywhere), so
+    # every candidate ties with every threshold.
+    for name in ("guide_anchor", "guide_positive", "guide_negative"):
+        inputs[name] = torch.zeros_like(inputs[name])
+        inputs[name][..., 0] = 1.0
+    fn = GISTLoss()
+    loss = fn(**inputs)
+    no_guide = {name: None if name.startswith("guide") else t for name, t in inputs.items()}
+    assert fn.last_stats.masked_fraction.item() == 0.0
+    torch.testing.assert_close(loss, GISTLoss()(**no_guide), rtol=0, atol=0)

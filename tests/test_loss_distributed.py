@@ -1,0 +1,238 @@
+"""Multi-process (gloo, CPU) tests of the global-batch GISTLoss and of gist_scale.distributed.
+
+Each spawned group runs several cases, because starting ranks dominates the runtime. A failing
+assertion on any rank fails the test with that rank's traceback; a hang fails it by timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import run_distributed
+from gist_reference import make_inputs, st_gist_loss
+from torch import nn
+
+from gist_scale import distributed as gdist
+from gist_scale.loss import GISTLoss
+
+STUDENT = ("anchor", "positive", "negative")
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------- no process group
+
+
+def test_helpers_are_identities_without_a_process_group():
+    t = torch.randn(3, 2, requires_grad=True)
+    assert not gdist.is_distributed() and gdist.world_size() == 1 and gdist.rank() == 0
+    assert gdist.gather_with_grad(t) is t
+    assert not gdist.gather_no_grad(t).requires_grad
+    assert gdist.gather_sizes(3) == [3]
+    assert torch.equal(gdist.all_reduce_sum(t), t.detach()) and torch.equal(gdist.all_reduce_max(t), t.detach())
+    assert gdist.all_reduce_mean(torch.tensor(3)).dtype == torch.float32
+    assert gdist.any_rank_true(True) and not gdist.any_rank_true(False)
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+# (sizes per rank, K (None: no negatives, 0: [B, D]), guide, contrast_anchors, contrast_positives, strategy, margin)
+CASES = {
+    2: [
+        ((4, 4), None, True, True, True, "absolute", 0.0),
+        ((5, 2), 3, True, True, True, "absolute", 0.0),
+        ((3, 6), 0, True, False, True, "relative", 0.1),
+        ((6, 1), 1, False, True, True, "absolute", 0.0),
+        ((2, 5), 2, True, True, False, "absolute", 0.1),
+    ],
+    3: [
+        ((3, 3, 3), 3, True, True, True, "absolute", 0.0),
+        ((4, 1, 2), 0, True, True, True, "relative", 0.1),
+        ((2, 0, 3), 2, True, True, True, "absolute", 0.0),  # a rank with no rows at all
+        ((1, 5, 2), None, False, False, True, "absolute", 0.0),
+    ],
+}
+
+
+def _exactness_worker(rank: int, world: int, cases) -> None:
+    for i, (sizes, k, guided, ca, cp, strategy, margin) in enumerate(cases):
+        what = f"case {i} sizes={sizes} k={k} guide={guided} rank={rank}"
+        full = make_inputs(sum(sizes), k, seed=100 + i, related=0.5)
+        if not guided:
+            full = {name: (None if name.startswith("guide") else t) for name, t in full.items()}
+        kwargs = dict(margin_strategy=strategy, margin=margin, contrast_anchors=ca, contrast_positives=cp)
+
+        ref_student = {c: full[c].clone().requires_grad_() for c in STUDENT if full[c] is not None}
+        ref = GISTLoss(gather_across_ranks=False, **kwargs)(**{**full, **ref_student})
+        ref.backward()
+
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        local = {name: None if t is None else t[rows].clone() for name, t in full.items()}
+        local_student = {c: local[c].requires_grad_() for c in STUDENT if local[c] is not None}
+        fn = GISTLoss(**kwargs)
+        loss = fn(**local)
+        loss.backward()
+
+        # (a) the mean over ranks is the full-batch loss
+        _close(gdist.all_reduce_mean(loss), ref.detach(), f"{what}: mean loss")
+        # (b) after gradient averaging (/ world) the input gradients are the single-process ones
+        for c, t in local_student.items():
+            _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}")
+        assert fn.last_stats.global_rows.item() == sum(sizes)
+        assert fn.last_stats.local_rows.item() == sizes[rank]
+        n, kk = sum(sizes), (0 if k is None else max(k, 1))
+        assert fn.last_stats.candidates_per_anchor.item() == n + n * kk + (n - 1) * ca + (n - 1) * cp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_global_loss_and_input_grads_match_single_process(world):
+    run_distributed(_exactness_worker, world, args=(CASES[world],))
+
+
+def _ddp_worker(rank: int, world: int, sizes: tuple[int, ...]) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    d_in, d, dg, k = 10, 8, 6, 2
+    n = sum(sizes)
+    gen = torch.Generator().manual_seed(0)
+    raw = {c: torch.randn(n, *((k,) if c == "negative" else ()), d_in, generator=gen) for c in STUDENT}
+    guide = torch.randn(d_in, dg, generator=gen)  # a frozen "guide encoder"
+    model = nn.Linear(d_in, d)
+    with torch.no_grad():  # identical init on all ranks without relying on DDP's broadcast
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    reference = copy.deepcopy(model)
+
+    def step(module: nn.Module, batch: dict[str, torch.Tensor], loss_fn: GISTLoss) -> None:
+        b = batch["anchor"].shape[0]
+        # One forward for all columns: DDP expects one forward per backward.
+        flat = torch.cat([batch["anchor"], batch["positive"], batch["negative"].reshape(-1, d_in)])
+        emb = module(flat)
+        embeddings = {"anchor": emb[:b], "positive": emb[b : 2 * b], "negative": emb[2 * b :].reshape(b, k, d)}
+        guides = {f"guide_{c}": batch[c] @ guide for c in STUDENT}
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        loss_fn(**embeddings, **guides).backward()
+        optimizer.step()
+
+    step(reference, raw, GISTLoss(gather_across_ranks=False, margin=0.05))
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    step(DDP(model), {c: t[rows] for c, t in raw.items()}, GISTLoss(margin=0.05))
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        _close(p.grad, p_ref.grad, f"rank {rank} grad of {name}")
+        _close(p.detach(), p_ref.detach(), f"rank {rank} {name} after one step")
+
+
+@pytest.mark.slow
+def test_ddp_linear_encoder_one_step_matches_single_process():
+    run_distributed(_ddp_worker, 2, args=((5, 3),))
+
+
+# ---------------------------------------------------------------------------- vs sentence-transformers
+
+
+def _st_worker(rank: int, world: int, per_rank: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # ST's gather goes through torch's deprecated autograd all_gather
+    configs = [
+        (None, "absolute", 0.0, True),
+        (0, "absolute", 0.0, True),
+        (0, "relative", 0.1, True),
+        (None, "absolute", 0.1, False),
+        (0, "relative", 0.0, False),
+    ]
+    for i, (k, strategy, margin, cp) in enumerate(configs):
+        full = make_inputs(per_rank * world, k, seed=200 + i, related=1.0)
+        local = {name: None if t is None else t[rank * per_rank : (rank + 1) * per_rank] for name, t in full.items()}
+        kwargs = dict(margin_strategy=strategy, margin=margin, contrast_anchors=False, contrast_positives=cp)
+        ours = GISTLoss(**kwargs)(**local)
+        theirs = st_gist_loss(**local, gather_across_devices=True, **kwargs)
+        assert abs(ours.item() - theirs.item()) <= 1e-5, (i, rank, ours.item(), theirs.item())
+
+
+@pytest.mark.slow
+def test_matches_sentence_transformers_gathered_without_anchor_contrast():
+    run_distributed(_st_worker, 2, args=(4,))
+
+
+# ---------------------------------------------------------------------------- collectives, failure agreement
+
+
+def _helpers_worker(rank: int, world: int) -> None:
+    sizes = [3, 0, 2][:world]
+    assert gdist.is_distributed() and gdist.world_size() == world and gdist.rank() == rank
+    assert gdist.gather_sizes(sizes[rank]) == sizes
+
+    # uneven gather without grad: rows carry their owner's rank
+    local = torch.full((sizes[rank], 2), float(rank))
+    expected = torch.cat([torch.full((s, 2), float(r)) for r, s in enumerate(sizes)])
+    assert torch.equal(gdist.gather_no_grad(local), expected)
+    assert torch.equal(gdist.gather_no_grad(local, sizes=sizes), expected)
+
+    # backward of the gather is a reduce-scatter SUM: rank r's loss weights the gathered rows
+    # by (r + 1) * w, so every input receives sum_r (r + 1) * w on its own rows
+    x = torch.randn(sizes[rank], 2, requires_grad=True)
+    w = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2)
+    (gdist.gather_with_grad(x) * w * (rank + 1)).sum().backward()
+    own = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    assert torch.equal(x.grad, w[own] * sum(range(1, world + 1)))
+
+    value = torch.tensor([float(rank), -float(rank)])
+    assert torch.equal(gdist.all_reduce_sum(value), torch.tensor([1.0, -1.0]) * sum(range(world)))
+    assert torch.allclose(gdist.all_reduce_mean(value), torch.tensor([1.0, -1.0]) * sum(range(world)) / world)
+    assert torch.equal(gdist.all_reduce_max(value), torch.tensor([world - 1.0, 0.0]))
+    assert torch.equal(value, torch.tensor([float(rank), -float(rank)]))  # inputs untouched
+    assert gdist.any_rank_true(rank == world - 1) is True
+    assert gdist.any_rank_true(False) is False
+
+
+def _raises_everywhere(rank: int, bad_rank: int, mutate, match: str) -> None:
+    inputs = make_inputs(3 + rank, 2, seed=rank)
+    if rank == bad_rank:
+        inputs = mutate(inputs)
+    with pytest.raises(ValueError, match=match):
+        GISTLoss()(**inputs)
+
+
+def _failure_worker(rank: int, world: int) -> None:
+    def nan(inputs):
+        inputs["positive"][0, 0] = math.nan
+        return inputs
+
+    def wrong_width(inputs):
+        inputs["negative"] = inputs["negative"][..., :-1]
+        return inputs
+
+    def fewer_negatives(inputs):
+        inputs["negative"], inputs["guide_negative"] = inputs["negative"][:, :1], inputs["guide_negative"][:, :1]
+        return inputs
+
+    def no_guide(inputs):
+        return {name: None if name.startswith("guide") else t for name, t in inputs.items()}
+
+    _raises_everywhere(rank, 1, nan, "NaN or inf")
+    _raises_everywhere(rank, 0, wrong_width, "negative must be|invalid loss inputs on rank")
+    _raises_everywhere(rank, 1, fewer_negatives, "ranks disagree")
+    _raises_everywhere(rank, 0, no_guide, "ranks disagree")
+    # every rank took the same path, so the group is still in step
+    loss = GISTLoss()(**make_inputs(2 + rank, 1, seed=9))
+    assert torch.isfinite(loss)
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_collective_helpers_with_uneven_and_empty_ranks():
+    run_distributed(_helpers_worker, 3)
+
+
+@pytest.mark.slow
+def test_invalid_input_on_one_rank_raises_on_every_rank_without_hanging():
+    run_distributed(_failure_worker, 2)
