@@ -43,10 +43,11 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
         world_size=world_size,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world_size, *args)
+    # Tearing gloo down while a peer still has a collective in flight aborts the process
+    # ("terminate called without an active exception"): leave together.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_distributed(
