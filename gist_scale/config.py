@@ -98,17 +98,20 @@ class DataConfig:
     revision: str | None = None
     """Hub dataset revision to pin (the GIST models used 238a0499b6e6b690cc64ea56fde8461daa8341bb)."""
     split: str = "train"
-    """Split to read: a hub split, or for the shipped sample `train` / `eval`."""
+    """Split to read: a hub split; in a folder, the files named for it (`train.jsonl`, `train-0001.parquet`, `train/`)
+    when any file names a split; for the shipped sample `train` / `eval`. Ignored for a single file."""
     query_column: str = "query"
     """Column holding the query/anchor text (MEDI: `query`; sentence-transformers style: `anchor`)."""
     pos_column: str = "pos"
     """Column holding the positive text (MEDI: `pos`; sentence-transformers style: `positive`)."""
     neg_columns: list[str] = field(default_factory=lambda: ["neg"])
-    """Hard-negative column(s); a list-valued column gives several negatives per row; `[]` trains on pairs."""
+    """Hard-negative column(s); a list-valued column gives several negatives per row; `[]` trains on pairs.
+    Every row must have the same number of negatives."""
     task_column: str | None = "task_name"
     """Column naming each row's task, for task-homogeneous batches; null treats all rows as one task."""
     query_instruction: bool = False
-    """Prepend the query's instruction (MEDI's `[instruction, text]` form or `query_instruct`); original default off."""
+    """Prepend the query's instruction, taken from MEDI's `[instruction, text]` form or else from a
+    `<query_column>_instruct` column (MEDI on the hub: `query_instruct`); GISTEmbed's default is off."""
     pos_instruction: bool = False
     """Prepend the positive's instruction, likewise; off as in GISTEmbed."""
     neg_instruction: bool = False
@@ -122,12 +125,21 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes for collation; tokenization is already cached by `datasets.map`."""
     max_rows: int | None = None
-    """Use only the first N rows (smoke tests, debugging)."""
+    """Use only the first N valid rows (smoke tests, debugging)."""
+    num_proc: int | None = None
+    """Processes for the one-time cached validation and tokenization maps (large datasets); null: this process."""
+    pad_to_multiple_of: int | None = None
+    """Pad each batch's length up to a multiple of this (8 suits tensor cores under bf16/fp16); null pads to the
+    longest text in the batch."""
 
     def __post_init__(self) -> None:
         _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0")
         _check(self.max_rows is None or self.max_rows > 0, f"data.max_rows={self.max_rows}: must be positive")
+        _check(self.num_proc is None or self.num_proc > 0,
+               f"data.num_proc={self.num_proc}: must be a positive process count, or null for one process")
+        _check(self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0,
+               f"data.pad_to_multiple_of={self.pad_to_multiple_of}: must be positive (e.g. 8), or null")
         if isinstance(self.neg_columns, str):
             self.neg_columns = [self.neg_columns]
 

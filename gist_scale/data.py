@@ -1,0 +1,667 @@
+"""The data path: triplet sources -> validated Arrow dataset -> cached dual tokenization -> global batches.
+
+Everything heavy runs through `datasets` (Arrow files, memory-mapped, cached by fingerprint), so a restarted or
+resumed job, and every rank of a job, reuses the first run's work instead of re-reading and re-tokenizing text:
+
+1. `load_triplets` reads local JSON/JSONL/Parquet/CSV files or folders, or a hub dataset, with `datasets`' own
+   loaders, then one cached batched map validates every row and normalises it to `query`, `pos`, `negs` (always K
+   negatives), `task_name`, with instructions prepended where configured. Bad rows stop the job before training
+   with `FILE:LINE` (JSONL) or `FILE:row N` (other formats, N counted from 1), the field and the reason; with
+   `data.on_bad_rows=skip` they are dropped and reported instead. Nothing is dropped silently.
+2. `tokenize_triplets` tokenizes every text once for the student and once for the guide, each with its own
+   tokenizer and max length, in a cached batched map, and records which texts were truncated. The training step
+   then only pads ids (`TripletCollator`); it never decodes and re-encodes text.
+3. `GlobalBatchSampler` builds global batches of one task each, reshuffled per epoch from (seed, epoch); every
+   rank takes its slice of the same global batch, so a step's in-batch negatives all come from one task, as in
+   GISTEmbed. Its state (epoch, position) makes resumption exact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from gist_scale.config import DataConfig
+
+__all__ = [
+    "DataError", "DataReport", "load_triplets", "tokenize_triplets", "measure_tokenization_rate",
+    "GlobalBatchSampler", "SamplerSummary", "TripletCollator", "build_dataloader", "sample_data_path",
+]
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+"""Local file suffix -> `datasets` packaged loader."""
+SAMPLE_SPLITS = ("train", "eval")
+DEFAULT_TASK = "default"
+"""`task_name` of every row when `data.task_column` is null."""
+MAX_REPORTED_BAD_ROWS = 5
+_SPLIT_WORDS = {"train": "train", "training": "train", "eval": "eval", "evaluation": "eval", "test": "test",
+                "testing": "test", "validation": "validation", "valid": "validation", "val": "validation",
+                "dev": "validation"}
+"""Split names recognised in a folder's file and directory names, with their synonyms."""
+_ERROR = "_error"
+_TEXT_FEATURES = datasets.Features({
+    "query": datasets.Value("string"), "pos": datasets.Value("string"),
+    "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
+    _ERROR: datasets.Value("string"),
+})
+
+
+class DataError(ValueError):
+    """The data cannot be used as configured; the message names the file, the row, the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def sample_data_path(split: str) -> Path:
+    """The shipped WordNet sample's `train` or `eval` JSONL (see `gist_scale/sample_data/wordnet/README.md`)."""
+    if split not in SAMPLE_SPLITS:
+        raise DataError(f"the shipped sample has no split {split!r}: use one of {', '.join(SAMPLE_SPLITS)}")
+    return Path(str(resources.files("gist_scale") / "sample_data" / "wordnet" / f"{split}.jsonl"))
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One unit that is loaded and validated on its own, so errors can name its file and row."""
+
+    where: str
+    """File path or hub description, the prefix of every error message about its rows."""
+    load: Callable[[], datasets.Dataset]
+    """Reads the raw rows (deferred, so a hub download starts only when this part is validated)."""
+    jsonl: bool
+    """Rows are JSON lines read as text: rows are numbered as lines, and decoded in the validation map."""
+
+
+def _split_word(name: str) -> str | None:
+    """The split a file or folder name announces (`train.jsonl`, `eval-00001.parquet`, `validation/`), if any."""
+    word = re.split(r"[-_. 0-9]", name.lower(), maxsplit=1)[0]
+    return _SPLIT_WORDS.get(word)
+
+
+def _folder_files(folder: Path, split: str) -> list[Path]:
+    """The folder's data files for `split`: those named after it when any file names a split, else all of them."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise DataError(f"{folder}: no {'/'.join(sorted(FORMATS))} files in this folder")
+    named = {p: next((w for part in p.relative_to(folder).parts if (w := _split_word(part))), None) for p in files}
+    wanted = _SPLIT_WORDS.get(split.lower(), split.lower())
+    if any(named.values()):
+        files = [p for p in files if named[p] == wanted]
+        if not files:
+            found = ", ".join(sorted({w for w in named.values() if w}))
+            raise DataError(f"{folder}: no files for split {split!r} (its files are named for: {found}); "
+                            "set --data.split to one of those")
+    kinds = {FORMATS[p.suffix.lower()] for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"{folder}: mixes {' and '.join(sorted(kinds))} files; point --data.path at one kind")
+    return files
+
+
+def _is_json_lines(path: Path) -> bool:
+    """JSONL, or a `.json` file holding JSON lines rather than one JSON document (an array)."""
+    suffix = path.suffix.lower()
+    if suffix != ".json":
+        return suffix == ".jsonl"
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return not head.startswith(b"[")
+
+
+def _load_local(path: Path, jsonl: bool) -> datasets.Dataset:
+    """Read one file with `datasets`' loader; JSON lines as text, so a malformed line cannot stop the reader."""
+    builder = "text" if jsonl else FORMATS[path.suffix.lower()]
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # the loaders raise many types (ArrowInvalid, ParserError, UnicodeDecodeError...)
+        raise DataError(f"{path}: cannot read as {'JSON lines' if jsonl else builder}: {error}") from error
+
+
+def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:
+    """The source description and its parts, from `data.path` (unset: the shipped sample)."""
+    if cfg.path is None:
+        path = sample_data_path(split)
+        return f"WordNet sample {split} ({path})", [_Part(str(path), lambda: _load_local(path, True), True)]
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        files = _folder_files(path, split)
+        description = f"{path} ({len(files)} file{'s' * (len(files) > 1)}, split {split})"
+    elif path.is_file():
+        if path.suffix.lower() not in FORMATS:
+            raise DataError(f"{path}: unsupported file type; use one of {', '.join(sorted(FORMATS))}")
+        files, description = [path], str(path)
+    elif path.suffix.lower() in FORMATS or cfg.path.startswith((".", "/", "~")):
+        raise DataError(f"--data.path {cfg.path}: no such file or folder")
+    else:
+        where = f"{cfg.path}@{cfg.revision or 'main'}[{split}]"
+
+        def load_hub() -> datasets.Dataset:
+            try:
+                return datasets.load_dataset(cfg.path, revision=cfg.revision, split=split)
+            except Exception as error:  # network, authentication, unknown split: all end the same way
+                raise DataError(f"cannot load hub dataset {where}: {error}; for local data give an existing "
+                                "file or folder as --data.path") from error
+
+        return f"hub dataset {where}", [_Part(where, load_hub, False)]
+    parts = []
+    for file in files:
+        jsonl = _is_json_lines(file)
+        parts.append(_Part(str(file), lambda file=file, jsonl=jsonl: _load_local(file, jsonl), jsonl))
+    return description, parts
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """Which columns hold what, from the `DataConfig`; the instructed columns get their instruction prepended."""
+
+    query: str
+    pos: str
+    negs: tuple[str, ...]
+    task: str | None
+    instructed: frozenset[str]
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> _Fields:
+        instructed = set()
+        if cfg.query_instruction:
+            instructed.add(cfg.query_column)
+        if cfg.pos_instruction:
+            instructed.add(cfg.pos_column)
+        if cfg.neg_instruction:
+            instructed.update(cfg.neg_columns)
+        return cls(cfg.query_column, cfg.pos_column, tuple(cfg.neg_columns), cfg.task_column, frozenset(instructed))
+
+    def required(self) -> dict[str, str]:
+        """Column -> the option that names it, for "no such column" messages."""
+        names = {self.query: "--data.query_column", self.pos: "--data.pos_column"}
+        names.update({c: "--data.neg_columns" for c in self.negs})
+        if self.task is not None:
+            names[self.task] = "--data.task_column (null: all rows one task)"
+        return names
+
+    def read(self) -> list[str]:
+        """Every column a row may need, instruction columns included."""
+        return list(self.required()) + [f"{c}_instruct" for c in sorted(self.instructed)]
+
+
+class _BadRow(Exception):
+    """A row that cannot be used; the message names the field (none when the line is not a JSON object)."""
+
+    def __init__(self, field_name: str | None, reason: str) -> None:
+        super().__init__(f"field '{field_name}': {reason}" if field_name else reason)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+def _text(value: Any, column: str, row: Mapping[str, Any], instructed: bool) -> str:
+    """One text: a string or MEDI's `[instruction, text]`; the instruction is kept only when configured."""
+    if value is None:
+        raise _BadRow(column, "missing")
+    instruction = None
+    if isinstance(value, list):
+        if not _is_pair(value):
+            raise _BadRow(column, f"expected text or [instruction, text], got a list of {len(value)}")
+        instruction, value = value
+    if not isinstance(value, str):
+        raise _BadRow(column, f"expected text, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise _BadRow(column, "empty text")
+    if not instructed:
+        return text
+    if instruction is None:
+        instruction = row.get(f"{column}_instruct")
+        if instruction is None:
+            raise _BadRow(column, f"no instruction to prepend: needs [instruction, text] values or a "
+                                  f"'{column}_instruct' column (or turn the data.*_instruction option off)")
+        if not isinstance(instruction, str):
+            raise _BadRow(f"{column}_instruct", f"expected text, got {type(instruction).__name__}")
+    # GISTEmbed joins with a space: " ".join([instruction, text]).strip()
+    return f"{instruction.strip()} {text}".strip()
+
+
+def _parse_row(row: Mapping[str, Any], fields: _Fields, num_negatives: int | None) -> tuple[str, str, list[str], str]:
+    """Validate and normalise one raw row, or raise `_BadRow` naming the field."""
+    query = _text(row.get(fields.query), fields.query, row, fields.query in fields.instructed)
+    pos = _text(row.get(fields.pos), fields.pos, row, fields.pos in fields.instructed)
+    # A list in a negative column holds several negatives, unless the row is in MEDI's pair form, where a
+    # 2-string list is one [instruction, text] negative.
+    medi = isinstance(row.get(fields.query), list)
+    negs: list[str] = []
+    for column in fields.negs:
+        value = row.get(column)
+        instructed = column in fields.instructed
+        if isinstance(value, list) and not (medi and _is_pair(value)):
+            if not value:
+                raise _BadRow(column, "empty list of negatives")
+            negs.extend(_text(v, column, row, instructed) for v in value)
+        else:
+            negs.append(_text(value, column, row, instructed))
+    if num_negatives is not None and len(negs) != num_negatives:
+        raise _BadRow(fields.negs[-1], f"{len(negs)} negatives, but the first valid row has {num_negatives}; "
+                                       "every row needs the same number")
+    task = DEFAULT_TASK
+    if fields.task is not None:
+        value = row.get(fields.task)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise _BadRow(fields.task, "missing" if value is None else f"expected a task name, got {value!r}")
+        task = value.strip()
+    return query, pos, negs, task
+
+
+def _decode_line(line: str) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise _BadRow(None, f"malformed JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(row, dict):
+        raise _BadRow(None, f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _rows(batch: Mapping[str, list], size: int, fields: _Fields,
+          jsonl: bool) -> Iterator[str | Mapping[str, Any] | None]:
+    """The batch's raw rows: mappings, or JSON lines still to decode (so the caller can name a line that fails);
+    None for a blank line, which is not a row but keeps the line count."""
+    if jsonl:
+        for line in batch["text"]:
+            yield line if line.strip() else None
+        return
+    columns = {c: batch[c] for c in fields.read() if c in batch}
+    for i in range(size):
+        yield {c: values[i] for c, values in columns.items()}
+
+
+def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: _Fields, num_negatives: int | None,
+                     where: str, jsonl: bool) -> dict[str, list]:
+    """Batched map: raw rows -> normalised rows with an `_error` message ("" when valid)."""
+    out: dict[str, list] = {name: [] for name in _TEXT_FEATURES}
+    for index, raw in zip(indices, _rows(batch, len(indices), fields, jsonl)):
+        if raw is None:
+            continue
+        try:
+            row = _decode_line(raw) if jsonl else raw
+            query, pos, negs, task = _parse_row(row, fields, num_negatives)
+            error = ""
+        except _BadRow as bad:
+            query, pos, negs, task = "", "", [], ""
+            error = f"{where}:{index + 1}: {bad}" if jsonl else f"{where}:row {index + 1}: {bad}"
+        for name, value in zip(_TEXT_FEATURES, (query, pos, negs, task, error)):
+            out[name].append(value)
+    return out
+
+
+def _first_valid_negatives(ds: datasets.Dataset, fields: _Fields, jsonl: bool) -> int | None:
+    """K, the negatives per row, from the first valid row (reading only as far as that row)."""
+    for batch in ds.iter(batch_size=256):
+        size = len(next(iter(batch.values())))
+        for raw in _rows(batch, size, fields, jsonl):
+            try:
+                if raw is not None:
+                    return len(_parse_row(_decode_line(raw) if jsonl else raw, fields, None)[2])
+            except _BadRow:
+                continue
+    return None
+
+
+@dataclass
+class DataReport:
+    """What `load_triplets` read, for the startup summary."""
+
+    source: str
+    rows: int
+    skipped: int
+    skipped_examples: list[str]
+    """The first few skipped rows as `FILE:ROW: field 'F': reason`."""
+    num_negatives: int
+    tasks: dict[str, int]
+    """Rows per task, largest first."""
+    instructions: list[str] = field(default_factory=list)
+    """Columns whose instruction was prepended."""
+
+    def lines(self) -> list[str]:
+        shown = ", ".join(f"{t}={n}" for t, n in list(self.tasks.items())[:12])
+        more = f", ... {len(self.tasks) - 12} more" if len(self.tasks) > 12 else ""
+        lines = [
+            f"data: {self.source}",
+            f"  rows: {self.rows}, negatives per row: {self.num_negatives}, "
+            f"instructions: {', '.join(self.instructions) or 'none'}",
+            f"  tasks ({len(self.tasks)}): {shown}{more}",
+        ]
+        if self.skipped:
+            lines.append(f"  skipped {self.skipped} bad rows (data.on_bad_rows=skip); first:")
+            lines.extend(f"    {example}" for example in self.skipped_examples)
+        return lines
+
+
+def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
+    """Load, validate and normalise the configured triplets.
+
+    Returns a dataset with columns `query` (str), `pos` (str), `negs` (list of K str, the same K for every row,
+    possibly 0) and `task_name` (str), instructions already prepended as configured, and its `DataReport`.
+    Raises `DataError` on the first bad row (`FILE:LINE: field 'pos': empty text`) unless
+    `data.on_bad_rows=skip`, and always when a file has no valid row at all (a wrong column mapping or format is
+    a configuration error, not a few bad rows to skip). On several ranks, call it on the main process first
+    (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
+    """
+    split = split or cfg.split
+    fields = _Fields.from_config(cfg)
+    description, parts = _resolve(cfg, split)
+    num_negatives: int | None = None
+    loaded: list[datasets.Dataset] = []
+    skipped, examples = 0, []
+    for part in parts:
+        raw = part.load()
+        if not part.jsonl:
+            absent = [c for c in fields.required() if c not in raw.column_names]
+            if absent and len(raw):
+                option = fields.required()[absent[0]]
+                raise DataError(f"{part.where}:row 1: field '{absent[0]}': missing: no such column (columns: "
+                                f"{', '.join(raw.column_names)}); set {option}")
+        if num_negatives is None:
+            num_negatives = _first_valid_negatives(raw, fields, part.jsonl)
+        ds = raw.map(
+            _normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+            features=_TEXT_FEATURES, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
+            fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl},
+        )
+        errors = ds.data.column(_ERROR)
+        bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
+        if len(bad) and (cfg.on_bad_rows == "error" or len(bad) == len(ds)):
+            first = errors[int(bad[0])].as_py()
+            if len(bad) == len(ds):
+                raise DataError(f"{part.where}: none of its {len(ds)} rows is valid; first: {first}")
+            raise DataError(f"{first} ({len(bad)} bad row{'s' * (len(bad) > 1)} in {part.where}; "
+                            "--data.on_bad_rows=skip skips them)")
+        if len(bad):
+            skipped += len(bad)
+            examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
+            good = np.ones(len(ds), dtype=bool)
+            good[bad] = False
+            ds = ds.select(np.flatnonzero(good))
+        loaded.append(ds.remove_columns(_ERROR))
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    if len(ds) == 0:
+        raise DataError(f"{description}: no rows")
+    if cfg.max_rows is not None and cfg.max_rows < len(ds):
+        ds = ds.select(range(cfg.max_rows))
+    counts = pc.value_counts(ds.with_format("arrow")["task_name"]).to_pylist()
+    tasks = dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
+    report = DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS], num_negatives or 0,
+                        tasks, sorted(fields.instructed))
+    return ds, report
+
+
+# -------------------------------------------------------------------------------------------- tokenization
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+            max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids with the tokenizer's special tokens, cut at `max_length`, and which texts were cut."""
+    if not texts:
+        return [], []
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                        return_token_type_ids=False)
+    if encoded.encodings is not None:  # a fast tokenizer keeps what truncation cut off
+        truncated = [len(e.overflowing) > 0 for e in encoded.encodings]
+    else:
+        full = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        truncated = [len(ids) > max_length for ids in full["input_ids"]]
+    return encoded["input_ids"], truncated
+
+
+def _tokenize_batch(batch: Mapping[str, list], sides: Sequence[tuple[str, PreTrainedTokenizerBase, int]],
+                    num_negatives: int) -> dict[str, list]:
+    """Batched map: texts -> unpadded ids for each side (student, guide), plus per-row truncation flags."""
+    out: dict[str, list] = {}
+    rows = len(batch["query"])
+    for side, tokenizer, max_length in sides:
+        for column in ("query", "pos"):
+            out[f"{side}_{column}"], out[f"_truncated_{side}_{column}"] = _encode(tokenizer, batch[column], max_length)
+        ids, truncated = _encode(tokenizer, [t for negs in batch["negs"] for t in negs], max_length)
+        k = num_negatives
+        out[f"{side}_negs"] = [ids[i * k:(i + 1) * k] for i in range(rows)]
+        out[f"_truncated_{side}_negs"] = [sum(truncated[i * k:(i + 1) * k]) for i in range(rows)]
+    return out
+
+
+def _sides(student_tokenizer: PreTrainedTokenizerBase, student_max_length: int,
+           guide_tokenizer: PreTrainedTokenizerBase | None,
+           guide_max_length: int | None) -> list[tuple[str, PreTrainedTokenizerBase, int]]:
+    sides = [("student", student_tokenizer, student_max_length)]
+    if guide_tokenizer is not None:
+        if guide_max_length is None:
+            raise ValueError("guide_max_length is required with a guide tokenizer")
+        sides.append(("guide", guide_tokenizer, guide_max_length))
+    return sides
+
+
+def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase, student_max_length: int,
+                      guide_tokenizer: PreTrainedTokenizerBase | None = None, guide_max_length: int | None = None,
+                      num_proc: int | None = None) -> tuple[datasets.Dataset, dict[str, float]]:
+    """Tokenize every text for the student and the guide in one cached `datasets.map`.
+
+    Returns the dataset with `student_query`, `student_pos`, `student_negs` (K id lists per row) and, with a guide,
+    the same `guide_*` columns, all unpadded token ids with the tokenizer's special tokens, plus `task_name`; and
+    the fraction of texts truncated per column (`student_query`, ..., `guide_negs`; negatives over all K x rows).
+    The raw text columns are dropped. A second call with the same data, tokenizers and lengths reads the cache.
+    """
+    sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length)
+    num_negatives = len(ds[0]["negs"]) if len(ds) else 0
+    ids = datasets.List(datasets.Value("int32"))
+    features = datasets.Features({"task_name": datasets.Value("string")})
+    for side, _, _ in sides:
+        features.update({f"{side}_query": ids, f"{side}_pos": ids, f"{side}_negs": datasets.List(ids)})
+        features.update({f"_truncated_{side}_{c}": datasets.Value("int32") for c in ("query", "pos", "negs")})
+    tokenized = ds.map(
+        _tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c != "task_name"],
+        features=features, num_proc=num_proc, fn_kwargs={"sides": sides, "num_negatives": num_negatives},
+        desc="tokenizing " + " and ".join(side for side, _, _ in sides),
+    )
+    truncation: dict[str, float] = {}
+    flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
+    for flag in flags:
+        column = flag.removeprefix("_truncated_")
+        texts = len(tokenized) * (num_negatives if column.endswith("_negs") else 1)
+        total = pc.sum(tokenized.data.column(flag)).as_py() or 0
+        truncation[column] = total / texts if texts else 0.0
+    return tokenized.remove_columns(flags), truncation
+
+
+def measure_tokenization_rate(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase,
+                              student_max_length: int, guide_tokenizer: PreTrainedTokenizerBase | None = None,
+                              guide_max_length: int | None = None, rows: int = 2048) -> float:
+    """Rows per second that `tokenize_triplets` tokenizes (student and guide) on one process, bypassing its cache.
+
+    Compare with the rows per second that training consumes: the map runs once and is cached, so this only
+    matters for the first run on a new dataset (raise `num_proc` if it is slow).
+    """
+    sample = ds[: min(rows, len(ds))]
+    sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length)
+    num_negatives = len(sample["negs"][0]) if sample["negs"] else 0
+    start = time.perf_counter()
+    for begin in range(0, len(sample["query"]), 1000):
+        _tokenize_batch({k: v[begin:begin + 1000] for k, v in sample.items()}, sides, num_negatives)
+    return len(sample["query"]) / max(time.perf_counter() - start, 1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+@dataclass(frozen=True)
+class SamplerSummary:
+    """Per-epoch facts for the startup summary; the same on every rank and in every epoch."""
+
+    steps_per_epoch: int
+    """Optimizer steps (global batches) per epoch."""
+    dropped_rows: int
+    """Rows left out of every epoch: tails dropped by `drop_last`, or too small to give every rank a row."""
+
+
+class GlobalBatchSampler:
+    """This rank's micro-batches of dataset indices, cut from task-homogeneous global batches.
+
+    Per epoch, from a generator seeded with (seed, epoch): each task's rows are shuffled and cut into global
+    batches of `batch_size * world_size * grad_accum_steps` rows, and the batch order is shuffled. Each global
+    batch is split into `grad_accum_steps` micro-global batches of `batch_size * world_size` rows, each sliced
+    contiguously by rank. Every rank computes the same plan, so in every step all ranks hold rows of one task.
+    With `task_homogeneous=False` all rows form one group, mixing tasks.
+
+    A task's tail (fewer rows than a global batch) is dropped and counted in `dropped_rows`, unless
+    `drop_last=False`: then it forms one smaller global batch, split as evenly as possible over the micro-batches
+    and ranks, so batches differ by at most one row and no rank gets an empty one; a tail with fewer rows than
+    `world_size * grad_accum_steps` cannot give every rank a row in every micro-batch and is dropped and counted.
+
+    `state_dict()` holds the epoch and the micro-batches already yielded in it; `load_state_dict` makes the next
+    iteration start exactly there. Iterating to the end finishes the epoch; call `set_epoch(epoch + 1)` before the
+    next one. DataLoader workers prefetch indices ahead of training, so then checkpoint the micro-batches that
+    training received as `{"epoch", "position"}` rather than this sampler's own position.
+    """
+
+    def __init__(self, task_names: Sequence[str] | None, batch_size: int, world_size: int, rank: int,
+                 grad_accum_steps: int = 1, seed: int = 0, task_homogeneous: bool = True, drop_last: bool = True,
+                 *, num_rows: int | None = None) -> None:
+        if batch_size < 1 or world_size < 1 or grad_accum_steps < 1:
+            raise ValueError(f"batch_size={batch_size}, world_size={world_size} and "
+                             f"grad_accum_steps={grad_accum_steps} must all be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        if task_names is None and num_rows is None:
+            raise ValueError("give task_names, or num_rows to batch rows without tasks")
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.grad_accum_steps, self.seed, self.drop_last = grad_accum_steps, seed, drop_last
+        self.global_batch_size = batch_size * world_size * grad_accum_steps
+        if task_names is None or not task_homogeneous:
+            count = num_rows if task_names is None else len(task_names)
+            self._groups = [np.arange(count, dtype=np.int64)]
+        else:
+            _, codes = np.unique(np.asarray(list(task_names), dtype=str), return_inverse=True)
+            order = np.argsort(codes, kind="stable")
+            self._groups = np.split(order, np.cumsum(np.bincount(codes))[:-1])
+        min_tail = world_size * grad_accum_steps
+        steps, dropped = 0, 0
+        for group in self._groups:
+            full, tail = divmod(len(group), self.global_batch_size)
+            kept_tail = tail > 0 and not drop_last and tail >= min_tail
+            steps += full + kept_tail
+            dropped += 0 if kept_tail else tail
+        self.summary = SamplerSummary(steps_per_epoch=steps, dropped_rows=dropped)
+        if steps == 0:
+            largest = max(len(g) for g in self._groups)
+            raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x world size "
+                            f"{world_size} x grad_accum_steps {grad_accum_steps}) fits: the largest task has "
+                            f"{largest} rows; lower train.batch_size, set data.drop_last=false or "
+                            "data.task_homogeneous=false")
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        """Micro-batches per epoch for this rank (the same on every rank)."""
+        return self.summary.steps_per_epoch * self.grad_accum_steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first micro-batch; its order depends only on (seed, epoch)."""
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= len(self):
+            raise ValueError(f"sampler state {dict(state)} does not fit this data: {len(self)} micro-batches "
+                             "per epoch; was the dataset, batch size or world size changed?")
+        self.epoch, self.position = epoch, position
+
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        batches: list[np.ndarray] = []
+        for group in self._groups:
+            rows = group[rng.permutation(len(group))]
+            full = len(rows) // self.global_batch_size
+            batches.extend(rows[: full * self.global_batch_size].reshape(full, self.global_batch_size))
+            tail = rows[full * self.global_batch_size:]
+            if len(tail) and not self.drop_last and len(tail) >= self.world_size * self.grad_accum_steps:
+                batches.append(tail)
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        micro_batches = [np.array_split(micro, self.world_size)[self.rank]
+                         for batch in self._global_batches(self.epoch)
+                         for micro in np.array_split(batch, self.grad_accum_steps)]
+        while self.position < len(micro_batches):
+            batch = micro_batches[self.position]
+            self.position += 1
+            yield batch.tolist()
+
+
+class TripletCollator:
+    """Pads a list of tokenized rows into tensors, to the longest text of each column in this batch.
+
+    Returns `{"student": {"query": {"input_ids", "attention_mask"}, "pos": {...}, "neg": {...}}, "guide": {...},
+    "num_negatives": K}`; `neg` is `[B*K, L]` with row i's negatives at `i*K .. i*K+K-1`, absent when K is 0;
+    `guide` is absent without a guide tokenizer. All tensors are int64.
+    """
+
+    def __init__(self, student_tokenizer: PreTrainedTokenizerBase,
+                 guide_tokenizer: PreTrainedTokenizerBase | None = None, pad_to_multiple_of: int | None = None) -> None:
+        for name, tokenizer in (("student", student_tokenizer), ("guide", guide_tokenizer)):
+            if tokenizer is not None and tokenizer.pad_token_id is None:
+                raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
+                                "tokenizer.eos_token: padded positions are masked out)")
+        self.sides = [("student", student_tokenizer)]
+        if guide_tokenizer is not None:
+            self.sides.append(("guide", guide_tokenizer))
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _pad(self, tokenizer: PreTrainedTokenizerBase, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+        padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
+                               pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+        return {"input_ids": padded["input_ids"].long(), "attention_mask": padded["attention_mask"].long()}
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not rows:
+            raise ValueError("empty batch: GlobalBatchSampler never yields one")
+        num_negatives = len(rows[0]["student_negs"])
+        batch: dict[str, Any] = {"num_negatives": num_negatives}
+        for side, tokenizer in self.sides:
+            if f"{side}_query" not in rows[0]:
+                raise DataError(f"rows have no '{side}_query': pass the {side} tokenizer to tokenize_triplets")
+            encoded = {column: self._pad(tokenizer, [row[f"{side}_{column}"] for row in rows])
+                       for column in ("query", "pos")}
+            if num_negatives:
+                encoded["neg"] = self._pad(tokenizer, [ids for row in rows for ids in row[f"{side}_negs"]])
+            batch[side] = encoded
+        return batch
+
+
+def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, collator: TripletCollator,
+                     num_workers: int = 0) -> DataLoader:
+    """The training DataLoader: the sampler's micro-batches, collated in `num_workers` processes.
+
+    Do not pass it through `accelerator.prepare`: the sampler already gives each rank its own slice, and
+    Accelerate would shard it again. Move batches to the device yourself.
+    """
+    return DataLoader(tok_ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
