@@ -1,0 +1,358 @@
+"""`gist-scale train`: the GISTEmbed training loop on Accelerate (+ DeepSpeed ZeRO when configured).
+
+Order, as in Accelerate's examples: Accelerator -> set_seed -> build (data, student, guide, loss, optimizer)
+-> prepare -> loop -> export -> end_training. Only the student and its optimizer go through `prepare`, so the
+student is the only module DDP wraps or DeepSpeed shards; the guide stays a frozen bf16 module beside it.
+The DataLoader is deliberately not prepared: our sampler already hands every rank its slice of a task-homogeneous
+global batch and can resume mid-epoch exactly, which Accelerate's sharding would undo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from rich.console import Console
+from transformers import get_scheduler
+
+from gist_scale import distributed
+from gist_scale.checkpoint import (TrainerState, incomplete_checkpoints, load_checkpoint, resolve_resume,
+                                   save_checkpoint)
+from gist_scale.config import ConfigError, JobConfig, OptimConfig, TrainConfig, load_config, save_config
+from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, load_triplets,
+                             tokenize_triplets)
+from gist_scale.loss import GISTLoss
+from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student, load_tokenizer
+
+EXIT_PREEMPTED = 124
+console = Console(stderr=True, highlight=False)
+
+
+def build_accelerator(train: TrainConfig) -> Accelerator:
+    # Without an explicit gloo backend, Accelerate on a CPU-only box does not form a process group at all and every
+    # rank believes it is rank 0. The timeout is what ends the job when a peer dies instead of hanging forever.
+    # A single process must not name a backend at all, or Accelerate expects a process group that nobody started.
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=train.collective_timeout_s)))
+    return Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.grad_accum_steps,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def configure_deepspeed(accelerator: Accelerator, train: TrainConfig, optim: OptimConfig) -> int | None:
+    """Fill the `"auto"` entries of the DeepSpeed JSON from our config (the single source of truth)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    # We never hand Accelerate a DataLoader, so it cannot infer the micro-batch size itself.
+    ds["train_micro_batch_size_per_gpu"] = train.batch_size
+    ds["train_batch_size"] = train.batch_size * train.grad_accum_steps * accelerator.num_processes
+    ds["gradient_clipping"] = optim.max_grad_norm or 0.0
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        # The final export needs full weights consolidated from the shards.
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return stage
+
+
+def build_optimizer(student: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = optim.fused and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
+
+
+@dataclass
+class StepMetrics:
+    """Per-step values, kept on the device until a log step so the loop never waits on the host."""
+
+    loss: torch.Tensor
+    masked_fraction: torch.Tensor
+    candidates_per_anchor: torch.Tensor
+    tokens: torch.Tensor
+    triplets: torch.Tensor
+
+
+class Trainer:
+    """Builds everything in `__init__`; `train()` runs the loop and returns the process exit code."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        self.accelerator = build_accelerator(cfg.train)
+        self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
+        set_seed(cfg.train.seed)
+        self.device = self.accelerator.device
+        self.run_dir = Path(cfg.train.output_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        # Data first: a bad row must fail before any model is loaded.
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
+        guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if cfg.guide.name else None
+        with self.accelerator.main_process_first():
+            # The main process fills the datasets cache; the others then read it instead of tokenizing again.
+            dataset, self.data_report = load_triplets(cfg.data)
+            dataset, self.truncation = tokenize_triplets(
+                dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
+                num_proc=cfg.data.num_proc)
+        # Raises with a fix-it message when not even one global batch fits in the data.
+        self.sampler = GlobalBatchSampler(
+            dataset["task_name"], cfg.train.batch_size,
+            self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
+            cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
+        collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of)
+        self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
+
+        student = load_student(cfg.model)
+        self.guide = self._load_guide()
+        self.loss_fn = GISTLoss(cfg.loss.temperature, cfg.loss.margin_strategy, cfg.loss.margin,
+                                cfg.loss.contrast_anchors, cfg.loss.contrast_positives)
+        optimizer = build_optimizer(student, cfg.optim, self.device)
+        self.scheduler = get_scheduler(cfg.optim.schedule if cfg.optim.schedule != "constant" else
+                                       "constant_with_warmup", optimizer,
+                                       num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        # The scheduler is stepped by hand once per optimizer step; registering it puts it in every checkpoint.
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.state = TrainerState()
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.accelerator.num_processes * self.cfg.train.grad_accum_steps
+
+    def _load_guide(self) -> Embedder | None:
+        if self.cfg.guide.name is None:
+            return None
+        plugin = self.accelerator.state.deepspeed_plugin
+        zero3_off = (lambda: plugin.zero3_init_context_manager(enable=False)) if plugin else None
+        return load_guide(self.cfg.guide, self.device, **({"zero3_init_off": zero3_off} if zero3_off else {}))
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> int:
+        resume_from = resolve_resume(self.cfg.resume, self.checkpoint_dir)
+        if resume_from is not None:
+            self.state = load_checkpoint(self.accelerator, resume_from)
+        self._print_summary(resume_from)
+        metrics_file = self.run_dir / "metrics.jsonl"
+        pending: list[StepMetrics] = []
+        window_start, window_steps = time.perf_counter(), 0
+
+        for batch in self._micro_batches():
+            with self.accelerator.accumulate(self.student):
+                loss, metrics = self._forward(batch)
+                if self._nonfinite(loss):
+                    continue
+                self.accelerator.backward(loss)
+                grad_norm = None
+                if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(),
+                                                                 self.cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            pending.append(metrics)
+            if not self.accelerator.sync_gradients:
+                continue
+            self.scheduler.step()
+            self.state.step += 1
+            window_steps += 1
+
+            if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
+                # This is a sync point: metrics cross ranks and reach the host only here.
+                elapsed = time.perf_counter() - window_start
+                record = self._reduce_metrics(pending, grad_norm, elapsed)
+                self._log(record, metrics_file)
+                pending, window_start, window_steps = [], time.perf_counter(), 0
+            if self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0:
+                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+            if self.state.step >= self.total_steps:
+                break
+
+        self._export()
+        self.accelerator.end_training()
+        return 0
+
+    def _micro_batches(self):
+        """Yield this rank's micro-batches on the device, epoch after epoch, from the resumed position."""
+        while True:
+            self.sampler.set_epoch(self.state.epoch)
+            self.sampler.load_state_dict({"epoch": self.state.epoch, "position": self.state.position})
+            for batch in self.loader:
+                # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
+                self.state.position += 1
+                yield _to_device(batch, self.device)
+            self.state.epoch += 1
+            self.state.position = 0
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
+        student, guide = batch["student"], batch.get("guide")
+        k = batch["num_negatives"]
+        guide_embeddings = (None, None, None)
+        if self.guide is not None:
+            with torch.inference_mode():
+                guide_embeddings = _encode_columns(self.guide, guide, k)
+            # Inference tensors cannot enter the autograd graph that the loss builds around them.
+            guide_embeddings = tuple(None if e is None else e.clone() for e in guide_embeddings)
+        with self.accelerator.autocast():
+            query, pos, neg = _encode_columns(self.student, student, k)
+        loss = self.loss_fn(query, pos, neg, *guide_embeddings)
+        stats = self.loss_fn.last_stats
+        tokens = sum(f["attention_mask"].sum() for f in student.values())
+        batch_rows = torch.tensor(float(query.shape[0]), device=self.device)
+        if self.cfg.debug:
+            shapes = {col: tuple(f["input_ids"].shape) for col, f in student.items()}
+            console.log(f"[debug] step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
+                        f"masked {stats.masked_fraction.item():.3f} "
+                        f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
+        return loss, StepMetrics(loss.detach(), stats.masked_fraction, stats.candidates_per_anchor,
+                                 tokens.float(), batch_rows)
+
+    def _nonfinite(self, loss: torch.Tensor) -> bool:
+        """Skip a micro-batch whose loss is NaN/inf on any rank; stop after too many in a row.
+
+        This is a per-step sync point, paid deliberately: the skip decision must be the same on every rank, and it
+        must be taken before `backward`, where DeepSpeed already steps its optimizer.
+        """
+        if not distributed.any_rank_true(bool(~torch.isfinite(loss))):
+            self.state.nonfinite_in_a_row = 0
+            return False
+        self.state.nonfinite_in_a_row += 1
+        limit = 1 if self.cfg.debug else self.cfg.train.max_nonfinite_steps
+        console.log(f"[yellow]non-finite loss at step {self.state.step}; skipped "
+                    f"({self.state.nonfinite_in_a_row}/{limit} in a row)")
+        if self.state.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step "
+                                     f"{self.state.step}: lower optim.lr, or check the data (--debug shows shapes)")
+        return True
+
+    def _reduce_metrics(self, pending: list[StepMetrics], grad_norm, elapsed: float) -> dict:
+        local = torch.stack([torch.stack([m.loss, m.masked_fraction, m.candidates_per_anchor]).float()
+                             for m in pending]).mean(0)
+        counts = torch.stack([torch.stack([m.tokens, m.triplets]) for m in pending]).sum(0)
+        loss, masked, candidates = distributed.all_reduce_mean(local).tolist()
+        tokens, triplets = distributed.all_reduce_sum(counts).tolist()
+        record = {
+            "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0], "masked_fraction": masked, "candidates_per_anchor": candidates,
+            "triplets_per_s": triplets / elapsed, "tokens_per_s": tokens / elapsed,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        return record
+
+    def _log(self, record: dict, metrics_file: Path) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with metrics_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        console.print(
+            f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"masked {record['masked_fraction']:.3f}  cand/anchor {record['candidates_per_anchor']:.0f}  "
+            f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s")
+
+    def _print_summary(self, resume_from: Path | None) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        if self.zero_stage == 3:
+            trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        lines = [
+            f"world size {self.accelerator.num_processes}  per-device batch {self.cfg.train.batch_size}  "
+            f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.global_batch}",
+            f"steps {self.total_steps} ({self.sampler.summary.steps_per_epoch} per epoch)  "
+            f"ZeRO stage {self.zero_stage if self.zero_stage is not None else '-'}  "
+            f"precision {self.cfg.train.mixed_precision}  "
+            f"guide {self.cfg.guide.name or 'none (plain InfoNCE)'} ({self.cfg.guide.dtype})",
+            f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters",
+            *self.data_report.lines(),
+            "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
+            f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
+            f"run directory: {self.run_dir}",
+        ]
+        for leftover in incomplete_checkpoints(self.checkpoint_dir):
+            lines.append(f"[yellow]ignoring incomplete checkpoint {leftover}")
+        if resume_from is not None:
+            lines.append(f"resumed from {resume_from} at step {self.state.step}")
+        console.rule("gist-scale train")
+        for line in lines:
+            console.print(line)
+
+    def _export(self) -> None:
+        # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
+        state_dict = self.accelerator.get_state_dict(self.student)
+        if not self.accelerator.is_main_process:
+            return
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        embedder = self.accelerator.unwrap_model(self.student)
+        final = export_sentence_transformer(
+            embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
+            self.cfg.model.max_length, self.run_dir / "final", state_dict=encoder_state)
+        console.print(f"final model (sentence-transformers format): {final}")
+
+
+def _encode_columns(model: torch.nn.Module, columns: dict, k: int):
+    """Embed the query, positive and (flattened [B*K]) negative columns; negatives come back as [B, K, D]."""
+    query = model(columns["query"]["input_ids"], columns["query"]["attention_mask"])
+    pos = model(columns["pos"]["input_ids"], columns["pos"]["attention_mask"])
+    if "neg" not in columns:
+        return query, pos, None
+    neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
+    return query, pos, neg.view(query.shape[0], k, -1)
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+def apply_debug(cfg: JobConfig) -> JobConfig:
+    """Debug mode: a handful of logged-every-step iterations with autograd anomaly detection."""
+    cfg.train.max_steps = min(cfg.train.max_steps or 3, 3)
+    cfg.train.log_every = 1
+    cfg.train.max_nonfinite_steps = 1
+    torch.autograd.set_detect_anomaly(True)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gist-scale train",
+        description="Fine-tune an embedding model with GISTEmbed. With no arguments: the offline quickstart "
+                    "(all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample).",
+        epilog="Any config field is an option: --section.key VALUE (sections: model guide data loss optim train "
+               "checkpoint eval logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
+    parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(overrides, args.config)
+        if cfg.debug:
+            cfg = apply_debug(cfg)
+        return Trainer(cfg).train()
+    except (ConfigError, DataError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 2
