@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,17 +110,33 @@ def load_student(cfg: ModelConfig) -> Embedder:
     return Embedder(encoder, cfg.pooling, cfg.normalize)
 
 
-def load_guide(cfg: GuideConfig, device: torch.device, zero3_init_off=contextlib.nullcontext) -> Embedder:
-    """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned.
+@contextlib.contextmanager
+def outside_zero3(restore: Callable[[], None] | None):
+    """Load models unpartitioned even though a ZeRO-3 Accelerator exists.
 
-    `zero3_init_off` is a context manager that switches off DeepSpeed's ZeRO-3 `zero.Init` around loading. Under
-    ZeRO-3, once the Accelerator exists every `from_pretrained` is partitioned, and a frozen model that never goes
-    through `deepspeed.initialize` would keep empty weights ("'weight' must be 2-D").
+    Accelerate registers its DeepSpeed config with transformers (whatever `zero3_init_flag` says), and from then on
+    every `from_pretrained` runs under `zero.Init` and partitions the weights. A frozen model that never goes through
+    `deepspeed.initialize` would keep empty shards and fail with "'weight' must be 2-D". `restore` re-registers
+    the config afterwards (Accelerate's `DeepSpeedPlugin.set_deepspeed_weakref`); None means no DeepSpeed.
     """
+    if restore is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        restore()
+
+
+def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[], None] | None = None) -> Embedder:
+    """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     path = resolve_model_path(cfg.name)
-    with zero3_init_off():
+    with outside_zero3(restore_zero3):
         encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype)
     _drop_unused_pooler(encoder)
     guide = Embedder(encoder, cfg.pooling, cfg.normalize).to(device).eval()

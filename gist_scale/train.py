@@ -22,22 +22,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
 from gist_scale import distributed
 from gist_scale.checkpoint import (TrainerState, incomplete_checkpoints, load_checkpoint, resolve_resume,
                                    save_checkpoint)
-from gist_scale.config import ConfigError, JobConfig, OptimConfig, TrainConfig, load_config, save_config
+from gist_scale.config import ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, load_config, save_config
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, load_triplets,
                              tokenize_triplets)
 from gist_scale.loss import GISTLoss
+from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student, load_tokenizer
 
-EXIT_PREEMPTED = 124
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def build_accelerator(train: TrainConfig) -> Accelerator:
+def build_accelerator(train: TrainConfig, logging: LoggingConfig, run_dir: Path) -> Accelerator:
     # Without an explicit gloo backend, Accelerate on a CPU-only box does not form a process group at all and every
     # rank believes it is rank 0. The timeout is what ends the job when a peer dies instead of hanging forever.
     # A single process must not name a backend at all, or Accelerate expects a process group that nobody started.
@@ -50,6 +51,8 @@ def build_accelerator(train: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=train.grad_accum_steps,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
+        log_with=logging.trackers or None,
+        project_dir=str(run_dir),
     )
 
 
@@ -80,6 +83,22 @@ def build_optimizer(student: torch.nn.Module, optim: OptimConfig, device: torch.
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 
 
+class StepProgress:
+    """A Rich progress bar over optimizer steps; log lines printed through `console` appear above it."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                  TimeRemainingColumn(), console=console, disable=not enabled, transient=True)
+        self._task = self._progress.add_task("train", total=total, completed=done)
+        self._progress.start()
+
+    def update(self, steps: int) -> None:
+        self._progress.advance(self._task, steps)
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
 @dataclass
 class StepMetrics:
     """Per-step values, kept on the device until a log step so the loop never waits on the host."""
@@ -96,15 +115,17 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
-        self.accelerator = build_accelerator(cfg.train)
+        self.run_dir = Path(cfg.train.output_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
         self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
         set_seed(cfg.train.seed)
         self.device = self.accelerator.device
-        self.run_dir = Path(cfg.train.output_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        if cfg.logging.trackers:
+            self.accelerator.init_trackers(cfg.logging.project, config=_flatten(cfg.to_dict()))
 
         # Data first: a bad row must fail before any model is loaded.
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
@@ -129,11 +150,13 @@ class Trainer:
         self.loss_fn = GISTLoss(cfg.loss.temperature, cfg.loss.margin_strategy, cfg.loss.margin,
                                 cfg.loss.contrast_anchors, cfg.loss.contrast_positives)
         optimizer = build_optimizer(student, cfg.optim, self.device)
+        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        # Built on the prepared optimizer: ZeRO-3 regroups the parameters, so a scheduler made before `prepare` would
+        # hold learning rates for groups that no longer exist.
         self.scheduler = get_scheduler(cfg.optim.schedule if cfg.optim.schedule != "constant" else
-                                       "constant_with_warmup", optimizer,
+                                       "constant_with_warmup", self.optimizer,
                                        num_warmup_steps=math.ceil(cfg.optim.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
-        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         # The scheduler is stepped by hand once per optimizer step; registering it puts it in every checkpoint.
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.state = TrainerState()
@@ -146,8 +169,7 @@ class Trainer:
         if self.cfg.guide.name is None:
             return None
         plugin = self.accelerator.state.deepspeed_plugin
-        zero3_off = (lambda: plugin.zero3_init_context_manager(enable=False)) if plugin else None
-        return load_guide(self.cfg.guide, self.device, **({"zero3_init_off": zero3_off} if zero3_off else {}))
+        return load_guide(self.cfg.guide, self.device, plugin.set_deepspeed_weakref if plugin else None)
 
     # ------------------------------------------------------------------ the loop
 
@@ -156,11 +178,14 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(self.accelerator, resume_from)
         self._print_summary(resume_from)
-        metrics_file = self.run_dir / "metrics.jsonl"
+        preemption = PreemptionFlag().install()
         pending: list[StepMetrics] = []
-        window_start, window_steps = time.perf_counter(), 0
+        window_start = time.perf_counter()
+        progress = self._progress_bar()
 
         for batch in self._micro_batches():
+            if self.state.step >= self.total_steps:
+                break
             with self.accelerator.accumulate(self.student):
                 loss, metrics = self._forward(batch)
                 if self._nonfinite(loss):
@@ -177,22 +202,31 @@ class Trainer:
                 continue
             self.scheduler.step()
             self.state.step += 1
-            window_steps += 1
+            progress.update(1)
 
             if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
                 # This is a sync point: metrics cross ranks and reach the host only here.
-                elapsed = time.perf_counter() - window_start
-                record = self._reduce_metrics(pending, grad_norm, elapsed)
-                self._log(record, metrics_file)
-                pending, window_start, window_steps = [], time.perf_counter(), 0
+                self._log(self._reduce_metrics(pending, grad_norm, time.perf_counter() - window_start))
+                pending, window_start = [], time.perf_counter()
             if self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0:
                 save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
-            if self.state.step >= self.total_steps:
-                break
+            # A collective: a signal may reach only some ranks, and all of them must stop at the same step.
+            if distributed.any_rank_true(preemption.is_set):
+                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+                progress.close()
+                console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
+                              f"{EXIT_PREEMPTED} so the job is requeued")
+                self.accelerator.end_training()
+                return EXIT_PREEMPTED
 
+        progress.close()
+        preemption.uninstall()
         self._export()
         self.accelerator.end_training()
         return 0
+
+    def _progress_bar(self) -> StepProgress:
+        return StepProgress(self.total_steps, self.state.step, enabled=self.accelerator.is_main_process)
 
     def _micro_batches(self):
         """Yield this rank's micro-batches on the device, epoch after epoch, from the resumed position."""
@@ -262,10 +296,11 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         return record
 
-    def _log(self, record: dict, metrics_file: Path) -> None:
+    def _log(self, record: dict) -> None:
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if not self.accelerator.is_main_process:
             return
-        with metrics_file.open("a") as handle:
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         console.print(
             f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
@@ -320,6 +355,17 @@ def _encode_columns(model: torch.nn.Module, columns: dict, k: int):
         return query, pos, None
     neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
     return query, pos, neg.view(query.shape[0], k, -1)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Trackers take flat scalar hyperparameters: {"optim.lr": 2e-5, ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def _to_device(batch, device: torch.device):
