@@ -159,7 +159,9 @@ def export_sentence_transformer(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    encoder.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    # Save the in-memory parameter names. Reverting load-time renames would, for a model loaded under ZeRO-3, also
+    # revert transformers' legacy `LayerNorm.gamma -> weight` mapping and write names the original never had.
+    encoder.save_pretrained(out, state_dict=state_dict, save_original_format=False)
     tokenizer.save_pretrained(out)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

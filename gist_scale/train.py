@@ -257,7 +257,7 @@ class Trainer:
         batch_rows = torch.tensor(float(query.shape[0]), device=self.device)
         if self.cfg.debug:
             shapes = {col: tuple(f["input_ids"].shape) for col, f in student.items()}
-            console.log(f"[debug] step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
+            console.log(f"debug: step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
                         f"masked {stats.masked_fraction.item():.3f} "
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
         return loss, StepMetrics(loss.detach(), stats.masked_fraction, stats.candidates_per_anchor,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -66,3 +67,9 @@ def run_distributed(
             for proc in ctx.processes:
                 proc.join(5)
             raise TimeoutError(f"distributed test did not finish within {timeout_s} s (hang?)")
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --nproc_per_node N -m gist_scale ARGS` on a free port, with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", "-m", "gist_scale", *args]

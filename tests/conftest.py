@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny random BERT for fast end-to-end runs, and the environment for multi-process runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT saved with the real MiniLM tokenizer: real code paths at a fraction of the cost."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from gist_scale.model import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def torch_extensions_dir(tmp_path_factory) -> str:
+    """DeepSpeed JIT-compiles its CPU communication op on first use (~45 s); build it once per test session."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+@pytest.fixture
+def launch_env(torch_extensions_dir):
+    """Environment for `torchrun` ranks: one thread each (2 cores), the shared extension cache, the repo importable."""
+
+    def make(layout: str) -> dict[str, str]:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=torch_extensions_dir,
+                   PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if layout == "ddp":
+            env["ACCELERATE_USE_CPU"] = "1"
+        elif layout.startswith("zero"):
+            env["ACCELERATE_USE_DEEPSPEED"] = "true"
+            env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(REPO / "ds_configs" / f"{layout}.json")
+        else:
+            raise ValueError(f"unknown layout {layout!r}: use ddp, zero1, zero2 or zero3")
+        return env
+
+    return make

@@ -1,0 +1,185 @@
+"""End-to-end trainer tests: quickstart, export, resume, config errors, and parity across parallel layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dist_utils import torchrun_command
+from gist_scale.config import ModelConfig
+from gist_scale.model import load_student, load_tokenizer
+from gist_scale.train import main
+
+METRIC_KEYS = {"step", "loss", "lr", "masked_fraction", "triplets_per_s", "tokens_per_s", "candidates_per_anchor"}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model.name", str(model_dir), "--guide.name", str(model_dir), "--train.log_every", "1",
+            "--train.output_dir", str(out), *extra]
+
+
+def test_quickstart_runs_and_exports_a_sentence_transformers_model(tmp_path):
+    """The no-argument quickstart (MiniLM guiding itself on the shipped WordNet sample), shortened to 3 steps."""
+    from sentence_transformers import SentenceTransformer
+
+    run = tmp_path / "quickstart"
+    assert main(["--train.max_steps", "3", "--train.log_every", "1", "--train.output_dir", str(run)]) == 0
+
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert METRIC_KEYS <= record.keys()
+        assert 0.0 <= record["masked_fraction"] <= 1.0 and record["loss"] > 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 3 and saved["model"]["pooling"] == "mean"
+
+    final = run / "final"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
+                 "config_sentence_transformers.json", "2_Normalize"):
+        assert (final / name).exists(), name
+    texts = ["a large domesticated carnivore", "the act of moving quickly", "He ran to the station."]
+    ours = load_student(ModelConfig(name=str(final))).eval()
+    tokenizer = load_tokenizer(str(final))
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ours(batch["input_ids"], batch["attention_mask"])
+    st = SentenceTransformer(str(final), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(st, expected, atol=1e-5, rtol=1e-5)
+    # The weights changed: the export is the trained model, not the starting point.
+    base = load_student(ModelConfig()).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(batch["input_ids"], batch["attention_mask"]), expected, atol=1e-4)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model_dir):
+    """A run resumed from step 2 logs the same losses as the uninterrupted run (dropout on: RNG state restored)."""
+    full = tmp_path / "full"
+    assert main(tiny_args(tiny_model_dir, full, "--train.batch_size", "8", "--train.max_steps", "4",
+                          "--checkpoint.every", "2", "--checkpoint.keep_last", "5")) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    assert main(tiny_args(tiny_model_dir, resumed, "--train.batch_size", "8", "--train.max_steps", "4",
+                          "--checkpoint.every", "2", "--resume", "auto")) == 0
+
+    expected = {r["step"]: r["loss"] for r in read_metrics(full)}
+    got = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6)
+    final_full = load_file(full / "final" / "model.safetensors")
+    final_resumed = load_file(resumed / "final" / "model.safetensors")
+    for name, tensor in final_full.items():
+        torch.testing.assert_close(final_resumed[name], tensor, atol=1e-6, rtol=0)
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, tiny_model_dir):
+    run = tmp_path / "fresh"
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "1",
+                          "--resume", "auto")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1]
+
+
+def test_debug_mode_runs_a_few_verbose_steps(tmp_path, tiny_model_dir, capsys):
+    run = tmp_path / "debug"
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--debug")) == 0
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert "debug: step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--optim.lrr", "1e-5"], "did you mean 'lr'"),
+    (["--loss.temperature", "0"], "loss.temperature=0.0: must be > 0"),
+    (["--train.batch_size", "many"], "--train.batch_size='many': expected int"),
+    (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml: no such file"),
+])
+def test_config_errors_are_clear(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_data_fails_before_training_naming_file_row_and_field(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"query": "q1", "pos": "p1", "neg": "n1", "task_name": "t"}\n'
+                    '{"query": "q2", "pos": "", "neg": "n2", "task_name": "t"}\n')
+    run = tmp_path / "run"
+    assert main(["--data.path", str(data), "--train.output_dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "'pos'" in err
+    assert not (run / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------- parity across parallel layouts (multi-process)
+
+LAYOUT_STEPS = 3
+
+
+def _run_layout(layout: str | None, model_dir: Path, out: Path, launch_env) -> list[float]:
+    per_device = 8 if layout is None else 4
+    args = ["train", *tiny_args(model_dir, out, "--train.batch_size", str(per_device),
+                                "--train.max_steps", str(LAYOUT_STEPS), "--model.dropout", "0.0")]
+    if layout is None:
+        assert main(args[1:]) == 0
+    else:
+        result = subprocess.run(torchrun_command(2, *args), env=launch_env(layout), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return [r["loss"] for r in read_metrics(out)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3"])
+def test_two_ranks_match_one_process_with_the_whole_global_batch(layout, tmp_path, tiny_model_dir, launch_env):
+    """2 ranks x 4 triplets == 1 process x 8 triplets: same loss curve and same final weights."""
+    single = _run_layout(None, tiny_model_dir, tmp_path / "single", launch_env)
+    multi = _run_layout(layout, tiny_model_dir, tmp_path / layout, launch_env)
+    assert len(multi) == LAYOUT_STEPS
+    assert multi == pytest.approx(single, abs=1e-4)
+    reference = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    exported = load_file(tmp_path / layout / "final" / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name].float(), tensor.float(), atol=1e-4, rtol=1e-4)
+
+
+GUIDE_CHECK = textwrap.dedent("""
+    import sys, torch
+    from gist_scale.config import load_config
+    from gist_scale.train import Trainer
+
+    trainer = Trainer(load_config(sys.argv[1:]))
+    assert trainer.zero_stage == 3
+    guide_params = list(trainer.guide.parameters())
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in guide_params)
+    assert not any(hasattr(p, "ds_id") for p in guide_params), "guide was partitioned by ZeRO-3"
+    assert all(p.numel() > 0 for p in guide_params)
+    assert not trainer.guide.training
+    student_params = list(trainer.student.parameters())
+    assert all(hasattr(p, "ds_id") for p in student_params), "student is not partitioned"
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in guide_params}, "guide parameters reached the optimizer"
+    print("GUIDE-OK", trainer.accelerator.process_index)
+""")
+
+
+@pytest.mark.slow
+def test_guide_stays_bf16_frozen_and_unpartitioned_under_zero3(tmp_path, tiny_model_dir, launch_env):
+    script = tmp_path / "check_guide.py"
+    script.write_text(GUIDE_CHECK)
+    command = torchrun_command(2, *tiny_args(tiny_model_dir, tmp_path / "run", "--train.batch_size", "4"))
+    module = command.index("gist_scale")
+    command[module - 1:module + 1] = [str(script)]  # run the check script instead of `-m gist_scale`
+    result = subprocess.run(command, env=launch_env("zero3"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("GUIDE-OK") == 2
