@@ -147,8 +147,9 @@ class Trainer:
 
         student = load_student(cfg.model)
         self.guide = self._load_guide()
+        # Outside debug mode, non-finite embeddings are not an error but a skipped step (see `_nonfinite`).
         self.loss_fn = GISTLoss(cfg.loss.temperature, cfg.loss.margin_strategy, cfg.loss.margin,
-                                cfg.loss.contrast_anchors, cfg.loss.contrast_positives)
+                                cfg.loss.contrast_anchors, cfg.loss.contrast_positives, check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         # Built on the prepared optimizer: ZeRO-3 regroups the parameters, so a scheduler made before `prepare` would

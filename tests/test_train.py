@@ -183,3 +183,46 @@ def test_guide_stays_bf16_frozen_and_unpartitioned_under_zero3(tmp_path, tiny_mo
     result = subprocess.run(command, env=launch_env("zero3"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("GUIDE-OK") == 2
+
+
+def _loss_poisoned_on_calls(monkeypatch, poisoned: set[int]) -> None:
+    """Make the loss NaN on the given (1-based) calls, as an fp16 overflow or a bad batch would."""
+    from gist_scale.loss import GISTLoss
+
+    original = GISTLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] in poisoned else loss
+
+    monkeypatch.setattr(GISTLoss, "forward", forward)
+
+
+def test_a_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    _loss_poisoned_on_calls(monkeypatch, {2})
+    run = tmp_path / "skip"
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "3")) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] == r["loss"] for r in records)  # no NaN reached the logged (or applied) steps
+    assert "non-finite loss at step 1; skipped (1/5 in a row)" in capsys.readouterr().err
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir, monkeypatch):
+    _loss_poisoned_on_calls(monkeypatch, {2, 3})
+    with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
+        main(tiny_args(tiny_model_dir, tmp_path / "stop", "--train.batch_size", "8", "--train.max_steps", "3",
+                       "--train.max_nonfinite_steps", "2"))
+
+
+def test_gradient_accumulation_logs_the_candidates_each_anchor_really_sees(tmp_path, tiny_model_dir):
+    """Accumulation grows the batch per optimizer step but not the negatives: the log says so."""
+    run = tmp_path / "accum"
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "4", "--train.grad_accum_steps", "2",
+                          "--train.max_steps", "2")) == 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    # One micro-batch of 4 triplets: 4 positives + 4 negatives + 3 other queries + 3 other positives.
+    assert all(r["candidates_per_anchor"] == 14 for r in records)
