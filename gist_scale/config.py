@@ -268,10 +268,25 @@ class EvalConfig:
     """Evaluate every N optimizer steps; null evaluates only at the end."""
     batch_size: int = 64
     """Texts per encoder call during evaluation."""
+    split: str = "eval"
+    """Split to read when `path` is a folder (its files named for the split) or a hub dataset (often `validation`
+    or `test` there); a single file needs none."""
+    corpus: list[str] = field(default_factory=list)
+    """Extra corpus files (JSONL with a `text` field, or plain text with one document per line) added to the
+    retrieval corpus as distractors; `[]` ranks against the eval positives and negatives only."""
+    sts: str | None = None
+    """JSONL of scored pairs (`sentence1`, `sentence2`, `score`) for a Spearman correlation; null: none."""
 
     def __post_init__(self) -> None:
         _check(self.every is None or self.every > 0, f"eval.every={self.every}: must be positive, or null")
         _check(self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be positive")
+        _check(bool(self.split.strip()), "eval.split: must name a split (e.g. eval, validation, test)")
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        for file in self.corpus:
+            _check(Path(file).expanduser().is_file(), f"eval.corpus: {file}: no such file")
+        _check(self.sts is None or Path(self.sts).expanduser().is_file(),
+               f"eval.sts={self.sts}: no such file (JSONL with sentence1, sentence2, score), or null")
 
 
 @dataclass

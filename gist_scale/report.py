@@ -1,0 +1,176 @@
+"""`gist-scale report RUN_DIR`: one PNG of a run's curves from its `metrics.jsonl`.
+
+Panels, each against the optimizer step: loss, learning rate, masked fraction (the share of in-batch candidates
+the guide flagged as false negatives), throughput (triplets/s and tokens/s), gradient norm, and the eval metrics
+(`eval/ndcg@10`, ...) when the run logged any. matplotlib is an optional extra (`pip install 'gist-scale[report]'`),
+imported only here, and drawn with the non-interactive Agg backend so the command works on headless nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["MatplotlibMissing", "read_metrics", "plot_run", "main"]
+
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_NAME = "report.png"
+EVAL_PREFIX = "eval/"
+
+
+class MatplotlibMissing(ImportError):
+    """matplotlib, the optional plotting dependency, is not installed."""
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training records and eval records of a `metrics.jsonl`, each sorted by step, one record per step.
+
+    A run resumed from a checkpoint logs the steps after that checkpoint again; the later record of a step wins,
+    so the curves show the run that actually continued. A truncated last line (the run is still writing) is
+    skipped; any other malformed line is an error naming the line.
+    """
+    lines = Path(path).read_text().splitlines()
+    train: dict[int, dict[str, Any]] = {}
+    evals: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}:{number}: expected a JSON object with an integer 'step'")
+        if any(key.startswith(EVAL_PREFIX) for key in record):
+            evals.setdefault(record["step"], {}).update(record)
+        else:
+            train[record["step"]] = record
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MatplotlibMissing("gist-scale report needs matplotlib, an optional extra: "
+                                "pip install 'gist-scale[report]' (or pip install matplotlib)") from error
+    matplotlib.use("Agg")  # no display on cluster nodes; must precede importing pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _title(run_dir: Path) -> str:
+    """The run directory, plus the student and guide from its config.yaml when it is readable."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        model = config["model"]["name"]
+        guide = config.get("guide", {}).get("name") or "none"
+        return f"{run_dir.name}: {model} (guide {guide})"
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return run_dir.name
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw `RUN_DIR/metrics.jsonl` into `out` (default `RUN_DIR/report.png`) and return its path.
+
+    Raises `FileNotFoundError` without a metrics file, `ValueError` when it holds no records, and
+    `MatplotlibMissing` without matplotlib.
+    """
+    run = Path(run_dir)
+    metrics_path = run / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path}: no such file; is {run} a gist-scale run directory "
+                                "(train.output_dir)?")
+    train, evals = read_metrics(metrics_path)
+    if not train and not evals:
+        raise ValueError(f"{metrics_path}: no records yet (the first is written at step train.log_every)")
+    plt = _pyplot()
+    # Markers make short runs (a handful of logged steps) readable; long runs are drawn as plain lines.
+    style = {"marker": "o", "markersize": 3} if len(train) < 50 else {}
+
+    from matplotlib.ticker import MaxNLocator
+
+    # One shared step axis, so eval points line up with the training curves.
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True, constrained_layout=True)
+    figure.suptitle(_title(run))
+    panels = {(0, 0): ("loss", "loss"), (0, 1): ("lr", "learning rate"),
+              (0, 2): ("masked_fraction", "masked fraction (guide-flagged false negatives)"),
+              (1, 1): ("grad_norm", "gradient norm (before clipping)")}
+    for position, (key, title) in panels.items():
+        ax = axes[position]
+        steps, values = _series(train, key)
+        ax.set_title(title)
+        if steps:
+            ax.plot(steps, values, **style)
+        else:
+            ax.text(0.5, 0.5, f"no '{key}' records", ha="center", va="center", transform=ax.transAxes)
+    axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+
+    # Throughput: two units on twin axes, so both curves keep a readable scale.
+    ax = axes[1, 0]
+    ax.set_title("throughput")
+    steps, triplets = _series(train, "triplets_per_s")
+    ax.plot(steps, triplets, color="tab:blue", label="triplets/s", **style)
+    ax.set_ylabel("triplets/s", color="tab:blue")
+    twin = ax.twinx()
+    steps, tokens = _series(train, "tokens_per_s")
+    twin.plot(steps, tokens, color="tab:orange", label="tokens/s", **style)
+    twin.set_ylabel("tokens/s", color="tab:orange")
+
+    ax = axes[1, 2]
+    ax.set_title("eval")
+    eval_keys = sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)})
+    for key in eval_keys:
+        steps, values = _series(evals, key)
+        ax.plot(steps, values, marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
+    if eval_keys:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "no eval records\n(set eval.every, or wait for the end of training)",
+                ha="center", va="center", transform=ax.transAxes)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
+        ax.set_xlabel("step")
+
+    target = Path(out) if out is not None else run / DEFAULT_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gist-scale report",
+        description="Plot a run's metrics.jsonl (loss, lr, masked fraction, throughput, grad norm, eval metrics "
+                    "against step) into one PNG. Needs matplotlib: pip install 'gist-scale[report]'.")
+    parser.add_argument("run_dir", help="the run directory (train.output_dir), holding metrics.jsonl")
+    parser.add_argument("--out", help="PNG to write (default: RUN_DIR/report.png)")
+    args = parser.parse_args(argv)
+    try:
+        path = plot_run(args.run_dir, args.out)
+    except (MatplotlibMissing, FileNotFoundError, ValueError) as error:
+        print(f"gist-scale report: error: {error}", file=sys.stderr)
+        return 2
+    print(f"report written to {path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""`gist-scale report`: a PNG from a real training run's metrics.jsonl, with and without eval records."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import pytest
+
+from gist_scale.report import main, plot_run, read_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRAIN_KEYS = {"step", "epoch", "loss", "lr", "masked_fraction", "candidates_per_anchor", "triplets_per_s",
+              "tokens_per_s", "grad_norm"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real 4-step quickstart run (MiniLM guiding itself on the shipped sample), logged at every step."""
+    from gist_scale.train import main as train
+
+    root = tmp_path_factory.mktemp("report")
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = root / "hf_datasets_cache"
+    try:
+        assert train(["--train.max_steps", "4", "--train.log_every", "1", "--train.output_dir", str(root / "run"),
+                      "--train.batch_size", "8"]) == 0
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved
+    yield root / "run"
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > 10_000, f"{path} is only {len(data)} bytes"
+
+
+def test_report_from_a_real_run(run_dir: Path, capsys: pytest.CaptureFixture[str]):
+    train, evals = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and evals == []
+    assert TRAIN_KEYS <= set(train[0])
+
+    assert main([str(run_dir)]) == 0
+    png = run_dir / "report.png"
+    _assert_png(png)
+    assert str(png.resolve()) in capsys.readouterr().out
+
+
+def test_report_with_eval_records_resumed_steps_and_a_partial_line(run_dir: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("final", "report.png"))
+    records = run / "metrics.jsonl"
+    lines = records.read_text().splitlines()
+    evals = [{"step": step, "eval/ndcg@10": 0.30 + step / 100, "eval/mrr@10": 0.25 + step / 100,
+              "eval/recall@1": 0.20 + step / 100, "eval/recall@10": 0.45 + step / 100} for step in (2, 4)]
+    resumed = dict(json.loads(lines[-1]), loss=0.123)  # a resumed run logs step 4 again: the later one wins
+    records.write_text("\n".join([*lines, *map(json.dumps, evals), json.dumps(resumed)]) + '\n{"step": 5, "lo')
+    train, parsed_evals = read_metrics(records)
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and train[-1]["loss"] == 0.123
+    assert [r["step"] for r in parsed_evals] == [2, 4] and parsed_evals[1]["eval/ndcg@10"] == pytest.approx(0.34)
+
+    out = plot_run(run, tmp_path / "pictures" / "custom.png")
+    assert out == tmp_path / "pictures" / "custom.png"
+    _assert_png(out)
+
+
+def test_report_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    assert main([str(tmp_path)]) == 2
+    assert "metrics.jsonl: no such file" in capsys.readouterr().err
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert main([str(tmp_path)]) == 2
+    assert "pip install 'gist-scale[report]'" in capsys.readouterr().err
