@@ -4,6 +4,13 @@ Every rank writes its part with `accelerator.save_state` (ZeRO shards included) 
 main process then writes `trainer_state.json` (step, epoch, sampler position) and the completion marker, and only
 then renames the directory to `step_N`. A job killed mid-save leaves a `.tmp-step_N` directory, or a `step_N`
 without its marker, both of which resume ignores (and reports), so the previous checkpoint stays the one used.
+
+The marker lists every file with its size, so a file that is later deleted, truncated or overwritten is named in
+the error instead of surfacing as an obscure deserialization failure deep inside torch or DeepSpeed.
+
+Fault injection (tests only): `GIST_SCALE_FAULT=die_during_checkpoint_save[:STEP]` makes the main process exit at
+once with code 137 (what `kill -9` looks like) after every rank's shards are written but before the marker and the
+rename, i.e. in the middle of the save of step STEP (or of every save when no step is given).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +27,7 @@ from accelerate import Accelerator
 
 COMPLETE_MARKER = "complete.json"
 STATE_FILE = "trainer_state.json"
+FAULT_ENV = "GIST_SCALE_FAULT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -76,7 +85,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Train
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _inject_fault("die_during_checkpoint_save", state.step)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         marker = tmp / COMPLETE_MARKER
         marker.write_text(json.dumps({"step": state.step, "files": files}))
         _fsync(marker)
@@ -86,6 +96,15 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Train
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _inject_fault(point: str, step: int) -> None:
+    """The test hook described in the module docstring; a no-op unless GIST_SCALE_FAULT names `point`."""
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, at = spec.partition(":")
+    if name == point and (not at or int(at) == step):
+        print(f"{FAULT_ENV}={spec}: exiting with 137 in the middle of saving step {step}", flush=True)
+        os._exit(137)
 
 
 def _fsync(path: Path) -> None:
@@ -108,15 +127,48 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Every file the marker lists must still be there; name the first missing one."""
+    """Every file the marker lists must still be there, with the size it had when saved; name the first that is not."""
     marker = path / COMPLETE_MARKER
     try:
         listed = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{marker}: unreadable completion marker ({error})") from error
-    for name in listed:
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: listed in {marker} but missing; the checkpoint is damaged")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{marker}: unreadable completion marker ({error}); the checkpoint {path} cannot be "
+                              f"trusted: resume from an older one with --resume PATH") from error
+    # Markers written before sizes were recorded hold a plain list of names.
+    sizes = listed if isinstance(listed, dict) else dict.fromkeys(listed)
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {marker} but missing; the checkpoint is damaged: resume from "
+                                  f"an older one with --resume PATH")
+        if size is not None and file.stat().st_size != size:
+            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, but {size} when the checkpoint was saved; "
+                                  f"the file is truncated or was overwritten: resume from an older checkpoint with "
+                                  f"--resume PATH")
+
+
+def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
+    """After a failed load: the first checkpoint file that does not deserialize, and why; None if all do.
+
+    Cheap enough for multi-GB ZeRO shards: safetensors files are opened (header only) and torch files are
+    memory-mapped, so tensor data is not read. Runs only on the error path.
+    """
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            elif file.suffix in (".bin", ".pt", ".pkl", ".pth"):
+                if not zipfile.is_zipfile(file):
+                    raise ValueError("not a torch.save archive")
+                # Our own checkpoint, so full unpickling is fine; weights_only would reject Accelerate's RNG states.
+                torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as error:  # any failure to deserialize is what we are looking for
+            return file, error
+    return None
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
@@ -129,7 +181,13 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
         raise CheckpointError(f"{state_file}: unreadable trainer state ({error})") from error
     try:
         accelerator.load_state(str(path))
-    except Exception as error:  # torch/DeepSpeed raise many types; name the checkpoint in every case
-        raise CheckpointError(f"{path}: could not load the saved state: {error}") from error
+    except Exception as error:  # torch/DeepSpeed raise many types; name the file where we can find it
+        found = _unreadable_file(path)
+        if found:
+            bad, reason = found
+            where = f"{bad}: corrupted, it cannot be deserialized ({type(reason).__name__}: {reason})"
+        else:
+            where = f"{path}: could not load the saved state ({error})"
+        raise CheckpointError(f"{where}; resume from an older checkpoint with --resume PATH") from error
     accelerator.wait_for_everyone()
     return state

@@ -663,5 +663,8 @@ def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, coll
     Do not pass it through `accelerator.prepare`: the sampler already gives each rank its own slice, and
     Accelerate would shard it again. Move batches to the device yourself.
     """
+    # Its own generator: every new iterator draws a worker seed, and drawing it from the global RNG would shift the
+    # dropout masks of a resumed run (its iterator starts after the RNG state is restored, not before).
     return DataLoader(tok_ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(sampler.seed))

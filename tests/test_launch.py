@@ -1,0 +1,317 @@
+"""The launch scripts, run for real on CPU.
+
+`launch/slurm_multinode.sbatch` runs under stand-in `sbatch`/`srun`/`scontrol`/`scancel` executables (tests/fakes/)
+that simulate a 2-node allocation on localhost: the fake srun starts the script's per-node command twice, with
+SLURM_NODEID 0 and 1, so two `accelerate launch` processes (machine ranks 0 and 1) rendezvous over TCP and train as
+one gloo group of 2 ranks. Nothing of ours is mocked: the script, accelerate, torchrun and the trainer all run.
+The fake sbatch behaves like `sbatch --wait` and starts the job again when the script requeues it.
+The local scripts run with `ACCELERATE_USE_CPU=1`, which turns "GPUs" into CPU processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dist_utils import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SBATCH = LAUNCH / "slurm_multinode.sbatch"
+FAKES = Path(__file__).resolve().parent / "fakes"
+SCRIPTS = [SBATCH, LAUNCH / "local_multi_gpu.sh", LAUNCH / "single_gpu_debug.sh", *sorted(FAKES.iterdir())]
+STEPS = 20  # enough steps after the signal or kill for it to land mid-run
+TIMEOUT_S = 300  # per job; a hang fails the test instead of the CI run
+
+
+def train_args(model_dir: Path, *extra: str) -> list[str]:
+    # dropout 0: the losses of different launch layouts and of resumed runs are then comparable exactly.
+    return ["--model.name", str(model_dir), "--guide.name", str(model_dir), "--model.dropout", "0.0",
+            "--train.batch_size", "4", "--train.log_every", "1", "--train.max_steps", str(STEPS), *extra]
+
+
+def loss_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
+    """Every logged step, including steps logged twice around a restart, has the reference's loss."""
+    records = loss_records(run_dir)
+    assert {r["step"] for r in records} == set(reference), f"steps logged: {[r['step'] for r in records]}"
+    for record in records:
+        assert record["loss"] == pytest.approx(reference[record["step"]], abs=1e-4), f"step {record['step']}"
+
+
+def wait_for(condition, what: str, timeout: float = TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit code {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def base_env() -> dict[str, str]:
+    """CPU ranks with one thread each (2 cores), this interpreter's tools first on PATH, no SLURM_* of a real job."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "PET_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", PYTHONUNBUFFERED="1",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    return env
+
+
+class FakeSlurm:
+    """A simulated 2-node cluster: the fakes on PATH, their state directory, and one job's run directory."""
+
+    def __init__(self, root: Path, job_id: int, **settings: str) -> None:
+        self.root, self.job_id = root, job_id
+        self.state, self.run_dir, self.log = root / "slurm", root / "run", root / f"gist-scale-{job_id}.out"
+        bin_dir = root / "bin"
+        bin_dir.mkdir(parents=True)
+        for fake in FAKES.iterdir():  # copied with the exec bit, whatever the checkout did to the modes
+            shutil.copy(fake, bin_dir / fake.name)
+            (bin_dir / fake.name).chmod(0o755)
+        self.state.mkdir()
+        self.env = base_env()
+        self.env.update(
+            PATH=os.pathsep.join([str(bin_dir), self.env["PATH"]]), FAKE_SLURM_DIR=str(self.state),
+            FAKE_SLURM_JOB_ID=str(job_id),
+            # What a CPU test changes in the script's defaults: DDP (the default ZeRO-2 config works too, but the
+            # first DeepSpeed start compiles an extension for minutes), one process per "node", a free port.
+            ACCELERATE_CONFIG="accelerate_configs/multi_gpu.yaml", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+            RUN_DIR=str(self.run_dir), PREEMPT_GRACE_S="60", **settings)
+
+    def submit(self, *args: str) -> subprocess.Popen:
+        # From the repository root, as the script asks; --nodes=2 on the command line, as a user would.
+        return subprocess.Popen(["sbatch", "--nodes=2", f"--output={self.root}/%x-%j.out", str(SBATCH), *args],
+                                cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(self, proc: subprocess.Popen) -> int:
+        try:
+            proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            raise AssertionError(f"job did not finish in {TIMEOUT_S} s; log:\n{self.log_text()[-5000:]}") from None
+        return proc.returncode
+
+    def attempts(self) -> list[tuple[int, int]]:
+        """(start, exit code of the batch script) per start of the job."""
+        path = self.state / "attempts.log"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [(int(start), int(rc)) for _, start, rc in (line.split() for line in lines)]
+
+    def requeues(self) -> list[str]:
+        path = self.state / "requeue.log"
+        return path.read_text().splitlines() if path.is_file() else []
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+    def scancel_batch(self, sig: str) -> None:
+        subprocess.run(["scancel", "--batch", f"--signal={sig}", str(self.job_id)], env=self.env, check=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in [*children, psutil.Process(proc.pid)] if proc.poll() is None else children:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> dict[int, float]:
+    """Losses of an uninterrupted 2-process single-node run, started by `launch/local_multi_gpu.sh --gpus 2`."""
+    run_dir = tmp_path_factory.mktemp("single-node") / "run"
+    result = subprocess.run([str(LAUNCH / "local_multi_gpu.sh"), "--gpus", "2",
+                             *train_args(tiny_model_dir, "--train.output_dir", str(run_dir))],
+                            cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "world size 2" in result.stderr
+    losses = {r["step"]: r["loss"] for r in loss_records(run_dir)}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+# ------------------------------------------------------------------------------------------------ static checks
+
+
+def test_scripts_parse_and_are_shellcheck_clean():
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck); bash -n passed")
+    result = subprocess.run(["shellcheck", "--shell=bash", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_sbatch_asks_for_preemption_warning_and_requeue():
+    directives = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --signal=B:USR1@120" in directives
+    assert "#SBATCH --requeue" in directives
+    assert "#SBATCH --open-mode=append" in directives
+
+
+@pytest.mark.parametrize(("flags", "gpus", "config"), [
+    ([], "8", "multi_gpu"),
+    ([], "1", "single_gpu"),
+    (["--zero", "1"], "8", "zero1"),
+    (["--zero=2"], "8", "zero2"),
+    (["--zero", "3"], "8", "zero3"),
+    (["--zero", "3-offload"], "8", "zero3_offload"),
+])
+def test_local_multi_gpu_flags_pick_the_config(flags, gpus, config, tmp_path):
+    # From another directory: the configs are found through the script's own location.
+    result = subprocess.run([str(LAUNCH / "local_multi_gpu.sh"), "--gpus", gpus, *flags, "--dry-run",
+                             "--train.batch_size", "64"], capture_output=True, text=True, check=True, cwd=tmp_path)
+    deepspeed = ["--deepspeed_config_file", f"{REPO}/ds_configs/{config}.json"] if flags else []
+    assert result.stdout.split() == [
+        "accelerate", "launch", "--config_file", f"{REPO}/accelerate_configs/{config}.yaml", *deepspeed,
+        "--num_machines", "1", "--num_processes", gpus, "--main_process_port", "0",
+        "-m", "gist_scale", "train", "--train.batch_size", "64"]
+    for path in result.stdout.split()[3], *deepspeed[1:]:
+        assert Path(path).is_file()
+
+
+def test_local_multi_gpu_rejects_an_unknown_zero_stage():
+    result = subprocess.run([str(LAUNCH / "local_multi_gpu.sh"), "--gpus", "2", "--zero", "4", "--dry-run"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--zero 4" in result.stderr
+
+
+def test_sbatch_refuses_to_run_outside_a_job():
+    result = subprocess.run(["bash", str(SBATCH)], env=base_env(), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0 and "submit this script with sbatch" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+
+
+@pytest.mark.slow
+def test_sbatch_on_two_simulated_nodes_matches_a_single_node_run(tiny_model_dir, reference, tmp_path):
+    slurm = FakeSlurm(tmp_path, job_id=4242)
+    proc = slurm.submit(*train_args(tiny_model_dir))
+    assert slurm.finish(proc) == 0, slurm.log_text()[-5000:]
+
+    log = slurm.log_text()
+    # One srun with one task per node; each task is `accelerate launch` with its own machine rank.
+    (srun_call,) = (slurm.state / "srun.log").read_text().splitlines()
+    for expected in ("--num_machines 2", "--num_processes 2", "--main_process_ip localhost",
+                     f"--main_process_port {slurm.env['MASTER_PORT']}", "--resume auto",
+                     f"--train.output_dir {slurm.run_dir}"):
+        assert expected in srun_call
+    assert "machine_rank" in srun_call and "SLURM_NODEID" in srun_call
+    # The two machine ranks formed one group of 2 (rank 0 prints the summary once).
+    assert log.count("world size 2") == 1 and "world size 1" not in log
+    assert slurm.attempts() == [(0, 0)] and slurm.requeues() == []
+    assert "training complete (exit code 0)" in log
+    assert_same_losses(slurm.run_dir, reference)
+    assert (slurm.run_dir / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sbatch_sigusr1_checkpoints_requeues_and_resumes_with_identical_losses(tiny_model_dir, reference, tmp_path):
+    """`#SBATCH --signal=B:USR1@120`, simulated with `scancel --batch --signal=USR1` as one would on a real cluster."""
+    slurm = FakeSlurm(tmp_path, job_id=4243)
+    proc = slurm.submit(*train_args(tiny_model_dir))
+    wait_for(lambda: len(loss_records(slurm.run_dir)) >= 1, "step 1", proc=proc)
+    slurm.scancel_batch("USR1")
+    assert slurm.finish(proc) == 0, slurm.log_text()[-5000:]
+
+    log = slurm.log_text()
+    # First start: the trainers stopped at a step boundary with a complete checkpoint and exit code 124; the script
+    # requeued the job and exited 0. Second start: resumed from that checkpoint and completed.
+    assert slurm.attempts() == [(0, 0), (1, 0)], log[-5000:]
+    assert slurm.requeues() == [f"requeue {slurm.job_id}"]
+    preempted_steps = {int(line.split("preempted at step ")[1].split(":")[0])
+                       for line in log.splitlines() if "preempted at step" in line}
+    assert len(preempted_steps) == 1, "every rank must stop at the same step"
+    (step,) = preempted_steps
+    assert 1 <= step < STEPS
+    assert "checkpoint saved; exiting with 124" in log
+    checkpoint = slurm.run_dir / "checkpoints" / f"step_{step}"
+    assert (checkpoint / "complete.json").is_file()
+    assert "slurm_multinode: preempted (SIGUSR1" in log and f"requeued job {slurm.job_id}" in log
+    assert f"resumed from {checkpoint} at step {step}" in log
+    assert "training complete (exit code 0)" in log
+    # The interrupted run and its continuation log every step once, with the uninterrupted run's losses.
+    assert [r["step"] for r in loss_records(slurm.run_dir)] == list(range(1, STEPS + 1))
+    assert_same_losses(slurm.run_dir, reference)
+
+
+@pytest.mark.slow
+def test_sbatch_kill9_of_a_rank_ends_the_job_and_the_restart_resumes(tiny_model_dir, reference, tmp_path):
+    timeout_s = 60
+    slurm = FakeSlurm(tmp_path, job_id=4244, MAX_FAILURE_REQUEUES="1")
+    proc = slurm.submit(*train_args(tiny_model_dir, "--checkpoint.every", "2",
+                                    "--train.collective_timeout_s", str(timeout_s)))
+    checkpoint = slurm.run_dir / "checkpoints" / "step_2"
+    wait_for(lambda: (checkpoint / "complete.json").is_file(), "the step-2 checkpoint", proc=proc)
+
+    def rank1() -> psutil.Process | None:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if p.environ().get("RANK") == "1" and "gist_scale" in p.cmdline():
+                    return p
+            except psutil.Error:
+                continue
+        return None
+
+    victim = rank1()
+    assert victim is not None, "rank 1's trainer process not found"
+    killed_at = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    wait_for(lambda: len(slurm.attempts()) >= 1, "the first start to end", timeout=timeout_s + 30)
+    # Within the collective timeout (gloo notices a dead peer at once; a stalled one takes the full timeout).
+    assert time.monotonic() - killed_at < timeout_s
+    assert slurm.finish(proc) == 0, slurm.log_text()[-5000:]
+
+    log = slurm.log_text()
+    (first_start, first_rc), (second_start, second_rc) = slurm.attempts()
+    assert first_rc == 0 and second_rc == 0  # requeued (MAX_FAILURE_REQUEUES=1), then completed
+    assert slurm.requeues() == [f"requeue {slurm.job_id}"]
+    assert "training failed with exit code" in log and "failure 1 of at most 1 requeued" in log
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1 and "checkpoints/step_" in resumed[0]
+    # Steps after the last checkpoint ran twice (before the kill and after the restart): same losses both times.
+    assert_same_losses(slurm.run_dir, reference)
+
+
+@pytest.mark.slow
+def test_single_gpu_debug_script_runs_and_passes_the_trainer_exit_code(tiny_model_dir, tmp_path):
+    script = str(LAUNCH / "single_gpu_debug.sh")
+    debug_run = tmp_path / "debug"
+    result = subprocess.run([script, *train_args(tiny_model_dir, "--train.output_dir", str(debug_run))],
+                            env=base_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert [r["step"] for r in loss_records(debug_run)] == [1, 2, 3]  # --debug: 3 steps
+    assert "shapes" in result.stderr  # --debug logs the tensor shapes of every step
+
+    # DEBUG=0: a normal run; `exec` makes the script the trainer, so a USR1 to it is a handled preemption (124).
+    run = tmp_path / "full"
+    env = dict(base_env(), DEBUG="0")
+    args = train_args(tiny_model_dir, "--train.output_dir", str(run), "--train.max_steps", "200")
+    proc = subprocess.Popen([script, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(loss_records(run)) >= 2, "step 2", proc=proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 124, stderr[-5000:]
+    step = loss_records(run)[-1]["step"]
+    assert (run / "checkpoints" / f"step_{step}" / "complete.json").is_file()
