@@ -80,13 +80,17 @@ class GuideConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"
     """Guide weights' dtype. bf16 halves its memory; similarities are still computed in fp32."""
     cache: str | None = None
-    """Directory of precomputed guide embeddings (`gist-scale cache-guide`); the guide model is then never loaded."""
+    """Directory of precomputed guide embeddings (`gist-scale cache-guide OUT_DIR` with the same data.* and guide.*
+    options); the guide is then neither loaded nor run. A cache built for another guide, guide setting or data is
+    refused with the fields that differ."""
 
     def __post_init__(self) -> None:
         _check(self.pooling in ("cls", "mean", "last_token"),
                f"guide.pooling={self.pooling!r}: use one of cls, mean, last_token")
         _check(self.max_length > 0, f"guide.max_length={self.max_length}: must be a positive token count")
         _check(self.dtype in ("bf16", "fp32"), f"guide.dtype={self.dtype!r}: use bf16 or fp32")
+        _check(self.cache is None or self.name is not None,
+               "guide.cache needs guide.name (the guide the cache was built with; it is checked, not loaded)")
 
 
 @dataclass
@@ -223,9 +227,18 @@ class TrainConfig:
     """Seconds a collective may wait for a rank before the job fails (a dead rank must not hang the others)."""
     grad_cache: bool = False
     """GradCache: embed the batch without grad in chunks, then re-encode chunk by chunk with the cached gradient;
-    memory no longer grows with the batch."""
+    activation memory no longer grows with the batch (about one extra forward per step). Needs `chunk_size`.
+    Works with DDP and DeepSpeed ZeRO-1/2/3 (see `gist_scale.encode`)."""
     chunk_size: int | None = None
-    """Texts per encoder forward (length-sorted chunks); null encodes each column in one call."""
+    """Texts per encoder forward. Set: the step's query, positive and negative texts are pooled, sorted by length
+    and encoded in ceil(batch_size x (2 + K) / chunk_size) calls, each padded only to its own longest text (same
+    embeddings, less padding; the batch itself is unchanged). Null: one call per column. Under ZeRO-3 every call
+    re-gathers the parameters, so prefer few large chunks there; with GradCache it bounds activation memory."""
+    grad_cache_coalesce: bool = True
+    """GradCache under DeepSpeed ZeRO: reduce the chunks' gradients once per step (`engine.coalesce_grad_reduction`,
+    where DeepSpeed has it and grad_accum_steps is 1; until the reduction each rank holds unpartitioned gradients).
+    False, or where unsupported: each chunk is a gradient-accumulation micro-step (ZeRO-2/3 reduce-scatter every
+    chunk; gradient memory stays partitioned)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be a positive count of triplets")
@@ -240,6 +253,8 @@ class TrainConfig:
         _check(self.collective_timeout_s > 0, f"train.collective_timeout_s={self.collective_timeout_s}: must be > 0")
         _check(self.chunk_size is None or self.chunk_size > 0,
                f"train.chunk_size={self.chunk_size}: must be positive, or null for one call per column")
+        _check(not self.grad_cache or self.chunk_size is not None,
+               "train.grad_cache=true needs train.chunk_size (texts per re-encoded chunk, e.g. 64)")
 
 
 @dataclass

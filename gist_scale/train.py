@@ -22,16 +22,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
-from gist_scale import distributed
-from gist_scale.checkpoint import (TrainerState, incomplete_checkpoints, load_checkpoint, resolve_resume,
-                                   save_checkpoint)
+from gist_scale import distributed, encode
+from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
+                                   resolve_resume, save_checkpoint)
 from gist_scale.config import ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, load_config, save_config
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, load_triplets,
                              tokenize_triplets)
+from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
+from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student, load_tokenizer
 
@@ -115,6 +119,9 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        # Installed first: a preemption signal during the minutes of loading must not kill the job uncheckpointed;
+        # the loop answers it after the first step.
+        self.preemption = PreemptionFlag().install()
         self.run_dir = Path(cfg.train.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
@@ -129,10 +136,18 @@ class Trainer:
 
         # Data first: a bad row must fail before any model is loaded.
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
-        guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if cfg.guide.name else None
+        # With a guide cache the guide is neither tokenized for nor loaded: its embeddings come with each batch.
+        live_guide = cfg.guide.name is not None and cfg.guide.cache is None
+        guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.guide_pad_token_id = guide_tokenizer.pad_token_id if guide_tokenizer is not None else 0
+        self._grad_cache: encode.GradCache | None = None  # set by `_forward`, consumed by `_backward`
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
             dataset, self.data_report = load_triplets(cfg.data)
+            # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
+            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives)
+                           if cfg.guide.cache is not None else None)
             dataset, self.truncation = tokenize_triplets(
                 dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
                 num_proc=cfg.data.num_proc)
@@ -142,7 +157,10 @@ class Trainer:
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
             cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of)
+        if guide_cache is not None:
+            dataset, collator = guide_cache.attach(dataset, collator)
         self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
+        self.eval_data = self._load_eval_data()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
 
         student = load_student(cfg.model)
@@ -152,6 +170,8 @@ class Trainer:
                                 cfg.loss.contrast_anchors, cfg.loss.contrast_positives, check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        # `from_pretrained` returns the encoder in eval mode (dropout off); evaluation restores whatever mode it found.
+        self.student.train()
         # Built on the prepared optimizer: ZeRO-3 regroups the parameters, so a scheduler made before `prepare` would
         # hold learning rates for groups that no longer exist.
         self.scheduler = get_scheduler(cfg.optim.schedule if cfg.optim.schedule != "constant" else
@@ -161,13 +181,17 @@ class Trainer:
         # The scheduler is stepped by hand once per optimizer step; registering it puts it in every checkpoint.
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.state = TrainerState()
+        best_file = self.run_dir / "best" / "best.json"
+        # A resumed run must beat the best model it already kept, not start the contest over.
+        self.best_metric = json.loads(best_file.read_text())[cfg.checkpoint.keep_best] \
+            if cfg.checkpoint.keep_best and best_file.is_file() else float("-inf")
 
     @property
     def global_batch(self) -> int:
         return self.cfg.train.batch_size * self.accelerator.num_processes * self.cfg.train.grad_accum_steps
 
     def _load_guide(self) -> Embedder | None:
-        if self.cfg.guide.name is None:
+        if self.cfg.guide.name is None or self.cfg.guide.cache is not None:
             return None
         plugin = self.accelerator.state.deepspeed_plugin
         return load_guide(self.cfg.guide, self.device, plugin.set_deepspeed_weakref if plugin else None)
@@ -179,9 +203,10 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(self.accelerator, resume_from)
         self._print_summary(resume_from)
-        preemption = PreemptionFlag().install()
         pending: list[StepMetrics] = []
         window_start = time.perf_counter()
+        if self.eval_data is not None and self.state.step == 0:
+            self._evaluate(baseline=True)
         progress = self._progress_bar()
 
         for batch in self._micro_batches():
@@ -191,7 +216,7 @@ class Trainer:
                 loss, metrics = self._forward(batch)
                 if self._nonfinite(loss):
                     continue
-                self.accelerator.backward(loss)
+                self._backward(loss)
                 grad_norm = None
                 if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
                     grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(),
@@ -209,11 +234,16 @@ class Trainer:
                 # This is a sync point: metrics cross ranks and reach the host only here.
                 self._log(self._reduce_metrics(pending, grad_norm, time.perf_counter() - window_start))
                 pending, window_start = [], time.perf_counter()
-            if self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0:
+            saved = bool(self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0)
+            if saved:
                 save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+            if self.eval_data is not None and self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 \
+                    and self.state.step < self.total_steps:
+                self._evaluate()
             # A collective: a signal may reach only some ranks, and all of them must stop at the same step.
-            if distributed.any_rank_true(preemption.is_set):
-                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+            if distributed.any_rank_true(self.preemption.is_set):
+                if not saved:
+                    save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
                 progress.close()
                 console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
                               f"{EXIT_PREEMPTED} so the job is requeued")
@@ -221,8 +251,11 @@ class Trainer:
                 return EXIT_PREEMPTED
 
         progress.close()
-        preemption.uninstall()
-        self._export()
+        self._export(self.run_dir / "final")
+        if self.eval_data is not None:
+            self._print_comparison(self._evaluate())
+        # Past the last step a signal has nothing left to save: the run ends normally.
+        self.preemption.uninstall()
         self.accelerator.end_training()
         return 0
 
@@ -242,16 +275,18 @@ class Trainer:
             self.state.position = 0
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
-        student, guide = batch["student"], batch.get("guide")
+        student = batch["student"]
         k = batch["num_negatives"]
-        guide_embeddings = (None, None, None)
-        if self.guide is not None:
-            with torch.inference_mode():
-                guide_embeddings = _encode_columns(self.guide, guide, k)
-            # Inference tensors cannot enter the autograd graph that the loss builds around them.
-            guide_embeddings = tuple(None if e is None else e.clone() for e in guide_embeddings)
-        with self.accelerator.autocast():
-            query, pos, neg = _encode_columns(self.student, student, k)
+        guide_embeddings = self._guide_embeddings(batch, k)
+        chunks = self._chunks(k)
+        if self.cfg.train.grad_cache:
+            # Embeddings without autograd now; `_backward` re-encodes chunk by chunk with the cached gradient.
+            self._grad_cache = encode.GradCache(self.student, student, k, chunks, self.pad_token_id,
+                                                self.accelerator.autocast)
+            query, pos, neg = self._grad_cache.embeddings
+        else:
+            with self.accelerator.autocast():
+                query, pos, neg = _encode_columns(self.student, student, k, chunks, self.pad_token_id)
         loss = self.loss_fn(query, pos, neg, *guide_embeddings)
         stats = self.loss_fn.last_stats
         tokens = sum(f["attention_mask"].sum() for f in student.values())
@@ -263,6 +298,32 @@ class Trainer:
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
         return loss, StepMetrics(loss.detach(), stats.masked_fraction, stats.candidates_per_anchor,
                                  tokens.float(), batch_rows)
+
+    def _chunks(self, k: int) -> int | None:
+        """Encoder calls per side and step (None: one per column); from the per-device batch size, so every rank
+        makes the same calls even when its own micro-batch is smaller."""
+        if self.cfg.train.chunk_size is None:
+            return None
+        return encode.num_chunks(self.cfg.train.batch_size * (2 + k), self.cfg.train.chunk_size)
+
+    def _guide_embeddings(self, batch: dict, k: int) -> tuple:
+        if "guide_embeddings" in batch:  # from the guide cache (`guide.cache`)
+            cached = batch["guide_embeddings"]
+            return cached["query"], cached["pos"], cached.get("neg")
+        if self.guide is None:
+            return None, None, None
+        with torch.inference_mode():
+            embeddings = _encode_columns(self.guide, batch["guide"], k, self._chunks(k), self.guide_pad_token_id)
+        # Inference tensors cannot enter the autograd graph that the loss builds around them.
+        return tuple(None if e is None else e.clone() for e in embeddings)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._grad_cache is None:
+            self.accelerator.backward(loss)
+            return
+        cache, self._grad_cache = self._grad_cache, None
+        cache.backward(loss, encode.AcceleratorBackward(self.accelerator, self.student,
+                                                        coalesce=self.cfg.train.grad_cache_coalesce))
 
     def _nonfinite(self, loss: torch.Tensor) -> bool:
         """Skip a micro-batch whose loss is NaN/inf on any rank; stop after too many in a row.
@@ -320,7 +381,8 @@ class Trainer:
             f"steps {self.total_steps} ({self.sampler.summary.steps_per_epoch} per epoch)  "
             f"ZeRO stage {self.zero_stage if self.zero_stage is not None else '-'}  "
             f"precision {self.cfg.train.mixed_precision}  "
-            f"guide {self.cfg.guide.name or 'none (plain InfoNCE)'} ({self.cfg.guide.dtype})",
+            f"guide {self.cfg.guide.name or 'none (plain InfoNCE)'} "
+            + (f"(cached embeddings: {self.cfg.guide.cache})" if self.cfg.guide.cache else f"({self.cfg.guide.dtype})"),
             f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters",
             *self.data_report.lines(),
             "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
@@ -335,27 +397,81 @@ class Trainer:
         for line in lines:
             console.print(line)
 
-    def _export(self) -> None:
+    def _export(self, destination: Path) -> None:
         # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
         state_dict = self.accelerator.get_state_dict(self.student)
         if not self.accelerator.is_main_process:
             return
         encoder_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         embedder = self.accelerator.unwrap_model(self.student)
-        final = export_sentence_transformer(
+        export_sentence_transformer(
             embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
-            self.cfg.model.max_length, self.run_dir / "final", state_dict=encoder_state)
-        console.print(f"final model (sentence-transformers format): {final}")
+            self.cfg.model.max_length, destination, state_dict=encoder_state)
+        console.print(f"model (sentence-transformers format): {destination}")
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _load_eval_data(self) -> EvalData | None:
+        """The held-out split: `eval.path`, or the shipped sample's own eval split when training on it."""
+        if self.cfg.eval.path is None and self.cfg.data.path is not None:
+            return None
+        with self.accelerator.main_process_first():
+            return load_eval_data(self.cfg.eval.path, self.cfg.data, self.cfg.eval.corpus, sts=self.cfg.eval.sts,
+                                  split=self.cfg.eval.split)
+
+    def _evaluate(self, baseline: bool = False) -> dict[str, float]:
+        """Evaluate on every rank (the encoding is sharded), log `eval/*` metrics, keep the best model if asked.
+
+        The starting model's metrics are stored in RUN/eval_baseline.json, so a resumed run can still compare.
+        """
+        metrics = evaluate_embedder(self.accelerator.unwrap_model(self.student), self.tokenizer,
+                                    self.cfg.model.max_length, self.eval_data, self.cfg.eval.batch_size,
+                                    self.device, autocast=self.accelerator.autocast)
+        record = {"step": self.state.step, **{f"eval/{name}": value for name, value in metrics.items()}}
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            console.print(f"eval at step {self.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if baseline:
+                (self.run_dir / "eval_baseline.json").write_text(json.dumps(metrics))
+        best_metric = self.cfg.checkpoint.keep_best
+        if best_metric and not baseline:
+            if best_metric not in metrics:
+                raise ConfigError(f"checkpoint.keep_best={best_metric!r}: not an eval metric; use one of "
+                                  f"{', '.join(metrics)}")
+            if metrics[best_metric] > self.best_metric:
+                # Every rank takes this branch (the metrics are identical everywhere), as ZeRO-3 export requires.
+                self.best_metric = metrics[best_metric]
+                self._export(self.run_dir / "best")
+                if self.accelerator.is_main_process:
+                    (self.run_dir / "best" / "best.json").write_text(
+                        json.dumps({"step": self.state.step, "metric": best_metric, **metrics}))
+        return metrics
+
+    def _print_comparison(self, final: dict[str, float]) -> None:
+        baseline_file = self.run_dir / "eval_baseline.json"
+        if not self.accelerator.is_main_process or not baseline_file.is_file():
+            return
+        base = json.loads(baseline_file.read_text())
+        table = Table(title=f"held-out retrieval: {self.cfg.model.name} before vs after GIST fine-tuning")
+        for column in ("metric", "before", "after", "delta"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for name, value in final.items():
+            before = base.get(name, float("nan"))
+            table.add_row(name, f"{before:.4f}", f"{value:.4f}", f"{value - before:+.4f}")
+        console.print(table)
+        console.print(f"plot this run: gist-scale report {self.run_dir}")
 
 
-def _encode_columns(model: torch.nn.Module, columns: dict, k: int):
-    """Embed the query, positive and (flattened [B*K]) negative columns; negatives come back as [B, K, D]."""
-    query = model(columns["query"]["input_ids"], columns["query"]["attention_mask"])
-    pos = model(columns["pos"]["input_ids"], columns["pos"]["attention_mask"])
-    if "neg" not in columns:
-        return query, pos, None
-    neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
-    return query, pos, neg.view(query.shape[0], k, -1)
+def _encode_columns(model: torch.nn.Module, columns: dict, k: int, chunks: int | None = None,
+                    pad_token_id: int = 0):
+    """Embed the query, positive and (flattened [B*K]) negative columns; negatives come back as [B, K, D].
+
+    `chunks` None: one call per column. Otherwise all the columns' texts in `chunks` length-sorted calls, each
+    padded only to its longest text (`gist_scale.encode`).
+    """
+    return encode.encode_columns(model, columns, k, chunks=chunks, pad_token_id=pad_token_id)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -400,6 +516,20 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.debug:
             cfg = apply_debug(cfg)
         return Trainer(cfg).train()
-    except (ConfigError, DataError) as error:
-        console.print(f"[red]error:[/red] {error}")
+    except (ConfigError, DataError, CheckpointError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         return 2
+    except RuntimeError as error:
+        # A peer rank that died (gloo: connection reset/closed) or stalled past train.collective_timeout_s (timed
+        # out) surfaces here on the surviving ranks: one clear line instead of a wall of tracebacks, and a non-zero
+        # exit so the launcher ends the job. (NCCL's watchdog aborts the process itself, with its own message.)
+        text = str(error)
+        markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out waiting")
+        if not (distributed.is_distributed() and (isinstance(error, torch.distributed.DistError)
+                                                  or any(marker in text for marker in markers))):
+            raise
+        console.print(f"[red]error:[/red] rank {distributed.rank()}: a collective failed: another rank died, or "
+                      f"stalled longer than train.collective_timeout_s ({cfg.train.collective_timeout_s} s). The job "
+                      f"stops here; start it again with --resume auto to continue from the newest complete "
+                      f"checkpoint. ({escape(text.strip().splitlines()[-1][:300])})")
+        return 1

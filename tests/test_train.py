@@ -22,7 +22,14 @@ METRIC_KEYS = {"step", "loss", "lr", "masked_fraction", "triplets_per_s", "token
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training records of metrics.jsonl (eval records, keyed `eval/...`, are left out)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def read_eval(run_dir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "eval/ndcg@10" in r}
 
 
 def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -30,20 +37,28 @@ def tiny_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
             "--train.output_dir", str(out), *extra]
 
 
-def test_quickstart_runs_and_exports_a_sentence_transformers_model(tmp_path):
-    """The no-argument quickstart (MiniLM guiding itself on the shipped WordNet sample), shortened to 3 steps."""
+def test_quickstart_improves_retrieval_and_exports_a_sentence_transformers_model(tmp_path, capsys):
+    """The no-argument quickstart (MiniLM guiding itself on the shipped WordNet sample), shortened to 8 steps."""
     from sentence_transformers import SentenceTransformer
 
     run = tmp_path / "quickstart"
-    assert main(["--train.max_steps", "3", "--train.log_every", "1", "--train.output_dir", str(run)]) == 0
+    assert main(["--train.max_steps", "8", "--train.log_every", "1", "--train.output_dir", str(run)]) == 0
 
     records = read_metrics(run)
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == list(range(1, 9))
     for record in records:
         assert METRIC_KEYS <= record.keys()
         assert 0.0 <= record["masked_fraction"] <= 1.0 and record["loss"] > 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["train"]["max_steps"] == 3 and saved["model"]["pooling"] == "mean"
+    assert saved["train"]["max_steps"] == 8 and saved["model"]["pooling"] == "mean"
+
+    # Held-out WordNet retrieval before (step 0) and after: fine-tuning must not make it worse.
+    evals = read_eval(run)
+    assert sorted(evals) == [0, 8]
+    assert evals[8]["eval/ndcg@10"] >= evals[0]["eval/ndcg@10"]
+    assert json.loads((run / "eval_baseline.json").read_text())["ndcg@10"] == evals[0]["eval/ndcg@10"]
+    err = capsys.readouterr().err
+    assert "before vs after GIST fine-tuning" in err and f"gist-scale report {run}" in err
 
     final = run / "final"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
@@ -61,6 +76,23 @@ def test_quickstart_runs_and_exports_a_sentence_transformers_model(tmp_path):
     base = load_student(ModelConfig()).eval()
     with torch.no_grad():
         assert not torch.allclose(base(batch["input_ids"], batch["attention_mask"]), expected, atol=1e-4)
+
+
+def test_periodic_eval_keeps_the_best_model(tmp_path, tiny_model_dir):
+    run = tmp_path / "best"
+    eval_file = str(tmp_path / "eval.jsonl")
+    from gist_scale.data import sample_data_path
+
+    Path(eval_file).write_text("\n".join(sample_data_path("eval").read_text().splitlines()[:64]) + "\n")
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "4",
+                          "--data.path", str(sample_data_path("train")), "--eval.path", eval_file,
+                          "--eval.every", "2", "--checkpoint.keep_best", "ndcg@10")) == 0
+    evals = read_eval(run)
+    assert sorted(evals) == [0, 2, 4]
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["metric"] == "ndcg@10"
+    assert best["ndcg@10"] == max(evals[step]["eval/ndcg@10"] for step in (2, 4))
+    assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "modules.json").is_file()
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir):

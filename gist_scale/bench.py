@@ -1,0 +1,570 @@
+"""`gist-scale bench`: training-step throughput of sentence-transformers' GISTEmbedLoss and of ours, side by side.
+
+One process, the same synthetic batches and the same initial weights for every mode:
+
+* `st`: the reference. `SentenceTransformer` (loaded from a locally written random BERT) + `GISTEmbedLoss`, with
+  `torch.optim.AdamW` (fused on CUDA) and bf16 autocast on CUDA; the guide is a second `SentenceTransformer`.
+* ours, cumulative, so each mode adds one idea to the previous one:
+  `plain` (`Embedder` + `GISTLoss`, one forward per column, the guide frozen in bf16 on CUDA),
+  `chunked` (+ length-sorted chunks with per-chunk padding, `gist_scale.encode`),
+  `guide_cache` (+ guide embeddings precomputed and copied in as fp16, as `guide.cache` does: no guide forward),
+  `grad_cache` (+ GradCache over the same chunks: activation memory independent of the batch).
+* DeepSpeed (single process, `ds_configs/zero{2,3}.json`): `zero2`, `zero3` (one forward per column, the live
+  guide), `zero2_chunked`, `zero3_chunked` (all the step's texts in `--chunk-size` chunks: fewer calls, so fewer
+  ZeRO-3 parameter gathers). Not in the default modes; they need `deepspeed`.
+
+Sizes are BERT configs built locally (no download) with BERT's 30522-token vocabulary: `tiny` (2x32), `small` (12x384,
+33M), `base` (12x768, 110M), `large` (24x1024, 335M). A case is `STUDENT/GUIDE` (`small/large`) or one size for
+both. Batches: random token ids with [CLS] .. [SEP], query lengths uniform in `--query-len`, positive and one
+negative in `--doc-len`, each column padded to its longest text as the collator does.
+
+Reported per mode: triplets/s, real (non-padding) student tokens/s, the padding share of the student's processed
+tokens, model TFLOP/s on real tokens (student 3x forward, plus the guide's forward where it runs; GradCache's
+recomputation is not counted) and MFU against `--peak-tflops` (known for H100/H200/A100), peak accelerator memory
+(CUDA only) and the ratio to `st` in the same case. `first_loss` is the loss of the first step, identical across
+modes with `--dropout 0` (a check that all modes train the same model on the same batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from gist_scale import encode
+from gist_scale.loss import GISTLoss
+from gist_scale.model import Embedder, export_sentence_transformer
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SIZES = {
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
+DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
+# Dense bf16 peak of the SXM parts (the PCIe H100 is lower); matched in order against the device name.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4), ("A100", 312.0))
+CLS, SEP, PAD = 101, 102, 0
+VOCAB = 30522
+DISTINCT_BATCHES = 3
+"""Synthetic batches cycled through (several, so that no mode benefits from one fixed shape)."""
+RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
+                 "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
+                 "seconds_per_step", "steps", "oom", "device", "precision")
+
+
+@dataclass
+class BenchConfig:
+    cases: list[tuple[str, str]]
+    batches: list[int]
+    modes: list[str]
+    steps: int
+    warmup: int
+    chunk_size: int
+    query_len: tuple[int, int]
+    doc_len: tuple[int, int]
+    device: torch.device
+    dropout: float
+    lr: float
+    seed: int
+    peak_tflops: float | None
+    ds_config_dir: Path
+    out: Path | None
+    threads: int | None = None
+
+
+# -------------------------------------------------------------------------------------------------- setup
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    low_i, high_i = int(low), int(high or low)
+    if not 2 <= low_i <= high_i:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN-MAX with 2 <= MIN <= MAX")
+    return low_i, high_i
+
+
+def _case(text: str) -> tuple[str, str]:
+    student, _, guide = text.partition("/")
+    guide = guide or student
+    for size in (student, guide):
+        if size not in SIZES:
+            raise argparse.ArgumentTypeError(f"unknown size {size!r} in case {text!r}: use {', '.join(SIZES)}")
+    return student, guide
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    parser = argparse.ArgumentParser(
+        prog="gist-scale bench", description=__doc__.split("\n\n")[0],
+        epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large --batch 32,256 "
+               "--out bench.json.  CPU smoke test: gist-scale bench --cases tiny --batch 8 --query-len 8-16 "
+               "--doc-len 16-32 --steps 2")
+    parser.add_argument("--cases", default="base/base,small/large",
+                        help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large); one size = both")
+    parser.add_argument("--batch", default="32,256", help="comma-separated triplets per step")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated, from {', '.join(MODES + DEEPSPEED_MODES)} (st is the reference)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    parser.add_argument("--chunk-size", type=int, default=128, help="texts per encoder call in the chunked modes")
+    parser.add_argument("--query-len", type=_range, default=(16, 64), help="query token lengths MIN-MAX")
+    parser.add_argument("--doc-len", type=_range, default=(64, 256), help="positive/negative token lengths MIN-MAX")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
+    parser.add_argument("--dropout", type=float, default=0.1, help="encoder dropout (0 makes first_loss comparable)")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU (default: known bf16 peaks of H100/H200/A100, else no MFU)")
+    parser.add_argument("--ds-config-dir", default=str(Path(__file__).resolve().parents[1] / "ds_configs"),
+                        help="folder with zero2.json / zero3.json for the DeepSpeed modes")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 gives stable CPU timings on a busy host")
+    parser.add_argument("--out", help="write the records as a JSON list to this file")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES + DEEPSPEED_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}: use {', '.join(MODES + DEEPSPEED_MODES)}")
+    batches = [int(b) for b in args.batch.split(",") if b]
+    if not batches or min(batches) < 2:
+        parser.error("--batch needs sizes >= 2 (in-batch negatives)")
+    if args.steps < 1 or args.warmup < 1 or args.chunk_size < 1:
+        parser.error("--steps, --warmup and --chunk-size must be >= 1")
+    try:
+        cases = [_case(c) for c in args.cases.split(",") if c]
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    return BenchConfig(cases, batches, modes, args.steps, args.warmup,
+                       args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
+                       args.peak_tflops if args.peak_tflops is not None else _known_peak(device),
+                       Path(args.ds_config_dir), Path(args.out) if args.out else None, args.threads)
+
+
+def _known_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def bench_tokenizer(root: Path):
+    """A BERT WordPiece tokenizer over a generated vocabulary of BERT's size and special-token ids ([PAD] 0,
+    [UNK] 100, [CLS] 101, [SEP] 102): the batches are synthetic ids, and nothing has to be downloaded."""
+    from transformers import BertTokenizerFast
+
+    vocab = root / "vocab.txt"
+    if not vocab.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tokens = (["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                  + [f"tok{i}" for i in range(VOCAB - 104)])
+        vocab.write_text("\n".join(tokens) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def build_model_dir(size: str, root: Path, dropout: float, seed: int) -> Path:
+    """A random BERT of `size` in sentence-transformers layout (mean pooling), with `bench_tokenizer`."""
+    from transformers import BertConfig, BertModel
+
+    out = root / size
+    if out.exists():
+        return out
+    tokenizer = bench_tokenizer(root)
+    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, **SIZES[size])
+    torch.manual_seed(seed)
+    # With its (unused) pooler, as real checkpoints have: sentence-transformers keeps it, `Embedder` drops it.
+    encoder = BertModel(config)
+    export_sentence_transformer(encoder, tokenizer, "mean", False, 512, out)
+    return out
+
+
+def synthetic_batch(generator: torch.Generator, batch: int, query_len: tuple[int, int], doc_len: tuple[int, int],
+                    vocab: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Collated-like columns `query`, `pos`, `neg` (one negative per row) of random ids, right-padded."""
+
+    def column(n: int, span: tuple[int, int]) -> dict[str, torch.Tensor]:
+        lengths = torch.randint(span[0], span[1] + 1, (n,), generator=generator)
+        width = int(lengths.max())
+        ids = torch.randint(1000, vocab, (n, width), generator=generator)
+        positions = torch.arange(width)[None]
+        ids[:, 0] = CLS
+        ids[positions == (lengths - 1)[:, None]] = SEP
+        mask = (positions < lengths[:, None]).long()
+        return {"input_ids": ids * mask + PAD * (1 - mask), "attention_mask": mask}
+
+    return {"query": column(batch, query_len), "pos": column(batch, doc_len), "neg": column(batch, doc_len)}
+
+
+def forward_flops(config, lengths: torch.Tensor) -> float:
+    """Matmul FLOPs of one encoder forward over texts of the given real lengths (padding excluded)."""
+    h, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    linear = layers * (4 * h * h + 2 * h * inner)
+    lengths = lengths.double()
+    return float(2 * linear * lengths.sum() + 4 * layers * h * (lengths ** 2).sum())
+
+
+def _lengths(columns: dict) -> torch.Tensor:
+    return torch.cat([c["attention_mask"].sum(1) for c in columns.values()])
+
+
+def _processed_tokens(columns: dict, chunk_size: int | None) -> int:
+    """Tokens the student's forward calls process, padding included, for per-column or chunked encoding."""
+    if chunk_size is None:
+        return sum(c["input_ids"].numel() for c in columns.values())
+    packed, _ = encode.pack_columns(columns)
+    plan = encode.plan_chunks(packed["attention_mask"], encode.num_chunks(packed["input_ids"].shape[0], chunk_size))
+    return sum(len(c.rows) * c.width for c in plan)
+
+
+# -------------------------------------------------------------------------------------------------- modes
+
+
+@dataclass
+class Mode:
+    """A built training step: `step(batch_index) -> loss`, and what it needs to be measured."""
+
+    step: Callable[[int], torch.Tensor]
+    guide_runs: bool
+    chunk_size: int | None
+    precision: str
+
+
+class Context:
+    """What every mode of one (case, batch) shares: model directories, batches, device."""
+
+    def __init__(self, cfg: BenchConfig, student_dir: Path, guide_dir: Path, batches: list[dict]) -> None:
+        self.cfg = cfg
+        self.student_dir, self.guide_dir = student_dir, guide_dir
+        self.device = cfg.device
+        self.cuda = cfg.device.type == "cuda"
+        self.batches = [_to(b, self.device) for b in batches]
+
+    def autocast(self):
+        if self.cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.cfg.lr, fused=self.cuda)
+
+    def embedder(self, path: Path, guide: bool) -> Embedder:
+        from transformers import AutoModel
+
+        dtype = torch.bfloat16 if guide and self.cuda else torch.float32
+        encoder = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        encoder.pooler = None  # as `load_student` / `load_guide` do
+        model = Embedder(encoder, "mean", True).to(self.device)
+        if guide:
+            return model.eval().requires_grad_(False)
+        return model.train()
+
+    def guide_embeddings(self, guide: Embedder, index: int, chunk_size: int | None):
+        with torch.inference_mode():
+            embeddings = encode.encode_columns(guide, self.batches[index], 1, chunk_size)
+        return tuple(e.clone() for e in embeddings)
+
+
+def build_mode(name: str, ctx: Context) -> Mode:
+    if name == "st":
+        return _st_mode(ctx)
+    if name in DEEPSPEED_MODES:
+        return _deepspeed_mode(name, ctx)
+    chunk = None if name == "plain" else ctx.cfg.chunk_size
+    student = ctx.embedder(ctx.student_dir, guide=False)
+    optimizer = ctx.optimizer(student.parameters())
+    loss_fn = GISTLoss(check_finite=False)
+    precision = "bf16-autocast" if ctx.cuda else "fp32"
+    if name in ("plain", "chunked"):
+        guide = ctx.embedder(ctx.guide_dir, guide=True)
+
+        def step(i: int) -> torch.Tensor:
+            guide_embeddings = ctx.guide_embeddings(guide, i, chunk)
+            with ctx.autocast():
+                query, pos, neg = encode.encode_columns(student, ctx.batches[i], 1, chunk)
+            loss = loss_fn(query, pos, neg, *guide_embeddings)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return Mode(step, True, chunk, precision)
+
+    # The cache as training reads it: fp16 on the host, copied in with each batch.
+    guide = ctx.embedder(ctx.guide_dir, guide=True)
+    cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(guide, i, chunk))
+              for i in range(len(ctx.batches))]
+    if ctx.cuda:
+        cached = [tuple(e.pin_memory() for e in c) for c in cached]
+    del guide
+    chunks = encode.num_chunks(3 * ctx.batches[0]["query"]["input_ids"].shape[0], chunk)
+
+    def step(i: int) -> torch.Tensor:
+        guide_embeddings = tuple(e.to(ctx.device, non_blocking=True) for e in cached[i])
+        if name == "grad_cache":
+            cache = encode.GradCache(student, ctx.batches[i], 1, chunks, autocast=ctx.autocast)
+            loss = loss_fn(*cache.embeddings, *guide_embeddings)
+            cache.backward(loss)
+        else:
+            with ctx.autocast():
+                query, pos, neg = encode.encode_columns(student, ctx.batches[i], 1, chunks=chunks)
+            loss = loss_fn(query, pos, neg, *guide_embeddings)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Mode(step, False, chunk, precision)
+
+
+def _st_mode(ctx: Context) -> Mode:
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.losses import GISTEmbedLoss
+
+    model = SentenceTransformer(str(ctx.student_dir), device=str(ctx.device))
+    guide = SentenceTransformer(str(ctx.guide_dir), device=str(ctx.device))
+    model.train()
+    loss_fn = GISTEmbedLoss(model, guide)
+    optimizer = ctx.optimizer(model.parameters())
+
+    def step(i: int) -> torch.Tensor:
+        # Fresh dicts: sentence-transformers writes its outputs into the features it is given.
+        features = [dict(ctx.batches[i][c]) for c in ("query", "pos", "neg")]
+        with ctx.autocast():
+            loss = loss_fn(features, None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return Mode(step, True, None, "bf16-autocast" if ctx.cuda else "fp32")
+
+
+def _deepspeed_mode(name: str, ctx: Context) -> Mode:
+    import deepspeed
+    import torch.distributed as dist
+
+    stage = 2 if name.startswith("zero2") else 3
+    chunk = ctx.cfg.chunk_size if name.endswith("_chunked") else None
+    if not dist.is_initialized():
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if ctx.cuda else "gloo")
+    config = json.loads((ctx.cfg.ds_config_dir / f"zero{stage}.json").read_text())
+    batch = ctx.batches[0]["query"]["input_ids"].shape[0]
+    config.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch, gradient_accumulation_steps=1,
+                  gradient_clipping=0.0, bf16={"enabled": ctx.cuda}, fp16={"enabled": False},
+                  zero_allow_untested_optimizer=True)
+    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    student = ctx.embedder(ctx.student_dir, guide=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=ctx.cfg.lr)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
+    guide = ctx.embedder(ctx.guide_dir, guide=True)
+    loss_fn = GISTLoss(check_finite=False)
+    chunks = None if chunk is None else encode.num_chunks(3 * batch, chunk)
+
+    def step(i: int) -> torch.Tensor:
+        guide_embeddings = ctx.guide_embeddings(guide, i, chunk)
+        query, pos, neg = encode.encode_columns(engine, ctx.batches[i], 1, chunks=chunks)
+        loss = loss_fn(query, pos, neg, *guide_embeddings)
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return Mode(step, True, chunk, "bf16" if ctx.cuda else "fp32")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _to(tree, device: torch.device):
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    return {k: _to(v, device) for k, v in tree.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def measure(name: str, ctx: Context, case: str, flops: dict) -> dict:
+    """Build the mode, run warmup then timed steps, and return its record (`oom` when it did not fit)."""
+    cfg, device = ctx.cfg, ctx.device
+    batch = ctx.batches[0]["query"]["input_ids"].shape[0]
+    record = {"case": case, "student": case.split("/")[0], "guide": case.split("/")[1], "mode": name, "batch": batch,
+              "chunk_size": None, "steps": cfg.steps, "oom": False, "device": _device_name(device)}
+    _release(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    mode = None
+    try:
+        torch.manual_seed(cfg.seed)
+        mode = build_mode(name, ctx)
+        first_loss = float(mode.step(0))
+        for i in range(1, cfg.warmup):
+            mode.step(i % len(ctx.batches))
+        _sync(device)
+        used = [(cfg.warmup + i) % len(ctx.batches) for i in range(cfg.steps)]
+        start = time.perf_counter()
+        for index in used:
+            mode.step(index)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    except torch.OutOfMemoryError:
+        record.update(oom=True, **{key: None for key in RECORD_FIELDS if key not in record})
+        return record
+    finally:
+        info = None if mode is None else (mode.guide_runs, mode.chunk_size, mode.precision)
+        del mode
+        _release(device)
+    guide_runs, chunk_size, precision = info
+    real = sum(flops["real_tokens"][i] for i in used)
+    processed = sum(flops["processed"][chunk_size][i] for i in used)
+    model_flops = sum(3 * flops["student"][i] + (flops["guide"][i] if guide_runs else 0.0) for i in used)
+    tflops = model_flops / elapsed / 1e12
+    record.update(
+        chunk_size=chunk_size, precision=precision, triplets_per_s=batch * cfg.steps / elapsed,
+        real_tokens_per_s=real / elapsed, padding_fraction=1.0 - real / processed, model_tflops_per_s=tflops,
+        mfu=tflops / cfg.peak_tflops if cfg.peak_tflops else None, first_loss=first_loss,
+        seconds_per_step=elapsed / cfg.steps, peak_mem_gib=peak)
+    return record
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
+    from transformers import AutoConfig
+
+    case = f"{student}/{guide}"
+    student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed)
+    guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1)
+    student_config, guide_config = AutoConfig.from_pretrained(student_dir), AutoConfig.from_pretrained(guide_dir)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size)
+               for _ in range(DISTINCT_BATCHES)]
+    flops = {
+        "real_tokens": [int(_lengths(b).sum()) for b in batches],
+        "student": [forward_flops(student_config, _lengths(b)) for b in batches],
+        "guide": [forward_flops(guide_config, _lengths(b)) for b in batches],
+        "processed": {c: [_processed_tokens(b, c) for b in batches] for c in (None, cfg.chunk_size)},
+    }
+    ctx = Context(cfg, student_dir, guide_dir, batches)
+    records = []
+    for name in cfg.modes:
+        console.print(f"[dim]{case} batch {batch}: {name}")
+        records.append(measure(name, ctx, case, flops))
+    reference = next((r for r in records if r["mode"] == "st" and r["triplets_per_s"]), None)
+    for record in records:
+        ok = reference is not None and record["triplets_per_s"]
+        record["ratio_vs_st"] = record["triplets_per_s"] / reference["triplets_per_s"] if ok else None
+    del ctx
+    _release(cfg.device)
+    return records
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "sentence-transformers", "deepspeed", "gist-scale"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def print_table(records: list[dict]) -> None:
+    table = Table(title="gist-scale bench: training step throughput (higher is better)")
+    for column in ("case", "batch", "mode", "triplets/s", "real tok/s", "padding", "TFLOP/s", "MFU", "peak GiB",
+                   "x ST", "first loss"):
+        table.add_column(column, justify="left" if column in ("case", "mode") else "right")
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in records:
+        if r["oom"]:
+            table.add_row(r["case"], str(r["batch"]), r["mode"], "OOM", *["-"] * 7)
+            continue
+        table.add_row(r["case"], str(r["batch"]), r["mode"], fmt(r["triplets_per_s"], ".1f"),
+                      fmt(r["real_tokens_per_s"], ".0f"), fmt(r["padding_fraction"], ".0%"),
+                      fmt(r["model_tflops_per_s"], ".3g"), fmt(r["mfu"], ".1%"), fmt(r["peak_mem_gib"], ".2f"),
+                      fmt(r["ratio_vs_st"], ".2f"), fmt(r["first_loss"], ".4f"))
+    Console(highlight=False, width=max(130, Console().width)).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BenchConfig) -> int:
+    meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
+            "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout,
+            "peak_tflops": cfg.peak_tflops}
+    console.print(f"device {_device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    records = []
+    with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
+        for student, guide in cfg.cases:
+            for batch in cfg.batches:
+                for record in run_case(cfg, student, guide, batch, Path(root)):
+                    record.update(meta)
+                    records.append(record)
+    print_table(records)
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.out.write_text(json.dumps(records, indent=1) + "\n")
+        console.print(f"records: {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,338 @@
+"""`gist-scale cache-guide`: the frozen guide's embeddings of every training text, computed once.
+
+The guide never changes, yet without a cache it re-embeds every query, positive and negative in every step of every
+epoch (for a small student with a large guide that is most of the step's FLOPs). This command embeds the training
+data once, sharded over all ranks of a `torchrun`/`accelerate launch` job, and training with `--guide.cache DIR`
+then reads the embeddings by row index: the guide is neither loaded nor tokenized for.
+
+Layout of DIR (all `datasets`/Arrow, memory-mapped when read)::
+
+    gist_guide_cache.json             the key below, shapes, shard list; written last, so it marks completion
+    shard-00000-of-00002.arrow        rows [0, N/2): columns row (int64), query [Dg], pos [Dg], neg [K*Dg]
+    shard-00001-of-00002.arrow        ... float16 fixed-size lists (Arrow has no bf16; |values| <= 1 here)
+
+The key fingerprints what the embeddings depend on: the guide's name, revision, pooling, normalization, max length
+and weight dtype, a sampled digest of its files when it is a local directory, and the `datasets` fingerprint of the
+validated training rows (the data files and every `data.*` option that shapes the rows), their count and K.
+Training refuses a cache whose key differs from its own configuration, naming the fields that differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from rich.console import Console
+
+from gist_scale import encode
+from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
+from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
+
+__all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+FORMAT = "gist-scale guide cache"
+VERSION = 1
+META_FILE = "gist_guide_cache.json"
+COLUMNS = ("query", "pos", "neg")
+_DIGEST_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
+_DIGEST_SAMPLES = 16
+_DIGEST_BLOCK = 1 << 16
+
+
+class GuideCacheError(ConfigError):
+    """The guide cache is missing, incomplete or built for another guide or data; the message says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------------ key
+
+
+def guide_digest(name: str) -> str | None:
+    """A digest of a local guide directory's files (names, sizes, sampled content); None for a hub name.
+
+    Sampled rather than full so that checking a multi-GB guide takes milliseconds; a retrained or replaced
+    checkpoint changes the sampled bytes and the sizes.
+    """
+    from gist_scale.model import resolve_model_path
+
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _DIGEST_FILES):
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path)}:{size}".encode())
+        with file.open("rb") as handle:
+            for offset in np.linspace(0, max(size - _DIGEST_BLOCK, 0), _DIGEST_SAMPLES).astype(np.int64):
+                handle.seek(int(offset))
+                digest.update(handle.read(_DIGEST_BLOCK))
+    return digest.hexdigest()
+
+
+def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int) -> dict[str, Any]:
+    """What the cached embeddings depend on; two configurations with equal keys get the same embeddings."""
+    return {
+        "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling, "normalize": guide.normalize,
+        "max_length": guide.max_length, "dtype": guide.dtype,
+        "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
+    }
+
+
+_KEY_OPTIONS = {"guide": "--guide.name", "revision": "--guide.revision", "pooling": "--guide.pooling",
+                "normalize": "--guide.normalize", "max_length": "--guide.max_length", "dtype": "--guide.dtype",
+                "dataset_fingerprint": "the --data.* options or the data files", "rows": "--data.max_rows or the data",
+                "num_negatives": "--data.neg_columns or the data"}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    format: str
+    version: int
+    key: dict[str, Any]
+    digest: str | None
+    dim: int
+    dtype: str
+    shards: list[str]
+    created: str
+    seconds: float
+
+
+class GuideCache:
+    """A validated cache: `lookup(row indices)` returns the guide embeddings of those dataset rows."""
+
+    def __init__(self, path: Path, meta: CacheMeta) -> None:
+        self.path = path
+        self.meta = meta
+        self.k = int(meta.key["num_negatives"])
+        shards = [datasets.Dataset.from_file(str(path / shard)) for shard in meta.shards]
+        self.dataset = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
+        if len(self.dataset) != meta.key["rows"]:
+            raise GuideCacheError(f"guide cache {path}: {len(self.dataset)} rows on disk, its metadata says "
+                                  f"{meta.key['rows']}; rebuild it with `gist-scale cache-guide`")
+
+    def lookup(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """`{"query": [B, Dg], "pos": [B, Dg], "neg": [B, K, Dg]}` float16 tensors (no `neg` when K is 0)."""
+        # Through the `datasets` object, not a kept pyarrow table: DataLoader workers receive this object pickled,
+        # and a memory-mapped `datasets.Dataset` pickles as its file paths, a raw table as all of its data.
+        taken = self.dataset.data.table.take(pa.array(indices, type=pa.int64()))
+        out = {}
+        for column in COLUMNS if self.k else COLUMNS[:2]:
+            values = taken.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            shape = (len(indices), self.k, self.meta.dim) if column == "neg" else (len(indices), self.meta.dim)
+            out[column] = torch.from_numpy(values.reshape(shape).copy())  # Arrow buffers are read-only
+        return out
+
+    def attach(self, dataset, collator) -> tuple[_IndexedRows, _CachedGuideCollator]:
+        """Wrap the tokenized training dataset and the collator so that batches carry `guide_embeddings`."""
+        return _IndexedRows(dataset), _CachedGuideCollator(collator, self)
+
+
+class _IndexedRows(torch.utils.data.Dataset):
+    """The tokenized dataset, with each row's index in `_row` so the collator can look its embeddings up."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "_row": index}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.dataset.__getitems__(indices)
+        return [{**row, "_row": index} for row, index in zip(rows, indices)]
+
+
+class _CachedGuideCollator:
+    """`TripletCollator` output plus `guide_embeddings` from the cache (the collator pads only the student)."""
+
+    def __init__(self, collator, cache: GuideCache) -> None:
+        self.collator = collator
+        self.cache = cache
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(rows)
+        batch["guide_embeddings"] = self.cache.lookup([row["_row"] for row in rows])
+        return batch
+
+
+def _read_meta(path: Path) -> CacheMeta:
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        raise GuideCacheError(f"guide.cache={path}: no such directory; build it with `gist-scale cache-guide "
+                              f"{path}` and the same --data.* and --guide.* options as training")
+    if not meta_file.is_file():
+        raise GuideCacheError(f"guide.cache={path}: no {META_FILE}, so the cache is incomplete (an interrupted "
+                              f"`gist-scale cache-guide`?) or not a guide cache; rebuild it")
+    try:
+        meta = CacheMeta(**json.loads(meta_file.read_text()))
+    except (TypeError, ValueError) as error:
+        raise GuideCacheError(f"{meta_file}: unreadable ({error}); rebuild the cache") from error
+    if meta.format != FORMAT or meta.version != VERSION:
+        raise GuideCacheError(f"{meta_file}: format {meta.format!r} version {meta.version}, this gist-scale reads "
+                              f"{FORMAT!r} version {VERSION}; rebuild the cache")
+    missing = [shard for shard in meta.shards if not (path / shard).is_file()]
+    if missing:
+        raise GuideCacheError(f"guide cache {path}: shard(s) {missing} are missing; rebuild it")
+    return meta
+
+
+def open_guide_cache(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int) -> GuideCache:
+    """Open `guide.cache` for the validated training rows `dataset`, refusing a stale or mismatched cache.
+
+    `dataset` is what `load_triplets` returned (before tokenization); its fingerprint must be the cache's.
+    """
+    assert guide.cache is not None, "open_guide_cache called without guide.cache"
+    path = Path(guide.cache).expanduser()
+    meta = _read_meta(path)
+    expected = cache_key(guide, dataset, num_negatives)
+    differ = [f"{field}: cache {meta.key.get(field)!r}, this run {value!r} ({_KEY_OPTIONS[field]})"
+              for field, value in expected.items() if meta.key.get(field) != value]
+    if differ:
+        raise GuideCacheError(f"guide cache {path} was built for another guide or data, refusing it:\n  "
+                              + "\n  ".join(differ)
+                              + f"\nrebuild it: gist-scale cache-guide {path} (with this run's --data.* and "
+                                "--guide.* options), or drop --guide.cache")
+    digest = guide_digest(guide.name)
+    if meta.digest is not None and digest is not None and digest != meta.digest:
+        raise GuideCacheError(f"guide cache {path}: the files of guide {guide.name} changed since the cache was "
+                              f"built (digest {meta.digest} -> {digest}); rebuild the cache")
+    if meta.digest is not None and digest is None:
+        console.print(f"[yellow]guide {guide.name} is not on this machine: the cache {path} is checked by name, "
+                      "revision and settings only")
+    return GuideCache(path, meta)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _features(dim: int, k: int) -> datasets.Features:
+    vector = datasets.List(datasets.Value("float16"), length=dim)
+    features = {"row": datasets.Value("int64"), "query": vector, "pos": vector}
+    if k:
+        features["neg"] = datasets.List(datasets.Value("float16"), length=k * dim)
+    return datasets.Features(features)
+
+
+def _fixed(values: np.ndarray, width: int) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float16()), width)
+
+
+def _process_state(cfg: JobConfig):
+    from accelerate import PartialState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        cuda = torch.cuda.is_available()
+        # Without cpu=True, Accelerate forms the gloo group but calls the job "not distributed", and its barriers
+        # (`wait_for_everyone`, `main_process_first`) silently do nothing.
+        return PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo",
+                            timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    return PartialState()
+
+
+def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int = 512,
+                      chunk_size: int | None = 256) -> Path:
+    """Embed every training row's texts with the guide, this rank's contiguous share of the rows; returns DIR.
+
+    Every rank of the job must call it. The metadata is written by the main process after all shards exist.
+    """
+    from gist_scale.model import load_guide, load_tokenizer
+
+    if cfg.guide.name is None:
+        raise GuideCacheError("cache-guide needs a guide: set --guide.name")
+    state = _process_state(cfg)
+    out = Path(out_dir).expanduser()
+    start_time = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision)
+    with state.main_process_first():
+        dataset, report = load_triplets(cfg.data)
+        # Tokenized as training tokenizes the guide side (the same function and cache), under the `student_` names.
+        tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc)
+    key = cache_key(cfg.guide, dataset, report.num_negatives)
+    k = report.num_negatives
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / META_FILE).unlink(missing_ok=True)  # the cache is incomplete until the new metadata is written
+    state.wait_for_everyone()
+
+    guide = load_guide(cfg.guide, state.device)
+    collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of)
+    world, rank = state.num_processes, state.process_index
+    rows = np.array_split(np.arange(len(tokenized)), world)[rank]
+    shard = f"shard-{rank:05d}-of-{world:05d}.arrow"
+    dim = guide.dim
+    features = _features(dim, k)
+    from datasets.arrow_writer import ArrowWriter
+
+    writer = ArrowWriter(features=features, path=str(out / shard))
+    done = 0
+    for begin in range(0, len(rows), rows_per_batch):
+        index = rows[begin:begin + rows_per_batch].tolist()
+        batch = collator(tokenized.__getitems__(index))["student"]
+        batch = {c: {name: t.to(state.device) for name, t in f.items()} for c, f in batch.items()}
+        with torch.inference_mode():
+            query, pos, neg = encode.encode_columns(guide, batch, k, chunk_size, pad_token_id=tokenizer.pad_token_id)
+        arrays = {"row": pa.array(index, type=pa.int64()),
+                  "query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
+        if k:
+            arrays["neg"] = _fixed(_half(neg), k * dim)
+        writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))
+        done += len(index)
+        if state.is_main_process and (begin // rows_per_batch) % 20 == 0:
+            console.print(f"cache-guide: rank 0 embedded {done}/{len(rows)} rows (x{world} ranks)")
+    writer.finalize()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        meta = CacheMeta(FORMAT, VERSION, key, guide_digest(cfg.guide.name), dim, "float16",
+                         [f"shard-{r:05d}-of-{world:05d}.arrow" for r in range(world)],
+                         time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter() - start_time)
+        (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+        console.print(f"guide cache: {out} ({len(tokenized)} rows x {2 + k} texts, dim {dim}, float16, "
+                      f"{world} shard(s), {meta.seconds:.1f} s)")
+    state.wait_for_everyone()
+    return out
+
+
+def _half(t: torch.Tensor) -> np.ndarray:
+    values = t.float()
+    if not bool(torch.isfinite(values).all()) or float(values.abs().max()) > 65504:
+        raise GuideCacheError("guide embeddings are not finite or exceed float16's range; use --guide.normalize true")
+    return values.to(torch.float16).cpu().numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gist-scale cache-guide",
+        description="Embed the training data with the frozen guide once, sharded over the ranks of a torchrun / "
+                    "accelerate launch job; then train with --guide.cache OUT_DIR.",
+        epilog="Pass the same --data.* and --guide.* options (or --config) as for training: they are part of the "
+               "cache's key, and training refuses a cache built for other ones.")
+    parser.add_argument("out_dir", help="directory to write the cache to")
+    parser.add_argument("--config", help="YAML config, as for `gist-scale train`")
+    parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
+    parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(overrides, args.config)
+        build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
+    except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    return 0

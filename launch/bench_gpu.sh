@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One-GPU benchmark of the speed issue's targets, sized for a single ~9-minute call on one H100/H200.
+#
+#   bash launch/bench_gpu.sh            # results: $OUT/*.json (or ./bench_out/), a log, and tables on stdout
+#
+# What it measures (all in one process per line below, reference and ours on the same batches and weights):
+#   1. base/base, batch 32 and 256: sentence-transformers GISTEmbedLoss vs ours (plain, chunked, guide_cache,
+#      grad_cache). Targets: >= 2x ST at batch 256, >= 1.5x at batch 32.
+#   2. small/large, batch 256 (and 32): target >= 3x ST at batch 256.
+#   3. base student, batch 16384 with GradCache on one GPU (the memory target; ST is not run: it cannot fit).
+#   4. ZeRO (needs deepspeed): base/base batch 128, ZeRO-2 vs ZeRO-3 with one forward per column and with all
+#      texts in one call (chunk 384 = 128 x 3). Target: ZeRO-3 >= 80% of ZeRO-2.
+#
+# The GPU image (python 3.12, torch, transformers, accelerate, sentence-transformers, rich, pyyaml) lacks
+# deepspeed. Carry it as wheels in .whl/ (git-ignored) and name `.whl` in the device call's `carry`; here,
+# from a machine with PyPI:
+#   cp ~/.cache/pip/wheels/*/*/*/*/deepspeed-*.whl .whl/   # deepspeed ships only an sdist; a built wheel works
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       hjson pydantic pydantic-core annotated-types typing-inspection
+# Without wheels steps 1-3 still run and step 4 is skipped. Nothing here needs `datasets` or a download: the
+# models are random BERT configs built locally with a generated vocabulary, the batches synthetic token ids.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/bench_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/bench_gpu.log"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__,
+'transformers', transformers.__version__, 'sentence-transformers', st.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+# BENCH_SMOKE=1: the same four runs at the tiny size and short lengths, to check the script on a CPU.
+SMOKE=()
+if [ "${BENCH_SMOKE:-0}" = 1 ]; then
+    SMOKE=(--cases tiny --query-len 4-12 --doc-len 8-24 --steps 1 --warmup 1 --threads 1)
+fi
+
+run() {  # run SECONDS NAME ARGS...: one bench invocation, bounded so that the later ones still get their turn
+    local seconds=$1 name=$2
+    shift 2
+    echo "=== $name: gist-scale bench $*" | tee -a "$LOG"
+    timeout --signal=INT "$seconds" python3 -m gist_scale bench "$@" "${SMOKE[@]}" --out "$OUT/$name.json" 2>&1 \
+        | tee -a "$LOG"
+    echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+run 170 base_base --cases base/base --batch 32,256 --steps 8 --warmup 3 --chunk-size 128
+run 150 small_large --cases small/large --batch 256,32 --steps 8 --warmup 3 --chunk-size 128
+run 110 base_16k --cases base/base --batch 16384 --modes grad_cache --steps 2 --warmup 1 --chunk-size 1024
+if python3 -c "import deepspeed" 2>/dev/null; then
+    run 110 zero_base_128 --cases base/base --batch 128 --modes plain,zero2,zero3,zero2_chunked,zero3_chunked \
+        --steps 8 --warmup 3 --chunk-size 384
+else
+    echo "=== zero_base_128: skipped (deepspeed not importable; see the wheel recipe at the top)" | tee -a "$LOG"
+fi
+ls -la "$OUT"

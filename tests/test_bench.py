@@ -1,0 +1,86 @@
+"""`gist-scale bench` on CPU with the tiny config: the records are complete and comparable (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gist_scale import bench, cli
+from gist_scale.encode import pack_columns
+
+TINY = ["--cases", "tiny", "--batch", "8", "--query-len", "4-12", "--doc-len", "12-40", "--steps", "2", "--warmup",
+        "1", "--chunk-size", "8", "--dropout", "0", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert cli.main(["bench", *TINY, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_every_mode_has_a_complete_record(records):
+    assert [r["mode"] for r in records] == list(bench.MODES)
+    for r in records:
+        missing = [f for f in bench.RECORD_FIELDS if f not in r]
+        assert not missing, f"{r['mode']}: missing {missing}"
+        assert r["case"] == "tiny/tiny" and r["batch"] == 8 and r["oom"] is False and r["steps"] == 2
+        for field in ("triplets_per_s", "real_tokens_per_s", "model_tflops_per_s", "ratio_vs_st"):
+            assert isinstance(r[field], float) and math.isfinite(r[field]) and r[field] > 0, (r["mode"], field)
+        assert 0.0 <= r["padding_fraction"] < 1.0
+        assert r["peak_mem_gib"] is None and r["mfu"] is None  # CPU: no accelerator memory, no known peak
+        assert r["versions"]["torch"] and r["versions"]["sentence-transformers"]
+    assert records[0]["ratio_vs_st"] == 1.0
+
+
+def test_modes_train_the_same_model_on_the_same_batches(records):
+    """With dropout 0, the first step's loss is the same for sentence-transformers and every mode of ours."""
+    reference = records[0]["first_loss"]
+    for r in records[1:]:
+        assert r["first_loss"] == pytest.approx(reference, abs=1e-4), r["mode"]
+
+
+def test_chunked_modes_process_less_padding(records):
+    by_mode = {r["mode"]: r for r in records}
+    assert by_mode["chunked"]["padding_fraction"] < by_mode["plain"]["padding_fraction"]
+    assert by_mode["plain"]["padding_fraction"] == by_mode["st"]["padding_fraction"]
+    assert by_mode["chunked"]["chunk_size"] == 8 and by_mode["plain"]["chunk_size"] is None
+
+
+def test_synthetic_batches_and_flops():
+    g = torch.Generator().manual_seed(0)
+    batch = bench.synthetic_batch(g, 5, (3, 6), (7, 9), 30522)
+    lengths = {c: f["attention_mask"].sum(1) for c, f in batch.items()}
+    assert lengths["query"].min() >= 3 and lengths["query"].max() <= 6 and lengths["pos"].min() >= 7
+    for features in batch.values():
+        ids, mask = features["input_ids"], features["attention_mask"]
+        assert (ids[:, 0] == bench.CLS).all()
+        assert (ids.gather(1, (mask.sum(1) - 1)[:, None]) == bench.SEP).all()
+        assert (ids[mask == 0] == bench.PAD).all()
+    packed, counts = pack_columns(batch)
+    assert counts == {"query": 5, "pos": 5, "neg": 5} and packed["input_ids"].shape[0] == 15
+
+    class Config:
+        hidden_size, num_hidden_layers, intermediate_size = 4, 2, 8
+
+    # 2 layers x (4*16 + 2*4*8) = 256 weights per token -> 512 FLOPs/token; attention 4*2*4*l^2 = 32 l^2.
+    assert bench.forward_flops(Config, torch.tensor([1, 2])) == 512 * 3 + 32 * 5
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "st,warp"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cases", "huge/base"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--query-len", "9-3"])
+    cfg = bench.parse_args(["--cases", "small/large,tiny", "--device", "cpu"])
+    assert cfg.cases == [("small", "large"), ("tiny", "tiny")] and cfg.peak_tflops is None
+
+
+def test_commands_are_registered():
+    assert cli.COMMANDS["bench"][0] == "gist_scale.bench"
+    assert cli.COMMANDS["cache-guide"][0] == "gist_scale.guide_cache"

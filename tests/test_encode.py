@@ -1,0 +1,265 @@
+"""Length-sorted chunked encoding and GradCache (gist_scale.encode).
+
+Unit tests run in-process on the tiny BERT; the slow test trains 2-rank jobs (DDP, ZeRO-2, ZeRO-3) with and
+without GradCache and compares their losses, gradient norms and final weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from gist_scale import encode
+from gist_scale.data import sample_data_path
+from gist_scale.loss import GISTLoss
+from gist_scale.model import Embedder
+
+
+def _features(n: int, low: int, high: int, width: int | None = None, left: bool = False, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (n,), generator=g)
+    width = width or int(lengths.max())
+    ids = torch.randint(1000, 2000, (n, width), generator=g)
+    positions = torch.arange(width)[None]
+    mask = (positions >= width - lengths[:, None]) if left else (positions < lengths[:, None])
+    return {"input_ids": ids * mask, "attention_mask": mask.long()}
+
+
+def _columns(b: int = 6, k: int = 2, seed: int = 0) -> dict:
+    return {"query": _features(b, 3, 10, seed=seed), "pos": _features(b, 10, 40, seed=seed + 1),
+            "neg": _features(b * k, 8, 50, seed=seed + 2)}
+
+
+def _embedder(model_dir: Path, dropout: float = 0.0) -> Embedder:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(model_dir, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    encoder = AutoModel.from_pretrained(model_dir, config=config)
+    encoder.pooler = None
+    return Embedder(encoder, "mean", True)
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records the [rows, width] of every forward call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, input_ids, attention_mask):
+        self.calls.append(tuple(input_ids.shape))
+        return self.model(input_ids, attention_mask)
+
+
+class BagOfTokens(nn.Module):
+    """Position-independent: the masked sum of token embeddings. Any padding side or width gives the same output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(2000, 8)
+
+    def forward(self, input_ids, attention_mask):
+        return (self.emb(input_ids) * attention_mask[..., None]).sum(1)
+
+
+# ------------------------------------------------------------------------------------------ chunked encoding
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 1000])
+def test_chunked_encoding_gives_the_embeddings_of_one_padded_call(tiny_model_dir, chunk_size):
+    model = _embedder(tiny_model_dir).eval()
+    features = _features(37, 3, 60, width=64)  # padded beyond the longest text, as pad_to_multiple_of does
+    with torch.no_grad():
+        reference = model(features["input_ids"], features["attention_mask"])
+        chunked = encode.encode(model, features, chunk_size)
+    assert chunked.shape == reference.shape
+    torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-5)
+
+
+def test_chunks_are_length_sorted_trimmed_and_fewer_tokens(tiny_model_dir):
+    model = Recorder(_embedder(tiny_model_dir).eval())
+    columns = _columns(b=8, k=3)
+    with torch.no_grad():
+        per_column = encode.encode_columns(model, columns, 3)
+        assert len(model.calls) == 3
+        padded_tokens = sum(r * w for r, w in model.calls)
+        model.calls.clear()
+        chunked = encode.encode_columns(model, columns, 3, chunk_size=10)
+    texts = 8 + 8 + 24
+    assert len(model.calls) == encode.num_chunks(texts, 10) == 4
+    assert sum(r for r, _ in model.calls) == texts
+    widths = [w for _, w in model.calls]
+    assert widths == sorted(widths, reverse=True)  # longest chunk first: peak memory shows up at once
+    assert sum(r * w for r, w in model.calls) < padded_tokens
+    for got, want in zip(chunked, per_column):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert chunked[2].shape == (8, 3, 32)
+
+
+def test_all_columns_in_one_forward_call(tiny_model_dir):
+    """Under ZeRO-3 every call re-gathers the parameters: a chunk size >= the step's texts makes it one call."""
+    model = Recorder(_embedder(tiny_model_dir).eval())
+    columns = _columns(b=4, k=1)
+    with torch.no_grad():
+        query, pos, neg = encode.encode_columns(model, columns, 1, chunk_size=1000)
+    assert len(model.calls) == 1 and model.calls[0][0] == 12
+    assert query.shape == pos.shape == (4, 32) and neg.shape == (4, 1, 32)
+
+
+def test_fixed_chunk_count_with_fewer_texts_than_chunks(tiny_model_dir):
+    """A rank with an uneven tail still makes the agreed number of calls (placeholders), same embeddings."""
+    model = Recorder(_embedder(tiny_model_dir).eval())
+    columns = _columns(b=2, k=1)
+    with torch.no_grad():
+        reference = encode.encode_columns(model, columns, 1)
+        model.calls.clear()
+        chunked = encode.encode_columns(model, columns, 1, chunks=9)
+    assert len(model.calls) == 9
+    for got, want in zip(chunked, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_padding_side_and_column_widths(left):
+    model = BagOfTokens()
+    columns = {"query": _features(5, 1, 4, left=left), "pos": _features(5, 3, 20, left=left),
+               "neg": _features(10, 2, 30, width=33, left=left)}
+    with torch.no_grad():
+        reference = encode.encode_columns(model, columns, 2)
+        for chunk_size in (1, 3, 7, 100):
+            chunked = encode.encode_columns(model, columns, 2, chunk_size=chunk_size, pad_token_id=0)
+            for got, want in zip(chunked, reference):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_plan_and_counts_validation():
+    assert encode.num_chunks(10, None) == 1 and encode.num_chunks(10, 3) == 4 and encode.num_chunks(0, 3) == 1
+    with pytest.raises(ValueError, match="chunk_size"):
+        encode.num_chunks(10, 0)
+    plan = encode.plan_chunks(torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]]), 2)
+    assert [c.rows.tolist() for c in plan] == [[1, 2], [0]] and [c.width for c in plan] == [3, 1]
+
+
+# ------------------------------------------------------------------------------------------------ GradCache
+
+
+@pytest.mark.parametrize("chunks", [3, 50])
+def test_grad_cache_matches_the_plain_step_with_dropout(tiny_model_dir, chunks):
+    """Same loss, same parameter gradients, and the RNG ends where the plain step leaves it (exact replay)."""
+    plain = _embedder(tiny_model_dir, dropout=0.1).train()
+    cached = copy.deepcopy(plain)
+    columns = _columns()
+    loss_fn = GISTLoss()
+    guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
+
+    torch.manual_seed(7)
+    loss = loss_fn(*encode.encode_columns(plain, columns, 2, chunks=chunks), *guide)
+    loss.backward()
+    rng_after_plain = torch.get_rng_state()
+
+    torch.manual_seed(7)
+    cache = encode.GradCache(cached, columns, 2, chunks)
+    assert all(e.requires_grad for e in cache.embeddings) and cache.leaf.is_leaf
+    cached_loss = loss_fn(*cache.embeddings, *guide)
+    cache.backward(cached_loss)
+
+    assert torch.equal(torch.get_rng_state(), rng_after_plain)
+    torch.testing.assert_close(cached_loss, loss, rtol=0, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_grad_cache_backward_driver_order():
+    """The driver sees one chunk(last) per chunk, the last one flagged, and finish() once after."""
+    events = []
+
+    class Spy(encode.ChunkBackward):
+        def chunk(self, last):
+            events.append(("chunk", last))
+            return super().chunk(last)
+
+        def backward(self, surrogate):
+            events.append(("backward",))
+            surrogate.backward()
+
+        def finish(self):
+            events.append(("finish",))
+
+    model = BagOfTokens()
+    cache = encode.GradCache(model, _columns(b=3, k=1), 1, chunks=3)
+    cache.backward(GISTLoss()(*cache.embeddings), Spy())
+    assert events == [("chunk", False), ("backward",), ("chunk", False), ("backward",), ("chunk", True),
+                      ("backward",), ("finish",)]
+    assert model.emb.weight.grad is not None and cache.leaf.grad is None
+
+
+# ------------------------------------------------------------------------------------ multi-process training
+
+
+def _train_command(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    # The shipped sample named as a file: same rows, and no evaluation passes (those need the sample's eval split).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "gist_scale", "train", "--data.path", str(sample_data_path("train")),
+            "--model.name", str(model_dir), "--guide.name", str(model_dir),
+            "--model.dropout", "0.1", "--train.batch_size", "4", "--train.max_steps", "2", "--train.log_every", "1",
+            "--optim.lr", "1e-3", "--optim.warmup_ratio", "0", "--train.chunk_size", "5",
+            "--train.output_dir", str(out), *extra]
+
+
+def _metrics(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_grad_cache_training_equals_plain_training_ddp_zero2_zero3(tiny_model_dir, launch_env, tmp_path):
+    """2 ranks, dropout 0.1, lr 1e-3, 2 steps: GradCache under DDP, ZeRO-2 and ZeRO-3 (DeepSpeed's coalesced
+    reduction; and, for ZeRO-3, per-chunk micro-steps, the path of DeepSpeed versions without it) reproduces the
+    plain DDP run's losses, gradient norms and weights.
+
+    The plain run encodes the same length-sorted chunks with autograd, so it draws the same dropout masks; equal
+    results therefore also show that GradCache replays each chunk's RNG exactly. Gradient norms are compared
+    because Adam's update is invariant to a constant gradient scale, which weights alone would not reveal.
+    """
+    runs = {
+        "plain-ddp": ("ddp", ()),
+        "gc-ddp": ("ddp", ("--train.grad_cache", "true")),
+        "gc-zero2": ("zero2", ("--train.grad_cache", "true")),
+        "gc-zero3": ("zero3", ("--train.grad_cache", "true")),
+        "gc-zero3-per-chunk": ("zero3", ("--train.grad_cache", "true", "--train.grad_cache_coalesce", "false")),
+    }
+    procs = {}
+    for name, (layout, extra) in runs.items():
+        # All at once: each job is mostly start-up, and torchrun --standalone picks a free port per job.
+        log = (tmp_path / f"{name}.log").open("w")
+        procs[name] = subprocess.Popen(_train_command(tiny_model_dir, tmp_path / name, *extra), env=launch_env(layout),
+                                       stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+    for name, proc in procs.items():
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+
+    reference = _metrics(tmp_path / "plain-ddp")
+    reference_weights = load_file(tmp_path / "plain-ddp" / "final" / "model.safetensors")
+    assert reference[-1]["loss"] != reference[0]["loss"]
+    for name in runs:
+        metrics = _metrics(tmp_path / name)
+        assert [m["step"] for m in metrics] == [1, 2]
+        for got, want in zip(metrics, reference):
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-4), name
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), name
+            assert got["masked_fraction"] == want["masked_fraction"], name
+        weights = load_file(tmp_path / name / "final" / "model.safetensors")
+        assert weights.keys() == reference_weights.keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(value.float(), reference_weights[key].float(), rtol=0, atol=1e-5,
+                                       msg=lambda m: f"{name} {key}: {m}")
