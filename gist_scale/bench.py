@@ -307,12 +307,12 @@ def build_mode(name: str, ctx: Context) -> Mode:
         return Mode(step, True, chunk, precision)
 
     # The cache as training reads it: fp16 on the host, copied in with each batch.
-    guide = ctx.embedder(ctx.guide_dir, guide=True)
-    cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(guide, i, chunk))
+    cache_builder = ctx.embedder(ctx.guide_dir, guide=True)
+    cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(cache_builder, i, chunk))
               for i in range(len(ctx.batches))]
     if ctx.cuda:
         cached = [tuple(e.pin_memory() for e in c) for c in cached]
-    del guide
+    del cache_builder  # the cached modes never hold the guide, as in training with --guide.cache
     chunks = encode.num_chunks(3 * ctx.batches[0]["query"]["input_ids"].shape[0], chunk)
 
     def step(i: int) -> torch.Tensor:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep `datasets`' Arrow caches of in-process runs inside the test's temporary directory."""
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = saved
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ from gist_scale.data import (
 )
 
 datasets.disable_progress_bars()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep `datasets`' Arrow caches inside the test's temporary directory."""
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = saved
 
 
 @pytest.fixture(scope="module")

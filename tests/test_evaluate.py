@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -31,15 +30,6 @@ from gist_scale.evaluate import (
 from gist_scale.model import export_sentence_transformer, load_tokenizer, resolve_model_path
 
 datasets.disable_progress_bars()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep `datasets`' Arrow caches inside the test's temporary directory."""
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = saved
 
 
 def _eval_subset(path: Path, rows: int) -> Path:
