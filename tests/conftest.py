@@ -58,7 +58,7 @@ def launch_env(torch_extensions_dir):
             env["ACCELERATE_USE_DEEPSPEED"] = "true"
             env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(REPO / "ds_configs" / f"{layout}.json")
         else:
-            raise ValueError(f"unknown layout {layout!r}: use ddp, zero1, zero2 or zero3")
+            raise ValueError(f"unknown layout {layout!r}: use ddp or a ds_configs/ name (zero1, zero2, zero3, ...)")
         return env
 
     return make

@@ -171,7 +171,7 @@ def _run_layout(layout: str | None, model_dir: Path, out: Path, launch_env) -> l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("layout", ["ddp", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_two_ranks_match_one_process_with_the_whole_global_batch(layout, tmp_path, tiny_model_dir, launch_env):
     """2 ranks x 4 triplets == 1 process x 8 triplets: same loss curve and same final weights."""
     single = _run_layout(None, tiny_model_dir, tmp_path / "single", launch_env)
