@@ -494,11 +494,13 @@ def _to_device(batch, device: torch.device):
 
 
 def apply_debug(cfg: JobConfig) -> JobConfig:
-    """Debug mode: a handful of logged-every-step iterations with autograd anomaly detection."""
+    """Debug mode: a handful of logged-every-step iterations (`main` adds autograd anomaly detection)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--debug runs a single process: start it with `gist-scale train --debug` (or "
+                          "launch/single_gpu_debug.sh), not under torchrun/accelerate launch with several processes")
     cfg.train.max_steps = min(cfg.train.max_steps or 3, 3)
     cfg.train.log_every = 1
     cfg.train.max_nonfinite_steps = 1
-    torch.autograd.set_detect_anomaly(True)
     return cfg
 
 
@@ -515,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(overrides, args.config)
         if cfg.debug:
             cfg = apply_debug(cfg)
-        return Trainer(cfg).train()
+        # Scoped, not global: in-process callers (tests, notebooks) must not keep paying for anomaly detection.
+        with torch.autograd.set_detect_anomaly(cfg.debug):
+            return Trainer(cfg).train()
     except (ConfigError, DataError, CheckpointError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         return 2

@@ -258,3 +258,9 @@ def test_gradient_accumulation_logs_the_candidates_each_anchor_really_sees(tmp_p
     assert [r["step"] for r in records] == [1, 2]
     # One micro-batch of 4 triplets: 4 positives + 4 negatives + 3 other queries + 3 other positives.
     assert all(r["candidates_per_anchor"] == 14 for r in records)
+
+
+def test_debug_mode_refuses_several_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--debug"]) == 2
+    assert "--debug runs a single process" in capsys.readouterr().err
