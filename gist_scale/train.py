@@ -31,8 +31,8 @@ from gist_scale import distributed, encode
 from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
                                    resolve_resume, save_checkpoint)
 from gist_scale.config import ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, load_config, save_config
-from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, load_triplets,
-                             tokenize_triplets)
+from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
+                             load_triplets, tokenize_triplets)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
@@ -156,6 +156,7 @@ class Trainer:
             dataset["task_name"], cfg.train.batch_size,
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
             cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
+        self.tokens_per_epoch = count_tokens(dataset, "student")
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of)
         if guide_cache is not None:
             dataset, collator = guide_cache.attach(dataset, collator)
@@ -383,7 +384,8 @@ class Trainer:
             f"precision {self.cfg.train.mixed_precision}  "
             f"guide {self.cfg.guide.name or 'none (plain InfoNCE)'} "
             + (f"(cached embeddings: {self.cfg.guide.cache})" if self.cfg.guide.cache else f"({self.cfg.guide.dtype})"),
-            f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters",
+            f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters, "
+            f"{self.tokens_per_epoch:,} real tokens per epoch",
             *self.data_report.lines(),
             "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
             f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",

@@ -434,3 +434,14 @@ def test_dataloader_with_workers_resumes_from_the_batches_received(minilm: Any) 
     resumed = loader()
     resumed.batch_sampler.load_state_dict({"epoch": 0, "position": len(consumed)})
     assert ids(consumed) + ids(list(resumed)) == uninterrupted
+
+
+def test_count_tokens_equals_a_python_count(tmp_path):
+    from gist_scale.data import count_tokens
+    from gist_scale.model import load_tokenizer
+
+    ds, _ = load_triplets(DataConfig(max_rows=200))
+    tokenized, _ = tokenize_triplets(ds, load_tokenizer("sentence-transformers/all-MiniLM-L6-v2"), 32)
+    expected = sum(len(r["student_query"]) + len(r["student_pos"]) + sum(map(len, r["student_negs"]))
+                   for r in tokenized)
+    assert count_tokens(tokenized) == expected > 0
