@@ -291,46 +291,41 @@ def build_mode(name: str, ctx: Context) -> Mode:
     optimizer = ctx.optimizer(student.parameters())
     loss_fn = GISTLoss(check_finite=False)
     precision = "bf16-autocast" if ctx.cuda else "fp32"
-    if name in ("plain", "chunked"):
+    live_guide = name in ("plain", "chunked")
+    if live_guide:
         guide = ctx.embedder(ctx.guide_dir, guide=True)
 
-        def step(i: int) -> torch.Tensor:
-            guide_embeddings = ctx.guide_embeddings(guide, i, chunk)
-            with ctx.autocast():
-                query, pos, neg = encode.encode_columns(student, ctx.batches[i], 1, chunk)
-            loss = loss_fn(query, pos, neg, *guide_embeddings)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+        def guide_for(i: int) -> tuple:
+            return ctx.guide_embeddings(guide, i, chunk)
+    else:
+        # The cache as training reads it: fp16 on the host, copied in with each batch.
+        cache_builder = ctx.embedder(ctx.guide_dir, guide=True)
+        cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(cache_builder, i, chunk))
+                  for i in range(len(ctx.batches))]
+        if ctx.cuda:
+            cached = [tuple(e.pin_memory() for e in c) for c in cached]
+        del cache_builder  # the cached modes never hold the guide, as in training with --guide.cache
 
-        return Mode(step, True, chunk, precision)
-
-    # The cache as training reads it: fp16 on the host, copied in with each batch.
-    cache_builder = ctx.embedder(ctx.guide_dir, guide=True)
-    cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(cache_builder, i, chunk))
-              for i in range(len(ctx.batches))]
-    if ctx.cuda:
-        cached = [tuple(e.pin_memory() for e in c) for c in cached]
-    del cache_builder  # the cached modes never hold the guide, as in training with --guide.cache
-    chunks = encode.num_chunks(3 * ctx.batches[0]["query"]["input_ids"].shape[0], chunk)
+        def guide_for(i: int) -> tuple:
+            return tuple(e.to(ctx.device, non_blocking=True) for e in cached[i])
 
     def step(i: int) -> torch.Tensor:
-        guide_embeddings = tuple(e.to(ctx.device, non_blocking=True) for e in cached[i])
+        guide_embeddings = guide_for(i)
         if name == "grad_cache":
+            chunks = encode.num_chunks(3 * ctx.batches[i]["query"]["input_ids"].shape[0], chunk)
             cache = encode.GradCache(student, ctx.batches[i], 1, chunks, autocast=ctx.autocast)
             loss = loss_fn(*cache.embeddings, *guide_embeddings)
             cache.backward(loss)
         else:
             with ctx.autocast():
-                query, pos, neg = encode.encode_columns(student, ctx.batches[i], 1, chunks=chunks)
+                query, pos, neg = encode.encode_columns(student, ctx.batches[i], 1, chunk)
             loss = loss_fn(query, pos, neg, *guide_embeddings)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return Mode(step, False, chunk, precision)
+    return Mode(step, live_guide, chunk, precision)
 
 
 def _st_mode(ctx: Context) -> Mode:
