@@ -43,7 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from gist_scale import encode
+from gist_scale import distributed, encode
 from gist_scale.loss import GISTLoss
 from gist_scale.model import Embedder, export_sentence_transformer
 
@@ -357,11 +357,10 @@ def _st_mode(ctx: Context) -> Mode:
 
 def _deepspeed_mode(name: str, ctx: Context) -> Mode:
     import deepspeed
-    import torch.distributed as dist
 
     stage = 2 if name.startswith("zero2") else 3
     chunk = ctx.cfg.chunk_size if name.endswith("_chunked") else None
-    if not dist.is_initialized():
+    if not distributed.is_distributed():
         for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)

@@ -39,6 +39,7 @@ __all__ = [
     "gather_no_grad",
     "gather_sizes",
     "gather_with_grad",
+    "is_collective_failure",
     "is_distributed",
     "rank",
     "world_size",
@@ -48,6 +49,19 @@ __all__ = [
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is usable and a default process group is initialized."""
     return dist.is_available() and dist.is_initialized()
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Did a collective fail because a peer rank died or stalled past the process group's timeout?
+
+    gloo reports a dead peer as "Connection closed/reset" and a stalled one as "Timed out waiting"; newer torch
+    raises `DistError` subclasses. Only meaningful inside a process group.
+    """
+    if not is_distributed():
+        return False
+    text = str(error)
+    markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out waiting")
+    return isinstance(error, dist.DistError) or any(marker in text for marker in markers)
 
 
 def world_size() -> int:

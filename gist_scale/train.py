@@ -529,11 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         # A peer rank that died (gloo: connection reset/closed) or stalled past train.collective_timeout_s (timed
         # out) surfaces here on the surviving ranks: one clear line instead of a wall of tracebacks, and a non-zero
         # exit so the launcher ends the job. (NCCL's watchdog aborts the process itself, with its own message.)
-        text = str(error)
-        markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out waiting")
-        if not (distributed.is_distributed() and (isinstance(error, torch.distributed.DistError)
-                                                  or any(marker in text for marker in markers))):
+        if not distributed.is_collective_failure(error):
             raise
+        text = str(error)
         console.print(f"[red]error:[/red] rank {distributed.rank()}: a collective failed: another rank died, or "
                       f"stalled longer than train.collective_timeout_s ({cfg.train.collective_timeout_s} s). The job "
                       f"stops here; start it again with --resume auto to continue from the newest complete "
