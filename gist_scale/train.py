@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, send_to_device, set_seed
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -271,7 +271,7 @@ class Trainer:
             for batch in self.loader:
                 # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
                 self.state.position += 1
-                yield _to_device(batch, self.device)
+                yield send_to_device(batch, self.device, non_blocking=True)
             self.state.epoch += 1
             self.state.position = 0
 
@@ -287,7 +287,8 @@ class Trainer:
             query, pos, neg = self._grad_cache.embeddings
         else:
             with self.accelerator.autocast():
-                query, pos, neg = _encode_columns(self.student, student, k, chunks, self.pad_token_id)
+                query, pos, neg = encode.encode_columns(self.student, student, k, chunks=chunks,
+                                                        pad_token_id=self.pad_token_id)
         loss = self.loss_fn(query, pos, neg, *guide_embeddings)
         stats = self.loss_fn.last_stats
         tokens = sum(f["attention_mask"].sum() for f in student.values())
@@ -314,7 +315,8 @@ class Trainer:
         if self.guide is None:
             return None, None, None
         with torch.inference_mode():
-            embeddings = _encode_columns(self.guide, batch["guide"], k, self._chunks(k), self.guide_pad_token_id)
+            embeddings = encode.encode_columns(self.guide, batch["guide"], k, chunks=self._chunks(k),
+                                               pad_token_id=self.guide_pad_token_id)
         # Inference tensors cannot enter the autograd graph that the loss builds around them.
         return tuple(None if e is None else e.clone() for e in embeddings)
 
@@ -466,16 +468,6 @@ class Trainer:
         console.print(f"plot this run: gist-scale report {self.run_dir}")
 
 
-def _encode_columns(model: torch.nn.Module, columns: dict, k: int, chunks: int | None = None,
-                    pad_token_id: int = 0):
-    """Embed the query, positive and (flattened [B*K]) negative columns; negatives come back as [B, K, D].
-
-    `chunks` None: one call per column. Otherwise all the columns' texts in `chunks` length-sorted calls, each
-    padded only to its longest text (`gist_scale.encode`).
-    """
-    return encode.encode_columns(model, columns, k, chunks=chunks, pad_token_id=pad_token_id)
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict:
     """Trackers take flat scalar hyperparameters: {"optim.lr": 2e-5, ...}."""
     flat = {}
@@ -485,14 +477,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    return batch
 
 
 def apply_debug(cfg: JobConfig) -> JobConfig:
