@@ -25,7 +25,9 @@ the input gradient on rank ``r`` is ``d(sum_r' L_r') / d x_r``, not ``d L_r / d 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,7 @@ __all__ = [
     "gather_with_grad",
     "is_collective_failure",
     "is_distributed",
+    "launch_state",
     "rank",
     "world_size",
 ]
@@ -62,6 +65,21 @@ def is_collective_failure(error: BaseException) -> bool:
     text = str(error)
     markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out waiting")
     return isinstance(error, dist.DistError) or any(marker in text for marker in markers)
+
+
+def launch_state(timeout_s: float | None = None):
+    """Accelerate's `PartialState` for a command run under `torchrun`/`accelerate launch` (none when alone).
+
+    Without `cpu=True` on a CPU-only box, Accelerate forms the gloo group but calls the job "not distributed", so its
+    barriers (`wait_for_everyone`, `main_process_first`) silently do nothing.
+    """
+    from accelerate import PartialState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return PartialState()
+    cuda = torch.cuda.is_available()
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    return PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo", **kwargs)
 
 
 def world_size() -> int:

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -504,17 +503,6 @@ def load_sentence_transformer_dir(name_or_path: str,
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _process_state():
-    """Accelerate's process state: a process group under `torchrun`/`accelerate launch`, none otherwise."""
-    from accelerate import PartialState
-
-    kwargs = {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # As in training: without an explicit backend a CPU-only launch would not form a process group.
-        kwargs["backend"] = "nccl" if torch.cuda.is_available() else "gloo"
-    return PartialState(**kwargs)
-
-
 def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int | None,
                     device: torch.device) -> tuple[dict[str, float], float]:
     embedder, tokenizer, length = load_sentence_transformer_dir(name, max_length)
@@ -574,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
         console.print("[red]error:[/red] --batch-size and --max-length must be positive")
         return 2
-    state = _process_state()
+    state = distributed.launch_state()
     device = torch.device(args.device) if args.device else state.device
     try:
         data_cfg = load_config([], args.config).data if args.config else None

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import pyarrow as pa
 import torch
 from rich.console import Console
 
-from gist_scale import encode
+from gist_scale import distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 
@@ -235,18 +233,6 @@ def _fixed(values: np.ndarray, width: int) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float16()), width)
 
 
-def _process_state(cfg: JobConfig):
-    from accelerate import PartialState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cuda = torch.cuda.is_available()
-        # Without cpu=True, Accelerate forms the gloo group but calls the job "not distributed", and its barriers
-        # (`wait_for_everyone`, `main_process_first`) silently do nothing.
-        return PartialState(cpu=not cuda, backend="nccl" if cuda else "gloo",
-                            timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-    return PartialState()
-
-
 def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int = 512,
                       chunk_size: int | None = 256) -> Path:
     """Embed every training row's texts with the guide, this rank's contiguous share of the rows; returns DIR.
@@ -257,7 +243,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
 
     if cfg.guide.name is None:
         raise GuideCacheError("cache-guide needs a guide: set --guide.name")
-    state = _process_state(cfg)
+    state = distributed.launch_state(cfg.train.collective_timeout_s)
     out = Path(out_dir).expanduser()
     start_time = time.perf_counter()
     tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision)
