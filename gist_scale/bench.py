@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gist_scale import distributed, encode
+from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.loss import GISTLoss
 from gist_scale.model import Embedder, export_sentence_transformer
 
@@ -57,8 +58,6 @@ SIZES = {
 }
 MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
-# Dense bf16 peak of the SXM parts (the PCIe H100 is lower); matched in order against the device name.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4), ("A100", 312.0))
 CLS, SEP, PAD = 101, 102, 0
 VOCAB = 30522
 DISTINCT_BATCHES = 3
@@ -153,15 +152,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                           "cpu" if args.device == "auto" else args.device)
     return BenchConfig(cases, batches, modes, args.steps, args.warmup,
                        args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
-                       args.peak_tflops if args.peak_tflops is not None else _known_peak(device),
+                       args.peak_tflops if args.peak_tflops is not None else peak_tflops(device),
                        Path(args.ds_config_dir), Path(args.out) if args.out else None, args.threads)
-
-
-def _known_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
 def bench_tokenizer(root: Path):
@@ -212,25 +204,26 @@ def synthetic_batch(generator: torch.Generator, batch: int, query_len: tuple[int
     return {"query": column(batch, query_len), "pos": column(batch, doc_len), "neg": column(batch, doc_len)}
 
 
-def forward_flops(config, lengths: torch.Tensor) -> float:
-    """Matmul FLOPs of one encoder forward over texts of the given real lengths (padding excluded)."""
-    h, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    linear = layers * (4 * h * h + 2 * h * inner)
-    lengths = lengths.double()
-    return float(2 * linear * lengths.sum() + 4 * layers * h * (lengths ** 2).sum())
+def _batch_flops(config, columns: dict) -> float:
+    lengths = torch.cat([c["attention_mask"].sum(1) for c in columns.values()]).long()
+    return forward_flops(config, int(lengths.sum()), int((lengths ** 2).sum()))
 
 
-def _lengths(columns: dict) -> torch.Tensor:
-    return torch.cat([c["attention_mask"].sum(1) for c in columns.values()])
+def _real_tokens(columns: dict) -> int:
+    return int(sum(c["attention_mask"].sum() for c in columns.values()))
+
+
+def chunk_batch(columns: dict, chunk_size: int) -> encode.ChunkedTexts:
+    """The batch as the training collator hands it over with `train.chunk_size`: chunked on the host."""
+    return encode.chunk_texts(columns, encode.num_chunks(sum(c["input_ids"].shape[0] for c in columns.values()),
+                                                         chunk_size))
 
 
 def _processed_tokens(columns: dict, chunk_size: int | None) -> int:
     """Tokens the student's forward calls process, padding included, for per-column or chunked encoding."""
     if chunk_size is None:
         return sum(c["input_ids"].numel() for c in columns.values())
-    packed, _ = encode.pack_columns(columns)
-    plan = encode.plan_chunks(packed["attention_mask"], encode.num_chunks(packed["input_ids"].shape[0], chunk_size))
-    return sum(len(c.rows) * c.width for c in plan)
+    return chunk_batch(columns, chunk_size).processed_tokens
 
 
 # -------------------------------------------------------------------------------------------------- modes
@@ -255,6 +248,8 @@ class Context:
         self.device = cfg.device
         self.cuda = cfg.device.type == "cuda"
         self.batches = [_to(b, self.device) for b in batches]
+        # Chunked on the host beforehand, as the training collator does in its worker processes.
+        self.chunked = [chunk_batch(b, cfg.chunk_size).to(self.device) for b in batches]
 
     def autocast(self):
         if self.cuda:
@@ -275,9 +270,13 @@ class Context:
             return model.eval().requires_grad_(False)
         return model.train()
 
-    def guide_embeddings(self, guide: Embedder, index: int, chunk_size: int | None):
+    def side(self, index: int, chunked: bool):
+        """Batch `index` as one tensor pair per column, or as the collator's chunks."""
+        return self.chunked[index] if chunked else self.batches[index]
+
+    def guide_embeddings(self, guide: Embedder, index: int, chunked: bool):
         with torch.inference_mode():
-            embeddings = encode.encode_columns(guide, self.batches[index], 1, chunk_size)
+            embeddings = encode.encode_columns(guide, self.side(index, chunked), 1)
         return tuple(e.clone() for e in embeddings)
 
 
@@ -296,11 +295,11 @@ def build_mode(name: str, ctx: Context) -> Mode:
         guide = ctx.embedder(ctx.guide_dir, guide=True)
 
         def guide_for(i: int) -> tuple:
-            return ctx.guide_embeddings(guide, i, chunk)
+            return ctx.guide_embeddings(guide, i, chunk is not None)
     else:
         # The cache as training reads it: fp16 on the host, copied in with each batch.
         cache_builder = ctx.embedder(ctx.guide_dir, guide=True)
-        cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(cache_builder, i, chunk))
+        cached = [tuple(e.to("cpu", torch.float16) for e in ctx.guide_embeddings(cache_builder, i, True))
                   for i in range(len(ctx.batches))]
         if ctx.cuda:
             cached = [tuple(e.pin_memory() for e in c) for c in cached]
@@ -312,13 +311,12 @@ def build_mode(name: str, ctx: Context) -> Mode:
     def step(i: int) -> torch.Tensor:
         guide_embeddings = guide_for(i)
         if name == "grad_cache":
-            chunks = encode.num_chunks(3 * ctx.batches[i]["query"]["input_ids"].shape[0], chunk)
-            cache = encode.GradCache(student, ctx.batches[i], 1, chunks, autocast=ctx.autocast)
+            cache = encode.GradCache(student, ctx.chunked[i], 1, autocast=ctx.autocast)
             loss = loss_fn(*cache.embeddings, *guide_embeddings)
             cache.backward(loss)
         else:
             with ctx.autocast():
-                query, pos, neg = encode.encode_columns(student, ctx.batches[i], 1, chunk)
+                query, pos, neg = encode.encode_columns(student, ctx.side(i, chunk is not None), 1)
             loss = loss_fn(query, pos, neg, *guide_embeddings)
             loss.backward()
         optimizer.step()
@@ -376,11 +374,10 @@ def _deepspeed_mode(name: str, ctx: Context) -> Mode:
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
     guide = ctx.embedder(ctx.guide_dir, guide=True)
     loss_fn = GISTLoss(check_finite=False)
-    chunks = None if chunk is None else encode.num_chunks(3 * batch, chunk)
 
     def step(i: int) -> torch.Tensor:
-        guide_embeddings = ctx.guide_embeddings(guide, i, chunk)
-        query, pos, neg = encode.encode_columns(engine, ctx.batches[i], 1, chunks=chunks)
+        guide_embeddings = ctx.guide_embeddings(guide, i, chunk is not None)
+        query, pos, neg = encode.encode_columns(engine, ctx.side(i, chunk is not None), 1)
         loss = loss_fn(query, pos, neg, *guide_embeddings)
         engine.backward(loss)
         engine.step()
@@ -478,9 +475,9 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size)
                for _ in range(DISTINCT_BATCHES)]
     flops = {
-        "real_tokens": [int(_lengths(b).sum()) for b in batches],
-        "student": [forward_flops(student_config, _lengths(b)) for b in batches],
-        "guide": [forward_flops(guide_config, _lengths(b)) for b in batches],
+        "real_tokens": [_real_tokens(b) for b in batches],
+        "student": [_batch_flops(student_config, b) for b in batches],
+        "guide": [_batch_flops(guide_config, b) for b in batches],
         "processed": {c: [_processed_tokens(b, c) for b in batches] for c in (None, cfg.chunk_size)},
     }
     ctx = Context(cfg, student_dir, guide_dir, batches)

@@ -312,10 +312,15 @@ class LoggingConfig:
     """Accelerate trackers to enable, e.g. `[tensorboard]` or `[wandb]` (the package must be installed)."""
     project: str = "gist-scale"
     """Tracker project name."""
+    peak_tflops: float | None = None
+    """Per-device dense bf16 peak in TFLOP/s for the logged `mfu` (model FLOPs on real tokens / peak); null: known
+    for H100/H200/A100, otherwise only `model_tflops_per_s` is logged."""
 
     def __post_init__(self) -> None:
         if isinstance(self.trackers, str):
             self.trackers = [t for t in self.trackers.split(",") if t]
+        _check(self.peak_tflops is None or self.peak_tflops > 0,
+               f"logging.peak_tflops={self.peak_tflops}: must be positive (e.g. 989 for an H100 SXM), or null")
 
 
 @dataclass

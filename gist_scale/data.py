@@ -36,10 +36,11 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import DataConfig
+from gist_scale.encode import chunk_texts
 
 __all__ = [
     "DataError", "DataReport", "load_triplets", "tokenize_triplets", "measure_tokenization_rate",
-    "GlobalBatchSampler", "SamplerSummary", "TripletCollator", "build_dataloader", "sample_data_path",
+    "GlobalBatchSampler", "SamplerSummary", "TokenCounts", "TripletCollator", "build_dataloader", "sample_data_path",
 ]
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -627,24 +628,43 @@ class GlobalBatchSampler:
             yield batch.tolist()
 
 
+@dataclass(frozen=True)
+class TokenCounts:
+    """Real (non-padding) tokens of one side's texts in a batch, counted by the collator on the host."""
+
+    texts: int
+    tokens: int
+    tokens_squared: int
+    """Sum of squared text lengths: what attention's FLOPs grow with."""
+
+
 class TripletCollator:
     """Pads a list of tokenized rows into tensors, to the longest text of each column in this batch.
 
     Returns `{"student": {"query": {"input_ids", "attention_mask"}, "pos": {...}, "neg": {...}}, "guide": {...},
-    "num_negatives": K}`; `neg` is `[B*K, L]` with row i's negatives at `i*K .. i*K+K-1`, absent when K is 0;
-    `guide` is absent without a guide tokenizer. All tensors are int64.
+    "num_negatives": K, "token_counts": {"student": TokenCounts, "guide": ...}}`; `neg` is `[B*K, L]` with row i's
+    negatives at `i*K .. i*K+K-1`, absent when K is 0; `guide` is absent without a guide tokenizer. All tensors are
+    int64.
+
+    With `chunks`, each side is instead a :class:`gist_scale.encode.ChunkedTexts`: the side's texts pooled,
+    length-sorted and cut into `chunks` chunks padded to their own longest text, planned here on the host so that the
+    training step never reads lengths back from the accelerator.
     """
 
     def __init__(self, student_tokenizer: PreTrainedTokenizerBase,
-                 guide_tokenizer: PreTrainedTokenizerBase | None = None, pad_to_multiple_of: int | None = None) -> None:
+                 guide_tokenizer: PreTrainedTokenizerBase | None = None, pad_to_multiple_of: int | None = None,
+                 chunks: int | None = None) -> None:
         for name, tokenizer in (("student", student_tokenizer), ("guide", guide_tokenizer)):
             if tokenizer is not None and tokenizer.pad_token_id is None:
                 raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
                                 "tokenizer.eos_token: padded positions are masked out)")
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"chunks={chunks}: must be >= 1, or None for one tensor per column")
         self.sides = [("student", student_tokenizer)]
         if guide_tokenizer is not None:
             self.sides.append(("guide", guide_tokenizer))
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.chunks = chunks
 
     def _pad(self, tokenizer: PreTrainedTokenizerBase, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
@@ -655,14 +675,18 @@ class TripletCollator:
         if not rows:
             raise ValueError("empty batch: GlobalBatchSampler never yields one")
         num_negatives = len(rows[0]["student_negs"])
-        batch: dict[str, Any] = {"num_negatives": num_negatives}
+        batch: dict[str, Any] = {"num_negatives": num_negatives, "token_counts": {}}
         for side, tokenizer in self.sides:
             if f"{side}_query" not in rows[0]:
                 raise DataError(f"rows have no '{side}_query': pass the {side} tokenizer to tokenize_triplets")
-            encoded = {column: self._pad(tokenizer, [row[f"{side}_{column}"] for row in rows])
-                       for column in ("query", "pos")}
+            texts = {column: [row[f"{side}_{column}"] for row in rows] for column in ("query", "pos")}
             if num_negatives:
-                encoded["neg"] = self._pad(tokenizer, [ids for row in rows for ids in row[f"{side}_negs"]])
+                texts["neg"] = [ids for row in rows for ids in row[f"{side}_negs"]]
+            lengths = [len(ids) for column in texts.values() for ids in column]
+            batch["token_counts"][side] = TokenCounts(len(lengths), sum(lengths), sum(n * n for n in lengths))
+            encoded = {column: self._pad(tokenizer, sequences) for column, sequences in texts.items()}
+            if self.chunks is not None:
+                encoded = chunk_texts(encoded, self.chunks, tokenizer.pad_token_id, self.pad_to_multiple_of)
             batch[side] = encoded
         return batch
 

@@ -3,17 +3,22 @@
 Less padding without changing the batch
 ---------------------------------------
 Batch composition defines the in-batch negatives, so rows are never moved between batches. Inside a step,
-:func:`encode_columns` pools the texts of all columns (queries, positives, negatives), sorts them by real length,
-cuts them into length-homogeneous chunks, trims each chunk's padding to its own longest text, encodes each chunk in
-one forward call and puts the embeddings back in their original order. The embeddings are those of one padded call
-(padded positions are masked out of attention and pooling; tests check this), while the FLOPs spent on padding
-shrink, and the number of forward calls per step is ``ceil(texts / chunk_size)`` instead of one per column. That
-matters under ZeRO-3, where every forward call re-gathers the partitioned parameters.
+:func:`chunk_texts` pools the texts of all columns (queries, positives, negatives), sorts them by real length,
+cuts them into length-homogeneous chunks and trims each chunk's padding to its own longest text;
+:func:`encode_chunked` encodes each chunk in one forward call and puts the embeddings back in their original
+order. The embeddings are those of one padded call (padded positions are masked out of attention and pooling; tests
+check this), while the FLOPs spent on padding shrink, and the number of forward calls per step is
+``ceil(texts / chunk_size)`` instead of one per column. That matters under ZeRO-3, where every forward call
+re-gathers the partitioned parameters.
+
+The plan (lengths, order, widths) is made on the host, in the DataLoader's collator (`TripletCollator(chunks=...)`),
+where reading lengths costs nothing: the chunks reach the device already cut, so the training step reads nothing
+back from the accelerator to encode them.
 
 Every rank must make the same number of forward calls (ZeRO-3 gathers parameters and DDP broadcasts buffers in
 each one). A rank's chunk count therefore comes from the per-device batch size, which all ranks share
 (:func:`num_chunks`), not from its own row count; a rank with fewer texts (an uneven tail) gets smaller chunks,
-and if it has fewer texts than chunks, the missing chunks encode one text whose output is multiplied by zero.
+and if it has fewer texts than chunks, the missing chunks encode one token whose output is multiplied by zero.
 
 GradCache
 ---------
@@ -55,8 +60,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "COLUMNS", "AcceleratorBackward", "ChunkBackward", "GradCache", "PlainBackward", "encode", "encode_columns",
-    "num_chunks", "pack_columns", "plan_chunks", "real_tokens",
+    "COLUMNS", "AcceleratorBackward", "ChunkBackward", "ChunkedTexts", "GradCache", "PlainBackward", "chunk_texts",
+    "encode", "encode_chunked", "encode_columns", "num_chunks", "pack_columns", "split_columns",
 ]
 
 COLUMNS = ("query", "pos", "neg")
@@ -76,11 +81,6 @@ def num_chunks(texts: int, chunk_size: int | None) -> int:
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return max(1, math.ceil(texts / chunk_size))
-
-
-def real_tokens(features: Features) -> Tensor:
-    """Number of non-padding tokens (0-dim int64 tensor, no host sync)."""
-    return features["attention_mask"].sum()
 
 
 def _left_padded(mask: Tensor) -> bool:
@@ -108,92 +108,128 @@ def pack_columns(columns: Mapping[str, Features], pad_token_id: int = 0) -> tupl
     return {"input_ids": ids, "attention_mask": mask}, {c: columns[c]["input_ids"].shape[0] for c in present}
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Rows of a packed batch encoded together, and the width they are trimmed to."""
+@dataclass
+class ChunkedTexts:
+    """A side's texts (all columns pooled) cut into length-sorted chunks, each padded to its own longest text.
 
-    rows: Tensor
-    """Row indices into the packed batch (on its device); empty for a placeholder chunk."""
-    width: int
-    """Longest real length among the rows: the chunk's padded length."""
-
-
-def plan_chunks(attention_mask: Tensor, chunks: int) -> list[Chunk]:
-    """Split the rows into `chunks` length-sorted groups of near-equal size (longest texts first).
-
-    One host sync (the lengths). Sizes differ by at most one; with fewer rows than chunks the trailing chunks are
-    empty (the caller still runs a placeholder forward for them, see the module docstring).
+    Made on the host by :func:`chunk_texts`; `to(device)` moves it (Accelerate's `send_to_device` and the
+    DataLoader's `pin_memory` use `to` / `pin_memory`). Everything the encoder loop needs besides the tensors is a
+    Python number, so encoding reads nothing back from the device.
     """
-    lengths = attention_mask.sum(1)
+
+    chunks: list[dict[str, Tensor]]
+    """Per forward call: `input_ids` / `attention_mask` `[rows, width]`, longest texts first; the trailing
+    `len(chunks) - real_chunks` are one-token placeholders (see the module docstring)."""
+    real_chunks: int
+    """Chunks that hold texts."""
+    inverse: Tensor
+    """`[N]` int64: where text i (in column order) is among the concatenated real chunks' rows."""
+    counts: dict[str, int]
+    """Texts per column, in column order (`query`, `pos`, `neg`)."""
+
+    def to(self, device, non_blocking: bool = False) -> ChunkedTexts:
+        return ChunkedTexts([{k: t.to(device, non_blocking=non_blocking) for k, t in c.items()} for c in self.chunks],
+                            self.real_chunks, self.inverse.to(device, non_blocking=non_blocking), self.counts)
+
+    def pin_memory(self) -> ChunkedTexts:
+        return ChunkedTexts([{k: t.pin_memory() for k, t in c.items()} for c in self.chunks], self.real_chunks,
+                            self.inverse.pin_memory(), self.counts)
+
+    @property
+    def chunk_rows(self) -> list[int]:
+        """Texts in each real chunk (host numbers, from the shapes)."""
+        return [c["input_ids"].shape[0] for c in self.chunks[:self.real_chunks]]
+
+    @property
+    def processed_tokens(self) -> int:
+        """Token positions the encoder calls process, padding included (placeholders too)."""
+        return sum(c["input_ids"].numel() for c in self.chunks)
+
+
+def chunk_texts(columns: Mapping[str, Features], chunks: int, pad_token_id: int = 0,
+                pad_to_multiple_of: int | None = None) -> ChunkedTexts:
+    """Pool the columns' texts, sort them by real length (longest first) and cut `chunks` near-equal chunks.
+
+    Call it on host tensors (the collator does): it reads the lengths. Chunk sizes differ by at most one; with fewer
+    texts than chunks the trailing chunks are placeholders. `pad_to_multiple_of` rounds each chunk's width up (tensor
+    cores), never past the batch's width.
+    """
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    packed, counts = pack_columns(columns, pad_token_id)
+    ids, mask = packed["input_ids"], packed["attention_mask"]
+    total_width = ids.shape[1]
+    left = _left_padded(mask)
+    lengths = mask.sum(1)
     order = torch.argsort(lengths, descending=True, stable=True)
-    sizes = [len(part) for part in torch.arange(len(order)).tensor_split(chunks)]
-    starts = [sum(sizes[:i]) for i in range(chunks)]
-    sorted_lengths = lengths[order].tolist()
-    plan = []
-    for start, size in zip(starts, sizes):
-        width = int(sorted_lengths[start]) if size else 0
-        plan.append(Chunk(order[start:start + size], max(width, 1)))
-    return plan
+    out = []
+    for rows in order.tensor_split(chunks):
+        if not len(rows):
+            break
+        width = max(int(lengths[rows[0]]), 1)
+        if pad_to_multiple_of:
+            width = min(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of, total_width)
+        cols = slice(total_width - width, None) if left else slice(0, width)
+        out.append({"input_ids": ids[rows, cols], "attention_mask": mask[rows, cols]})
+    real = len(out)
+    # A placeholder is the longest text's last (left padding) or first (right padding) token: real, not padding.
+    cols = slice(total_width - 1, None) if left else slice(0, 1)
+    for _ in range(chunks - real):
+        out.append({"input_ids": ids[order[:1], cols], "attention_mask": mask[order[:1], cols]})
+    return ChunkedTexts(out, real, torch.argsort(order), counts)
 
 
-def _chunk_features(features: Features, chunk: Chunk, left: bool) -> tuple[Tensor, Tensor]:
-    rows = chunk.rows if chunk.rows.numel() else torch.zeros(1, dtype=torch.long, device=chunk.rows.device)
-    cols = slice(features["input_ids"].shape[1] - chunk.width, None) if left else slice(0, chunk.width)
-    return features["input_ids"][rows, cols], features["attention_mask"][rows, cols]
+def _restore_order(outputs: list[Tensor], chunked: ChunkedTexts) -> Tensor:
+    """The real chunks' outputs in text order, with the placeholders' outputs added at weight 0.
 
-
-def _encode_chunks(model: nn.Module, features: Features, plan: list[Chunk]) -> Tensor:
-    """Encode each chunk of the plan and return the embeddings in the packed batch's row order."""
-    left = _left_padded(features["attention_mask"])
-    outputs, rows = [], []
-    placeholder = None
-    for chunk in plan:
-        out = model(*_chunk_features(features, chunk, left))
-        if chunk.rows.numel():
-            outputs.append(out)
-            rows.append(chunk.rows)
-        else:
-            # Kept in the graph with weight 0, so every rank runs the same forward and backward calls.
-            placeholder = out.sum() * 0 if placeholder is None else placeholder + out.sum() * 0
-    embeddings = torch.cat(outputs)
-    order = torch.cat(rows)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=order.device)
-    embeddings = embeddings[inverse]
-    if placeholder is not None:
-        embeddings = embeddings + placeholder.to(embeddings.dtype)
+    Weight 0 keeps them in the graph, so every rank runs the same forward and backward calls.
+    """
+    embeddings = torch.cat(outputs[:chunked.real_chunks])[chunked.inverse]
+    for placeholder in outputs[chunked.real_chunks:]:
+        embeddings = embeddings + placeholder.sum().to(embeddings.dtype) * 0
     return embeddings
 
 
-def encode(model: nn.Module, features: Features, chunk_size: int | None = None, *,
-           chunks: int | None = None) -> Tensor:
+def encode_chunked(model: nn.Module, chunked: ChunkedTexts) -> Tensor:
+    """Embed chunked texts, one forward call per chunk: `[N, D]` in text order (column order, as packed)."""
+    return _restore_order([model(c["input_ids"], c["attention_mask"]) for c in chunked.chunks], chunked)
+
+
+def encode(model: nn.Module, features: Features, chunk_size: int | None = None) -> Tensor:
     """Embed `features` ([N, L] ids and mask) as `model(input_ids, attention_mask)` would in one call: `[N, D]`.
 
-    With `chunk_size` (or an explicit `chunks` count) the texts are sorted by length and encoded in
-    length-homogeneous chunks, each padded only to its own longest text; the result is in the input order.
+    With `chunk_size` the texts are sorted by length and encoded in length-homogeneous chunks, each padded only to
+    its own longest text; the result is in the input order. The plan is made on the host (one device read when
+    `features` lives on an accelerator).
     """
-    if chunks is None:
-        chunks = num_chunks(features["input_ids"].shape[0], chunk_size)
-    if chunks == 1 and chunk_size is None:
+    if chunk_size is None:
         return model(features["input_ids"], features["attention_mask"])
-    return _encode_chunks(model, features, plan_chunks(features["attention_mask"], chunks))
+    device = features["input_ids"].device
+    chunked = chunk_texts({"texts": {k: t.cpu() for k, t in features.items()}},
+                          num_chunks(features["input_ids"].shape[0], chunk_size))
+    return encode_chunked(model, chunked.to(device))
 
 
-def _split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int):
+def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`[N, D]` text-order embeddings to `(query [B, D], positive [B, D], negatives [B, K, D] or None)`."""
     parts = dict(zip(counts, embeddings.split(list(counts.values()))))
     query, pos = parts["query"], parts["pos"]
     neg = parts.get("neg")
     return query, pos, None if neg is None else neg.view(query.shape[0], k, -1)
 
 
-def encode_columns(model: nn.Module, columns: Mapping[str, Features], k: int, chunk_size: int | None = None, *,
-                   chunks: int | None = None, pad_token_id: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Embed a collated side's columns: `(query [B, D], positive [B, D], negatives [B, K, D] or None)`.
+def encode_columns(model: nn.Module, columns: Mapping[str, Features] | ChunkedTexts, k: int,
+                   chunk_size: int | None = None, *, chunks: int | None = None,
+                   pad_token_id: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Embed a collated side: `(query [B, D], positive [B, D], negatives [B, K, D] or None)`.
 
-    `chunk_size` None: one forward call per column, each padded to its own longest text. Otherwise all the
-    columns' texts are pooled and encoded in length-sorted chunks (:func:`encode`); pass `chunks` (from
-    :func:`num_chunks` over the largest per-rank text count) when the call count must agree across ranks.
+    `columns` already chunked (:class:`ChunkedTexts`, from the collator): one call per chunk, no device reads.
+    Column features with `chunk_size` and `chunks` None: one forward call per column, each padded to its own longest
+    text. Otherwise the texts are chunked here first (:func:`chunk_texts`; pass `chunks`, from :func:`num_chunks`
+    over the largest per-rank text count, when the call count must agree across ranks).
     """
+    if isinstance(columns, ChunkedTexts):
+        return split_columns(encode_chunked(model, columns), columns.counts, k)
     if chunk_size is None and chunks is None:
         query = model(columns["query"]["input_ids"], columns["query"]["attention_mask"])
         pos = model(columns["pos"]["input_ids"], columns["pos"]["attention_mask"])
@@ -201,11 +237,11 @@ def encode_columns(model: nn.Module, columns: Mapping[str, Features], k: int, ch
             return query, pos, None
         neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
         return query, pos, neg.view(query.shape[0], k, -1)
-    packed, counts = pack_columns(columns, pad_token_id)
-    if chunks is None:
-        chunks = num_chunks(packed["input_ids"].shape[0], chunk_size)
-    embeddings = _encode_chunks(model, packed, plan_chunks(packed["attention_mask"], chunks))
-    return _split_columns(embeddings, counts, k)
+    device = columns["query"]["input_ids"].device
+    texts = sum(f["input_ids"].shape[0] for f in columns.values())
+    host = {c: {name: t.cpu() for name, t in f.items()} for c, f in columns.items()}
+    chunked = chunk_texts(host, chunks if chunks is not None else num_chunks(texts, chunk_size), pad_token_id)
+    return split_columns(encode_chunked(model, chunked.to(device)), chunked.counts, k)
 
 
 # ------------------------------------------------------------------------------------------------ GradCache
@@ -310,61 +346,54 @@ def _replay_rng(state: tuple[Tensor, list[Tensor]], devices: list[int]) -> Itera
 
 
 class GradCache:
-    """One step of GradCache over a collated side's columns.
+    """One step of GradCache over a side's chunked texts.
 
     Usage::
 
-        cache = GradCache(model, columns, k, chunks, pad_token_id, autocast)
-        query, pos, neg = cache.embeddings          # detached leaves that require grad
+        cache = GradCache(model, chunked, k, autocast)   # chunked: ChunkedTexts from the collator
+        query, pos, neg = cache.embeddings                # views of a detached leaf that requires grad
         loss = loss_fn(query, pos, neg, ...)
         cache.backward(loss, AcceleratorBackward(accelerator, model))
 
     `autocast` is a context-manager factory applied to every chunk forward (e.g. `accelerator.autocast`).
     """
 
-    def __init__(self, model: nn.Module, columns: Mapping[str, Features], k: int, chunks: int,
-                 pad_token_id: int = 0, autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+    def __init__(self, model: nn.Module, chunked: ChunkedTexts, k: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         self.model = model
+        self.chunked = chunked
         self.autocast = autocast or contextlib.nullcontext
-        self.features, self.counts = pack_columns(columns, pad_token_id)
-        self.plan = plan_chunks(self.features["attention_mask"], chunks)
-        self.left = _left_padded(self.features["attention_mask"])
         self.devices = _rng_devices()
         self.rng_states: list[tuple[Tensor, list[Tensor]]] = []
         outputs = []
         with torch.no_grad():
-            for chunk in self.plan:
+            for chunk in chunked.chunks[:chunked.real_chunks]:
                 self.rng_states.append((torch.get_rng_state(),
                                         [torch.cuda.get_rng_state(d) for d in self.devices]))
                 with self.autocast():
-                    out = model(*_chunk_features(self.features, chunk, self.left))
-                if chunk.rows.numel():
-                    outputs.append(out)
-        order = torch.cat([c.rows for c in self.plan if c.rows.numel()])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        # One leaf for all texts: the loss's gradient w.r.t. every embedding lands in `self.leaf.grad`.
-        self.leaf = torch.cat(outputs)[inverse].detach().requires_grad_()
-        self.embeddings = _split_columns(self.leaf, self.counts, k)
+                    outputs.append(model(chunk["input_ids"], chunk["attention_mask"]))
+            # Placeholder chunks contribute nothing to the embeddings; their forward runs in `backward`.
+        # One leaf, in chunk order, for all texts: the loss's gradient w.r.t. every embedding lands in its `.grad`.
+        self.leaf = torch.cat(outputs).detach().requires_grad_()
+        self.embeddings = split_columns(self.leaf[chunked.inverse], chunked.counts, k)
 
     def backward(self, loss: Tensor, chunk_backward: ChunkBackward | None = None) -> None:
         """Back-propagate `loss` to the embeddings, then through the encoder chunk by chunk."""
         chunk_backward = chunk_backward or PlainBackward()
         # Only the embedding leaf (and, across ranks, the all-gather's reduce-scatter) is in this graph.
         loss.backward()
-        grad = self.leaf.grad
-        if grad is None:
-            grad = torch.zeros_like(self.leaf)
-        last = len(self.plan) - 1
+        grad = self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
+        grads = grad.float().split(self.chunked.chunk_rows)
+        last = len(self.chunked.chunks) - 1
         with chunk_backward.steps():
-            for i, (chunk, state) in enumerate(zip(self.plan, self.rng_states)):
-                with chunk_backward.chunk(i == last), _replay_rng(state, self.devices):
+            for i, chunk in enumerate(self.chunked.chunks):
+                real = i < self.chunked.real_chunks
+                # Placeholders draw no dropout mask worth replaying: their output is multiplied by zero.
+                replay = _replay_rng(self.rng_states[i], self.devices) if real else contextlib.nullcontext()
+                with chunk_backward.chunk(i == last), replay:
                     with self.autocast():
-                        out = self.model(*_chunk_features(self.features, chunk, self.left))
-                    if chunk.rows.numel():
-                        surrogate = (out.float() * grad[chunk.rows].float()).sum()
-                    else:
-                        surrogate = out.float().sum() * 0
+                        out = self.model(chunk["input_ids"], chunk["attention_mask"])
+                    surrogate = (out.float() * grads[i]).sum() if real else out.float().sum() * 0
                     chunk_backward.backward(surrogate)
         chunk_backward.finish()
         self.leaf.grad = None

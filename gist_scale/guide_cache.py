@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import torch
+from accelerate.utils import send_to_device
 from rich.console import Console
 
 from gist_scale import distributed, encode
@@ -259,7 +260,8 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state.wait_for_everyone()
 
     guide = load_guide(cfg.guide, state.device)
-    collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of)
+    collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of,
+                               chunks=None if chunk_size is None else encode.num_chunks(rows_per_batch * (2 + k), chunk_size))
     world, rank = state.num_processes, state.process_index
     rows = np.array_split(np.arange(len(tokenized)), world)[rank]
     shard = f"shard-{rank:05d}-of-{world:05d}.arrow"
@@ -271,10 +273,9 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     done = 0
     for begin in range(0, len(rows), rows_per_batch):
         index = rows[begin:begin + rows_per_batch].tolist()
-        batch = collator(tokenized.__getitems__(index))["student"]
-        batch = {c: {name: t.to(state.device) for name, t in f.items()} for c, f in batch.items()}
+        batch = send_to_device(collator(tokenized.__getitems__(index))["student"], state.device)
         with torch.inference_mode():
-            query, pos, neg = encode.encode_columns(guide, batch, k, chunk_size, pad_token_id=tokenizer.pad_token_id)
+            query, pos, neg = encode.encode_columns(guide, batch, k)
         arrays = {"row": pa.array(index, type=pa.int64()),
                   "query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
         if k:

@@ -20,6 +20,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 from gist_scale.config import MINILM, GuideConfig, ModelConfig
 
 POOLINGS = ("cls", "mean", "last_token")
+SDPA_MASK_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+"""Encoders to which `Embedder` hands a ready 4D boolean mask (`[B, 1, 1, L]`, True = attend) under sdpa attention.
+Given the 2D mask, transformers reads it back from the device in every forward call (`padding_mask.all()`, to drop
+the mask when nothing is padded): a host sync per encoder call, which stalls the launch queue on an accelerator. A
+4D mask is passed to sdpa as is; the embeddings are the same (tested)."""
 
 
 def resolve_model_path(name: str) -> str:
@@ -68,7 +73,11 @@ class Embedder(nn.Module):
         return int(self.encoder.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        config = self.encoder.config
+        encoder_mask = attention_mask
+        if config._attn_implementation == "sdpa" and config.model_type in SDPA_MASK_MODEL_TYPES:
+            encoder_mask = attention_mask.bool()[:, None, None, :]
+        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
         embeddings = pool(hidden, attention_mask, self.pooling)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings
 

@@ -36,6 +36,7 @@ from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, bui
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
+from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student, load_tokenizer
 
@@ -105,13 +106,15 @@ class StepProgress:
 
 @dataclass
 class StepMetrics:
-    """Per-step values, kept on the device until a log step so the loop never waits on the host."""
+    """Per-step values: device tensors kept there until a log step so the loop never waits on the host, and
+    host numbers the collator counted."""
 
     loss: torch.Tensor
     masked_fraction: torch.Tensor
     candidates_per_anchor: torch.Tensor
-    tokens: torch.Tensor
-    triplets: torch.Tensor
+    tokens: int
+    triplets: int
+    model_flops: float
 
 
 class Trainer:
@@ -139,8 +142,6 @@ class Trainer:
         # With a guide cache the guide is neither tokenized for nor loaded: its embeddings come with each batch.
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
         guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.guide_pad_token_id = guide_tokenizer.pad_token_id if guide_tokenizer is not None else 0
         self._grad_cache: encode.GradCache | None = None  # set by `_forward`, consumed by `_backward`
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
@@ -157,7 +158,9 @@ class Trainer:
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
             cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
         self.tokens_per_epoch = count_tokens(dataset, "student")
-        collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of)
+        # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
+        collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,
+                                   chunks=self._chunks(self.data_report.num_negatives))
         if guide_cache is not None:
             dataset, collator = guide_cache.attach(dataset, collator)
         self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
@@ -166,6 +169,10 @@ class Trainer:
 
         student = load_student(cfg.model)
         self.guide = self._load_guide()
+        self.encoder_configs = {"student": student.encoder.config}
+        if self.guide is not None:
+            self.encoder_configs["guide"] = self.guide.encoder.config
+        self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(self.device)
         # Outside debug mode, non-finite embeddings are not an error but a skipped step (see `_nonfinite`).
         self.loss_fn = GISTLoss(cfg.loss.temperature, cfg.loss.margin_strategy, cfg.loss.margin,
                                 cfg.loss.contrast_anchors, cfg.loss.contrast_positives, check_finite=cfg.debug)
@@ -276,30 +283,37 @@ class Trainer:
             self.state.position = 0
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
-        student = batch["student"]
+        student = batch["student"]  # column tensors, or `encode.ChunkedTexts` planned by the collator
         k = batch["num_negatives"]
         guide_embeddings = self._guide_embeddings(batch, k)
-        chunks = self._chunks(k)
         if self.cfg.train.grad_cache:
             # Embeddings without autograd now; `_backward` re-encodes chunk by chunk with the cached gradient.
-            self._grad_cache = encode.GradCache(self.student, student, k, chunks, self.pad_token_id,
-                                                self.accelerator.autocast)
+            self._grad_cache = encode.GradCache(self.student, student, k, self.accelerator.autocast)
             query, pos, neg = self._grad_cache.embeddings
         else:
             with self.accelerator.autocast():
-                query, pos, neg = encode.encode_columns(self.student, student, k, chunks=chunks,
-                                                        pad_token_id=self.pad_token_id)
+                query, pos, neg = encode.encode_columns(self.student, student, k)
         loss = self.loss_fn(query, pos, neg, *guide_embeddings)
         stats = self.loss_fn.last_stats
-        tokens = sum(f["attention_mask"].sum() for f in student.values())
-        batch_rows = torch.tensor(float(query.shape[0]), device=self.device)
+        counts = batch["token_counts"]
         if self.cfg.debug:
-            shapes = {col: tuple(f["input_ids"].shape) for col, f in student.items()}
+            shapes = ({col: tuple(f["input_ids"].shape) for col, f in student.items()} if isinstance(student, dict)
+                      else [tuple(c["input_ids"].shape) for c in student.chunks])
             console.log(f"debug: step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
                         f"masked {stats.masked_fraction.item():.3f} "
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
         return loss, StepMetrics(loss.detach(), stats.masked_fraction, stats.candidates_per_anchor,
-                                 tokens.float(), batch_rows)
+                                 counts["student"].tokens, counts["student"].texts // (2 + k),
+                                 self._model_flops(counts))
+
+    def _model_flops(self, counts: dict) -> float:
+        """Training FLOPs of this micro-batch on real tokens: the student's forward and backward (3x a forward) and
+        the live guide's forward. GradCache's second forward is recomputation and is not counted."""
+        flops = 0.0
+        for side, config in self.encoder_configs.items():
+            forward = forward_flops(config, counts[side].tokens, counts[side].tokens_squared)
+            flops += 3 * forward if side == "student" else forward
+        return flops
 
     def _chunks(self, k: int) -> int | None:
         """Encoder calls per side and step (None: one per column); from the per-device batch size, so every rank
@@ -315,8 +329,7 @@ class Trainer:
         if self.guide is None:
             return None, None, None
         with torch.inference_mode():
-            embeddings = encode.encode_columns(self.guide, batch["guide"], k, chunks=self._chunks(k),
-                                               pad_token_id=self.guide_pad_token_id)
+            embeddings = encode.encode_columns(self.guide, batch["guide"], k)
         # Inference tensors cannot enter the autograd graph that the loss builds around them.
         return tuple(None if e is None else e.clone() for e in embeddings)
 
@@ -349,14 +362,19 @@ class Trainer:
     def _reduce_metrics(self, pending: list[StepMetrics], grad_norm, elapsed: float) -> dict:
         local = torch.stack([torch.stack([m.loss, m.masked_fraction, m.candidates_per_anchor]).float()
                              for m in pending]).mean(0)
-        counts = torch.stack([torch.stack([m.tokens, m.triplets]) for m in pending]).sum(0)
+        counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for m in pending], dtype=torch.float64,
+                              device=self.device).sum(0)
         loss, masked, candidates = distributed.all_reduce_mean(local).tolist()
-        tokens, triplets = distributed.all_reduce_sum(counts).tolist()
+        tokens, triplets, flops = distributed.all_reduce_sum(counts).tolist()
+        tflops = flops / elapsed / self.accelerator.num_processes / 1e12
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
             "lr": self.scheduler.get_last_lr()[0], "masked_fraction": masked, "candidates_per_anchor": candidates,
             "triplets_per_s": triplets / elapsed, "tokens_per_s": tokens / elapsed,
+            "model_tflops_per_s": tflops,
         }
+        if self.peak_tflops:
+            record["mfu"] = tflops / self.peak_tflops
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         return record
@@ -370,7 +388,8 @@ class Trainer:
         console.print(
             f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"masked {record['masked_fraction']:.3f}  cand/anchor {record['candidates_per_anchor']:.0f}  "
-            f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s")
+            f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s"
+            + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""))
 
     def _print_summary(self, resume_from: Path | None) -> None:
         if not self.accelerator.is_main_process:

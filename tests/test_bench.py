@@ -10,6 +10,7 @@ import torch
 
 from gist_scale import bench, cli
 from gist_scale.encode import pack_columns
+from gist_scale.flops import forward_flops
 
 TINY = ["--cases", "tiny", "--batch", "8", "--query-len", "4-12", "--doc-len", "12-40", "--steps", "2", "--warmup",
         "1", "--chunk-size", "8", "--dropout", "0", "--threads", "1", "--device", "cpu"]
@@ -67,7 +68,7 @@ def test_synthetic_batches_and_flops():
         hidden_size, num_hidden_layers, intermediate_size = 4, 2, 8
 
     # 2 layers x (4*16 + 2*4*8) = 256 weights per token -> 512 FLOPs/token; attention 4*2*4*l^2 = 32 l^2.
-    assert bench.forward_flops(Config, torch.tensor([1, 2])) == 512 * 3 + 32 * 5
+    assert forward_flops(Config, 1 + 2, 1 + 4) == 512 * 3 + 32 * 5
 
 
 def test_bad_arguments_are_refused():

@@ -146,8 +146,70 @@ def test_plan_and_counts_validation():
     assert encode.num_chunks(10, None) == 1 and encode.num_chunks(10, 3) == 4 and encode.num_chunks(0, 3) == 1
     with pytest.raises(ValueError, match="chunk_size"):
         encode.num_chunks(10, 0)
-    plan = encode.plan_chunks(torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]]), 2)
-    assert [c.rows.tolist() for c in plan] == [[1, 2], [0]] and [c.width for c in plan] == [3, 1]
+    mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    ids = mask * torch.tensor([[11], [12], [13]])
+    chunked = encode.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 2)
+    assert [c["input_ids"].tolist() for c in chunked.chunks] == [[[12, 12, 12, 12], [13, 13, 0, 0]], [[11]]]
+    assert chunked.real_chunks == 2 and chunked.chunk_rows == [2, 1] and chunked.counts == {"query": 3}
+    assert chunked.inverse.tolist() == [2, 0, 1] and chunked.processed_tokens == 9
+    # Widths rounded up for tensor cores, never past the batch's own width; placeholders for missing texts.
+    rounded = encode.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 5, pad_to_multiple_of=4)
+    assert [tuple(c["input_ids"].shape) for c in rounded.chunks] == [(1, 4), (1, 4), (1, 4), (1, 1), (1, 1)]
+    assert rounded.real_chunks == 3 and rounded.chunks[3]["attention_mask"].tolist() == [[1]]
+    with pytest.raises(ValueError, match="chunks"):
+        encode.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 0)
+
+
+def test_collator_plans_the_chunks_on_the_host(tiny_model_dir):
+    """`TripletCollator(chunks=N)` hands over each side already chunked (the plan the encoder would make), with
+    the real token counts the metrics need; the chunks survive pinning and the move to the device."""
+    from transformers import AutoTokenizer
+
+    from gist_scale.data import TokenCounts, TripletCollator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"student_query": [101, 5, 102], "student_pos": [101, 6, 7, 8, 102],
+             "student_negs": [[101, 9, 102], [101] + [10] * 9 + [102]]},
+            {"student_query": [101, 11, 12, 13, 102], "student_pos": [101, 14, 102],
+             "student_negs": [[101, 15, 16, 102], [101, 17, 102]]}]
+    per_column = TripletCollator(tokenizer)(rows)
+    chunked = TripletCollator(tokenizer, chunks=3)(rows)
+    lengths = [3, 5, 5, 3, 3, 11, 4, 3]
+    assert per_column["token_counts"] == chunked["token_counts"] == {
+        "student": TokenCounts(8, sum(lengths), sum(n * n for n in lengths))}
+    want = encode.chunk_texts(per_column["student"], 3, tokenizer.pad_token_id)
+    got = chunked["student"]
+    assert isinstance(got, encode.ChunkedTexts) and got.counts == {"query": 2, "pos": 2, "neg": 4}
+    assert [tuple(c["input_ids"].shape) for c in got.chunks] == [(3, 11), (3, 4), (2, 3)]
+    for a, b in zip(got.chunks, want.chunks):
+        assert all(torch.equal(a[key], b[key]) for key in ("input_ids", "attention_mask"))
+    moved = got.to("cpu", non_blocking=True)
+    assert torch.equal(moved.inverse, got.inverse) and moved.counts == got.counts
+    model = BagOfTokens()
+    with torch.no_grad():
+        for x, y in zip(encode.encode_columns(model, moved, 2), encode.encode_columns(model, per_column["student"], 2)):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+def test_a_chunked_training_step_reads_nothing_back_from_the_device(tiny_model_dir, monkeypatch):
+    """With the plan made by the collator, the student's chunked forward, the loss and GradCache's backward
+    never read a tensor's value on the host (on an accelerator each such read would stall the step)."""
+    model = _embedder(tiny_model_dir, dropout=0.1).train()
+    chunked = encode.chunk_texts(_columns(b=5, k=2), 4)
+    guide = tuple(e.detach() for e in encode.encode_columns(BagOfTokens(), chunked, 2))
+    loss_fn = GISTLoss(check_finite=False)  # as training runs it outside debug mode
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    loss = loss_fn(*encode.encode_columns(model, chunked, 2), *guide)
+    loss.backward()
+    cache = encode.GradCache(model, chunked, 2)
+    cache.backward(loss_fn(*cache.embeddings, *guide))
+    monkeypatch.undo()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ GradCache
@@ -168,7 +230,7 @@ def test_grad_cache_matches_the_plain_step_with_dropout(tiny_model_dir, chunks):
     rng_after_plain = torch.get_rng_state()
 
     torch.manual_seed(7)
-    cache = encode.GradCache(cached, columns, 2, chunks)
+    cache = encode.GradCache(cached, encode.chunk_texts(columns, chunks), 2)
     assert all(e.requires_grad for e in cache.embeddings) and cache.leaf.is_leaf
     cached_loss = loss_fn(*cache.embeddings, *guide)
     cache.backward(cached_loss)
@@ -196,7 +258,7 @@ def test_grad_cache_backward_driver_order():
             events.append(("finish",))
 
     model = BagOfTokens()
-    cache = encode.GradCache(model, _columns(b=3, k=1), 1, chunks=3)
+    cache = encode.GradCache(model, encode.chunk_texts(_columns(b=3, k=1), 3), 1)
     cache.backward(GISTLoss()(*cache.embeddings), Spy())
     assert events == [("chunk", False), ("backward",), ("chunk", False), ("backward",), ("chunk", True),
                       ("backward",), ("finish",)]

@@ -260,6 +260,26 @@ def test_gradient_accumulation_logs_the_candidates_each_anchor_really_sees(tmp_p
     assert all(r["candidates_per_anchor"] == 14 for r in records)
 
 
+def test_logged_model_flops_and_mfu_with_collator_planned_chunks(tmp_path, tiny_model_dir, capsys):
+    """Chunked training (the collator plans the chunks) logs model FLOP/s on real tokens and MFU against the peak."""
+    from transformers import AutoConfig
+
+    run = tmp_path / "mfu"
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "2",
+                          "--train.chunk_size", "10", "--logging.peak_tflops", "0.001", "--debug")) == 0
+    records = read_metrics(run)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    h, layers = config.hidden_size, config.num_hidden_layers
+    linear = layers * (4 * h * h + 2 * h * config.intermediate_size)
+    for record in records:
+        assert record["mfu"] == pytest.approx(record["model_tflops_per_s"] / 0.001)
+        # Per real token, a forward costs 2 x linear plus attention's 4 x layers x h x (length-weighted mean length);
+        # the student counts 3 forwards (forward and backward), the live guide 1.
+        per_token = record["model_tflops_per_s"] * 1e12 / record["tokens_per_s"]
+        assert 8 * linear + 16 * layers * h * 2 < per_token < 8 * linear + 16 * layers * h * 128
+    assert "MFU" in capsys.readouterr().err
+
+
 def test_debug_mode_refuses_several_processes(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--debug"]) == 2
