@@ -162,9 +162,15 @@ class LossConfig:
     """Include query-query candidates (GISTEmbed default)."""
     contrast_positives: bool = True
     """Include positive-positive candidates (GISTEmbed default)."""
+    row_block: int | None = 2048
+    """With more rows per rank than this, compute the loss in row blocks recomputed in the backward, so it holds
+    [row_block, candidates] matrices instead of [rows, candidates] (same loss and gradients); null never blocks.
+    Matters for very large batches with GradCache: 16,384 triplets with one negative have 65,536 candidates."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
+        _check(self.row_block is None or self.row_block > 0,
+               f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
         _check(self.margin_strategy in ("absolute", "relative"),
                f"loss.margin_strategy={self.margin_strategy!r}: use absolute or relative")
 

@@ -60,6 +60,13 @@ Each rank returns ``sum(local row losses) * W / N`` (``W`` ranks, ``N`` global r
 
 Without a process group (or with ``gather_across_ranks=False``) this is the ordinary mean over
 the local rows.
+
+Memory
+------
+The logit matrix is ``[B_local, C]`` with ``C = N * (2 + K)`` or so: quadratic in the batch. Past
+``row_block`` local rows the loss is computed in row blocks, each under activation checkpointing
+(recomputed in the backward), so no tensor of the forward or backward exceeds ``row_block x C``
+elements (tested); the loss and gradients are the same.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gist_scale import distributed as gdist
 
@@ -121,6 +129,10 @@ class GISTLoss(nn.Module):
         check_finite: raise ``ValueError`` on NaN/inf embeddings. Costs one host sync per call
             in single-process mode; in a process group the check rides on the size exchange
             that happens anyway. Disable only if that sync matters and you check elsewhere.
+        row_block: with more local rows than this, the loss is computed in blocks of this many rows, each
+            recomputed in the backward (activation checkpointing), so its memory is ``row_block x C`` instead of
+            ``B_local x C`` (same loss and gradients; ``None`` never blocks). The default leaves batches up to 2048
+            rows per rank untouched.
 
     Forward:
         ``anchor``, ``positive``: ``[B, D]`` student embeddings. ``negative``: ``None``,
@@ -138,6 +150,7 @@ class GISTLoss(nn.Module):
         contrast_positives: bool = True,
         gather_across_ranks: bool = True,
         check_finite: bool = True,
+        row_block: int | None = 2048,
     ) -> None:
         super().__init__()
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
@@ -153,6 +166,9 @@ class GISTLoss(nn.Module):
         self.contrast_positives = bool(contrast_positives)
         self.gather_across_ranks = bool(gather_across_ranks)
         self.check_finite = bool(check_finite)
+        if row_block is not None and row_block < 1:
+            raise ValueError(f"row_block must be >= 1 or None, got {row_block!r}")
+        self.row_block = row_block
         self.last_stats: LossStats | None = None
 
     def extra_repr(self) -> str:
@@ -210,27 +226,59 @@ class GISTLoss(nn.Module):
 
         # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three.
         q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True)
-        labels = torch.arange(offset, offset + b_local, device=q.device)
-        logits = _block_matrix(q, p, n, offset, b_local, self.contrast_anchors, self.contrast_positives)
+        guide = (None, None, None)
+        if has_guide:
+            with torch.no_grad():
+                guide = self._gathered_columns(
+                    guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
+                )
+        n_cols = n_global * (1 + k + int(self.contrast_anchors) + int(self.contrast_positives))
+        n_self = int(self.contrast_anchors) + int(self.contrast_positives)
 
-        n_cols = logits.shape[1]
-        col = torch.arange(n_cols, device=logits.device)
+        if self.row_block is None or b_local <= self.row_block:
+            loss_sum, masked_count = self._row_losses(offset, b_local, n_global, k, q, p, n, *guide)
+        else:
+            # Row blocks, each recomputed in the backward: the loss holds [row_block, C] matrices at a time instead
+            # of [B_local, C] ones (a 16,384-row batch with one negative has C = 65,536).
+            sums, counts = [], []
+            for start in range(0, b_local, self.row_block):
+                rows = min(self.row_block, b_local - start)
+                block_sum, block_count = checkpoint(self._row_losses, offset + start, rows, n_global, k, q, p, n,
+                                                    *guide, use_reentrant=False)
+                sums.append(block_sum)
+                counts.append(block_count)
+            loss_sum, masked_count = torch.stack(sums).sum(), torch.stack(counts).sum()
+        loss = loss_sum * (world / n_global)
+        stats_device = loss.device
+
+        maskable = b_local * (n_cols - 1 - n_self)
+        self.last_stats = LossStats(
+            masked_fraction=(masked_count.float() / max(maskable, 1)).detach(),
+            candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
+            local_rows=torch.full((), float(b_local), device=stats_device),
+            global_rows=torch.full((), float(n_global), device=stats_device),
+        )
+        return loss
+
+    def _row_losses(
+        self, first: int, rows: int, n_global: int, k: int, q: Tensor, p: Tensor, n: Tensor | None,
+        gq: Tensor | None, gp: Tensor | None, gn: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """Sum of the cross-entropies of global rows ``first .. first + rows`` and the guide-masked count."""
+        logits = _block_matrix(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
+        labels = torch.arange(first, first + rows, device=q.device)
+        col = torch.arange(logits.shape[1], device=logits.device)
         qq_start = n_global + n_global * k
         pp_start = qq_start + (n_global if self.contrast_anchors else 0)
-        n_self = int(self.contrast_anchors) + int(self.contrast_positives)
-        # Self pairs by index arithmetic: row i's global index is offset + i in every block.
-        excluded = torch.zeros((b_local, n_cols), dtype=torch.bool, device=logits.device)
+        # Self pairs by index arithmetic: row i's global index is the same in every block.
+        excluded = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
         if self.contrast_anchors:
             excluded |= col == (qq_start + labels)[:, None]
         if self.contrast_positives:
             excluded |= col == (pp_start + labels)[:, None]
-
-        if has_guide:
+        if gq is not None:
             with torch.no_grad():
-                gq, gp, gn = self._gathered_columns(
-                    guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
-                )
-                guide_sims = _block_matrix(gq, gp, gn, offset, b_local, self.contrast_anchors, self.contrast_positives)
+                guide_sims = _block_matrix(gq, gp, gn, first, rows, self.contrast_anchors, self.contrast_positives)
                 # Threshold from the very matrix entry the label column holds, so "strictly
                 # greater" compares like with like.
                 pos_sim = guide_sims.gather(1, labels[:, None])
@@ -239,26 +287,15 @@ class GISTLoss(nn.Module):
                 else:
                     threshold = pos_sim - pos_sim.abs() * self.margin
                 guided = guide_sims > threshold
+                del guide_sims
                 guided &= col != labels[:, None]
                 guided &= ~excluded
             masked_count = guided.sum()
             excluded |= guided
         else:
             masked_count = torch.zeros((), dtype=torch.int64, device=logits.device)
-
-        logits = (logits / self.temperature).masked_fill(excluded, float("-inf"))
-        row_losses = F.cross_entropy(logits, labels, reduction="none")
-        loss = row_losses.sum() * (world / n_global)
-
-        maskable = b_local * (n_cols - 1 - n_self)
-        stats_device = logits.device
-        self.last_stats = LossStats(
-            masked_fraction=(masked_count.float() / max(maskable, 1)).detach(),
-            candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
-            local_rows=torch.full((), float(b_local), device=stats_device),
-            global_rows=torch.full((), float(n_global), device=stats_device),
-        )
-        return loss
+        logits = (logits / self.temperature).masked_fill_(excluded, float("-inf"))
+        return F.cross_entropy(logits, labels, reduction="sum"), masked_count
 
     @staticmethod
     def _gathered_columns(

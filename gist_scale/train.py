@@ -175,7 +175,8 @@ class Trainer:
         self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(self.device)
         # Outside debug mode, non-finite embeddings are not an error but a skipped step (see `_nonfinite`).
         self.loss_fn = GISTLoss(cfg.loss.temperature, cfg.loss.margin_strategy, cfg.loss.margin,
-                                cfg.loss.contrast_anchors, cfg.loss.contrast_positives, check_finite=cfg.debug)
+                                cfg.loss.contrast_anchors, cfg.loss.contrast_positives, check_finite=cfg.debug,
+                                row_block=cfg.loss.row_block)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         # `from_pretrained` returns the encoder in eval mode (dropout off); evaluation restores whatever mode it found.

@@ -287,19 +287,24 @@ def _metrics(run: Path) -> list[dict]:
 def test_grad_cache_training_equals_plain_training_ddp_zero2_zero3(tiny_model_dir, launch_env, tmp_path):
     """2 ranks, dropout 0.1, lr 1e-3, 2 steps: GradCache under DDP, ZeRO-2 and ZeRO-3 (DeepSpeed's coalesced
     reduction; and, for ZeRO-3, per-chunk micro-steps, the path of DeepSpeed versions without it) reproduces the
-    plain DDP run's losses, gradient norms and weights.
+    plain DDP run's losses, gradient norms and weights; with 2 accumulation micro-batches too (ZeRO-2).
 
     The plain run encodes the same length-sorted chunks with autograd, so it draws the same dropout masks; equal
     results therefore also show that GradCache replays each chunk's RNG exactly. Gradient norms are compared
     because Adam's update is invariant to a constant gradient scale, which weights alone would not reveal.
     """
+    accumulate = ("--train.batch_size", "2", "--train.grad_accum_steps", "2")
     runs = {
         "plain-ddp": ("ddp", ()),
         "gc-ddp": ("ddp", ("--train.grad_cache", "true")),
         "gc-zero2": ("zero2", ("--train.grad_cache", "true")),
         "gc-zero3": ("zero3", ("--train.grad_cache", "true")),
         "gc-zero3-per-chunk": ("zero3", ("--train.grad_cache", "true", "--train.grad_cache_coalesce", "false")),
+        # Accumulation: DeepSpeed's coalesced block cannot span micro-batches, so each chunk is a micro-step.
+        "plain-ddp-accum": ("ddp", accumulate),
+        "gc-zero2-accum": ("zero2", (*accumulate, "--train.grad_cache", "true")),
     }
+    reference_of = {name: "plain-ddp-accum" if name.endswith("-accum") else "plain-ddp" for name in runs}
     procs = {}
     for name, (layout, extra) in runs.items():
         # All at once: each job is mostly start-up, and torchrun --standalone picks a free port per job.
@@ -310,10 +315,10 @@ def test_grad_cache_training_equals_plain_training_ddp_zero2_zero3(tiny_model_di
     for name, proc in procs.items():
         assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
 
-    reference = _metrics(tmp_path / "plain-ddp")
-    reference_weights = load_file(tmp_path / "plain-ddp" / "final" / "model.safetensors")
-    assert reference[-1]["loss"] != reference[0]["loss"]
     for name in runs:
+        reference = _metrics(tmp_path / reference_of[name])
+        reference_weights = load_file(tmp_path / reference_of[name] / "final" / "model.safetensors")
+        assert reference[-1]["loss"] != reference[0]["loss"]
         metrics = _metrics(tmp_path / name)
         assert [m["step"] for m in metrics] == [1, 2]
         for got, want in zip(metrics, reference):

@@ -192,6 +192,7 @@ def test_guide_may_have_a_different_width_and_dtype():
         (dict(temperature=math.nan), "temperature"),
         (dict(margin_strategy="percent"), "margin_strategy"),
         (dict(margin=math.inf), "margin"),
+        (dict(row_block=0), "row_block"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -249,3 +250,49 @@ def test_guide_ties_with_the_threshold_are_kept():
     no_guide = {name: None if name.startswith("guide") else t for name, t in inputs.items()}
     assert fn.last_stats.masked_fraction.item() == 0.0
     torch.testing.assert_close(loss, GISTLoss()(**no_guide), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("row_block", [1, 3, 7])
+def test_row_blocks_give_the_same_loss_gradients_and_stats(k, row_block):
+    inputs = make_inputs(7, k, seed=3, related=0.5)
+    student = [c for c in ("anchor", "positive", "negative") if inputs[c] is not None]
+    results = []
+    for block in (None, row_block):
+        leaves = {c: inputs[c].clone().requires_grad_() for c in student}
+        fn = GISTLoss(margin=0.05, row_block=block)
+        loss = fn(**{**inputs, **leaves})
+        loss.backward()
+        results.append((loss.detach(), [leaves[c].grad for c in student], fn.last_stats))
+    (loss, grads, stats), (blocked, blocked_grads, blocked_stats) = results
+    torch.testing.assert_close(blocked, loss, rtol=0, atol=1e-5)
+    for got, want in zip(blocked_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert blocked_stats.masked_fraction.item() == stats.masked_fraction.item() > 0
+    assert blocked_stats.candidates_per_anchor.item() == stats.candidates_per_anchor.item()
+
+
+def test_row_blocks_bound_the_largest_intermediate():
+    """With row blocks no tensor of the forward or the backward exceeds row_block x C elements (C candidates):
+    the loss memory of a 16,384-triplet batch stops growing with its square."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+            return out
+
+    b, k = 256, 1
+    candidates = b * (2 + k) + b  # qp, qn, qq and pp blocks
+    inputs = make_inputs(b, k, seed=5)
+    for block, bound in ((None, b * candidates), (32, 32 * candidates)):
+        leaves = {c: inputs[c].clone().requires_grad_() for c in ("anchor", "positive", "negative")}
+        with LargestOutput() as largest:
+            GISTLoss(row_block=block)(**{**inputs, **leaves}).backward()
+        assert largest.numel == bound, block
