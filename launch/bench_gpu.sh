@@ -45,7 +45,7 @@ fi
 # BENCH_SMOKE=1: the same four runs at the tiny size and short lengths, to check the script on a CPU.
 SMOKE=()
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
-    SMOKE=(--cases tiny --query-len 4-12 --doc-len 8-24 --steps 1 --warmup 1 --threads 1)
+    SMOKE=(--cases tiny --batch 8 --query-len 4-12 --doc-len 8-24 --steps 1 --warmup 1 --threads 1)
 fi
 
 run() {  # run SECONDS NAME ARGS...: one bench invocation, bounded so that the later ones still get their turn
