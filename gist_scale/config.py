@@ -127,7 +127,9 @@ class DataConfig:
     drop_last: bool = True
     """Drop each task's tail smaller than a global batch (counted in the summary); false keeps uneven tails."""
     num_workers: int = 0
-    """DataLoader worker processes for collation; tokenization is already cached by `datasets.map`."""
+    """DataLoader worker processes for collation (padding, chunk plans); tokenization is already cached by
+    `datasets.map`. 0 collates in the training process: about 20 ms per 256 triplets with a guide, so on a GPU use
+    2-4 workers to overlap it with the step."""
     max_rows: int | None = None
     """Use only the first N valid rows (smoke tests, debugging)."""
     num_proc: int | None = None
