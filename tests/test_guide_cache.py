@@ -83,19 +83,24 @@ def test_the_cache_holds_the_guide_embeddings_of_every_row(guide_dir, cache_dir)
         torch.testing.assert_close(got[column].float(), expected.float(), rtol=0, atol=2**-8)
 
 
-@pytest.mark.parametrize("workers", [0, 2])  # workers receive the cache pickled: by file path, not by content
-def test_batches_carry_cached_embeddings_instead_of_guide_ids(guide_dir, cache_dir, tiny_model_dir, workers):
+# Workers receive the cache pickled (by file path, not by content); chunks: the student side arrives chunked.
+@pytest.mark.parametrize(("workers", "chunks"), [(0, None), (2, 3)])
+def test_batches_carry_cached_embeddings_instead_of_guide_ids(guide_dir, cache_dir, tiny_model_dir, workers, chunks):
     cfg = _job(guide_dir)
     dataset, k = _rows(cfg)
     cache = open_guide_cache(GuideConfig(name=str(guide_dir), cache=str(cache_dir)), dataset, k)
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenized, _ = tokenize_triplets(dataset, tokenizer, 128)  # student side only
-    rows, collator = cache.attach(tokenized, TripletCollator(tokenizer))
+    rows, collator = cache.attach(tokenized, TripletCollator(tokenizer, chunks=chunks))
     sampler = GlobalBatchSampler(None, 8, 1, 0, num_rows=len(tokenized), seed=3)
     plan = list(sampler)
     sampler.set_epoch(0)
     for indices, batch in zip(plan, build_dataloader(rows, sampler, collator, workers), strict=True):
-        assert "guide" not in batch and batch["student"]["query"]["input_ids"].shape[0] == 8
+        assert "guide" not in batch and "guide" not in batch["token_counts"]
+        if chunks is None:
+            assert batch["student"]["query"]["input_ids"].shape[0] == 8
+        else:
+            assert len(batch["student"].chunks) == chunks and batch["student"].counts["query"] == 8
         expected = cache.lookup(indices)
         for column in ("query", "pos", "neg"):
             assert torch.equal(batch["guide_embeddings"][column], expected[column])
