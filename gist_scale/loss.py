@@ -47,7 +47,9 @@ logit matrix is ``[B_local, C]``. Ranks may hold different ``B_local`` (even zer
 all-gather exchanges the sizes (and each rank's input validity, so that a bad input raises
 ``ValueError`` on every rank rather than hanging the others), then the columns are padded to
 the largest rank, gathered, and stripped back to exactly ``N`` rows. Embeddings travel in their
-own dtype (bf16 halves the traffic) and are upcast to fp32 after the gather.
+own dtype (bf16 halves the traffic) and are upcast to fp32 after the gather. A caller that
+knows every rank's size passes ``rank_sizes`` and skips that exchange (the trainer does, with
+equal per-rank batches): its ``.tolist()`` is a host sync.
 
 Each rank returns ``sum(local row losses) * W / N`` (``W`` ranks, ``N`` global rows), so that
 
@@ -138,7 +140,12 @@ class GISTLoss(nn.Module):
         ``anchor``, ``positive``: ``[B, D]`` student embeddings. ``negative``: ``None``,
         ``[B, D]`` or ``[B, K, D]``. ``guide_*``: the guide's embeddings of the same texts with
         the same shapes except the last dim ``Dg`` (any dtype), or all ``None`` for plain
-        InfoNCE. Returns a 0-dim fp32 loss; diagnostics land in :attr:`last_stats`.
+        InfoNCE. ``rank_sizes``: every rank's ``B``, when the caller knows them (e.g. equal
+        per-rank batches) and ``check_finite`` is off: skips the size exchange, a host sync, at
+        the price of checking the inputs on this rank only (a rank whose inputs disagree with
+        the others' then fails in the gather, or at the collective timeout, instead of raising
+        ``ValueError`` everywhere). Returns a 0-dim fp32 loss; diagnostics land in
+        :attr:`last_stats`.
     """
 
     def __init__(
@@ -185,6 +192,8 @@ class GISTLoss(nn.Module):
         guide_anchor: Tensor | None = None,
         guide_positive: Tensor | None = None,
         guide_negative: Tensor | None = None,
+        *,
+        rank_sizes: list[int] | None = None,
     ) -> Tensor:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
         has_guide = guide_anchor is not None
@@ -192,7 +201,17 @@ class GISTLoss(nn.Module):
 
         columns = (anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
         tensors = [t for t in columns if t is not None]
-        if distributed:
+        if distributed and rank_sizes is not None and not self.check_finite:
+            # The caller knows every rank's rows (equal per-rank batches): no size exchange, so no host sync here.
+            # Inputs are then only checked locally.
+            if error is None and len(rank_sizes) != gdist.world_size():
+                error = f"rank_sizes has {len(rank_sizes)} entries for {gdist.world_size()} ranks"
+            elif error is None and rank_sizes[gdist.rank()] != shape[0]:
+                error = f"rank_sizes says {rank_sizes[gdist.rank()]} rows on this rank, the anchors have {shape[0]}"
+            if error is not None:
+                raise ValueError(error)
+            sizes = list(rank_sizes)
+        elif distributed:
             # One tiny all-gather carries every rank's sizes *and* its validity, so that a bad
             # input on one rank makes every rank raise together instead of leaving the healthy
             # ranks blocked in the embedding all-gather until the timeout.

@@ -158,6 +158,9 @@ class Trainer:
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
             cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
         self.tokens_per_epoch = count_tokens(dataset, "student")
+        # Full global batches only (data.drop_last): every rank's micro-batch has batch_size rows, so the loss need not
+        # exchange sizes (a host sync per step). Uneven tails keep the exchange.
+        self.rank_sizes = ([cfg.train.batch_size] * self.accelerator.num_processes if cfg.data.drop_last else None)
         # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,
                                    chunks=self._chunks(self.data_report.num_negatives))
@@ -294,7 +297,7 @@ class Trainer:
         else:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
-        loss = self.loss_fn(query, pos, neg, *guide_embeddings)
+        loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.rank_sizes)
         stats = self.loss_fn.last_stats
         counts = batch["token_counts"]
         if self.cfg.debug:

@@ -76,9 +76,11 @@ def _exactness_worker(rank: int, world: int, cases) -> None:
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         local = {name: None if t is None else t[rows].clone() for name, t in full.items()}
         local_student = {c: local[c].requires_grad_() for c in STUDENT if local[c] is not None}
-        # Every other case computes the loss in row blocks of 2 (recomputed in the backward): same result.
-        fn = GISTLoss(row_block=2 if i % 2 else None, **kwargs)
-        loss = fn(**local)
+        # Every other case computes the loss in row blocks of 2 (recomputed in the backward), and every third is
+        # told the ranks' sizes instead of exchanging them: same results.
+        told = i % 3 == 2
+        fn = GISTLoss(row_block=2 if i % 2 else None, check_finite=not told, **kwargs)
+        loss = fn(**local, rank_sizes=list(sizes) if told else None)
         loss.backward()
 
         # (a) the mean over ranks is the full-batch loss
@@ -226,7 +228,41 @@ def _failure_worker(rank: int, world: int) -> None:
     # every rank took the same path, so the group is still in step
     loss = GISTLoss()(**make_inputs(2 + rank, 1, seed=9))
     assert torch.isfinite(loss)
+    # Sizes given by the caller are checked against the local rows (every rank is wrong here, so none hangs).
+    told = GISTLoss(check_finite=False)
+    with pytest.raises(ValueError, match=f"rank_sizes says 9 rows on this rank, the anchors have {2 + rank}"):
+        told(**make_inputs(2 + rank, 1, seed=9), rank_sizes=[9] * world)
+    with pytest.raises(ValueError, match="rank_sizes has 1 entries for 2 ranks"):
+        told(**make_inputs(2 + rank, 1, seed=9), rank_sizes=[2])
     dist.barrier()
+
+
+def _no_host_read_worker(rank: int, world: int) -> None:
+    """With the ranks' sizes given, the global loss and its backward read nothing back to the host."""
+    inputs = make_inputs(4, 2, seed=rank)
+    leaves = {c: inputs[c].clone().requires_grad_() for c in STUDENT}
+    fn = GISTLoss(check_finite=False)
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host")
+
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, host_read)
+        loss = fn(**{**inputs, **leaves}, rank_sizes=[4] * world)
+        loss.backward()
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+    reference = GISTLoss()(**{**inputs, **{c: t.detach() for c, t in leaves.items()}})
+    _close(loss.detach(), reference, "told sizes vs exchanged sizes")
+    assert all(t.grad is not None for t in leaves.values())
+
+
+@pytest.mark.slow
+def test_known_rank_sizes_skip_the_size_exchange_and_its_host_read():
+    run_distributed(_no_host_read_worker, 2)
 
 
 @pytest.mark.slow
