@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "COLUMNS", "AcceleratorBackward", "ChunkBackward", "ChunkedTexts", "GradCache", "PlainBackward", "chunk_texts",
-    "encode", "encode_chunked", "encode_columns", "num_chunks", "pack_columns", "split_columns",
+    "encode_chunked", "encode_columns", "num_chunks", "pack_columns", "split_columns",
 ]
 
 COLUMNS = ("query", "pos", "neg")
@@ -195,21 +195,6 @@ def encode_chunked(model: nn.Module, chunked: ChunkedTexts) -> Tensor:
     return _restore_order([model(c["input_ids"], c["attention_mask"]) for c in chunked.chunks], chunked)
 
 
-def encode(model: nn.Module, features: Features, chunk_size: int | None = None) -> Tensor:
-    """Embed `features` ([N, L] ids and mask) as `model(input_ids, attention_mask)` would in one call: `[N, D]`.
-
-    With `chunk_size` the texts are sorted by length and encoded in length-homogeneous chunks, each padded only to
-    its own longest text; the result is in the input order. The plan is made on the host (one device read when
-    `features` lives on an accelerator).
-    """
-    if chunk_size is None:
-        return model(features["input_ids"], features["attention_mask"])
-    device = features["input_ids"].device
-    chunked = chunk_texts({"texts": {k: t.cpu() for k, t in features.items()}},
-                          num_chunks(features["input_ids"].shape[0], chunk_size))
-    return encode_chunked(model, chunked.to(device))
-
-
 def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """`[N, D]` text-order embeddings to `(query [B, D], positive [B, D], negatives [B, K, D] or None)`."""
     parts = dict(zip(counts, embeddings.split(list(counts.values()))))
@@ -218,30 +203,21 @@ def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tupl
     return query, pos, None if neg is None else neg.view(query.shape[0], k, -1)
 
 
-def encode_columns(model: nn.Module, columns: Mapping[str, Features] | ChunkedTexts, k: int,
-                   chunk_size: int | None = None, *, chunks: int | None = None,
-                   pad_token_id: int = 0) -> tuple[Tensor, Tensor, Tensor | None]:
+def encode_columns(model: nn.Module, columns: Mapping[str, Features] | ChunkedTexts,
+                   k: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Embed a collated side: `(query [B, D], positive [B, D], negatives [B, K, D] or None)`.
 
-    `columns` already chunked (:class:`ChunkedTexts`, from the collator): one call per chunk, no device reads.
-    Column features with `chunk_size` and `chunks` None: one forward call per column, each padded to its own longest
-    text. Otherwise the texts are chunked here first (:func:`chunk_texts`; pass `chunks`, from :func:`num_chunks`
-    over the largest per-rank text count, when the call count must agree across ranks).
+    `columns` chunked (:class:`ChunkedTexts`, from the collator or :func:`chunk_texts`): one forward call per chunk,
+    no device reads. Column features: one forward call per column, each padded to its own longest text.
     """
     if isinstance(columns, ChunkedTexts):
         return split_columns(encode_chunked(model, columns), columns.counts, k)
-    if chunk_size is None and chunks is None:
-        query = model(columns["query"]["input_ids"], columns["query"]["attention_mask"])
-        pos = model(columns["pos"]["input_ids"], columns["pos"]["attention_mask"])
-        if "neg" not in columns:
-            return query, pos, None
-        neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
-        return query, pos, neg.view(query.shape[0], k, -1)
-    device = columns["query"]["input_ids"].device
-    texts = sum(f["input_ids"].shape[0] for f in columns.values())
-    host = {c: {name: t.cpu() for name, t in f.items()} for c, f in columns.items()}
-    chunked = chunk_texts(host, chunks if chunks is not None else num_chunks(texts, chunk_size), pad_token_id)
-    return split_columns(encode_chunked(model, chunked.to(device)), chunked.counts, k)
+    query = model(columns["query"]["input_ids"], columns["query"]["attention_mask"])
+    pos = model(columns["pos"]["input_ids"], columns["pos"]["attention_mask"])
+    if "neg" not in columns:
+        return query, pos, None
+    neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
+    return query, pos, neg.view(query.shape[0], k, -1)
 
 
 # ------------------------------------------------------------------------------------------------ GradCache

@@ -260,8 +260,8 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state.wait_for_everyone()
 
     guide = load_guide(cfg.guide, state.device)
-    collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of,
-                               chunks=None if chunk_size is None else encode.num_chunks(rows_per_batch * (2 + k), chunk_size))
+    chunks = None if chunk_size is None else encode.num_chunks(rows_per_batch * (2 + k), chunk_size)
+    collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = np.array_split(np.arange(len(tokenized)), world)[rank]
     shard = f"shard-{rank:05d}-of-{world:05d}.arrow"

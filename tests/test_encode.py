@@ -81,7 +81,8 @@ def test_chunked_encoding_gives_the_embeddings_of_one_padded_call(tiny_model_dir
     features = _features(37, 3, 60, width=64)  # padded beyond the longest text, as pad_to_multiple_of does
     with torch.no_grad():
         reference = model(features["input_ids"], features["attention_mask"])
-        chunked = encode.encode(model, features, chunk_size)
+        chunked_texts = encode.chunk_texts({"texts": features}, encode.num_chunks(37, chunk_size))
+        chunked = encode.encode_chunked(model, chunked_texts)
     assert chunked.shape == reference.shape
     torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-5)
 
@@ -89,13 +90,13 @@ def test_chunked_encoding_gives_the_embeddings_of_one_padded_call(tiny_model_dir
 def test_chunks_are_length_sorted_trimmed_and_fewer_tokens(tiny_model_dir):
     model = Recorder(_embedder(tiny_model_dir).eval())
     columns = _columns(b=8, k=3)
+    texts = 8 + 8 + 24
     with torch.no_grad():
         per_column = encode.encode_columns(model, columns, 3)
         assert len(model.calls) == 3
         padded_tokens = sum(r * w for r, w in model.calls)
         model.calls.clear()
-        chunked = encode.encode_columns(model, columns, 3, chunk_size=10)
-    texts = 8 + 8 + 24
+        chunked = encode.encode_columns(model, encode.chunk_texts(columns, encode.num_chunks(texts, 10)), 3)
     assert len(model.calls) == encode.num_chunks(texts, 10) == 4
     assert sum(r for r, _ in model.calls) == texts
     widths = [w for _, w in model.calls]
@@ -111,7 +112,7 @@ def test_all_columns_in_one_forward_call(tiny_model_dir):
     model = Recorder(_embedder(tiny_model_dir).eval())
     columns = _columns(b=4, k=1)
     with torch.no_grad():
-        query, pos, neg = encode.encode_columns(model, columns, 1, chunk_size=1000)
+        query, pos, neg = encode.encode_columns(model, encode.chunk_texts(columns, encode.num_chunks(12, 1000)), 1)
     assert len(model.calls) == 1 and model.calls[0][0] == 12
     assert query.shape == pos.shape == (4, 32) and neg.shape == (4, 1, 32)
 
@@ -123,7 +124,7 @@ def test_fixed_chunk_count_with_fewer_texts_than_chunks(tiny_model_dir):
     with torch.no_grad():
         reference = encode.encode_columns(model, columns, 1)
         model.calls.clear()
-        chunked = encode.encode_columns(model, columns, 1, chunks=9)
+        chunked = encode.encode_columns(model, encode.chunk_texts(columns, 9), 1)
     assert len(model.calls) == 9
     for got, want in zip(chunked, reference):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -137,7 +138,8 @@ def test_padding_side_and_column_widths(left):
     with torch.no_grad():
         reference = encode.encode_columns(model, columns, 2)
         for chunk_size in (1, 3, 7, 100):
-            chunked = encode.encode_columns(model, columns, 2, chunk_size=chunk_size, pad_token_id=0)
+            chunks = encode.num_chunks(5 + 5 + 10, chunk_size)
+            chunked = encode.encode_columns(model, encode.chunk_texts(columns, chunks, pad_token_id=0), 2)
             for got, want in zip(chunked, reference):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -225,7 +227,7 @@ def test_grad_cache_matches_the_plain_step_with_dropout(tiny_model_dir, chunks):
     guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
 
     torch.manual_seed(7)
-    loss = loss_fn(*encode.encode_columns(plain, columns, 2, chunks=chunks), *guide)
+    loss = loss_fn(*encode.encode_columns(plain, encode.chunk_texts(columns, chunks), 2), *guide)
     loss.backward()
     rng_after_plain = torch.get_rng_state()
 
