@@ -26,7 +26,6 @@ from gist_scale.checkpoint import (COMPLETE_MARKER, CheckpointError, complete_ch
                                    resolve_resume, verify_checkpoint)
 from gist_scale.preemption import EXIT_PREEMPTED
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 TIMEOUT_S = 300
 

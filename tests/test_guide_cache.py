@@ -25,15 +25,6 @@ datasets.disable_progress_bars()
 ROWS = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def hf_cache(tmp_path_factory):
-    """Keep `datasets`' Arrow caches inside the test's temporary directory."""
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("hf_datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = saved
-
-
 def _job(guide_dir: Path, **guide) -> JobConfig:
     return JobConfig(guide=GuideConfig(name=str(guide_dir), **guide), data=DataConfig(max_rows=ROWS))
 
@@ -159,7 +150,9 @@ def test_missing_or_incomplete_caches_are_refused(guide_dir, cache_dir, tmp_path
 
 def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert main([str(tmp_path / "c"), "--guide.name", "null"]) == 2
+    assert "cache-guide needs a guide: set --guide.name" in capsys.readouterr().err
     assert main([str(tmp_path / "c"), "--guide.max_length", "0"]) == 2
+    assert "guide.max_length=0: must be a positive token count" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ multi-process training

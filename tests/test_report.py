@@ -8,7 +8,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import pytest
 
 from gist_scale.report import main, plot_run, read_metrics
@@ -24,13 +23,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from gist_scale.train import main as train
 
     root = tmp_path_factory.mktemp("report")
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = root / "hf_datasets_cache"
-    try:
-        assert train(["--train.max_steps", "4", "--train.log_every", "1", "--train.output_dir", str(root / "run"),
-                      "--train.batch_size", "8"]) == 0
-    finally:
-        datasets.config.HF_DATASETS_CACHE = saved
+    # `datasets`' cache is already redirected into the test's temporary directory (conftest's autouse `hf_cache`).
+    assert train(["--train.max_steps", "4", "--train.log_every", "1", "--train.output_dir", str(root / "run"),
+                  "--train.batch_size", "8"]) == 0
     yield root / "run"
 
 

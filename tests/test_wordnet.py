@@ -6,7 +6,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import datasets
 import pytest
 
 from gist_scale import cli
@@ -70,19 +69,14 @@ def test_shipped_sample_is_the_default_build(synsets: dict) -> None:
 
 @needs_wordnet
 def test_cli_writes_a_loadable_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path / "cache"
-    try:
-        out = tmp_path / "wordnet"
-        assert cli.main(["data", "wordnet", str(out), "--train", "96", "--eval", "32", "--tasks", "2",
-                         "--seed", "3"]) == 0
-        assert "wrote 96 train and 32 eval triplets over 2 tasks" in capsys.readouterr().out
-        assert sorted(p.name for p in out.iterdir()) == ["LICENSE", "README.md", "eval.jsonl", "train.jsonl"]
-        assert "--train 96 --eval 32 --tasks 2 --seed 3" in (out / "README.md").read_text()
-        held_out, report = load_triplets(DataConfig(path=str(out)), split="eval")
-        assert len(held_out) == 32 and len(report.tasks) == 2
-    finally:
-        datasets.config.HF_DATASETS_CACHE = saved
+    out = tmp_path / "wordnet"
+    assert cli.main(["data", "wordnet", str(out), "--train", "96", "--eval", "32", "--tasks", "2",
+                     "--seed", "3"]) == 0
+    assert "wrote 96 train and 32 eval triplets over 2 tasks" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["LICENSE", "README.md", "eval.jsonl", "train.jsonl"]
+    assert "--train 96 --eval 32 --tasks 2 --seed 3" in (out / "README.md").read_text()
+    held_out, report = load_triplets(DataConfig(path=str(out)), split="eval")
+    assert len(held_out) == 32 and len(report.tasks) == 2
 
 
 def test_cli_reports_a_missing_wordnet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
