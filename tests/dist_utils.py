@@ -1,4 +1,6 @@
-"""Run a function on N local gloo ranks, failing (not hanging) if any rank stalls.
+"""Multi-process test helpers: N local gloo ranks, torchrun commands, and the loss records of a run.
+
+Run a function on N local gloo ranks, failing (not hanging) if any rank stalls.
 
 Usage::
 
@@ -12,14 +14,17 @@ collective raises) and a wall-clock deadline after which the parent kills the ra
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -75,6 +80,25 @@ def run_distributed(
 
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:
-    """`torchrun --nproc_per_node N -m gist_scale ARGS` on a free port, with this interpreter."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "gist_scale", *args]
+    """`torchrun --standalone --nproc_per_node N -m gist_scale ARGS` with this interpreter.
+
+    `--standalone` lets torchrun pick its own free rendezvous port, so several jobs may start at once.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "gist_scale", *args]
+
+
+def loss_records(run_dir: Path) -> list[dict]:
+    """The training records (those with a `loss`) of RUN_DIR/metrics.jsonl, in file order; [] before the first."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
+    """Every logged step, including steps logged twice around a restart, has the reference's loss."""
+    records = loss_records(run_dir)
+    assert {r["step"] for r in records} == set(reference), f"steps logged: {[r['step'] for r in records]}"
+    for record in records:
+        assert record["loss"] == pytest.approx(reference[record["step"]], abs=1e-4), f"step {record['step']}"

@@ -7,9 +7,7 @@ without GradCache and compares their losses, gradient norms and final weights.
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from dist_utils import loss_records, torchrun_command
 from gist_scale import encode
 from gist_scale.data import sample_data_path
 from gist_scale.loss import GISTLoss
@@ -272,17 +271,12 @@ def test_grad_cache_backward_driver_order():
 
 def _train_command(model_dir: Path, out: Path, *extra: str) -> list[str]:
     # The shipped sample named as a file: same rows, and no evaluation passes (those need the sample's eval split).
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "gist_scale", "train", "--data.path", str(sample_data_path("train")),
-            "--model.name", str(model_dir), "--guide.name", str(model_dir),
-            "--model.dropout", "0.1", "--train.batch_size", "4", "--train.max_steps", "2", "--train.log_every", "1",
-            "--optim.lr", "1e-3", "--optim.warmup_ratio", "0", "--train.chunk_size", "5",
-            "--train.output_dir", str(out), *extra]
-
-
-def _metrics(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r]
+    return torchrun_command(
+        2, "train", "--data.path", str(sample_data_path("train")),
+        "--model.name", str(model_dir), "--guide.name", str(model_dir),
+        "--model.dropout", "0.1", "--train.batch_size", "4", "--train.max_steps", "2", "--train.log_every", "1",
+        "--optim.lr", "1e-3", "--optim.warmup_ratio", "0", "--train.chunk_size", "5",
+        "--train.output_dir", str(out), *extra)
 
 
 @pytest.mark.slow
@@ -318,10 +312,10 @@ def test_grad_cache_training_equals_plain_training_ddp_zero2_zero3(tiny_model_di
         assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
 
     for name in runs:
-        reference = _metrics(tmp_path / reference_of[name])
+        reference = loss_records(tmp_path / reference_of[name])
         reference_weights = load_file(tmp_path / reference_of[name] / "final" / "model.safetensors")
         assert reference[-1]["loss"] != reference[0]["loss"]
-        metrics = _metrics(tmp_path / name)
+        metrics = loss_records(tmp_path / name)
         assert [m["step"] for m in metrics] == [1, 2]
         for got, want in zip(metrics, reference):
             assert got["loss"] == pytest.approx(want["loss"], abs=1e-4), name

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_utils import free_port
+from dist_utils import assert_same_losses, free_port, loss_records
 from gist_scale.checkpoint import (COMPLETE_MARKER, CheckpointError, complete_checkpoints, incomplete_checkpoints,
                                    resolve_resume, verify_checkpoint)
 from gist_scale.preemption import EXIT_PREEMPTED
@@ -36,23 +36,8 @@ def train_args(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             "--train.output_dir", str(run_dir), *extra]
 
 
-def loss_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
-
-
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in loss_records(run_dir)}
-
-
-def assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
-    """Every logged step, including steps logged twice around a restart, has the reference's loss."""
-    records = loss_records(run_dir)
-    assert {r["step"] for r in records} == set(reference), f"steps logged: {[r['step'] for r in records]}"
-    for record in records:
-        assert record["loss"] == pytest.approx(reference[record["step"]], abs=1e-4), f"step {record['step']}"
 
 
 def cpu_env(**extra: str) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_utils import loss_records, torchrun_command
 from gist_scale import encode
 from gist_scale.config import ConfigError, DataConfig, GuideConfig, JobConfig
 from gist_scale.data import (GlobalBatchSampler, TripletCollator, build_dataloader, load_triplets, sample_data_path,
@@ -159,16 +159,15 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
 
 
 def _train(model_dir: Path, guide: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "gist_scale", "train", "--data.path", str(sample_data_path("train")),
-            "--model.name", str(model_dir), "--guide.name", str(guide), "--model.dropout", "0.1",
-            "--train.batch_size", "4", "--train.max_steps", "3", "--train.log_every", "1", "--optim.lr", "1e-3",
-            "--train.output_dir", str(out), *extra]
+    return torchrun_command(
+        2, "train", "--data.path", str(sample_data_path("train")),
+        "--model.name", str(model_dir), "--guide.name", str(guide), "--model.dropout", "0.1",
+        "--train.batch_size", "4", "--train.max_steps", "3", "--train.log_every", "1", "--optim.lr", "1e-3",
+        "--train.output_dir", str(out), *extra)
 
 
 def _losses(run: Path) -> list[tuple[float, float, float]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["loss"], r["masked_fraction"], r["grad_norm"]) for r in records if "loss" in r]
+    return [(r["loss"], r["masked_fraction"], r["grad_norm"]) for r in loss_records(run)]
 
 
 @pytest.mark.slow
@@ -182,9 +181,8 @@ def test_cached_training_equals_uncached_training(tiny_model_dir, launch_env, tm
     uncached = subprocess.Popen(_train(tiny_model_dir, tiny_model_dir, tmp_path / "uncached"), env=env,
                                 stdout=uncached_log, stderr=subprocess.STDOUT)
     time.sleep(0.5)
-    build = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "gist_scale", "cache-guide", str(tmp_path / "cache"), "--guide.name", str(guide),
-                            "--data.path", str(sample_data_path("train"))],
+    build = subprocess.run(torchrun_command(2, "cache-guide", str(tmp_path / "cache"), "--guide.name", str(guide),
+                                            "--data.path", str(sample_data_path("train"))),
                            env=env, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     assert len(json.loads((tmp_path / "cache" / META_FILE).read_text())["shards"]) == 2

@@ -10,7 +10,6 @@ The local scripts run with `ACCELERATE_USE_CPU=1`, which turns "GPUs" into CPU p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dist_utils import free_port
+from dist_utils import assert_same_losses, free_port, loss_records
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -37,21 +36,6 @@ def train_args(model_dir: Path, *extra: str) -> list[str]:
     # dropout 0: the losses of different launch layouts and of resumed runs are then comparable exactly.
     return ["--model.name", str(model_dir), "--guide.name", str(model_dir), "--model.dropout", "0.0",
             "--train.batch_size", "4", "--train.log_every", "1", "--train.max_steps", str(STEPS), *extra]
-
-
-def loss_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
-
-
-def assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
-    """Every logged step, including steps logged twice around a restart, has the reference's loss."""
-    records = loss_records(run_dir)
-    assert {r["step"] for r in records} == set(reference), f"steps logged: {[r['step'] for r in records]}"
-    for record in records:
-        assert record["loss"] == pytest.approx(reference[record["step"]], abs=1e-4), f"step {record['step']}"
 
 
 def wait_for(condition, what: str, timeout: float = TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:

@@ -13,18 +13,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dist_utils import torchrun_command
+from dist_utils import loss_records, torchrun_command
 from gist_scale.config import ModelConfig
 from gist_scale.model import load_student, load_tokenizer
 from gist_scale.train import main
 
 METRIC_KEYS = {"step", "loss", "lr", "masked_fraction", "triplets_per_s", "tokens_per_s", "candidates_per_anchor"}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The training records of metrics.jsonl (eval records, keyed `eval/...`, are left out)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r]
 
 
 def read_eval(run_dir: Path) -> dict[int, dict]:
@@ -44,7 +38,7 @@ def test_quickstart_improves_retrieval_and_exports_a_sentence_transformers_model
     run = tmp_path / "quickstart"
     assert main(["--train.max_steps", "8", "--train.log_every", "1", "--train.output_dir", str(run)]) == 0
 
-    records = read_metrics(run)
+    records = loss_records(run)
     assert [r["step"] for r in records] == list(range(1, 9))
     for record in records:
         assert METRIC_KEYS <= record.keys()
@@ -105,8 +99,8 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir):
     assert main(tiny_args(tiny_model_dir, resumed, "--train.batch_size", "8", "--train.max_steps", "4",
                           "--checkpoint.every", "2", "--resume", "auto")) == 0
 
-    expected = {r["step"]: r["loss"] for r in read_metrics(full)}
-    got = {r["step"]: r["loss"] for r in read_metrics(resumed)}
+    expected = {r["step"]: r["loss"] for r in loss_records(full)}
+    got = {r["step"]: r["loss"] for r in loss_records(resumed)}
     assert sorted(got) == [3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], abs=1e-6)
@@ -120,13 +114,13 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, tiny_model_dir):
     run = tmp_path / "fresh"
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "1",
                           "--resume", "auto")) == 0
-    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert [r["step"] for r in loss_records(run)] == [1]
 
 
 def test_debug_mode_runs_a_few_verbose_steps(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "debug"
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--debug")) == 0
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert [r["step"] for r in loss_records(run)] == [1, 2, 3]
     assert "debug: step" in capsys.readouterr().err
 
 
@@ -167,7 +161,7 @@ def _run_layout(layout: str | None, model_dir: Path, out: Path, launch_env) -> l
         result = subprocess.run(torchrun_command(2, *args), env=launch_env(layout), capture_output=True, text=True,
                                 timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
-    return [r["loss"] for r in read_metrics(out)]
+    return [r["loss"] for r in loss_records(out)]
 
 
 @pytest.mark.slow
@@ -236,7 +230,7 @@ def test_a_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, tiny_model_d
     _loss_poisoned_on_calls(monkeypatch, {2})
     run = tmp_path / "skip"
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "3")) == 0
-    records = read_metrics(run)
+    records = loss_records(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN reached the logged (or applied) steps
     assert "non-finite loss at step 1; skipped (1/5 in a row)" in capsys.readouterr().err
@@ -254,7 +248,7 @@ def test_gradient_accumulation_logs_the_candidates_each_anchor_really_sees(tmp_p
     run = tmp_path / "accum"
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "4", "--train.grad_accum_steps", "2",
                           "--train.max_steps", "2")) == 0
-    records = read_metrics(run)
+    records = loss_records(run)
     assert [r["step"] for r in records] == [1, 2]
     # One micro-batch of 4 triplets: 4 positives + 4 negatives + 3 other queries + 3 other positives.
     assert all(r["candidates_per_anchor"] == 14 for r in records)
@@ -267,7 +261,7 @@ def test_logged_model_flops_and_mfu_with_collator_planned_chunks(tmp_path, tiny_
     run = tmp_path / "mfu"
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "2",
                           "--train.chunk_size", "10", "--logging.peak_tflops", "0.001", "--debug")) == 0
-    records = read_metrics(run)
+    records = loss_records(run)
     config = AutoConfig.from_pretrained(tiny_model_dir)
     h, layers = config.hidden_size, config.num_hidden_layers
     linear = layers * (4 * h * h + 2 * h * config.intermediate_size)
