@@ -40,13 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 from rich.console import Console
 from rich.table import Table
 
 from gist_scale import distributed, encode
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.loss import GISTLoss
-from gist_scale.model import Embedder, export_sentence_transformer
+from gist_scale.config import GuideConfig, ModelConfig
+from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -219,13 +221,6 @@ def chunk_batch(columns: dict, chunk_size: int) -> encode.ChunkedTexts:
                                                          chunk_size))
 
 
-def _processed_tokens(columns: dict, chunk_size: int | None) -> int:
-    """Tokens the student's forward calls process, padding included, for per-column or chunked encoding."""
-    if chunk_size is None:
-        return sum(c["input_ids"].numel() for c in columns.values())
-    return chunk_batch(columns, chunk_size).processed_tokens
-
-
 # -------------------------------------------------------------------------------------------------- modes
 
 
@@ -247,7 +242,7 @@ class Context:
         self.student_dir, self.guide_dir = student_dir, guide_dir
         self.device = cfg.device
         self.cuda = cfg.device.type == "cuda"
-        self.batches = [_to(b, self.device) for b in batches]
+        self.batches = [send_to_device(b, self.device) for b in batches]
         # Chunked on the host beforehand, as the training collator does in its worker processes.
         self.chunked = [chunk_batch(b, cfg.chunk_size).to(self.device) for b in batches]
 
@@ -260,24 +255,17 @@ class Context:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.cfg.lr, fused=self.cuda)
 
     def embedder(self, path: Path, guide: bool) -> Embedder:
-        from transformers import AutoModel
-
-        dtype = torch.bfloat16 if guide and self.cuda else torch.float32
-        encoder = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        encoder.pooler = None  # as `load_student` / `load_guide` do
-        model = Embedder(encoder, "mean", True).to(self.device)
+        """Loaded as training loads them (mean pooling, normalized); the guide frozen, in bf16 on CUDA."""
         if guide:
-            return model.eval().requires_grad_(False)
-        return model.train()
+            return load_guide(GuideConfig(name=str(path), dtype="bf16" if self.cuda else "fp32"), self.device)
+        return load_student(ModelConfig(name=str(path))).to(self.device).train()
 
     def side(self, index: int, chunked: bool):
         """Batch `index` as one tensor pair per column, or as the collator's chunks."""
         return self.chunked[index] if chunked else self.batches[index]
 
     def guide_embeddings(self, guide: Embedder, index: int, chunked: bool):
-        with torch.inference_mode():
-            embeddings = encode.encode_columns(guide, self.side(index, chunked), 1)
-        return tuple(e.clone() for e in embeddings)
+        return encode.embed_frozen(guide, self.side(index, chunked), 1)
 
 
 def build_mode(name: str, ctx: Context) -> Mode:
@@ -394,12 +382,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _to(tree, device: torch.device):
-    if isinstance(tree, torch.Tensor):
-        return tree.to(device)
-    return {k: _to(v, device) for k, v in tree.items()}
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -474,13 +456,15 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size)
                for _ in range(DISTINCT_BATCHES)]
+    ctx = Context(cfg, student_dir, guide_dir, batches)
     flops = {
         "real_tokens": [_real_tokens(b) for b in batches],
         "student": [_batch_flops(student_config, b) for b in batches],
         "guide": [_batch_flops(guide_config, b) for b in batches],
-        "processed": {c: [_processed_tokens(b, c) for b in batches] for c in (None, cfg.chunk_size)},
+        # Tokens the student's calls process, padding included: one call per column, or the step's chunks.
+        "processed": {None: [sum(c["input_ids"].numel() for c in b.values()) for b in batches],
+                      cfg.chunk_size: [chunked.processed_tokens for chunked in ctx.chunked]},
     }
-    ctx = Context(cfg, student_dir, guide_dir, batches)
     records = []
     for name in cfg.modes:
         console.print(f"[dim]{case} batch {batch}: {name}")

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "COLUMNS", "AcceleratorBackward", "ChunkBackward", "ChunkedTexts", "GradCache", "PlainBackward", "chunk_texts",
-    "encode_chunked", "encode_columns", "num_chunks", "pack_columns", "split_columns",
+    "embed_frozen", "encode_chunked", "encode_columns", "num_chunks", "pack_columns", "split_columns",
 ]
 
 COLUMNS = ("query", "pos", "neg")
@@ -218,6 +218,17 @@ def encode_columns(model: nn.Module, columns: Mapping[str, Features] | ChunkedTe
         return query, pos, None
     neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
     return query, pos, neg.view(query.shape[0], k, -1)
+
+
+def embed_frozen(model: nn.Module, columns: Mapping[str, Features] | ChunkedTexts,
+                 k: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`encode_columns` for a frozen model (the guide): under inference mode, returned as ordinary tensors.
+
+    Inference tensors cannot enter the autograd graph that the loss builds around them, hence the clones.
+    """
+    with torch.inference_mode():
+        embeddings = encode_columns(model, columns, k)
+    return tuple(None if e is None else e.clone() for e in embeddings)
 
 
 # ------------------------------------------------------------------------------------------------ GradCache

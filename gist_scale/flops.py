@@ -13,8 +13,9 @@ import torch
 
 __all__ = ["PEAK_TFLOPS", "forward_flops", "peak_tflops"]
 
-# Dense bf16 peak of the SXM parts (the PCIe H100 is lower); matched in order against the device name.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("GH200", 989.4), ("A100", 312.0))
+# Dense bf16 peak of the SXM parts (the PCIe H100 is lower); matched in order as substrings of the device name
+# ("H200" also matches a GH200).
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0))
 
 
 def forward_flops(config, tokens: int, tokens_squared: int) -> float:

@@ -332,10 +332,7 @@ class Trainer:
             return cached["query"], cached["pos"], cached.get("neg")
         if self.guide is None:
             return None, None, None
-        with torch.inference_mode():
-            embeddings = encode.encode_columns(self.guide, batch["guide"], k)
-        # Inference tensors cannot enter the autograd graph that the loss builds around them.
-        return tuple(None if e is None else e.clone() for e in embeddings)
+        return encode.embed_frozen(self.guide, batch["guide"], k)
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self._grad_cache is None:
