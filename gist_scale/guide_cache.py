@@ -46,7 +46,6 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 FORMAT = "gist-scale guide cache"
 VERSION = 1
 META_FILE = "gist_guide_cache.json"
-COLUMNS = ("query", "pos", "neg")
 _DIGEST_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _DIGEST_SAMPLES = 16
 _DIGEST_BLOCK = 1 << 16
@@ -131,7 +130,7 @@ class GuideCache:
         # and a memory-mapped `datasets.Dataset` pickles as its file paths, a raw table as all of its data.
         taken = self.dataset.data.table.take(pa.array(indices, type=pa.int64()))
         out = {}
-        for column in COLUMNS if self.k else COLUMNS[:2]:
+        for column in encode.COLUMNS if self.k else encode.COLUMNS[:2]:
             values = taken.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             shape = (len(indices), self.k, self.meta.dim) if column == "neg" else (len(indices), self.meta.dim)
             out[column] = torch.from_numpy(values.reshape(shape).copy())  # Arrow buffers are read-only
@@ -264,7 +263,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = np.array_split(np.arange(len(tokenized)), world)[rank]
-    shard = f"shard-{rank:05d}-of-{world:05d}.arrow"
+    shard = _shard_name(rank, world)
     dim = guide.dim
     features = _features(dim, k)
     from datasets.arrow_writer import ArrowWriter
@@ -288,13 +287,17 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state.wait_for_everyone()
     if state.is_main_process:
         meta = CacheMeta(FORMAT, VERSION, key, guide_digest(cfg.guide.name), dim, "float16",
-                         [f"shard-{r:05d}-of-{world:05d}.arrow" for r in range(world)],
+                         [_shard_name(r, world) for r in range(world)],
                          time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter() - start_time)
         (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
         console.print(f"guide cache: {out} ({len(tokenized)} rows x {2 + k} texts, dim {dim}, float16, "
                       f"{world} shard(s), {meta.seconds:.1f} s)")
     state.wait_for_everyone()
     return out
+
+
+def _shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.arrow"
 
 
 def _half(t: torch.Tensor) -> np.ndarray:

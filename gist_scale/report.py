@@ -17,9 +17,10 @@ from typing import Any
 
 import yaml
 
+from gist_scale.config import METRICS_FILE
+
 __all__ = ["MatplotlibMissing", "read_metrics", "plot_run", "main"]
 
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_NAME = "report.png"
 EVAL_PREFIX = "eval/"
 

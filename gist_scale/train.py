@@ -30,7 +30,8 @@ from transformers import get_scheduler
 from gist_scale import distributed, encode
 from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
                                    resolve_resume, save_checkpoint)
-from gist_scale.config import ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, load_config, save_config
+from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
+                               load_config, save_config)
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
                              load_triplets, tokenize_triplets)
 from gist_scale.guide_cache import open_guide_cache
@@ -380,12 +381,17 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         return record
 
-    def _log(self, record: dict) -> None:
+    def _record(self, record: dict) -> None:
+        """Send a metrics record to the trackers and append it to RUN/metrics.jsonl (main process)."""
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.accelerator.is_main_process:
+            with (self.run_dir / METRICS_FILE).open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _log(self, record: dict) -> None:
+        self._record(record)
         if not self.accelerator.is_main_process:
             return
-        with (self.run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
         console.print(
             f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
             f"masked {record['masked_fraction']:.3f}  cand/anchor {record['candidates_per_anchor']:.0f}  "
@@ -451,11 +457,8 @@ class Trainer:
         metrics = evaluate_embedder(self.accelerator.unwrap_model(self.student), self.tokenizer,
                                     self.cfg.model.max_length, self.eval_data, self.cfg.eval.batch_size,
                                     self.device, autocast=self.accelerator.autocast)
-        record = {"step": self.state.step, **{f"eval/{name}": value for name, value in metrics.items()}}
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
+        self._record({"step": self.state.step, **{f"eval/{name}": value for name, value in metrics.items()}})
         if self.accelerator.is_main_process:
-            with (self.run_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
             console.print(f"eval at step {self.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if baseline:
                 (self.run_dir / "eval_baseline.json").write_text(json.dumps(metrics))
