@@ -40,7 +40,7 @@ def _eval_subset(path: Path, rows: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_st_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer BERT with MiniLM's tokenizer, exported in sentence-transformers format (cls, no normalize)."""
     tokenizer = load_tokenizer(MINILM)
     torch.manual_seed(0)
@@ -210,14 +210,14 @@ def test_minilm_on_shipped_split_matches_sentence_transformers(minilm):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
 
 
-def test_st_directories_in_both_formats_load_like_sentence_transformers(tiny_model_dir: Path, tmp_path: Path):
+def test_st_directories_in_both_formats_load_like_sentence_transformers(tiny_st_dir: Path, tmp_path: Path):
     from sentence_transformers import SentenceTransformer
 
     texts = ["a short text", "a somewhat longer text about nothing in particular", "x"]
-    embedder, tokenizer, max_length = load_sentence_transformer_dir(str(tiny_model_dir))
+    embedder, tokenizer, max_length = load_sentence_transformer_dir(str(tiny_st_dir))
     assert (embedder.pooling, embedder.normalize, max_length) == ("cls", False, 64)
     ours = encode_texts(embedder, tokenizer, texts, max_length, 2, "cpu")
-    st = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    st = SentenceTransformer(str(tiny_st_dir), device="cpu")
     torch.testing.assert_close(ours, st.encode(texts, convert_to_tensor=True), atol=1e-5, rtol=0)
 
     # sentence-transformers' own writer: `pooling_mode` as a string, the length kept by the tokenizer.
@@ -228,7 +228,7 @@ def test_st_directories_in_both_formats_load_like_sentence_transformers(tiny_mod
                                atol=1e-6, rtol=0)
 
     dense = tmp_path / "dense"
-    shutil.copytree(tiny_model_dir, dense)
+    shutil.copytree(tiny_st_dir, dense)
     modules = json.loads((dense / "modules.json").read_text())
     modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (dense / "modules.json").write_text(json.dumps(modules))
@@ -236,7 +236,7 @@ def test_st_directories_in_both_formats_load_like_sentence_transformers(tiny_mod
         load_sentence_transformer_dir(str(dense))
 
 
-def test_cli_out_json_with_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+def test_cli_out_json_with_baseline(tiny_st_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     data = _eval_subset(tmp_path / "eval.jsonl", 48)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a document nobody asked for\nanother distractor\n")
@@ -255,6 +255,18 @@ def test_cli_out_json_with_baseline(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert 0.2 < result["model"]["ndcg@10"] <= 1.0
     printed = capsys.readouterr().out
     assert "delta" in printed and "+0.0000" in printed
+
+    # Another baseline: its metrics are its own (as evaluated alone), and the deltas are model minus baseline.
+    alone = tmp_path / "tiny.json"
+    assert main([str(tiny_st_dir), "--data", str(data), "--batch-size", "32", "--out", str(alone)]) == 0
+    versus = tmp_path / "versus.json"
+    assert main([MINILM, "--data", str(data), "--baseline", str(tiny_st_dir), "--batch-size", "32",
+                 "--out", str(versus)]) == 0
+    compared = json.loads(versus.read_text())
+    assert compared["baseline"] == pytest.approx(json.loads(alone.read_text())["model"])
+    delta = compared["model"]["ndcg@10"] - compared["baseline"]["ndcg@10"]
+    assert delta > 0.1, compared  # trained MiniLM against a random 2-layer BERT
+    assert f"{delta:+.4f}" in capsys.readouterr().out
 
     assert main([str(tmp_path / "no_such_model"), "--data", str(data)]) == 2
     assert "no such model directory" in capsys.readouterr().err
@@ -279,12 +291,12 @@ def _distributed_worker(rank: int, world: int, model_dir: str, data: EvalData, o
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(tiny_model_dir: Path, tmp_path: Path):
+def test_two_ranks_match_one_process(tiny_st_dir: Path, tmp_path: Path):
     data = load_eval_data(str(_eval_subset(tmp_path / "eval.jsonl", 40)))
-    run_distributed(_distributed_worker, world_size=2, args=(str(tiny_model_dir), data, str(tmp_path)))
+    run_distributed(_distributed_worker, world_size=2, args=(str(tiny_st_dir), data, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
-    embedder, tokenizer, max_length = load_sentence_transformer_dir(str(tiny_model_dir))
+    embedder, tokenizer, max_length = load_sentence_transformer_dir(str(tiny_st_dir))
     single_metrics = evaluate_embedder(embedder, tokenizer, max_length, data, 8, "cpu")
     single_uneven = encode_texts(embedder, tokenizer, data.texts[:9], max_length, 4, "cpu")
     for result in ranks:
