@@ -11,11 +11,11 @@ import sys
 
 COMMANDS = {
     "train": ("gist_scale.train", "fine-tune a student with GISTEmbed (no arguments: the offline quickstart)"),
-    "data": ("gist_scale.wordnet", "build datasets: `data wordnet OUT_DIR` writes WordNet triplets"),
-    "bench": ("gist_scale.bench", "training-step throughput vs sentence-transformers' GISTEmbedLoss (JSON, table)"),
+    "data": ("gist_scale.tools.wordnet", "build datasets: `data wordnet OUT_DIR` writes WordNet triplets"),
+    "bench": ("gist_scale.tools.bench", "training-step throughput vs sentence-transformers' GISTEmbedLoss (JSON, table)"),
     "cache-guide": ("gist_scale.guide_cache", "embed the training data with the guide once: `cache-guide OUT_DIR`"),
     "eval": ("gist_scale.evaluate", "retrieval metrics of a model (and a --baseline) on held-out triplets"),
-    "report": ("gist_scale.report", "plot a run's metrics.jsonl (loss, lr, masking, throughput, eval) to a PNG"),
+    "report": ("gist_scale.tools.report", "plot a run's metrics.jsonl (loss, lr, masking, throughput, eval) to a PNG"),
 }
 
 USAGE = "usage: gist-scale COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(

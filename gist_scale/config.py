@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -36,20 +36,45 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-@dataclass
-class ModelConfig:
-    """The student: the encoder being trained."""
+Pooling = Literal["cls", "mean", "last_token"]
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
+"""How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE), `last_token` (decoder LLMs)."""
+MarginStrategy = Literal["absolute", "relative"]
+MARGIN_STRATEGIES: tuple[str, ...] = typing.get_args(MarginStrategy)
+"""How the guide threshold is relaxed by `loss.margin` (see `gist_scale.loss`)."""
 
-    name: str = MINILM
+
+@dataclass
+class EncoderConfig:
+    """What the student and the guide share: which `transformers` model, and how its token states become a vector.
+
+    `section` (a class attribute, not a field) names the config section in error messages.
+    """
+
+    section: ClassVar[str] = "encoder"
+    name: str | None = MINILM
     """Hub name or local directory of any `transformers` encoder (BERT/bge, MiniLM, E5, GTE, ModernBERT...)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; ignored for local directories."""
-    pooling: Literal["cls", "mean", "last_token"] = "mean"
+    pooling: Pooling = "mean"
     """How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE) or `last_token` (decoder LLMs)."""
-    normalize: bool = True
-    """L2-normalize embeddings; exported as a `Normalize` module so sentence-transformers does the same."""
     max_length: int = 128
     """Longest tokenized text; longer texts are truncated (the startup summary reports how many)."""
+
+    def __post_init__(self) -> None:
+        _check(self.pooling in POOLINGS, f"{self.section}.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
+        _check(self.max_length > 0, f"{self.section}.max_length={self.max_length}: must be a positive token count")
+
+
+@dataclass
+class ModelConfig(EncoderConfig):
+    """The student: the encoder being trained."""
+
+    section: ClassVar[str] = "model"
+    name: str = MINILM
+    """Hub name or local directory of any `transformers` encoder (BERT/bge, MiniLM, E5, GTE, ModernBERT...)."""
+    normalize: bool = True
+    """L2-normalize embeddings; exported as a `Normalize` module so sentence-transformers does the same."""
     attn_implementation: str = "sdpa"
     """`transformers` attention backend: `sdpa`, `eager`, or `flash_attention_2` where installed."""
     gradient_checkpointing: bool = False
@@ -58,27 +83,22 @@ class ModelConfig:
     """Override every dropout probability of the encoder config (0.0 makes steps deterministic); None keeps them."""
 
     def __post_init__(self) -> None:
-        _check(self.pooling in ("cls", "mean", "last_token"),
-               f"model.pooling={self.pooling!r}: use one of cls, mean, last_token")
-        _check(self.max_length > 0, f"model.max_length={self.max_length}: must be a positive token count")
+        super().__post_init__()
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0,
                f"model.dropout={self.dropout}: must be in [0, 1), or unset to keep the model's own")
 
 
 @dataclass
-class GuideConfig:
-    """The frozen guide that flags in-batch false negatives. It never enters the optimizer or ZeRO's partitions."""
+class GuideConfig(EncoderConfig):
+    """The frozen guide that flags in-batch false negatives. It never enters the optimizer or ZeRO's partitions.
 
+    Its embeddings are always L2-normalized: the loss compares them by cosine, which normalization does not change,
+    and normalized values keep the fp16 guide cache in range.
+    """
+
+    section: ClassVar[str] = "guide"
     name: str | None = MINILM
     """Hub name or local directory of the guide; `null` trains plain in-batch InfoNCE (the ablation)."""
-    revision: str | None = None
-    """Hub revision to pin."""
-    pooling: Literal["cls", "mean", "last_token"] = "mean"
-    """Pooling of the guide, which need not match the student's."""
-    normalize: bool = True
-    """L2-normalize guide embeddings (cosine similarity does not depend on it; kept for exported caches)."""
-    max_length: int = 128
-    """Longest text the guide sees; it has its own tokenizer and truncation."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     """Guide weights' dtype. bf16 halves its memory; similarities are still computed in fp32."""
     cache: str | None = None
@@ -87,9 +107,7 @@ class GuideConfig:
     refused with the fields that differ."""
 
     def __post_init__(self) -> None:
-        _check(self.pooling in ("cls", "mean", "last_token"),
-               f"guide.pooling={self.pooling!r}: use one of cls, mean, last_token")
-        _check(self.max_length > 0, f"guide.max_length={self.max_length}: must be a positive token count")
+        super().__post_init__()
         _check(self.dtype in ("bf16", "fp32"), f"guide.dtype={self.dtype!r}: use bf16 or fp32")
         _check(self.cache is None or self.name is not None,
                "guide.cache needs guide.name (the guide the cache was built with; it is checked, not loaded)")
@@ -158,7 +176,7 @@ class LossConfig:
 
     temperature: float = 0.01
     """Softmax temperature; logits = cosine / temperature (GISTEmbed used 0.01)."""
-    margin_strategy: Literal["absolute", "relative"] = "absolute"
+    margin_strategy: MarginStrategy = "absolute"
     """How the guide threshold is relaxed: `absolute` subtracts `margin`, `relative` subtracts `|g(q,p)| * margin`."""
     margin: float = 0.0
     """Candidates the guide scores above `g(q,p) - margin` are masked as false negatives; watch masked_fraction."""
@@ -175,8 +193,8 @@ class LossConfig:
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
         _check(self.row_block is None or self.row_block > 0,
                f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
-        _check(self.margin_strategy in ("absolute", "relative"),
-               f"loss.margin_strategy={self.margin_strategy!r}: use absolute or relative")
+        _check(self.margin_strategy in MARGIN_STRATEGIES,
+               f"loss.margin_strategy={self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
 @dataclass

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import DataConfig
-from gist_scale.encode import chunk_texts
+from gist_scale.chunking import chunk_texts
 
 __all__ = [
     "DataError", "DataReport", "load_triplets", "tokenize_triplets", "measure_tokenization_rate",
@@ -650,7 +650,7 @@ class TripletCollator:
     negatives at `i*K .. i*K+K-1`, absent when K is 0; `guide` is absent without a guide tokenizer. All tensors are
     int64.
 
-    With `chunks`, each side is instead a :class:`gist_scale.encode.ChunkedTexts`: the side's texts pooled,
+    With `chunks`, each side is instead a :class:`gist_scale.chunking.ChunkedTexts`: the side's texts pooled,
     length-sorted and cut into `chunks` chunks padded to their own longest text, planned here on the host so that the
     training step never reads lengths back from the accelerator.
     """

@@ -1,24 +1,12 @@
-"""Encoding a step's texts: length-sorted chunks with per-chunk padding, and GradCache.
+"""Device side of a step's encoding: run the planned chunks, restore text order, and GradCache.
 
-Less padding without changing the batch
----------------------------------------
-Batch composition defines the in-batch negatives, so rows are never moved between batches. Inside a step,
-:func:`chunk_texts` pools the texts of all columns (queries, positives, negatives), sorts them by real length,
-cuts them into length-homogeneous chunks and trims each chunk's padding to its own longest text;
-:func:`encode_chunked` encodes each chunk in one forward call and puts the embeddings back in their original
-order. The embeddings are those of one padded call (padded positions are masked out of attention and pooling; tests
-check this), while the FLOPs spent on padding shrink, and the number of forward calls per step is
-``ceil(texts / chunk_size)`` instead of one per column. That matters under ZeRO-3, where every forward call
-re-gathers the partitioned parameters.
-
-The plan (lengths, order, widths) is made on the host, in the DataLoader's collator (`TripletCollator(chunks=...)`),
-where reading lengths costs nothing: the chunks reach the device already cut, so the training step reads nothing
-back from the accelerator to encode them.
-
-Every rank must make the same number of forward calls (ZeRO-3 gathers parameters and DDP broadcasts buffers in
-each one). A rank's chunk count therefore comes from the per-device batch size, which all ranks share
-(:func:`num_chunks`), not from its own row count; a rank with fewer texts (an uneven tail) gets smaller chunks,
-and if it has fewer texts than chunks, the missing chunks encode one token whose output is multiplied by zero.
+Chunked encoding
+----------------
+:func:`encode_chunked` encodes each chunk that :func:`gist_scale.chunking.chunk_texts` planned (on the host, in the
+collator) in one forward call and puts the embeddings back in their original order. The embeddings are those of
+one padded call (padded positions are masked out of attention and pooling; tests check this), while the FLOPs spent
+on padding shrink, and the number of forward calls per step is ``ceil(texts / chunk_size)`` instead of one per
+column. That matters under ZeRO-3, where every forward call re-gathers the partitioned parameters.
 
 GradCache
 ---------
@@ -31,7 +19,7 @@ those of the plain step; only one chunk's activations are alive at a time.
 
 How each chunk's backward reaches the parameters is the job of a :class:`ChunkBackward`:
 
-* :class:`PlainBackward`: ``surrogate.backward()`` (one process, the benchmark).
+* :class:`ChunkBackward` itself: ``surrogate.backward()`` (one process, the benchmark).
 * :class:`AcceleratorBackward`: the training loop under Accelerate. DDP: all chunks but the last run under
   ``accelerator.no_sync(model)``, so gradients are all-reduced once per step. DeepSpeed: Accelerate's own
   ``accelerator.backward`` would call ``engine.step()`` after *every* call, so the engine is driven directly:
@@ -51,132 +39,16 @@ How each chunk's backward reaches the parameters is the job of a :class:`ChunkBa
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
-__all__ = [
-    "COLUMNS", "AcceleratorBackward", "ChunkBackward", "ChunkedTexts", "GradCache", "PlainBackward", "chunk_texts",
-    "embed_frozen", "encode_chunked", "encode_columns", "num_chunks", "pack_columns", "split_columns",
-]
+from gist_scale.chunking import ChunkedTexts, Features
 
-COLUMNS = ("query", "pos", "neg")
-"""Column order of a collated side (`TripletCollator`): `neg` holds [B*K] texts and may be absent."""
-
-Features = Mapping[str, Tensor]
-"""`{"input_ids": [N, L], "attention_mask": [N, L]}` as the collator returns them."""
-
-
-def num_chunks(texts: int, chunk_size: int | None) -> int:
-    """Forward calls needed for `texts` texts at most `chunk_size` per call (1 when `chunk_size` is None).
-
-    Pass the *largest* per-rank text count (per-device batch size x (2 + K)), the same on every rank.
-    """
-    if chunk_size is None:
-        return 1
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    return max(1, math.ceil(texts / chunk_size))
-
-
-def _left_padded(mask: Tensor) -> bool:
-    """True when some row starts with padding (the tokenizer pads on the left)."""
-    return bool((mask[:, 0] == 0).any()) if mask.numel() else False
-
-
-def _pad_width(t: Tensor, width: int, value: int, left: bool) -> Tensor:
-    missing = width - t.shape[1]
-    if missing <= 0:
-        return t
-    return F.pad(t, (missing, 0) if left else (0, missing), value=value)
-
-
-def pack_columns(columns: Mapping[str, Features], pad_token_id: int = 0) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Concatenate the columns' texts into one `[sum N, max L]` batch; returns it and each column's row count.
-
-    Narrower columns are padded with `pad_token_id` (masked out) on the tokenizer's padding side.
-    """
-    present = [c for c in COLUMNS if c in columns] + [c for c in columns if c not in COLUMNS]
-    width = max(columns[c]["input_ids"].shape[1] for c in present)
-    left = any(_left_padded(columns[c]["attention_mask"]) for c in present)
-    ids = torch.cat([_pad_width(columns[c]["input_ids"], width, pad_token_id, left) for c in present])
-    mask = torch.cat([_pad_width(columns[c]["attention_mask"], width, 0, left) for c in present])
-    return {"input_ids": ids, "attention_mask": mask}, {c: columns[c]["input_ids"].shape[0] for c in present}
-
-
-@dataclass
-class ChunkedTexts:
-    """A side's texts (all columns pooled) cut into length-sorted chunks, each padded to its own longest text.
-
-    Made on the host by :func:`chunk_texts`; `to(device)` moves it (Accelerate's `send_to_device` and the
-    DataLoader's `pin_memory` use `to` / `pin_memory`). Everything the encoder loop needs besides the tensors is a
-    Python number, so encoding reads nothing back from the device.
-    """
-
-    chunks: list[dict[str, Tensor]]
-    """Per forward call: `input_ids` / `attention_mask` `[rows, width]`, longest texts first; the trailing
-    `len(chunks) - real_chunks` are one-token placeholders (see the module docstring)."""
-    real_chunks: int
-    """Chunks that hold texts."""
-    inverse: Tensor
-    """`[N]` int64: where text i (in column order) is among the concatenated real chunks' rows."""
-    counts: dict[str, int]
-    """Texts per column, in column order (`query`, `pos`, `neg`)."""
-
-    def to(self, device, non_blocking: bool = False) -> ChunkedTexts:
-        return ChunkedTexts([{k: t.to(device, non_blocking=non_blocking) for k, t in c.items()} for c in self.chunks],
-                            self.real_chunks, self.inverse.to(device, non_blocking=non_blocking), self.counts)
-
-    def pin_memory(self) -> ChunkedTexts:
-        return ChunkedTexts([{k: t.pin_memory() for k, t in c.items()} for c in self.chunks], self.real_chunks,
-                            self.inverse.pin_memory(), self.counts)
-
-    @property
-    def chunk_rows(self) -> list[int]:
-        """Texts in each real chunk (host numbers, from the shapes)."""
-        return [c["input_ids"].shape[0] for c in self.chunks[:self.real_chunks]]
-
-    @property
-    def processed_tokens(self) -> int:
-        """Token positions the encoder calls process, padding included (placeholders too)."""
-        return sum(c["input_ids"].numel() for c in self.chunks)
-
-
-def chunk_texts(columns: Mapping[str, Features], chunks: int, pad_token_id: int = 0,
-                pad_to_multiple_of: int | None = None) -> ChunkedTexts:
-    """Pool the columns' texts, sort them by real length (longest first) and cut `chunks` near-equal chunks.
-
-    Call it on host tensors (the collator does): it reads the lengths. Chunk sizes differ by at most one; with fewer
-    texts than chunks the trailing chunks are placeholders. `pad_to_multiple_of` rounds each chunk's width up (tensor
-    cores), never past the batch's width.
-    """
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
-    packed, counts = pack_columns(columns, pad_token_id)
-    ids, mask = packed["input_ids"], packed["attention_mask"]
-    total_width = ids.shape[1]
-    left = _left_padded(mask)
-    lengths = mask.sum(1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out = []
-    for rows in order.tensor_split(chunks):
-        if not len(rows):
-            break
-        width = max(int(lengths[rows[0]]), 1)
-        if pad_to_multiple_of:
-            width = min(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of, total_width)
-        cols = slice(total_width - width, None) if left else slice(0, width)
-        out.append({"input_ids": ids[rows, cols], "attention_mask": mask[rows, cols]})
-    real = len(out)
-    # A placeholder is the longest text's last (left padding) or first (right padding) token: real, not padding.
-    cols = slice(total_width - 1, None) if left else slice(0, 1)
-    for _ in range(chunks - real):
-        out.append({"input_ids": ids[order[:1], cols], "attention_mask": mask[order[:1], cols]})
-    return ChunkedTexts(out, real, torch.argsort(order), counts)
+__all__ = ["AcceleratorBackward", "ChunkBackward", "GradCache", "embed_frozen", "encode_chunked", "encode_columns",
+           "split_columns"]
 
 
 def _restore_order(outputs: list[Tensor], chunked: ChunkedTexts) -> Tensor:
@@ -235,7 +107,8 @@ def embed_frozen(model: nn.Module, columns: Mapping[str, Features] | ChunkedText
 
 
 class ChunkBackward:
-    """How GradCache back-propagates one chunk's surrogate loss; one instance per step.
+    """How GradCache back-propagates one chunk's surrogate loss; one instance per step. This base class is the
+    plain single-process case: `surrogate.backward()`.
 
     `chunk(last)` wraps each chunk's forward and backward (e.g. DDP's `no_sync`), `backward(surrogate)` runs the
     backward, `finish()` ends the step's backward work (e.g. DeepSpeed's `engine.step()`).
@@ -254,10 +127,6 @@ class ChunkBackward:
         pass
 
 
-class PlainBackward(ChunkBackward):
-    """One process, no wrapper: `surrogate.backward()`."""
-
-
 class AcceleratorBackward(ChunkBackward):
     """GradCache chunk backward under Accelerate (DDP, single device, or DeepSpeed ZeRO-1/2/3).
 
@@ -267,8 +136,6 @@ class AcceleratorBackward(ChunkBackward):
     """
 
     def __init__(self, accelerator, model: nn.Module, coalesce: bool = True) -> None:
-        from accelerate.utils import DistributedType
-
         self.accelerator = accelerator
         self.model = model
         self.sync = accelerator.sync_gradients
@@ -366,7 +233,7 @@ class GradCache:
 
     def backward(self, loss: Tensor, chunk_backward: ChunkBackward | None = None) -> None:
         """Back-propagate `loss` to the embeddings, then through the encoder chunk by chunk."""
-        chunk_backward = chunk_backward or PlainBackward()
+        chunk_backward = chunk_backward or ChunkBackward()
         # Only the embedding leaf (and, across ranks, the all-gather's reduce-scatter) is in this graph.
         loss.backward()
         grad = self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)

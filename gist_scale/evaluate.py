@@ -10,9 +10,8 @@ Encoding is batched and distributed: each rank embeds a contiguous shard of the 
 shard to cut padding), every rank then receives all embeddings, and the metrics (a cheap matrix product and a
 top-k) are computed identically on every rank, so any rank may log them. Every rank must call `evaluate_embedder`.
 
-The `gist-scale eval` command loads sentence-transformers-format directories (or hub names) without
-sentence-transformers, which stays a test-only dependency: `load_sentence_transformer_dir` reads the module list,
-pooling and length settings and builds the same `Embedder` that training uses.
+The metrics themselves are in `gist_scale.metrics`; the `gist-scale eval` command reads sentence-transformers
+directories with `gist_scale.st_format.load_sentence_transformer_dir`, which builds the same `Embedder` as training.
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import datasets
 import numpy as np
@@ -37,25 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale import distributed, encode
-from gist_scale.config import ConfigError, DataConfig, ModelConfig, load_config
+from gist_scale import distributed
+from gist_scale.chunking import num_chunks
+from gist_scale.config import ConfigError, DataConfig, load_config
 from gist_scale.data import FORMATS, DataError, load_triplets
-from gist_scale.model import Embedder, load_student, load_tokenizer, resolve_model_path
+from gist_scale.metrics import retrieval_metrics, spearman
+from gist_scale.model import Embedder
+from gist_scale.st_format import load_sentence_transformer_dir
 
-__all__ = [
-    "METRICS", "EvalData", "StsPairs", "load_eval_data", "encode_texts", "evaluate_embedder", "retrieval_metrics",
-    "spearman", "load_sentence_transformer_dir", "main",
-]
-
-K = 10
-"""Ranking depth of nDCG, MRR and the larger recall."""
-METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
-"""Retrieval metrics, always reported; `spearman` is added when the eval data has STS pairs."""
-QUERY_CHUNK = 1024
-"""Queries scored at a time."""
-CORPUS_CHUNK = 65536
-"""Documents scored at a time: a block of QUERY_CHUNK x CORPUS_CHUNK fp32 scores is 256 MiB; the top 10 of each
-block are merged into a running top 10, so memory does not grow with the corpus."""
+__all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "main"]
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -251,7 +238,7 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
                                       return_token_type_ids=False)["input_ids"] if shard else [])
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    num_batches = encode.num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
+    num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
     dummy = tokenizer([texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
                       return_token_type_ids=False)["input_ids"]
 
@@ -285,91 +272,6 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor,
-                      relevant: Sequence[Sequence[int]]) -> dict[str, float]:
-    """nDCG@10, MRR@10, Recall@1 and Recall@10 of cosine-similarity retrieval, averaged over queries.
-
-    `relevant[i]` lists the corpus ids relevant to query i (at least one). nDCG uses binary relevance and the ideal
-    ranking of `min(len(relevant[i]), 10)` hits; MRR@10 is 1/rank of the first hit (0 if none in the top 10);
-    Recall@k is the fraction of a query's relevant documents in its top k.
-    """
-    if len(relevant) != query_embeddings.shape[0]:
-        raise ValueError(f"{len(relevant)} relevance lists for {query_embeddings.shape[0]} queries")
-    if any(len(ids) == 0 for ids in relevant):
-        raise ValueError("every query needs at least one relevant document")
-    device = query_embeddings.device
-    queries = F.normalize(query_embeddings.float(), dim=-1)
-    corpus = F.normalize(corpus_embeddings.float().to(device), dim=-1)
-    depth = min(K, corpus.shape[0])
-    # Relevant ids padded with -1 (never a corpus id) so that hits are one vectorized comparison.
-    width = max(len(ids) for ids in relevant)
-    table = torch.full((len(relevant), width), -1, dtype=torch.long)
-    for i, ids in enumerate(relevant):
-        table[i, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-    table = table.to(device)
-    num_relevant = (table >= 0).sum(1).double()
-    discounts = 1.0 / torch.log2(torch.arange(2, depth + 2, device=device, dtype=torch.float64))
-    ideal_dcg = discounts.cumsum(0)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    for start in range(0, queries.shape[0], QUERY_CHUNK):
-        end = start + QUERY_CHUNK
-        top = _top_k(queries[start:end], corpus, depth)  # [chunk, depth] corpus ids, best first
-        hits = (top[:, :, None] == table[start:end, None, :]).any(-1).double()
-        n_rel = num_relevant[start:end]
-        ndcg = (hits * discounts).sum(1) / ideal_dcg[n_rel.clamp(max=depth).long() - 1]
-        first = hits.argmax(1)  # position of the first hit; only used where there is one
-        mrr = torch.where(hits.any(1), 1.0 / (first + 1).double(), torch.zeros_like(n_rel))
-        recall_1, recall_k = hits[:, :1].sum(1) / n_rel, hits.sum(1) / n_rel
-        totals += torch.stack([ndcg.sum(), mrr.sum(), recall_1.sum(), recall_k.sum()])
-    values = (totals / queries.shape[0]).tolist()
-    return dict(zip(METRICS, values))
-
-
-def _top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of each query's k most similar documents, best first, scoring the corpus block by block."""
-    best_scores = best_ids = None
-    for start in range(0, corpus.shape[0], CORPUS_CHUNK):
-        block = corpus[start:start + CORPUS_CHUNK]
-        scores, ids = (queries @ block.T).topk(min(k, block.shape[0]), dim=1)
-        ids = ids + start
-        if best_scores is not None:
-            scores, pick = torch.cat([best_scores, scores], 1).topk(k, dim=1)
-            ids = torch.cat([best_ids, ids], 1).gather(1, pick)
-        best_scores, best_ids = scores, ids
-    return best_ids
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n; tied values share the mean of the ranks they span (so [5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    # Start index (in sorted order) of each run of equal values, plus n as a sentinel end.
-    new_run = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-    starts = np.r_[np.flatnonzero(new_run), len(values)]
-    run_of = np.cumsum(new_run) - 1  # run index of each sorted position
-    # A run spanning sorted positions [s, e) holds ranks s+1 .. e; their mean is (s + 1 + e) / 2.
-    mean_rank = (starts[:-1] + 1 + starts[1:]) / 2.0
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = mean_rank[run_of]
-    return ranks
-
-
-def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor) -> float:
-    """Spearman's rank correlation with average ranks for ties: the Pearson correlation of the ranks.
-
-    NaN when either side is constant (the correlation is undefined), as scipy reports it.
-    """
-    a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    b = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
-        raise ValueError(f"spearman needs two 1-d sequences of the same length >= 2, got {a.shape} and {b.shape}")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
-
-
 def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, max_length: int, eval_data: EvalData,
                       batch_size: int, device: torch.device | str,
                       autocast: Callable[[], AbstractContextManager] | None = None) -> dict[str, float]:
@@ -390,103 +292,6 @@ def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, ma
 
 
 # ---------------------------------------------------------------------------------- model directories
-
-
-_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
-"""sentence-transformers pooling mode -> our pooling."""
-_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-"""The boolean keys of older `1_Pooling/config.json` files (newer ones write `"pooling_mode": "mean"`)."""
-
-
-def _local_dir(name_or_path: str) -> Path:
-    """A local directory for a path, the offline MiniLM copy, or a hub name (downloaded or read from the cache)."""
-    resolved = resolve_model_path(name_or_path)
-    path = Path(resolved).expanduser()
-    if path.is_dir():
-        return path
-    if resolved.startswith((".", "/", "~")) or path.exists():
-        raise FileNotFoundError(f"{name_or_path}: no such model directory")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(resolved))
-    except Exception as error:  # offline, unknown repository, authentication: all end the same way
-        raise FileNotFoundError(f"{name_or_path}: not a local directory and not loadable from the hub "
-                                f"({type(error).__name__}: {error})") from error
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _pooling_mode(config: dict[str, Any], where: Path) -> str:
-    modes = config.get("pooling_mode")
-    if modes is None:
-        modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    if len(modes) != 1 or modes[0] not in _POOLINGS:
-        raise ValueError(f"{where}: pooling {modes} is not supported; gist-scale pools with one of "
-                         f"{', '.join(_POOLINGS)}")
-    return _POOLINGS[modes[0]]
-
-
-def _lowercase_inputs(tokenizer: PreTrainedTokenizerBase, where: Path) -> None:
-    """Make a fast tokenizer lowercase its input, as sentence-transformers does for `do_lower_case: true`."""
-    from tokenizers import normalizers
-
-    if not tokenizer.is_fast:
-        raise ValueError(f"{where}: do_lower_case needs a fast tokenizer")
-    current = tokenizer.backend_tokenizer.normalizer
-    steps = [normalizers.Lowercase()] + ([current] if current is not None else [])
-    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(steps)
-
-
-def load_sentence_transformer_dir(name_or_path: str,
-                                  max_length: int | None = None) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
-    """Load a sentence-transformers model (a directory, or a hub name) as our `Embedder`, its tokenizer and length.
-
-    Reads `modules.json` (Transformer, Pooling, optional Normalize; any other module, such as Dense, cannot be
-    expressed by an `Embedder` and is refused), the pooling mode from the Pooling module's `config.json`, and the
-    maximum sequence length from `sentence_bert_config.json`, else the tokenizer's `model_max_length` capped at
-    the model's position embeddings, as sentence-transformers does. A plain `transformers` directory without
-    `modules.json` gets sentence-transformers' fallback: mean pooling, no normalization. `max_length` overrides.
-    """
-    root = _local_dir(name_or_path)
-    modules = _read_json(root / "modules.json")
-    transformer_dir, pooling, normalize = root, "mean", False
-    if modules is None:
-        warnings.warn(f"{root}: no modules.json, so not a sentence-transformers model; using mean pooling without "
-                      "normalization", stacklevel=2)
-    else:
-        ordered = sorted(modules, key=lambda m: m["idx"])
-        kinds = [(m["type"].rsplit(".", 1)[-1], root / m.get("path", "")) for m in ordered]
-        names = [kind for kind, _ in kinds]
-        if names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]):
-            raise ValueError(f"{root}: modules {names} are not supported; gist-scale evaluates Transformer, Pooling "
-                             "and an optional Normalize")
-        transformer_dir = kinds[0][1]
-        pooling = _pooling_mode(_read_json(kinds[1][1] / "config.json") or {}, kinds[1][1] / "config.json")
-        normalize = len(kinds) == 3
-    st_config = _read_json(transformer_dir / "sentence_bert_config.json") or {}
-    prompts = _read_json(root / "config_sentence_transformers.json") or {}
-    if prompts.get("default_prompt_name"):
-        warnings.warn(f"{root}: its default prompt {prompts['default_prompt_name']!r} is not prepended here",
-                      stacklevel=2)
-
-    tokenizer = load_tokenizer(str(transformer_dir))
-    if st_config.get("do_lower_case"):
-        _lowercase_inputs(tokenizer, transformer_dir)
-    if max_length is None:
-        max_length = st_config.get("max_seq_length")
-    if max_length is None:
-        max_length = int(tokenizer.model_max_length)
-        positions = (_read_json(transformer_dir / "config.json") or {}).get("max_position_embeddings")
-        if isinstance(positions, int) and positions > 0:
-            max_length = min(max_length, positions)
-    cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length))
-    return load_student(cfg), tokenizer, cfg.max_length
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -35,7 +35,7 @@ import torch
 from accelerate.utils import send_to_device
 from rich.console import Console
 
-from gist_scale import distributed, encode
+from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 
@@ -83,14 +83,14 @@ def guide_digest(name: str) -> str | None:
 def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int) -> dict[str, Any]:
     """What the cached embeddings depend on; two configurations with equal keys get the same embeddings."""
     return {
-        "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling, "normalize": guide.normalize,
+        "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,
         "max_length": guide.max_length, "dtype": guide.dtype,
         "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
     }
 
 
 _KEY_OPTIONS = {"guide": "--guide.name", "revision": "--guide.revision", "pooling": "--guide.pooling",
-                "normalize": "--guide.normalize", "max_length": "--guide.max_length", "dtype": "--guide.dtype",
+                "max_length": "--guide.max_length", "dtype": "--guide.dtype",
                 "dataset_fingerprint": "the --data.* options or the data files", "rows": "--data.max_rows or the data",
                 "num_negatives": "--data.neg_columns or the data"}
 
@@ -130,7 +130,7 @@ class GuideCache:
         # and a memory-mapped `datasets.Dataset` pickles as its file paths, a raw table as all of its data.
         taken = self.dataset.data.table.take(pa.array(indices, type=pa.int64()))
         out = {}
-        for column in encode.COLUMNS if self.k else encode.COLUMNS[:2]:
+        for column in chunking.COLUMNS if self.k else chunking.COLUMNS[:2]:
             values = taken.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             shape = (len(indices), self.k, self.meta.dim) if column == "neg" else (len(indices), self.meta.dim)
             out[column] = torch.from_numpy(values.reshape(shape).copy())  # Arrow buffers are read-only
@@ -259,7 +259,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state.wait_for_everyone()
 
     guide = load_guide(cfg.guide, state.device)
-    chunks = None if chunk_size is None else encode.num_chunks(rows_per_batch * (2 + k), chunk_size)
+    chunks = None if chunk_size is None else chunking.num_chunks(rows_per_batch * (2 + k), chunk_size)
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = np.array_split(np.arange(len(tokenized)), world)[rank]
@@ -304,7 +304,8 @@ def _half(t: torch.Tensor) -> np.ndarray:
     values = t.float()
     # One device read per tensor (NaN fails the comparison too).
     if not bool(torch.isfinite(values).all() & (values.abs().amax() <= 65504)):
-        raise GuideCacheError("guide embeddings are not finite or exceed float16's range; use --guide.normalize true")
+        raise GuideCacheError("guide embeddings are not finite or exceed float16's range (they are L2-normalized, so the "
+                              "guide produced NaN/inf: check its weights, or build the cache with --guide.dtype fp32)")
     return values.to(torch.float16).cpu().numpy()
 
 

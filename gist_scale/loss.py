@@ -82,10 +82,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gist_scale import distributed as gdist
+from gist_scale.config import MARGIN_STRATEGIES, LossConfig
 
 __all__ = ["GISTLoss", "LossStats"]
 
-_MARGIN_STRATEGIES = ("absolute", "relative")
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,8 @@ class LossStats:
 
 class GISTLoss(nn.Module):
     """Guided in-batch contrastive loss of GISTEmbed over the global batch.
+
+    The defaults are `LossConfig`'s (one place); the trainer builds it as ``GISTLoss(**asdict(cfg.loss))``.
 
     See the module docstring for the formulation, the self-pair rule and the distributed
     scaling.
@@ -150,20 +152,20 @@ class GISTLoss(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.01,
-        margin_strategy: str = "absolute",
-        margin: float = 0.0,
-        contrast_anchors: bool = True,
-        contrast_positives: bool = True,
+        temperature: float = LossConfig.temperature,
+        margin_strategy: str = LossConfig.margin_strategy,
+        margin: float = LossConfig.margin,
+        contrast_anchors: bool = LossConfig.contrast_anchors,
+        contrast_positives: bool = LossConfig.contrast_positives,
         gather_across_ranks: bool = True,
         check_finite: bool = True,
-        row_block: int | None = 2048,
+        row_block: int | None = LossConfig.row_block,
     ) -> None:
         super().__init__()
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if margin_strategy not in _MARGIN_STRATEGIES:
-            raise ValueError(f"margin_strategy must be one of {_MARGIN_STRATEGIES}, got {margin_strategy!r}")
+        if margin_strategy not in MARGIN_STRATEGIES:
+            raise ValueError(f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {margin_strategy!r}")
         if not isinstance(margin, (int, float)) or not math.isfinite(margin):
             raise ValueError(f"margin must be a finite number, got {margin!r}")
         self.temperature = float(temperature)

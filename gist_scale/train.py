@@ -10,6 +10,7 @@ global batch and can resume mid-epoch exactly, which Accelerate's sharding would
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
-from gist_scale import distributed, encode
+from gist_scale import chunking, distributed, encode
 from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
                                    resolve_resume, save_checkpoint)
 from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
@@ -39,7 +40,8 @@ from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
-from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student, load_tokenizer
+from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
+from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -178,9 +180,7 @@ class Trainer:
             self.encoder_configs["guide"] = self.guide.encoder.config
         self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(self.device)
         # Outside debug mode, non-finite embeddings are not an error but a skipped step (see `_nonfinite`).
-        self.loss_fn = GISTLoss(cfg.loss.temperature, cfg.loss.margin_strategy, cfg.loss.margin,
-                                cfg.loss.contrast_anchors, cfg.loss.contrast_positives, check_finite=cfg.debug,
-                                row_block=cfg.loss.row_block)
+        self.loss_fn = GISTLoss(**dataclasses.asdict(cfg.loss), check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
         # `from_pretrained` returns the encoder in eval mode (dropout off); evaluation restores whatever mode it found.
@@ -288,7 +288,7 @@ class Trainer:
             self.state.position = 0
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
-        student = batch["student"]  # column tensors, or `encode.ChunkedTexts` planned by the collator
+        student = batch["student"]  # column tensors, or `chunking.ChunkedTexts` planned by the collator
         k = batch["num_negatives"]
         guide_embeddings = self._guide_embeddings(batch, k)
         if self.cfg.train.grad_cache:
@@ -325,7 +325,7 @@ class Trainer:
         makes the same calls even when its own micro-batch is smaller."""
         if self.cfg.train.chunk_size is None:
             return None
-        return encode.num_chunks(self.cfg.train.batch_size * (2 + k), self.cfg.train.chunk_size)
+        return chunking.num_chunks(self.cfg.train.batch_size * (2 + k), self.cfg.train.chunk_size)
 
     def _guide_embeddings(self, batch: dict, k: int) -> tuple:
         if "guide_embeddings" in batch:  # from the guide cache (`guide.cache`)

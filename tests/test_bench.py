@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gist_scale import bench, cli
-from gist_scale.encode import pack_columns
+from gist_scale import cli
+from gist_scale.tools import bench
+from gist_scale.chunking import pack_columns
 from gist_scale.flops import forward_flops
 
 TINY = ["--cases", "tiny", "--batch", "8", "--query-len", "4-12", "--doc-len", "12-40", "--steps", "2", "--warmup",
@@ -87,7 +88,7 @@ def test_bad_arguments_are_refused():
 
 
 def test_commands_are_registered():
-    assert cli.COMMANDS["bench"][0] == "gist_scale.bench"
+    assert cli.COMMANDS["bench"][0] == "gist_scale.tools.bench"
     assert cli.COMMANDS["cache-guide"][0] == "gist_scale.guide_cache"
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_utils import loss_records, torchrun_command
-from gist_scale import encode
+from gist_scale import chunking, encode
 from gist_scale.data import sample_data_path
 from gist_scale.loss import GISTLoss
 from gist_scale.model import Embedder
@@ -80,7 +80,7 @@ def test_chunked_encoding_gives_the_embeddings_of_one_padded_call(tiny_model_dir
     features = _features(37, 3, 60, width=64)  # padded beyond the longest text, as pad_to_multiple_of does
     with torch.no_grad():
         reference = model(features["input_ids"], features["attention_mask"])
-        chunked_texts = encode.chunk_texts({"texts": features}, encode.num_chunks(37, chunk_size))
+        chunked_texts = chunking.chunk_texts({"texts": features}, chunking.num_chunks(37, chunk_size))
         chunked = encode.encode_chunked(model, chunked_texts)
     assert chunked.shape == reference.shape
     torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-5)
@@ -95,8 +95,8 @@ def test_chunks_are_length_sorted_trimmed_and_fewer_tokens(tiny_model_dir):
         assert len(model.calls) == 3
         padded_tokens = sum(r * w for r, w in model.calls)
         model.calls.clear()
-        chunked = encode.encode_columns(model, encode.chunk_texts(columns, encode.num_chunks(texts, 10)), 3)
-    assert len(model.calls) == encode.num_chunks(texts, 10) == 4
+        chunked = encode.encode_columns(model, chunking.chunk_texts(columns, chunking.num_chunks(texts, 10)), 3)
+    assert len(model.calls) == chunking.num_chunks(texts, 10) == 4
     assert sum(r for r, _ in model.calls) == texts
     widths = [w for _, w in model.calls]
     assert widths == sorted(widths, reverse=True)  # longest chunk first: peak memory shows up at once
@@ -111,7 +111,7 @@ def test_all_columns_in_one_forward_call(tiny_model_dir):
     model = Recorder(_embedder(tiny_model_dir).eval())
     columns = _columns(b=4, k=1)
     with torch.no_grad():
-        query, pos, neg = encode.encode_columns(model, encode.chunk_texts(columns, encode.num_chunks(12, 1000)), 1)
+        query, pos, neg = encode.encode_columns(model, chunking.chunk_texts(columns, chunking.num_chunks(12, 1000)), 1)
     assert len(model.calls) == 1 and model.calls[0][0] == 12
     assert query.shape == pos.shape == (4, 32) and neg.shape == (4, 1, 32)
 
@@ -123,7 +123,7 @@ def test_fixed_chunk_count_with_fewer_texts_than_chunks(tiny_model_dir):
     with torch.no_grad():
         reference = encode.encode_columns(model, columns, 1)
         model.calls.clear()
-        chunked = encode.encode_columns(model, encode.chunk_texts(columns, 9), 1)
+        chunked = encode.encode_columns(model, chunking.chunk_texts(columns, 9), 1)
     assert len(model.calls) == 9
     for got, want in zip(chunked, reference):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -137,28 +137,28 @@ def test_padding_side_and_column_widths(left):
     with torch.no_grad():
         reference = encode.encode_columns(model, columns, 2)
         for chunk_size in (1, 3, 7, 100):
-            chunks = encode.num_chunks(5 + 5 + 10, chunk_size)
-            chunked = encode.encode_columns(model, encode.chunk_texts(columns, chunks, pad_token_id=0), 2)
+            chunks = chunking.num_chunks(5 + 5 + 10, chunk_size)
+            chunked = encode.encode_columns(model, chunking.chunk_texts(columns, chunks, pad_token_id=0), 2)
             for got, want in zip(chunked, reference):
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_plan_and_counts_validation():
-    assert encode.num_chunks(10, None) == 1 and encode.num_chunks(10, 3) == 4 and encode.num_chunks(0, 3) == 1
+    assert chunking.num_chunks(10, None) == 1 and chunking.num_chunks(10, 3) == 4 and chunking.num_chunks(0, 3) == 1
     with pytest.raises(ValueError, match="chunk_size"):
-        encode.num_chunks(10, 0)
+        chunking.num_chunks(10, 0)
     mask = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
     ids = mask * torch.tensor([[11], [12], [13]])
-    chunked = encode.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 2)
+    chunked = chunking.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 2)
     assert [c["input_ids"].tolist() for c in chunked.chunks] == [[[12, 12, 12, 12], [13, 13, 0, 0]], [[11]]]
     assert chunked.real_chunks == 2 and chunked.chunk_rows == [2, 1] and chunked.counts == {"query": 3}
     assert chunked.inverse.tolist() == [2, 0, 1] and chunked.processed_tokens == 9
     # Widths rounded up for tensor cores, never past the batch's own width; placeholders for missing texts.
-    rounded = encode.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 5, pad_to_multiple_of=4)
+    rounded = chunking.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 5, pad_to_multiple_of=4)
     assert [tuple(c["input_ids"].shape) for c in rounded.chunks] == [(1, 4), (1, 4), (1, 4), (1, 1), (1, 1)]
     assert rounded.real_chunks == 3 and rounded.chunks[3]["attention_mask"].tolist() == [[1]]
     with pytest.raises(ValueError, match="chunks"):
-        encode.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 0)
+        chunking.chunk_texts({"query": {"input_ids": ids, "attention_mask": mask}}, 0)
 
 
 def test_collator_plans_the_chunks_on_the_host(tiny_model_dir):
@@ -178,9 +178,9 @@ def test_collator_plans_the_chunks_on_the_host(tiny_model_dir):
     lengths = [3, 5, 5, 3, 3, 11, 4, 3]
     assert per_column["token_counts"] == chunked["token_counts"] == {
         "student": TokenCounts(8, sum(lengths), sum(n * n for n in lengths))}
-    want = encode.chunk_texts(per_column["student"], 3, tokenizer.pad_token_id)
+    want = chunking.chunk_texts(per_column["student"], 3, tokenizer.pad_token_id)
     got = chunked["student"]
-    assert isinstance(got, encode.ChunkedTexts) and got.counts == {"query": 2, "pos": 2, "neg": 4}
+    assert isinstance(got, chunking.ChunkedTexts) and got.counts == {"query": 2, "pos": 2, "neg": 4}
     assert [tuple(c["input_ids"].shape) for c in got.chunks] == [(3, 11), (3, 4), (2, 3)]
     for a, b in zip(got.chunks, want.chunks):
         assert all(torch.equal(a[key], b[key]) for key in ("input_ids", "attention_mask"))
@@ -196,7 +196,7 @@ def test_a_chunked_training_step_reads_nothing_back_from_the_device(tiny_model_d
     """With the plan made by the collator, the student's chunked forward, the loss and GradCache's backward
     never read a tensor's value on the host (on an accelerator each such read would stall the step)."""
     model = _embedder(tiny_model_dir, dropout=0.1).train()
-    chunked = encode.chunk_texts(_columns(b=5, k=2), 4)
+    chunked = chunking.chunk_texts(_columns(b=5, k=2), 4)
     guide = tuple(e.detach() for e in encode.encode_columns(BagOfTokens(), chunked, 2))
     loss_fn = GISTLoss(check_finite=False)  # as training runs it outside debug mode
 
@@ -226,12 +226,12 @@ def test_grad_cache_matches_the_plain_step_with_dropout(tiny_model_dir, chunks):
     guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
 
     torch.manual_seed(7)
-    loss = loss_fn(*encode.encode_columns(plain, encode.chunk_texts(columns, chunks), 2), *guide)
+    loss = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, chunks), 2), *guide)
     loss.backward()
     rng_after_plain = torch.get_rng_state()
 
     torch.manual_seed(7)
-    cache = encode.GradCache(cached, encode.chunk_texts(columns, chunks), 2)
+    cache = encode.GradCache(cached, chunking.chunk_texts(columns, chunks), 2)
     assert all(e.requires_grad for e in cache.embeddings) and cache.leaf.is_leaf
     cached_loss = loss_fn(*cache.embeddings, *guide)
     cache.backward(cached_loss)
@@ -259,7 +259,7 @@ def test_grad_cache_backward_driver_order():
             events.append(("finish",))
 
     model = BagOfTokens()
-    cache = encode.GradCache(model, encode.chunk_texts(_columns(b=3, k=1), 3), 1)
+    cache = encode.GradCache(model, chunking.chunk_texts(_columns(b=3, k=1), 3), 1)
     cache.backward(GISTLoss()(*cache.embeddings), Spy())
     assert events == [("chunk", False), ("backward",), ("chunk", False), ("backward",), ("chunk", True),
                       ("backward",), ("finish",)]

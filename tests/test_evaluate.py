@@ -15,19 +15,10 @@ from transformers import BertConfig, BertModel
 
 from gist_scale.config import MINILM, DataConfig
 from gist_scale.data import DataError, sample_data_path
-from gist_scale.evaluate import (
-    METRICS,
-    EvalData,
-    _average_ranks,
-    encode_texts,
-    evaluate_embedder,
-    load_eval_data,
-    load_sentence_transformer_dir,
-    main,
-    retrieval_metrics,
-    spearman,
-)
-from gist_scale.model import export_sentence_transformer, load_tokenizer, resolve_model_path
+from gist_scale.evaluate import EvalData, encode_texts, evaluate_embedder, load_eval_data, main
+from gist_scale.metrics import METRICS, _average_ranks, retrieval_metrics, spearman
+from gist_scale.model import load_tokenizer, resolve_model_path
+from gist_scale.st_format import export_sentence_transformer, load_sentence_transformer_dir
 
 datasets.disable_progress_bars()
 
@@ -108,14 +99,14 @@ def test_more_relevant_documents_than_k_and_small_corpus():
 
 
 def test_blockwise_scoring_equals_one_matrix_product(monkeypatch: pytest.MonkeyPatch):
-    import gist_scale.evaluate as evaluate
+    import gist_scale.metrics as metrics
 
     generator = torch.Generator().manual_seed(0)
     queries, corpus = torch.randn(40, 8, generator=generator), torch.randn(300, 8, generator=generator)
     relevant = [torch.randint(0, 300, (1 + i % 3,), generator=generator).unique().tolist() for i in range(40)]
     whole = retrieval_metrics(queries, corpus, relevant)
-    monkeypatch.setattr(evaluate, "QUERY_CHUNK", 7)
-    monkeypatch.setattr(evaluate, "CORPUS_CHUNK", 13)  # the last block (1 document) is smaller than k
+    monkeypatch.setattr(metrics, "QUERY_CHUNK", 7)
+    monkeypatch.setattr(metrics, "CORPUS_CHUNK", 13)  # the last block (1 document) is smaller than k
     assert retrieval_metrics(queries, corpus, relevant) == pytest.approx(whole, abs=1e-12)
 
 

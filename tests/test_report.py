@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gist_scale.report import main, plot_run, read_metrics
+from gist_scale.tools.report import main, plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_KEYS = {"step", "epoch", "loss", "lr", "masked_fraction", "candidates_per_anchor", "triplets_per_s",

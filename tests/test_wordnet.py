@@ -11,7 +11,7 @@ import pytest
 from gist_scale import cli
 from gist_scale.config import DataConfig
 from gist_scale.data import load_triplets, sample_data_path
-from gist_scale.wordnet import DEFAULT_WORDNET_DIR, build_triplets, load_wordnet, parse_gloss, parse_line
+from gist_scale.tools.wordnet import DEFAULT_WORDNET_DIR, build_triplets, load_wordnet, parse_gloss, parse_line
 
 needs_wordnet = pytest.mark.skipif(
     not (DEFAULT_WORDNET_DIR / "data.noun").is_file(),

@@ -44,11 +44,12 @@ from accelerate.utils import send_to_device
 from rich.console import Console
 from rich.table import Table
 
-from gist_scale import distributed, encode
+from gist_scale import chunking, distributed, encode
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.loss import GISTLoss
 from gist_scale.config import GuideConfig, ModelConfig
-from gist_scale.model import Embedder, export_sentence_transformer, load_guide, load_student
+from gist_scale.model import Embedder, load_guide, load_student
+from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -215,9 +216,9 @@ def _real_tokens(columns: dict) -> int:
     return int(sum(c["attention_mask"].sum() for c in columns.values()))
 
 
-def chunk_batch(columns: dict, chunk_size: int) -> encode.ChunkedTexts:
+def chunk_batch(columns: dict, chunk_size: int) -> chunking.ChunkedTexts:
     """The batch as the training collator hands it over with `train.chunk_size`: chunked on the host."""
-    return encode.chunk_texts(columns, encode.num_chunks(sum(c["input_ids"].shape[0] for c in columns.values()),
+    return chunking.chunk_texts(columns, chunking.num_chunks(sum(c["input_ids"].shape[0] for c in columns.values()),
                                                          chunk_size))
 
 

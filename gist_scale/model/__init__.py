@@ -1,0 +1,11 @@
+"""Embedding models: the `Embedder` (encoder + pooling + normalization) and how student and guide are loaded.
+
+`embedder.py` is the module itself, `loading.py` the `from_pretrained` paths (student partitioned under ZeRO-3,
+guide frozen and kept outside it). The sentence-transformers directory format lives in `gist_scale.st_format`.
+"""
+
+from gist_scale.model.embedder import SDPA_MASK_MODEL_TYPES, Embedder, pool
+from gist_scale.model.loading import load_guide, load_student, load_tokenizer, outside_zero3, resolve_model_path
+
+__all__ = ["SDPA_MASK_MODEL_TYPES", "Embedder", "load_guide", "load_student", "load_tokenizer", "outside_zero3", "pool",
+           "resolve_model_path"]

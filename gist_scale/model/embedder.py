@@ -1,0 +1,59 @@
+"""`Embedder`: a `transformers` model followed by pooling and optional L2 normalization.
+
+The student and the guide are the same class; only how they are loaded differs (`gist_scale.model.loading`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from gist_scale.config import POOLINGS
+
+__all__ = ["Embedder", "SDPA_MASK_MODEL_TYPES", "pool"]
+
+SDPA_MASK_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+"""Encoders to which `Embedder` hands a ready 4D boolean mask (`[B, 1, 1, L]`, True = attend) under sdpa attention.
+Given the 2D mask, transformers reads it back from the device in every forward call (`padding_mask.all()`, to drop
+the mask when nothing is padded): a host sync per encoder call, which stalls the launch queue on an accelerator. A
+4D mask is passed to sdpa as is; the embeddings are the same (tested)."""
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Reduce token states [B, L, H] to one vector per text [B, H]."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    if pooling == "last_token":
+        # Works for right and left padding: the last attended position of each row.
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+
+class Embedder(nn.Module):
+    """A `transformers` encoder followed by pooling and optional L2 normalization."""
+
+    def __init__(self, encoder: PreTrainedModel, pooling: str, normalize: bool) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.normalize = normalize
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        config = self.encoder.config
+        encoder_mask = attention_mask
+        if config._attn_implementation == "sdpa" and config.model_type in SDPA_MASK_MODEL_TYPES:
+            encoder_mask = attention_mask.bool()[:, None, None, :]
+        hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask).last_hidden_state
+        embeddings = pool(hidden, attention_mask, self.pooling)
+        return F.normalize(embeddings, dim=-1) if self.normalize else embeddings

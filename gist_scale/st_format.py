@@ -1,0 +1,173 @@
+"""The sentence-transformers directory format: write it (export) and read it (evaluation), without
+sentence-transformers, which stays a test-only dependency.
+
+`export_sentence_transformer` writes a directory that `SentenceTransformer(path)` loads and that embeds exactly like
+our `Embedder`; `load_sentence_transformer_dir` reads such a directory (or a hub name) back as an `Embedder`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from gist_scale.config import ModelConfig
+from gist_scale.model import Embedder, load_student, load_tokenizer, resolve_model_path
+
+__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir"]
+
+def export_sentence_transformer(
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a directory that `SentenceTransformer(out_dir)` loads and that embeds exactly like our `Embedder`.
+
+    `state_dict` carries weights consolidated from ZeRO-3 shards; without it the encoder's own weights are saved.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Save the in-memory parameter names. Reverting load-time renames would, for a model loaded under ZeRO-3, also
+    # revert transformers' legacy `LayerNorm.gamma -> weight` mapping and write names the original never had.
+    encoder.save_pretrained(out, state_dict=state_dict, save_original_format=False)
+    tokenizer.save_pretrained(out)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pooling_config = {
+        "word_embedding_dimension": int(encoder.config.hidden_size),
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": pooling == "last_token",
+        "include_prompt": True,
+    }
+    files = {
+        "modules.json": modules,
+        "1_Pooling/config.json": pooling_config,
+        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
+        "config_sentence_transformers.json": {
+            "__version__": {"gist_scale": _version(), "transformers": _package_version("transformers"),
+                            "pytorch": torch.__version__},
+            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+        },
+    }
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content, indent=2) + "\n")
+    return out
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+def _version() -> str:
+    return _package_version("gist-scale")
+
+
+_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
+"""sentence-transformers pooling mode -> our pooling."""
+
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+"""The boolean keys of older `1_Pooling/config.json` files (newer ones write `"pooling_mode": "mean"`)."""
+
+def _local_dir(name_or_path: str) -> Path:
+    """A local directory for a path, the offline MiniLM copy, or a hub name (downloaded or read from the cache)."""
+    resolved = resolve_model_path(name_or_path)
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        return path
+    if resolved.startswith((".", "/", "~")) or path.exists():
+        raise FileNotFoundError(f"{name_or_path}: no such model directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(resolved))
+    except Exception as error:  # offline, unknown repository, authentication: all end the same way
+        raise FileNotFoundError(f"{name_or_path}: not a local directory and not loadable from the hub "
+                                f"({type(error).__name__}: {error})") from error
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+def _pooling_mode(config: dict[str, Any], where: Path) -> str:
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in _POOLINGS:
+        raise ValueError(f"{where}: pooling {modes} is not supported; gist-scale pools with one of "
+                         f"{', '.join(_POOLINGS)}")
+    return _POOLINGS[modes[0]]
+
+def _lowercase_inputs(tokenizer: PreTrainedTokenizerBase, where: Path) -> None:
+    """Make a fast tokenizer lowercase its input, as sentence-transformers does for `do_lower_case: true`."""
+    from tokenizers import normalizers
+
+    if not tokenizer.is_fast:
+        raise ValueError(f"{where}: do_lower_case needs a fast tokenizer")
+    current = tokenizer.backend_tokenizer.normalizer
+    steps = [normalizers.Lowercase()] + ([current] if current is not None else [])
+    tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(steps)
+
+def load_sentence_transformer_dir(name_or_path: str,
+                                  max_length: int | None = None) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
+    """Load a sentence-transformers model (a directory, or a hub name) as our `Embedder`, its tokenizer and length.
+
+    Reads `modules.json` (Transformer, Pooling, optional Normalize; any other module, such as Dense, cannot be
+    expressed by an `Embedder` and is refused), the pooling mode from the Pooling module's `config.json`, and the
+    maximum sequence length from `sentence_bert_config.json`, else the tokenizer's `model_max_length` capped at
+    the model's position embeddings, as sentence-transformers does. A plain `transformers` directory without
+    `modules.json` gets sentence-transformers' fallback: mean pooling, no normalization. `max_length` overrides.
+    """
+    root = _local_dir(name_or_path)
+    modules = _read_json(root / "modules.json")
+    transformer_dir, pooling, normalize = root, "mean", False
+    if modules is None:
+        warnings.warn(f"{root}: no modules.json, so not a sentence-transformers model; using mean pooling without "
+                      "normalization", stacklevel=2)
+    else:
+        ordered = sorted(modules, key=lambda m: m["idx"])
+        kinds = [(m["type"].rsplit(".", 1)[-1], root / m.get("path", "")) for m in ordered]
+        names = [kind for kind, _ in kinds]
+        if names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]):
+            raise ValueError(f"{root}: modules {names} are not supported; gist-scale evaluates Transformer, Pooling "
+                             "and an optional Normalize")
+        transformer_dir = kinds[0][1]
+        pooling = _pooling_mode(_read_json(kinds[1][1] / "config.json") or {}, kinds[1][1] / "config.json")
+        normalize = len(kinds) == 3
+    st_config = _read_json(transformer_dir / "sentence_bert_config.json") or {}
+    prompts = _read_json(root / "config_sentence_transformers.json") or {}
+    if prompts.get("default_prompt_name"):
+        warnings.warn(f"{root}: its default prompt {prompts['default_prompt_name']!r} is not prepended here",
+                      stacklevel=2)
+
+    tokenizer = load_tokenizer(str(transformer_dir))
+    if st_config.get("do_lower_case"):
+        _lowercase_inputs(tokenizer, transformer_dir)
+    if max_length is None:
+        max_length = st_config.get("max_seq_length")
+    if max_length is None:
+        max_length = int(tokenizer.model_max_length)
+        positions = (_read_json(transformer_dir / "config.json") or {}).get("max_position_embeddings")
+        if isinstance(positions, int) and positions > 0:
+            max_length = min(max_length, positions)
+    cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length))
+    return load_student(cfg), tokenizer, cfg.max_length
