@@ -8,9 +8,8 @@ without its marker, both of which resume ignores (and reports), so the previous 
 The marker lists every file with its size, so a file that is later deleted, truncated or overwritten is named in
 the error instead of surfacing as an obscure deserialization failure deep inside torch or DeepSpeed.
 
-Fault injection (tests only): `GIST_SCALE_FAULT=die_during_checkpoint_save[:STEP]` makes the main process exit at
-once with code 137 (what `kill -9` looks like) after every rank's shards are written but before the marker and the
-rename, i.e. in the middle of the save of step STEP (or of every save when no step is given).
+Fault injection (tests only, `gist_scale.faults`): `GIST_SCALE_FAULT=die_during_checkpoint_save[:STEP]` kills the
+main process in the middle of the save of step STEP.
 """
 
 from __future__ import annotations
@@ -25,9 +24,10 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from gist_scale import faults
+
 COMPLETE_MARKER = "complete.json"
 STATE_FILE = "trainer_state.json"
-FAULT_ENV = "GIST_SCALE_FAULT"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -85,7 +85,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Train
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _inject_fault("die_during_checkpoint_save", state.step)
+        if faults.requested("die_during_checkpoint_save", state.step):
+            print(f"{faults.FAULT_ENV}: exiting with 137 in the middle of saving step {state.step}", flush=True)
+            os._exit(137)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         marker = tmp / COMPLETE_MARKER
         marker.write_text(json.dumps({"step": state.step, "files": files}))
@@ -96,15 +98,6 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Train
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _inject_fault(point: str, step: int) -> None:
-    """The test hook described in the module docstring; a no-op unless GIST_SCALE_FAULT names `point`."""
-    spec = os.environ.get(FAULT_ENV, "")
-    name, _, at = spec.partition(":")
-    if name == point and (not at or int(at) == step):
-        print(f"{FAULT_ENV}={spec}: exiting with 137 in the middle of saving step {step}", flush=True)
-        os._exit(137)
 
 
 def _fsync(path: Path) -> None:

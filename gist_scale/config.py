@@ -27,6 +27,11 @@ METRICS_FILE = "metrics.jsonl"
 """A run directory's metrics log, one JSON object per line: written by `gist-scale train`, read by `report`."""
 
 
+def global_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
+    """Triplets per optimizer step over all ranks: the run's batch, which defines the GIST negatives of a step."""
+    return batch_size * world_size * grad_accum_steps
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which one and how to fix it."""
 

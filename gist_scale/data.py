@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import DataConfig
+from gist_scale.config import DataConfig, global_batch_size
 from gist_scale.chunking import chunk_texts
 
 __all__ = [
@@ -563,7 +563,7 @@ class GlobalBatchSampler:
             raise ValueError("give task_names, or num_rows to batch rows without tasks")
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.grad_accum_steps, self.seed, self.drop_last = grad_accum_steps, seed, drop_last
-        self.global_batch_size = batch_size * world_size * grad_accum_steps
+        self.global_batch_size = global_batch_size(batch_size, world_size, grad_accum_steps)
         if task_names is None or not task_homogeneous:
             count = num_rows if task_names is None else len(task_names)
             self._groups = [np.arange(count, dtype=np.int64)]

@@ -31,12 +31,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
 
 __all__ = [
-    "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
-    "any_rank_true",
+    "any_rank",
     "comm_device",
     "gather_no_grad",
     "gather_sizes",
@@ -44,6 +44,7 @@ __all__ = [
     "is_collective_failure",
     "is_distributed",
     "launch_state",
+    "main_process_decides",
     "rank",
     "world_size",
 ]
@@ -73,7 +74,7 @@ def launch_state(timeout_s: float | None = None):
     Without `cpu=True` on a CPU-only box, Accelerate forms the gloo group but calls the job "not distributed", so its
     barriers (`wait_for_everyone`, `main_process_first`) silently do nothing.
     """
-    from accelerate import PartialState
+    from accelerate import PartialState  # heavy, and only the commands run under a launcher need it
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return PartialState()
@@ -114,8 +115,6 @@ def _functional_all_gather(t: torch.Tensor) -> torch.Tensor:
     FutureWarning) to ``all_gather_single_autograd``, whose backward is a reduce-scatter SUM
     (works on gloo/CPU and NCCL). Older torch only has ``all_gather_tensor_autograd``.
     """
-    import torch.distributed._functional_collectives as fc
-
     gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
     out = gather(t.contiguous(), 0, dist.group.WORLD)
     # The result is an AsyncCollectiveTensor that waits on first use; wait now (wait_tensor has
@@ -210,20 +209,25 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise max of ``t`` over ranks, as a new detached tensor."""
-    return _all_reduce(t, dist.ReduceOp.MAX)
+def any_rank(*flags: bool | torch.Tensor) -> list[bool]:
+    """Collective OR of each flag: flag ``i`` is True on every rank iff it is True on at least one rank.
 
-
-def any_rank_true(flag: bool) -> bool:
-    """Collective OR: True on every rank iff ``flag`` is True on at least one rank.
-
-    Lets ranks agree on a decision taken from local information (e.g. "a preemption signal
-    arrived here"), so that all of them take the same branch and none is left waiting in a
-    collective. Every rank must call it. One host sync.
+    Lets ranks agree on decisions taken from local information (a non-finite loss here, a preemption signal there),
+    so that all of them take the same branch and none is left waiting in a collective. Flags may be Python bools or
+    0-dim device tensors (left on the device until this call). Every rank must call it with the same number of
+    flags. One all-reduce and one host read, however many flags.
     """
+    values = torch.stack([torch.as_tensor(f).to(device=comm_device(), dtype=torch.int32).reshape(()) for f in flags])
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def main_process_decides(flag: bool) -> bool:
+    """Rank 0's ``flag``, on every rank: for decisions that every rank must take alike even when their local inputs
+    could differ (e.g. "is this the best model so far?", which a ZeRO-3 export that every rank joins follows)."""
     if not is_distributed():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.broadcast(t, src=0)
     return bool(t.item())

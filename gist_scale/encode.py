@@ -23,7 +23,7 @@ How each chunk's backward reaches the parameters is the job of a :class:`ChunkBa
 * :class:`AcceleratorBackward`: the training loop under Accelerate. DDP: all chunks but the last run under
   ``accelerator.no_sync(model)``, so gradients are all-reduced once per step. DeepSpeed: Accelerate's own
   ``accelerator.backward`` would call ``engine.step()`` after *every* call, so the engine is driven directly:
-  inside ``engine.coalesce_grad_reduction()`` (deepspeedai/DeepSpeed#7992, present in the 0.19.8 we test; ZeRO-1/2/3
+  inside ``engine.coalesce_grad_reduction()`` (deepspeedai/DeepSpeed#7992, since 0.19.1, our floor; ZeRO-1/2/3
   with a ZeRO optimizer, no gradient accumulation) every chunk's ``engine.backward`` leaves its gradients on the
   parameters and the block's exit reduces them once; otherwise each chunk is a DeepSpeed gradient-accumulation
   micro-step (``engine.set_gradient_accumulation_boundary(False)`` on all chunks but the step's last, then
@@ -46,9 +46,10 @@ from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
 from gist_scale.chunking import ChunkedTexts, Features
+from gist_scale.config import ConfigError
 
 __all__ = ["AcceleratorBackward", "ChunkBackward", "GradCache", "embed_frozen", "encode_chunked", "encode_columns",
-           "split_columns"]
+           "require_deepspeed_for_grad_cache", "split_columns"]
 
 
 def _restore_order(outputs: list[Tensor], chunked: ChunkedTexts) -> Tensor:
@@ -174,8 +175,6 @@ class AcceleratorBackward(ChunkBackward):
 
 
 def _can_coalesce(engine) -> bool:
-    if not hasattr(engine, "coalesce_grad_reduction"):
-        return False
     if int(engine.zero_optimization_stage()) not in (1, 2, 3) or engine.gradient_accumulation_steps() != 1:
         return False
     managed = getattr(engine, "managed_gradient_accumulation", None)
@@ -183,6 +182,21 @@ def _can_coalesce(engine) -> bool:
         return False
     # BF16_Optimizer / FP16_Optimizer wrappers bypass the ZeRO hooks this relies on.
     return hasattr(engine.optimizer, "_coalesce_grad_reduction")
+
+
+DEEPSPEED_FOR_GRAD_CACHE = (0, 19, 1)
+"""The first DeepSpeed release with `engine.coalesce_grad_reduction` (deepspeedai/DeepSpeed#7992, which came after
+#7981's fix of the chunk gradients that the micro-step path dropped); the `deepspeed` floor in pyproject.toml."""
+
+
+def require_deepspeed_for_grad_cache(version: str) -> None:
+    """Refuse GradCache under DeepSpeed ZeRO with a release that silently loses chunk gradients."""
+    release = tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
+    if release < DEEPSPEED_FOR_GRAD_CACHE:
+        wanted = ".".join(map(str, DEEPSPEED_FOR_GRAD_CACHE))
+        raise ConfigError(f"train.grad_cache=true under DeepSpeed ZeRO needs deepspeed>={wanted} (installed: {version}; "
+                          "older releases drop all but the last chunk's gradients): pip install -U deepspeed, or "
+                          "train without GradCache")
 
 
 def _rng_devices() -> list[int]:

@@ -31,6 +31,8 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -307,8 +309,6 @@ def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int 
 
 
 def _table(model: str, metrics: dict[str, float], baseline: str | None, base: dict[str, float] | None):
-    from rich.table import Table
-
     # Names go in the caption, where they may wrap, rather than in headers, where long ones would be cut.
     caption = f"model: {model}" + (f"\nbaseline: {baseline}" if base is not None else "")
     table = Table(title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
@@ -348,8 +348,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
     parser.add_argument("--out", metavar="FILE", help='write {"model": {...}, "baseline": {...} or null} as JSON')
     args = parser.parse_args(argv)
-
-    from rich.console import Console
 
     # soft_wrap: paths and messages stay on one line (copyable) instead of being folded at the terminal width.
     console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -33,11 +33,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 from accelerate.utils import send_to_device
+from datasets.arrow_writer import ArrowWriter
 from rich.console import Console
 
 from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
+from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
 
 __all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
 
@@ -64,8 +66,6 @@ def guide_digest(name: str) -> str | None:
     Sampled rather than full so that checking a multi-GB guide takes milliseconds; a retrained or replaced
     checkpoint changes the sampled bytes and the sizes.
     """
-    from gist_scale.model import resolve_model_path
-
     path = Path(resolve_model_path(name))
     if not path.is_dir():
         return None
@@ -223,7 +223,7 @@ def open_guide_cache(guide: GuideConfig, dataset: datasets.Dataset, num_negative
 
 def _features(dim: int, k: int) -> datasets.Features:
     vector = datasets.List(datasets.Value("float16"), length=dim)
-    features = {"row": datasets.Value("int64"), "query": vector, "pos": vector}
+    features = {"query": vector, "pos": vector}
     if k:
         features["neg"] = datasets.List(datasets.Value("float16"), length=k * dim)
     return datasets.Features(features)
@@ -239,8 +239,6 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
 
     Every rank of the job must call it. The metadata is written by the main process after all shards exist.
     """
-    from gist_scale.model import load_guide, load_tokenizer
-
     if cfg.guide.name is None:
         raise GuideCacheError("cache-guide needs a guide: set --guide.name")
     state = distributed.launch_state(cfg.train.collective_timeout_s)
@@ -266,8 +264,6 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     shard = _shard_name(rank, world)
     dim = guide.dim
     features = _features(dim, k)
-    from datasets.arrow_writer import ArrowWriter
-
     writer = ArrowWriter(features=features, path=str(out / shard))
     done = 0
     for begin in range(0, len(rows), rows_per_batch):
@@ -275,8 +271,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
         batch = send_to_device(collator(tokenized.__getitems__(index))["student"], state.device)
         with torch.inference_mode():
             query, pos, neg = encode.encode_columns(guide, batch, k)
-        arrays = {"row": pa.array(index, type=pa.int64()),
-                  "query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
+        arrays = {"query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
         if k:
             arrays["neg"] = _fixed(_half(neg), k * dim)
         writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from tokenizers import normalizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gist_scale.config import ModelConfig
@@ -62,7 +65,7 @@ def export_sentence_transformer(
         "1_Pooling/config.json": pooling_config,
         "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
         "config_sentence_transformers.json": {
-            "__version__": {"gist_scale": _version(), "transformers": _package_version("transformers"),
+            "__version__": {"gist_scale": version("gist-scale"), "transformers": version("transformers"),
                             "pytorch": torch.__version__},
             "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
         },
@@ -70,14 +73,6 @@ def export_sentence_transformer(
     for name, content in files.items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
-
-def _version() -> str:
-    return _package_version("gist-scale")
 
 
 _POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
@@ -96,8 +91,6 @@ def _local_dir(name_or_path: str) -> Path:
         return path
     if resolved.startswith((".", "/", "~")) or path.exists():
         raise FileNotFoundError(f"{name_or_path}: no such model directory")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(resolved))
     except Exception as error:  # offline, unknown repository, authentication: all end the same way
@@ -119,8 +112,6 @@ def _pooling_mode(config: dict[str, Any], where: Path) -> str:
 
 def _lowercase_inputs(tokenizer: PreTrainedTokenizerBase, where: Path) -> None:
     """Make a fast tokenizer lowercase its input, as sentence-transformers does for `do_lower_case: true`."""
-    from tokenizers import normalizers
-
     if not tokenizer.is_fast:
         raise ValueError(f"{where}: do_lower_case needs a fast tokenizer")
     current = tokenizer.backend_tokenizer.normalizer

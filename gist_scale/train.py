@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,11 +30,11 @@ from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
-from gist_scale import chunking, distributed, encode
+from gist_scale import chunking, distributed, encode, faults
 from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
                                    resolve_resume, save_checkpoint)
 from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
-                               load_config, save_config)
+                               global_batch_size, load_config, save_config)
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
                              load_triplets, tokenize_triplets)
 from gist_scale.guide_cache import open_guide_cache
@@ -72,8 +74,11 @@ def configure_deepspeed(accelerator: Accelerator, train: TrainConfig, optim: Opt
     ds = plugin.deepspeed_config
     # We never hand Accelerate a DataLoader, so it cannot infer the micro-batch size itself.
     ds["train_micro_batch_size_per_gpu"] = train.batch_size
-    ds["train_batch_size"] = train.batch_size * train.grad_accum_steps * accelerator.num_processes
+    ds["train_batch_size"] = global_batch_size(train.batch_size, accelerator.num_processes, train.grad_accum_steps)
     ds["gradient_clipping"] = optim.max_grad_norm or 0.0
+    # A non-finite loss skips the whole step (`Trainer.train_step`), but under DeepSpeed the update runs inside the
+    # last backward: DeepSpeed's own check of the gradients must skip it. bf16 has that check off by default.
+    ds.setdefault("bf16", {})["check_grad_overflow"] = True
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
         # The final export needs full weights consolidated from the shards.
@@ -120,6 +125,41 @@ class StepMetrics:
     model_flops: float
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step decided, the same on every rank."""
+
+    applied: bool
+    """False when the step was skipped whole (a non-finite loss on some rank)."""
+    preempted: bool
+    """A preemption signal reached some rank: stop after this step."""
+    metrics: list[StepMetrics] = field(default_factory=list)
+    """One entry per micro-batch of an applied step."""
+    grad_norm: torch.Tensor | None = None
+    """Global gradient norm before clipping (with clipping on)."""
+
+
+@dataclass
+class MetricsWindow:
+    """The steps since the last log line: their micro-batch metrics and their own time, and, as separate fields,
+    the time spent in evaluation and checkpoints in between (so neither is mixed into the throughput)."""
+
+    metrics: list[StepMetrics] = field(default_factory=list)
+    train_seconds: float = 0.0
+    grad_norm: torch.Tensor | None = None
+    other_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, outcome: StepOutcome, seconds: float) -> None:
+        self.metrics.extend(outcome.metrics)
+        self.train_seconds += seconds
+        self.grad_norm = outcome.grad_norm
+
+    def timed(self, name: str, action: Callable[[], object]) -> None:
+        started = time.perf_counter()
+        action()
+        self.other_seconds[name] = self.other_seconds.get(name, 0.0) + time.perf_counter() - started
+
+
 class Trainer:
     """Builds everything in `__init__`; `train()` runs the loop and returns the process exit code."""
 
@@ -132,6 +172,8 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
         self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
+        if cfg.train.grad_cache and self.zero_stage is not None:
+            encode.require_deepspeed_for_grad_cache(importlib.metadata.version("deepspeed"))
         set_seed(cfg.train.seed)
         self.device = self.accelerator.device
         if self.accelerator.is_main_process:
@@ -145,7 +187,6 @@ class Trainer:
         # With a guide cache the guide is neither tokenized for nor loaded: its embeddings come with each batch.
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
         guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
-        self._grad_cache: encode.GradCache | None = None  # set by `_forward`, consumed by `_backward`
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
             dataset, self.data_report = load_triplets(cfg.data)
@@ -194,14 +235,11 @@ class Trainer:
         # The scheduler is stepped by hand once per optimizer step; registering it puts it in every checkpoint.
         self.accelerator.register_for_checkpointing(self.scheduler)
         self.state = TrainerState()
+        self.last_checkpoint_step: int | None = None
         best_file = self.run_dir / "best" / "best.json"
         # A resumed run must beat the best model it already kept, not start the contest over.
         self.best_metric = json.loads(best_file.read_text())[cfg.checkpoint.keep_best] \
             if cfg.checkpoint.keep_best and best_file.is_file() else float("-inf")
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.train.batch_size * self.accelerator.num_processes * self.cfg.train.grad_accum_steps
 
     def _load_guide(self) -> Embedder | None:
         if self.cfg.guide.name is None or self.cfg.guide.cache is not None:
@@ -212,104 +250,158 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
+        """Run to `total_steps`, or until a preemption signal; returns the exit code (0, or EXIT_PREEMPTED)."""
         resume_from = resolve_resume(self.cfg.resume, self.checkpoint_dir)
         if resume_from is not None:
             self.state = load_checkpoint(self.accelerator, resume_from)
+            self.last_checkpoint_step = self.state.step
         self._print_summary(resume_from)
-        pending: list[StepMetrics] = []
-        window_start = time.perf_counter()
         if self.eval_data is not None and self.state.step == 0:
             self._evaluate(baseline=True)
-        progress = self._progress_bar()
-
-        for batch in self._micro_batches():
-            if self.state.step >= self.total_steps:
-                break
-            with self.accelerator.accumulate(self.student):
-                loss, metrics = self._forward(batch)
-                if self._nonfinite(loss):
-                    continue
-                self._backward(loss)
-                grad_norm = None
-                if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
-                    grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(),
-                                                                 self.cfg.optim.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            pending.append(metrics)
-            if not self.accelerator.sync_gradients:
+        progress = StepProgress(self.total_steps, self.state.step, enabled=self.accelerator.is_main_process)
+        window = MetricsWindow()
+        preempted = False
+        steps = self.optimizer_steps()
+        while self.state.step < self.total_steps and not preempted:
+            started = time.perf_counter()
+            outcome = self.train_step(next(steps))
+            preempted = outcome.preempted
+            if not outcome.applied:
                 continue
-            self.scheduler.step()
-            self.state.step += 1
+            window.add(outcome, time.perf_counter() - started)
             progress.update(1)
-
-            if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
+            if self._due(self.cfg.train.log_every) or self.state.step == self.total_steps:
                 # This is a sync point: metrics cross ranks and reach the host only here.
-                self._log(self._reduce_metrics(pending, grad_norm, time.perf_counter() - window_start))
-                pending, window_start = [], time.perf_counter()
-            saved = bool(self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0)
-            if saved:
-                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
-            if self.eval_data is not None and self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 \
-                    and self.state.step < self.total_steps:
-                self._evaluate()
-            # A collective: a signal may reach only some ranks, and all of them must stop at the same step.
-            if distributed.any_rank_true(self.preemption.is_set):
-                if not saved:
-                    save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
-                progress.close()
-                console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
-                              f"{EXIT_PREEMPTED} so the job is requeued")
-                self.accelerator.end_training()
-                return EXIT_PREEMPTED
-
+                self._log(self._reduce_metrics(window))
+                window = MetricsWindow()
+            if self._due(self.cfg.checkpoint.every):
+                window.timed("checkpoint_seconds", self._save_checkpoint)
+            if self.eval_data is not None and self._due(self.cfg.eval.every) and self.state.step < self.total_steps:
+                window.timed("eval_seconds", self._evaluate)
         progress.close()
-        self._export(self.run_dir / "final")
-        if self.eval_data is not None:
-            self._print_comparison(self._evaluate())
-        # Past the last step a signal has nothing left to save: the run ends normally.
+        return self._finish(preempted)
+
+    def _due(self, every: int | None) -> bool:
+        """Is an every-N-steps action (logging, checkpointing, evaluation) due after the step just taken?"""
+        return bool(every) and self.state.step % every == 0
+
+    def _finish(self, preempted: bool) -> int:
+        """The loop's one exit: a preempted run leaves a checkpoint to resume from, a finished one its models."""
+        if preempted:
+            if self.last_checkpoint_step != self.state.step:
+                self._save_checkpoint()
+            console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
+                          f"{EXIT_PREEMPTED} so the job is requeued")
+        else:
+            self._export(self.run_dir / "final")
+            if self.eval_data is not None:
+                self._print_comparison(self._evaluate())
+        # From here a signal has nothing left to save: the process ends normally.
         self.preemption.uninstall()
         self.accelerator.end_training()
-        return 0
+        return EXIT_PREEMPTED if preempted else 0
 
-    def _progress_bar(self) -> StepProgress:
-        return StepProgress(self.total_steps, self.state.step, enabled=self.accelerator.is_main_process)
+    def _save_checkpoint(self) -> None:
+        save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+        self.last_checkpoint_step = self.state.step
 
-    def _micro_batches(self):
-        """Yield this rank's micro-batches on the device, epoch after epoch, from the resumed position."""
+    def optimizer_steps(self) -> Iterator[list[dict]]:
+        """This rank's micro-batches, on the device, grouped by optimizer step, epoch after epoch, from the resumed
+        position. Every epoch holds whole steps (the sampler cuts global batches into `grad_accum_steps` parts)."""
+        group: list[dict] = []
         while True:
             self.sampler.set_epoch(self.state.epoch)
             self.sampler.load_state_dict({"epoch": self.state.epoch, "position": self.state.position})
             for batch in self.loader:
                 # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
                 self.state.position += 1
-                yield send_to_device(batch, self.device, non_blocking=True)
+                group.append(send_to_device(batch, self.device, non_blocking=True))
+                if len(group) == self.cfg.train.grad_accum_steps:
+                    yield group
+                    group = []
             self.state.epoch += 1
             self.state.position = 0
 
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
+    def train_step(self, micro_batches: list[dict]) -> StepOutcome:
+        """One optimizer step: forward and backward of every micro-batch, then one decision that every rank shares:
+        apply the update, or skip it whole (a non-finite loss on any rank, in any micro-batch), and stop after it or
+        not (a preemption signal on any rank).
+
+        The decision waits for the backward passes: under DeepSpeed the update already happened inside the last one
+        (Accelerate calls `engine.step()` there), and DeepSpeed's own overflow check, switched on for every precision
+        (`configure_deepspeed`), skipped it and cleared the gradients, which `_skip` verifies.
+        """
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        metrics = []
+        for batch in micro_batches:
+            with self.accelerator.accumulate(self.student):
+                loss, batch_metrics = self._forward_backward(batch)
+            nonfinite |= ~torch.isfinite(loss)
+            metrics.append(batch_metrics)
+        # The step's one sync point: a collective and a host read for both decisions.
+        skip, preempted = distributed.any_rank(nonfinite, self.preemption.is_set)
+        if skip:
+            self._skip()
+            return StepOutcome(applied=False, preempted=preempted)
+        grad_norm = None
+        if self.cfg.optim.max_grad_norm:
+            grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.nonfinite_in_a_row = 0
+        return StepOutcome(applied=True, preempted=preempted, metrics=metrics, grad_norm=grad_norm)
+
+    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
+        """Loss and backward of one micro-batch; returns the detached loss and the micro-batch's metrics."""
         student = batch["student"]  # column tensors, or `chunking.ChunkedTexts` planned by the collator
         k = batch["num_negatives"]
         guide_embeddings = self._guide_embeddings(batch, k)
+        grad_cache = None
         if self.cfg.train.grad_cache:
-            # Embeddings without autograd now; `_backward` re-encodes chunk by chunk with the cached gradient.
-            self._grad_cache = encode.GradCache(self.student, student, k, self.accelerator.autocast)
-            query, pos, neg = self._grad_cache.embeddings
+            # Embeddings without autograd now; the backward below re-encodes chunk by chunk with the cached gradient.
+            grad_cache = encode.GradCache(self.student, student, k, self.accelerator.autocast)
+            query, pos, neg = grad_cache.embeddings
         else:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
         loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.rank_sizes)
+        first_attempt = self.state.nonfinite_in_a_row == 0
+        if self.accelerator.sync_gradients and first_attempt and faults.requested("nonfinite_loss", self.state.step + 1):
+            loss = loss * float("nan")
+        if grad_cache is None:
+            self.accelerator.backward(loss)
+        else:
+            grad_cache.backward(loss, encode.AcceleratorBackward(self.accelerator, self.student,
+                                                                 coalesce=self.cfg.train.grad_cache_coalesce))
         stats = self.loss_fn.last_stats
-        counts = batch["token_counts"]
         if self.cfg.debug:
             shapes = ({col: tuple(f["input_ids"].shape) for col, f in student.items()} if isinstance(student, dict)
                       else [tuple(c["input_ids"].shape) for c in student.chunks])
             console.log(f"debug: step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
                         f"masked {stats.masked_fraction.item():.3f} "
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
-        return loss, StepMetrics(loss.detach(), stats.masked_fraction, stats.candidates_per_anchor,
-                                 counts["student"].tokens, counts["student"].texts // (2 + k),
-                                 self._model_flops(counts))
+        counts = batch["token_counts"]
+        loss = loss.detach()
+        return loss, StepMetrics(loss, stats.masked_fraction, stats.candidates_per_anchor, counts["student"].tokens,
+                                 counts["student"].texts // (2 + k), self._model_flops(counts))
+
+    def _skip(self) -> None:
+        """Drop the step's gradients (every micro-batch's) and count the skip; too many in a row stop the run."""
+        if self.zero_stage is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        elif self.accelerator.deepspeed_engine_wrapped.engine.was_step_applied():
+            raise FloatingPointError(
+                f"step {self.state.step + 1}: the loss was non-finite but DeepSpeed applied the update; its gradient "
+                "overflow check must be on (bf16.check_grad_overflow, set by gist-scale): check the DeepSpeed config")
+        self.state.nonfinite_in_a_row += 1
+        limit = 1 if self.cfg.debug else self.cfg.train.max_nonfinite_steps
+        console.log(f"[yellow]non-finite loss at step {self.state.step}; skipped "
+                    f"({self.state.nonfinite_in_a_row}/{limit} in a row)")
+        if self.state.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step "
+                                     f"{self.state.step}: lower optim.lr, or check the data (--debug shows shapes)")
 
     def _model_flops(self, counts: dict) -> float:
         """Training FLOPs of this micro-batch on real tokens: the student's forward and backward (3x a forward) and
@@ -335,50 +427,27 @@ class Trainer:
             return None, None, None
         return encode.embed_frozen(self.guide, batch["guide"], k)
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        if self._grad_cache is None:
-            self.accelerator.backward(loss)
-            return
-        cache, self._grad_cache = self._grad_cache, None
-        cache.backward(loss, encode.AcceleratorBackward(self.accelerator, self.student,
-                                                        coalesce=self.cfg.train.grad_cache_coalesce))
-
-    def _nonfinite(self, loss: torch.Tensor) -> bool:
-        """Skip a micro-batch whose loss is NaN/inf on any rank; stop after too many in a row.
-
-        This is a per-step sync point, paid deliberately: the skip decision must be the same on every rank, and it
-        must be taken before `backward`, where DeepSpeed already steps its optimizer.
-        """
-        if not distributed.any_rank_true(bool(~torch.isfinite(loss))):
-            self.state.nonfinite_in_a_row = 0
-            return False
-        self.state.nonfinite_in_a_row += 1
-        limit = 1 if self.cfg.debug else self.cfg.train.max_nonfinite_steps
-        console.log(f"[yellow]non-finite loss at step {self.state.step}; skipped "
-                    f"({self.state.nonfinite_in_a_row}/{limit} in a row)")
-        if self.state.nonfinite_in_a_row >= limit:
-            raise FloatingPointError(f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step "
-                                     f"{self.state.step}: lower optim.lr, or check the data (--debug shows shapes)")
-        return True
-
-    def _reduce_metrics(self, pending: list[StepMetrics], grad_norm, elapsed: float) -> dict:
+    def _reduce_metrics(self, window: MetricsWindow) -> dict:
+        pending = window.metrics
         local = torch.stack([torch.stack([m.loss, m.masked_fraction, m.candidates_per_anchor]).float()
                              for m in pending]).mean(0)
         counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for m in pending], dtype=torch.float64,
                               device=self.device).sum(0)
         loss, masked, candidates = distributed.all_reduce_mean(local).tolist()
         tokens, triplets, flops = distributed.all_reduce_sum(counts).tolist()
+        # Throughput over the training steps' own time: evaluation and checkpoints are reported on their own.
+        elapsed = window.train_seconds
         tflops = flops / elapsed / self.accelerator.num_processes / 1e12
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
             "lr": self.scheduler.get_last_lr()[0], "masked_fraction": masked, "candidates_per_anchor": candidates,
             "triplets_per_s": triplets / elapsed, "tokens_per_s": tokens / elapsed,
-            "model_tflops_per_s": tflops,
+            "model_tflops_per_s": tflops, **window.other_seconds,
         }
         if self.peak_tflops:
             record["mfu"] = tflops / self.peak_tflops
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        if window.grad_norm is not None:
+            record["grad_norm"] = float(window.grad_norm)
         return record
 
     def _record(self, record: dict) -> None:
@@ -406,7 +475,7 @@ class Trainer:
             trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
         lines = [
             f"world size {self.accelerator.num_processes}  per-device batch {self.cfg.train.batch_size}  "
-            f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.global_batch}",
+            f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.sampler.global_batch_size}",
             f"steps {self.total_steps} ({self.sampler.summary.steps_per_epoch} per epoch)  "
             f"ZeRO stage {self.zero_stage if self.zero_stage is not None else '-'}  "
             f"precision {self.cfg.train.mixed_precision}  "
@@ -467,8 +536,9 @@ class Trainer:
             if best_metric not in metrics:
                 raise ConfigError(f"checkpoint.keep_best={best_metric!r}: not an eval metric; use one of "
                                   f"{', '.join(metrics)}")
-            if metrics[best_metric] > self.best_metric:
-                # Every rank takes this branch (the metrics are identical everywhere), as ZeRO-3 export requires.
+            # Rank 0 decides for all: the ZeRO-3 export below needs every rank, and ranks comparing their own floats
+            # could disagree (and then wait forever).
+            if distributed.main_process_decides(metrics[best_metric] > self.best_metric):
                 self.best_metric = metrics[best_metric]
                 self._export(self.run_dir / "best")
                 if self.accelerator.is_main_process:

@@ -17,6 +17,8 @@ from gist_scale.tools import bench
 from gist_scale.chunking import pack_columns
 from gist_scale.flops import forward_flops
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY = ["--cases", "tiny", "--batch", "8", "--query-len", "4-12", "--doc-len", "12-40", "--steps", "2", "--warmup",
         "1", "--chunk-size", "8", "--dropout", "0", "--threads", "1", "--device", "cpu"]
 
@@ -96,7 +98,7 @@ def test_commands_are_registered():
 def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path, torch_extensions_dir):
     """`launch/bench_gpu.sh` is run on a GPU only when one is lent (minutes at a time), so CI runs its four bench
     invocations at the tiny size on the CPU (`BENCH_SMOKE=1`): each must exit 0 and write complete records."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     env = dict(os.environ, BENCH_SMOKE="1", OUT=str(tmp_path), OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=torch_extensions_dir,
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
@@ -110,3 +112,25 @@ def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path, torch_extensio
         assert records and all(r["triplets_per_s"] > 0 for r in records), name
     modes = {r["mode"] for r in json.loads((tmp_path / "zero_base_128.json").read_text())}
     assert modes == {"plain", "zero2", "zero3", "zero2_chunked", "zero3_chunked"}
+
+
+def test_without_sentence_transformers_the_reference_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    """A plain install (no `[dev]`) still benchmarks our modes; it says why there is no ratio."""
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # makes `import sentence_transformers` fail
+    out = tmp_path / "plain.json"
+    assert bench.main(["--cases", "tiny", "--batch", "4", "--modes", "st,plain", "--steps", "1", "--warmup", "1",
+                       "--query-len", "4-8", "--doc-len", "8-16", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["mode"] for r in records] == ["plain"] and records[0]["ratio_vs_st"] is None
+    assert records[0]["triplets_per_s"] > 0
+    assert "sentence-transformers is not installed: the `st` reference is skipped" in capsys.readouterr().err
+
+
+def test_built_in_deepspeed_settings_are_those_of_the_shipped_configs():
+    """The bench carries its ZeRO settings in code (a pip install has no ds_configs/); they must not drift."""
+    for stage, settings in bench.ZERO_SETTINGS.items():
+        shipped = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())["zero_optimization"]
+        shipped.pop("stage3_gather_16bit_weights_on_model_save", None)
+        ours = dict(settings)
+        ours.pop("stage3_gather_16bit_weights_on_model_save", None)
+        assert ours == shipped, stage

@@ -122,7 +122,7 @@ def _fake_checkpoint(path: Path, complete: bool, files: dict[str, bytes] | None 
     return path
 
 
-def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+def test_resume_auto_resolves_to_no_checkpoint_in_an_empty_or_missing_folder(tmp_path):
     assert resolve_resume("auto", tmp_path / "no-such-run" / "checkpoints") is None
     (tmp_path / "checkpoints").mkdir()
     assert resolve_resume("auto", tmp_path / "checkpoints") is None

@@ -35,9 +35,10 @@ def test_helpers_are_identities_without_a_process_group():
     assert gdist.gather_with_grad(t) is t
     assert not gdist.gather_no_grad(t).requires_grad
     assert gdist.gather_sizes(3) == [3]
-    assert torch.equal(gdist.all_reduce_sum(t), t.detach()) and torch.equal(gdist.all_reduce_max(t), t.detach())
+    assert torch.equal(gdist.all_reduce_sum(t), t.detach())
     assert gdist.all_reduce_mean(torch.tensor(3)).dtype == torch.float32
-    assert gdist.any_rank_true(True) and not gdist.any_rank_true(False)
+    assert gdist.any_rank(True, torch.tensor(False), torch.tensor(True)) == [True, False, True]
+    assert gdist.main_process_decides(True) and not gdist.main_process_decides(False)
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -191,10 +192,12 @@ def _helpers_worker(rank: int, world: int) -> None:
     value = torch.tensor([float(rank), -float(rank)])
     assert torch.equal(gdist.all_reduce_sum(value), torch.tensor([1.0, -1.0]) * sum(range(world)))
     assert torch.allclose(gdist.all_reduce_mean(value), torch.tensor([1.0, -1.0]) * sum(range(world)) / world)
-    assert torch.equal(gdist.all_reduce_max(value), torch.tensor([world - 1.0, 0.0]))
     assert torch.equal(value, torch.tensor([float(rank), -float(rank)]))  # inputs untouched
-    assert gdist.any_rank_true(rank == world - 1) is True
-    assert gdist.any_rank_true(False) is False
+    # One collective for several decisions: each flag is OR-ed over ranks on its own, device tensors included.
+    assert gdist.any_rank(rank == world - 1, False, torch.tensor(rank == 0)) == [True, False, True]
+    # Rank 0 decides even when the ranks' own answers differ (the keep-best export must be joined by every rank).
+    assert gdist.main_process_decides(rank == 0) is True
+    assert gdist.main_process_decides(rank != 0) is False
 
 
 def _raises_everywhere(rank: int, bad_rank: int, mutate, match: str) -> None:

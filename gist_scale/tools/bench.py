@@ -9,7 +9,8 @@ One process, the same synthetic batches and the same initial weights for every m
   `chunked` (+ length-sorted chunks with per-chunk padding, `gist_scale.encode`),
   `guide_cache` (+ guide embeddings precomputed and copied in as fp16, as `guide.cache` does: no guide forward),
   `grad_cache` (+ GradCache over the same chunks: activation memory independent of the batch).
-* DeepSpeed (single process, `ds_configs/zero{2,3}.json`): `zero2`, `zero3` (one forward per column, the live
+* DeepSpeed (single process, the ZeRO settings of `ds_configs/zero{2,3}.json`, built in so that a pip-installed
+  package has them): `zero2`, `zero3` (one forward per column, the live
   guide), `zero2_chunked`, `zero3_chunked` (all the step's texts in `--chunk-size` chunks: fewer calls, so fewer
   ZeRO-3 parameter gathers). Not in the default modes; they need `deepspeed`.
 
@@ -30,19 +31,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import os
 import platform
+import socket
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
 from rich.console import Console
 from rich.table import Table
+from transformers import AutoConfig, BertConfig, BertModel, BertTokenizerFast
 
 from gist_scale import chunking, distributed, encode
 from gist_scale.flops import forward_flops, peak_tflops
@@ -63,6 +68,16 @@ MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
 CLS, SEP, PAD = 101, 102, 0
 VOCAB = 30522
+ZERO_SETTINGS = {
+    2: {"stage": 2, "overlap_comm": True, "contiguous_gradients": True, "reduce_scatter": True,
+        "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+    3: {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 50_000_000,
+        "stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+        "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
+        "stage3_gather_16bit_weights_on_model_save": False},
+}
+"""The `zero_optimization` sections of `ds_configs/zero2.json` and `zero3.json` (a test keeps them equal), minus the
+save-time weight gathering that a benchmark never uses."""
 DISTINCT_BATCHES = 3
 """Synthetic batches cycled through (several, so that no mode benefits from one fixed shape)."""
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
@@ -85,7 +100,6 @@ class BenchConfig:
     lr: float
     seed: int
     peak_tflops: float | None
-    ds_config_dir: Path
     out: Path | None
     threads: int | None = None
 
@@ -132,8 +146,6 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU (default: known bf16 peaks of H100/H200/A100, else no MFU)")
-    parser.add_argument("--ds-config-dir", default=str(Path(__file__).resolve().parents[1] / "ds_configs"),
-                        help="folder with zero2.json / zero3.json for the DeepSpeed modes")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 gives stable CPU timings on a busy host")
     parser.add_argument("--out", help="write the records as a JSON list to this file")
@@ -156,14 +168,12 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     return BenchConfig(cases, batches, modes, args.steps, args.warmup,
                        args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
                        args.peak_tflops if args.peak_tflops is not None else peak_tflops(device),
-                       Path(args.ds_config_dir), Path(args.out) if args.out else None, args.threads)
+                       Path(args.out) if args.out else None, args.threads)
 
 
 def bench_tokenizer(root: Path):
     """A BERT WordPiece tokenizer over a generated vocabulary of BERT's size and special-token ids ([PAD] 0,
     [UNK] 100, [CLS] 101, [SEP] 102): the batches are synthetic ids, and nothing has to be downloaded."""
-    from transformers import BertTokenizerFast
-
     vocab = root / "vocab.txt"
     if not vocab.exists():
         root.mkdir(parents=True, exist_ok=True)
@@ -175,8 +185,6 @@ def bench_tokenizer(root: Path):
 
 def build_model_dir(size: str, root: Path, dropout: float, seed: int) -> Path:
     """A random BERT of `size` in sentence-transformers layout (mean pooling), with `bench_tokenizer`."""
-    from transformers import BertConfig, BertModel
-
     out = root / size
     if out.exists():
         return out
@@ -343,7 +351,7 @@ def _st_mode(ctx: Context) -> Mode:
 
 
 def _deepspeed_mode(name: str, ctx: Context) -> Mode:
-    import deepspeed
+    import deepspeed  # heavy: only the DeepSpeed modes load it
 
     stage = 2 if name.startswith("zero2") else 3
     chunk = ctx.cfg.chunk_size if name.endswith("_chunked") else None
@@ -352,12 +360,10 @@ def _deepspeed_mode(name: str, ctx: Context) -> Mode:
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
         deepspeed.init_distributed(dist_backend="nccl" if ctx.cuda else "gloo")
-    config = json.loads((ctx.cfg.ds_config_dir / f"zero{stage}.json").read_text())
     batch = ctx.batches[0]["query"]["input_ids"].shape[0]
-    config.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch, gradient_accumulation_steps=1,
-                  gradient_clipping=0.0, bf16={"enabled": ctx.cuda}, fp16={"enabled": False},
-                  zero_allow_untested_optimizer=True)
-    config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    config = {"train_micro_batch_size_per_gpu": batch, "train_batch_size": batch, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 0.0, "bf16": {"enabled": ctx.cuda}, "fp16": {"enabled": False},
+              "zero_allow_untested_optimizer": True, "zero_optimization": dict(ZERO_SETTINGS[stage])}
     student = ctx.embedder(ctx.student_dir, guide=False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=ctx.cfg.lr)
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
@@ -376,8 +382,6 @@ def _deepspeed_mode(name: str, ctx: Context) -> Mode:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -448,8 +452,6 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
-    from transformers import AutoConfig
-
     case = f"{student}/{guide}"
     student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed)
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1)
@@ -479,9 +481,14 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     return records
 
 
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
+def _has_sentence_transformers() -> bool:
+    try:  # optional: the reference implementation, not a dependency
+        return importlib.import_module("sentence_transformers") is not None
+    except ImportError:
+        return False
 
+
+def versions() -> dict[str, str | None]:
     found = {}
     for package in ("torch", "transformers", "sentence-transformers", "deepspeed", "gist-scale"):
         try:
@@ -523,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: BenchConfig) -> int:
+    if "st" in cfg.modes and not _has_sentence_transformers():
+        console.print("[yellow]sentence-transformers is not installed: the `st` reference is skipped, so no "
+                      "ratio is reported (pip install sentence-transformers, or gist-scale[dev])")
+        cfg.modes = [m for m in cfg.modes if m != "st"]
     meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
             "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout,
             "peak_tflops": cfg.peak_tflops}
