@@ -7,6 +7,7 @@ without GradCache and compares their losses, gradient norms and final weights.
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -326,3 +327,13 @@ def test_grad_cache_training_equals_plain_training_ddp_zero2_zero3(tiny_model_di
         for key, value in weights.items():
             torch.testing.assert_close(value.float(), reference_weights[key].float(), rtol=0, atol=1e-5,
                                        msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_grad_cache_under_zero_refuses_a_deepspeed_without_the_coalesced_reduction():
+    from gist_scale.config import ConfigError
+
+    for version in ("0.19.1", "0.19.8", "0.20.0+cu128"):
+        encode.require_deepspeed_for_grad_cache(version)
+    for version in ("0.18.9", "0.19.0", "0.16.4+abc"):
+        with pytest.raises(ConfigError, match=rf"needs deepspeed>=0.19.1 \(installed: {re.escape(version)};"):
+            encode.require_deepspeed_for_grad_cache(version)

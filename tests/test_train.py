@@ -216,10 +216,13 @@ def test_guide_stays_bf16_frozen_and_unpartitioned_under_zero3(tmp_path, tiny_mo
 def test_deepspeed_skips_the_whole_step_of_a_nonfinite_loss(layout, precision, tmp_path, tiny_model_dir, launch_env):
     """Under DeepSpeed the update happens inside the last backward, before the step's decision: its own overflow
     check (switched on for bf16 by the trainer) must skip it, or the trainer stops with an error."""
+    from gist_scale.data import sample_data_path
+
     run = tmp_path / layout
     command = torchrun_command(1, "train", *tiny_args(tiny_model_dir, run, "--train.batch_size", "4",
                                                       "--train.max_steps", "3", "--train.grad_accum_steps", "2",
-                                                      "--train.mixed_precision", precision))
+                                                      "--train.mixed_precision", precision,
+                                                      "--data.path", str(sample_data_path("train"))))  # no eval
     env = dict(launch_env(layout), GIST_SCALE_FAULT="nonfinite_loss:2")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
