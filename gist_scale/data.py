@@ -32,10 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import DataConfig
+from gist_scale.places import text_file_problem
 from gist_scale.chunking import chunk_texts
 
 __all__ = [
@@ -126,10 +128,35 @@ def _is_json_lines(path: Path) -> bool:
 def _load_local(path: Path, jsonl: bool) -> datasets.Dataset:
     """Read one file with `datasets`' loader; JSON lines as text, so a malformed line cannot stop the reader."""
     builder = "text" if jsonl else FORMATS[path.suffix.lower()]
+    return read_local_file(path, builder, str(path), "JSON lines" if jsonl else builder)
+
+
+def read_local_file(path: Path, builder: str, label: str, kind: str) -> datasets.Dataset:
+    """One local file through `datasets`' packaged loader `builder` (`json`, `csv`, `parquet`, `text`).
+
+    A failure is a `DataError` starting with `label` that says why: an empty file, a byte that is not UTF-8 (with
+    its line), or the reader's own reason, which `datasets` hides behind "An error occurred while generating the
+    dataset".
+    """
+    verbosity = datasets.logging.get_verbosity()
+    # The readers log their failure before raising it; the one line we raise says it better.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # the loaders raise many types (ArrowInvalid, ParserError, UnicodeDecodeError...)
-        raise DataError(f"{path}: cannot read as {'JSON lines' if jsonl else builder}: {error}") from error
+        raise DataError(f"{label}: cannot read as {kind}: {_read_problem(path, builder, error)}") from error
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _read_problem(path: Path, builder: str, error: Exception) -> str:
+    problem = text_file_problem(path) if builder != "parquet" else None
+    if problem is not None:
+        return problem + ("; give a file with rows" if problem == "empty file" else "; save it as UTF-8")
+    if isinstance(error, DatasetGenerationError) and error.__cause__ is not None:
+        error = error.__cause__  # the reader's own error: a CSV line with too many fields, bad JSON ...
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:

@@ -37,9 +37,10 @@ from transformers import PreTrainedTokenizerBase
 from gist_scale import distributed
 from gist_scale.chunking import num_chunks
 from gist_scale.config import ConfigError, DataConfig, load_config
-from gist_scale.data import FORMATS, DataError, load_triplets
+from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
 from gist_scale.metrics import retrieval_metrics, spearman
 from gist_scale.model import Embedder
+from gist_scale.places import require_writable_file
 from gist_scale.st_format import load_sentence_transformer_dir
 
 __all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "main"]
@@ -118,10 +119,7 @@ def _read_table(path: str | Path, what: str) -> datasets.Dataset:
     if not file.is_file():
         raise DataError(f"{what} {file}: no such file")
     builder = FORMATS.get(file.suffix.lower(), "text")
-    try:
-        return datasets.load_dataset(builder, data_files=str(file), split="train")
-    except Exception as error:  # the loaders raise many types (ArrowInvalid, JSON errors, UnicodeDecodeError...)
-        raise DataError(f"{what} {file}: cannot read as {builder}: {error}") from error
+    return read_local_file(file, builder, f"{what} {file}", builder)
 
 
 def _read_corpus(path: str | Path) -> list[str]:
@@ -359,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     state = distributed.launch_state()
     device = torch.device(args.device) if args.device else state.device
     try:
+        if args.out:  # before minutes of encoding, not after
+            require_writable_file(args.out, "--out")
         data_cfg = load_config([], args.config).data if args.config else None
         with state.main_process_first():  # the main process fills the datasets cache, the others read it
             data = load_eval_data(args.data, data_cfg, args.corpus, sts=args.sts, split=args.split)

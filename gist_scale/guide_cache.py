@@ -38,6 +38,7 @@ from rich.console import Console
 from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
+from gist_scale.places import require_writable_dir
 
 __all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
 
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(overrides, args.config)
+        require_writable_dir(args.out_dir, "cache-guide OUT_DIR")  # before the guide and the data load
         build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
     except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError
         console.print(f"[red]error:[/red] {error}")
