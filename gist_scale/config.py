@@ -355,11 +355,17 @@ class LoggingConfig:
         if isinstance(self.trackers, str):
             self.trackers = [t for t in self.trackers.split(",") if t]
         if self.trackers:
-            from accelerate.utils import LoggerType  # imported only when trackers are asked for: it takes a second
+            # Imported only when trackers are asked for: it takes a second.
+            from accelerate.tracking import get_available_trackers
+            from accelerate.utils import LoggerType
 
             known = [t.value for t in LoggerType]
+            installed = {t.value for t in get_available_trackers()} | {"all"}
             for tracker in self.trackers:
                 _check(tracker in known, f"logging.trackers: unknown tracker {tracker!r}; use some of {', '.join(known)}")
+                # Accelerate would drop it without a word, and the run would log nowhere but metrics.jsonl.
+                _check(tracker in installed, f"logging.trackers: {tracker} is not installed here; `pip install "
+                                             f"{tracker}`, or leave it out")
         _check(self.peak_tflops is None or self.peak_tflops > 0,
                f"logging.peak_tflops={self.peak_tflops}: must be positive (e.g. 989 for an H100 SXM), or null")
 
@@ -414,7 +420,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
     Rules that hold for every field, so no section has to repeat them: numbers must be finite (an infinite batch
     size or a NaN margin would only fail deep inside torch or the loss), integers must be whole, a text field takes
-    text (or a plain integer, e.g. a numeric revision), and every element of a list or tuple is checked against the
+    non-empty text (or a plain integer, e.g. a numeric revision), and every element of a list or tuple is checked against the
     element type (a tuple also for its length). Range checks specific to a field stay in its `__post_init__`.
     """
     is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
@@ -433,6 +439,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is Literal and value in typing.get_args(target):
         return value
     if origin is str and (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+        # An empty name or path would silently mean "." (the current directory) or nothing at all.
+        if not str(value).strip():
+            raise ConfigError(f"{where}={value!r}: must not be empty" + (" (null unsets it)" if is_union else ""))
         return str(value)
     expected = typing.get_args(target) if origin is Literal else getattr(target, "__name__", target)
     raise ConfigError(f"{where}={value!r}: expected {expected}")
@@ -531,7 +540,7 @@ def load_config(argv: list[str] | None = None, config_file: str | Path | None = 
         _check(isinstance(loaded, dict), f"{path}: expected a mapping of sections (model:, data:, ...)")
         for section, values in loaded.items():
             if section in ("resume", "debug"):
-                top[section] = values
+                top[section] = _coerce(values, _field_types(JobConfig)[section], f"{path}: {section}")
                 continue
             if section not in _SECTION_TYPES:
                 raise _unknown(f"section in {path}:", section, list(_SECTION_TYPES))
@@ -560,7 +569,7 @@ def load_config(argv: list[str] | None = None, config_file: str | Path | None = 
             text = args[i + 1]
             i += 2
         if name == "resume":
-            top["resume"] = text
+            top["resume"] = _coerce(text, str, "--resume")
             continue
         if name == "debug":
             top["debug"] = _from_cli(text, bool, "--debug")

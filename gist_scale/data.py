@@ -150,13 +150,21 @@ def read_local_file(path: Path, builder: str, label: str, kind: str) -> datasets
 
 
 def _read_problem(path: Path, builder: str, error: Exception) -> str:
+    """Why a reader failed on `path`, with the fix where it is known. Reads the file: only on the error path."""
     problem = text_file_problem(path) if builder != "parquet" else None
+    if problem == "empty file" or (problem is None and builder == "csv" and _is_header_only(path)):
+        return f"{problem or 'a header but no rows'}; give a file with rows"
     if problem is not None:
-        return problem + ("; give a file with rows" if problem == "empty file" else "; save it as UTF-8")
+        return f"{problem}; save it as UTF-8"
     if isinstance(error, DatasetGenerationError) and error.__cause__ is not None:
         error = error.__cause__  # the reader's own error: a CSV line with too many fields, bad JSON ...
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_header_only(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip()) <= 1
 
 
 def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:

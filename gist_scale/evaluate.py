@@ -325,6 +325,19 @@ def _table(model: str, metrics: dict[str, float], baseline: str | None, base: di
     return table
 
 
+def _device(name: str) -> torch.device:
+    """`--device NAME` as a torch device that exists here (torch's own errors only surface at the first tensor)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ConfigError(f"--device {name}: no such device on this machine; use --device cpu (or leave it out)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gist-scale eval",
@@ -355,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]error:[/red] --batch-size and --max-length must be positive")
         return 2
     state = distributed.launch_state()
-    device = torch.device(args.device) if args.device else state.device
     try:
+        device = _device(args.device) if args.device else state.device
         if args.out:  # before minutes of encoding, not after
             require_writable_file(args.out, "--out")
         data_cfg = load_config([], args.config).data if args.config else None

@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
     args, overrides = parser.parse_known_args(argv)
+    if args.rows_per_batch < 1 or args.chunk_size < 1:
+        console.print("[red]error:[/red] --rows-per-batch and --chunk-size must be positive")
+        return 2
     try:
         cfg = load_config(overrides, args.config)
         require_writable_dir(args.out_dir, "cache-guide OUT_DIR")  # before the guide and the data load

@@ -68,7 +68,7 @@ def _hub_problem(name: str, revision: str | None, error: BaseException) -> str:
         return "the hub has no such model (a typo? a private one needs `hf auth login`)"
     if isinstance(cause, errors.RevisionNotFoundError):
         return f"the hub has no revision {revision!r} of it"
-    return f"loading it failed: {str(error).strip().splitlines()[0]}"
+    return f"loading it failed: {_first_line(error)}"
 
 
 def find_model(name: str) -> str:
@@ -99,19 +99,32 @@ def _from_pretrained(name: str, revision: str | None) -> Iterator[str]:
     resolved = find_model(name)
     try:
         yield resolved
-    except (OSError, ValueError) as error:  # a local directory's incomplete files can also raise ValueError
+    except ValueError as error:  # transformers' word for a bad argument or a directory without tokenizer files
+        raise ConfigError(f"model {name}: {_first_line(error)}") from error
+    except OSError as error:
         if Path(resolved).expanduser().is_dir():
             raise ModelNotFoundError(f"model {name}: cannot load it from {Path(resolved).expanduser()} "
-                                     f"({str(error).strip().splitlines()[0]}); {_CHECK_PATH}") from error
-        if not isinstance(error, OSError):
-            raise
+                                     f"({_first_line(error)}); {_CHECK_PATH}") from error
         raise hub_model_not_found(name, revision, error) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def hub_model_not_found(name: str, revision: str | None, error: BaseException) -> ModelNotFoundError:
     """The error for a hub name that failed to load (`error`: what transformers or `huggingface_hub` raised)."""
     return ModelNotFoundError(f"model {name}: not a local directory ({Path(name).absolute()}), and "
                               f"{_hub_problem(name, revision, error)}; {_DOWNLOAD}")
+
+
+def check_max_length(cfg: ModelConfig | GuideConfig, config) -> None:
+    """A `max_length` beyond the model's position embeddings would fail in the first long batch's forward."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_length > positions:
+        raise ConfigError(f"{cfg.section}.max_length={cfg.max_length}: {cfg.name} has {positions} positions "
+                          f"(max_position_embeddings); use at most {positions}")
 
 
 def _drop_unused_pooler(encoder: PreTrainedModel) -> None:
@@ -146,6 +159,7 @@ def load_student(cfg: ModelConfig) -> Embedder:
             path, revision=cfg.revision, config=_encoder_config(path, cfg.revision, cfg.dropout),
             attn_implementation=cfg.attn_implementation,
         )
+    check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     if cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,6 +193,7 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     with _from_pretrained(cfg.name, cfg.revision) as path, outside_zero3(restore_zero3):
         encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+    check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.
     guide = Embedder(encoder, cfg.pooling, normalize=True).to(device).eval()
