@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ from gist_scale.config import ConfigError, DataConfig, load_config
 from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
 from gist_scale.metrics import retrieval_metrics, spearman
 from gist_scale.model import Embedder
-from gist_scale.places import require_writable_file
+from gist_scale.places import require_writable_file, text_file_problem
 from gist_scale.st_format import load_sentence_transformer_dir
 
 __all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "main"]
@@ -113,20 +112,25 @@ class EvalData:
                 f"{len(self.texts)} distinct texts to encode")
 
 
-def _read_table(path: str | Path, what: str) -> datasets.Dataset:
-    """Read a local JSON/JSONL/Parquet/CSV file (any other suffix: plain text, one row per line) with `datasets`."""
+def _read_table(path: str | Path, what: str) -> dict[str, list]:
+    """The columns of a local JSON/JSONL/Parquet/CSV file (any other suffix: plain text, one row per line)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{what} {file}: no such file")
     builder = FORMATS.get(file.suffix.lower(), "text")
-    return read_local_file(file, builder, f"{what} {file}", builder)
+    table = read_local_file(file, builder, f"{what} {file}", builder)
+    try:
+        return table.to_dict()
+    except UnicodeDecodeError:  # Arrow's JSON reader keeps such bytes; they surface only when the strings are read
+        problem = text_file_problem(file)
+        raise DataError(f"{what} {file}: cannot read as {builder}: {problem}; save it as UTF-8") from None
 
 
 def _read_corpus(path: str | Path) -> list[str]:
     """Texts of an extra corpus file: a `text` column (JSONL/JSON/Parquet/CSV) or plain lines; blanks skipped."""
     table = _read_table(path, "--corpus")
-    if "text" not in table.column_names:
-        raise DataError(f"--corpus {path}: no 'text' column (columns: {', '.join(table.column_names)}); "
+    if "text" not in table:
+        raise DataError(f"--corpus {path}: no 'text' column (columns: {', '.join(table)}); "
                         "give JSON lines like {\"text\": ...} or a plain text file with one document per line")
     texts = [t.strip() for t in table["text"] if isinstance(t, str)]
     return [t for t in texts if t]
@@ -135,7 +139,7 @@ def _read_corpus(path: str | Path) -> list[str]:
 def _read_sts(path: str | Path) -> StsPairs:
     """Scored pairs from rows with `sentence1`, `sentence2` and a numeric `score`."""
     table = _read_table(path, "--sts")
-    absent = [c for c in ("sentence1", "sentence2", "score") if c not in table.column_names]
+    absent = [c for c in ("sentence1", "sentence2", "score") if c not in table]
     if absent:
         raise DataError(f"--sts {path}: missing column(s) {', '.join(absent)}; rows need sentence1, sentence2, "
                         "score")

@@ -175,10 +175,6 @@ class Trainer:
 
         student = load_student(cfg.model)
         self.guide = self._load_guide()
-        # Written once the data and the models have loaded: a start that fails on bad input leaves the run directory
-        # of an earlier, good start as it was.
-        if self.accelerator.is_main_process:
-            save_config(cfg, self.run_dir / "config.yaml")
         self.encoder_configs = {"student": student.encoder.config}
         if self.guide is not None:
             self.encoder_configs["guide"] = self.guide.encoder.config
@@ -219,6 +215,10 @@ class Trainer:
         resume_from = resolve_resume(self.cfg.resume, self.checkpoint_dir)
         if resume_from is not None:
             self.state = load_checkpoint(self.accelerator, resume_from)
+        # Written only now, after the data, the models and the checkpoint have loaded: a start that fails on bad input
+        # leaves the run directory of an earlier, good start as it was.
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self._print_summary(resume_from)
         pending: list[StepMetrics] = []
         window_start = time.perf_counter()
