@@ -409,8 +409,8 @@ _SECTION_TYPES = {
 }
 
 
-def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
+def _unknown(kind: str, key: Any, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(key), known, n=1)  # str: a YAML key may be a number
     hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
     return ConfigError(f"unknown {kind} {key!r}{hint}")
 
@@ -444,7 +444,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r}: must not be empty" + (" (null unsets it)" if is_union else ""))
         return str(value)
     expected = typing.get_args(target) if origin is Literal else getattr(target, "__name__", target)
-    raise ConfigError(f"{where}={value!r}: expected {expected}")
+    quote = " (YAML reads no/yes/on/off as booleans: quote the name)" if origin is Literal and isinstance(
+        value, bool) else ""
+    raise ConfigError(f"{where}={value!r}: expected {expected}{quote}")
 
 
 def _number(value: int | float | str, kind: type, where: str) -> int | float:
@@ -516,7 +518,8 @@ def _from_cli(text: str, annotation: Any, where: str) -> Any:
         parsed = text
     if isinstance(parsed, (int, float, bool)) and not isinstance(parsed, str):
         hints = typing.get_args(annotation) or (annotation,)
-        if str in hints or annotation is str:
+        # A text field, or a choice whose name YAML reads as a boolean or number (`--train.mixed_precision no`).
+        if str in hints or annotation is str or text in hints:
             parsed = text
     return _coerce(parsed, annotation, where)
 
@@ -575,7 +578,9 @@ def load_config(argv: list[str] | None = None, config_file: str | Path | None = 
             top["debug"] = _from_cli(text, bool, "--debug")
             continue
         section, dot, key = name.partition(".")
-        if not dot or section not in _SECTION_TYPES:
+        if dot and section not in _SECTION_TYPES:
+            raise _unknown(f"section in option --{name}:", section, list(_SECTION_TYPES))
+        if not dot:
             raise _unknown("option", name, [f"{s}.KEY" for s in _SECTION_TYPES] + ["resume", "debug", "config"])
         known = _field_types(_SECTION_TYPES[section])
         if key not in known:

@@ -308,7 +308,7 @@ def _parse_row(row: Mapping[str, Any], fields: _Fields, num_negatives: int | Non
 
 def _decode_line(line: str) -> dict[str, Any]:
     try:
-        row = json.loads(line)
+        row = json.loads(line.removeprefix("\ufeff"))  # the byte-order mark some Windows editors put first
     except json.JSONDecodeError as error:
         raise _BadRow(None, f"malformed JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(row, dict):

@@ -106,6 +106,24 @@ CASES = [
      _write("bad.yaml", "data:\n  neg_columns: {a: 1}\n"), "data.neg_columns={{'a': 1}}: expected list"),
     ("YAML debug not a bool", "train", TRAIN + ["--config", "{root}/bad.yaml"], _write("bad.yaml", "debug: maybe\n"),
      "bad.yaml: debug='maybe': expected bool"),
+    ("YAML no as a boolean", "train", TRAIN + ["--config", "{root}/bad.yaml"],
+     _write("bad.yaml", "train:\n  mixed_precision: no\n"), "YAML reads no/yes/on/off as booleans: quote the name"),
+    ("YAML key not a name", "train", ["--config", "{root}/bad.yaml"], _write("bad.yaml", "train:\n  1: 2\n"),
+     "unknown key in {root}/bad.yaml section 'train': 1; known: batch_size"),
+    ("misspelt section", "train", TRAIN + ["--modle.name", "x"], None,
+     "unknown section in option --modle.name: 'modle'; did you mean 'model'?"),
+    ("infinite timeout", "train", TRAIN + ["--train.collective_timeout_s", "inf"], None, "must be a finite number"),
+    ("fractional chunk size", "train", TRAIN + ["--train.chunk_size", "1.5"], None,
+     "--train.chunk_size=1.5: expected int (a whole number)"),
+    ("empty column name", "train", TRAIN + ["--data.query_column", ""], None, "--data.query_column='': must not be"),
+    ("empty negative column", "train", TRAIN + ["--data.neg_columns", "['', neg]"], None,
+     "--data.neg_columns[0]='': must not be empty"),
+    ("eval --config a directory", "eval", ["{model}", "--config", "{root}"], None,
+     "--config {root}: is a directory; give the YAML file"),
+    ("cache-guide YAML syntax error", "cache-guide", ["{root}/c", "--config", "{root}/bad.yaml"],
+     _write("bad.yaml", "guide: [\n"), "bad.yaml, line 2, column 1: YAML syntax error"),
+    ("cache-guide misspelt option", "cache-guide", ["{root}/c", "--guide.nmae", "x"], None,
+     "unknown option --guide. 'nmae'; did you mean 'name'?"),
     ("config is a directory", "train", ["--config", "{root}"], None, "is a directory; give the YAML file"),
     # ---- places: output directories that cannot be written, checkpoints and caches that are not there
     ("output dir is a file", "train", TRAIN + ["--train.output_dir", "{root}/file"], _write("file", "x"),
@@ -117,6 +135,10 @@ CASES = [
     ("checkpoints is a file", "train", TRAIN + ["--train.output_dir", "{root}/run2", "--resume", "auto"],
      _write("run2/checkpoints", "x"), "{root}/run2/checkpoints is a file, not a directory"),
     ("resume a file", "train", TRAIN + ["--resume", "{data}"], None, "is not a complete checkpoint"),
+    ("resume with a file turned into a folder", "train", TRAIN + ["--resume", "{root}/ckpt"],
+     lambda root: ((root / "ckpt" / "optimizer.bin").mkdir(parents=True),
+                   (root / "ckpt" / COMPLETE_MARKER).write_text('{"step": 1, "files": {"optimizer.bin": 3}}')),
+     "ckpt/optimizer.bin: listed in {root}/ckpt/complete.json but missing"),
     ("resume a damaged marker", "train", TRAIN + ["--resume", "{root}/ckpt"], _write(f"ckpt/{COMPLETE_MARKER}", "{"),
      "unreadable completion marker"),
     ("guide cache is a file", "train", TRAIN + ["--guide.cache", "{data}"], None,
@@ -182,6 +204,7 @@ CASES = [
      "e.parquet: cannot read as parquet: Parquet file size is 0 bytes"),
     ("Parquet of garbage", "train", TRAIN + ["--data.path", "{root}/e.parquet"], _write("e.parquet", b"\xffgarbage"),
      "e.parquet: cannot read as parquet: Parquet magic bytes not found"),
+    ("data is a device", "train", TRAIN + ["--data.path", "/dev/null"], None, "--data.path /dev/null: no such file"),
     ("only blank lines", "train", TRAIN + ["--data.path", "{root}/e.jsonl"], _write("e.jsonl", "\n\n\n"),
      "e.jsonl: no rows"),
     ("empty eval file", "train", TRAIN + ["--eval.path", "{root}/e.jsonl"], _write("e.jsonl", ""),
@@ -275,3 +298,21 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, t
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]
     assert _hashes(checkpoints) == before
     assert complete_checkpoints(checkpoints) == [checkpoints / "step_1"]
+
+
+def test_a_choice_named_like_a_yaml_boolean_is_taken_from_the_command_line():
+    """`--train.mixed_precision no` is the documented default, though YAML would read `no` as false."""
+    from gist_scale.config import load_config
+
+    assert load_config(["--train.mixed_precision", "no"]).train.mixed_precision == "no"
+
+
+def test_a_byte_order_mark_before_the_first_json_line_is_not_an_error(tmp_path):
+    """Some Windows editors start UTF-8 files with a byte-order mark; it is not part of the first row."""
+    from gist_scale.config import DataConfig
+    from gist_scale.data import load_triplets
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + JSONL_ROWS.encode())
+    dataset, report = load_triplets(DataConfig(path=str(path)))
+    assert report.rows == len(ROWS) and dataset[0]["query"] == ROWS[0]["query"]
