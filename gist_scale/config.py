@@ -362,7 +362,8 @@ class LoggingConfig:
             known = [t.value for t in LoggerType]
             installed = {t.value for t in get_available_trackers()} | {"all"}
             for tracker in self.trackers:
-                _check(tracker in known, f"logging.trackers: unknown tracker {tracker!r}; use some of {', '.join(known)}")
+                _check(tracker in known,
+                       f"logging.trackers: unknown tracker {tracker!r}; use some of {', '.join(known)}")
                 # Accelerate would drop it without a word, and the run would log nowhere but metrics.jsonl.
                 _check(tracker in installed, f"logging.trackers: {tracker} is not installed here; `pip install "
                                              f"{tracker}`, or leave it out")
@@ -420,8 +421,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
     Rules that hold for every field, so no section has to repeat them: numbers must be finite (an infinite batch
     size or a NaN margin would only fail deep inside torch or the loss), integers must be whole, a text field takes
-    non-empty text (or a plain integer, e.g. a numeric revision), and every element of a list or tuple is checked against the
-    element type (a tuple also for its length). Range checks specific to a field stay in its `__post_init__`.
+    non-empty text (or a plain integer, e.g. a numeric revision), and every element of a list or tuple is checked
+    against the element type (a tuple also for its length). Range checks specific to a field stay in its
+    `__post_init__`.
     """
     is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     hints = typing.get_args(annotation) if is_union else (annotation,)

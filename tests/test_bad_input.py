@@ -187,17 +187,17 @@ CASES = [
      "{root}/e.jsonl: cannot read as JSON lines: not UTF-8 text (line 17, column 15"),
     ("JSONL in UTF-16", "train", TRAIN + ["--data.path", "{root}/e.jsonl"],
      _write("e.jsonl", JSONL_ROWS.encode("utf-16")), "not UTF-8 text (line 1, column 1: byte 0xff)"),
-    ("empty CSV", "train", TRAIN + ["--data.path", "{root}/e.csv"], _write("e.csv", ""), "e.csv: cannot read as csv: "
-     "empty file"),
+    ("empty CSV", "train", TRAIN + ["--data.path", "{root}/e.csv"], _write("e.csv", ""),
+     "e.csv: cannot read as csv: empty file"),
     ("CSV not UTF-8", "train", TRAIN + ["--data.path", "{root}/e.csv"],
-     _write("e.csv", b"query,pos,neg,task_name\nq,p,\xff,t\n"), "e.csv: cannot read as csv: not UTF-8 text (line 2, "
-     "column 5"),
+     _write("e.csv", b"query,pos,neg,task_name\nq,p,\xff,t\n"),
+     "e.csv: cannot read as csv: not UTF-8 text (line 2, column 5"),
     ("CSV header only", "train", TRAIN + ["--data.path", "{root}/e.csv"], _write("e.csv", "query,pos,neg,task_name\n"),
      "a header but no rows"),
     ("CSV ragged line", "train", TRAIN + ["--data.path", "{root}/e.csv"],
      _write("e.csv", "query,pos,neg,task_name\nq,p,n,t\nq,p,n,t,x,y\n"), "Expected 4 fields in line 3, saw 6"),
-    ("empty JSON", "train", TRAIN + ["--data.path", "{root}/e.json"], _write("e.json", ""), "e.json: cannot read as "
-     "JSON lines: empty file"),
+    ("empty JSON", "train", TRAIN + ["--data.path", "{root}/e.json"], _write("e.json", ""),
+     "e.json: cannot read as JSON lines: empty file"),
     ("JSON not UTF-8", "train", TRAIN + ["--data.path", "{root}/e.json"], _write("e.json", b'[{"query": "\xff"}]'),
      "e.json: cannot read as json: not UTF-8 text (line 1, column 13"),
     ("empty Parquet", "train", TRAIN + ["--data.path", "{root}/e.parquet"], _write("e.parquet", b""),

@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 from gist_scale.config import MINILM, ConfigError, GuideConfig, ModelConfig
 from gist_scale.model.embedder import Embedder
 
-__all__ = ["ModelNotFoundError", "find_model", "hub_model_not_found", "load_guide", "load_student", "load_tokenizer", "outside_zero3",
-           "resolve_model_path"]
+__all__ = ["ModelNotFoundError", "check_max_length", "find_model", "hub_model_not_found", "load_guide", "load_student",
+           "load_tokenizer", "outside_zero3", "resolve_model_path"]
 
 
 class ModelNotFoundError(ConfigError):
