@@ -14,6 +14,7 @@ main process in the middle of the save of step STEP.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -71,6 +72,28 @@ def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     )
 
 
+def _failed_save_leaves_nothing(save):
+    """A save that fails with an `OSError` (disk full, quota, I/O error, a vanished directory) removes its temporary
+    directory and raises `CheckpointError`: the newest complete checkpoint stays the newest, and nothing half-written
+    is left behind. Each rank cleans up only after its own failure; its peers then see it leave (a collective error).
+    """
+
+    @functools.wraps(save)
+    def guarded(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, *args, **kwargs) -> Path:
+        try:
+            return save(accelerator, checkpoint_dir, state, *args, **kwargs)
+        except OSError as error:
+            shutil.rmtree(checkpoint_dir / f".tmp-step_{state.step}", ignore_errors=True)
+            newest = complete_checkpoints(checkpoint_dir)
+            kept = f"the newest complete checkpoint is still {newest[-1]}" if newest else "no checkpoint was kept"
+            raise CheckpointError(f"saving checkpoint step_{state.step} in {checkpoint_dir} failed: {error}; the "
+                                  f"unfinished save was removed and {kept}. Free space (or set train.output_dir "
+                                  "elsewhere) and start again with --resume auto") from error
+
+    return guarded
+
+
+@_failed_save_leaves_nothing
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> Path:
     """Save on every rank; returns the final directory. All ranks must call this at the same step."""
     final = checkpoint_dir / f"step_{state.step}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -225,6 +226,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optim.lr={self.lr}: must be > 0")
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay}: must be >= 0 (0 disables it)")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"optim.betas={list(self.betas)}: two values in [0, 1), e.g. [0.9, 0.999]")
+        _check(self.eps > 0, f"optim.eps={self.eps}: must be > 0 (e.g. 1e-8)")
         _check(0.0 <= self.warmup_ratio < 1.0, f"optim.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         _check(self.schedule in ("linear", "cosine", "constant"),
                f"optim.schedule={self.schedule!r}: use linear, cosine or constant")
@@ -279,6 +284,8 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps > 0,
                f"train.max_steps={self.max_steps}: must be positive, or null to train for train.epochs")
         _check(self.epochs > 0, f"train.epochs={self.epochs}: must be >= 1")
+        # The range every seeded generator accepts (numpy's is the narrowest).
+        _check(0 <= self.seed < 2**32, f"train.seed={self.seed}: must be in [0, 2**32)")
         _check(self.mixed_precision in ("no", "bf16", "fp16"),
                f"train.mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
         _check(self.log_every > 0, f"train.log_every={self.log_every}: must be >= 1")
@@ -352,6 +359,19 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.trackers, str):
             self.trackers = [t for t in self.trackers.split(",") if t]
+        if self.trackers:
+            # Imported only when trackers are asked for: it takes a second.
+            from accelerate.tracking import get_available_trackers
+            from accelerate.utils import LoggerType
+
+            known = [t.value for t in LoggerType]
+            installed = {t.value for t in get_available_trackers()} | {"all"}
+            for tracker in self.trackers:
+                _check(tracker in known,
+                       f"logging.trackers: unknown tracker {tracker!r}; use some of {', '.join(known)}")
+                # Accelerate would drop it without a word, and the run would log nowhere but metrics.jsonl.
+                _check(tracker in installed, f"logging.trackers: {tracker} is not installed here; `pip install "
+                                             f"{tracker}`, or leave it out")
         _check(self.peak_tflops is None or self.peak_tflops > 0,
                f"logging.peak_tflops={self.peak_tflops}: must be positive (e.g. 989 for an H100 SXM), or null")
 
@@ -376,6 +396,12 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint.keep_best is not None:
+            from gist_scale.metrics import METRICS
+
+            metrics = METRICS + (("spearman",) if self.eval.sts else ())
+            _check(self.checkpoint.keep_best in metrics,
+                   f"checkpoint.keep_best={self.checkpoint.keep_best!r}: not an eval metric; use one of "
+                   f"{', '.join(metrics)}" + ("" if self.eval.sts else " (spearman needs eval.sts)"))
             _check(self.eval.path is not None or self.data.path is None,
                    "checkpoint.keep_best needs eval metrics: set eval.path (the shipped sample has its own eval split)")
 
@@ -389,46 +415,118 @@ _SECTION_TYPES = {
 }
 
 
-def _unknown(kind: str, key: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1)
+def _unknown(kind: str, key: Any, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(str(key), known, n=1)  # str: a YAML key may be a number
     hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
     return ConfigError(f"unknown {kind} {key!r}{hint}")
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a YAML or command-line value against the field's declared type, converting where unambiguous."""
+    """Check a YAML or command-line value against the field's declared type, converting where unambiguous.
+
+    Rules that hold for every field, so no section has to repeat them: numbers must be finite (an infinite batch
+    size or a NaN margin would only fail deep inside torch or the loss), integers must be whole, a text field takes
+    non-empty text (or a plain integer, e.g. a numeric revision), and every element of a list or tuple is checked
+    against the element type (a tuple also for its length). Range checks specific to a field stay in its
+    `__post_init__`.
+    """
     is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     hints = typing.get_args(annotation) if is_union else (annotation,)
     if value is None and type(None) in hints:
         return None
     target = next(h for h in hints if h is not type(None))
     origin = typing.get_origin(target) or target
-    try:
-        if origin is bool and isinstance(value, bool):
-            return value
-        if origin is int and not isinstance(value, bool) and float(value) == int(float(value)):
-            return int(float(value))
-        if origin is float and not isinstance(value, bool):
-            return float(value)
-        if origin in (list, tuple):
-            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
-            return origin(items)
-        if origin is Literal and value in typing.get_args(target):
-            return value
-        if origin is str and value is not None:
-            return str(value)
-    except (TypeError, ValueError):
-        pass
+    if origin is bool and isinstance(value, bool):
+        return value
+    if origin in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return _number(value, origin, where)
+    if origin in (list, tuple) and isinstance(value, (list, tuple, str)):
+        items = value if isinstance(value, (list, tuple)) else [v for v in value.split(",") if v]
+        return origin(_coerce_items(items, typing.get_args(target), origin, where))
+    if origin is Literal and value in typing.get_args(target):
+        return value
+    if origin is str and (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
+        # An empty name or path would silently mean "." (the current directory) or nothing at all.
+        if not str(value).strip():
+            raise ConfigError(f"{where}={value!r}: must not be empty" + (" (null unsets it)" if is_union else ""))
+        return str(value)
     expected = typing.get_args(target) if origin is Literal else getattr(target, "__name__", target)
-    raise ConfigError(f"{where}={value!r}: expected {expected}")
+    quote = " (YAML reads no/yes/on/off as booleans: quote the name)" if origin is Literal and isinstance(
+        value, bool) else ""
+    raise ConfigError(f"{where}={value!r}: expected {expected}{quote}")
+
+
+def _number(value: int | float | str, kind: type, where: str) -> int | float:
+    """A finite int or float; an int field also takes a whole float (`1e3`), never a fractional one."""
+    if kind is int and isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{where}={value!r}: expected {kind.__name__}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}={value!r}: must be a finite number")
+    if kind is float:
+        return number
+    if number != int(number):
+        raise ConfigError(f"{where}={value!r}: expected int (a whole number)")
+    return int(number)
+
+
+def _coerce_items(items: list | tuple, args: tuple, origin: type, where: str) -> list:
+    """The elements of a list or tuple value, each checked against its declared type (`list[str]`,
+    `tuple[float, float]`)."""
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(items) != len(args):
+            raise ConfigError(f"{where}={list(items)!r}: expected {len(args)} values, got {len(items)}")
+        return [_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(items, args))]
+    element = args[0] if args else Any
+    if element is Any:
+        return list(items)
+    return [_coerce(item, element, f"{where}[{i}]") for i, item in enumerate(items)]
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content; a missing file, a non-UTF-8 byte or a syntax error is named with its line and column."""
+    _check(not path.is_dir(), f"--config {path}: is a directory; give the YAML file (e.g. RUN/config.yaml)")
+    _check(path.is_file(), f"--config {path}: no such file")
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        from gist_scale.places import text_file_problem  # here, not at the top: places imports this module
+
+        raise ConfigError(f"{path}: {text_file_problem(path)}; save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}{_yaml_position(error)}: YAML syntax error: {_yaml_problem(error)}") from None
+
+
+def _yaml_position(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem, with the construct it was inside and where that started (an unclosed `[` ...)."""
+    context, mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and mark is not None:
+        context = f"{context} (line {mark.line + 1}, column {mark.column + 1})"
+    return ": ".join(filter(None, (context, getattr(error, "problem", None)))) or str(error)
 
 
 def _from_cli(text: str, annotation: Any, where: str) -> Any:
     """Parse a flag's text: YAML syntax for numbers, booleans, lists and null; strings stay verbatim."""
-    parsed = yaml.safe_load(text) if text.strip() else text
+    try:
+        parsed = yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError as error:
+        hints = typing.get_args(annotation) or (annotation,)
+        if str not in hints:  # text that is not YAML is still a fine string (a path with ': ' or a '[')
+            raise ConfigError(f"{where}={text!r}: not a value ({_yaml_problem(error)}); lists look like "
+                              "'[a, b]', numbers like 1e-5, booleans true/false") from None
+        parsed = text
     if isinstance(parsed, (int, float, bool)) and not isinstance(parsed, str):
         hints = typing.get_args(annotation) or (annotation,)
-        if str in hints or annotation is str:
+        # A text field, or a choice whose name YAML reads as a boolean or number (`--train.mixed_precision no`).
+        if str in hints or annotation is str or text in hints:
             parsed = text
     return _coerce(parsed, annotation, where)
 
@@ -448,12 +546,11 @@ def load_config(argv: list[str] | None = None, config_file: str | Path | None = 
     top: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
-        _check(path.is_file(), f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         _check(isinstance(loaded, dict), f"{path}: expected a mapping of sections (model:, data:, ...)")
         for section, values in loaded.items():
             if section in ("resume", "debug"):
-                top[section] = values
+                top[section] = _coerce(values, _field_types(JobConfig)[section], f"{path}: {section}")
                 continue
             if section not in _SECTION_TYPES:
                 raise _unknown(f"section in {path}:", section, list(_SECTION_TYPES))
@@ -482,13 +579,15 @@ def load_config(argv: list[str] | None = None, config_file: str | Path | None = 
             text = args[i + 1]
             i += 2
         if name == "resume":
-            top["resume"] = text
+            top["resume"] = _coerce(text, str, "--resume")
             continue
         if name == "debug":
             top["debug"] = _from_cli(text, bool, "--debug")
             continue
         section, dot, key = name.partition(".")
-        if not dot or section not in _SECTION_TYPES:
+        if dot and section not in _SECTION_TYPES:
+            raise _unknown(f"section in option --{name}:", section, list(_SECTION_TYPES))
+        if not dot:
             raise _unknown("option", name, [f"{s}.KEY" for s in _SECTION_TYPES] + ["resume", "debug", "config"])
         known = _field_types(_SECTION_TYPES[section])
         if key not in known:

@@ -32,10 +32,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import DataConfig, global_batch_size
+from gist_scale.places import text_file_problem
 from gist_scale.chunking import chunk_texts
 
 __all__ = [
@@ -126,10 +128,43 @@ def _is_json_lines(path: Path) -> bool:
 def _load_local(path: Path, jsonl: bool) -> datasets.Dataset:
     """Read one file with `datasets`' loader; JSON lines as text, so a malformed line cannot stop the reader."""
     builder = "text" if jsonl else FORMATS[path.suffix.lower()]
+    return read_local_file(path, builder, str(path), "JSON lines" if jsonl else builder)
+
+
+def read_local_file(path: Path, builder: str, label: str, kind: str) -> datasets.Dataset:
+    """One local file through `datasets`' packaged loader `builder` (`json`, `csv`, `parquet`, `text`).
+
+    A failure is a `DataError` starting with `label` that says why: an empty file, a byte that is not UTF-8 (with
+    its line), or the reader's own reason, which `datasets` hides behind "An error occurred while generating the
+    dataset".
+    """
+    verbosity = datasets.logging.get_verbosity()
+    # The readers log their failure before raising it; the one line we raise says it better.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # the loaders raise many types (ArrowInvalid, ParserError, UnicodeDecodeError...)
-        raise DataError(f"{path}: cannot read as {'JSON lines' if jsonl else builder}: {error}") from error
+        raise DataError(f"{label}: cannot read as {kind}: {_read_problem(path, builder, error)}") from error
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _read_problem(path: Path, builder: str, error: Exception) -> str:
+    """Why a reader failed on `path`, with the fix where it is known. Reads the file: only on the error path."""
+    problem = text_file_problem(path) if builder != "parquet" else None
+    if problem == "empty file" or (problem is None and builder == "csv" and _is_header_only(path)):
+        return f"{problem or 'a header but no rows'}; give a file with rows"
+    if problem is not None:
+        return f"{problem}; save it as UTF-8"
+    if isinstance(error, DatasetGenerationError) and error.__cause__ is not None:
+        error = error.__cause__  # the reader's own error: a CSV line with too many fields, bad JSON ...
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_header_only(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip()) <= 1
 
 
 def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:
@@ -273,7 +308,7 @@ def _parse_row(row: Mapping[str, Any], fields: _Fields, num_negatives: int | Non
 
 def _decode_line(line: str) -> dict[str, Any]:
     try:
-        row = json.loads(line)
+        row = json.loads(line.removeprefix("\ufeff"))  # the byte-order mark some Windows editors put first
     except json.JSONDecodeError as error:
         raise _BadRow(None, f"malformed JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(row, dict):

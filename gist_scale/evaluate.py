@@ -27,7 +27,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -39,9 +38,10 @@ from transformers import PreTrainedTokenizerBase
 from gist_scale import distributed
 from gist_scale.chunking import num_chunks
 from gist_scale.config import ConfigError, DataConfig, load_config
-from gist_scale.data import FORMATS, DataError, load_triplets
+from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
 from gist_scale.metrics import retrieval_metrics, spearman
 from gist_scale.model import Embedder
+from gist_scale.places import require_writable_file, text_file_problem
 from gist_scale.st_format import load_sentence_transformer_dir
 
 __all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "main"]
@@ -114,23 +114,25 @@ class EvalData:
                 f"{len(self.texts)} distinct texts to encode")
 
 
-def _read_table(path: str | Path, what: str) -> datasets.Dataset:
-    """Read a local JSON/JSONL/Parquet/CSV file (any other suffix: plain text, one row per line) with `datasets`."""
+def _read_table(path: str | Path, what: str) -> dict[str, list]:
+    """The columns of a local JSON/JSONL/Parquet/CSV file (any other suffix: plain text, one row per line)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"{what} {file}: no such file")
     builder = FORMATS.get(file.suffix.lower(), "text")
+    table = read_local_file(file, builder, f"{what} {file}", builder)
     try:
-        return datasets.load_dataset(builder, data_files=str(file), split="train")
-    except Exception as error:  # the loaders raise many types (ArrowInvalid, JSON errors, UnicodeDecodeError...)
-        raise DataError(f"{what} {file}: cannot read as {builder}: {error}") from error
+        return table.to_dict()
+    except UnicodeDecodeError:  # Arrow's JSON reader keeps such bytes; they surface only when the strings are read
+        problem = text_file_problem(file)
+        raise DataError(f"{what} {file}: cannot read as {builder}: {problem}; save it as UTF-8") from None
 
 
 def _read_corpus(path: str | Path) -> list[str]:
     """Texts of an extra corpus file: a `text` column (JSONL/JSON/Parquet/CSV) or plain lines; blanks skipped."""
     table = _read_table(path, "--corpus")
-    if "text" not in table.column_names:
-        raise DataError(f"--corpus {path}: no 'text' column (columns: {', '.join(table.column_names)}); "
+    if "text" not in table:
+        raise DataError(f"--corpus {path}: no 'text' column (columns: {', '.join(table)}); "
                         "give JSON lines like {\"text\": ...} or a plain text file with one document per line")
     texts = [t.strip() for t in table["text"] if isinstance(t, str)]
     return [t for t in texts if t]
@@ -139,7 +141,7 @@ def _read_corpus(path: str | Path) -> list[str]:
 def _read_sts(path: str | Path) -> StsPairs:
     """Scored pairs from rows with `sentence1`, `sentence2` and a numeric `score`."""
     table = _read_table(path, "--sts")
-    absent = [c for c in ("sentence1", "sentence2", "score") if c not in table.column_names]
+    absent = [c for c in ("sentence1", "sentence2", "score") if c not in table]
     if absent:
         raise DataError(f"--sts {path}: missing column(s) {', '.join(absent)}; rows need sentence1, sentence2, "
                         "score")
@@ -327,6 +329,19 @@ def _table(model: str, metrics: dict[str, float], baseline: str | None, base: di
     return table
 
 
+def _device(name: str) -> torch.device:
+    """`--device NAME` as a torch device that exists here (torch's own errors only surface at the first tensor)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+    available = {"cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise ConfigError(f"--device {name}: no such device on this machine; use --device cpu (or leave it out)")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gist-scale eval",
@@ -355,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]error:[/red] --batch-size and --max-length must be positive")
         return 2
     state = distributed.launch_state()
-    device = torch.device(args.device) if args.device else state.device
     try:
+        device = _device(args.device) if args.device else state.device
+        if args.out:  # before minutes of encoding, not after
+            require_writable_file(args.out, "--out")
         data_cfg = load_config([], args.config).data if args.config else None
         with state.main_process_first():  # the main process fills the datasets cache, the others read it
             data = load_eval_data(args.data, data_cfg, args.corpus, sts=args.sts, split=args.split)

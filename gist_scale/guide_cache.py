@@ -40,6 +40,7 @@ from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
+from gist_scale.places import require_writable_dir
 
 __all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
 
@@ -316,8 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
     args, overrides = parser.parse_known_args(argv)
+    if args.rows_per_batch < 1 or args.chunk_size < 1:
+        console.print("[red]error:[/red] --rows-per-batch and --chunk-size must be positive")
+        return 2
     try:
         cfg = load_config(overrides, args.config)
+        require_writable_dir(args.out_dir, "cache-guide OUT_DIR")  # before the guide and the data load
         build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
     except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError
         console.print(f"[red]error:[/red] {error}")

