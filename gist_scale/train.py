@@ -41,6 +41,7 @@ from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
+from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -146,15 +147,21 @@ class Trainer:
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
         guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
         self._grad_cache: encode.GradCache | None = None  # set by `_forward`, consumed by `_backward`
+        self.instructions = load_task_instructions(cfg.data.task_instructions)
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
             dataset, self.data_report = load_triplets(cfg.data)
             # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
-            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives)
+            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives, self.instructions)
                            if cfg.guide.cache is not None else None)
             dataset, self.truncation = tokenize_triplets(
                 dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
-                num_proc=cfg.data.num_proc)
+                num_proc=cfg.data.num_proc, student_prompts=Prompts.from_config(cfg.model, self.instructions),
+                guide_prompts=Prompts.from_config(cfg.guide, self.instructions))
+        unused = unknown_tasks(self.instructions, self.data_report.tasks)
+        if unused and self.accelerator.is_main_process:
+            console.print(f"[yellow]warning:[/yellow] data.task_instructions names task(s) that the data does not "
+                          f"have, so their instructions are unused: {', '.join(unused)}")
         # Raises with a fix-it message when not even one global batch fits in the data.
         self.sampler = GlobalBatchSampler(
             dataset["task_name"], cfg.train.batch_size,
@@ -173,7 +180,7 @@ class Trainer:
         self.eval_data = self._load_eval_data()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
 
-        student = load_student(cfg.model)
+        student = load_student(cfg.model, self.instructions)
         self.guide = self._load_guide()
         self.encoder_configs = {"student": student.encoder.config}
         if self.guide is not None:
@@ -436,7 +443,8 @@ class Trainer:
         embedder = self.accelerator.unwrap_model(self.student)
         export_sentence_transformer(
             embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
-            self.cfg.model.max_length, destination, state_dict=encoder_state)
+            self.cfg.model.max_length, destination, state_dict=encoder_state, prompts=embedder.prompts,
+            include_prompt=embedder.include_prompt)
         console.print(f"model (sentence-transformers format): {destination}")
 
     # ------------------------------------------------------------------ evaluation
