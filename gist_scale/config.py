@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -460,16 +461,19 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def load_config(argv: list[str] | None = None, config_file: str | Path | None = None) -> JobConfig:
-    """Build the `JobConfig` from defaults, an optional YAML file and `--section.key value` overrides.
+def load_config(argv: list[str] | None = None,
+                config_file: str | Path | Sequence[str | Path] | None = None) -> JobConfig:
+    """Build the `JobConfig` from defaults, optional YAML files and `--section.key value` overrides.
+
+    Several files (a recipe, then the user's `--config`) are applied in order, later ones overriding earlier ones.
 
     `argv` holds only overrides (`--optim.lr 1e-5`, `--optim.lr=1e-5`, `--resume auto`, `--debug`), as left by the
     CLI after it took `--config`. Unknown sections or keys fail with the closest known name.
     """
     raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
     top: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
+    files = [] if config_file is None else [config_file] if isinstance(config_file, (str, Path)) else config_file
+    for path in map(Path, files):
         _check(path.is_file(), f"--config {path}: no such file")
         loaded = yaml.safe_load(path.read_text()) or {}
         _check(isinstance(loaded, dict), f"{path}: expected a mapping of sections (model:, data:, ...)")

@@ -39,6 +39,7 @@ from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.model.prompts import Prompts, load_task_instructions
+from gist_scale.recipes import config_files
 
 __all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
 
@@ -328,11 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                "cache's key, and training refuses a cache built for other ones.")
     parser.add_argument("out_dir", help="directory to write the cache to")
     parser.add_argument("--config", help="YAML config, as for `gist-scale train`")
+    parser.add_argument("--recipe", help="a shipped recipe, as for `gist-scale train` (applied before --config)")
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(overrides, args.config)
+        cfg = load_config(overrides, config_files(args.recipe, args.config))
         build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
     except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError
         console.print(f"[red]error:[/red] {error}")

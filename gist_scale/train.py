@@ -42,6 +42,7 @@ from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
+from gist_scale.recipes import config_files
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -529,9 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Any config field is an option: --section.key VALUE (sections: model guide data loss optim train "
                "checkpoint eval logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
     parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
+    parser.add_argument("--recipe", help="a shipped recipe (`gist-scale recipes` lists them), applied before --config")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(overrides, args.config)
+        cfg = load_config(overrides, config_files(args.recipe, args.config))
         if cfg.debug:
             cfg = apply_debug(cfg)
         # Scoped, not global: in-process callers (tests, notebooks) must not keep paying for anomaly detection.
