@@ -30,14 +30,15 @@ __all__ = ["check_pooling", "ensure_eos", "forward_kwargs", "is_decoder"]
 
 
 def is_decoder(config: PretrainedConfig) -> bool:
-    """True for a decoder-only LLM (causal attention), from its config alone."""
+    """True for a decoder-only LLM (causal attention), from its config alone (any object with its attributes)."""
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
-    if config.is_encoder_decoder or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return False
     architectures = getattr(config, "architectures", None) or []
-    return (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
             or any(name.endswith("ForCausalLM") for name in architectures))
 
 
