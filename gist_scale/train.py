@@ -423,6 +423,7 @@ class Trainer:
             f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters, "
             f"{self.tokens_per_epoch:,} real tokens per epoch",
             *self.data_report.lines(),
+            *_prompt_lines(self.accelerator.unwrap_model(self.student), self.cfg.model.pool_prompt),
             "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
             f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
             f"run directory: {self.run_dir}",
@@ -498,6 +499,17 @@ class Trainer:
             table.add_row(name, f"{before:.4f}", f"{value:.4f}", f"{value - before:+.4f}")
         console.print(table)
         console.print(f"plot this run: gist-scale report {self.run_dir}")
+
+
+def _prompt_lines(student: Embedder, pool_prompt: bool) -> list[str]:
+    """The student's prompts for the startup summary (none: no line)."""
+    prompts = dict(student.prompts)
+    if not prompts:
+        return []
+    shown = [f"{name} {prompts.pop(name)!r}" for name in ("query", "document") if name in prompts]
+    if prompts:
+        shown.append(f"{len(prompts)} task instruction(s)")
+    return [f"prompts: {', '.join(shown)}" + ("" if pool_prompt else " (left out of pooling)")]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
