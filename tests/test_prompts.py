@@ -160,3 +160,44 @@ def test_guide_prompts_are_part_of_the_guide_cache_key(tiny_model_dir):
     instructed = cache_key(GuideConfig(name=str(tiny_model_dir), query_prompt_template="I: {instruction} Q: "),
                            ds, 1, {"t": "find"})
     assert plain["prompts"] != prompted["prompts"] != instructed["prompts"] != plain["prompts"]
+
+
+# BERT has absolute positions and pads on the right; the decoder gets positions from the mask, so either side.
+@pytest.mark.parametrize(("student", "padding_side"), [("bert", "right"), ("llama", "left"), ("llama", "right")])
+def test_prompt_lengths_travel_through_columns_chunks_and_grad_cache(student, padding_side, tiny_model_dir,
+                                                                     tiny_decoder_dir):
+    """With prompts left out of mean pooling, each text's prompt length rides along with its ids: a padded batch
+    (one call per column, chunked, GradCache) embeds each text as it is embedded alone with its own prompt length
+    (per-task query prompts of different lengths in one batch)."""
+    from gist_scale.encode import GradCache
+    from gist_scale.model import load_student
+
+    path = str(tiny_model_dir if student == "bert" else tiny_decoder_dir(student))
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = padding_side
+    model = load_student(ModelConfig(name=path, pooling="mean", normalize=False, pool_prompt=False)).eval()
+    prompts = Prompts(query="query: ", document="a passage: ", template="Instruct: {instruction}\nQuery: ",
+                      instructions=(("long", "find the example sentence that uses this sense of the word"),),
+                      include_prompt=False)
+    ds = datasets.Dataset.from_dict({"query": ["a dog", "a cat that sleeps", "x"], "pos": ["barks", "purrs", "y z"],
+                                     "negs": [["meows"], ["a very long negative text about turtles"], ["w"]],
+                                     "task_name": ["long", "short", "long"]})
+    tokenized, _ = tokenize_triplets(ds, tokenizer, 64, student_prompts=prompts)
+    rows = [tokenized[i] for i in range(len(tokenized))]
+    assert [row["student_query_prompt"] for row in rows] == [
+        prompt_length(tokenizer, prompts.for_query(task)) for task in ds["task_name"]]
+
+    def alone(ids: list[int], length: int) -> torch.Tensor:
+        ids_t = torch.tensor([ids])
+        return model(ids_t, torch.ones_like(ids_t), torch.tensor([length]))[0]
+
+    with torch.no_grad():
+        want = [torch.stack([alone(r["student_query"], r["student_query_prompt"]) for r in rows]),
+                torch.stack([alone(r["student_pos"], r["student_pos_prompt"]) for r in rows]),
+                torch.stack([alone(r["student_negs"][0], r["student_negs_prompt"][0]) for r in rows])[:, None]]
+        got = {"columns": encode_columns(model, TripletCollator(tokenizer)(rows)["student"], 1),
+               "chunked": encode_columns(model, TripletCollator(tokenizer, chunks=4)(rows)["student"], 1)}
+    got["grad_cache"] = GradCache(model, TripletCollator(tokenizer, chunks=2)(rows)["student"], 1).embeddings
+    for mode, embeddings in got.items():
+        for ours, reference in zip(embeddings, want):
+            torch.testing.assert_close(ours.detach(), reference, rtol=0, atol=1e-5, msg=mode)
