@@ -3,10 +3,14 @@ under left and right padding, in one call per column, in chunks and through Grad
 
 from __future__ import annotations
 
+import subprocess
+
 import datasets
 import pytest
 import torch
 from decoders import FAMILIES
+from dist_utils import loss_records, torchrun_command
+from safetensors.torch import load_file
 
 from gist_scale.config import MINILM, ConfigError, ModelConfig
 from gist_scale.data import TripletCollator, tokenize_triplets
@@ -112,3 +116,26 @@ def test_decoder_guides_a_bert_student_and_a_decoder_student_trains(tiny_decoder
                  "--guide.name", MINILM, "--train.chunk_size", "12", "--train.output_dir", str(tmp_path / "b"),
                  *common]) == 0
     assert (tmp_path / "b" / "final" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_decoder_under_zero3_with_grad_cache_matches_one_process(tiny_decoder_dir, tmp_path, launch_env):
+    """A Qwen3 student guided by a Llama decoder, 2 ranks x 4 triplets under ZeRO-3 with chunked encoding and
+    GradCache, logs the losses of one process with all 8 triplets and exports the same weights."""
+    args = ["--model.name", str(tiny_decoder_dir("qwen3")), "--model.pooling", "last_token", "--model.dropout", "0.0",
+            "--model.query_prompt", "query: ", "--guide.name", str(tiny_decoder_dir("llama")), "--guide.pooling",
+            "last_token", "--data.max_rows", "256", "--train.max_steps", "3", "--train.log_every", "1",
+            "--train.chunk_size", "6", "--train.grad_cache", "true"]
+    assert main([*args, "--train.batch_size", "8", "--train.output_dir", str(tmp_path / "single")]) == 0
+    command = torchrun_command(2, "train", *args, "--train.batch_size", "4", "--train.output_dir",
+                               str(tmp_path / "zero3"))
+    result = subprocess.run(command, env=launch_env("zero3"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, multi = loss_records(tmp_path / "single"), loss_records(tmp_path / "zero3")
+    assert len(multi) == 3
+    assert [r["loss"] for r in multi] == pytest.approx([r["loss"] for r in single], abs=1e-4)
+    reference = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    exported = load_file(tmp_path / "zero3" / "final" / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name].float(), tensor.float(), atol=1e-4, rtol=1e-4)
