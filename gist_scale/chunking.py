@@ -28,7 +28,8 @@ COLUMNS = ("query", "pos", "neg")
 """Column order of a collated side (`TripletCollator`): `neg` holds [B*K] texts and may be absent."""
 
 Features = Mapping[str, Tensor]
-"""`{"input_ids": [N, L], "attention_mask": [N, L]}` as the collator returns them."""
+"""`{"input_ids": [N, L], "attention_mask": [N, L]}` as the collator returns them, plus `prompt_length` `[N]` when
+prompts are left out of pooling; every feature is passed to the embedder by name."""
 
 def num_chunks(texts: int, chunk_size: int | None) -> int:
     """Forward calls needed for `texts` texts at most `chunk_size` per call (1 when `chunk_size` is None).
@@ -61,7 +62,11 @@ def pack_columns(columns: Mapping[str, Features], pad_token_id: int = 0) -> tupl
     left = any(_left_padded(columns[c]["attention_mask"]) for c in present)
     ids = torch.cat([_pad_width(columns[c]["input_ids"], width, pad_token_id, left) for c in present])
     mask = torch.cat([_pad_width(columns[c]["attention_mask"], width, 0, left) for c in present])
-    return {"input_ids": ids, "attention_mask": mask}, {c: columns[c]["input_ids"].shape[0] for c in present}
+    packed = {"input_ids": ids, "attention_mask": mask}
+    # Per-text features (`prompt_length`) are concatenated as they are.
+    for name in columns[present[0]].keys() - packed.keys():
+        packed[name] = torch.cat([columns[c][name] for c in present])
+    return packed, {c: columns[c]["input_ids"].shape[0] for c in present}
 
 
 @dataclass
@@ -114,6 +119,7 @@ def chunk_texts(columns: Mapping[str, Features], chunks: int, pad_token_id: int 
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     packed, counts = pack_columns(columns, pad_token_id)
     ids, mask = packed["input_ids"], packed["attention_mask"]
+    per_text = {name: t for name, t in packed.items() if name not in ("input_ids", "attention_mask")}
     total_width = ids.shape[1]
     left = _left_padded(mask)
     lengths = mask.sum(1)
@@ -126,10 +132,12 @@ def chunk_texts(columns: Mapping[str, Features], chunks: int, pad_token_id: int 
         if pad_to_multiple_of:
             width = min(math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of, total_width)
         cols = slice(total_width - width, None) if left else slice(0, width)
-        out.append({"input_ids": ids[rows, cols], "attention_mask": mask[rows, cols]})
+        out.append({"input_ids": ids[rows, cols], "attention_mask": mask[rows, cols],
+                    **{name: t[rows] for name, t in per_text.items()}})
     real = len(out)
     # A placeholder is the longest text's last (left padding) or first (right padding) token: real, not padding.
     cols = slice(total_width - 1, None) if left else slice(0, 1)
     for _ in range(chunks - real):
-        out.append({"input_ids": ids[order[:1], cols], "attention_mask": mask[order[:1], cols]})
+        out.append({"input_ids": ids[order[:1], cols], "attention_mask": mask[order[:1], cols],
+                    **{name: torch.zeros_like(t[order[:1]]) for name, t in per_text.items()}})
     return ChunkedTexts(out, real, torch.argsort(order), counts)

@@ -16,6 +16,7 @@ COMMANDS = {
     "cache-guide": ("gist_scale.guide_cache", "embed the training data with the guide once: `cache-guide OUT_DIR`"),
     "eval": ("gist_scale.evaluate", "retrieval metrics of a model (and a --baseline) on held-out triplets"),
     "report": ("gist_scale.tools.report", "plot a run's metrics.jsonl (loss, lr, masking, throughput, eval) to a PNG"),
+    "recipes": ("gist_scale.recipes", "list the shipped training recipes (`train --recipe NAME`), or print one"),
 }
 
 USAGE = "usage: gist-scale COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(

@@ -15,6 +15,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -66,10 +67,31 @@ class EncoderConfig:
     """How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE) or `last_token` (decoder LLMs)."""
     max_length: int = 128
     """Longest tokenized text; longer texts are truncated (the startup summary reports how many)."""
+    query_prompt: str | None = None
+    """Text prepended to every query (e.g. bge's "Represent this sentence for searching relevant passages: ");
+    exported as the sentence-transformers prompt named `query`."""
+    document_prompt: str | None = None
+    """Text prepended to every positive and negative; exported as the prompt named `document`."""
+    query_prompt_template: str | None = "Instruct: {instruction}\nQuery: "
+    """Query prompt of a task listed in `data.task_instructions` (`{instruction}` is replaced by its instruction; the
+    Qwen3-Embedding / e5-mistral form); other tasks' queries get `query_prompt`. Null ignores task instructions."""
+    pool_prompt: bool = True
+    """Pool over the prompt tokens too; false leaves them out of pooling (still attended to), as
+    sentence-transformers' `Pooling(include_prompt=False)` (INSTRUCTOR-style models), which the export writes."""
 
     def __post_init__(self) -> None:
         _check(self.pooling in POOLINGS, f"{self.section}.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
         _check(self.max_length > 0, f"{self.section}.max_length={self.max_length}: must be a positive token count")
+        template = self.query_prompt_template
+        _check(template is None or "{instruction}" in template,
+               f"{self.section}.query_prompt_template={template!r}: must contain {{instruction}} where the task's "
+               "instruction goes (e.g. 'Instruct: {instruction}\\nQuery: '), or be null")
+        if template is not None:
+            try:
+                template.format(instruction="")
+            except (KeyError, IndexError, ValueError) as error:
+                raise ConfigError(f"{self.section}.query_prompt_template={template!r}: {{instruction}} is its only "
+                                  f"field; write other braces doubled ({{{{ }}}}) ({error!r})") from None
 
 
 @dataclass
@@ -107,6 +129,8 @@ class GuideConfig(EncoderConfig):
     """Hub name or local directory of the guide; `null` trains plain in-batch InfoNCE (the ablation)."""
     dtype: Literal["bf16", "fp32"] = "bf16"
     """Guide weights' dtype. bf16 halves its memory; similarities are still computed in fp32."""
+    query_prompt_template: str | None = None
+    """As for the student, but off by default: a guide is often not an instruction model (set it for one that is)."""
     cache: str | None = None
     """Directory of precomputed guide embeddings (`gist-scale cache-guide OUT_DIR` with the same data.* and guide.*
     options); the guide is then neither loaded nor run. A cache built for another guide, guide setting or data is
@@ -146,6 +170,9 @@ class DataConfig:
     """Prepend the positive's instruction, likewise; off as in GISTEmbed."""
     neg_instruction: bool = False
     """Prepend the negatives' instruction, likewise; off as in GISTEmbed."""
+    task_instructions: str | None = None
+    """YAML/JSON file mapping task names (the `task_column` values) to query instructions, formatted through each
+    encoder's `query_prompt_template` (see `gist_scale.model.prompts`); tasks it does not name keep `query_prompt`."""
     on_bad_rows: Literal["error", "skip"] = "error"
     """`error` stops before training at the first bad row (naming file, row and field); `skip` drops and reports them."""
     task_homogeneous: bool = True
@@ -515,19 +542,22 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def _from_cli(text: str, annotation: Any, where: str) -> Any:
     """Parse a flag's text: YAML syntax for numbers, booleans, lists and null; strings stay verbatim."""
+    hints = typing.get_args(annotation) or (annotation,)
+    text_field = str in hints or annotation is str
     try:
         parsed = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError as error:
-        hints = typing.get_args(annotation) or (annotation,)
-        if str not in hints:  # text that is not YAML is still a fine string (a path with ': ' or a '[')
+        if not text_field:  # text that is not YAML is still a fine string (a path with ': ' or a '[')
             raise ConfigError(f"{where}={text!r}: not a value ({_yaml_problem(error)}); lists look like "
                               "'[a, b]', numbers like 1e-5, booleans true/false") from None
         parsed = text
-    if isinstance(parsed, (int, float, bool)) and not isinstance(parsed, str):
-        hints = typing.get_args(annotation) or (annotation,)
-        # A text field, or a choice whose name YAML reads as a boolean or number (`--train.mixed_precision no`).
-        if str in hints or annotation is str or text in hints:
-            parsed = text
+    if parsed is not None and text_field:
+        # A text field takes the flag verbatim: YAML would read a prompt like "query: " as a mapping and strip
+        # its trailing space.
+        parsed = text
+    elif isinstance(parsed, (int, float, bool)) and text in hints:
+        # A choice whose name YAML reads as a boolean or number (`--train.mixed_precision no`).
+        parsed = text
     return _coerce(parsed, annotation, where)
 
 
@@ -536,16 +566,19 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def load_config(argv: list[str] | None = None, config_file: str | Path | None = None) -> JobConfig:
-    """Build the `JobConfig` from defaults, an optional YAML file and `--section.key value` overrides.
+def load_config(argv: list[str] | None = None,
+                config_file: str | Path | Sequence[str | Path] | None = None) -> JobConfig:
+    """Build the `JobConfig` from defaults, optional YAML files and `--section.key value` overrides.
+
+    Several files (a recipe, then the user's `--config`) are applied in order, later ones overriding earlier ones.
 
     `argv` holds only overrides (`--optim.lr 1e-5`, `--optim.lr=1e-5`, `--resume auto`, `--debug`), as left by the
     CLI after it took `--config`. Unknown sections or keys fail with the closest known name.
     """
     raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
     top: dict[str, Any] = {}
-    if config_file is not None:
-        path = Path(config_file)
+    files = [] if config_file is None else [config_file] if isinstance(config_file, (str, Path)) else config_file
+    for path in map(Path, files):
         loaded = _read_yaml(path) or {}
         _check(isinstance(loaded, dict), f"{path}: expected a mapping of sections (model:, data:, ...)")
         for section, values in loaded.items():

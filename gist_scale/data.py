@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from gist_scale.config import DataConfig, global_batch_size
 from gist_scale.places import text_file_problem
 from gist_scale.chunking import chunk_texts
+from gist_scale.model.prompts import Prompts, prompt_length
 
 __all__ = [
     "DataError", "DataReport", "load_triplets", "tokenize_triplets", "measure_tokenization_rate",
@@ -467,53 +468,82 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str],
     return encoded["input_ids"], truncated
 
 
-def _tokenize_batch(batch: Mapping[str, list], sides: Sequence[tuple[str, PreTrainedTokenizerBase, int]],
-                    num_negatives: int) -> dict[str, list]:
-    """Batched map: texts -> unpadded ids for each side (student, guide), plus per-row truncation flags."""
+def _prompted(texts: list[str], prompts: list[str] | str) -> list[str]:
+    """`prompt + text`, as sentence-transformers prepends its prompts."""
+    if isinstance(prompts, str):
+        return texts if not prompts else [prompts + t for t in texts]
+    return [p + t for p, t in zip(prompts, texts)]
+
+
+def _tokenize_batch(batch: Mapping[str, list], sides: Sequence[_Side], num_negatives: int) -> dict[str, list]:
+    """Batched map: texts -> unpadded ids for each side (student, guide), plus per-row truncation flags and, when
+    a side leaves prompts out of pooling, each text's prompt length (`<side>_query_prompt`, ...)."""
     out: dict[str, list] = {}
     rows = len(batch["query"])
-    for side, tokenizer, max_length in sides:
+    k = num_negatives
+    for side, tokenizer, max_length, prompts in sides:
+        query_prompts = [prompts.for_query(task) for task in batch["task_name"]]
+        texts = {"query": _prompted(batch["query"], query_prompts), "pos": _prompted(batch["pos"], prompts.document)}
         for column in ("query", "pos"):
-            out[f"{side}_{column}"], out[f"_truncated_{side}_{column}"] = _encode(tokenizer, batch[column], max_length)
-        ids, truncated = _encode(tokenizer, [t for negs in batch["negs"] for t in negs], max_length)
-        k = num_negatives
+            out[f"{side}_{column}"], out[f"_truncated_{side}_{column}"] = _encode(tokenizer, texts[column], max_length)
+        negs = _prompted([t for negs in batch["negs"] for t in negs], prompts.document)
+        ids, truncated = _encode(tokenizer, negs, max_length)
         out[f"{side}_negs"] = [ids[i * k:(i + 1) * k] for i in range(rows)]
         out[f"_truncated_{side}_negs"] = [sum(truncated[i * k:(i + 1) * k]) for i in range(rows)]
+        if not prompts.include_prompt:
+            lengths = {p: prompt_length(tokenizer, p) for p in {*query_prompts, prompts.document}}
+            document = lengths[prompts.document]
+            out[f"{side}_query_prompt"] = [lengths[p] for p in query_prompts]
+            out[f"{side}_pos_prompt"] = [document] * rows
+            out[f"{side}_negs_prompt"] = [[document] * k for _ in range(rows)]
     return out
 
 
+_Side = tuple[str, PreTrainedTokenizerBase, int, Prompts]
+"""(side name, tokenizer, max length, prompts) of one encoder to tokenize for."""
+
+
 def _sides(student_tokenizer: PreTrainedTokenizerBase, student_max_length: int,
-           guide_tokenizer: PreTrainedTokenizerBase | None,
-           guide_max_length: int | None) -> list[tuple[str, PreTrainedTokenizerBase, int]]:
-    sides = [("student", student_tokenizer, student_max_length)]
+           guide_tokenizer: PreTrainedTokenizerBase | None, guide_max_length: int | None,
+           student_prompts: Prompts | None = None, guide_prompts: Prompts | None = None) -> list[_Side]:
+    sides = [("student", student_tokenizer, student_max_length, student_prompts or Prompts())]
     if guide_tokenizer is not None:
         if guide_max_length is None:
             raise ValueError("guide_max_length is required with a guide tokenizer")
-        sides.append(("guide", guide_tokenizer, guide_max_length))
+        sides.append(("guide", guide_tokenizer, guide_max_length, guide_prompts or Prompts()))
     return sides
 
 
 def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase, student_max_length: int,
                       guide_tokenizer: PreTrainedTokenizerBase | None = None, guide_max_length: int | None = None,
-                      num_proc: int | None = None) -> tuple[datasets.Dataset, dict[str, float]]:
+                      num_proc: int | None = None, *, student_prompts: Prompts | None = None,
+                      guide_prompts: Prompts | None = None) -> tuple[datasets.Dataset, dict[str, float]]:
     """Tokenize every text for the student and the guide in one cached `datasets.map`.
 
     Returns the dataset with `student_query`, `student_pos`, `student_negs` (K id lists per row) and, with a guide,
-    the same `guide_*` columns, all unpadded token ids with the tokenizer's special tokens, plus `task_name`; and
-    the fraction of texts truncated per column (`student_query`, ..., `guide_negs`; negatives over all K x rows).
-    The raw text columns are dropped. A second call with the same data, tokenizers and lengths reads the cache.
+    the same `guide_*` columns, all unpadded token ids with the tokenizer's special tokens (a decoder's EOS
+    included, see `gist_scale.model.load_tokenizer`), plus `task_name`; and the fraction of texts truncated per
+    column (`student_query`, ..., `guide_negs`; negatives over all K x rows). Each side's `Prompts` are prepended
+    to its texts; a side whose prompts are left out of pooling also gets `<side>_query_prompt`, `<side>_pos_prompt`
+    (ints) and `<side>_negs_prompt` (K ints): each text's prompt length in tokens.
+    The raw text columns are dropped. A second call with the same data, tokenizers, lengths and prompts reads the
+    cache.
     """
-    sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length)
+    sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length, student_prompts,
+                   guide_prompts)
     num_negatives = len(ds[0]["negs"]) if len(ds) else 0
     ids = datasets.List(datasets.Value("int32"))
     features = datasets.Features({"task_name": datasets.Value("string")})
-    for side, _, _ in sides:
+    for side, _, _, prompts in sides:
         features.update({f"{side}_query": ids, f"{side}_pos": ids, f"{side}_negs": datasets.List(ids)})
         features.update({f"_truncated_{side}_{c}": datasets.Value("int32") for c in ("query", "pos", "negs")})
+        if not prompts.include_prompt:
+            features.update({f"{side}_query_prompt": datasets.Value("int32"),
+                             f"{side}_pos_prompt": datasets.Value("int32"), f"{side}_negs_prompt": ids})
     tokenized = ds.map(
         _tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c != "task_name"],
         features=features, num_proc=num_proc, fn_kwargs={"sides": sides, "num_negatives": num_negatives},
-        desc="tokenizing " + " and ".join(side for side, _, _ in sides),
+        desc="tokenizing " + " and ".join(side[0] for side in sides),
     )
     truncation: dict[str, float] = {}
     flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
@@ -683,7 +713,7 @@ class TripletCollator:
     Returns `{"student": {"query": {"input_ids", "attention_mask"}, "pos": {...}, "neg": {...}}, "guide": {...},
     "num_negatives": K, "token_counts": {"student": TokenCounts, "guide": ...}}`; `neg` is `[B*K, L]` with row i's
     negatives at `i*K .. i*K+K-1`, absent when K is 0; `guide` is absent without a guide tokenizer. All tensors are
-    int64.
+    int64. Rows tokenized with prompts left out of pooling add `prompt_length` `[N]` to each column's features.
 
     With `chunks`, each side is instead a :class:`gist_scale.chunking.ChunkedTexts`: the side's texts pooled,
     length-sorted and cut into `chunks` chunks padded to their own longest text, planned here on the host so that the
@@ -724,6 +754,12 @@ class TripletCollator:
             lengths = [len(ids) for column in texts.values() for ids in column]
             batch["token_counts"][side] = TokenCounts(len(lengths), sum(lengths), sum(n * n for n in lengths))
             encoded = {column: self._pad(tokenizer, sequences) for column, sequences in texts.items()}
+            if f"{side}_query_prompt" in rows[0]:  # prompts left out of pooling: each text's prompt length
+                prompt = {"query": [row[f"{side}_query_prompt"] for row in rows],
+                          "pos": [row[f"{side}_pos_prompt"] for row in rows],
+                          "neg": [n for row in rows for n in row[f"{side}_negs_prompt"]]}
+                for column, features in encoded.items():
+                    features["prompt_length"] = torch.tensor(prompt[column], dtype=torch.long)
             if self.chunks is not None:
                 encoded = chunk_texts(encoded, self.chunks, tokenizer.pad_token_id, self.pad_to_multiple_of)
             batch[side] = encoded

@@ -64,8 +64,11 @@ def _restore_order(outputs: list[Tensor], chunked: ChunkedTexts) -> Tensor:
 
 
 def encode_chunked(model: nn.Module, chunked: ChunkedTexts) -> Tensor:
-    """Embed chunked texts, one forward call per chunk: `[N, D]` in text order (column order, as packed)."""
-    return _restore_order([model(c["input_ids"], c["attention_mask"]) for c in chunked.chunks], chunked)
+    """Embed chunked texts, one forward call per chunk: `[N, D]` in text order (column order, as packed).
+
+    Every feature of a chunk goes to the model by name (`input_ids`, `attention_mask`, and `prompt_length` when
+    prompts are left out of pooling), here and in every other forward of this module."""
+    return _restore_order([model(**c) for c in chunked.chunks], chunked)
 
 
 def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -85,11 +88,11 @@ def encode_columns(model: nn.Module, columns: Mapping[str, Features] | ChunkedTe
     """
     if isinstance(columns, ChunkedTexts):
         return split_columns(encode_chunked(model, columns), columns.counts, k)
-    query = model(columns["query"]["input_ids"], columns["query"]["attention_mask"])
-    pos = model(columns["pos"]["input_ids"], columns["pos"]["attention_mask"])
+    query = model(**columns["query"])
+    pos = model(**columns["pos"])
     if "neg" not in columns:
         return query, pos, None
-    neg = model(columns["neg"]["input_ids"], columns["neg"]["attention_mask"])
+    neg = model(**columns["neg"])
     return query, pos, neg.view(query.shape[0], k, -1)
 
 
@@ -239,7 +242,7 @@ class GradCache:
                 self.rng_states.append((torch.get_rng_state(),
                                         [torch.cuda.get_rng_state(d) for d in self.devices]))
                 with self.autocast():
-                    outputs.append(model(chunk["input_ids"], chunk["attention_mask"]))
+                    outputs.append(model(**chunk))
             # Placeholder chunks contribute nothing to the embeddings; their forward runs in `backward`.
         # One leaf, in chunk order, for all texts: the loss's gradient w.r.t. every embedding lands in its `.grad`.
         self.leaf = torch.cat(outputs).detach().requires_grad_()
@@ -260,7 +263,7 @@ class GradCache:
                 replay = _replay_rng(self.rng_states[i], self.devices) if real else contextlib.nullcontext()
                 with chunk_backward.chunk(i == last), replay:
                     with self.autocast():
-                        out = self.model(chunk["input_ids"], chunk["attention_mask"])
+                        out = self.model(**chunk)
                     surrogate = (out.float() * grads[i]).sum() if real else out.float().sum() * 0
                     chunk_backward.backward(surrogate)
         chunk_backward.finish()

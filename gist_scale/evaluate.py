@@ -41,6 +41,7 @@ from gist_scale.config import ConfigError, DataConfig, load_config
 from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
 from gist_scale.metrics import retrieval_metrics, spearman
 from gist_scale.model import Embedder
+from gist_scale.model.prompts import prompt_length
 from gist_scale.places import require_writable_file, text_file_problem
 from gist_scale.st_format import load_sentence_transformer_dir
 
@@ -209,8 +210,11 @@ def _is_zero3(module: nn.Module) -> bool:
 
 def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
                  batch_size: int, device: torch.device | str,
-                 autocast: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
+                 autocast: Callable[[], AbstractContextManager] | None = None, prompt: str = "") -> torch.Tensor:
     """Embed `texts` across all ranks; every rank returns all `len(texts)` embeddings, fp32, in input order.
+
+    `prompt` is prepended to every text (as in training); an embedder that leaves prompts out of pooling
+    (`include_prompt=False`) is given its length.
 
     Each rank tokenizes and embeds its contiguous shard in batches of `batch_size`, longest texts first (batches of
     similar lengths waste little padding, and the peak memory shows up in the first batch), then the shards are
@@ -237,14 +241,15 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     # Contiguous shards whose sizes differ by at most one, larger shards first.
     parts = np.array_split(np.arange(len(texts)), world)
     sizes = [len(part) for part in parts]
-    shard = [texts[i] for i in parts[rank]]
+    shard = [prompt + texts[i] for i in parts[rank]]
     ids: list[list[int]] = (tokenizer(shard, truncation=True, max_length=max_length, return_attention_mask=False,
                                       return_token_type_ids=False)["input_ids"] if shard else [])
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
-    dummy = tokenizer([texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
+    dummy = tokenizer([prompt + texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
                       return_token_type_ids=False)["input_ids"]
+    excluded = prompt_length(tokenizer, prompt) if not getattr(embedder, "include_prompt", True) else None
 
     modes = {module: module.training for module in embedder.modules()}
     no_grad = torch.no_grad if _is_zero3(embedder) else torch.inference_mode
@@ -258,7 +263,11 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
                 sequences = [ids[i] for i in rows] if rows is not None else dummy
                 padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
                                        return_tensors="pt")
-                embeddings = embedder(padded["input_ids"].to(device), padded["attention_mask"].to(device))
+                features = {"input_ids": padded["input_ids"].to(device),
+                            "attention_mask": padded["attention_mask"].to(device)}
+                if excluded is not None:
+                    features["prompt_length"] = torch.full((len(sequences),), excluded, device=device)
+                embeddings = embedder(**features)
                 if rows is not None:
                     positions.append(rows)
                     outputs.append(embeddings.float())
@@ -283,11 +292,16 @@ def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, ma
 
     Every rank must call it (see `encode_texts`) and every rank gets the same values. Pass the training
     tokenizer and `max_length`, so texts are embedded exactly as in training; the `Embedder` applies its own
-    pooling and normalization.
+    pooling and normalization, and its prompts: `query` before the queries, `document` before the corpus and the
+    STS sentences (per-task instructions are not applied: the eval rows are not grouped by task).
     """
-    embeddings = encode_texts(embedder, tokenizer, eval_data.texts, max_length, batch_size, device, autocast)
-    metrics = retrieval_metrics(embeddings[eval_data.query_ids], embeddings[eval_data.corpus_ids],
-                                eval_data.relevant)
+    query_prompt, document_prompt = (embedder.prompts.get(name, "") for name in ("query", "document"))
+    embeddings = encode_texts(embedder, tokenizer, eval_data.texts, max_length, batch_size, device, autocast,
+                              prompt=document_prompt)
+    queries = (embeddings[eval_data.query_ids] if query_prompt == document_prompt else
+               encode_texts(embedder, tokenizer, eval_data.queries, max_length, batch_size, device, autocast,
+                            prompt=query_prompt))
+    metrics = retrieval_metrics(queries, embeddings[eval_data.corpus_ids], eval_data.relevant)
     if eval_data.sts is not None:
         first, second = eval_data.sts_ids
         cosine = F.cosine_similarity(embeddings[first], embeddings[second], dim=-1)

@@ -40,7 +40,9 @@ from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
+from gist_scale.model.prompts import Prompts, load_task_instructions
 from gist_scale.places import require_writable_dir
+from gist_scale.recipes import config_files
 
 __all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
 
@@ -81,17 +83,22 @@ def guide_digest(name: str) -> str | None:
     return digest.hexdigest()
 
 
-def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int) -> dict[str, Any]:
+def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int,
+              instructions: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What the cached embeddings depend on; two configurations with equal keys get the same embeddings."""
+    prompts = Prompts.from_config(guide, instructions)
     return {
         "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,
         "max_length": guide.max_length, "dtype": guide.dtype,
+        "prompts": {"named": prompts.named(), "include_prompt": prompts.include_prompt},
         "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
     }
 
 
 _KEY_OPTIONS = {"guide": "--guide.name", "revision": "--guide.revision", "pooling": "--guide.pooling",
                 "max_length": "--guide.max_length", "dtype": "--guide.dtype",
+                "prompts": "--guide.query_prompt, document_prompt, query_prompt_template, pool_prompt or "
+                           "--data.task_instructions",
                 "dataset_fingerprint": "the --data.* options or the data files", "rows": "--data.max_rows or the data",
                 "num_negatives": "--data.neg_columns or the data"}
 
@@ -193,15 +200,17 @@ def _read_meta(path: Path) -> CacheMeta:
     return meta
 
 
-def open_guide_cache(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int) -> GuideCache:
+def open_guide_cache(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int,
+                     instructions: Mapping[str, str] | None = None) -> GuideCache:
     """Open `guide.cache` for the validated training rows `dataset`, refusing a stale or mismatched cache.
 
     `dataset` is what `load_triplets` returned (before tokenization); its fingerprint must be the cache's.
+    `instructions` are the task instructions (`data.task_instructions`), part of the guide's prompts.
     """
     assert guide.cache is not None, "open_guide_cache called without guide.cache"
     path = Path(guide.cache).expanduser()
     meta = _read_meta(path)
-    expected = cache_key(guide, dataset, num_negatives)
+    expected = cache_key(guide, dataset, num_negatives, instructions)
     differ = [f"{field}: cache {meta.key.get(field)!r}, this run {value!r} ({_KEY_OPTIONS[field]})"
               for field, value in expected.items() if meta.key.get(field) != value]
     if differ:
@@ -246,11 +255,13 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     out = Path(out_dir).expanduser()
     start_time = time.perf_counter()
     tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision)
+    instructions = load_task_instructions(cfg.data.task_instructions)
     with state.main_process_first():
         dataset, report = load_triplets(cfg.data)
         # Tokenized as training tokenizes the guide side (the same function and cache), under the `student_` names.
-        tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc)
-    key = cache_key(cfg.guide, dataset, report.num_negatives)
+        tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
+                                         student_prompts=Prompts.from_config(cfg.guide, instructions))
+    key = cache_key(cfg.guide, dataset, report.num_negatives, instructions)
     k = report.num_negatives
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                "cache's key, and training refuses a cache built for other ones.")
     parser.add_argument("out_dir", help="directory to write the cache to")
     parser.add_argument("--config", help="YAML config, as for `gist-scale train`")
+    parser.add_argument("--recipe", help="a shipped recipe, as for `gist-scale train` (applied before --config)")
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
     args, overrides = parser.parse_known_args(argv)
@@ -321,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[red]error:[/red] --rows-per-batch and --chunk-size must be positive")
         return 2
     try:
-        cfg = load_config(overrides, args.config)
+        cfg = load_config(overrides, config_files(args.recipe, args.config))
         require_writable_dir(args.out_dir, "cache-guide OUT_DIR")  # before the guide and the data load
         build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
     except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError

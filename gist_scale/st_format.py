@@ -32,10 +32,16 @@ def export_sentence_transformer(
     max_length: int,
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor] | None = None,
+    prompts: dict[str, str] | None = None,
+    include_prompt: bool = True,
 ) -> Path:
     """Write a directory that `SentenceTransformer(out_dir)` loads and that embeds exactly like our `Embedder`.
 
     `state_dict` carries weights consolidated from ZeRO-3 shards; without it the encoder's own weights are saved.
+    `prompts` (the `Embedder`'s named prompts: `query`, `document`, one per instructed task) go into
+    `config_sentence_transformers.json`, so `encode(texts, prompt_name="query")` prepends what training did;
+    `include_prompt=False` makes the Pooling module leave them out as training did. A decoder's tokenizer is saved
+    with its EOS post-processor (`gist_scale.model.decoder`), so sentence-transformers appends the EOS too.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +65,7 @@ def export_sentence_transformer(
         "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": pooling == "last_token",
-        "include_prompt": True,
+        "include_prompt": include_prompt,
     }
     files = {
         "modules.json": modules,
@@ -68,7 +74,7 @@ def export_sentence_transformer(
         "config_sentence_transformers.json": {
             "__version__": {"gist_scale": version("gist-scale"), "transformers": version("transformers"),
                             "pytorch": torch.__version__},
-            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine",
+            "prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine",
         },
     }
     for name, content in files.items():
@@ -126,10 +132,12 @@ def load_sentence_transformer_dir(name_or_path: str,
     maximum sequence length from `sentence_bert_config.json`, else the tokenizer's `model_max_length` capped at
     the model's position embeddings, as sentence-transformers does. A plain `transformers` directory without
     `modules.json` gets sentence-transformers' fallback: mean pooling, no normalization. `max_length` overrides.
+    The named prompts of `config_sentence_transformers.json` become the `Embedder`'s `prompts` (evaluation
+    prepends `query` and `document`) and the Pooling module's `include_prompt` its own.
     """
     root = _local_dir(name_or_path)
     modules = _read_json(root / "modules.json")
-    transformer_dir, pooling, normalize = root, "mean", False
+    transformer_dir, pooling, normalize, include_prompt = root, "mean", False, True
     if modules is None:
         if not (root / "config.json").is_file():
             raise ModelNotFoundError(f"{name_or_path}: not a model directory: it has neither modules.json "
@@ -145,7 +153,9 @@ def load_sentence_transformer_dir(name_or_path: str,
             raise ValueError(f"{root}: modules {names} are not supported; gist-scale evaluates Transformer, Pooling "
                              "and an optional Normalize")
         transformer_dir = kinds[0][1]
-        pooling = _pooling_mode(_read_json(kinds[1][1] / "config.json") or {}, kinds[1][1] / "config.json")
+        pooling_config = _read_json(kinds[1][1] / "config.json") or {}
+        pooling = _pooling_mode(pooling_config, kinds[1][1] / "config.json")
+        include_prompt = bool(pooling_config.get("include_prompt", True))
         normalize = len(kinds) == 3
     st_config = _read_json(transformer_dir / "sentence_bert_config.json") or {}
     prompts = _read_json(root / "config_sentence_transformers.json") or {}
@@ -163,5 +173,8 @@ def load_sentence_transformer_dir(name_or_path: str,
         positions = (_read_json(transformer_dir / "config.json") or {}).get("max_position_embeddings")
         if isinstance(positions, int) and positions > 0:
             max_length = min(max_length, positions)
-    cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length))
-    return load_student(cfg), tokenizer, cfg.max_length
+    cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length),
+                      pool_prompt=include_prompt)
+    embedder = load_student(cfg)
+    embedder.prompts = {name: text for name, text in (prompts.get("prompts") or {}).items() if text}
+    return embedder, tokenizer, cfg.max_length

@@ -44,6 +44,8 @@ from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
+from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
+from gist_scale.recipes import config_files
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -187,15 +189,21 @@ class Trainer:
         # With a guide cache the guide is neither tokenized for nor loaded: its embeddings come with each batch.
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
         guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
+        self.instructions = load_task_instructions(cfg.data.task_instructions)
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
             dataset, self.data_report = load_triplets(cfg.data)
             # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
-            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives)
+            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives, self.instructions)
                            if cfg.guide.cache is not None else None)
             dataset, self.truncation = tokenize_triplets(
                 dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
-                num_proc=cfg.data.num_proc)
+                num_proc=cfg.data.num_proc, student_prompts=Prompts.from_config(cfg.model, self.instructions),
+                guide_prompts=Prompts.from_config(cfg.guide, self.instructions))
+        unused = unknown_tasks(self.instructions, self.data_report.tasks)
+        if unused and self.accelerator.is_main_process:
+            console.print(f"[yellow]warning:[/yellow] data.task_instructions names task(s) that the data does not "
+                          f"have, so their instructions are unused: {', '.join(unused)}")
         # Raises with a fix-it message when not even one global batch fits in the data.
         self.sampler = GlobalBatchSampler(
             dataset["task_name"], cfg.train.batch_size,
@@ -214,13 +222,13 @@ class Trainer:
         self.eval_data = self._load_eval_data()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
 
-        student = load_student(cfg.model)
+        student = load_student(cfg.model, self.instructions)
         self.guide = self._load_guide()
         self.encoder_configs = {"student": student.encoder.config}
         if self.guide is not None:
             self.encoder_configs["guide"] = self.guide.encoder.config
         self.peak_tflops = cfg.logging.peak_tflops or peak_tflops(self.device)
-        # Outside debug mode, non-finite embeddings are not an error but a skipped step (see `_nonfinite`).
+        # Outside debug mode, non-finite embeddings are not an error but a skipped step (see `_skip`).
         self.loss_fn = GISTLoss(**dataclasses.asdict(cfg.loss), check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
@@ -488,6 +496,7 @@ class Trainer:
             f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters, "
             f"{self.tokens_per_epoch:,} real tokens per epoch",
             *self.data_report.lines(),
+            *_prompt_lines(self.accelerator.unwrap_model(self.student), self.cfg.model.pool_prompt),
             "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
             f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
             f"run directory: {self.run_dir}",
@@ -509,7 +518,8 @@ class Trainer:
         embedder = self.accelerator.unwrap_model(self.student)
         export_sentence_transformer(
             embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
-            self.cfg.model.max_length, destination, state_dict=encoder_state)
+            self.cfg.model.max_length, destination, state_dict=encoder_state, prompts=embedder.prompts,
+            include_prompt=embedder.include_prompt)
         console.print(f"model (sentence-transformers format): {destination}")
 
     # ------------------------------------------------------------------ evaluation
@@ -565,6 +575,17 @@ class Trainer:
         console.print(f"plot this run: gist-scale report {self.run_dir}")
 
 
+def _prompt_lines(student: Embedder, pool_prompt: bool) -> list[str]:
+    """The student's prompts for the startup summary (none: no line)."""
+    prompts = dict(student.prompts)
+    if not prompts:
+        return []
+    shown = [f"{name} {prompts.pop(name)!r}" for name in ("query", "document") if name in prompts]
+    if prompts:
+        shown.append(f"{len(prompts)} task instruction(s)")
+    return [f"prompts: {', '.join(shown)}" + ("" if pool_prompt else " (left out of pooling)")]
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     """Trackers take flat scalar hyperparameters: {"optim.lr": 2e-5, ...}."""
     flat = {}
@@ -595,9 +616,10 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Any config field is an option: --section.key VALUE (sections: model guide data loss optim train "
                "checkpoint eval logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
     parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
+    parser.add_argument("--recipe", help="a shipped recipe (`gist-scale recipes` lists them), applied before --config")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = load_config(overrides, args.config)
+        cfg = load_config(overrides, config_files(args.recipe, args.config))
         if cfg.debug:
             cfg = apply_debug(cfg)
         # Scoped, not global: in-process callers (tests, notebooks) must not keep paying for anomaly detection.

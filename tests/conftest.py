@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random BERT for fast end-to-end runs, and the environment for multi-process runs."""
+"""Shared fixtures: a tiny random BERT and tiny random decoder LLMs for fast end-to-end runs, and the environment
+for multi-process runs."""
 
 from __future__ import annotations
 
@@ -60,5 +61,22 @@ def launch_env(torch_extensions_dir):
         else:
             raise ValueError(f"unknown layout {layout!r}: use ddp or a ds_configs/ name (zero1, zero2, zero3, ...)")
         return env
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory):
+    """Factory: `tiny_decoder_dir(family)` is a directory with a 2-layer random decoder LLM of that family and a
+    byte-level BPE tokenizer trained on the shipped sample (families: `tests/decoders.py::FAMILIES`), built once per
+    session."""
+    from decoders import build_decoder
+
+    built: dict[str, Path] = {}
+
+    def make(family: str = "qwen3") -> Path:
+        if family not in built:
+            built[family] = build_decoder(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
 
     return make

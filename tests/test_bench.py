@@ -134,3 +134,39 @@ def test_built_in_deepspeed_settings_are_those_of_the_shipped_configs():
         ours = dict(settings)
         ours.pop("stage3_gather_16bit_weights_on_model_save", None)
         assert ours == shipped, stage
+
+
+def test_decoder_case_trains_the_same_model_as_sentence_transformers(tmp_path):
+    """`--cases qwen3-tiny`: a Qwen3 student and guide with last-token pooling on EOS-terminated, EOS-padded
+    batches; sentence-transformers and every mode of ours start from the same loss (dropout 0)."""
+    out = tmp_path / "bench.json"
+    args = [a if a != "tiny" else "qwen3-tiny" for a in TINY]
+    assert cli.main(["bench", *args, "--modes", "st,plain,chunked,grad_cache", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["mode"] for r in records] == ["st", "plain", "chunked", "grad_cache"]
+    for r in records:
+        assert r["case"] == "qwen3-tiny/qwen3-tiny" and r["triplets_per_s"] > 0
+        assert r["first_loss"] == pytest.approx(records[0]["first_loss"], abs=1e-4), r["mode"]
+    batch = bench.synthetic_batch(torch.Generator().manual_seed(0), 4, (3, 6), (7, 9), 30522, decoder=True)
+    for features in batch.values():
+        ids, mask = features["input_ids"], features["attention_mask"]
+        assert (ids.gather(1, (mask.sum(1) - 1)[:, None]) == bench.SEP).all() and (ids[mask == 0] == bench.SEP).all()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "qwen3"])
+def test_forward_flops_count_the_matmuls_torch_counts(model_type):
+    """`forward_flops` against torch's own FLOP counter on one unpadded text (grouped-query attention and a gated
+    MLP for the decoder). Eager attention, whose matmuls the counter sees (it does not count CPU sdpa kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModel
+
+    extra = {"num_key_value_heads": 1, "head_dim": 8} if model_type == "qwen3" else {}
+    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=48, attn_implementation="eager", **extra)
+    model = AutoModel.from_config(config).eval()
+    length = 11
+    ids = torch.randint(0, 100, (1, length))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    pooler = 2 * 32 * 32 if model_type == "bert" else 0  # BERT's pooler: one token through a dense layer
+    assert forward_flops(config, length, length**2) == pytest.approx(counter.get_total_flops() - pooler, rel=0.01)

@@ -1,13 +1,13 @@
 """Loading models: the trainable student, the frozen guide (outside ZeRO-3 partitioning) and tokenizers.
 
-Future homes beside this module: decoder-LLM specifics, LoRA adapters and prompts each get their own module in
-`gist_scale.model`, so that loading stays a thin layer over `transformers`.
+Decoder-LLM specifics live in `gist_scale.model.decoder`, prompts in `gist_scale.model.prompts`, so that loading
+stays a thin layer over `transformers`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -15,7 +15,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 from transformers.integrations import unset_hf_deepspeed_config
 
 from gist_scale.config import MINILM, ConfigError, GuideConfig, ModelConfig
+from gist_scale.model.decoder import check_pooling, ensure_eos, is_decoder
 from gist_scale.model.embedder import Embedder
+from gist_scale.model.prompts import Prompts
 
 __all__ = ["ModelNotFoundError", "check_max_length", "find_model", "hub_model_not_found", "load_guide", "load_student",
            "load_tokenizer", "outside_zero3", "resolve_model_path"]
@@ -145,26 +147,44 @@ def _encoder_config(name: str, revision: str | None, dropout: float | None):
 
 
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a decoder's appends EOS to every text (`gist_scale.model.decoder.ensure_eos`).
+
+    Every tokenizing path (training data, guide cache, evaluation, export) takes its tokenizer from here.
+    """
     with _from_pretrained(name, revision) as path:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        decoder = is_decoder(AutoConfig.from_pretrained(path, revision=revision))
     if tokenizer.pad_token is None:
-        # Decoder-style encoders (last_token pooling) often ship without a pad token.
+        # Decoders often ship without a pad token. Padding is masked out and pooling reads only the mask, so
+        # the pad token may be the EOS token that last_token pooling takes.
         tokenizer.pad_token = tokenizer.eos_token
+    if decoder:
+        ensure_eos(tokenizer, name)
     return tokenizer
 
 
-def load_student(cfg: ModelConfig) -> Embedder:
-    """Load the trainable student. Under ZeRO-3 this is partitioned at load time, as it should be."""
+def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None) -> Embedder:
+    """Load the trainable student. Under ZeRO-3 this is partitioned at load time, as it should be.
+
+    `instructions` (task -> instruction, `data.task_instructions`) become named prompts next to `query`/`document`.
+    """
     with _from_pretrained(cfg.name, cfg.revision) as path:
-        encoder = AutoModel.from_pretrained(
-            path, revision=cfg.revision, config=_encoder_config(path, cfg.revision, cfg.dropout),
-            attn_implementation=cfg.attn_implementation,
-        )
+        config = _encoder_config(path, cfg.revision, cfg.dropout)
+    check_pooling(config, cfg.pooling, cfg.section)
+    model_class = AutoModel._model_mapping[type(config)]
+    if cfg.attn_implementation == "sdpa" and not model_class._supports_sdpa:
+        # Gemma 2, for one: its attention soft-caps the logits, which sdpa cannot.
+        raise ConfigError(f"model.attn_implementation=sdpa: {model_class.__name__} has no sdpa attention in "
+                          "transformers; use --model.attn_implementation eager")
+    with _from_pretrained(cfg.name, cfg.revision) as path:
+        encoder = AutoModel.from_pretrained(path, revision=cfg.revision, config=config,
+                                            attn_implementation=cfg.attn_implementation)
     check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     if cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Embedder(encoder, cfg.pooling, cfg.normalize)
+    return Embedder(encoder, cfg.pooling, cfg.normalize, cfg.pool_prompt,
+                    Prompts.from_config(cfg, instructions).named())
 
 
 @contextlib.contextmanager
@@ -190,12 +210,14 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
     """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    with _from_pretrained(cfg.name, cfg.revision) as path:
+        check_pooling(AutoConfig.from_pretrained(path, revision=cfg.revision), cfg.pooling, cfg.section)
     with _from_pretrained(cfg.name, cfg.revision) as path, outside_zero3(restore_zero3):
         encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype)
     check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.
-    guide = Embedder(encoder, cfg.pooling, normalize=True).to(device).eval()
+    guide = Embedder(encoder, cfg.pooling, normalize=True, include_prompt=cfg.pool_prompt).to(device).eval()
     guide.requires_grad_(False)
     return guide
 

@@ -15,9 +15,12 @@ One process, the same synthetic batches and the same initial weights for every m
   ZeRO-3 parameter gathers). Not in the default modes; they need `deepspeed`.
 
 Sizes are BERT configs built locally (no download) with BERT's 30522-token vocabulary: `tiny` (2x32), `small` (12x384,
-33M), `base` (12x768, 110M), `large` (24x1024, 335M). A case is `STUDENT/GUIDE` (`small/large`) or one size for
-both. Batches: random token ids with [CLS] .. [SEP], query lengths uniform in `--query-len`, positive and one
-negative in `--doc-len`, each column padded to its longest text as the collator does.
+33M), `base` (12x768, 110M), `large` (24x1024, 335M); and Qwen3 decoders with last-token pooling: `qwen3-tiny`
+(2x32) and `qwen3-0.6b` (Qwen3-Embedding-0.6B's shape, 28x1024, with the 30522-token vocabulary). A case is
+`STUDENT/GUIDE` (`small/large`) or one size for both. Batches: random token ids with [CLS] .. [SEP] (a decoder
+student: ids ending with its EOS, padded with the EOS id, the common pad == EOS case), query lengths uniform in
+`--query-len`, positive and one negative in `--doc-len`, each column padded to its longest text as the collator
+does.
 
 Reported per mode: triplets/s, real (non-padding) student tokens/s, the padding share of the student's processed
 tokens, model TFLOP/s on real tokens (student 3x forward, plus the guide's forward where it runs; GradCache's
@@ -47,7 +50,7 @@ import torch
 from accelerate.utils import send_to_device
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoConfig, BertConfig, BertModel, BertTokenizerFast
+from transformers import AutoConfig, BertConfig, BertModel, BertTokenizerFast, Qwen3Config, Qwen3Model
 
 from gist_scale import chunking, distributed, encode
 from gist_scale.flops import forward_flops, peak_tflops
@@ -64,6 +67,13 @@ SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
+DECODER_SIZES = {
+    "qwen3-tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       intermediate_size=64),
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072),
+}
+"""Qwen3 decoders (last-token pooling on the EOS, which is also the pad token)."""
 MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
 CLS, SEP, PAD = 101, 102, 0
@@ -119,8 +129,9 @@ def _case(text: str) -> tuple[str, str]:
     student, _, guide = text.partition("/")
     guide = guide or student
     for size in (student, guide):
-        if size not in SIZES:
-            raise argparse.ArgumentTypeError(f"unknown size {size!r} in case {text!r}: use {', '.join(SIZES)}")
+        if size not in SIZES and size not in DECODER_SIZES:
+            raise argparse.ArgumentTypeError(f"unknown size {size!r} in case {text!r}: use "
+                                             f"{', '.join([*SIZES, *DECODER_SIZES])}")
     return student, guide
 
 
@@ -131,7 +142,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                "--out bench.json.  CPU smoke test: gist-scale bench --cases tiny --batch 8 --query-len 8-16 "
                "--doc-len 16-32 --steps 2")
     parser.add_argument("--cases", default="base/base,small/large",
-                        help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large); one size = both")
+                        help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large, qwen3-tiny, qwen3-0.6b); "
+                             "one size = both")
     parser.add_argument("--batch", default="32,256", help="comma-separated triplets per step")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, from {', '.join(MODES + DEEPSPEED_MODES)} (st is the reference)")
@@ -183,34 +195,46 @@ def bench_tokenizer(root: Path):
     return BertTokenizerFast(vocab_file=str(vocab))
 
 
+def pooling_of(size: str) -> str:
+    return "last_token" if size in DECODER_SIZES else "mean"
+
+
 def build_model_dir(size: str, root: Path, dropout: float, seed: int) -> Path:
-    """A random BERT of `size` in sentence-transformers layout (mean pooling), with `bench_tokenizer`."""
+    """A random BERT (mean pooling) or Qwen3 (last-token pooling) of `size` in sentence-transformers layout, with
+    `bench_tokenizer` (the batches are token ids already: the tokenizer is only saved)."""
     out = root / size
     if out.exists():
         return out
     tokenizer = bench_tokenizer(root)
-    config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout, **SIZES[size])
     torch.manual_seed(seed)
-    # With its (unused) pooler, as real checkpoints have: sentence-transformers keeps it, `Embedder` drops it.
-    encoder = BertModel(config)
-    export_sentence_transformer(encoder, tokenizer, "mean", False, 512, out)
+    if size in DECODER_SIZES:
+        config = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=512, attention_dropout=dropout,
+                             eos_token_id=SEP, pad_token_id=SEP, bos_token_id=None, **DECODER_SIZES[size])
+        encoder = Qwen3Model(config)
+    else:
+        config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout, **SIZES[size])
+        # With its (unused) pooler, as real checkpoints have: sentence-transformers keeps it, `Embedder` drops it.
+        encoder = BertModel(config)
+    export_sentence_transformer(encoder, tokenizer, pooling_of(size), False, 512, out)
     return out
 
 
 def synthetic_batch(generator: torch.Generator, batch: int, query_len: tuple[int, int], doc_len: tuple[int, int],
-                    vocab: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Collated-like columns `query`, `pos`, `neg` (one negative per row) of random ids, right-padded."""
+                    vocab: int, decoder: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Collated-like columns `query`, `pos`, `neg` (one negative per row) of random ids, right-padded: BERT's
+    [CLS] .. [SEP] with [PAD], or for a decoder ids ending with the EOS (the SEP id) and padded with it."""
 
     def column(n: int, span: tuple[int, int]) -> dict[str, torch.Tensor]:
         lengths = torch.randint(span[0], span[1] + 1, (n,), generator=generator)
         width = int(lengths.max())
         ids = torch.randint(1000, vocab, (n, width), generator=generator)
         positions = torch.arange(width)[None]
-        ids[:, 0] = CLS
+        if not decoder:
+            ids[:, 0] = CLS
         ids[positions == (lengths - 1)[:, None]] = SEP
         mask = (positions < lengths[:, None]).long()
-        return {"input_ids": ids * mask + PAD * (1 - mask), "attention_mask": mask}
+        return {"input_ids": ids * mask + (SEP if decoder else PAD) * (1 - mask), "attention_mask": mask}
 
     return {"query": column(batch, query_len), "pos": column(batch, doc_len), "neg": column(batch, doc_len)}
 
@@ -246,9 +270,11 @@ class Mode:
 class Context:
     """What every mode of one (case, batch) shares: model directories, batches, device."""
 
-    def __init__(self, cfg: BenchConfig, student_dir: Path, guide_dir: Path, batches: list[dict]) -> None:
+    def __init__(self, cfg: BenchConfig, student_dir: Path, guide_dir: Path, batches: list[dict],
+                 poolings: dict[Path, str]) -> None:
         self.cfg = cfg
         self.student_dir, self.guide_dir = student_dir, guide_dir
+        self.poolings = poolings
         self.device = cfg.device
         self.cuda = cfg.device.type == "cuda"
         self.batches = [send_to_device(b, self.device) for b in batches]
@@ -264,10 +290,12 @@ class Context:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.cfg.lr, fused=self.cuda)
 
     def embedder(self, path: Path, guide: bool) -> Embedder:
-        """Loaded as training loads them (mean pooling, normalized); the guide frozen, in bf16 on CUDA."""
+        """Loaded as training loads them (mean or last-token pooling, normalized); the guide frozen, in bf16 on CUDA."""
+        pooling = self.poolings[path]
         if guide:
-            return load_guide(GuideConfig(name=str(path), dtype="bf16" if self.cuda else "fp32"), self.device)
-        return load_student(ModelConfig(name=str(path))).to(self.device).train()
+            return load_guide(GuideConfig(name=str(path), pooling=pooling, dtype="bf16" if self.cuda else "fp32"),
+                              self.device)
+        return load_student(ModelConfig(name=str(path), pooling=pooling)).to(self.device).train()
 
     def side(self, index: int, chunked: bool):
         """Batch `index` as one tensor pair per column, or as the collator's chunks."""
@@ -457,9 +485,9 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1)
     student_config, guide_config = AutoConfig.from_pretrained(student_dir), AutoConfig.from_pretrained(guide_dir)
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size)
-               for _ in range(DISTINCT_BATCHES)]
-    ctx = Context(cfg, student_dir, guide_dir, batches)
+    batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size,
+                               decoder=student in DECODER_SIZES) for _ in range(DISTINCT_BATCHES)]
+    ctx = Context(cfg, student_dir, guide_dir, batches, {student_dir: pooling_of(student), guide_dir: pooling_of(guide)})
     flops = {
         "real_tokens": [_real_tokens(b) for b in batches],
         "student": [_batch_flops(student_config, b) for b in batches],

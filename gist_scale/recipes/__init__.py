@@ -1,0 +1,67 @@
+"""Ready training configurations shipped inside the package: `gist-scale recipes` lists them,
+`gist-scale recipes NAME` prints one (to copy and edit), `gist-scale train --recipe NAME` runs one.
+
+A recipe is an ordinary `--config` YAML file. It is applied first, then a user's `--config FILE`, then the flags:
+`gist-scale train --recipe gist-small-repro --train.batch_size 32`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from importlib import resources
+from pathlib import Path
+
+from gist_scale.config import ConfigError
+
+__all__ = ["config_files", "list_recipes", "main", "recipe_path"]
+
+
+def _folder() -> Path:
+    return Path(str(resources.files("gist_scale") / "recipes"))
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe name -> its first comment line (what it trains)."""
+    recipes = {}
+    for path in sorted(_folder().glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        recipes[path.stem] = first.lstrip("# ").strip()
+    return recipes
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of recipe `name`; an unknown name fails with the closest one and the list."""
+    path = _folder() / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        known = list(list_recipes())
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"--recipe {name}: no such recipe; {hint}known: {', '.join(known)} (`gist-scale recipes`)")
+    return path
+
+
+def config_files(recipe: str | None, config: str | None) -> list[Path]:
+    """The YAML files a command applies, in order: the recipe's, then the user's `--config`."""
+    return ([recipe_path(recipe)] if recipe else []) + ([Path(config)] if config else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gist-scale recipes",
+                                     description="List the shipped training recipes, or print one.")
+    parser.add_argument("name", nargs="?", help="print this recipe's YAML")
+    args = parser.parse_args(argv)
+    if args.name is None:
+        recipes = list_recipes()
+        width = max(map(len, recipes))
+        for name, description in recipes.items():
+            print(f"{name:<{width}}  {description}")
+        print("\nrun one: gist-scale train --recipe NAME [--section.key VALUE ...]; print one: gist-scale recipes NAME")
+        return 0
+    try:
+        print(recipe_path(args.name).read_text(), end="")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
