@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from gist_scale.config import ModelConfig
 from gist_scale.model import Embedder, load_student, load_tokenizer, resolve_model_path
 
-__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir"]
+__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir", "model_prompts"]
 
 def export_sentence_transformer(
     encoder: PreTrainedModel,
@@ -171,3 +171,10 @@ def load_sentence_transformer_dir(name_or_path: str,
             max_length = min(max_length, positions)
     cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length))
     return load_student(cfg), tokenizer, cfg.max_length
+
+
+def model_prompts(name_or_path: str) -> dict[str, str]:
+    """The `prompts` of a sentence-transformers model's `config_sentence_transformers.json` (name -> text prefix,
+    e.g. `{"query": "query: "}`); empty when it has none."""
+    config = _read_json(_local_dir(name_or_path) / "config_sentence_transformers.json") or {}
+    return {name: text for name, text in (config.get("prompts") or {}).items() if text}
