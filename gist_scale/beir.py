@@ -6,8 +6,9 @@ line (integer grades; 0 or less means judged non-relevant). A document is embedd
 by one space and stripped, as BEIR's SentenceBERT wrapper, sentence-transformers' documentation and MTEB do; an
 empty title leaves the text alone.
 
-Evaluated queries are those with at least one relevant document (grade above 0) in the split: `queries.jsonl`
-usually holds the queries of every split, and the others are skipped and counted. A document whose `_id` equals a
+Evaluated queries are those with judgments in the split: `queries.jsonl` usually holds the queries of every split,
+and the others are skipped and counted. A query judged only non-relevant (every grade 0 or less) scores 0 and
+counts in the averages, as in BEIR's and MTEB's numbers (trec_eval scores it 0); it is counted too. A document whose `_id` equals a
 query's is never retrieved for that query (BEIR's and MTEB's `ignore_identical_ids`; it matters for folders where
 queries are also documents, such as Quora or ArguAna).
 
@@ -117,13 +118,15 @@ def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = No
     _warn_unknown(qrels_path, "query", unknown_queries)
     _warn_unknown(qrels_path, "corpus", unknown_docs)
 
-    evaluated = [q for q in query_rows if any(g > 0 for g in grades.get(q, {}).values())]
-    if not evaluated:
+    evaluated = [q for q in query_rows if q in grades]
+    if not any(g > 0 for q in evaluated for g in grades[q].values()):
         raise DataError(f"{qrels_path}: no query of queries.jsonl has a relevant document (a score above 0) here")
     skipped = len(query_rows) - len(evaluated)
+    nothing_relevant = sum(not any(g > 0 for g in grades[q].values()) for q in evaluated)
     corpus = [" ".join((row.get("title") or "", row["text"])).strip() for row in corpus_rows.values()]
-    note = f"; {skipped} of {len(query_rows)} queries have no relevant document in this split, skipped" \
-        if skipped else ""
+    note = f"; {skipped} of {len(query_rows)} queries have no judgments in this split, skipped" if skipped else ""
+    if nothing_relevant:
+        note += f"; {nothing_relevant} judged without a relevant document, scored 0 as BEIR and MTEB do"
     return EvalData(
         queries=[query_rows[q]["text"].strip() for q in evaluated],
         corpus=corpus,

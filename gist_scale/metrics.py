@@ -39,8 +39,6 @@ judged non-relevant)."""
 def _relevance_table(relevant: Sequence[Relevance], num_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query, its judged corpus ids sorted ascending (padded with `num_docs`, never a corpus id) and their gains."""
     rows = [sorted(r.items()) if isinstance(r, Mapping) else [(i, 1.0) for i in sorted(set(r))] for r in relevant]
-    if any(not any(gain > 0 for _, gain in row) for row in rows):
-        raise ValueError("every query needs at least one relevant document (a grade above 0)")
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), num_docs, dtype=torch.long)
     gains = torch.zeros(len(rows), width, dtype=torch.float64)
@@ -54,8 +52,9 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
                       relevant: Sequence[Relevance], exclude: Sequence[int] | None = None) -> dict[str, float]:
     """`METRICS` of exact cosine-similarity retrieval, averaged over queries, as BEIR/MTEB (pytrec_eval) define them.
 
-    `relevant[i]` holds query i's judgments: a list of relevant corpus ids (binary) or a mapping corpus id -> grade;
-    at least one grade must be above 0. nDCG@10 has gain = grade (linear, as trec_eval) and the ideal ranking of the
+    `relevant[i]` holds query i's judgments: a list of relevant corpus ids (binary) or a mapping corpus id -> grade.
+    A query judged with no grade above 0 scores 0 on every metric and counts in the averages, as in trec_eval's
+    per-query results that BEIR and MTEB average (sentence-transformers' evaluator skips such queries). nDCG@10 has gain = grade (linear, as trec_eval) and the ideal ranking of the
     query's judged grades; MRR@10 is 1/rank of the first relevant document (0 if none in the top 10); Recall@k is
     the fraction of the query's relevant documents in its top k; MAP@100 sums the precision at the rank of each
     relevant document found in the top 100 and divides by the number of relevant documents (trec_eval's map_cut;
@@ -66,18 +65,20 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     if len(relevant) != query_embeddings.shape[0]:
         raise ValueError(f"{len(relevant)} relevance lists for {query_embeddings.shape[0]} queries")
     if any(len(ids) == 0 for ids in relevant):
-        raise ValueError("every query needs at least one relevant document")
+        raise ValueError("every query needs at least one judged document")
     device = query_embeddings.device
     queries = F.normalize(query_embeddings.float(), dim=-1)
     corpus = F.normalize(corpus_embeddings.float().to(device), dim=-1)
     depth = min(DEPTH, corpus.shape[0])
     ids, gains = (t.to(device) for t in _relevance_table(relevant, corpus.shape[0]))
     skip = torch.as_tensor(exclude if exclude is not None else [-1] * len(relevant), dtype=torch.long, device=device)
-    num_relevant = (gains > 0).sum(1).double()
+    # Clamped: a query without relevant documents has no hits either, so its recall and AP are 0 / 1.
+    num_relevant = (gains > 0).sum(1).double().clamp(min=1)
     # The ideal ranking: the query's own grades, best first, cut at K.
     ideal_gains = gains.sort(1, descending=True).values[:, :K]
     discounts = 1.0 / torch.log2(torch.arange(2, depth + 2, device=device, dtype=torch.float64))
     ideal_dcg = (ideal_gains * discounts[: ideal_gains.shape[1]]).sum(1)
+    ideal_dcg = torch.where(ideal_dcg > 0, ideal_dcg, torch.ones_like(ideal_dcg))  # no relevant documents: DCG 0 / 1
     ranks = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for start in range(0, queries.shape[0], QUERY_CHUNK):

@@ -22,7 +22,7 @@ import mteb
 import numpy as np
 import torch
 from mteb import AbsTask
-from mteb.models import ModelMeta
+from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.models.abs_encoder import AbsEncoder, get_prompt
 from transformers import PreTrainedTokenizerBase
 
@@ -81,7 +81,7 @@ class EmbedderEncoder(AbsEncoder):
             prompts["document"] = prompts.pop("passage")
         self.model_prompts = self.validate_task_to_prompt_name(prompts, raise_for_invalid_keys=False)[0]
         self.mteb_model_meta = ModelMeta.create_empty({
-            "name": name, "revision": "local", "similarity_fn_name": "cosine", "embed_dim": embedder.dim,
+            "name": name, "revision": "local", "similarity_fn_name": ScoringFunction.COSINE, "embed_dim": embedder.dim,
             "max_tokens": max_length, "framework": ["PyTorch"], "use_instructions": bool(self.model_prompts),
         })
 
