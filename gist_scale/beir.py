@@ -8,9 +8,9 @@ empty title leaves the text alone.
 
 Evaluated queries are those with judgments in the split: `queries.jsonl` usually holds the queries of every split,
 and the others are skipped and counted. A query judged only non-relevant (every grade 0 or less) scores 0 and
-counts in the averages, as in BEIR's and MTEB's numbers (trec_eval scores it 0); it is counted too. A document whose `_id` equals a
-query's is never retrieved for that query (BEIR's and MTEB's `ignore_identical_ids`; it matters for folders where
-queries are also documents, such as Quora or ArguAna).
+counts in the averages, as in BEIR's and MTEB's numbers (trec_eval scores it 0); it is counted too. A document
+whose `_id` equals a query's is never retrieved for that query (BEIR's and MTEB's `ignore_identical_ids`; it
+matters for folders where queries are also documents, such as Quora or ArguAna).
 
 Judgments naming a query or document that the folder does not have are dropped with a warning (count and first
 example), not an error: some published BEIR/MTEB folders have such lines, and MTEB counts them too

@@ -12,7 +12,9 @@ shard to cut padding), every rank then receives all embeddings, and the metrics 
 top-k) are computed identically on every rank, so any rank may log them. Every rank must call `evaluate_embedder`.
 
 The metrics themselves are in `gist_scale.metrics`; the `gist-scale eval` command reads sentence-transformers
-directories with `gist_scale.st_format.load_sentence_transformer_dir`, which builds the same `Embedder` as training.
+directories with `gist_scale.st_format.load_sentence_transformer_dir` and training checkpoints with
+`gist_scale.checkpoint.load_checkpoint_embedder`, both of which build the same `Embedder` as training, and hands
+`--mteb` tasks to the mteb package through `gist_scale.mteb_eval`.
 """
 
 from __future__ import annotations

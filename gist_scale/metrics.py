@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEPTH", "K", "METRICS", "Relevance", "retrieval_metrics", "spearman", "top_k"]
+__all__ = ["DEPTH", "METRICS", "K", "Relevance", "retrieval_metrics", "spearman", "top_k"]
 
 K = 10
 """Ranking depth of nDCG, MRR and Recall@10."""
@@ -54,13 +54,14 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
 
     `relevant[i]` holds query i's judgments: a list of relevant corpus ids (binary) or a mapping corpus id -> grade.
     A query judged with no grade above 0 scores 0 on every metric and counts in the averages, as in trec_eval's
-    per-query results that BEIR and MTEB average (sentence-transformers' evaluator skips such queries). nDCG@10 has gain = grade (linear, as trec_eval) and the ideal ranking of the
-    query's judged grades; MRR@10 is 1/rank of the first relevant document (0 if none in the top 10); Recall@k is
-    the fraction of the query's relevant documents in its top k; MAP@100 sums the precision at the rank of each
-    relevant document found in the top 100 and divides by the number of relevant documents (trec_eval's map_cut;
-    sentence-transformers divides by min(100, relevant), the same below 100 relevant documents). With fewer
-    documents than a cutoff, the whole corpus is ranked. `exclude[i]` (-1: none) is a corpus id never retrieved for
-    query i: the document with the query's own id, which BEIR and MTEB skip.
+    per-query results that BEIR and MTEB average (sentence-transformers' evaluator skips such queries). nDCG@10
+    has gain = grade (linear, as trec_eval) and the ideal ranking of the query's judged grades; MRR@10 is 1/rank of
+    the first relevant document (0 if none in the top 10); Recall@k is the fraction of the query's relevant
+    documents in its top k; MAP@100 sums the precision at the rank of each relevant document found in the top 100
+    and divides by the number of relevant documents (trec_eval's map_cut; sentence-transformers divides by
+    min(100, relevant), the same below 100 relevant documents). With fewer documents than a cutoff, the whole
+    corpus is ranked. `exclude[i]` (-1: none) is a corpus id never retrieved for query i: the document with the
+    query's own id, which BEIR and MTEB skip.
     """
     if len(relevant) != query_embeddings.shape[0]:
         raise ValueError(f"{len(relevant)} relevance lists for {query_embeddings.shape[0]} queries")

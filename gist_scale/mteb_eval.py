@@ -22,8 +22,8 @@ import mteb
 import numpy as np
 import torch
 from mteb import AbsTask
-from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.models.abs_encoder import AbsEncoder, get_prompt
+from mteb.models.model_meta import ModelMeta, ScoringFunction
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.data import DataError
