@@ -23,7 +23,12 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
 from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
+
+from gist_scale.config import ModelConfig
+from gist_scale.model import Embedder, load_student, load_tokenizer
 
 from gist_scale import faults
 
@@ -207,3 +212,30 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
         raise CheckpointError(f"{where}; resume from an older checkpoint with --resume PATH") from error
     accelerator.wait_for_everyone()
     return state
+
+
+def load_checkpoint_embedder(path: Path, max_length: int | None = None
+                             ) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
+    """The student of a complete checkpoint (RUN/checkpoints/step_N) as an `Embedder`, its tokenizer and length.
+
+    The model is built as the run's `config.yaml` (two levels up) describes it and given the checkpoint's weights:
+    `model.safetensors` (one process, DDP), or DeepSpeed's shards consolidated to fp32 by DeepSpeed's own
+    `zero_to_fp32`. `max_length` overrides the run's.
+    """
+    verify_checkpoint(path)
+    config_file = path.parent.parent / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: no such file; a checkpoint is read with its run's config.yaml")
+    cfg = ModelConfig(**(yaml.safe_load(config_file.read_text()) or {}).get("model", {}))
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(path / "model.safetensors")
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # accelerate's save_state names the DeepSpeed checkpoint of the (only) model "pytorch_model".
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
+    embedder = load_student(cfg)
+    embedder.load_state_dict(state)
+    return embedder, load_tokenizer(cfg.name, cfg.revision), max_length or cfg.max_length

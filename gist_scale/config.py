@@ -358,8 +358,19 @@ class EvalConfig:
     retrieval corpus as distractors; `[]` ranks against the eval positives and negatives only."""
     sts: str | None = None
     """JSONL of scored pairs (`sentence1`, `sentence2`, `score`) for a Spearman correlation; null: none."""
+    beir: str | None = None
+    """A BEIR-format folder (`corpus.jsonl`, `queries.jsonl`, `qrels/<beir_split>.tsv`, graded relevance) to
+    evaluate on instead of eval triplets; null: none. See `gist_scale/beir.py`."""
+    beir_split: str = "test"
+    """The qrels file of `beir` to evaluate: `qrels/<beir_split>.tsv`."""
 
     def __post_init__(self) -> None:
+        if self.beir is not None:
+            _check(Path(self.beir).expanduser().is_dir(),
+                   f"eval.beir={self.beir}: no such folder (it holds corpus.jsonl, queries.jsonl, qrels/)")
+            _check(self.path is None, "eval.beir and eval.path are both set: evaluate on one of them")
+            _check(not self.corpus, "eval.corpus adds distractors to eval triplets; a BEIR folder has its own corpus")
+            _check(bool(self.beir_split.strip()), "eval.beir_split: must name a qrels file (e.g. test, dev)")
         _check(self.every is None or self.every > 0, f"eval.every={self.every}: must be positive, or null")
         _check(self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be positive")
         _check(bool(self.split.strip()), "eval.split: must name a split (e.g. eval, validation, test)")
@@ -429,8 +440,9 @@ class JobConfig:
             _check(self.checkpoint.keep_best in metrics,
                    f"checkpoint.keep_best={self.checkpoint.keep_best!r}: not an eval metric; use one of "
                    f"{', '.join(metrics)}" + ("" if self.eval.sts else " (spearman needs eval.sts)"))
-            _check(self.eval.path is not None or self.data.path is None,
-                   "checkpoint.keep_best needs eval metrics: set eval.path (the shipped sample has its own eval split)")
+            _check(self.eval.path is not None or self.eval.beir is not None or self.data.path is None,
+                   "checkpoint.keep_best needs eval metrics: set eval.path or eval.beir (the shipped sample has its "
+                   "own eval split)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

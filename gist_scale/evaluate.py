@@ -2,8 +2,9 @@
 
 Retrieval: every query is scored against one corpus made of all eval positives and negatives (deduplicated), plus
 optional extra corpus files. A query's own positive(s) are its relevant documents; its negatives, and everybody
-else's positives, are not. Reported: nDCG@10 (binary relevance), MRR@10, Recall@1 and Recall@10 (the fraction of
-a query's relevant documents found in the top k; with one relevant document per query this is the hit rate).
+else's positives, are not. A BEIR folder (`gist_scale.beir`) gives its own queries, corpus and graded judgments
+instead. Reported (`gist_scale.metrics.METRICS`): nDCG@10, MRR@10, Recall@1/@10/@100 (the fraction of a query's
+relevant documents found in the top k; with one relevant document per query this is the hit rate) and MAP@100.
 With scored sentence pairs, `spearman` is Spearman's rank correlation of cosine similarity with the gold scores.
 
 Encoding is batched and distributed: each rank embeds a contiguous shard of the texts (length-sorted within the
@@ -11,7 +12,9 @@ shard to cut padding), every rank then receives all embeddings, and the metrics 
 top-k) are computed identically on every rank, so any rank may log them. Every rank must call `evaluate_embedder`.
 
 The metrics themselves are in `gist_scale.metrics`; the `gist-scale eval` command reads sentence-transformers
-directories with `gist_scale.st_format.load_sentence_transformer_dir`, which builds the same `Embedder` as training.
+directories with `gist_scale.st_format.load_sentence_transformer_dir` and training checkpoints with
+`gist_scale.checkpoint.load_checkpoint_embedder`, both of which build the same `Embedder` as training, and hands
+`--mteb` tasks to the mteb package through `gist_scale.mteb_eval`.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale import distributed
+from gist_scale.checkpoint import COMPLETE_MARKER, CheckpointError, load_checkpoint_embedder
 from gist_scale.chunking import num_chunks
 from gist_scale.config import ConfigError, DataConfig, load_config
 from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
-from gist_scale.metrics import retrieval_metrics, spearman
+from gist_scale.metrics import Relevance, retrieval_metrics, spearman
 from gist_scale.model import Embedder
 from gist_scale.model.prompts import prompt_length
 from gist_scale.places import require_writable_file, text_file_problem
-from gist_scale.st_format import load_sentence_transformer_dir
+from gist_scale.st_format import load_sentence_transformer_dir, model_prompts
 
-__all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "main"]
+__all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "load_model", "main",
+           "read_sts"]
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -76,12 +81,15 @@ class EvalData:
     """Distinct query texts."""
     corpus: list[str]
     """Distinct documents: eval positives and negatives, then texts from extra corpus files."""
-    relevant: list[list[int]]
-    """Per query, the sorted corpus ids of its positives (a query repeated across rows has several)."""
+    relevant: list[Relevance]
+    """Per query, the sorted corpus ids of its positives (a query repeated across rows has several), or, with
+    graded judgments (BEIR), a mapping corpus id -> grade."""
     sts: StsPairs | None = None
     """Scored pairs for the `spearman` metric, if any."""
     source: str = ""
     """Where the data came from, for printing."""
+    exclude: list[int] | None = None
+    """Per query, a corpus id it must not retrieve (-1: none): BEIR's document with the query's own id."""
     texts: list[str] = field(init=False, repr=False)
     """Every distinct text to encode."""
     query_ids: list[int] = field(init=False, repr=False)
@@ -99,6 +107,8 @@ class EvalData:
         for i, ids in enumerate(self.relevant):
             if not ids or min(ids) < 0 or max(ids) >= len(self.corpus):
                 raise ValueError(f"query {i} has no relevant document, or an id outside the corpus: {ids}")
+        if self.exclude is not None and len(self.exclude) != len(self.queries):
+            raise ValueError(f"{len(self.exclude)} excluded ids for {len(self.queries)} queries")
         index: dict[str, int] = {}
 
         def lookup(items: list[str]) -> list[int]:
@@ -139,7 +149,7 @@ def _read_corpus(path: str | Path) -> list[str]:
     return [t for t in texts if t]
 
 
-def _read_sts(path: str | Path) -> StsPairs:
+def read_sts(path: str | Path) -> StsPairs:
     """Scored pairs from rows with `sentence1`, `sentence2` and a numeric `score`."""
     table = _read_table(path, "--sts")
     absent = [c for c in ("sentence1", "sentence2", "score") if c not in table]
@@ -197,7 +207,7 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
             corpus.setdefault(text, len(corpus))
     extra = f" + {len(extra_corpus)} extra corpus file(s)" if extra_corpus else ""
     return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant],
-                    _read_sts(sts) if sts else None, source=report.source + extra)
+                    read_sts(sts) if sts else None, source=report.source + extra)
 
 
 # --------------------------------------------------------------------------------------------- encoding
@@ -301,7 +311,8 @@ def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, ma
     queries = (embeddings[eval_data.query_ids] if query_prompt == document_prompt else
                encode_texts(embedder, tokenizer, eval_data.queries, max_length, batch_size, device, autocast,
                             prompt=query_prompt))
-    metrics = retrieval_metrics(queries, embeddings[eval_data.corpus_ids], eval_data.relevant)
+    metrics = retrieval_metrics(queries, embeddings[eval_data.corpus_ids], eval_data.relevant,
+                                eval_data.exclude)
     if eval_data.sts is not None:
         first, second = eval_data.sts_ids
         cosine = F.cosine_similarity(embeddings[first], embeddings[second], dim=-1)
@@ -312,16 +323,51 @@ def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, ma
 # ---------------------------------------------------------------------------------- model directories
 
 
+def load_model(name: str, max_length: int | None = None) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
+    """A sentence-transformers directory or hub name, or a training checkpoint (RUN/checkpoints/step_N), as our
+    `Embedder`, its tokenizer and its token limit (`max_length` overrides the model's)."""
+    path = Path(name).expanduser()
+    if (path / COMPLETE_MARKER).is_file():
+        return load_checkpoint_embedder(path, max_length)
+    return load_sentence_transformer_dir(name, max_length)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 
 def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int | None,
                     device: torch.device) -> tuple[dict[str, float], float]:
-    embedder, tokenizer, length = load_sentence_transformer_dir(name, max_length)
+    embedder, tokenizer, length = load_model(name, max_length)
     embedder.to(device)
     start = time.perf_counter()
     metrics = evaluate_embedder(embedder, tokenizer, length, data, batch_size, device)
     return metrics, time.perf_counter() - start
+
+
+def _run_mteb(name: str, tasks: str, out_dir: Path, batch_size: int, max_length: int | None,
+              device: torch.device) -> dict[str, float]:
+    """Run `--mteb` tasks on one model; mteb's result JSON and `summary.json` go to `out_dir`."""
+    # mteb is an optional dependency: imported only when asked for.
+    from gist_scale.mteb_eval import EmbedderEncoder, resolve_tasks, run_mteb
+
+    resolved = resolve_tasks([task.strip() for task in tasks.split(",") if task.strip()])
+    embedder, tokenizer, length = load_model(name, max_length)
+    embedder.to(device)
+    path = Path(name).expanduser()
+    prompts = {} if (path / COMPLETE_MARKER).is_file() else model_prompts(name)
+    encoder = EmbedderEncoder(embedder, tokenizer, length, device, _mteb_model_name(name), prompts, batch_size)
+    summary = run_mteb(encoder, resolved, out_dir, batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps({"model": name, "tasks": summary}, indent=2) + "\n")
+    return {f"{task} ({result['main_score']})": result["value"] for task, result in summary.items()}
+
+
+def _mteb_model_name(name: str) -> str:
+    """mteb files results under `results/<org>__<name>/`: a local path becomes `local__<its last two parts>`."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return "local/" + "_".join(path.resolve().parts[-2:])
+    return name if "/" in name else f"local/{name}"
 
 
 def _table(model: str, metrics: dict[str, float], baseline: str | None, base: dict[str, float] | None):
@@ -359,53 +405,80 @@ def _device(name: str) -> torch.device:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gist-scale eval",
-        description="Retrieval (nDCG@10, MRR@10, Recall@1/@10) and optional STS evaluation of a "
-                    "sentence-transformers-format model on eval triplets. Under torchrun every rank encodes a shard.")
-    parser.add_argument("model", help="sentence-transformers directory (e.g. RUN/final) or hub name")
-    parser.add_argument("--data", help="eval triplets: file, folder or hub dataset (default: the shipped WordNet "
-                                        "sample's held-out eval split)")
-    parser.add_argument("--split", default="eval", help="split of a --data folder or hub dataset (default: eval)")
+        description="Retrieval (nDCG@10, MRR@10, Recall@1/@10/@100, MAP@100) and optional STS evaluation of a "
+                    "sentence-transformers model or a training checkpoint, on eval triplets or a BEIR folder, or "
+                    "MTEB tasks through the mteb package. Under torchrun every rank encodes a shard (not with --mteb).")
+    parser.add_argument("model", help="sentence-transformers directory (e.g. RUN/final), hub name, or checkpoint "
+                                      "(RUN/checkpoints/step_N)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data", help="eval triplets: file, folder or hub dataset (default: the shipped WordNet "
+                                       "sample's held-out eval split)")
+    source.add_argument("--beir", metavar="DIR", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    source.add_argument("--mteb", metavar="TASK[,TASK...]", help="MTEB tasks or benchmarks, e.g. NanoBEIR,SciFact "
+                                                                  "(needs pip install 'gist-scale[mteb]')")
+    parser.add_argument("--split", help="split of a --data folder or hub dataset (default: eval), or qrels file of "
+                                        "--beir (default: test)")
     parser.add_argument("--config", help="training config (e.g. RUN/config.yaml) whose data column mapping and "
                                          "instruction options apply to --data")
     parser.add_argument("--corpus", action="append", default=[], metavar="FILE",
-                        help="extra corpus texts (JSONL with 'text', or plain lines); repeatable")
+                        help="extra corpus texts for --data (JSONL with 'text', or plain lines); repeatable")
     parser.add_argument("--sts", metavar="FILE", help="scored pairs (JSONL: sentence1, sentence2, score): adds "
                                                       "Spearman correlation")
     parser.add_argument("--baseline", metavar="MODEL", help="second model, shown side by side with deltas")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward (default: 64)")
     parser.add_argument("--max-length", type=int, help="token limit (default: each model's own max_seq_length)")
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
-    parser.add_argument("--out", metavar="FILE", help='write {"model": {...}, "baseline": {...} or null} as JSON')
+    parser.add_argument("--out", metavar="PATH", help='write {"model": {...}, "baseline": {...} or null} as JSON to '
+                                                      "this file; with --mteb, the folder for mteb's result files "
+                                                      "and summary.json (default: mteb_results)")
     args = parser.parse_args(argv)
 
     # soft_wrap: paths and messages stay on one line (copyable) instead of being folded at the terminal width.
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
-        console.print("[red]error:[/red] --batch-size and --max-length must be positive")
+
+    def fail(message: str) -> int:
+        console.print(f"[red]error:[/red] {message}")
         return 2
+
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
+        return fail("--batch-size and --max-length must be positive")
+    if args.corpus and args.data is None and (args.beir or args.mteb):
+        return fail("--corpus adds distractors to eval triplets (--data); a BEIR folder or MTEB task has its own")
+    if args.mteb and (args.sts or args.config or args.split):
+        return fail("--sts, --config and --split do not apply to --mteb (each task brings its data and splits)")
     state = distributed.launch_state()
+    if args.mteb and state.use_distributed:
+        return fail("--mteb runs in one process: start gist-scale eval without torchrun/accelerate launch")
+    results: dict[str, dict[str, float] | None] = {"model": None, "baseline": None}
     try:
         device = _device(args.device) if args.device else state.device
-        if args.out:  # before minutes of encoding, not after
+        if args.out and not args.mteb:  # before minutes of encoding, not after
             require_writable_file(args.out, "--out")
-        data_cfg = load_config([], args.config).data if args.config else None
-        with state.main_process_first():  # the main process fills the datasets cache, the others read it
-            data = load_eval_data(args.data, data_cfg, args.corpus, sts=args.sts, split=args.split)
-        if state.is_main_process:
-            console.print(data.describe())
-        results: dict[str, dict[str, float] | None] = {"model": None, "baseline": None}
-        for key, name in (("model", args.model), ("baseline", args.baseline)):
-            if name is None:
-                continue
-            results[key], seconds = _evaluate_model(name, data, args.batch_size, args.max_length, device)
+        if args.mteb:
+            out_dir = Path(args.out or "mteb_results")
+            for key, name in (("model", args.model), ("baseline", args.baseline)):
+                if name is not None:
+                    results[key] = _run_mteb(name, args.mteb, out_dir / key, args.batch_size, args.max_length,
+                                             device)
+                    console.print(f"{key} {name}: mteb results in {out_dir / key}")
+        else:
+            with state.main_process_first():  # the main process fills the datasets cache, the others read it
+                data = _cli_eval_data(args)
             if state.is_main_process:
-                console.print(f"{key} {name}: encoded {len(data.texts)} texts in {seconds:.1f} s")
-    except (ConfigError, DataError, OSError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        return 2
+                console.print(data.describe())
+            for key, name in (("model", args.model), ("baseline", args.baseline)):
+                if name is None:
+                    continue
+                results[key], seconds = _evaluate_model(name, data, args.batch_size, args.max_length, device)
+                if state.is_main_process:
+                    console.print(f"{key} {name}: encoded {len(data.texts)} texts in {seconds:.1f} s")
+    except (ConfigError, DataError, CheckpointError, OSError, ValueError) as error:
+        return fail(str(error))
+    except ImportError as error:  # only --mteb imports anything here: mteb itself
+        return fail(f"{error}; --mteb needs the mteb package: pip install 'gist-scale[mteb]'")
     if state.is_main_process:
         Console(highlight=False).print(_table(args.model, results["model"], args.baseline, results["baseline"]))
-        if args.out:
+        if args.out and not args.mteb:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2) + "\n")
@@ -415,6 +488,17 @@ def main(argv: list[str] | None = None) -> int:
         state.wait_for_everyone()
         state.destroy_process_group()
     return 0
+
+
+def _cli_eval_data(args: argparse.Namespace) -> EvalData:
+    """The eval data `gist-scale eval` was given: a BEIR folder, or eval triplets (the shipped sample by default)."""
+    if args.beir:
+        # gist_scale.beir builds EvalData, defined here, so it is imported on use.
+        from gist_scale.beir import load_beir
+
+        return load_beir(args.beir, args.split or "test", read_sts(args.sts) if args.sts else None)
+    data_cfg = load_config([], args.config).data if args.config else None
+    return load_eval_data(args.data, data_cfg, args.corpus, sts=args.sts, split=args.split or "eval")
 
 
 if __name__ == "__main__":

@@ -1,82 +1,126 @@
-"""Retrieval metrics (nDCG@10, MRR@10, Recall@1/@10) and Spearman's rank correlation, on embeddings.
+"""Retrieval metrics (nDCG@10, MRR@10, Recall@1/@10/@100, MAP@100) and Spearman's rank correlation, on embeddings.
 
 Pure functions of tensors: no data loading, no model, no process group. Used by evaluation during training and by
-`gist-scale eval`.
+`gist-scale eval` (triplet eval data and BEIR folders alike).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["K", "METRICS", "retrieval_metrics", "spearman", "top_k"]
+__all__ = ["DEPTH", "METRICS", "K", "Relevance", "retrieval_metrics", "spearman", "top_k"]
 
 K = 10
-"""Ranking depth of nDCG, MRR and the larger recall."""
+"""Ranking depth of nDCG, MRR and Recall@10."""
 
-METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
+DEPTH = 100
+"""Documents retrieved per query: the deepest cutoff (Recall@100, MAP@100)."""
+
+METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10", "recall@100", "map@100")
 """Retrieval metrics, always reported; `spearman` is added when the eval data has STS pairs."""
 
 QUERY_CHUNK = 1024
 """Queries scored at a time."""
 
 CORPUS_CHUNK = 65536
-"""Documents scored at a time: a block of QUERY_CHUNK x CORPUS_CHUNK fp32 scores is 256 MiB; the top 10 of each
-block are merged into a running top 10, so memory does not grow with the corpus."""
+"""Documents scored at a time: a block of QUERY_CHUNK x CORPUS_CHUNK fp32 scores is 256 MiB; the top DEPTH of each
+block are merged into a running top DEPTH, so memory does not grow with the corpus."""
+
+Relevance = Sequence[int] | Mapping[int, float]
+"""One query's judgments: relevant corpus ids (binary relevance), or corpus id -> grade (graded; grades <= 0 are
+judged non-relevant)."""
+
+
+def _relevance_table(relevant: Sequence[Relevance], num_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, its judged corpus ids sorted ascending (padded with `num_docs`, never a corpus id) and their gains."""
+    rows = [sorted(r.items()) if isinstance(r, Mapping) else [(i, 1.0) for i in sorted(set(r))] for r in relevant]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), num_docs, dtype=torch.long)
+    gains = torch.zeros(len(rows), width, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor([doc for doc, _ in row], dtype=torch.long)
+        gains[i, : len(row)] = torch.as_tensor([max(float(gain), 0.0) for _, gain in row], dtype=torch.float64)
+    return ids, gains
 
 
 def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor,
-                      relevant: Sequence[Sequence[int]]) -> dict[str, float]:
-    """nDCG@10, MRR@10, Recall@1 and Recall@10 of cosine-similarity retrieval, averaged over queries.
+                      relevant: Sequence[Relevance], exclude: Sequence[int] | None = None) -> dict[str, float]:
+    """`METRICS` of exact cosine-similarity retrieval, averaged over queries, as BEIR/MTEB (pytrec_eval) define them.
 
-    `relevant[i]` lists the corpus ids relevant to query i (at least one). nDCG uses binary relevance and the ideal
-    ranking of `min(len(relevant[i]), 10)` hits; MRR@10 is 1/rank of the first hit (0 if none in the top 10);
-    Recall@k is the fraction of a query's relevant documents in its top k.
+    `relevant[i]` holds query i's judgments: a list of relevant corpus ids (binary) or a mapping corpus id -> grade.
+    A query judged with no grade above 0 scores 0 on every metric and counts in the averages, as in trec_eval's
+    per-query results that BEIR and MTEB average (sentence-transformers' evaluator skips such queries). nDCG@10
+    has gain = grade (linear, as trec_eval) and the ideal ranking of the query's judged grades; MRR@10 is 1/rank of
+    the first relevant document (0 if none in the top 10); Recall@k is the fraction of the query's relevant
+    documents in its top k; MAP@100 sums the precision at the rank of each relevant document found in the top 100
+    and divides by the number of relevant documents (trec_eval's map_cut; sentence-transformers divides by
+    min(100, relevant), the same below 100 relevant documents). With fewer documents than a cutoff, the whole
+    corpus is ranked. `exclude[i]` (-1: none) is a corpus id never retrieved for query i: the document with the
+    query's own id, which BEIR and MTEB skip.
     """
     if len(relevant) != query_embeddings.shape[0]:
         raise ValueError(f"{len(relevant)} relevance lists for {query_embeddings.shape[0]} queries")
     if any(len(ids) == 0 for ids in relevant):
-        raise ValueError("every query needs at least one relevant document")
+        raise ValueError("every query needs at least one judged document")
     device = query_embeddings.device
     queries = F.normalize(query_embeddings.float(), dim=-1)
     corpus = F.normalize(corpus_embeddings.float().to(device), dim=-1)
-    depth = min(K, corpus.shape[0])
-    # Relevant ids padded with -1 (never a corpus id) so that hits are one vectorized comparison.
-    width = max(len(ids) for ids in relevant)
-    table = torch.full((len(relevant), width), -1, dtype=torch.long)
-    for i, ids in enumerate(relevant):
-        table[i, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-    table = table.to(device)
-    num_relevant = (table >= 0).sum(1).double()
+    depth = min(DEPTH, corpus.shape[0])
+    ids, gains = (t.to(device) for t in _relevance_table(relevant, corpus.shape[0]))
+    skip = torch.as_tensor(exclude if exclude is not None else [-1] * len(relevant), dtype=torch.long, device=device)
+    # Clamped: a query without relevant documents has no hits either, so its recall and AP are 0 / 1.
+    num_relevant = (gains > 0).sum(1).double().clamp(min=1)
+    # The ideal ranking: the query's own grades, best first, cut at K.
+    ideal_gains = gains.sort(1, descending=True).values[:, :K]
     discounts = 1.0 / torch.log2(torch.arange(2, depth + 2, device=device, dtype=torch.float64))
-    ideal_dcg = discounts.cumsum(0)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    ideal_dcg = (ideal_gains * discounts[: ideal_gains.shape[1]]).sum(1)
+    ideal_dcg = torch.where(ideal_dcg > 0, ideal_dcg, torch.ones_like(ideal_dcg))  # no relevant documents: DCG 0 / 1
+    ranks = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
+    totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for start in range(0, queries.shape[0], QUERY_CHUNK):
         end = start + QUERY_CHUNK
-        top = top_k(queries[start:end], corpus, depth)  # [chunk, depth] corpus ids, best first
-        hits = (top[:, :, None] == table[start:end, None, :]).any(-1).double()
+        top = top_k(queries[start:end], corpus, depth, skip[start:end])  # [chunk, depth] corpus ids, best first
+        # The gain of each retrieved document: binary search in the query's sorted judged ids.
+        where = torch.searchsorted(ids[start:end], top).clamp(max=ids.shape[1] - 1)
+        judged = ids[start:end].gather(1, where) == top
+        gain = torch.where(judged, gains[start:end].gather(1, where), torch.zeros((), dtype=torch.float64,
+                                                                                   device=device))
+        hits = (gain > 0).double()
         n_rel = num_relevant[start:end]
-        ndcg = (hits * discounts).sum(1) / ideal_dcg[n_rel.clamp(max=depth).long() - 1]
-        first = hits.argmax(1)  # position of the first hit; only used where there is one
-        mrr = torch.where(hits.any(1), 1.0 / (first + 1).double(), torch.zeros_like(n_rel))
-        recall_1, recall_k = hits[:, :1].sum(1) / n_rel, hits.sum(1) / n_rel
-        totals += torch.stack([ndcg.sum(), mrr.sum(), recall_1.sum(), recall_k.sum()])
+        ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[start:end]
+        first = hits[:, :K].argmax(1)  # position of the first hit; only used where there is one
+        mrr = torch.where(hits[:, :K].any(1), 1.0 / (first + 1).double(), torch.zeros_like(n_rel))
+        found = hits.cumsum(1)
+        average_precision = (hits * found / ranks).sum(1) / n_rel
+        recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
+        totals += torch.stack([ndcg.sum(), mrr.sum(), *(r.sum() for r in recall), average_precision.sum()])
     values = (totals / queries.shape[0]).tolist()
     return dict(zip(METRICS, values))
 
-def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of each query's k most similar documents, best first, scoring the corpus block by block."""
+def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of each query's k most similar documents, best first, scoring the corpus block by block.
+
+    `exclude[i]` (-1: none) is a document that query i must not retrieve; it scores -inf, so it can only fill ranks
+    beyond every other document.
+    """
     best_scores = best_ids = None
+    rows = torch.arange(queries.shape[0], device=queries.device)
     for start in range(0, corpus.shape[0], CORPUS_CHUNK):
         block = corpus[start:start + CORPUS_CHUNK]
-        scores, ids = (queries @ block.T).topk(min(k, block.shape[0]), dim=1)
+        scores = queries @ block.T
+        if exclude is not None:
+            inside = (exclude >= start) & (exclude < start + block.shape[0])
+            scores[rows[inside], exclude[inside] - start] = float("-inf")
+        scores, ids = scores.topk(min(k, block.shape[0]), dim=1)
         ids = ids + start
         if best_scores is not None:
-            scores, pick = torch.cat([best_scores, scores], 1).topk(k, dim=1)
+            merged = torch.cat([best_scores, scores], 1)
+            scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
             ids = torch.cat([best_ids, ids], 1).gather(1, pick)
         best_scores, best_ids = scores, ids
     return best_ids

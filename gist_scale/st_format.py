@@ -22,7 +22,7 @@ from gist_scale.config import ModelConfig
 from gist_scale.model import (Embedder, ModelNotFoundError, find_model, hub_model_not_found, load_student,
                               load_tokenizer, resolve_model_path)
 
-__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir"]
+__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir", "model_prompts"]
 
 def export_sentence_transformer(
     encoder: PreTrainedModel,
@@ -176,5 +176,16 @@ def load_sentence_transformer_dir(name_or_path: str,
     cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length),
                       pool_prompt=include_prompt)
     embedder = load_student(cfg)
-    embedder.prompts = {name: text for name, text in (prompts.get("prompts") or {}).items() if text}
+    embedder.prompts = _named_prompts(prompts)
     return embedder, tokenizer, cfg.max_length
+
+
+def model_prompts(name_or_path: str) -> dict[str, str]:
+    """The `prompts` of a sentence-transformers model's `config_sentence_transformers.json` (name -> text prefix,
+    e.g. `{"query": "query: "}`); empty when it has none."""
+    return _named_prompts(_read_json(_local_dir(name_or_path) / "config_sentence_transformers.json") or {})
+
+
+def _named_prompts(config: dict[str, Any]) -> dict[str, str]:
+    """The non-empty `prompts` of a `config_sentence_transformers.json`."""
+    return {name: text for name, text in (config.get("prompts") or {}).items() if text}

@@ -39,7 +39,8 @@ from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, bui
                              load_triplets, tokenize_triplets)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
-from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
+from gist_scale.beir import load_beir
+from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data, read_sts
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
@@ -525,10 +526,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def _load_eval_data(self) -> EvalData | None:
-        """The held-out split: `eval.path`, or the shipped sample's own eval split when training on it."""
-        if self.cfg.eval.path is None and self.cfg.data.path is not None:
+        """The held-out split: `eval.beir`, `eval.path`, or the shipped sample's own eval split when training on it."""
+        if self.cfg.eval.path is None and self.cfg.eval.beir is None and self.cfg.data.path is not None:
             return None
         with self.accelerator.main_process_first():
+            if self.cfg.eval.beir is not None:
+                return load_beir(self.cfg.eval.beir, self.cfg.eval.beir_split,
+                                 read_sts(self.cfg.eval.sts) if self.cfg.eval.sts else None)
             return load_eval_data(self.cfg.eval.path, self.cfg.data, self.cfg.eval.corpus, sts=self.cfg.eval.sts,
                                   split=self.cfg.eval.split)
 

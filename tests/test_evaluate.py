@@ -72,8 +72,9 @@ def test_known_rankings_give_hand_computed_values():
     assert third["mrr@10"] == pytest.approx(1 / 3)
     assert third["recall@1"] == 0.0 and third["recall@10"] == 1.0
 
-    missed = retrieval_metrics(query, corpus, [[11]])  # rank 12: outside the top 10
-    assert all(value == 0.0 for value in missed.values())
+    missed = retrieval_metrics(query, corpus, [[11]])  # rank 12: outside the top 10, inside the top 100
+    assert all(missed[key] == 0.0 for key in ("ndcg@10", "mrr@10", "recall@1", "recall@10"))
+    assert missed["recall@100"] == 1.0 and missed["map@100"] == pytest.approx(1 / 12)
 
     two = retrieval_metrics(query, corpus, [[0, 2]])  # hits at ranks 1 and 3
     ideal = 1 + 1 / math.log2(3)
@@ -290,10 +291,13 @@ def test_two_ranks_match_one_process(tiny_st_dir: Path, tmp_path: Path):
     embedder, tokenizer, max_length = load_sentence_transformer_dir(str(tiny_st_dir))
     single_metrics = evaluate_embedder(embedder, tokenizer, max_length, data, 8, "cpu")
     single_uneven = encode_texts(embedder, tokenizer, data.texts[:9], max_length, 4, "cpu")
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # the same gathered embeddings on every rank
     for result in ranks:
         assert result["metrics"].keys() == single_metrics.keys()
         for key, value in single_metrics.items():
-            assert result["metrics"][key] == pytest.approx(value, abs=1e-6), key
+            # A random 2-layer BERT scores most documents within ~1e-4 of each other, so the ~1e-7 differences of
+            # another batching can swap two documents deep in the top 100 (MAP@100); the top 10 stay put.
+            assert result["metrics"][key] == pytest.approx(value, abs=1e-4 if key == "map@100" else 1e-6), key
         torch.testing.assert_close(result["uneven"], single_uneven, atol=1e-5, rtol=0)
         torch.testing.assert_close(result["single"], single_uneven[:1], atol=1e-5, rtol=0)
         assert result["uneven_forwards"] == 2
