@@ -126,6 +126,8 @@ def _is_json_lines(path: Path) -> bool:
 def _load_local(path: Path, jsonl: bool) -> datasets.Dataset:
     """Read one file with `datasets`' loader; JSON lines as text, so a malformed line cannot stop the reader."""
     builder = "text" if jsonl else FORMATS[path.suffix.lower()]
+    if path.stat().st_size == 0:  # `datasets` fails on it with "An error occurred while generating the dataset"
+        raise DataError(f"{path}: empty file, no rows")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # the loaders raise many types (ArrowInvalid, ParserError, UnicodeDecodeError...)

@@ -42,7 +42,8 @@ from gist_scale.metrics import retrieval_metrics, spearman
 from gist_scale.model import Embedder
 from gist_scale.st_format import load_sentence_transformer_dir
 
-__all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "main"]
+__all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "read_corpus",
+           "retrieval_task", "main"]
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -124,7 +125,7 @@ def _read_table(path: str | Path, what: str) -> datasets.Dataset:
         raise DataError(f"{what} {file}: cannot read as {builder}: {error}") from error
 
 
-def _read_corpus(path: str | Path) -> list[str]:
+def read_corpus(path: str | Path) -> list[str]:
     """Texts of an extra corpus file: a `text` column (JSONL/JSON/Parquet/CSV) or plain lines; blanks skipped."""
     table = _read_table(path, "--corpus")
     if "text" not in table.column_names:
@@ -173,7 +174,13 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
         cfg = replace(data_cfg, path=path, split=split, max_rows=None,
                       revision=data_cfg.revision if path == data_cfg.path else None)
     ds, report = load_triplets(cfg, split=split)
+    return retrieval_task(ds, extra_corpus, report.source, _read_sts(sts) if sts else None)
 
+
+def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), source: str = "",
+                   sts: StsPairs | None = None) -> EvalData:
+    """Distinct queries, the distinct documents (positives, negatives, then `extra_corpus` files' texts) and each
+    query's relevant (positive) documents, from `load_triplets` rows. `gist-scale mine` searches the same task."""
     queries: dict[str, int] = {}
     corpus: dict[str, int] = {}
     relevant: list[set[int]] = []
@@ -188,11 +195,10 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
             for neg in negs:
                 corpus.setdefault(neg, len(corpus))
     for file in extra_corpus:
-        for text in _read_corpus(file):
+        for text in read_corpus(file):
             corpus.setdefault(text, len(corpus))
     extra = f" + {len(extra_corpus)} extra corpus file(s)" if extra_corpus else ""
-    return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant],
-                    _read_sts(sts) if sts else None, source=report.source + extra)
+    return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant], sts, source=source + extra)
 
 
 # --------------------------------------------------------------------------------------------- encoding

@@ -57,7 +57,7 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for start in range(0, queries.shape[0], QUERY_CHUNK):
         end = start + QUERY_CHUNK
-        top = top_k(queries[start:end], corpus, depth)  # [chunk, depth] corpus ids, best first
+        _, top = top_k(queries[start:end], corpus, depth)  # [chunk, depth] corpus ids, best first
         hits = (top[:, :, None] == table[start:end, None, :]).any(-1).double()
         n_rel = num_relevant[start:end]
         ndcg = (hits * discounts).sum(1) / ideal_dcg[n_rel.clamp(max=depth).long() - 1]
@@ -68,18 +68,26 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     values = (totals / queries.shape[0]).tolist()
     return dict(zip(METRICS, values))
 
-def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of each query's k most similar documents, best first, scoring the corpus block by block."""
+def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int,
+          corpus_block: int = CORPUS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and indices `[Q, min(k, C)]` of each query's most similar documents (dot product), best first.
+
+    The corpus is scored `corpus_block` documents at a time and each block's top k merged into a running top k, so
+    memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining (`gist-scale mine`) uses it
+    with deeper k.
+    """
+    k = min(k, corpus.shape[0])
     best_scores = best_ids = None
-    for start in range(0, corpus.shape[0], CORPUS_CHUNK):
-        block = corpus[start:start + CORPUS_CHUNK]
+    for start in range(0, corpus.shape[0], corpus_block):
+        block = corpus[start:start + corpus_block]
         scores, ids = (queries @ block.T).topk(min(k, block.shape[0]), dim=1)
         ids = ids + start
         if best_scores is not None:
-            scores, pick = torch.cat([best_scores, scores], 1).topk(k, dim=1)
+            scores, pick = torch.cat([best_scores, scores], 1).topk(min(k, best_scores.shape[1] + scores.shape[1]),
+                                                                     dim=1)
             ids = torch.cat([best_ids, ids], 1).gather(1, pick)
         best_scores, best_ids = scores, ids
-    return best_ids
+    return best_scores, best_ids
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n; tied values share the mean of the ranks they span (so [5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
