@@ -1,4 +1,5 @@
-"""`gist-scale mine`: brute-force reference, the margin rule, sentence-transformers' mine_hard_negatives, ranks, bad input."""
+"""`gist-scale mine`: a brute-force reference, the margin rule, sentence-transformers' mine_hard_negatives, 2 ranks,
+the guide cache, bad input."""
 
 from __future__ import annotations
 
@@ -331,7 +332,8 @@ def test_two_ranks_write_the_same_file_as_one(tmp_path, launch_env):
     one, two = _read(tmp_path / "one.jsonl"), _read(tmp_path / "two.jsonl")
     assert len(one) > 100
     # The texts are identical; the scores may differ in the last written digit (the ranks' batches pad differently).
-    texts = [[{k: v for k, v in r.items() if k not in ("pos_score", "neg_scores")} for r in rows] for rows in (one, two)]
+    texts = [[{k: v for k, v in r.items() if k not in ("pos_score", "neg_scores")} for r in rows]
+             for rows in (one, two)]
     assert texts[0] == texts[1]
     scores = [torch.tensor([[r["pos_score"], *r["neg_scores"]] for r in rows]) for rows in (one, two)]
     torch.testing.assert_close(scores[1], scores[0], atol=2e-6, rtol=0)

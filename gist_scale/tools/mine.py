@@ -134,8 +134,8 @@ def _faiss_search(corpus: torch.Tensor, depth: int) -> Search:
     index = faiss.IndexFlatIP(corpus.shape[1])
     if corpus.device.type == "cuda" and faiss.get_num_gpus() > 0:
         if depth > 2048:
-            raise ConfigError(f"faiss on GPU returns at most 2048 neighbours, this search needs {depth} "
-                              "(--range-max plus the most positives of a query): lower --range-max or use --index torch")
+            raise ConfigError(f"faiss on GPU returns at most 2048 neighbours, this search needs {depth} (--range-max "
+                              "plus the most positives of a query): lower --range-max or use --index torch")
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), corpus.device.index or 0, index)
     index.add(corpus.float().cpu().numpy())
 
@@ -250,7 +250,8 @@ class MineStats:
 
     def lines(self) -> list[str]:
         return [
-            f"mine: {self.rows} rows, {self.queries} distinct queries, corpus of {self.corpus} texts, {self.ranks} rank(s)",
+            f"mine: {self.rows} rows, {self.queries} distinct queries, corpus of {self.corpus} texts, "
+            f"{self.ranks} rank(s)",
             f"  embedded {self.texts_embedded} texts in {self.embed_seconds:.1f} s ({self.texts_per_s:.1f} texts/s)",
             f"  searched {self.queries} queries in {self.search_seconds:.2f} s ({self.queries_per_s:.1f} queries/s); "
             f"the margin dropped {self.margin_dropped} of {self.searched_candidates} candidates "
