@@ -398,18 +398,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", action="append", default=[], metavar="FILE",
                         help="extra candidate texts (JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); "
                              "repeatable")
-    parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives, help="K negatives per row")
+    parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives,
+                        help="K negatives per row (default %(default)s)")
     parser.add_argument("--range-min", type=int, default=defaults.range_min,
                         help="skip this many best surviving candidates (default %(default)s)")
     parser.add_argument("--range-max", type=int, default=defaults.range_max,
                         help="take negatives from surviving ranks below this (default %(default)s)")
     parser.add_argument("--margin", type=float, default=defaults.margin,
                         help="GIST margin: drop candidates scored above the positive minus it (default %(default)s)")
-    parser.add_argument("--margin-strategy", default=defaults.margin_strategy, choices=MARGIN_STRATEGIES)
-    parser.add_argument("--sampling", default=defaults.sampling, choices=("random", "top"))
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--index", default=defaults.index, choices=("torch", "faiss"))
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="texts per guide forward")
+    parser.add_argument("--margin-strategy", default=defaults.margin_strategy, choices=MARGIN_STRATEGIES,
+                        help="absolute: minus margin; relative: minus |g(q,p)| x margin (default %(default)s)")
+    parser.add_argument("--sampling", default=defaults.sampling, choices=("random", "top"),
+                        help="K drawn uniformly from the allowed ranks, or the K best (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random draw")
+    parser.add_argument("--index", default=defaults.index, choices=("torch", "faiss"),
+                        help="exact search by blocked matrix products, or a faiss IndexFlatIP (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="texts per guide forward (default %(default)s)")
     parser.add_argument("--query-block", type=int, default=defaults.query_block,
                         help="queries searched at a time, also the unit of the seeded draw (default %(default)s)")
     parser.add_argument("--stats", metavar="FILE", help="also write the run's counts and throughput as JSON")
