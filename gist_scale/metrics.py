@@ -69,14 +69,15 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     return dict(zip(METRICS, values))
 
 def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int,
-          corpus_block: int = CORPUS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+          corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and indices `[Q, min(k, C)]` of each query's most similar documents (dot product), best first.
 
-    The corpus is scored `corpus_block` documents at a time and each block's top k merged into a running top k, so
-    memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining (`gist-scale mine`) uses it
-    with deeper k.
+    The corpus is scored `corpus_block` (default `CORPUS_CHUNK`) documents at a time and each block's top k merged
+    into a running top k, so memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining
+    (`gist-scale mine`) uses it with deeper k.
     """
     k = min(k, corpus.shape[0])
+    corpus_block = corpus_block or CORPUS_CHUNK
     best_scores = best_ids = None
     for start in range(0, corpus.shape[0], corpus_block):
         block = corpus[start:start + corpus_block]

@@ -102,7 +102,7 @@ def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path, torch_extensio
                TORCH_EXTENSIONS_DIR=torch_extensions_dir,
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     result = subprocess.run(["bash", str(repo / "launch" / "bench_gpu.sh")], env=env, cwd=repo, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     for name in ("base_base", "small_large", "base_16k", "zero_base_128"):

@@ -290,11 +290,11 @@ def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_siz
 
 
 def _write(out: Path, dataset, task, rows_q: np.ndarray, rows_p: np.ndarray, pos_scores: np.ndarray,
-           neg_ids: np.ndarray, neg_scores: np.ndarray) -> int:
-    """Write the mined rows to a temporary file next to `out`, then rename it over `out`; returns the rows written."""
+           neg_ids: np.ndarray, neg_scores: np.ndarray) -> None:
+    """Write the rows whose query has K negatives to a temporary file next to `out`, then rename it over `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    written, row = 0, 0
+    row = 0
     try:
         with tmp.open("w", encoding="utf-8") as handle:
             for batch in dataset.iter(batch_size=4096):
@@ -305,12 +305,10 @@ def _write(out: Path, dataset, task, rows_q: np.ndarray, rows_p: np.ndarray, pos
                                   "task_name": task_name, "pos_score": round(float(pos_scores[row]), SCORE_DIGITS),
                                   "neg_scores": [round(float(s), SCORE_DIGITS) for s in neg_scores[q]]}
                         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                        written += 1
                     row += 1
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return written
 
 
 def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray]:
