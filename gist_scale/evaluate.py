@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from gist_scale.places import require_writable_file, text_file_problem
 from gist_scale.st_format import load_sentence_transformer_dir, model_prompts
 
 __all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "load_model", "main",
-           "read_sts"]
+           "read_corpus", "read_sts", "retrieval_task"]
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -139,7 +140,7 @@ def _read_table(path: str | Path, what: str) -> dict[str, list]:
         raise DataError(f"{what} {file}: cannot read as {builder}: {problem}; save it as UTF-8") from None
 
 
-def _read_corpus(path: str | Path) -> list[str]:
+def read_corpus(path: str | Path) -> list[str]:
     """Texts of an extra corpus file: a `text` column (JSONL/JSON/Parquet/CSV) or plain lines; blanks skipped."""
     table = _read_table(path, "--corpus")
     if "text" not in table:
@@ -188,7 +189,13 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
         cfg = replace(data_cfg, path=path, split=split, max_rows=None,
                       revision=data_cfg.revision if path == data_cfg.path else None)
     ds, report = load_triplets(cfg, split=split)
+    return retrieval_task(ds, extra_corpus, report.source, read_sts(sts) if sts else None)
 
+
+def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), source: str = "",
+                   sts: StsPairs | None = None) -> EvalData:
+    """Distinct queries, the distinct documents (positives, negatives, then `extra_corpus` files' texts) and each
+    query's relevant (positive) documents, from `load_triplets` rows. `gist-scale mine` searches the same task."""
     queries: dict[str, int] = {}
     corpus: dict[str, int] = {}
     relevant: list[set[int]] = []
@@ -203,11 +210,10 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
             for neg in negs:
                 corpus.setdefault(neg, len(corpus))
     for file in extra_corpus:
-        for text in _read_corpus(file):
+        for text in read_corpus(file):
             corpus.setdefault(text, len(corpus))
     extra = f" + {len(extra_corpus)} extra corpus file(s)" if extra_corpus else ""
-    return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant],
-                    read_sts(sts) if sts else None, source=report.source + extra)
+    return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant], sts, source=source + extra)
 
 
 # --------------------------------------------------------------------------------------------- encoding

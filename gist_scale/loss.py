@@ -84,7 +84,7 @@ from torch.utils.checkpoint import checkpoint
 from gist_scale import distributed as gdist
 from gist_scale.config import MARGIN_STRATEGIES, LossConfig
 
-__all__ = ["GISTLoss", "LossStats"]
+__all__ = ["GISTLoss", "LossStats", "margin_threshold"]
 
 
 
@@ -303,11 +303,7 @@ class GISTLoss(nn.Module):
                 # Threshold from the very matrix entry the label column holds, so "strictly
                 # greater" compares like with like.
                 pos_sim = guide_sims.gather(1, labels[:, None])
-                if self.margin_strategy == "absolute":
-                    threshold = pos_sim - self.margin
-                else:
-                    threshold = pos_sim - pos_sim.abs() * self.margin
-                guided = guide_sims > threshold
+                guided = guide_sims > margin_threshold(pos_sim, self.margin_strategy, self.margin)
                 del guide_sims
                 guided &= col != labels[:, None]
                 guided &= ~excluded
@@ -340,6 +336,14 @@ class GISTLoss(nn.Module):
         p = F.normalize(p.float(), dim=-1)
         negs = None if n2 is None or k == 0 else F.normalize(n2.float().reshape(-1, d), dim=-1)
         return a, p, negs
+
+
+def margin_threshold(pos_sim: Tensor, margin_strategy: str, margin: float) -> Tensor:
+    """The guide score above which (strictly) a candidate is a false negative of a query whose positive the guide
+    scores ``pos_sim``: the loss masks such candidates, and `gist-scale mine` never picks them as negatives."""
+    if margin_strategy == "absolute":
+        return pos_sim - margin
+    return pos_sim - pos_sim.abs() * margin
 
 
 def _block_matrix(

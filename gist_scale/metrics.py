@@ -84,7 +84,7 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for start in range(0, queries.shape[0], QUERY_CHUNK):
         end = start + QUERY_CHUNK
-        top = top_k(queries[start:end], corpus, depth, skip[start:end])  # [chunk, depth] corpus ids, best first
+        _, top = top_k(queries[start:end], corpus, depth, skip[start:end])  # [chunk, depth] ids, best first
         # The gain of each retrieved document: binary search in the query's sorted judged ids.
         where = torch.searchsorted(ids[start:end], top).clamp(max=ids.shape[1] - 1)
         judged = ids[start:end].gather(1, where) == top
@@ -102,16 +102,21 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     values = (totals / queries.shape[0]).tolist()
     return dict(zip(METRICS, values))
 
-def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices of each query's k most similar documents, best first, scoring the corpus block by block.
+def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+          corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and indices `[Q, min(k, C)]` of each query's most similar documents (dot product), best first.
 
-    `exclude[i]` (-1: none) is a document that query i must not retrieve; it scores -inf, so it can only fill ranks
-    beyond every other document.
+    The corpus is scored `corpus_block` (default `CORPUS_CHUNK`) documents at a time and each block's top k merged
+    into a running top k, so memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining
+    (`gist-scale mine`) uses it with deeper k. `exclude[i]` (-1: none) is a document that query i must not
+    retrieve; it scores -inf, so it can only fill ranks beyond every other document.
     """
+    k = min(k, corpus.shape[0])
+    corpus_block = corpus_block or CORPUS_CHUNK
     best_scores = best_ids = None
     rows = torch.arange(queries.shape[0], device=queries.device)
-    for start in range(0, corpus.shape[0], CORPUS_CHUNK):
-        block = corpus[start:start + CORPUS_CHUNK]
+    for start in range(0, corpus.shape[0], corpus_block):
+        block = corpus[start:start + corpus_block]
         scores = queries @ block.T
         if exclude is not None:
             inside = (exclude >= start) & (exclude < start + block.shape[0])
@@ -123,7 +128,8 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Te
             scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
             ids = torch.cat([best_ids, ids], 1).gather(1, pick)
         best_scores, best_ids = scores, ids
-    return best_ids
+    return best_scores, best_ids
+
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n; tied values share the mean of the ranks they span (so [5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU benchmark of the speed issue's targets, sized for a single ~9-minute call on one H100/H200.
+# One-GPU benchmark of the speed issue's targets and of mining, sized for a single ~10-minute call on one H100/H200.
 #
 #   bash launch/bench_gpu.sh            # results: $OUT/*.json (or ./bench_out/), a log, and tables on stdout
 #
@@ -10,6 +10,8 @@
 #   3. base student, batch 16384 with GradCache on one GPU (the memory target; ST is not run: it cannot fit).
 #   4. ZeRO (needs deepspeed): base/base batch 128, ZeRO-2 vs ZeRO-3 with one forward per column and with all
 #      texts in one call (chunk 384 = 128 x 3). Target: ZeRO-3 >= 80% of ZeRO-2.
+#   5. Mining (needs datasets): `gist-scale mine` on 50,000 synthetic pairs with a random base guide in bf16:
+#      texts embedded per second and queries searched per second, in $OUT/mine.json (its `--stats`).
 #
 # The GPU image (python 3.12, torch, transformers, accelerate, sentence-transformers, rich, pyyaml) lacks
 # deepspeed. Carry it as wheels in .whl/ (git-ignored) and name `.whl` in the device call's `carry`; here,
@@ -18,8 +20,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #       hjson pydantic pydantic-core annotated-types typing-inspection
-# Without wheels steps 1-3 still run and step 4 is skipped. Nothing here needs `datasets` or a download: the
-# models are random BERT configs built locally with a generated vocabulary, the batches synthetic token ids.
+# Without wheels steps 1-3 still run and step 4 is skipped. Steps 1-4 need neither `datasets` nor a download: the
+# models are random BERT configs built locally with a generated vocabulary, the batches synthetic token ids. Step 5
+# reads its pairs with `datasets` (and pyarrow): without it the step is skipped; carry their wheels in .whl/ too.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -44,8 +47,10 @@ fi
 
 # BENCH_SMOKE=1: the same four runs at the tiny size and short lengths, to check the script on a CPU.
 SMOKE=()
+MINE=(base 50000)  # guide size, pairs
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
     SMOKE=(--cases tiny --batch 8 --query-len 4-12 --doc-len 8-24 --steps 1 --warmup 1 --threads 1)
+    MINE=(tiny 300)
 fi
 
 # On a CPU (the smoke mode) DeepSpeed JIT-compiles its shared-memory communication op on first use (40-60 s, more on
@@ -65,6 +70,17 @@ run() {  # run SECONDS NAME ARGS...: one bench invocation, bounded so that the l
     echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
+mine() {  # mine SECONDS SIZE PAIRS: `gist-scale mine` on PAIRS synthetic pairs with a random guide of SIZE
+    local seconds=$1 size=$2 pairs=$3 dir="${TMPDIR:-/tmp}/gist_mine_bench"
+    # Inputs and the mined file stay out of $OUT (tens of MB); the guide is random, so the negatives mean nothing.
+    echo "=== mine: gist-scale mine on $pairs synthetic pairs, random $size guide" | tee -a "$LOG"
+    python3 -c "from gist_scale.tools.bench import write_mining_inputs; write_mining_inputs('$dir', '$size', $pairs)"
+    timeout --signal=INT "$seconds" python3 -m gist_scale mine --data.path "$dir/pairs.jsonl" --data.task_column null \
+        --guide.name "$dir/$size" --num-negatives 7 --range-max 100 --sampling top --batch-size 512 \
+        --out "$dir/mined.jsonl" --overwrite --stats "$OUT/mine.json" 2>&1 | tee -a "$LOG"
+    echo "=== mine: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
 run 170 base_base --cases base/base --batch 32,256 --steps 8 --warmup 3 --chunk-size 128
 run 150 small_large --cases small/large --batch 256,32 --steps 8 --warmup 3 --chunk-size 128
 run 110 base_16k --cases base/base --batch 16384 --modes grad_cache --steps 2 --warmup 1 --chunk-size 1024
@@ -73,5 +89,10 @@ if python3 -c "import deepspeed" 2>/dev/null; then
         --steps 8 --warmup 3 --chunk-size 384
 else
     echo "=== zero_base_128: skipped (deepspeed not importable; see the wheel recipe at the top)" | tee -a "$LOG"
+fi
+if python3 -c "import datasets" 2>/dev/null; then
+    mine 60 "${MINE[@]}"
+else
+    echo "=== mine: skipped (datasets not importable; see the wheel recipe at the top)" | tee -a "$LOG"
 fi
 ls -la "$OUT"

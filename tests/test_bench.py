@@ -97,13 +97,14 @@ def test_commands_are_registered():
 @pytest.mark.slow
 def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path, torch_extensions_dir):
     """`launch/bench_gpu.sh` is run on a GPU only when one is lent (minutes at a time), so CI runs its four bench
-    invocations at the tiny size on the CPU (`BENCH_SMOKE=1`): each must exit 0 and write complete records."""
+    invocations and its mining run at the tiny size on the CPU (`BENCH_SMOKE=1`): each must exit 0 and write
+    complete records."""
     repo = REPO
     env = dict(os.environ, BENCH_SMOKE="1", OUT=str(tmp_path), OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=torch_extensions_dir,
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     result = subprocess.run(["bash", str(repo / "launch" / "bench_gpu.sh")], env=env, cwd=repo, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=900)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     for name in ("base_base", "small_large", "base_16k", "zero_base_128"):
@@ -112,6 +113,9 @@ def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path, torch_extensio
         assert records and all(r["triplets_per_s"] > 0 for r in records), name
     modes = {r["mode"] for r in json.loads((tmp_path / "zero_base_128.json").read_text())}
     assert modes == {"plain", "zero2", "zero3", "zero2_chunked", "zero3_chunked"}
+    assert "=== mine: exit 0" in log, log[-4000:]
+    mined = json.loads((tmp_path / "mine.json").read_text())
+    assert mined["rows"] == 300 and mined["texts_per_s"] > 0 and mined["queries_per_s"] > 0
 
 
 def test_without_sentence_transformers_the_reference_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):

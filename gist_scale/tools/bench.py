@@ -220,6 +220,25 @@ def build_model_dir(size: str, root: Path, dropout: float, seed: int) -> Path:
     return out
 
 
+def write_mining_inputs(root: str | Path, size: str, rows: int, query_len: tuple[int, int] = (8, 32),
+                        doc_len: tuple[int, int] = (32, 120), seed: int = 0) -> None:
+    """Inputs for timing `gist-scale mine` (`launch/bench_gpu.sh`): a random BERT guide `ROOT/SIZE`
+    (`build_model_dir`) and `ROOT/pairs.jsonl`, `rows` (query, pos) pairs of random vocabulary words (`tok123` is one
+    token), lengths in words uniform in `query_len` and `doc_len`."""
+    import numpy as np
+
+    root = Path(root)
+    build_model_dir(size, root, 0.0, seed)
+    rng = np.random.default_rng(seed)
+
+    def text(span: tuple[int, int]) -> str:
+        return " ".join(f"tok{i}" for i in rng.integers(0, VOCAB - 104, int(rng.integers(span[0], span[1] + 1))))
+
+    with (root / "pairs.jsonl").open("w") as handle:
+        for _ in range(rows):
+            handle.write(json.dumps({"query": text(query_len), "pos": text(doc_len)}) + "\n")
+
+
 def synthetic_batch(generator: torch.Generator, batch: int, query_len: tuple[int, int], doc_len: tuple[int, int],
                     vocab: int, decoder: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Collated-like columns `query`, `pos`, `neg` (one negative per row) of random ids, right-padded: BERT's

@@ -1,0 +1,429 @@
+"""`gist-scale mine`: hard negatives for (query, positive) pairs, picked by the guide with GIST's own rule.
+
+    gist-scale mine --data.path pairs.jsonl [--corpus FILE ...] --guide.name MODEL --num-negatives K \\
+        --range-min 10 --range-max 100 --margin 0.05 --margin-strategy relative --out triplets.jsonl
+
+1. Rows are read with `load_triplets` (any `--data.*` source and column mapping; negative columns, if any, are
+   ignored: the rows are read as pairs). Queries are deduplicated: a query text on several rows is one query whose
+   positives are all of those rows' positives. The corpus is every distinct positive plus the texts of `--corpus`
+   files (a `text` column or plain lines).
+2. The guide embeds every distinct text once, sharded across the ranks of a `torchrun`/`accelerate launch` job
+   (`gist_scale.evaluate.encode_texts`). With `--guide.cache DIR` (built by `gist-scale cache-guide` with the same
+   `--data.*` options and `--data.neg_columns '[]'`) the queries and positives come from the cache and only the
+   extra corpus is embedded.
+3. Each rank searches its share of the queries against the whole corpus: exact top-k by blocked matrix products on
+   the device (`gist_scale.metrics.top_k`, never the full similarity matrix), or a faiss `IndexFlatIP` with
+   `--index faiss` (also exact; faiss's BLAS and GPU kernels for corpora of tens of millions).
+4. Filtering and sampling, per query, sentence-transformers' `mine_hard_negatives` semantics: the guide retrieves
+   the top `range_max + P` corpus texts (P: the most positives any query has, so that positives cannot push
+   candidates out). Dropped: the query's own positives (same text) and every candidate the guide scores strictly
+   above the positive minus the margin, exactly the rule by which `GISTLoss` masks false negatives
+   (`gist_scale.loss.margin_threshold`; with several positives the lowest positive score sets the threshold, so the
+   rule holds for every row). **Ranks are counted after this filtering**: rank 0 is the best surviving candidate.
+   K negatives are taken from ranks `[range_min, range_max)`: the K best (`--sampling top`) or K drawn uniformly
+   without replacement (`--sampling random`, seeded per block of queries, so the draw does not depend on the
+   number of ranks). A query with fewer than K allowed candidates gets none, and its rows are left out (counted).
+5. The main process writes one JSON line per input row, in input order, in the MEDI schema that `gist-scale train`
+   reads by default: `query`, `pos`, `neg` (a list of K texts, best first), `task_name`, plus the guide's scores
+   `pos_score` (of this row's pair) and `neg_scores`. The file is written to a temporary name and renamed, so an
+   interrupted run leaves no partial `--out`; an existing `--out` is kept unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from gist_scale import distributed
+from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig, load_config
+from gist_scale.data import DataError, load_triplets
+from gist_scale.evaluate import encode_texts, retrieval_task
+from gist_scale.loss import margin_threshold
+from gist_scale.metrics import top_k
+
+__all__ = ["MineConfig", "MineStats", "mine_negatives", "main"]
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+QUERY_BLOCK = 1024
+"""Queries searched at a time (and the unit of the random draw's seeding): with the corpus scored in blocks of
+`metrics.CORPUS_CHUNK`, the largest score matrix is 1024 x 65536 fp32 (256 MiB)."""
+
+SCORE_DIGITS = 6
+"""Decimals of the scores written (the guide's fp32 cosines carry about 7)."""
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """How negatives are chosen; every field is a `gist-scale mine` option (`--num-negatives` for `num_negatives`)."""
+
+    num_negatives: int = 3
+    """K, the negatives written per row."""
+    range_min: int = 0
+    """Skip the best `range_min` surviving candidates (ranks are counted after dropping positives and margin
+    violators): a guard against unlabelled positives the margin did not catch."""
+    range_max: int = 100
+    """Take negatives from surviving ranks below this; also how deep the guide searches (`range_max + P`)."""
+    margin: float = LossConfig.margin
+    """Drop candidates the guide scores strictly above `g(q,p) - margin` (absolute) or `g(q,p) - |g(q,p)| * margin`
+    (relative): GISTLoss's false-negative rule, with the same defaults."""
+    margin_strategy: str = LossConfig.margin_strategy
+    """`absolute` or `relative`, as `loss.margin_strategy`."""
+    sampling: Literal["random", "top"] = "random"
+    """`random`: K drawn uniformly from the allowed ranks (seeded); `top`: the K best allowed ones."""
+    seed: int = 0
+    """Seed of the random draw."""
+    index: Literal["torch", "faiss"] = "torch"
+    """`torch`: blocked matrix products on this rank's device; `faiss`: an exact faiss IndexFlatIP (needs faiss)."""
+    batch_size: int = 128
+    """Texts per guide forward."""
+    query_block: int = QUERY_BLOCK
+    """Queries searched at a time."""
+
+    def __post_init__(self) -> None:
+        def check(condition: bool, message: str) -> None:
+            if not condition:
+                raise ConfigError(message)
+
+        check(self.num_negatives >= 1, f"--num-negatives {self.num_negatives}: must be at least 1")
+        check(self.range_min >= 0, f"--range-min {self.range_min}: must be >= 0")
+        check(self.range_max > self.range_min,
+              f"--range-max {self.range_max}: must be larger than --range-min {self.range_min}")
+        check(self.num_negatives <= self.range_max - self.range_min,
+              f"--num-negatives {self.num_negatives} is more than the {self.range_max - self.range_min} ranks "
+              f"allowed by --range-min {self.range_min} --range-max {self.range_max}: lower --num-negatives or "
+              "widen the range")
+        check(math.isfinite(self.margin), f"--margin {self.margin}: must be a finite number")
+        check(self.margin_strategy in MARGIN_STRATEGIES,
+              f"--margin-strategy {self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
+        check(self.sampling in ("random", "top"), f"--sampling {self.sampling!r}: use random or top")
+        check(self.index in ("torch", "faiss"), f"--index {self.index!r}: use torch or faiss")
+        check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be positive")
+        check(self.query_block > 0, f"--query-block {self.query_block}: must be positive")
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+Search = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""(queries [B, D], depth) -> (scores, corpus ids) [B, <= depth], best first."""
+
+
+def _torch_search(corpus: torch.Tensor) -> Search:
+    return lambda queries, depth: top_k(queries, corpus, depth)
+
+
+def _faiss_search(corpus: torch.Tensor, depth: int) -> Search:
+    try:
+        import faiss
+    except ImportError as error:
+        raise ConfigError("--index faiss needs faiss: pip install 'gist-scale[faiss]' (faiss-cpu), or faiss-gpu; "
+                          "or use --index torch") from error
+    index = faiss.IndexFlatIP(corpus.shape[1])
+    if corpus.device.type == "cuda" and faiss.get_num_gpus() > 0:
+        if depth > 2048:
+            raise ConfigError(f"faiss on GPU returns at most 2048 neighbours, this search needs {depth} (--range-max "
+                              "plus the most positives of a query): lower --range-max or use --index torch")
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), corpus.device.index or 0, index)
+    index.add(corpus.float().cpu().numpy())
+
+    def search(queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, ids = index.search(queries.float().cpu().numpy(), k)
+        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(ids).to(queries.device)
+
+    return search
+
+
+# ----------------------------------------------------------------------------------------------- mining
+
+
+def _positive_table(positives: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """`[Q, P]` corpus ids of each query's positives, padded with -1 (never a corpus id)."""
+    width = max(len(ids) for ids in positives)
+    table = np.full((len(positives), width), -1, dtype=np.int64)
+    for i, ids in enumerate(positives):
+        table[i, :len(ids)] = ids
+    return torch.from_numpy(table).to(device)
+
+
+def query_blocks(num_queries: int, block: int, world: int, rank: int) -> tuple[list[int], list[int]]:
+    """This rank's query blocks (contiguous) and every rank's number of queries, without a collective."""
+    blocks = np.array_split(np.arange(math.ceil(num_queries / block)), world)
+    sizes = [sum(min(block, num_queries - b * block) for b in part) for part in blocks]
+    return blocks[rank].tolist(), sizes
+
+
+def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]], cfg: MineConfig,
+                   blocks: Sequence[int] | None = None,
+                   search: Search | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mine K negatives for the queries of `blocks` (blocks of `cfg.query_block` queries; default: all).
+
+    `queries` `[Q, D]` and `corpus` `[C, D]` are the guide's L2-normalized embeddings, `positives[i]` the corpus ids
+    of query i's positives. Returns `(ids, scores, margin_dropped)`: `[n, K]` corpus ids best first (-1 throughout
+    a row whose query has fewer than K allowed candidates) and their guide scores, for the n queries of `blocks` in
+    order, and how many searched candidates the margin rule dropped. See the module docstring for the rule.
+    """
+    k = cfg.num_negatives
+    pos_table = _positive_table(positives, queries.device)
+    depth = min(cfg.range_max + pos_table.shape[1], corpus.shape[0])
+    search = search or _torch_search(corpus)
+    if blocks is None:
+        blocks = range(math.ceil(queries.shape[0] / cfg.query_block))
+    out_ids, out_scores = [], []
+    dropped = torch.zeros((), dtype=torch.int64, device=queries.device)
+    for block in blocks:
+        rows = slice(block * cfg.query_block, min((block + 1) * cfg.query_block, queries.shape[0]))
+        q, pos = queries[rows], pos_table[rows]
+        # The lowest positive score of each query sets its threshold, so no row of that query breaks the rule.
+        pos_scores = torch.einsum("bd,bpd->bp", q, corpus[pos.clamp(min=0)]).masked_fill(pos < 0, math.inf)
+        threshold = margin_threshold(pos_scores.min(1, keepdim=True).values, cfg.margin_strategy, cfg.margin)
+        scores, ids = search(q, depth)
+        real = ids >= 0  # faiss pads a short result with -1
+        is_positive = (ids[:, :, None] == pos[:, None, :]).any(-1)
+        above = scores > threshold
+        dropped += (above & real & ~is_positive).sum()
+        keep = real & ~is_positive & ~above
+        rank = keep.cumsum(1) - 1  # ranks after filtering
+        allowed = keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
+        if cfg.sampling == "top":
+            keys = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device).expand(ids.shape)
+        else:
+            # Seeded by (seed, block): the same draw whichever rank holds the block.
+            generator = np.random.default_rng([cfg.seed, block])
+            keys = torch.from_numpy(generator.random(ids.shape)).to(ids.device)
+        keys = keys.masked_fill(~allowed, math.inf)
+        width = min(k, ids.shape[1])
+        picked = keys.topk(width, dim=1, largest=False).indices.sort(1).values  # position order = score order
+        found = allowed.sum(1, keepdim=True) >= k
+        chosen_ids = torch.full((ids.shape[0], k), -1, dtype=torch.int64, device=ids.device)
+        chosen_scores = torch.full((ids.shape[0], k), math.nan, dtype=torch.float32, device=ids.device)
+        chosen_ids[:, :width] = torch.where(found, ids.gather(1, picked), -1)
+        chosen_scores[:, :width] = torch.where(found, scores.gather(1, picked).float(), math.nan)
+        out_ids.append(chosen_ids)
+        out_scores.append(chosen_scores)
+    if not out_ids:
+        return (torch.empty(0, k, dtype=torch.int64, device=queries.device),
+                torch.empty(0, k, device=queries.device), dropped)
+    return torch.cat(out_ids), torch.cat(out_scores), dropped
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+@dataclass
+class MineStats:
+    """What a mining run did, printed at the end and written by `--stats FILE`."""
+
+    rows: int
+    queries: int
+    corpus: int
+    ranks: int
+    texts_embedded: int
+    embed_seconds: float
+    search_seconds: float
+    searched_candidates: int
+    margin_dropped: int
+    queries_short: int
+    rows_written: int
+    mean_pos_score: float
+    mean_neg_score: float
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts_embedded / max(self.embed_seconds, 1e-9)
+
+    @property
+    def queries_per_s(self) -> float:
+        return self.queries / max(self.search_seconds, 1e-9)
+
+    def lines(self) -> list[str]:
+        return [
+            f"mine: {self.rows} rows, {self.queries} distinct queries, corpus of {self.corpus} texts, "
+            f"{self.ranks} rank(s)",
+            f"  embedded {self.texts_embedded} texts in {self.embed_seconds:.1f} s ({self.texts_per_s:.1f} texts/s)",
+            f"  searched {self.queries} queries in {self.search_seconds:.2f} s ({self.queries_per_s:.1f} queries/s); "
+            f"the margin dropped {self.margin_dropped} of {self.searched_candidates} candidates "
+            f"({self.margin_dropped / max(self.searched_candidates, 1):.1%})",
+            f"  guide scores: positives {self.mean_pos_score:.4f}, negatives {self.mean_neg_score:.4f} (means)",
+        ]
+
+
+def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_size: int,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Normalized fp32 guide embeddings of the distinct queries and the corpus, and how many texts were embedded."""
+    from gist_scale.guide_cache import open_guide_cache
+    from gist_scale.model import load_guide, load_tokenizer
+
+    if job.guide.cache is None:
+        texts = task.texts
+    else:
+        cache = open_guide_cache(job.guide, dataset, 0)
+        # Row embeddings of each query's and each positive's first row; the positives are corpus ids 0..P-1.
+        first_q = np.unique(rows_q, return_index=True)[1]
+        first_p = np.unique(rows_p, return_index=True)[1]
+        query_emb = cache.lookup(first_q.tolist())["query"].to(device)
+        pos_emb = cache.lookup(first_p.tolist())["pos"].to(device)
+        texts = task.corpus[len(first_p):]
+    embeddings = torch.empty(0, 0, device=device)
+    if texts:
+        tokenizer = load_tokenizer(job.guide.name, job.guide.revision)
+        guide = load_guide(job.guide, device)
+        embeddings = encode_texts(guide, tokenizer, texts, job.guide.max_length, batch_size, device)
+        del guide
+    if job.guide.cache is None:
+        query_emb, corpus_emb = embeddings[task.query_ids], embeddings[task.corpus_ids]
+    else:
+        corpus_emb = torch.cat([pos_emb.float(), embeddings.to(pos_emb.device).float()]) if texts else pos_emb
+    return F.normalize(query_emb.float(), dim=-1), F.normalize(corpus_emb.float(), dim=-1), len(texts)
+
+
+def _write(out: Path, dataset, task, rows_q: np.ndarray, rows_p: np.ndarray, pos_scores: np.ndarray,
+           neg_ids: np.ndarray, neg_scores: np.ndarray) -> None:
+    """Write the rows whose query has K negatives to a temporary file next to `out`, then rename it over `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    row = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            for batch in dataset.iter(batch_size=4096):
+                for query, pos, task_name in zip(batch["query"], batch["pos"], batch["task_name"]):
+                    q = rows_q[row]
+                    if neg_ids[q, 0] >= 0:
+                        record = {"query": query, "pos": pos, "neg": [task.corpus[i] for i in neg_ids[q]],
+                                  "task_name": task_name, "pos_score": round(float(pos_scores[row]), SCORE_DIGITS),
+                                  "neg_scores": [round(float(s), SCORE_DIGITS) for s in neg_scores[q]]}
+                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    row += 1
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distinct-query id and its positive's corpus id."""
+    query_id = {text: i for i, text in enumerate(task.queries)}
+    corpus_id = {text: i for i, text in enumerate(task.corpus)}
+    rows_q, rows_p = [], []
+    for batch in dataset.iter(batch_size=4096):
+        rows_q.extend(query_id[text] for text in batch["query"])
+        rows_p.extend(corpus_id[text] for text in batch["pos"])
+    return np.asarray(rows_q, dtype=np.int64), np.asarray(rows_p, dtype=np.int64)
+
+
+def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = (), overwrite: bool = False,
+        stats_file: str | Path | None = None) -> MineStats:
+    """Mine and write `out` (main process). Every rank of the job must call it; every rank returns the stats."""
+    if job.guide.name is None:
+        raise ConfigError("mine needs a guide: set --guide.name")
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
+    state = distributed.launch_state(job.train.collective_timeout_s)
+    device = state.device
+    data_cfg = replace(job.data, neg_columns=[])  # rows are read as pairs: existing negatives are not candidates
+    with state.main_process_first():
+        dataset, report = load_triplets(data_cfg)
+        task = retrieval_task(dataset, corpus_files, report.source)
+    rows_q, rows_p = _row_pairs(dataset, task)
+    if state.is_main_process:
+        console.print(f"{task.describe()}; guide {job.guide.name} on {state.num_processes} rank(s)")
+
+    start = time.perf_counter()
+    queries, corpus, embedded = _embed(job, task, rows_q, rows_p, dataset, mine.batch_size, device)
+    embed_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    positives = task.relevant
+    depth = min(mine.range_max + max(len(p) for p in positives), corpus.shape[0])
+    search = _faiss_search(corpus, depth) if mine.index == "faiss" else _torch_search(corpus)
+    blocks, sizes = query_blocks(len(positives), mine.query_block, state.num_processes, state.process_index)
+    ids, scores, dropped = mine_negatives(queries, corpus, positives, mine, blocks, search)
+    ids = distributed.gather_no_grad(ids, sizes).cpu().numpy()
+    scores = distributed.gather_no_grad(scores, sizes).cpu().numpy()
+    dropped = int(distributed.all_reduce_sum(dropped).item())
+    search_seconds = time.perf_counter() - start
+
+    row_q, row_p = torch.from_numpy(rows_q).to(device), torch.from_numpy(rows_p).to(device)
+    pos_scores = (queries[row_q] * corpus[row_p]).sum(-1).cpu().numpy()
+    found = ids[:, 0] >= 0
+    kept_rows = found[rows_q]
+    stats = MineStats(
+        rows=len(rows_q), queries=len(positives), corpus=corpus.shape[0], ranks=state.num_processes,
+        texts_embedded=embedded, embed_seconds=embed_seconds, search_seconds=search_seconds,
+        searched_candidates=len(positives) * depth, margin_dropped=dropped, queries_short=int((~found).sum()),
+        rows_written=int(kept_rows.sum()),
+        mean_pos_score=float(pos_scores[kept_rows].mean()) if kept_rows.any() else math.nan,
+        mean_neg_score=float(scores[found].mean()) if found.any() else math.nan)
+    if state.is_main_process:
+        _write(out, dataset, task, rows_q, rows_p, pos_scores, ids, scores)
+        for line in stats.lines():
+            console.print(line)
+        if stats.queries_short:
+            console.print(f"[yellow]{stats.queries_short} queries ({stats.rows - stats.rows_written} rows) had fewer "
+                          f"than {mine.num_negatives} allowed candidates and were left out: raise --range-max, lower "
+                          "--range-min or --margin, or add --corpus texts")
+        console.print(f"wrote {stats.rows_written} rows to {out}")
+        if stats_file is not None:
+            record = {**asdict(stats), "texts_per_s": stats.texts_per_s, "queries_per_s": stats.queries_per_s,
+                      "device": str(device), "guide": job.guide.name, "settings": asdict(mine)}
+            Path(stats_file).write_text(json.dumps(record, indent=2) + "\n")
+    state.wait_for_everyone()
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gist-scale mine", description=__doc__.split("\n\n")[0],
+        epilog="Rows come from --data.* options as for training (negative columns are ignored); the guide from "
+               "--guide.* (also --guide.cache). Under torchrun / accelerate launch every rank embeds and searches "
+               "a share. Ranks are counted after dropping positives and margin violators, as in "
+               "sentence-transformers' mine_hard_negatives.")
+    defaults = MineConfig()
+    parser.add_argument("--out", required=True, help="JSONL file to write (MEDI schema plus guide scores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--corpus", action="append", default=[], metavar="FILE",
+                        help="extra candidate texts (JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); "
+                             "repeatable")
+    parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives,
+                        help="K negatives per row (default %(default)s)")
+    parser.add_argument("--range-min", type=int, default=defaults.range_min,
+                        help="skip this many best surviving candidates (default %(default)s)")
+    parser.add_argument("--range-max", type=int, default=defaults.range_max,
+                        help="take negatives from surviving ranks below this (default %(default)s)")
+    parser.add_argument("--margin", type=float, default=defaults.margin,
+                        help="GIST margin: drop candidates scored above the positive minus it (default %(default)s)")
+    parser.add_argument("--margin-strategy", default=defaults.margin_strategy, choices=MARGIN_STRATEGIES,
+                        help="absolute: minus margin; relative: minus |g(q,p)| x margin (default %(default)s)")
+    parser.add_argument("--sampling", default=defaults.sampling, choices=("random", "top"),
+                        help="K drawn uniformly from the allowed ranks, or the K best (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random draw")
+    parser.add_argument("--index", default=defaults.index, choices=("torch", "faiss"),
+                        help="exact search by blocked matrix products, or a faiss IndexFlatIP (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="texts per guide forward (default %(default)s)")
+    parser.add_argument("--query-block", type=int, default=defaults.query_block,
+                        help="queries searched at a time, also the unit of the seeded draw (default %(default)s)")
+    parser.add_argument("--stats", metavar="FILE", help="also write the run's counts and throughput as JSON")
+    parser.add_argument("--config", help="YAML config, as for `gist-scale train` (its data and guide sections)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        mine = MineConfig(args.num_negatives, args.range_min, args.range_max, args.margin, args.margin_strategy,
+                          args.sampling, args.seed, args.index, args.batch_size, args.query_block)
+        job = load_config(overrides, args.config)
+        run(job, mine, args.out, args.corpus, args.overwrite, args.stats)
+    except (ConfigError, DataError, OSError) as error:  # GuideCacheError is a ConfigError
+        console.print(f"[red]error:[/red] {error}")
+        return 2
+    return 0
