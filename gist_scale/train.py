@@ -29,8 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from gist_scale import chunking, distributed, encode
-from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
-                                   resolve_resume, save_checkpoint)
+from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
 from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
                                load_config, save_config)
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
@@ -40,6 +39,7 @@ from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
+from gist_scale.resume import plan_resume
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
 from gist_scale.st_format import export_sentence_transformer
 
@@ -131,12 +131,11 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
+        # Before anything is loaded: refuses another run's checkpoint, sets the per-device batch for this world size.
+        self.resume = plan_resume(cfg, self.accelerator, self.checkpoint_dir)
         self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
         set_seed(cfg.train.seed)
         self.device = self.accelerator.device
-        if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         if cfg.logging.trackers:
             self.accelerator.init_trackers(cfg.logging.project, config=_flatten(cfg.to_dict()))
 
@@ -149,6 +148,7 @@ class Trainer:
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
             dataset, self.data_report = load_triplets(cfg.data)
+            data_fingerprint = dataset._fingerprint
             # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
             guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives)
                            if cfg.guide.cache is not None else None)
@@ -160,6 +160,11 @@ class Trainer:
             dataset["task_name"], cfg.train.batch_size,
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
             cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
+        self.resume.check_data(data_fingerprint, self.sampler.summary)
+        # Only now: a refused resume must leave the run directory as it was.
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         self.tokens_per_epoch = count_tokens(dataset, "student")
         # Full global batches only (data.drop_last): every rank's micro-batch has batch_size rows, so the loss need not
         # exchange sizes (a host sync per step). Uneven tails keep the exchange.
@@ -212,9 +217,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
-        resume_from = resolve_resume(self.cfg.resume, self.checkpoint_dir)
+        resume_from = self.resume.checkpoint
         if resume_from is not None:
-            self.state = load_checkpoint(self.accelerator, resume_from)
+            self.state = self.resume.load(self.accelerator)
         self._print_summary(resume_from)
         pending: list[StepMetrics] = []
         window_start = time.perf_counter()
@@ -249,14 +254,16 @@ class Trainer:
                 pending, window_start = [], time.perf_counter()
             saved = bool(self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0)
             if saved:
-                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
+                                self.resume.record(self.state))
             if self.eval_data is not None and self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 \
                     and self.state.step < self.total_steps:
                 self._evaluate()
             # A collective: a signal may reach only some ranks, and all of them must stop at the same step.
             if distributed.any_rank_true(self.preemption.is_set):
                 if not saved:
-                    save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+                    save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
+                                    self.resume.record(self.state))
                 progress.close()
                 console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
                               f"{EXIT_PREEMPTED} so the job is requeued")
@@ -423,6 +430,7 @@ class Trainer:
             lines.append(f"[yellow]ignoring incomplete checkpoint {leftover}")
         if resume_from is not None:
             lines.append(f"resumed from {resume_from} at step {self.state.step}")
+            lines += self.resume.summary_lines()
         console.rule("gist-scale train")
         for line in lines:
             console.print(line)
