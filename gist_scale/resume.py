@@ -44,6 +44,9 @@ from gist_scale.data import SamplerSummary
 
 UNIVERSAL_DIR = "universal"
 """Inside `step_N/`: the checkpoint converted to DeepSpeed's universal format, with the non-DeepSpeed files."""
+PLAIN_DIR = "plain"
+"""Inside `step_N/`: a ZeRO checkpoint as `accelerator.save_state` writes it without DeepSpeed (whole weights, AdamW
+state by parameter), built from the universal one, for a resume without DeepSpeed."""
 _DEEPSPEED_TAG = "pytorch_model"  # where `accelerator.save_state` puts the engine's files (its `ckpt_id`)
 
 _FIX = {
@@ -170,7 +173,9 @@ class ResumePlan:
         """Restore the checkpoint onto this world size; returns the loop state, positioned in this run's units."""
         assert self.checkpoint is not None and self.saved is not None, "load() without a checkpoint to resume"
         source = self.checkpoint
-        if self.resharded and self.zero_stage is not None:
+        if self.saved.zero_stage is not None and self.zero_stage is None:
+            source = plain_checkpoint(accelerator, self.checkpoint)
+        elif self.resharded and self.zero_stage is not None:
             source = universal_checkpoint(accelerator, self.checkpoint)
         state = load_checkpoint(accelerator, self.checkpoint, load_from=source)
         if self.resharded:
@@ -189,14 +194,20 @@ class ResumePlan:
             return []
         lines = list(self.notes)
         if self.resharded:
+            kept = self.global_batch == self.saved.global_batch_size
             lines.append(
-                f"resuming a checkpoint of {_processes(self.saved.world_size)} on {self.world_size}: same global "
-                f"batch {self.global_batch}, per-device batch {self.saved.per_device_batch_size} -> "
+                f"resuming a checkpoint of {_processes(self.saved.world_size)} on {self.world_size}: "
+                + (f"same global batch {self.global_batch}" if kept else
+                   f"global batch {self.saved.global_batch_size} -> {self.global_batch}")
+                + f", per-device batch {self.saved.per_device_batch_size} -> "
                 f"{self.cfg.train.batch_size}; data order, optimizer state and learning-rate schedule continue, "
                 "dropout masks are re-seeded (per-rank RNG streams do not carry over to another process count)")
             if self.zero_stage is not None:
                 lines.append(f"ZeRO-{self.zero_stage} states resharded through DeepSpeed's universal checkpoint "
                              f"{self.checkpoint / UNIVERSAL_DIR} (converted once, kept with the checkpoint)")
+        if self.saved.zero_stage is not None and self.zero_stage is None:
+            lines.append(f"ZeRO-{self.saved.zero_stage} states consolidated for a run without DeepSpeed into "
+                         f"{self.checkpoint / PLAIN_DIR} (through DeepSpeed's universal checkpoint; converted once)")
         return lines
 
 
@@ -224,12 +235,13 @@ def plan_resume(cfg: JobConfig, accelerator: Accelerator, checkpoint_dir: Path) 
         if "train.global_batch_size" not in plan.allowed_changes:
             plan.global_batch = saved.global_batch_size
         source = f"the checkpoint {checkpoint.name}'s global batch"
-        if saved.zero_stage != stage:
+        # ZeRO -> DDP or one plain process goes through the universal checkpoint too (`plain_checkpoint`).
+        if saved.zero_stage != stage and stage is not None:
             layout = {None: "DDP or one plain process"}
             raise CheckpointError(
                 f"{checkpoint}: written under {layout.get(saved.zero_stage, f'ZeRO-{saved.zero_stage}')}, this run "
-                f"uses {layout.get(stage, f'ZeRO-{stage}')}; resume with the same layout (the same "
-                "accelerate/DeepSpeed config; only the number of processes may change)")
+                f"uses ZeRO-{stage}; resume with the checkpoint's layout (its accelerate/DeepSpeed config; the "
+                "number of processes may change), or without DeepSpeed")
     train.batch_size = per_device_batch(plan.global_batch, world, train.grad_accum_steps, source)
     if plan.resharded and stage is not None:
         plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -280,9 +292,69 @@ def universal_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Path:
             raise CheckpointError(f"{checkpoint}: converting to DeepSpeed's universal checkpoint failed ({error}); "
                                   f"resume on {RunRecord.read(checkpoint).world_size} processes instead. "
                                   f"Conversion log:\n{log.getvalue()[-2000:]}") from error
-        for file in checkpoint.iterdir():
-            if file.is_file() and file.name not in (COMPLETE_MARKER, STATE_FILE, RUN_FILE):
-                shutil.copy2(file, tmp / file.name)
+        _copy_common_files(checkpoint, tmp)
+        os.replace(tmp, target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _copy_common_files(checkpoint: Path, destination: Path) -> None:
+    """The checkpoint's files that every layout reads alike (scheduler, custom objects, RNG states)."""
+    for file in checkpoint.iterdir():
+        if file.is_file() and file.name not in (COMPLETE_MARKER, STATE_FILE, RUN_FILE):
+            shutil.copy2(file, destination / file.name)
+
+
+def plain_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Path:
+    """A ZeRO `checkpoint` as a run without DeepSpeed (DDP or one process) saves it, in `checkpoint/plain/`.
+
+    The universal checkpoint holds every parameter's fp32 weights and AdamW moments whole, by parameter name; here
+    they become `model.safetensors` (keyed like this run's model) and `optimizer.bin` (this run's optimizer groups,
+    with the saved learning rate and step), which `accelerator.load_state` then reads as usual.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    universal = universal_checkpoint(accelerator, checkpoint)
+    target = checkpoint / PLAIN_DIR
+    if accelerator.is_main_process and not target.is_dir():
+        zero = universal / _DEEPSPEED_TAG / "zero"
+
+        def saved(name: str, key: str) -> torch.Tensor:
+            value = torch.load(zero / name / f"{key}.pt", map_location="cpu", weights_only=False)
+            return value["param"] if isinstance(value, dict) else value  # ZeRO-1/2 wrap tensors, ZeRO-3 does not
+
+        model = accelerator._models[0]
+        names = {param: name for name, param in accelerator.unwrap_model(model).named_parameters()}
+        weights = {key: (saved(name, "fp32").reshape(value.shape) if (name := key.removeprefix("module."))
+                         in names.values() else value).contiguous()
+                   for key, value in accelerator.get_state_dict(model, unwrap=False).items()}
+        global_state = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+        lr = global_state["param_groups"][0]["lr"]  # one schedule: every group has the same rate
+        state, groups = {}, []
+        for group in accelerator._optimizers[0].optimizer.param_groups:
+            indices = []
+            for param in group["params"]:
+                name = names[param]
+                step = (saved(name, "step") if (zero / name / "step.pt").is_file()
+                        else global_state["optimizer_state_dict"]["state"][0]["step"])  # ZeRO-3 keeps it once
+                state[len(state)] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(),
+                                     **{key: saved(name, key).reshape(param.shape) for key in ("exp_avg", "exp_avg_sq")}}
+                indices.append(len(state) - 1)
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "lr": lr, "params": indices})
+        tmp = checkpoint / f".tmp-{PLAIN_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(weights, str(tmp / "model.safetensors"))
+        torch.save({"state": state, "param_groups": groups}, tmp / "optimizer.bin")
+        _copy_common_files(checkpoint, tmp)
+        # ZeRO-3 regroups the parameters, so the schedule's per-group lists (one schedule for all groups) are
+        # re-cut to this run's groups. It is the trainer's one object registered for checkpointing.
+        schedule = tmp / "custom_checkpoint_0.pkl"
+        saved_schedule = torch.load(schedule, weights_only=False)
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+            saved_schedule[key] = saved_schedule[key][:1] * len(groups)
+        torch.save(saved_schedule, schedule)
         os.replace(tmp, target)
     accelerator.wait_for_everyone()
     return target

@@ -168,8 +168,9 @@ def test_ddp_resumes_on_one_two_and_three_processes_with_the_same_global_batch(t
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["zero2", "zero3"])
 def test_zero_resumes_on_one_process_and_back_through_a_universal_checkpoint(layout, tmp_path, tiny_model_dir,
-                                                                             launch_env):
-    """ZeRO shards of 2 ranks -> 1 process -> 2 ranks, converted through DeepSpeed's universal checkpoint."""
+                                                                             launch_env, capsys):
+    """ZeRO shards of 2 ranks -> 1 process -> 2 ranks, converted through DeepSpeed's universal checkpoint; and
+    2 ZeRO ranks -> 1 process without DeepSpeed."""
     reference = tmp_path / "two"
     launch(2, layout, run_args(tiny_model_dir, reference, "--train.global_batch_size", "8"), launch_env)
 
@@ -189,3 +190,12 @@ def test_zero_resumes_on_one_process_and_back_through_a_universal_checkpoint(lay
                  launch_env)
     assert "resuming a checkpoint of 1 process on 2" in err
     assert_same_run(again, reference, first_step=5)
+
+    # Without DeepSpeed (in this process): whole weights and AdamW moments by parameter, from the universal form.
+    plain = tmp_path / "plain"
+    resume_from(reference / "checkpoints" / "step_2", plain)
+    capsys.readouterr()
+    assert main(run_args(tiny_model_dir, plain, "--train.global_batch_size", "8", "--resume", "auto")) == 0
+    consolidated = plain / "checkpoints" / "step_2" / "plain"
+    assert f"ZeRO-{stage} states consolidated for a run without DeepSpeed into {consolidated}" in capsys.readouterr().err
+    assert_same_run(plain, reference, first_step=3)
