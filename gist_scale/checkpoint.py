@@ -180,8 +180,8 @@ def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
 def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None = None) -> TrainerState:
     """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint.
 
-    `load_from`: a directory holding the same state in another form (its universal conversion, see
-    `gist_scale.resume`) to hand to `accelerator.load_state` instead of `path`.
+    `load_from`: a directory holding the same state in another layout's form (converted by `gist_scale.resume`
+    for another world size or for a run without DeepSpeed) to hand to `accelerator.load_state` instead of `path`.
     """
     verify_checkpoint(path)
     state_file = path / STATE_FILE

@@ -236,8 +236,9 @@ class TrainConfig:
     """Triplets per device per micro-batch. Global batch = batch_size x world size x grad_accum_steps. Ignored when
     `global_batch_size` is set; on a resume, derived from the checkpoint's global batch (see `gist_scale.resume`)."""
     global_batch_size: int | None = None
-    """Triplets per optimizer step over all processes (the rows that are each other's negatives, per accumulation
-    micro-step); the per-device batch becomes global / (world size x grad_accum_steps). Null: from `batch_size`."""
+    """Triplets per optimizer step over all processes and accumulation micro-steps (each micro-step's share are each
+    other's negatives); the per-device batch becomes global / (world size x grad_accum_steps). Null: from
+    `batch_size`. Kept on a resume with another number of processes (see `gist_scale.resume`)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step. Each micro-batch's loss sees only its own candidates; raise batch_size
     or use GradCache (`train.grad_cache`) to grow the negatives instead. Logged as candidates per anchor."""

@@ -11,7 +11,9 @@ stage that wrote it, which are *not* identity. A resume
   sampler continues at the same global batch (its plan depends only on the global batch, not on the world size),
   DDP's replicated state loads on any world size, and partitioned ZeRO-1/2/3 states are converted once into
   DeepSpeed's universal checkpoint (`deepspeed.checkpoint.ds_to_universal`), cached in `step_N/universal/`, and
-  loaded with DeepSpeed's `load_universal`. Per-rank dropout RNG streams cannot be mapped onto another rank count:
+  loaded with DeepSpeed's `load_universal`; a ZeRO checkpoint resumed without DeepSpeed (DDP or one process) is
+  consolidated from that universal form into `step_N/plain/`. Per-rank dropout RNG streams cannot be mapped onto
+  another rank count:
   every rank is re-seeded from (seed, step, rank), so dropout masks after such a resume differ from those of an
   uninterrupted run; the data order, the optimizer state and the learning-rate schedule do not;
 - with a changed identity field is refused, naming the field, unless `checkpoint.allow_changes` lists it.
@@ -237,11 +239,12 @@ def plan_resume(cfg: JobConfig, accelerator: Accelerator, checkpoint_dir: Path) 
         source = f"the checkpoint {checkpoint.name}'s global batch"
         # ZeRO -> DDP or one plain process goes through the universal checkpoint too (`plain_checkpoint`).
         if saved.zero_stage != stage and stage is not None:
-            layout = {None: "DDP or one plain process"}
+            written = "without DeepSpeed" if saved.zero_stage is None else f"under ZeRO-{saved.zero_stage}"
+            layouts = ("DDP or one process" if saved.zero_stage is None
+                       else f"ZeRO-{saved.zero_stage}, or DDP or one process without DeepSpeed")
             raise CheckpointError(
-                f"{checkpoint}: written under {layout.get(saved.zero_stage, f'ZeRO-{saved.zero_stage}')}, this run "
-                f"uses ZeRO-{stage}; resume with the checkpoint's layout (its accelerate/DeepSpeed config; the "
-                "number of processes may change), or without DeepSpeed")
+                f"{checkpoint}: written {written}, and this run uses ZeRO-{stage}; resume it with {layouts} (any "
+                "number of processes that divides the global batch)")
     train.batch_size = per_device_batch(plan.global_batch, world, train.grad_accum_steps, source)
     if plan.resharded and stage is not None:
         plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
