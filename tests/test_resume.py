@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from dist_utils import assert_same_losses, loss_records, torchrun_command
+from gist_scale.data import GlobalBatchSampler
 from gist_scale.resume import per_device_batch
 from gist_scale.train import main
 
@@ -66,6 +67,25 @@ def test_non_dividing_world_sizes_are_answered_with_the_ones_that_work():
     with pytest.raises(ValueError, match=r"with train.grad_accum_steps=2: 1 \(6 per device\), 2 \(3 per device\), "
                                          r"3 \(2 per device\), 6 \(1 per device\)\."):
         per_device_batch(12, 4, 2, "x")
+
+
+def test_the_sampler_cuts_the_same_global_batches_on_any_world_size():
+    """What an elastic resume relies on: the plan depends on the global batch, not on how many ranks share it."""
+    tasks = [f"task{i % 3}" for i in range(150)]
+
+    def global_batches(world: int, position: int = 0) -> list[list[int]]:
+        ranks = []
+        for rank in range(world):
+            sampler = GlobalBatchSampler(tasks, 12 // world, world, rank, seed=7)
+            sampler.load_state_dict({"epoch": 1, "position": position})
+            ranks.append(list(sampler))
+        return [sorted(sum(parts, [])) for parts in zip(*ranks)]
+
+    reference = global_batches(1)
+    assert len(reference) == 12 and all(len(batch) == 12 for batch in reference)
+    for world in (2, 3, 4, 6):
+        assert global_batches(world) == reference
+        assert global_batches(world, position=5) == reference[5:]
 
 
 def _snapshot(run: Path) -> dict[str, tuple[int, int]]:
