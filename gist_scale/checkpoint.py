@@ -1,8 +1,9 @@
 """Atomic, resumable checkpoints under RUN/checkpoints/step_N/.
 
 Every rank writes its part with `accelerator.save_state` (ZeRO shards included) into a temporary directory; the
-main process then writes `trainer_state.json` (step, epoch, sampler position) and the completion marker, and only
-then renames the directory to `step_N`. A job killed mid-save leaves a `.tmp-step_N` directory, or a `step_N`
+main process then writes `trainer_state.json` (step, epoch, sampler position), `run.json` (what the run is and
+where its data stands, in global batches: see `gist_scale.resume`) and the completion marker, and only then
+renames the directory to `step_N`. A job killed mid-save leaves a `.tmp-step_N` directory, or a `step_N`
 without its marker, both of which resume ignores (and reports), so the previous checkpoint stays the one used.
 
 The marker lists every file with its size, so a file that is later deleted, truncated or overwritten is named in
@@ -34,6 +35,7 @@ from gist_scale import faults
 
 COMPLETE_MARKER = "complete.json"
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -50,7 +52,8 @@ class TrainerState:
     epoch: int = 0
     """Current epoch."""
     position: int = 0
-    """Micro-batches of `epoch` this rank has consumed (the sampler resumes right after them)."""
+    """Micro-batches of `epoch` consumed (the sampler resumes right after them). The same on every rank and for
+    every world size: each rank takes one slice of every micro-global batch, `grad_accum_steps` per global batch."""
     nonfinite_in_a_row: int = 0
     """Consecutive skipped non-finite steps."""
 
@@ -99,8 +102,10 @@ def _failed_save_leaves_nothing(save):
 
 
 @_failed_save_leaves_nothing
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> Path:
-    """Save on every rank; returns the final directory. All ranks must call this at the same step."""
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int,
+                    run: dict) -> Path:
+    """Save on every rank, with `run` as `run.json`; returns the final directory. All ranks must call this at the
+    same step."""
     final = checkpoint_dir / f"step_{state.step}"
     tmp = checkpoint_dir / f".tmp-step_{state.step}"
     if accelerator.is_main_process:
@@ -111,6 +116,7 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: Train
     # Each rank's loop position can differ only in principle (same sampler length on every rank); store rank 0's.
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (tmp / RUN_FILE).write_text(json.dumps(run, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if faults.requested("die_during_checkpoint_save", state.step):
@@ -152,17 +158,17 @@ def verify_checkpoint(path: Path) -> None:
     marker = path / COMPLETE_MARKER
     try:
         listed = json.loads(marker.read_text())["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("'files' is not a mapping of file names to sizes")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{marker}: unreadable completion marker ({error}); the checkpoint {path} cannot be "
                               f"trusted: resume from an older one with --resume PATH") from error
-    # Markers written before sizes were recorded hold a plain list of names.
-    sizes = listed if isinstance(listed, dict) else dict.fromkeys(listed)
-    for name, size in sizes.items():
+    for name, size in listed.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in {marker} but missing; the checkpoint is damaged: resume from "
                                   f"an older one with --resume PATH")
-        if size is not None and file.stat().st_size != size:
+        if file.stat().st_size != size:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, but {size} when the checkpoint was saved; "
                                   f"the file is truncated or was overwritten: resume from an older checkpoint with "
                                   f"--resume PATH")
@@ -192,8 +198,12 @@ def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint."""
+def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None = None) -> TrainerState:
+    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint.
+
+    `load_from`: a directory holding the same state in another layout's form (converted by `gist_scale.resume`
+    for another world size or for a run without DeepSpeed) to hand to `accelerator.load_state` instead of `path`.
+    """
     verify_checkpoint(path)
     state_file = path / STATE_FILE
     try:
@@ -201,9 +211,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{state_file}: unreadable trainer state ({error})") from error
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(load_from or path))
     except Exception as error:  # torch/DeepSpeed raise many types; name the file where we can find it
-        found = _unreadable_file(path)
+        found = _unreadable_file(load_from or path)
         if found:
             bad, reason = found
             where = f"{bad}: corrupted, it cannot be deserialized ({type(reason).__name__}: {reason})"

@@ -270,7 +270,12 @@ class TrainConfig:
     """The loop: batch sizes, length, precision, fault handling."""
 
     batch_size: int = 32
-    """Triplets per device per micro-batch. Global batch = batch_size x world size x grad_accum_steps."""
+    """Triplets per device per micro-batch. Global batch = batch_size x world size x grad_accum_steps. Ignored when
+    `global_batch_size` is set; on a resume, derived from the checkpoint's global batch (see `gist_scale.resume`)."""
+    global_batch_size: int | None = None
+    """Triplets per optimizer step over all processes and accumulation micro-steps (each micro-step's share are each
+    other's negatives); the per-device batch becomes global / (world size x grad_accum_steps). Null: from
+    `batch_size`. Kept on a resume with another number of processes (see `gist_scale.resume`)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step. Each micro-batch's loss sees only its own candidates; raise batch_size
     or use GradCache (`train.grad_cache`) to grow the negatives instead. Logged as candidates per anchor."""
@@ -308,6 +313,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be a positive count of triplets")
         _check(self.grad_accum_steps > 0, f"train.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
+        _check(self.global_batch_size is None or self.global_batch_size > 0,
+               f"train.global_batch_size={self.global_batch_size}: must be a positive count of triplets, or null")
+        _check(self.global_batch_size is None or self.global_batch_size % self.grad_accum_steps == 0,
+               f"train.global_batch_size={self.global_batch_size}: must be a multiple of train.grad_accum_steps="
+               f"{self.grad_accum_steps} (each accumulation micro-step takes an equal share)")
         _check(self.max_steps is None or self.max_steps > 0,
                f"train.max_steps={self.max_steps}: must be positive, or null to train for train.epochs")
         _check(self.epochs > 0, f"train.epochs={self.epochs}: must be >= 1")
@@ -324,6 +334,15 @@ class TrainConfig:
                "train.grad_cache=true needs train.chunk_size (texts per re-encoded chunk, e.g. 64)")
 
 
+RESUME_IDENTITY: tuple[str, ...] = (
+    "model.name", "model.revision", "model.pooling", "model.normalize", "guide.name", "guide.revision",
+    "loss.temperature", "loss.margin_strategy", "loss.margin", "loss.contrast_anchors", "loss.contrast_positives",
+    "train.global_batch_size", "train.grad_accum_steps", "train.seed", "data.task_homogeneous", "data.drop_last",
+    "data.fingerprint")
+"""What a resume must not change silently (recorded in every checkpoint; `data.fingerprint` is the `datasets`
+fingerprint of the loaded rows). The world size is not here: see `gist_scale.resume`."""
+
+
 @dataclass
 class CheckpointConfig:
     """Resumable training state under RUN/checkpoints/step_N/."""
@@ -334,10 +353,18 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints, deleting older ones."""
     keep_best: str | None = None
     """Also keep the checkpoint with the best value of this eval metric (e.g. `ndcg@10`)."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Fields of the run's identity (`RESUME_IDENTITY`) that a resume may change, e.g. `[loss.temperature]`; each
+    change is logged. Any other difference from the checkpoint's run is refused, naming the field."""
 
     def __post_init__(self) -> None:
         _check(self.every is None or self.every > 0, f"checkpoint.every={self.every}: must be positive, or null")
         _check(self.keep_last > 0, f"checkpoint.keep_last={self.keep_last}: keep at least 1")
+        if isinstance(self.allow_changes, str):
+            self.allow_changes = [self.allow_changes]
+        for name in self.allow_changes:
+            _check(name in RESUME_IDENTITY, f"checkpoint.allow_changes: {name!r} is not a field of the run's "
+                                            f"identity; use some of {', '.join(RESUME_IDENTITY)}")
 
 
 @dataclass

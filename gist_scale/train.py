@@ -31,8 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import get_scheduler
 
 from gist_scale import chunking, distributed, encode, faults
-from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_checkpoints, load_checkpoint,
-                                   resolve_resume, save_checkpoint)
+from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
 from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
                                global_batch_size, load_config, save_config)
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
@@ -44,6 +43,7 @@ from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data, rea
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
+from gist_scale.resume import plan_resume
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.recipes import config_files
@@ -177,6 +177,8 @@ class Trainer:
         # Before anything is loaded: a run that cannot write where it saves must fail now, not at its first save.
         require_writable_dir(self.checkpoint_dir, "train.output_dir")
         self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
+        # Before anything is loaded: refuses another run's checkpoint, sets the per-device batch for this world size.
+        self.resume = plan_resume(cfg, self.accelerator, self.checkpoint_dir)
         self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
         if cfg.train.grad_cache and self.zero_stage is not None:
             encode.require_deepspeed_for_grad_cache(importlib.metadata.version("deepspeed"))
@@ -194,6 +196,7 @@ class Trainer:
         with self.accelerator.main_process_first():
             # The main process fills the datasets cache; the others then read it instead of tokenizing again.
             dataset, self.data_report = load_triplets(cfg.data)
+            data_fingerprint = dataset._fingerprint
             # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
             guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives, self.instructions)
                            if cfg.guide.cache is not None else None)
@@ -210,6 +213,8 @@ class Trainer:
             dataset["task_name"], cfg.train.batch_size,
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
             cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
+        # A refused resume leaves the run directory as it was: config.yaml is written in `train`, after loading.
+        self.resume.check_data(data_fingerprint, self.sampler.summary)
         self.tokens_per_epoch = count_tokens(dataset, "student")
         # Full global batches only (data.drop_last): every rank's micro-batch has batch_size rows, so the loss need not
         # exchange sizes (a host sync per step). Uneven tails keep the exchange.
@@ -260,9 +265,9 @@ class Trainer:
 
     def train(self) -> int:
         """Run to `total_steps`, or until a preemption signal; returns the exit code (0, or EXIT_PREEMPTED)."""
-        resume_from = resolve_resume(self.cfg.resume, self.checkpoint_dir)
+        resume_from = self.resume.checkpoint
         if resume_from is not None:
-            self.state = load_checkpoint(self.accelerator, resume_from)
+            self.state = self.resume.load(self.accelerator)
             self.last_checkpoint_step = self.state.step
         # Written only now, after the data, the models and the checkpoint have loaded: a start that fails on bad input
         # leaves the run directory of an earlier, good start as it was.
@@ -315,7 +320,8 @@ class Trainer:
         return EXIT_PREEMPTED if preempted else 0
 
     def _save_checkpoint(self) -> None:
-        save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+        save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
+                        self.resume.record(self.state))
         self.last_checkpoint_step = self.state.step
 
     def optimizer_steps(self) -> Iterator[list[dict]]:
@@ -506,6 +512,7 @@ class Trainer:
             lines.append(f"[yellow]ignoring incomplete checkpoint {leftover}")
         if resume_from is not None:
             lines.append(f"resumed from {resume_from} at step {self.state.step}")
+            lines += self.resume.summary_lines()
         console.rule("gist-scale train")
         for line in lines:
             console.print(line)

@@ -151,9 +151,10 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=re.escape(f"{path / 'model.safetensors'}: listed in ") + ".* missing"):
         verify_checkpoint(path)
-    (path / COMPLETE_MARKER).write_text("{not json")
-    with pytest.raises(CheckpointError, match=re.escape(f"{path / COMPLETE_MARKER}: unreadable completion marker")):
-        verify_checkpoint(path)
+    for marker in ("{not json", json.dumps({"step": 4, "files": ["model.safetensors"]})):  # names without sizes
+        (path / COMPLETE_MARKER).write_text(marker)
+        with pytest.raises(CheckpointError, match=re.escape(f"{path / COMPLETE_MARKER}: unreadable completion marker")):
+            verify_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------------ one rank

@@ -241,6 +241,24 @@ def test_sbatch_sigusr1_checkpoints_requeues_and_resumes_with_identical_losses(t
 
 
 @pytest.mark.slow
+def test_sbatch_requeued_onto_fewer_nodes_continues_the_run(tiny_model_dir, reference, tmp_path):
+    """Preempted on 2 nodes, requeued onto 1 (as `sbatch --nodes=1-2` lets SLURM do): same global batch, same curve."""
+    slurm = FakeSlurm(tmp_path, job_id=4245, FAKE_SLURM_REQUEUE_NODES="1")
+    proc = slurm.submit(*train_args(tiny_model_dir))
+    wait_for(lambda: len(loss_records(slurm.run_dir)) >= 1, "step 1", proc=proc)
+    slurm.scancel_batch("USR1")
+    assert slurm.finish(proc) == 0, slurm.log_text()[-5000:]
+
+    log = slurm.log_text()
+    assert slurm.attempts() == [(0, 0), (1, 0)], log[-5000:]
+    assert "start 1: 2 nodes x 1 processes" in log and "start 2: 1 nodes x 1 processes" in log
+    assert "world size 1  per-device batch 8  accumulation 1  global batch 8" in log
+    assert "resuming a checkpoint of 2 processes on 1: same global batch 8, per-device batch 4 -> 8" in log
+    assert [r["step"] for r in loss_records(slurm.run_dir)] == list(range(1, STEPS + 1))
+    assert_same_losses(slurm.run_dir, reference)
+
+
+@pytest.mark.slow
 def test_sbatch_kill9_of_a_rank_ends_the_job_and_the_restart_resumes(tiny_model_dir, reference, tmp_path):
     timeout_s = 60
     slurm = FakeSlurm(tmp_path, job_id=4244, MAX_FAILURE_REQUEUES="1")
