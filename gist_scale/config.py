@@ -581,8 +581,10 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 def _from_cli(text: str, annotation: Any, where: str) -> Any:
     """Parse a flag's text: YAML syntax for numbers, booleans, lists and null; strings stay verbatim."""
-    hints = typing.get_args(annotation) or (annotation,)
-    text_field = str in hints or annotation is str
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    hints = typing.get_args(annotation) if union else (annotation,)
+    text_field = str in hints  # not `list[str]`: a list flag is YAML ('[a, b]')
+    choices = [c for hint in hints if typing.get_origin(hint) is Literal for c in typing.get_args(hint)]
     try:
         parsed = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError as error:
@@ -594,7 +596,7 @@ def _from_cli(text: str, annotation: Any, where: str) -> Any:
         # A text field takes the flag verbatim: YAML would read a prompt like "query: " as a mapping and strip
         # its trailing space.
         parsed = text
-    elif isinstance(parsed, (int, float, bool)) and text in hints:
+    elif isinstance(parsed, (int, float, bool)) and text in choices:
         # A choice whose name YAML reads as a boolean or number (`--train.mixed_precision no`).
         parsed = text
     return _coerce(parsed, annotation, where)

@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from gist_scale.checkpoint import (COMPLETE_MARKER, RUN_FILE, STATE_FILE, CheckpointError, TrainerState,
-                                   load_checkpoint, resolve_resume)
+                                   load_checkpoint, resolve_resume, verify_checkpoint)
 from gist_scale.config import RESUME_IDENTITY, ConfigError, JobConfig, TrainConfig
 from gist_scale.data import SamplerSummary
 
@@ -110,6 +110,8 @@ class RunRecord:
 
     @classmethod
     def read(cls, checkpoint: Path) -> RunRecord:
+        # A damaged checkpoint is named by the file that is damaged, before its run record is trusted.
+        verify_checkpoint(checkpoint)
         path = checkpoint / RUN_FILE
         try:
             return cls(**json.loads(path.read_text()))
