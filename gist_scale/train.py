@@ -33,8 +33,8 @@ from gist_scale.checkpoint import (CheckpointError, TrainerState, incomplete_che
                                    resolve_resume, save_checkpoint)
 from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
                                load_config, save_config)
-from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
-                             load_triplets, tokenize_triplets)
+from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dataloader, build_sampler, count_tokens,
+                             load_triplets, mixture_lines, tokenize_triplets, write_mixture)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
@@ -156,17 +156,18 @@ class Trainer:
                 dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
                 num_proc=cfg.data.num_proc)
         # Raises with a fix-it message when not even one global batch fits in the data.
-        self.sampler = GlobalBatchSampler(
-            dataset["task_name"], cfg.train.batch_size,
+        self.sampler = build_sampler(
+            dataset, cfg.data, cfg.train.batch_size,
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
-            cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
+            cfg.train.seed)
+        self.mixture = MixtureMeter(self.sampler.sources, cfg.train.grad_accum_steps, self.global_batch)
         self.tokens_per_epoch = count_tokens(dataset, "student")
         # Full global batches only (data.drop_last): every rank's micro-batch has batch_size rows, so the loss need not
         # exchange sizes (a host sync per step). Uneven tails keep the exchange.
         self.rank_sizes = ([cfg.train.batch_size] * self.accelerator.num_processes if cfg.data.drop_last else None)
         # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,
-                                   chunks=self._chunks(self.data_report.num_negatives))
+                                   chunks=self._chunks)
         if guide_cache is not None:
             dataset, collator = guide_cache.attach(dataset, collator)
         self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
@@ -245,7 +246,8 @@ class Trainer:
 
             if self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.total_steps:
                 # This is a sync point: metrics cross ranks and reach the host only here.
-                self._log(self._reduce_metrics(pending, grad_norm, time.perf_counter() - window_start))
+                self._log({**self._reduce_metrics(pending, grad_norm, time.perf_counter() - window_start),
+                           **self.mixture.flush()})
                 pending, window_start = [], time.perf_counter()
             saved = bool(self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0)
             if saved:
@@ -283,6 +285,7 @@ class Trainer:
             for batch in self.loader:
                 # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
                 self.state.position += 1
+                self.mixture.count(batch)
                 yield send_to_device(batch, self.device, non_blocking=True)
             self.state.epoch += 1
             self.state.position = 0
@@ -417,12 +420,14 @@ class Trainer:
             *self.data_report.lines(),
             "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
             f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
+            *mixture_lines(self.sampler.sources, self.sampler.summary.steps_per_epoch),
             f"run directory: {self.run_dir}",
         ]
         for leftover in incomplete_checkpoints(self.checkpoint_dir):
             lines.append(f"[yellow]ignoring incomplete checkpoint {leftover}")
         if resume_from is not None:
             lines.append(f"resumed from {resume_from} at step {self.state.step}")
+        write_mixture(self.sampler.sources, self.run_dir)
         console.rule("gist-scale train")
         for line in lines:
             console.print(line)
