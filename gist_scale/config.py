@@ -25,6 +25,8 @@ import yaml
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 METRICS_FILE = "metrics.jsonl"
 """A run directory's metrics log, one JSON object per line: written by `gist-scale train`, read by `report`."""
+MIXTURE_FILE = "mixture.json"
+"""A mixture run's sources with their requested shares and per-epoch batches: written by `train`, read by `report`."""
 
 
 class ConfigError(ValueError):
@@ -255,6 +257,11 @@ class DataConfig:
         _check(not weighted or any(s.weight > 0 for s in self.sources),
                "data.sources: every weight is 0; give at least one source a positive weight")
 
+    @property
+    def is_sample(self) -> bool:
+        """Neither `path` nor `sources`: training on the shipped WordNet sample (which has its own eval split)."""
+        return self.path is None and not self.sources
+
 
 @dataclass
 class LossConfig:
@@ -457,7 +464,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.checkpoint.keep_best is not None:
-            _check(self.eval.path is not None or self.data.path is None,
+            _check(self.eval.path is not None or self.data.is_sample,
                    "checkpoint.keep_best needs eval metrics: set eval.path (the shipped sample has its own eval split)")
 
     def to_dict(self) -> dict[str, Any]:

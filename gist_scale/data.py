@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import DataConfig, SourceConfig
+from gist_scale.config import MIXTURE_FILE, DataConfig, SourceConfig
 from gist_scale.chunking import chunk_texts
 
 __all__ = [
@@ -917,10 +917,6 @@ class MixtureMeter:
                 record[f"source/{name}/rows"] = batches * self.global_batch_size
         self._micro = [0] * len(self.names)
         return record
-
-
-MIXTURE_FILE = "mixture.json"
-"""A mixture run's requested and per-epoch drawn batches per source, read by `gist-scale report`."""
 
 
 def write_mixture(sources: Sequence[SourcePlan], run_dir: Path) -> None:

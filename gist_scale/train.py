@@ -448,7 +448,7 @@ class Trainer:
 
     def _load_eval_data(self) -> EvalData | None:
         """The held-out split: `eval.path`, or the shipped sample's own eval split when training on it."""
-        if self.cfg.eval.path is None and self.cfg.data.path is not None:
+        if self.cfg.eval.path is None and not self.cfg.data.is_sample:
             return None
         with self.accelerator.main_process_first():
             return load_eval_data(self.cfg.eval.path, self.cfg.data, self.cfg.eval.corpus, sts=self.cfg.eval.sts,

@@ -259,3 +259,35 @@ def test_a_source_too_small_for_one_global_batch_is_named() -> None:
         mixture_ranks([40, 5], 1, batch_size=8)
     samplers, _ = mixture_ranks([40, 5], 1, batch_size=8, weights=[1, 0])  # weight 0 leaves it out instead
     assert [s.drawn for s in samplers[0].sources] == [5, 0]
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def test_training_on_a_mixture_logs_and_draws_it(tmp_path: Path, tiny_model_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two sources with different K (triplets and pairs) in one run, chunked encoding planned per batch's K."""
+    from gist_scale.data import sample_data_path
+    from gist_scale.tools.report import plot_run
+    from gist_scale.train import main
+
+    lines = sample_data_path("train").read_text().splitlines()
+    (tmp_path / "triplets.jsonl").write_text("\n".join(lines[:48]) + "\n")
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines[48:96]) + "\n")
+    run = tmp_path / "run"
+    sources = (f"[{{path: {tmp_path / 'triplets.jsonl'}, weight: 3}}, "
+               f"{{path: {tmp_path / 'pairs.jsonl'}, weight: 1, neg_columns: []}}]")
+    assert main(["--model.name", str(tiny_model_dir), "--guide.name", str(tiny_model_dir), "--data.sources", sources,
+                 "--train.batch_size", "4", "--train.chunk_size", "8",
+                 "--train.max_steps", "12", "--train.log_every", "1", "--train.output_dir", str(run)]) == 0
+    out = capsys.readouterr().err
+    assert "mixture: 2 sources, epoch = 24 global batches" in out
+    assert "triplets: 48 rows, 12 batches; drawn 18 per epoch (share 75.0%, requested 75.0%)" in out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert len(train) == 12
+    for record in train:  # one global batch per step, from one source, 4 rows
+        drawn = {k: v for k, v in record.items() if k.startswith("source/")}
+        assert len(drawn) == 2 and sorted(drawn.values()) == [1.0, 4.0]
+    assert json.loads((run / "mixture.json").read_text())["pairs"]["requested"] == 0.25
+    assert plot_run(run).read_bytes()[:4] == b"\x89PNG"
