@@ -1,7 +1,7 @@
 """Peak memory and time of the data path alone (no model): load + validate, tokenize, build the sampler, one epoch
 of collated batches, on N synthetic rows.
 
-    python -m gist_scale.tools.data_memory --rows 1000000 [--batch-size 128] [--work-dir DIR]
+    python -m gist_scale.tools.data_memory --rows 1000000 [--batch-size 128] [--work-dir DIR] [--no-tokenize]
 
 Run it once per size, each in a fresh process, so that one size's peak does not hide in another's. The rows are
 written as JSONL into `--work-dir` (default: a temporary folder, deleted afterwards) and `datasets`' cache goes
@@ -9,7 +9,9 @@ there too, so a measurement always includes the one-time cache writes. Both toke
 the all-MiniLM-L6-v2 tokenizer, as the quickstart does. Prints one JSON object: per phase, wall-clock and CPU seconds
 (on a shared machine the CPU time is the comparable one), CPU microseconds per row, and the peak resident memory
 split into anonymous memory (what the process itself holds) and file-backed pages (the memory-mapped Arrow files the
-kernel has paged in: reclaimable page cache, not an allocation).
+kernel has paged in: reclaimable page cache, not an allocation). `--no-tokenize` measures only loading, validation,
+the sampler and one epoch's plan of row indices (the parts that once held a Python string per row), for sizes whose
+tokenization would take too long here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
 
 
 def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
-    """`rows` triplets as JSONL, ~10/30/30 words, streamed to disk (never all in memory)."""
+    """`rows` triplets as JSONL (query 6 words and a number, positive 16 words, negative 16 words), streamed to disk
+    (never all in memory)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -39,12 +42,12 @@ def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
     with path.open("w") as handle:
         for start in range(0, rows, 10_000):
             count = min(10_000, rows - start)
-            picks = words[rng.integers(0, len(words), size=(count, 70))]
+            picks = words[rng.integers(0, len(words), size=(count, 38))]
             for i in range(count):
                 row = start + i
                 handle.write(json.dumps({
-                    "query": f"{row} " + " ".join(picks[i, :10]), "pos": " ".join(picks[i, 10:40]),
-                    "neg": " ".join(picks[i, 40:]), "task_name": f"task{row % tasks}"}) + "\n")
+                    "query": f"{row} " + " ".join(picks[i, :6]), "pos": " ".join(picks[i, 6:22]),
+                    "neg": " ".join(picks[i, 22:]), "task_name": f"task{row % tasks}"}) + "\n")
 
 
 class PeakMemory:
@@ -78,7 +81,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def measure(rows: int, work_dir: Path, batch_size: int) -> dict:
+def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True) -> dict:
     os.environ["HF_DATASETS_CACHE"] = str(work_dir / "hf_cache")
     import datasets
 
@@ -110,13 +113,19 @@ def measure(rows: int, work_dir: Path, batch_size: int) -> dict:
 
     ds, _ = load_triplets(cfg)
     phase("load_validate")
-    tokenized, _ = tokenize_triplets(ds, tokenizer, 128, tokenizer, 128)
-    count_tokens(tokenized)
-    phase("tokenize")
-    sampler = build_sampler(tokenized, cfg, batch_size, 1, 0, 1, 0)
-    phase("sampler")
-    batches = sum(1 for _ in build_dataloader(tokenized, sampler, TripletCollator(tokenizer, tokenizer)))
-    phase("epoch")
+    if not tokenize:
+        sampler = build_sampler(ds, cfg, batch_size, 1, 0, 1, 0)
+        phase("sampler")
+        batches = sum(1 for _ in sampler)
+        phase("epoch_plan")
+    else:
+        tokenized, _ = tokenize_triplets(ds, tokenizer, 128, tokenizer, 128)
+        count_tokens(tokenized)
+        phase("tokenize")
+        sampler = build_sampler(tokenized, cfg, batch_size, 1, 0, 1, 0)
+        phase("sampler")
+        batches = sum(1 for _ in build_dataloader(tokenized, sampler, TripletCollator(tokenizer, tokenizer)))
+        phase("epoch")
     meter.close()
     import resource
 
@@ -131,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--work-dir", help="keep the JSONL and the datasets cache here (default: a temporary folder)")
+    parser.add_argument("--no-tokenize", action="store_true", help="skip tokenization and collation (see above)")
     args = parser.parse_args(argv)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gist-data-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(json.dumps(measure(args.rows, work, args.batch_size)))
+        print(json.dumps(measure(args.rows, work, args.batch_size, tokenize=not args.no_tokenize)))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
