@@ -627,17 +627,17 @@ def mixture_quotas(sizes: Sequence[int], weights: Sequence[float] | None = None,
                    alpha: float = 1.0) -> tuple[list[int], list[float]]:
     """Global batches per epoch drawn from each source, and the requested shares they realise.
 
-    An epoch has as many global batches as all sources make once (`sum(sizes)`, so alpha = 1 without weights is
-    every batch exactly once). The requested share of source s is `weights[s] / sum(weights)`, or without weights
-    `sizes[s]**alpha / sum(sizes**alpha)`; its quota is `epoch * share` rounded by largest remainder (ties to the
-    earlier source), so the quotas add up to the epoch exactly.
+    An epoch has as many global batches as the drawn sources (those with a share above 0) make once, so alpha = 1
+    without weights is every batch exactly once. The requested share of source s is `weights[s] / sum(weights)`, or
+    without weights `sizes[s]**alpha / sum(sizes**alpha)`; its quota is `epoch * share` rounded by largest remainder
+    (ties to the earlier source), so the quotas add up to the epoch exactly.
     """
     sizes_arr = np.asarray(sizes, dtype=np.float64)
-    epoch = int(sizes_arr.sum())
     if weights is None and alpha == 1.0:
-        return [int(n) for n in sizes], (sizes_arr / epoch).tolist()
+        return [int(n) for n in sizes], (sizes_arr / sizes_arr.sum()).tolist()
     raw = np.asarray(weights, dtype=np.float64) if weights is not None else sizes_arr ** alpha
     share = raw / raw.sum()
+    epoch = int(sizes_arr[share > 0].sum())
     exact = share * epoch
     quotas = np.floor(exact).astype(np.int64)
     remainders = exact - quotas
