@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -82,7 +81,6 @@ class PeakMemory:
 
 
 def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True) -> dict:
-    os.environ["HF_DATASETS_CACHE"] = str(work_dir / "hf_cache")
     import datasets
 
     datasets.config.HF_DATASETS_CACHE = work_dir / "hf_cache"
