@@ -265,19 +265,25 @@ def test_a_source_too_small_for_one_global_batch_is_named() -> None:
 # -------------------------------------------------------------------------------------------------- training
 
 
-def test_training_on_a_mixture_logs_and_draws_it(tmp_path: Path, tiny_model_dir: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """Two sources with different K (triplets and pairs) in one run, chunked encoding planned per batch's K."""
+def mixture_files(tmp_path: Path) -> str:
+    """Two sources cut from the shipped sample, as a `--data.sources` value: triplets (K = 1) and pairs (K = 0)."""
     from gist_scale.data import sample_data_path
-    from gist_scale.tools.report import plot_run
-    from gist_scale.train import main
 
     lines = sample_data_path("train").read_text().splitlines()
     (tmp_path / "triplets.jsonl").write_text("\n".join(lines[:48]) + "\n")
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines[48:96]) + "\n")
+    return (f"[{{path: {tmp_path / 'triplets.jsonl'}, weight: 3}}, "
+            f"{{path: {tmp_path / 'pairs.jsonl'}, weight: 1, neg_columns: []}}]")
+
+
+def test_training_on_a_mixture_logs_and_draws_it(tmp_path: Path, tiny_model_dir: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two sources with different K (triplets and pairs) in one run, chunked encoding planned per batch's K."""
+    from gist_scale.tools.report import plot_run
+    from gist_scale.train import main
+
     run = tmp_path / "run"
-    sources = (f"[{{path: {tmp_path / 'triplets.jsonl'}, weight: 3}}, "
-               f"{{path: {tmp_path / 'pairs.jsonl'}, weight: 1, neg_columns: []}}]")
+    sources = mixture_files(tmp_path)
     assert main(["--model.name", str(tiny_model_dir), "--guide.name", str(tiny_model_dir), "--data.sources", sources,
                  "--train.batch_size", "4", "--train.chunk_size", "8",
                  "--train.max_steps", "12", "--train.log_every", "1", "--train.output_dir", str(run)]) == 0
@@ -292,3 +298,28 @@ def test_training_on_a_mixture_logs_and_draws_it(tmp_path: Path, tiny_model_dir:
         assert len(drawn) == 2 and sorted(drawn.values()) == [1.0, 4.0]
     assert json.loads((run / "mixture.json").read_text())["pairs"]["requested"] == 0.25
     assert plot_run(run).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_two_ranks_train_a_mixture_like_one_process(tmp_path: Path, tiny_model_dir: Path, launch_env) -> None:
+    """2 DDP ranks x 2 rows == 1 process x 4 rows on a mixture whose sources differ in K: the same losses and the
+    same source in every step (the sampler's plan depends on the global batch only)."""
+    import subprocess
+
+    from dist_utils import loss_records, torchrun_command
+    from gist_scale.train import main
+
+    def args(out: Path, batch: int) -> list[str]:
+        return ["--model.name", str(tiny_model_dir), "--guide.name", str(tiny_model_dir), "--data.sources",
+                mixture_files(tmp_path), "--train.batch_size", str(batch), "--train.max_steps", "6",
+                "--train.log_every", "1", "--model.dropout", "0.0", "--train.output_dir", str(out)]
+
+    assert main(args(tmp_path / "single", 4)) == 0
+    result = subprocess.run(torchrun_command(2, "train", *args(tmp_path / "ddp", 2)), env=launch_env("ddp"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, ddp = loss_records(tmp_path / "single"), loss_records(tmp_path / "ddp")
+    assert len(ddp) == 6
+    sources = [[{k: v for k, v in r.items() if k.startswith("source/")} for r in records] for records in (single, ddp)]
+    assert sources[0] == sources[1] and len({tuple(s) for s in sources[0]}) == 2  # both sources were drawn
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], abs=1e-4)
