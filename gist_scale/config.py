@@ -27,6 +27,8 @@ import yaml
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 METRICS_FILE = "metrics.jsonl"
 """A run directory's metrics log, one JSON object per line: written by `gist-scale train`, read by `report`."""
+MIXTURE_FILE = "mixture.json"
+"""A mixture run's sources with their requested shares and per-epoch batches: written by `train`, read by `report`."""
 
 
 def global_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
@@ -144,6 +146,68 @@ class GuideConfig(EncoderConfig):
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (`data.sources`): where its rows are, how to read them, how often to draw it.
+
+    Column options left null take the data section's value, so a mixture of same-schema files only lists paths.
+    """
+
+    path: str
+    """File, folder (JSON/JSONL/Parquet/CSV) or hub dataset name, as `data.path`."""
+    name: str | None = None
+    """The source's name in the summary and metrics, and the task of its rows unless `task_column` names tasks;
+    null: the file or folder name without suffix (the hub name for a hub dataset). Unique within the mixture."""
+    weight: float | None = None
+    """Share of the global batches drawn from this source (normalised over the sources); give it for every source or
+    for none (then `data.sampling_alpha` decides). 0 leaves the source out of sampling."""
+    revision: str | None = None
+    """Hub dataset revision to pin."""
+    split: str | None = None
+    """Split to read (null: `data.split`)."""
+    query_column: str | None = None
+    """Query column (null: `data.query_column`)."""
+    pos_column: str | None = None
+    """Positive column (null: `data.pos_column`)."""
+    neg_columns: list[str] | None = None
+    """Hard-negative column(s) (null: `data.neg_columns`; `[]`: pairs)."""
+    task_column: str | None = None
+    """Column naming each row's task, for task-homogeneous batches within the source; null: every row's task is
+    the source's `name`."""
+    num_negatives: int | None = None
+    """Keep the first N negatives of every row (a row with fewer is a bad row); null: all of them, the same number
+    in every row. Sources may differ: every global batch comes from one source, so each step has one K."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.path, str) and bool(self.path.strip()),
+               f"data.sources entry {self.name or self.path!r}: path must be a file, folder or hub dataset name")
+        if self.name is None:
+            path = Path(self.path)
+            self.name = path.stem if path.suffix else path.name or self.path
+        where = f"data.sources entry {self.name!r}"
+        _check(self.weight is None or (isinstance(self.weight, (int, float)) and self.weight >= 0),
+               f"{where}: weight={self.weight!r} must be a number >= 0 (or left out)")
+        _check(self.num_negatives is None or self.num_negatives >= 0,
+               f"{where}: num_negatives={self.num_negatives} must be >= 0, or null for all of each row's negatives")
+        if isinstance(self.neg_columns, str):
+            self.neg_columns = [self.neg_columns]
+
+
+def _source(entry: Any, index: int) -> SourceConfig:
+    """A `data.sources` entry from YAML/JSON (a mapping, or a bare path) with its keys checked."""
+    if isinstance(entry, SourceConfig):
+        return entry
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    _check(isinstance(entry, dict), f"data.sources[{index}]={entry!r}: expected a mapping with at least `path`")
+    known = _field_types(SourceConfig)
+    for key in entry:
+        if key not in known:
+            raise _unknown(f"key in data.sources[{index}]:", key, list(known))
+    _check("path" in entry, f"data.sources[{index}]: missing `path` (a file, folder or hub dataset name)")
+    return SourceConfig(**{k: _coerce(v, known[k], f"data.sources[{index}].{k}") for k, v in entry.items()})
+
+
+@dataclass
 class DataConfig:
     """Where the triplets come from and how rows become global batches."""
 
@@ -184,12 +248,19 @@ class DataConfig:
     `datasets.map`. 0 collates in the training process: about 20 ms per 256 triplets with a guide, so on a GPU use
     2-4 workers to overlap it with the step."""
     max_rows: int | None = None
-    """Use only the first N valid rows (smoke tests, debugging)."""
+    """Use only the first N valid rows (of each source, with `sources`; smoke tests, debugging)."""
     num_proc: int | None = None
     """Processes for the one-time cached validation and tokenization maps (large datasets); null: this process."""
     pad_to_multiple_of: int | None = None
     """Pad each batch's length up to a multiple of this (8 suits tensor cores under bf16/fp16); null pads to the
     longest text in the batch."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of `path`: a list of `SourceConfig` mappings (`path`, `weight`, `name`,
+    `num_negatives`, column options...), in YAML or as YAML/JSON text on the command line. Every global batch comes
+    from one source (and one task in it). See README "Data" for the epoch definition."""
+    sampling_alpha: float = 1.0
+    """Without per-source weights, draw sources in proportion to size^alpha, size being the source's global batches
+    per epoch: 1 = proportional to size (every batch once per epoch), 0 = uniform over sources."""
 
     def __post_init__(self) -> None:
         _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
@@ -201,6 +272,28 @@ class DataConfig:
                f"data.pad_to_multiple_of={self.pad_to_multiple_of}: must be positive (e.g. 8), or null")
         if isinstance(self.neg_columns, str):
             self.neg_columns = [self.neg_columns]
+        _check(self.sampling_alpha >= 0, f"data.sampling_alpha={self.sampling_alpha}: must be >= 0 (1 proportional "
+               "to size, 0 uniform)")
+        self.sources = [_source(entry, i) for i, entry in enumerate(self.sources or [])]
+        if not self.sources:
+            return
+        _check(self.path is None, "data.path and data.sources are both set: put the path in data.sources as one "
+               "more entry, or drop data.sources")
+        names = [s.name for s in self.sources]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        _check(duplicate is None, f"data.sources: two sources are named {duplicate!r}; give each a unique `name`")
+        weighted = [s.name for s in self.sources if s.weight is not None]
+        _check(len(weighted) in (0, len(self.sources)),
+               f"data.sources: {', '.join(map(repr, weighted))} have a weight and "
+               f"{', '.join(repr(s.name) for s in self.sources if s.weight is None)} have none; give every source a "
+               "weight, or none (then data.sampling_alpha decides)")
+        _check(not weighted or any(s.weight > 0 for s in self.sources),
+               "data.sources: every weight is 0; give at least one source a positive weight")
+
+    @property
+    def is_sample(self) -> bool:
+        """Neither `path` nor `sources`: training on the shipped WordNet sample (which has its own eval split)."""
+        return self.path is None and not self.sources
 
 
 @dataclass
@@ -467,7 +560,7 @@ class JobConfig:
             _check(self.checkpoint.keep_best in metrics,
                    f"checkpoint.keep_best={self.checkpoint.keep_best!r}: not an eval metric; use one of "
                    f"{', '.join(metrics)}" + ("" if self.eval.sts else " (spearman needs eval.sts)"))
-            _check(self.eval.path is not None or self.eval.beir is not None or self.data.path is None,
+            _check(self.eval.path is not None or self.eval.beir is not None or self.data.is_sample,
                    "checkpoint.keep_best needs eval metrics: set eval.path or eval.beir (the shipped sample has its "
                    "own eval split)")
 

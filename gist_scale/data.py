@@ -13,11 +13,16 @@ resumed job, and every rank of a job, reuses the first run's work instead of re-
    then only pads ids (`TripletCollator`); it never decodes and re-encodes text.
 3. `GlobalBatchSampler` builds global batches of one task each, reshuffled per epoch from (seed, epoch); every
    rank takes its slice of the same global batch, so a step's in-batch negatives all come from one task, as in
-   GISTEmbed. Its state (epoch, position) makes resumption exact.
+   GISTEmbed. With several sources (`data.sources`) each global batch also comes from one source, and the sources
+   are drawn by weight (see `mixture_quotas`). Its state (epoch, position) makes resumption exact.
+
+Nothing here holds a Python object per row: rows stay in memory-mapped Arrow files, task names are encoded to integer
+codes by Arrow, and the sampler's plan is one integer array per epoch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -36,14 +41,15 @@ from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import DataConfig, global_batch_size
+from gist_scale.config import MIXTURE_FILE, DataConfig, SourceConfig, global_batch_size
 from gist_scale.places import text_file_problem
 from gist_scale.chunking import chunk_texts
 from gist_scale.model.prompts import Prompts, prompt_length
 
 __all__ = [
-    "DataError", "DataReport", "load_triplets", "tokenize_triplets", "measure_tokenization_rate",
-    "GlobalBatchSampler", "SamplerSummary", "TokenCounts", "TripletCollator", "build_dataloader", "sample_data_path",
+    "DataError", "DataReport", "SourceReport", "load_triplets", "tokenize_triplets", "measure_tokenization_rate",
+    "GlobalBatchSampler", "SamplerSummary", "SourcePlan", "mixture_quotas", "MixtureMeter", "write_mixture",
+    "mixture_lines", "build_sampler", "TokenCounts", "TripletCollator", "build_dataloader", "sample_data_path",
 ]
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -60,8 +66,9 @@ _ERROR = "_error"
 _TEXT_FEATURES = datasets.Features({
     "query": datasets.Value("string"), "pos": datasets.Value("string"),
     "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
-    _ERROR: datasets.Value("string"),
+    "source": datasets.Value("int32"), _ERROR: datasets.Value("string"),
 })
+"""Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`)."""
 
 
 class DataError(ValueError):
@@ -213,17 +220,28 @@ class _Fields:
     negs: tuple[str, ...]
     task: str | None
     instructed: frozenset[str]
+    default_task: str = DEFAULT_TASK
+    """The task of every row when `task` is None (a mixture source's name)."""
+    keep_negatives: int | None = None
+    """Keep the first N negatives of each row (a source's `num_negatives`); None: all of them."""
 
     @classmethod
-    def from_config(cls, cfg: DataConfig) -> _Fields:
+    def from_config(cls, cfg: DataConfig, source: SourceConfig | None = None) -> _Fields:
+        """The data section's columns, or a mixture source's, where its own options override the section's."""
+        query = source.query_column or cfg.query_column if source else cfg.query_column
+        pos = source.pos_column or cfg.pos_column if source else cfg.pos_column
+        negs = cfg.neg_columns if source is None or source.neg_columns is None else source.neg_columns
         instructed = set()
         if cfg.query_instruction:
-            instructed.add(cfg.query_column)
+            instructed.add(query)
         if cfg.pos_instruction:
-            instructed.add(cfg.pos_column)
+            instructed.add(pos)
         if cfg.neg_instruction:
-            instructed.update(cfg.neg_columns)
-        return cls(cfg.query_column, cfg.pos_column, tuple(cfg.neg_columns), cfg.task_column, frozenset(instructed))
+            instructed.update(negs)
+        if source is None:
+            return cls(query, pos, tuple(negs), cfg.task_column, frozenset(instructed))
+        return cls(query, pos, tuple(negs), source.task_column, frozenset(instructed), source.name,
+                   source.num_negatives)
 
     def required(self) -> dict[str, str]:
         """Column -> the option that names it, for "no such column" messages."""
@@ -293,10 +311,15 @@ def _parse_row(row: Mapping[str, Any], fields: _Fields, num_negatives: int | Non
             negs.extend(_text(v, column, row, instructed) for v in value)
         else:
             negs.append(_text(value, column, row, instructed))
+    if fields.keep_negatives is not None:
+        if len(negs) < fields.keep_negatives:
+            raise _BadRow(fields.negs[-1] if fields.negs else None, f"{len(negs)} negatives, but the source's "
+                          f"num_negatives is {fields.keep_negatives}")
+        negs = negs[:fields.keep_negatives]
     if num_negatives is not None and len(negs) != num_negatives:
         raise _BadRow(fields.negs[-1], f"{len(negs)} negatives, but the first valid row has {num_negatives}; "
                                        "every row needs the same number")
-    task = DEFAULT_TASK
+    task = fields.default_task
     if fields.task is not None:
         value = row.get(fields.task)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -331,8 +354,8 @@ def _rows(batch: Mapping[str, list], size: int, fields: _Fields,
 
 
 def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: _Fields, num_negatives: int | None,
-                     where: str, jsonl: bool) -> dict[str, list]:
-    """Batched map: raw rows -> normalised rows with an `_error` message ("" when valid)."""
+                     where: str, jsonl: bool, source: int = 0) -> dict[str, list]:
+    """Batched map: raw rows -> normalised rows of `source` with an `_error` message ("" when valid)."""
     out: dict[str, list] = {name: [] for name in _TEXT_FEATURES}
     for index, raw in zip(indices, _rows(batch, len(indices), fields, jsonl)):
         if raw is None:
@@ -344,7 +367,7 @@ def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: _Fie
         except _BadRow as bad:
             query, pos, negs, task = "", "", [], ""
             error = f"{where}:{index + 1}: {bad}" if jsonl else f"{where}:row {index + 1}: {bad}"
-        for name, value in zip(_TEXT_FEATURES, (query, pos, negs, task, error)):
+        for name, value in zip(_TEXT_FEATURES, (query, pos, negs, task, source, error)):
             out[name].append(value)
     return out
 
@@ -362,6 +385,17 @@ def _first_valid_negatives(ds: datasets.Dataset, fields: _Fields, jsonl: bool) -
     return None
 
 
+@dataclass(frozen=True)
+class SourceReport:
+    """One source of `data.sources` as loaded, for the startup summary."""
+
+    name: str
+    where: str
+    rows: int
+    num_negatives: int
+    tasks: int
+
+
 @dataclass
 class DataReport:
     """What `load_triplets` read, for the startup summary."""
@@ -371,39 +405,46 @@ class DataReport:
     skipped: int
     skipped_examples: list[str]
     """The first few skipped rows as `FILE:ROW: field 'F': reason`."""
-    num_negatives: int
+    num_negatives: int | None
+    """K, the negatives per row; None when mixture sources differ (each batch then has its own source's K)."""
     tasks: dict[str, int]
     """Rows per task, largest first."""
     instructions: list[str] = field(default_factory=list)
     """Columns whose instruction was prepended."""
+    sources: list[SourceReport] = field(default_factory=list)
+    """The sources of a `data.sources` mixture, in configuration order (empty for `data.path`)."""
 
     def lines(self) -> list[str]:
         shown = ", ".join(f"{t}={n}" for t, n in list(self.tasks.items())[:12])
         more = f", ... {len(self.tasks) - 12} more" if len(self.tasks) > 12 else ""
+        negatives = "per source" if self.num_negatives is None else self.num_negatives
         lines = [
             f"data: {self.source}",
-            f"  rows: {self.rows}, negatives per row: {self.num_negatives}, "
+            f"  rows: {self.rows}, negatives per row: {negatives}, "
             f"instructions: {', '.join(self.instructions) or 'none'}",
             f"  tasks ({len(self.tasks)}): {shown}{more}",
         ]
+        lines.extend(f"  source {s.name}: {s.rows} rows, {s.num_negatives} negatives, {s.tasks} task"
+                     f"{'s' * (s.tasks != 1)}, {s.where}" for s in self.sources)
         if self.skipped:
             lines.append(f"  skipped {self.skipped} bad rows (data.on_bad_rows=skip); first:")
             lines.extend(f"    {example}" for example in self.skipped_examples)
         return lines
 
 
-def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
-    """Load, validate and normalise the configured triplets.
+def _task_counts(ds: datasets.Dataset) -> dict[str, int]:
+    """Rows per task, largest first, counted by Arrow."""
+    counts = pc.value_counts(ds.with_format("arrow")["task_name"]).to_pylist()
+    return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
 
-    Returns a dataset with columns `query` (str), `pos` (str), `negs` (list of K str, the same K for every row,
-    possibly 0) and `task_name` (str), instructions already prepended as configured, and its `DataReport`.
-    Raises `DataError` on the first bad row (`FILE:LINE: field 'pos': empty text`) unless
-    `data.on_bad_rows=skip`, and always when a file has no valid row at all (a wrong column mapping or format is
-    a configuration error, not a few bad rows to skip). On several ranks, call it on the main process first
-    (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
-    """
-    split = split or cfg.split
-    fields = _Fields.from_config(cfg)
+
+def _load_source(cfg: DataConfig, split: str, source: SourceConfig | None = None,
+                 index: int = 0) -> tuple[datasets.Dataset, str, int | None, list[str], int]:
+    """One source validated: its rows, description, K, the first skipped rows' messages and the skipped count."""
+    fields = _Fields.from_config(cfg, source)
+    if source is not None:
+        split = source.split or split
+        cfg = dataclasses.replace(cfg, path=source.path, revision=source.revision, sources=[])
     description, parts = _resolve(cfg, split)
     num_negatives: int | None = None
     loaded: list[datasets.Dataset] = []
@@ -421,7 +462,8 @@ def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.D
         ds = raw.map(
             _normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
             features=_TEXT_FEATURES, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
-            fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl},
+            fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl,
+                       "source": index},
         )
         errors = ds.data.column(_ERROR)
         bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
@@ -443,11 +485,45 @@ def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.D
         raise DataError(f"{description}: no rows")
     if cfg.max_rows is not None and cfg.max_rows < len(ds):
         ds = ds.select(range(cfg.max_rows))
-    counts = pc.value_counts(ds.with_format("arrow")["task_name"]).to_pylist()
-    tasks = dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
-    report = DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS], num_negatives or 0,
-                        tasks, sorted(fields.instructed))
-    return ds, report
+    return ds, description, num_negatives, examples, skipped
+
+
+def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
+    """Load, validate and normalise the configured triplets: `data.path`, or every source of `data.sources`.
+
+    Returns a dataset with columns `query` (str), `pos` (str), `negs` (list of K str, the same K for every row of a
+    source, possibly 0), `task_name` (str) and, for `data.sources`, `source` (the row's index in the list),
+    instructions already prepended as configured, and its `DataReport`.
+    Raises `DataError` on the first bad row (`FILE:LINE: field 'pos': empty text`) unless
+    `data.on_bad_rows=skip`, and always when a file has no valid row at all (a wrong column mapping or format is
+    a configuration error, not a few bad rows to skip); errors about a mixture source start with its name.
+    `data.max_rows` applies to each source. On several ranks, call it on the main process first
+    (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
+    """
+    split = split or cfg.split
+    fields = _Fields.from_config(cfg)
+    if not cfg.sources:
+        ds, description, num_negatives, examples, skipped = _load_source(cfg, split)
+        ds = ds.remove_columns("source")  # one source: nothing to tell apart
+        return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS], num_negatives or 0,
+                              _task_counts(ds), sorted(fields.instructed))
+    loaded, reports, examples, skipped = [], [], [], 0
+    for index, source in enumerate(cfg.sources):
+        try:
+            ds, description, num_negatives, source_examples, source_skipped = _load_source(cfg, split, source, index)
+        except DataError as error:
+            raise DataError(f"data.sources {source.name!r}: {error}") from error
+        loaded.append(ds)
+        reports.append(SourceReport(source.name, description, len(ds), num_negatives or 0,
+                                    int(pc.count_distinct(ds.with_format("arrow")["task_name"]).as_py())))
+        examples.extend(source_examples)
+        skipped += source_skipped
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    negatives = {r.num_negatives for r in reports}
+    description = f"mixture of {len(reports)} source{'s' * (len(reports) > 1)}"
+    return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS],
+                          negatives.pop() if len(negatives) == 1 else None, _task_counts(ds),
+                          sorted(fields.instructed), reports)
 
 
 # -------------------------------------------------------------------------------------------- tokenization
@@ -475,12 +551,14 @@ def _prompted(texts: list[str], prompts: list[str] | str) -> list[str]:
     return [p + t for p, t in zip(prompts, texts)]
 
 
-def _tokenize_batch(batch: Mapping[str, list], sides: Sequence[_Side], num_negatives: int) -> dict[str, list]:
+def _tokenize_batch(batch: Mapping[str, list], sides: Sequence[_Side]) -> dict[str, list]:
     """Batched map: texts -> unpadded ids for each side (student, guide), plus per-row truncation flags and, when
-    a side leaves prompts out of pooling, each text's prompt length (`<side>_query_prompt`, ...)."""
+    a side leaves prompts out of pooling, each text's prompt length (`<side>_query_prompt`, ...). Rows may have
+    different numbers of negatives (mixture sources differ)."""
     out: dict[str, list] = {}
     rows = len(batch["query"])
-    k = num_negatives
+    ends = np.cumsum([len(negs) for negs in batch["negs"]]).tolist()
+    starts = [0] + ends[:-1]
     for side, tokenizer, max_length, prompts in sides:
         query_prompts = [prompts.for_query(task) for task in batch["task_name"]]
         texts = {"query": _prompted(batch["query"], query_prompts), "pos": _prompted(batch["pos"], prompts.document)}
@@ -488,14 +566,14 @@ def _tokenize_batch(batch: Mapping[str, list], sides: Sequence[_Side], num_negat
             out[f"{side}_{column}"], out[f"_truncated_{side}_{column}"] = _encode(tokenizer, texts[column], max_length)
         negs = _prompted([t for negs in batch["negs"] for t in negs], prompts.document)
         ids, truncated = _encode(tokenizer, negs, max_length)
-        out[f"{side}_negs"] = [ids[i * k:(i + 1) * k] for i in range(rows)]
-        out[f"_truncated_{side}_negs"] = [sum(truncated[i * k:(i + 1) * k]) for i in range(rows)]
+        out[f"{side}_negs"] = [ids[a:b] for a, b in zip(starts, ends)]
+        out[f"_truncated_{side}_negs"] = [sum(truncated[a:b]) for a, b in zip(starts, ends)]
         if not prompts.include_prompt:
             lengths = {p: prompt_length(tokenizer, p) for p in {*query_prompts, prompts.document}}
             document = lengths[prompts.document]
             out[f"{side}_query_prompt"] = [lengths[p] for p in query_prompts]
             out[f"{side}_pos_prompt"] = [document] * rows
-            out[f"{side}_negs_prompt"] = [[document] * k for _ in range(rows)]
+            out[f"{side}_negs_prompt"] = [[document] * (b - a) for a, b in zip(starts, ends)]
     return out
 
 
@@ -522,18 +600,18 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
 
     Returns the dataset with `student_query`, `student_pos`, `student_negs` (K id lists per row) and, with a guide,
     the same `guide_*` columns, all unpadded token ids with the tokenizer's special tokens (a decoder's EOS
-    included, see `gist_scale.model.load_tokenizer`), plus `task_name`; and the fraction of texts truncated per
-    column (`student_query`, ..., `guide_negs`; negatives over all K x rows). Each side's `Prompts` are prepended
-    to its texts; a side whose prompts are left out of pooling also gets `<side>_query_prompt`, `<side>_pos_prompt`
-    (ints) and `<side>_negs_prompt` (K ints): each text's prompt length in tokens.
-    The raw text columns are dropped. A second call with the same data, tokenizers, lengths and prompts reads the
-    cache.
+    included, see `gist_scale.model.load_tokenizer`), plus `task_name` (and `source` for a mixture); and the
+    fraction of texts truncated per column (`student_query`, ..., `guide_negs`; negatives over all negatives).
+    Each side's `Prompts` are prepended to its texts; a side whose prompts are left out of pooling also gets
+    `<side>_query_prompt`, `<side>_pos_prompt` (ints) and `<side>_negs_prompt` (K ints): each text's prompt
+    length in tokens. The raw text columns are dropped. A second call with the same data, tokenizers, lengths and
+    prompts reads the cache.
     """
     sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length, student_prompts,
                    guide_prompts)
-    num_negatives = len(ds[0]["negs"]) if len(ds) else 0
+    kept = [c for c in ("task_name", "source") if c in ds.column_names]
     ids = datasets.List(datasets.Value("int32"))
-    features = datasets.Features({"task_name": datasets.Value("string")})
+    features = datasets.Features({c: ds.features[c] for c in kept})
     for side, _, _, prompts in sides:
         features.update({f"{side}_query": ids, f"{side}_pos": ids, f"{side}_negs": datasets.List(ids)})
         features.update({f"_truncated_{side}_{c}": datasets.Value("int32") for c in ("query", "pos", "negs")})
@@ -541,15 +619,16 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
             features.update({f"{side}_query_prompt": datasets.Value("int32"),
                              f"{side}_pos_prompt": datasets.Value("int32"), f"{side}_negs_prompt": ids})
     tokenized = ds.map(
-        _tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c != "task_name"],
-        features=features, num_proc=num_proc, fn_kwargs={"sides": sides, "num_negatives": num_negatives},
+        _tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
+        features=features, num_proc=num_proc, fn_kwargs={"sides": sides},
         desc="tokenizing " + " and ".join(side[0] for side in sides),
     )
+    negatives = pc.sum(pc.list_value_length(tokenized.data.column("student_negs"))).as_py() or 0
     truncation: dict[str, float] = {}
     flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
     for flag in flags:
         column = flag.removeprefix("_truncated_")
-        texts = len(tokenized) * (num_negatives if column.endswith("_negs") else 1)
+        texts = negatives if column.endswith("_negs") else len(tokenized)
         total = pc.sum(tokenized.data.column(flag)).as_py() or 0
         truncation[column] = total / texts if texts else 0.0
     return tokenized.remove_columns(flags), truncation
@@ -576,10 +655,9 @@ def measure_tokenization_rate(ds: datasets.Dataset, student_tokenizer: PreTraine
     """
     sample = ds[: min(rows, len(ds))]
     sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length)
-    num_negatives = len(sample["negs"][0]) if sample["negs"] else 0
     start = time.perf_counter()
     for begin in range(0, len(sample["query"]), 1000):
-        _tokenize_batch({k: v[begin:begin + 1000] for k, v in sample.items()}, sides, num_negatives)
+        _tokenize_batch({k: v[begin:begin + 1000] for k, v in sample.items()}, sides)
     return len(sample["query"]) / max(time.perf_counter() - start, 1e-9)
 
 
@@ -596,6 +674,54 @@ class SamplerSummary:
     """Rows left out of every epoch: tails dropped by `drop_last`, or too small to give every rank a row."""
 
 
+@dataclass(frozen=True)
+class SourcePlan:
+    """How one mixture source is drawn in every epoch."""
+
+    name: str
+    rows: int
+    batches: int
+    """Global batches the source's rows make (its size: each row once, tails as `drop_last` says)."""
+    drawn: int
+    """Global batches drawn from it per epoch: fewer than `batches` subsamples, more cycles (reshuffled)."""
+    requested: float
+    """Its requested share of the global batches (normalised weight, or size^alpha normalised)."""
+
+
+def mixture_quotas(sizes: Sequence[int], weights: Sequence[float] | None = None,
+                   alpha: float = 1.0) -> tuple[list[int], list[float]]:
+    """Global batches per epoch drawn from each source, and the requested shares they realise.
+
+    An epoch has as many global batches as the drawn sources (those with a share above 0) make once, so alpha = 1
+    without weights is every batch exactly once. The requested share of source s is `weights[s] / sum(weights)`, or
+    without weights `sizes[s]**alpha / sum(sizes**alpha)`; its quota is `epoch * share` rounded by largest remainder
+    (ties to the earlier source), so the quotas add up to the epoch exactly.
+    """
+    sizes_arr = np.asarray(sizes, dtype=np.float64)
+    if weights is None and alpha == 1.0:
+        return [int(n) for n in sizes], (sizes_arr / sizes_arr.sum()).tolist()
+    raw = np.asarray(weights, dtype=np.float64) if weights is not None else sizes_arr ** alpha
+    share = raw / raw.sum()
+    epoch = int(sizes_arr[share > 0].sum())
+    exact = share * epoch
+    quotas = np.floor(exact).astype(np.int64)
+    remainders = exact - quotas
+    for s in np.argsort(-remainders, kind="stable")[: epoch - int(quotas.sum())]:
+        quotas[s] += 1
+    return quotas.tolist(), share.tolist()
+
+
+def _codes(values: Any) -> np.ndarray:
+    """Integer codes of a column of names, in sorted-name order, computed by Arrow (no Python string per row)."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        array = values
+    else:
+        array = pa.array(values if isinstance(values, np.ndarray) else list(values), type=pa.string())
+    names = pc.unique(array)
+    names = names.take(pc.sort_indices(names))
+    return pc.index_in(array, value_set=names).to_numpy(zero_copy_only=False)
+
+
 class GlobalBatchSampler:
     """This rank's micro-batches of dataset indices, cut from task-homogeneous global batches.
 
@@ -610,15 +736,23 @@ class GlobalBatchSampler:
     and ranks, so batches differ by at most one row and no rank gets an empty one; a tail with fewer rows than
     `world_size * grad_accum_steps` cannot give every rank a row in every micro-batch and is dropped and counted.
 
+    Mixtures: with `sources` (each row's source index) every global batch also holds one source's rows, tasks
+    grouped within each source. Each source makes its batches as above; an epoch draws `mixture_quotas` of them
+    per source (the first ones of the source's shuffled batches; a source asked for more than it has is cycled,
+    each pass reshuffled) and orders all drawn batches by a random permutation, so any stretch of steps follows
+    the requested shares. With one source this is exactly the single-source plan.
+
     `state_dict()` holds the epoch and the micro-batches already yielded in it; `load_state_dict` makes the next
     iteration start exactly there. Iterating to the end finishes the epoch; call `set_epoch(epoch + 1)` before the
     next one. DataLoader workers prefetch indices ahead of training, so then checkpoint the micro-batches that
     training received as `{"epoch", "position"}` rather than this sampler's own position.
     """
 
-    def __init__(self, task_names: Sequence[str] | None, batch_size: int, world_size: int, rank: int,
-                 grad_accum_steps: int = 1, seed: int = 0, task_homogeneous: bool = True, drop_last: bool = True,
-                 *, num_rows: int | None = None) -> None:
+    def __init__(self, task_names: Sequence[str] | pa.ChunkedArray | None, batch_size: int, world_size: int,
+                 rank: int, grad_accum_steps: int = 1, seed: int = 0, task_homogeneous: bool = True,
+                 drop_last: bool = True, *, num_rows: int | None = None,
+                 sources: Sequence[int] | pa.ChunkedArray | None = None, source_names: Sequence[str] | None = None,
+                 weights: Sequence[float] | None = None, sampling_alpha: float = 1.0) -> None:
         if batch_size < 1 or world_size < 1 or grad_accum_steps < 1:
             raise ValueError(f"batch_size={batch_size}, world_size={world_size} and "
                              f"grad_accum_steps={grad_accum_steps} must all be >= 1")
@@ -629,28 +763,56 @@ class GlobalBatchSampler:
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.grad_accum_steps, self.seed, self.drop_last = grad_accum_steps, seed, drop_last
         self.global_batch_size = global_batch_size(batch_size, world_size, grad_accum_steps)
-        if task_names is None or not task_homogeneous:
-            count = num_rows if task_names is None else len(task_names)
-            self._groups = [np.arange(count, dtype=np.int64)]
-        else:
-            _, codes = np.unique(np.asarray(list(task_names), dtype=str), return_inverse=True)
-            order = np.argsort(codes, kind="stable")
-            self._groups = np.split(order, np.cumsum(np.bincount(codes))[:-1])
-        steps, dropped = 0, 0
-        for group in self._groups:
-            full, tail = divmod(len(group), self.global_batch_size)
-            kept_tail = self._keeps_tail(tail)
-            steps += full + kept_tail
-            dropped += 0 if kept_tail else tail
-        self.summary = SamplerSummary(steps_per_epoch=steps, dropped_rows=dropped)
-        if steps == 0:
-            largest = max(len(g) for g in self._groups)
+        count = num_rows if task_names is None else len(task_names)
+        # int32 per row (5M rows: 20 MB an array): the source index, then the (source, task) group key.
+        key = (np.zeros(count, dtype=np.int32) if sources is None else
+               np.asarray(sources.to_numpy() if isinstance(sources, pa.ChunkedArray) else sources, dtype=np.int32))
+        num_sources = int(key.max(initial=0)) + 1 if source_names is None else len(source_names)
+        names = list(source_names) if source_names is not None else [str(s) for s in range(num_sources)]
+        # Rows grouped by (source, task), tasks in sorted-name order: one stable argsort of integer keys.
+        tasks = 1
+        if task_names is not None and task_homogeneous:
+            codes = _codes(task_names)
+            tasks = int(codes.max(initial=0)) + 1
+            key = key.astype(np.int64 if num_sources * tasks >= 2**31 else np.int32) * tasks + codes
+            del codes
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        bounds = np.flatnonzero(np.diff(sorted_key)) + 1
+        self._groups: list[list[np.ndarray]] = [[] for _ in range(num_sources)]
+        if count:
+            for start, group in zip(np.r_[0, bounds].tolist(), np.split(order, bounds)):
+                self._groups[int(sorted_key[start]) // tasks].append(group)
+        sizes, dropped = [], 0
+        for source_groups in self._groups:
+            steps = 0
+            for group in source_groups:
+                full, tail = divmod(len(group), self.global_batch_size)
+                kept_tail = self._keeps_tail(tail)
+                steps += full + kept_tail
+                dropped += 0 if kept_tail else tail
+            sizes.append(steps)
+        if num_sources == 1 and sizes[0] == 0:
+            largest = max((len(g) for g in self._groups[0]), default=0)
             raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x world size "
                             f"{world_size} x grad_accum_steps {grad_accum_steps}) fits: the largest task has "
                             f"{largest} rows; lower train.batch_size, set data.drop_last=false or "
                             "data.task_homogeneous=false")
+        for s, size in enumerate(sizes):
+            if size == 0 and (weights is None or weights[s] > 0):
+                largest = max((len(g) for g in self._groups[s]), default=0)
+                raise DataError(f"data.sources {names[s]!r}: no global batch of {self.global_batch_size} rows fits "
+                                f"in it (largest task: {largest} rows); lower train.batch_size, set "
+                                "data.drop_last=false, or give it weight 0 or remove it")
+        self._quotas, requested = mixture_quotas(sizes, weights, sampling_alpha)
+        rows = [sum(len(g) for g in groups) for groups in self._groups]
+        self.sources = [SourcePlan(n, r, b, q, p) for n, r, b, q, p in zip(names, rows, sizes, self._quotas,
+                                                                           requested)]
+        """The mixture, one `SourcePlan` per source (one entry without `sources`)."""
+        self.summary = SamplerSummary(steps_per_epoch=sum(self._quotas), dropped_rows=dropped)
         self.epoch = 0
         self.position = 0
+        self._plan: tuple[int, list[np.ndarray]] | None = None
 
     def _keeps_tail(self, rows: int) -> bool:
         """Does a task's tail of `rows` (< a global batch) become a smaller batch? Only with `drop_last` off and
@@ -675,10 +837,10 @@ class GlobalBatchSampler:
                              "per epoch; was the dataset, batch size or world size changed?")
         self.epoch, self.position = epoch, position
 
-    def _global_batches(self, epoch: int) -> list[np.ndarray]:
-        rng = np.random.default_rng([self.seed, epoch])
+    def _shuffled_batches(self, groups: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        """One pass over a source: every group's rows shuffled and cut into global batches, batches shuffled."""
         batches: list[np.ndarray] = []
-        for group in self._groups:
+        for group in groups:
             rows = group[rng.permutation(len(group))]
             full = len(rows) // self.global_batch_size
             batches.extend(rows[: full * self.global_batch_size].reshape(full, self.global_batch_size))
@@ -687,14 +849,33 @@ class GlobalBatchSampler:
                 batches.append(tail)
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches in order, from (seed, epoch) alone, the same on every rank."""
+        rng = np.random.default_rng([self.seed, epoch])
+        drawn: list[list[np.ndarray]] = []
+        for groups, quota in zip(self._groups, self._quotas):
+            batches: list[np.ndarray] = []
+            while len(batches) < quota:
+                batches.extend(self._shuffled_batches(groups, rng))
+            drawn.append(batches[:quota])
+        order = rng.permutation(np.repeat(np.arange(len(drawn)), self._quotas))
+        taken = [0] * len(drawn)
+        batches = []
+        for source in order.tolist():
+            batches.append(drawn[source][taken[source]])
+            taken[source] += 1
+        return batches
+
     def __iter__(self) -> Iterator[list[int]]:
-        micro_batches = [np.array_split(micro, self.world_size)[self.rank]
-                         for batch in self._global_batches(self.epoch)
-                         for micro in np.array_split(batch, self.grad_accum_steps)]
-        while self.position < len(micro_batches):
-            batch = micro_batches[self.position]
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._global_batches(self.epoch))
+        batches = self._plan[1]
+        while self.position < len(self):
+            batch, micro = divmod(self.position, self.grad_accum_steps)
+            indices = np.array_split(np.array_split(batches[batch], self.grad_accum_steps)[micro],
+                                     self.world_size)[self.rank]
             self.position += 1
-            yield batch.tolist()
+            yield indices.tolist()
 
 
 @dataclass(frozen=True)
@@ -717,17 +898,18 @@ class TripletCollator:
 
     With `chunks`, each side is instead a :class:`gist_scale.chunking.ChunkedTexts`: the side's texts pooled,
     length-sorted and cut into `chunks` chunks padded to their own longest text, planned here on the host so that the
-    training step never reads lengths back from the accelerator.
+    training step never reads lengths back from the accelerator. `chunks` may be a function of the batch's K (a
+    mixture's sources differ in K, and every batch holds one source). Rows of a mixture add the batch's `source`.
     """
 
     def __init__(self, student_tokenizer: PreTrainedTokenizerBase,
                  guide_tokenizer: PreTrainedTokenizerBase | None = None, pad_to_multiple_of: int | None = None,
-                 chunks: int | None = None) -> None:
+                 chunks: int | Callable[[int], int | None] | None = None) -> None:
         for name, tokenizer in (("student", student_tokenizer), ("guide", guide_tokenizer)):
             if tokenizer is not None and tokenizer.pad_token_id is None:
                 raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
                                 "tokenizer.eos_token: padded positions are masked out)")
-        if chunks is not None and chunks < 1:
+        if isinstance(chunks, int) and chunks < 1:
             raise ValueError(f"chunks={chunks}: must be >= 1, or None for one tensor per column")
         self.sides = [("student", student_tokenizer)]
         if guide_tokenizer is not None:
@@ -745,6 +927,9 @@ class TripletCollator:
             raise ValueError("empty batch: GlobalBatchSampler never yields one")
         num_negatives = len(rows[0]["student_negs"])
         batch: dict[str, Any] = {"num_negatives": num_negatives, "token_counts": {}}
+        if "source" in rows[0]:
+            batch["source"] = rows[0]["source"]
+        chunks = self.chunks(num_negatives) if callable(self.chunks) else self.chunks
         for side, tokenizer in self.sides:
             if f"{side}_query" not in rows[0]:
                 raise DataError(f"rows have no '{side}_query': pass the {side} tokenizer to tokenize_triplets")
@@ -760,10 +945,66 @@ class TripletCollator:
                           "neg": [n for row in rows for n in row[f"{side}_negs_prompt"]]}
                 for column, features in encoded.items():
                     features["prompt_length"] = torch.tensor(prompt[column], dtype=torch.long)
-            if self.chunks is not None:
-                encoded = chunk_texts(encoded, self.chunks, tokenizer.pad_token_id, self.pad_to_multiple_of)
+            if chunks is not None:
+                encoded = chunk_texts(encoded, chunks, tokenizer.pad_token_id, self.pad_to_multiple_of)
             batch[side] = encoded
         return batch
+
+
+def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, world_size: int, rank: int,
+                  grad_accum_steps: int, seed: int) -> GlobalBatchSampler:
+    """The training sampler for `load_triplets`' (tokenized) rows: tasks and sources read as Arrow columns, the
+    mixture weighted as `data.sources` and `data.sampling_alpha` say."""
+    columns = tok_ds.with_format("arrow")
+    sources = columns["source"] if cfg.sources else None
+    weights = [s.weight for s in cfg.sources] if cfg.sources and cfg.sources[0].weight is not None else None
+    return GlobalBatchSampler(
+        columns["task_name"], batch_size, world_size, rank, grad_accum_steps, seed, cfg.task_homogeneous,
+        cfg.drop_last, sources=sources, source_names=[s.name for s in cfg.sources] or None, weights=weights,
+        sampling_alpha=cfg.sampling_alpha)
+
+
+class MixtureMeter:
+    """Counts the global batches each mixture source contributed, for `metrics.jsonl` (a host-side count of the
+    collator's `source`, no device read). All ranks see the same source in a step, so no reduction is needed."""
+
+    def __init__(self, sources: Sequence[SourcePlan], grad_accum_steps: int, global_batch_size: int) -> None:
+        self.names = [s.name for s in sources]
+        self.grad_accum_steps, self.global_batch_size = grad_accum_steps, global_batch_size
+        self._micro = [0] * len(self.names)
+
+    def count(self, batch: Mapping[str, Any]) -> None:
+        """Count one micro-batch (call it for each micro-batch the training loop receives)."""
+        if "source" in batch:
+            self._micro[batch["source"]] += 1
+
+    def flush(self) -> dict[str, float]:
+        """`source/NAME/batches` and `source/NAME/rows` since the last flush, for the sources that had any (rows are
+        full global batches: exact with `data.drop_last`); empty for a single source."""
+        record: dict[str, float] = {}
+        for name, micro in zip(self.names, self._micro):
+            if micro:
+                batches = micro / self.grad_accum_steps
+                record[f"source/{name}/batches"] = batches
+                record[f"source/{name}/rows"] = batches * self.global_batch_size
+        self._micro = [0] * len(self.names)
+        return record
+
+
+def write_mixture(sources: Sequence[SourcePlan], run_dir: Path) -> None:
+    """Write RUN/mixture.json (`{name: {rows, batches, drawn, requested}}`) for a run with several sources."""
+    if len(sources) > 1:
+        (run_dir / MIXTURE_FILE).write_text(json.dumps({s.name: dataclasses.asdict(s) for s in sources}, indent=1))
+
+
+def mixture_lines(sources: Sequence[SourcePlan], steps_per_epoch: int) -> list[str]:
+    """The startup summary's mixture table (nothing for a single source)."""
+    if len(sources) < 2:
+        return []
+    lines = [f"mixture: {len(sources)} sources, epoch = {steps_per_epoch} global batches"]
+    lines.extend(f"  {s.name}: {s.rows} rows, {s.batches} batches; drawn {s.drawn} per epoch "
+                 f"(share {s.drawn / max(steps_per_epoch, 1):.1%}, requested {s.requested:.1%})" for s in sources)
+    return lines
 
 
 def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, collator: TripletCollator,

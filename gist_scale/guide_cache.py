@@ -83,9 +83,12 @@ def guide_digest(name: str) -> str | None:
     return digest.hexdigest()
 
 
-def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int,
+def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int | None,
               instructions: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What the cached embeddings depend on; two configurations with equal keys get the same embeddings."""
+    if num_negatives is None:  # a mixture whose sources differ in K (DataReport.num_negatives)
+        raise GuideCacheError("the guide cache stores K negatives per row, and the data.sources differ in K: give "
+                              "every source the same num_negatives, or train without guide.cache")
     prompts = Prompts.from_config(guide, instructions)
     return {
         "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,

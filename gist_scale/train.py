@@ -34,8 +34,8 @@ from gist_scale import chunking, distributed, encode, faults
 from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
 from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
                                global_batch_size, load_config, save_config)
-from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_dataloader, count_tokens,
-                             load_triplets, tokenize_triplets)
+from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dataloader, build_sampler, count_tokens,
+                             load_triplets, mixture_lines, tokenize_triplets, write_mixture)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.beir import load_beir
@@ -212,10 +212,11 @@ class Trainer:
             console.print(f"[yellow]warning:[/yellow] data.task_instructions names task(s) that the data does not "
                           f"have, so their instructions are unused: {', '.join(unused)}")
         # Raises with a fix-it message when not even one global batch fits in the data.
-        self.sampler = GlobalBatchSampler(
-            dataset["task_name"], cfg.train.batch_size,
+        self.sampler = build_sampler(
+            dataset, cfg.data, cfg.train.batch_size,
             self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
-            cfg.train.seed, cfg.data.task_homogeneous, cfg.data.drop_last)
+            cfg.train.seed)
+        self.mixture = MixtureMeter(self.sampler.sources, cfg.train.grad_accum_steps, self.sampler.global_batch_size)
         # A refused resume leaves the run directory as it was: config.yaml is written in `train`, after loading.
         self.resume.check_data(data_fingerprint, self.sampler.summary)
         self.tokens_per_epoch = count_tokens(dataset, "student")
@@ -224,7 +225,7 @@ class Trainer:
         self.rank_sizes = ([cfg.train.batch_size] * self.accelerator.num_processes if cfg.data.drop_last else None)
         # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,
-                                   chunks=self._chunks(self.data_report.num_negatives))
+                                   chunks=self._chunks)
         if guide_cache is not None:
             dataset, collator = guide_cache.attach(dataset, collator)
         self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
@@ -293,7 +294,7 @@ class Trainer:
             progress.update(1)
             if self._due(self.cfg.train.log_every) or self.state.step == self.total_steps:
                 # This is a sync point: metrics cross ranks and reach the host only here.
-                self._log(self._reduce_metrics(window))
+                self._log({**self._reduce_metrics(window), **self.mixture.flush()})
                 window = MetricsWindow()
             if self._due(self.cfg.checkpoint.every):
                 window.timed("checkpoint_seconds", self._save_checkpoint)
@@ -337,6 +338,7 @@ class Trainer:
             for batch in self.loader:
                 # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
                 self.state.position += 1
+                self.mixture.count(batch)
                 group.append(send_to_device(batch, self.device, non_blocking=True))
                 if len(group) == self.cfg.train.grad_accum_steps:
                     yield group
@@ -509,6 +511,7 @@ class Trainer:
             *_prompt_lines(self.accelerator.unwrap_model(self.student), self.cfg.model.pool_prompt),
             "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
             f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
+            *mixture_lines(self.sampler.sources, self.sampler.summary.steps_per_epoch),
             f"run directory: {self.run_dir}",
         ]
         for leftover in incomplete_checkpoints(self.checkpoint_dir):
@@ -516,6 +519,7 @@ class Trainer:
         if resume_from is not None:
             lines.append(f"resumed from {resume_from} at step {self.state.step}")
             lines += self.resume.summary_lines()
+        write_mixture(self.sampler.sources, self.run_dir)
         console.rule("gist-scale train")
         for line in lines:
             console.print(line)
@@ -537,7 +541,7 @@ class Trainer:
 
     def _load_eval_data(self) -> EvalData | None:
         """The held-out split: `eval.beir`, `eval.path`, or the shipped sample's own eval split when training on it."""
-        if self.cfg.eval.path is None and self.cfg.eval.beir is None and self.cfg.data.path is not None:
+        if self.cfg.eval.path is None and self.cfg.eval.beir is None and not self.cfg.data.is_sample:
             return None
         with self.accelerator.main_process_first():
             if self.cfg.eval.beir is not None:

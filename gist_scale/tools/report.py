@@ -2,7 +2,9 @@
 
 Panels, each against the optimizer step: loss, learning rate, masked fraction (the share of in-batch candidates
 the guide flagged as false negatives), throughput (triplets/s and tokens/s), gradient norm, and the eval metrics
-(`eval/ndcg@10`, ...) when the run logged any. matplotlib is an optional extra (`pip install 'gist-scale[report]'`),
+(`eval/ndcg@10`, ...) when the run logged any; for a mixture (`data.sources`) a last panel compares each source's
+realised share of the global batches (its `source/NAME/batches` records) with the requested one (`mixture.json`).
+matplotlib is an optional extra (`pip install 'gist-scale[report]'`),
 imported only here, and drawn with the non-interactive Agg backend so the command works on headless nodes.
 """
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gist_scale.config import METRICS_FILE
+from gist_scale.config import METRICS_FILE, MIXTURE_FILE
 
 __all__ = ["MatplotlibMissing", "read_metrics", "plot_run", "main"]
 
@@ -105,8 +107,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     from matplotlib.ticker import MaxNLocator
 
-    # One shared step axis, so eval points line up with the training curves.
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), sharex=True, constrained_layout=True)
+    mixture_path = run / MIXTURE_FILE
+    mixture = json.loads(mixture_path.read_text()) if mixture_path.is_file() else None
+    figure, grid = plt.subplots(2, 4 if mixture else 3, figsize=(20 if mixture else 15, 8), constrained_layout=True)
+    axes = grid[:, :3]
+    for ax in axes.flat[1:]:  # one shared step axis, so eval points line up with the training curves
+        ax.sharex(axes[0, 0])
     figure.suptitle(_title(run))
     panels = {(0, 0): ("loss", "loss"), (0, 1): ("lr", "learning rate"),
               (0, 2): ("masked_fraction", "masked fraction (guide-flagged false negatives)"),
@@ -148,12 +154,32 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
+    if mixture:
+        grid[1, 3].remove()
+        _plot_mixture(grid[0, 3], mixture, train)
 
     target = Path(out) if out is not None else run / DEFAULT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
     plt.close(figure)
     return target
+
+
+def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, Any]]) -> None:
+    """Bars: each source's requested share of the global batches next to its realised share so far."""
+    names = list(mixture)
+    batches = [sum(float(r.get(f"source/{name}/batches", 0.0)) for r in train) for name in names]
+    total = sum(batches) or 1.0
+    positions = range(len(names))
+    ax.barh([p + 0.2 for p in positions], [mixture[n]["requested"] for n in names], height=0.4, label="requested")
+    ax.barh([p - 0.2 for p in positions], [b / total for b in batches], height=0.4,
+            label=f"realised ({sum(batches):.0f} batches)")
+    ax.set_yticks(list(positions), names, fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("share of global batches")
+    ax.set_title("mixture: requested vs realised")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
 
 
 def main(argv: list[str] | None = None) -> int:
