@@ -71,15 +71,18 @@ def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     )
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int) -> Path:
-    """Save on every rank; returns the final directory. All ranks must call this at the same step."""
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int,
+                    state_kwargs: dict | None = None) -> Path:
+    """Save on every rank; returns the final directory. All ranks must call this at the same step.
+
+    `state_kwargs` go to `accelerator.save_state` (LoRA leaves the frozen base out: `gist_scale.model.lora`)."""
     final = checkpoint_dir / f"step_{state.step}"
     tmp = checkpoint_dir / f".tmp-step_{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **(state_kwargs or {}))
     # Each rank's loop position can differ only in principle (same sampler length on every rank); store rank 0's.
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
@@ -171,8 +174,10 @@ def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint."""
+def load_checkpoint(accelerator: Accelerator, path: Path, state_kwargs: dict | None = None) -> TrainerState:
+    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint.
+
+    `state_kwargs` go to `accelerator.load_state`, as those of `save_checkpoint` to `save_state`."""
     verify_checkpoint(path)
     state_file = path / STATE_FILE
     try:
@@ -180,7 +185,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainerState:
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{state_file}: unreadable trainer state ({error})") from error
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), **(state_kwargs or {}))
     except Exception as error:  # torch/DeepSpeed raise many types; name the file where we can find it
         found = _unreadable_file(path)
         if found:

@@ -40,7 +40,7 @@ from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
-from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
+from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -183,6 +183,8 @@ class Trainer:
         self.loss_fn = GISTLoss(**dataclasses.asdict(cfg.loss), check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        # With LoRA, checkpoints hold the adapters and their optimizer state, not the frozen base.
+        self.state_kwargs = lora.checkpoint_kwargs(self.accelerator) if cfg.model.lora_r else lora.StateKwargs({}, {})
         # `from_pretrained` returns the encoder in eval mode (dropout off); evaluation restores whatever mode it found.
         self.student.train()
         # Built on the prepared optimizer: ZeRO-3 regroups the parameters, so a scheduler made before `prepare` would
@@ -206,15 +208,19 @@ class Trainer:
     def _load_guide(self) -> Embedder | None:
         if self.cfg.guide.name is None or self.cfg.guide.cache is not None:
             return None
+        return load_guide(self.cfg.guide, self.device, self._restore_zero3())
+
+    def _restore_zero3(self):
+        """What re-registers the DeepSpeed config after loading a model outside ZeRO-3 (`outside_zero3`)."""
         plugin = self.accelerator.state.deepspeed_plugin
-        return load_guide(self.cfg.guide, self.device, plugin.set_deepspeed_weakref if plugin else None)
+        return plugin.set_deepspeed_weakref if plugin else None
 
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> int:
         resume_from = resolve_resume(self.cfg.resume, self.checkpoint_dir)
         if resume_from is not None:
-            self.state = load_checkpoint(self.accelerator, resume_from)
+            self.state = load_checkpoint(self.accelerator, resume_from, self.state_kwargs.load)
         self._print_summary(resume_from)
         pending: list[StepMetrics] = []
         window_start = time.perf_counter()
@@ -249,14 +255,16 @@ class Trainer:
                 pending, window_start = [], time.perf_counter()
             saved = bool(self.cfg.checkpoint.every and self.state.step % self.cfg.checkpoint.every == 0)
             if saved:
-                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+                save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
+                                self.state_kwargs.save)
             if self.eval_data is not None and self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 \
                     and self.state.step < self.total_steps:
                 self._evaluate()
             # A collective: a signal may reach only some ranks, and all of them must stop at the same step.
             if distributed.any_rank_true(self.preemption.is_set):
                 if not saved:
-                    save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last)
+                    save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
+                                    self.state_kwargs.save)
                 progress.close()
                 console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
                               f"{EXIT_PREEMPTED} so the job is requeued")
@@ -401,9 +409,8 @@ class Trainer:
     def _print_summary(self, resume_from: Path | None) -> None:
         if not self.accelerator.is_main_process:
             return
-        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
-        if self.zero_stage == 3:
-            trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        # ZeRO-3 leaves each rank a shard; `ds_numel` is the whole parameter.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters() if p.requires_grad)
         lines = [
             f"world size {self.accelerator.num_processes}  per-device batch {self.cfg.train.batch_size}  "
             f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.global_batch}",
@@ -433,9 +440,13 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         encoder_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
-        embedder = self.accelerator.unwrap_model(self.student)
+        encoder = self.accelerator.unwrap_model(self.student).encoder
+        if self.cfg.model.lora_r:  # RUN/final/ is the merged model; RUN/final-adapter/ the adapter alone
+            encoder = lora.merged_encoder(encoder, encoder_state, destination.with_name(destination.name + "-adapter"),
+                                          self._restore_zero3())
+            encoder_state = None
         export_sentence_transformer(
-            embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
+            encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
             self.cfg.model.max_length, destination, state_dict=encoder_state)
         console.print(f"model (sentence-transformers format): {destination}")
 

@@ -1,7 +1,7 @@
 """Loading models: the trainable student, the frozen guide (outside ZeRO-3 partitioning) and tokenizers.
 
-Future homes beside this module: decoder-LLM specifics, LoRA adapters and prompts each get their own module in
-`gist_scale.model`, so that loading stays a thin layer over `transformers`.
+Future homes beside this module: decoder-LLM specifics, LoRA adapters (`lora.py`) and prompts each get their own
+module in `gist_scale.model`, so that loading stays a thin layer over `transformers`.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ def load_student(cfg: ModelConfig) -> Embedder:
     _drop_unused_pooler(encoder)
     if cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        from gist_scale.model.lora import add_lora  # peft is needed only for LoRA (and imports this module)
+
+        encoder = add_lora(encoder, cfg)
     return Embedder(encoder, cfg.pooling, cfg.normalize)
 
 
