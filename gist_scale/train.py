@@ -436,14 +436,16 @@ class Trainer:
 
     def _export(self, destination: Path) -> None:
         # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
-        state_dict = self.accelerator.get_state_dict(self.student)
+        # With LoRA only the adapters: the frozen base is on disk.
+        state_dict = (lora.adapter_state_dict(self.accelerator, self.student) if self.cfg.model.lora_r
+                      else self.accelerator.get_state_dict(self.student))
         if not self.accelerator.is_main_process:
             return
         encoder_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         encoder = self.accelerator.unwrap_model(self.student).encoder
         if self.cfg.model.lora_r:  # RUN/final/ is the merged model; RUN/final-adapter/ the adapter alone
-            encoder = lora.merged_encoder(encoder, encoder_state, destination.with_name(destination.name + "-adapter"),
-                                          self._restore_zero3())
+            encoder = lora.merged_encoder(self.cfg.model, encoder_state,
+                                          destination.with_name(destination.name + "-adapter"), self._restore_zero3())
             encoder_state = None
         export_sentence_transformer(
             encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,

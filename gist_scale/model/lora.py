@@ -9,13 +9,12 @@ whose recomputed block gets no gradient when its input (the frozen embeddings' o
 student uses non-reentrant checkpointing, which back-propagates to the adapters either way (tested).
 
 Checkpoints hold the adapters and their optimizer state, not the frozen base, which `--resume` reloads from
-`model.name` like at the start (`checkpoint_kwargs`). Export writes the merged model (`merged_encoder`) and the
-adapter alone.
+`model.name` like at the start (`checkpoint_kwargs`). Export gathers the adapters alone (`adapter_state_dict`)
+and writes them, and the merged model, from a fresh copy of the base (`merged_encoder`).
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +25,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
-from transformers import AutoModel, PreTrainedModel
-from transformers.initialization import no_init_weights
+from transformers import PreTrainedModel
 
 from gist_scale.config import ConfigError, ModelConfig
-from gist_scale.model.loading import _drop_unused_pooler, outside_zero3
+from gist_scale.model.loading import load_student, outside_zero3
 
-__all__ = ["ALL_LINEAR", "StateKwargs", "add_lora", "checkpoint_kwargs", "lora_config", "merged_encoder"]
+__all__ = ["ALL_LINEAR", "StateKwargs", "adapter_state_dict", "add_lora", "checkpoint_kwargs", "lora_config",
+           "merged_encoder"]
 
 ALL_LINEAR = "all-linear"
 """peft's shorthand for every linear layer except an output head (an `AutoModel` encoder has none)."""
@@ -94,21 +93,40 @@ def _keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_d
             del state[name]
 
 
-def merged_encoder(encoder: PeftModel, state_dict: dict[str, torch.Tensor], adapter_dir: Path,
-                   restore_zero3: Callable[[], None] | None) -> PreTrainedModel:
-    """The trained adapter merged into a fresh copy of the base model; also writes the adapter to `adapter_dir`.
+def adapter_state_dict(accelerator: Accelerator, student: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trained adapter weights, whole, on the main process (None elsewhere); every rank must call this.
 
-    Run on the main process with the full `state_dict` of `encoder` (consolidated from ZeRO-3 shards when needed).
-    The live student is left alone: merging it in place and unmerging afterwards would not restore its base
-    weights bit for bit, and training (or a later export) goes on. `restore_zero3` is as for `outside_zero3`: the
-    copy lives on this process alone and must not be partitioned.
+    Only the adapters are gathered from ZeRO-3 partitions (megabytes, not the 16 GB of an 8B base): the frozen base
+    is what `model.name` holds on disk. The gather is read-only (`modifier_rank=None`): nothing is broadcast back.
+    (`accelerator.get_state_dict`'s gather broadcasts every layer back from rank 0; on CPU/gloo here, any such
+    gather left both ranks spinning in the interpreter's final garbage collection, full fine-tuning included.)
     """
-    base = encoder.get_base_model()
-    dtype = next(iter(state_dict.values())).dtype
-    with outside_zero3(restore_zero3), no_init_weights():  # every weight is overwritten below
-        fresh = AutoModel.from_config(base.config, dtype=dtype)
-    _drop_unused_pooler(fresh)  # as `load_student` did
-    fresh = get_peft_model(fresh, copy.deepcopy(encoder.peft_config["default"]))
-    fresh.load_state_dict(state_dict)
-    fresh.save_pretrained(adapter_dir)
-    return fresh.merge_and_unload()
+    import deepspeed  # its context is a no-op for parameters that ZeRO-3 did not partition
+
+    model = accelerator.unwrap_model(student)
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    with deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None):
+        if not accelerator.is_main_process:
+            return None
+        return {name: param.detach().cpu().clone() for name, param in trainable.items()}
+
+
+def merged_encoder(cfg: ModelConfig, adapter_state: dict[str, torch.Tensor], adapter_dir: Path,
+                   restore_zero3: Callable[[], None] | None) -> PreTrainedModel:
+    """The base model from `cfg.name` with the trained adapter merged in; also writes the adapter to `adapter_dir`.
+
+    Main process only, on a fresh copy (`adapter_state` holds the `Embedder`'s adapter entries, `encoder.`-less):
+    merging the live student in place and unmerging afterwards would not restore its base weights bit for bit,
+    and training (or a later export) goes on. `restore_zero3` is as for `outside_zero3`: the copy lives on this
+    process alone and must not be partitioned.
+    """
+    with outside_zero3(restore_zero3):
+        encoder = load_student(cfg).encoder
+    loaded = encoder.load_state_dict(adapter_state, strict=False)
+    trained = {name for name, param in encoder.named_parameters() if param.requires_grad}
+    if loaded.unexpected_keys or trained & set(loaded.missing_keys):
+        raise RuntimeError(f"adapter export: the trained state does not fit a fresh LoRA model of {cfg.name} "
+                           f"(unexpected {loaded.unexpected_keys[:3]}, missing "
+                           f"{sorted(trained & set(loaded.missing_keys))[:3]})")
+    encoder.save_pretrained(adapter_dir)
+    return encoder.merge_and_unload()
