@@ -4,6 +4,7 @@ parity across parallel layouts (DDP, ZeRO-2, ZeRO-3; a tiny decoder under ZeRO-3
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dist_utils import loss_records
+from dist_utils import loss_records, torchrun_command
 from gist_scale.config import ModelConfig, load_config
 from gist_scale.model import Embedder, load_student, load_tokenizer
 from gist_scale.train import Trainer, main
@@ -190,3 +191,28 @@ def test_lora_decoder_under_zero3_with_grad_cache_matches_one_process(tmp_path, 
                for name in load_file(tmp_path / "zero3" / "final-adapter" / "adapter_model.safetensors")}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     _assert_same_exports(tmp_path / "single", tmp_path / "zero3")
+
+
+@pytest.mark.slow
+def test_lora_resume_under_zero3_continues_exactly(tmp_path, tiny_model_dir, launch_env):
+    """DeepSpeed's own checkpoint without the frozen base (`exclude_frozen_parameters`) resumes the same curve."""
+    def run(out: Path, *extra: str) -> None:
+        args = tiny_args(tiny_model_dir, out, "--train.batch_size", "4", "--train.max_steps", "4",
+                         "--checkpoint.every", "2", *LORA, *extra)
+        result = subprocess.run(torchrun_command(2, "train", *args), env=launch_env("zero3"), capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run(full, "--checkpoint.keep_last", "5")
+    step_2 = full / "checkpoints" / "step_2"
+    base = load_student(ModelConfig(name=str(tiny_model_dir)))
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    assert sum(f.stat().st_size for f in step_2.rglob("*") if f.is_file()) < base_bytes / 20
+    shutil.copytree(step_2, resumed / "checkpoints" / "step_2")
+    run(resumed, "--resume", "auto")
+    expected = {r["step"]: r["loss"] for r in loss_records(full)}
+    got = {r["step"]: r["loss"] for r in loss_records(resumed)}
+    assert sorted(got) == [3, 4]
+    assert [got[3], got[4]] == pytest.approx([expected[3], expected[4]], abs=1e-6)
+    _assert_same_exports(full, resumed)
