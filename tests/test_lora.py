@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
-
 from dist_utils import loss_records, torchrun_command
+from safetensors.torch import load_file
+from test_train import LAYOUT_STEPS, _run_layout, tiny_args
+
 from gist_scale.config import ModelConfig, load_config
 from gist_scale.model import Embedder, load_student, load_tokenizer
 from gist_scale.train import Trainer, main
-from test_train import LAYOUT_STEPS, _run_layout, tiny_args
 
 TEXTS = ["a large domesticated carnivore", "the act of moving quickly", "He ran to the station."]
 LORA = ("--model.lora_r", "4", "--model.lora_alpha", "8", "--optim.lr", "1e-2")
