@@ -103,16 +103,17 @@ def _failed_save_leaves_nothing(save):
 
 @_failed_save_leaves_nothing
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int,
-                    run: dict) -> Path:
+                    run: dict, state_kwargs: dict | None = None) -> Path:
     """Save on every rank, with `run` as `run.json`; returns the final directory. All ranks must call this at the
-    same step."""
+    same step. `state_kwargs` go to `accelerator.save_state` (LoRA leaves the frozen base out:
+    `gist_scale.model.lora`)."""
     final = checkpoint_dir / f"step_{state.step}"
     tmp = checkpoint_dir / f".tmp-step_{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), **(state_kwargs or {}))
     # Each rank's loop position can differ only in principle (same sampler length on every rank); store rank 0's.
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
@@ -198,11 +199,13 @@ def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
     return None
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None = None) -> TrainerState:
+def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None = None,
+                    state_kwargs: dict | None = None) -> TrainerState:
     """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint.
 
     `load_from`: a directory holding the same state in another layout's form (converted by `gist_scale.resume`
     for another world size or for a run without DeepSpeed) to hand to `accelerator.load_state` instead of `path`.
+    `state_kwargs` go to `accelerator.load_state`, as those of `save_checkpoint` to `save_state`.
     """
     verify_checkpoint(path)
     state_file = path / STATE_FILE
@@ -211,7 +214,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None
     except (OSError, ValueError, TypeError) as error:
         raise CheckpointError(f"{state_file}: unreadable trainer state ({error})") from error
     try:
-        accelerator.load_state(str(load_from or path))
+        accelerator.load_state(str(load_from or path), **(state_kwargs or {}))
     except Exception as error:  # torch/DeepSpeed raise many types; name the file where we can find it
         found = _unreadable_file(load_from or path)
         if found:

@@ -111,11 +111,32 @@ class ModelConfig(EncoderConfig):
     """Recompute activations in backward: less memory for larger per-device batches, about 30% more compute."""
     dropout: float | None = None
     """Override every dropout probability of the encoder config (0.0 makes steps deterministic); None keeps them."""
+    lora_r: int = 0
+    """LoRA rank (`gist_scale.model.lora`, with peft): the base weights stay frozen and only low-rank adapters train,
+    checkpoint and reach the optimizer; `RUN/final/` is the merged model, `RUN/final-adapter/` the adapter alone.
+    0 trains the full model."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: adapter updates are scaled by `lora_alpha / lora_r`."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (peft's `lora_dropout`)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters, by name or name suffix (`query`, `attention.output.dense`, `q_proj`); the default
+    `[all-linear]` (peft's shorthand) takes every linear layer of attention and MLP (BERT's unused pooler is dropped
+    before, and embeddings are not linear layers)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.dropout is None or 0.0 <= self.dropout < 1.0,
                f"model.dropout={self.dropout}: must be in [0, 1), or unset to keep the model's own")
+        _check(self.lora_r >= 0, f"model.lora_r={self.lora_r}: must be >= 0 (e.g. 16), or 0 for full fine-tuning")
+        _check(self.lora_alpha > 0, f"model.lora_alpha={self.lora_alpha}: must be > 0 (commonly 2 x lora_r)")
+        _check(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        _check(bool(self.lora_target_modules) and ("all-linear" not in self.lora_target_modules
+                                                   or len(self.lora_target_modules) == 1),
+               f"model.lora_target_modules={self.lora_target_modules}: give module names (`[query, value]`) or "
+               f"`[all-linear]` alone")
 
 
 @dataclass

@@ -173,7 +173,7 @@ class ResumePlan:
             global_batches=state.position // self.cfg.train.grad_accum_steps,
             steps_per_epoch=self.steps_per_epoch, identity=identity))
 
-    def load(self, accelerator: Accelerator) -> TrainerState:
+    def load(self, accelerator: Accelerator, state_kwargs: dict | None = None) -> TrainerState:
         """Restore the checkpoint onto this world size; returns the loop state, positioned in this run's units."""
         assert self.checkpoint is not None and self.saved is not None, "load() without a checkpoint to resume"
         source = self.checkpoint
@@ -181,7 +181,7 @@ class ResumePlan:
             source = plain_checkpoint(accelerator, self.checkpoint)
         elif self.resharded and self.zero_stage is not None:
             source = universal_checkpoint(accelerator, self.checkpoint)
-        state = load_checkpoint(accelerator, self.checkpoint, load_from=source)
+        state = load_checkpoint(accelerator, self.checkpoint, load_from=source, state_kwargs=state_kwargs)
         if self.resharded:
             # The saved per-rank streams belong to another rank count (some ranks have none, some files are left
             # over); a stream per (seed, step, rank) keeps a resume reproducible.

@@ -44,7 +44,7 @@ from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.resume import plan_resume
-from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
+from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.recipes import config_files
 from gist_scale.st_format import export_sentence_transformer
@@ -242,6 +242,8 @@ class Trainer:
         self.loss_fn = GISTLoss(**dataclasses.asdict(cfg.loss), check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        # With LoRA, checkpoints hold the adapters and their optimizer state, not the frozen base.
+        self.state_kwargs = lora.checkpoint_kwargs(self.accelerator) if cfg.model.lora_r else lora.StateKwargs({}, {})
         # `from_pretrained` returns the encoder in eval mode (dropout off); evaluation restores whatever mode it found.
         self.student.train()
         # Built on the prepared optimizer: ZeRO-3 regroups the parameters, so a scheduler made before `prepare` would
@@ -262,8 +264,12 @@ class Trainer:
     def _load_guide(self) -> Embedder | None:
         if self.cfg.guide.name is None or self.cfg.guide.cache is not None:
             return None
+        return load_guide(self.cfg.guide, self.device, self._restore_zero3())
+
+    def _restore_zero3(self):
+        """What re-registers the DeepSpeed config after loading a model outside ZeRO-3 (`outside_zero3`)."""
         plugin = self.accelerator.state.deepspeed_plugin
-        return load_guide(self.cfg.guide, self.device, plugin.set_deepspeed_weakref if plugin else None)
+        return plugin.set_deepspeed_weakref if plugin else None
 
     # ------------------------------------------------------------------ the loop
 
@@ -271,7 +277,7 @@ class Trainer:
         """Run to `total_steps`, or until a preemption signal; returns the exit code (0, or EXIT_PREEMPTED)."""
         resume_from = self.resume.checkpoint
         if resume_from is not None:
-            self.state = self.resume.load(self.accelerator)
+            self.state = self.resume.load(self.accelerator, self.state_kwargs.load)
             self.last_checkpoint_step = self.state.step
         # Written only now, after the data, the models and the checkpoint have loaded: a start that fails on bad input
         # leaves the run directory of an earlier, good start as it was.
@@ -325,7 +331,7 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
-                        self.resume.record(self.state))
+                        self.resume.record(self.state), self.state_kwargs.save)
         self.last_checkpoint_step = self.state.step
 
     def optimizer_steps(self) -> Iterator[list[dict]]:
@@ -494,9 +500,8 @@ class Trainer:
     def _print_summary(self, resume_from: Path | None) -> None:
         if not self.accelerator.is_main_process:
             return
-        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
-        if self.zero_stage == 3:
-            trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        # ZeRO-3 leaves each rank a shard; `ds_numel` is the whole parameter.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters() if p.requires_grad)
         lines = [
             f"world size {self.accelerator.num_processes}  per-device batch {self.cfg.train.batch_size}  "
             f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.sampler.global_batch_size}",
@@ -526,13 +531,20 @@ class Trainer:
 
     def _export(self, destination: Path) -> None:
         # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
-        state_dict = self.accelerator.get_state_dict(self.student)
+        # With LoRA only the adapters: the frozen base is on disk.
+        state_dict = (lora.adapter_state_dict(self.accelerator, self.student) if self.cfg.model.lora_r
+                      else self.accelerator.get_state_dict(self.student))
         if not self.accelerator.is_main_process:
             return
         encoder_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         embedder = self.accelerator.unwrap_model(self.student)
+        encoder = embedder.encoder
+        if self.cfg.model.lora_r:  # RUN/final/ is the merged model; RUN/final-adapter/ the adapter alone
+            encoder = lora.merged_encoder(self.cfg.model, encoder_state,
+                                          destination.with_name(destination.name + "-adapter"), self._restore_zero3())
+            encoder_state = None
         export_sentence_transformer(
-            embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
+            encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
             self.cfg.model.max_length, destination, state_dict=encoder_state, prompts=embedder.prompts,
             include_prompt=embedder.include_prompt)
         console.print(f"model (sentence-transformers format): {destination}")

@@ -151,10 +151,11 @@ def test_bad_data_fails_before_training_naming_file_row_and_field(tmp_path, caps
 LAYOUT_STEPS = 3
 
 
-def _run_layout(layout: str | None, model_dir: Path, out: Path, launch_env) -> list[float]:
+def _run_layout(layout: str | None, model_dir: Path, out: Path, launch_env, *extra: str) -> list[float]:
+    """Train LAYOUT_STEPS steps of 8 triplets: in this process (layout None) or as 2 ranks x 4 under `layout`."""
     per_device = 8 if layout is None else 4
     args = ["train", *tiny_args(model_dir, out, "--train.batch_size", str(per_device),
-                                "--train.max_steps", str(LAYOUT_STEPS), "--model.dropout", "0.0")]
+                                "--train.max_steps", str(LAYOUT_STEPS), "--model.dropout", "0.0", *extra)]
     if layout is None:
         assert main(args[1:]) == 0
     else:

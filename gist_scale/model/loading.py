@@ -1,7 +1,7 @@
 """Loading models: the trainable student, the frozen guide (outside ZeRO-3 partitioning) and tokenizers.
 
-Decoder-LLM specifics live in `gist_scale.model.decoder`, prompts in `gist_scale.model.prompts`, so that loading
-stays a thin layer over `transformers`.
+Decoder-LLM specifics live in `gist_scale.model.decoder`, prompts in `gist_scale.model.prompts`, LoRA adapters in
+`gist_scale.model.lora`, so that loading stays a thin layer over `transformers`.
 """
 
 from __future__ import annotations
@@ -183,6 +183,10 @@ def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None
     _drop_unused_pooler(encoder)
     if cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        from gist_scale.model.lora import add_lora  # peft is needed only for LoRA (and imports this module)
+
+        encoder = add_lora(encoder, cfg)
     return Embedder(encoder, cfg.pooling, cfg.normalize, cfg.pool_prompt,
                     Prompts.from_config(cfg, instructions).named())
 
