@@ -170,6 +170,33 @@ class DataConfig:
             self.neg_columns = [self.neg_columns]
 
 
+def _number(value: Any) -> Any:
+    """A string that reads as a float becomes one; anything else is left for the validation to refuse."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def matryoshka_pairs(dims: list[int] | None, weights: list[float] | None) -> list[tuple[int, float]] | None:
+    """`(dimension, weight)` pairs, largest dimension first, or None without Matryoshka; raises `ConfigError`.
+
+    Shared by `LossConfig` and `GISTLoss`, so the config file and the Python API accept and refuse the same values.
+    """
+    if dims is None:
+        _check(weights is None, "loss.matryoshka_weights needs loss.matryoshka_dims (the sizes they weigh)")
+        return None
+    _check(len(dims) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims),
+           f"loss.matryoshka_dims={dims!r}: give positive embedding sizes, e.g. [384, 256, 128, 64], or null")
+    _check(len(set(dims)) == len(dims), f"loss.matryoshka_dims={dims!r}: a size appears twice; list each once")
+    weights = [1.0] * len(dims) if weights is None else weights
+    _check(len(weights) == len(dims),
+           f"loss.matryoshka_weights={weights!r}: give one weight per size of loss.matryoshka_dims={dims!r}")
+    _check(all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in weights),
+           f"loss.matryoshka_weights={weights!r}: weights must be finite and > 0")
+    return sorted(zip(dims, (float(w) for w in weights)), reverse=True)
+
+
 @dataclass
 class LossConfig:
     """GISTEmbed's guided in-batch contrastive loss (see `gist_scale.loss`)."""
@@ -188,9 +215,22 @@ class LossConfig:
     """With more rows per rank than this, compute the loss in row blocks recomputed in the backward, so it holds
     [row_block, candidates] matrices instead of [rows, candidates] (same loss and gradients); null never blocks.
     Matters for very large batches with GradCache: 16,384 triplets with one negative have 65,536 candidates."""
+    matryoshka_dims: list[int] | None = None
+    """Matryoshka GIST: also train the embeddings truncated to each of these sizes (e.g. `[384, 256, 128, 64]`;
+    include the model's full dimension to keep training it). The loss is the weighted sum of the GIST loss on each
+    truncated, re-normalized embedding, with one guide mask for all. null: the full dimension only."""
+    matryoshka_weights: list[float] | None = None
+    """Weight of each `matryoshka_dims` entry in the summed loss; null weighs each dimension 1."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
+        # `--loss.matryoshka_dims 256,128` (no brackets) arrives as strings.
+        if self.matryoshka_dims is not None:
+            self.matryoshka_dims = [int(d) if isinstance(d, str) and d.strip().isdigit() else d
+                                    for d in self.matryoshka_dims]
+        if self.matryoshka_weights is not None:
+            self.matryoshka_weights = [_number(w) for w in self.matryoshka_weights]
+        matryoshka_pairs(self.matryoshka_dims, self.matryoshka_weights)
         _check(self.row_block is None or self.row_block > 0,
                f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
         _check(self.margin_strategy in MARGIN_STRATEGIES,
