@@ -231,6 +231,12 @@ class LossConfig:
         if self.matryoshka_weights is not None:
             self.matryoshka_weights = [_number(w) for w in self.matryoshka_weights]
         matryoshka_pairs(self.matryoshka_dims, self.matryoshka_weights)
+
+    def check_embedding_dim(self, dim: int, model: str) -> None:
+        """Refuse Matryoshka sizes larger than the student's embedding dimension, before training starts."""
+        too_large = [d for d in self.matryoshka_dims or [] if d > dim]
+        _check(not too_large, f"loss.matryoshka_dims={self.matryoshka_dims}: {', '.join(map(str, too_large))} "
+                              f"larger than the embedding dimension {dim} of {model}; use sizes up to {dim}")
         _check(self.row_block is None or self.row_block > 0,
                f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
         _check(self.margin_strategy in MARGIN_STRATEGIES,

@@ -174,6 +174,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
 
         student = load_student(cfg.model)
+        cfg.loss.check_embedding_dim(student.dim, cfg.model.name)
         self.guide = self._load_guide()
         self.encoder_configs = {"student": student.encoder.config}
         if self.guide is not None:
@@ -456,7 +457,8 @@ class Trainer:
         """
         metrics = evaluate_embedder(self.accelerator.unwrap_model(self.student), self.tokenizer,
                                     self.cfg.model.max_length, self.eval_data, self.cfg.eval.batch_size,
-                                    self.device, autocast=self.accelerator.autocast)
+                                    self.device, autocast=self.accelerator.autocast,
+                                    dims=sorted(self.cfg.loss.matryoshka_dims or (), reverse=True))
         self._record({"step": self.state.step, **{f"eval/{name}": value for name, value in metrics.items()}})
         if self.accelerator.is_main_process:
             console.print(f"eval at step {self.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
