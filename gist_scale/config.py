@@ -171,9 +171,9 @@ class DataConfig:
 
 
 def _number(value: Any) -> Any:
-    """A string that reads as a float becomes one; anything else is left for the validation to refuse."""
+    """A number, or a string that reads as one, becomes a float; anything else is left for the validation to refuse."""
     try:
-        return float(value) if isinstance(value, str) else value
+        return float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
     except ValueError:
         return value
 
@@ -348,6 +348,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What goes with the exported models (`RUN/final/`, `RUN/best/`): the model card, and an optional upload."""
+
+    push_to_hub: str | None = None
+    """Hub repo id (`user/name`) to upload `RUN/final/` (weights, tokenizer, model card) to when training ends, with
+    `huggingface_hub`; needs a token (`HF_TOKEN` or `hf auth login`), checked before training starts. null: no
+    upload."""
+    private: bool = True
+    """Create the `push_to_hub` repository as private when it does not exist yet."""
+    license: str | None = None
+    """License id for the model card (e.g. `apache-2.0`); null: the base model's, when its card names one."""
+
+    def __post_init__(self) -> None:
+        _check(self.push_to_hub is None or (self.push_to_hub.count("/") <= 1 and self.push_to_hub.strip("/ ") != ""
+                                            and " " not in self.push_to_hub),
+               f"export.push_to_hub={self.push_to_hub!r}: give a hub repo id like your-name/my-gist-model, or null")
+
+
+@dataclass
 class EvalConfig:
     """Retrieval evaluation on a held-out split during and after training."""
 
@@ -409,6 +428,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resume: str | None = None
     """`auto` resumes from the newest complete checkpoint in output_dir (fresh start if none); or a checkpoint path."""
@@ -426,7 +446,8 @@ class JobConfig:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "guide": GuideConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "logging": LoggingConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "export": ExportConfig,
+    "logging": LoggingConfig,
 }
 
 

@@ -38,6 +38,7 @@ from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, bui
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data
+from gist_scale.model_card import RunFacts, check_push_to_hub, push_to_hub, write_model_card
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer
@@ -125,6 +126,8 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        self.start_time = time.monotonic()  # the model card's wall time counts from here
+        check_push_to_hub(cfg.export)
         # Installed first: a preemption signal during the minutes of loading must not kill the job uncheckpointed;
         # the loop answers it after the first step.
         self.preemption = PreemptionFlag().install()
@@ -265,9 +268,13 @@ class Trainer:
                 return EXIT_PREEMPTED
 
         progress.close()
-        self._export(self.run_dir / "final")
-        if self.eval_data is not None:
-            self._print_comparison(self._evaluate())
+        # Evaluated before the export, so that final/'s model card holds the final metrics.
+        final_metrics = self._evaluate() if self.eval_data is not None else None
+        self._export(self.run_dir / "final", final_metrics)
+        if final_metrics is not None:
+            self._print_comparison(final_metrics)
+        if self.cfg.export.push_to_hub and self.accelerator.is_main_process:
+            console.print(f"uploaded to the Hub: {push_to_hub(self.run_dir / 'final', self.cfg.export)}")
         # Past the last step a signal has nothing left to save: the run ends normally.
         self.preemption.uninstall()
         self.accelerator.end_training()
@@ -428,7 +435,7 @@ class Trainer:
         for line in lines:
             console.print(line)
 
-    def _export(self, destination: Path) -> None:
+    def _export(self, destination: Path, metrics: dict[str, float] | None = None) -> None:
         # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
         state_dict = self.accelerator.get_state_dict(self.student)
         if not self.accelerator.is_main_process:
@@ -438,6 +445,11 @@ class Trainer:
         export_sentence_transformer(
             embedder.encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
             self.cfg.model.max_length, destination, state_dict=encoder_state)
+        write_model_card(destination, self.cfg, RunFacts(
+            embedding_dim=embedder.dim, world_size=self.accelerator.num_processes, zero_stage=self.zero_stage,
+            global_batch=self.global_batch, steps=self.state.step, total_steps=self.total_steps,
+            wall_time_s=time.monotonic() - self.start_time, data=self.data_report,
+            eval_source=self.eval_data.describe() if self.eval_data is not None else None, metrics=metrics))
         console.print(f"model (sentence-transformers format): {destination}")
 
     # ------------------------------------------------------------------ evaluation
@@ -472,7 +484,7 @@ class Trainer:
             if metrics[best_metric] > self.best_metric:
                 # Every rank takes this branch (the metrics are identical everywhere), as ZeRO-3 export requires.
                 self.best_metric = metrics[best_metric]
-                self._export(self.run_dir / "best")
+                self._export(self.run_dir / "best", metrics)
                 if self.accelerator.is_main_process:
                     (self.run_dir / "best" / "best.json").write_text(
                         json.dumps({"step": self.state.step, "metric": best_metric, **metrics}))
@@ -521,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune an embedding model with GISTEmbed. With no arguments: the offline quickstart "
                     "(all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample).",
         epilog="Any config field is an option: --section.key VALUE (sections: model guide data loss optim train "
-               "checkpoint eval logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
+               "checkpoint eval export logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
     parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
     args, overrides = parser.parse_known_args(argv)
     try:
