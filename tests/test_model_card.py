@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from gist_scale.config import MINILM
@@ -57,7 +56,7 @@ def test_cards_of_final_and_best_hold_the_runs_config_and_metrics(tmp_path, tiny
     for name, value in baseline.items():  # the table: before, after, delta, from the run's own evaluations
         after = evals[3][f"eval/{name}"]
         assert f"| {name} | {value:.4f} | {after:.4f} | {after - value:+.4f} |" in body, name
-    assert f"| loss | temperature=0.01, margin_strategy=absolute, margin=0.05," in body
+    assert "| loss | temperature=0.01, margin_strategy=absolute, margin=0.05," in body
     assert "matryoshka_dims=[384, 128, 32], matryoshka_weights=[1.0, 0.5, 0.25]" in body
     assert f"lr={config['optim']['lr']}" in body and "| global batch | 8 triplets (8 per device x 1 x 1" in body
     assert "| layout | 1 process(es), no ZeRO, precision no |" in body and "| steps | 3 of 3 |" in body
