@@ -278,7 +278,6 @@ class GISTLoss(nn.Module):
                                          normalize=False)
         sizes_weights = self.matryoshka or [(shape[2], 1.0)]
         views = [_normalized(q, p, n, dim) for dim, _ in sizes_weights]
-        weights = torch.tensor([w for _, w in sizes_weights], device=q.device)
         guide = (None, None, None)
         if has_guide:
             with torch.no_grad():
@@ -302,7 +301,8 @@ class GISTLoss(nn.Module):
                 counts.append(block_count)
             dim_sums, masked_count = torch.stack(sums).sum(0), torch.stack(counts).sum()
         dim_losses = dim_sums * (world / n_global)
-        loss = (weights * dim_losses).sum()
+        # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
+        loss = sum(dim_losses[i] * weight for i, (_, weight) in enumerate(sizes_weights))
         stats_device = loss.device
 
         maskable = b_local * (n_cols - 1 - n_self)
