@@ -126,7 +126,7 @@ def push_to_hub(folder: str | Path, export: ExportConfig) -> str:
 
 def _hub_id(name: str | None) -> str | None:
     """`name` when it is a Hub repo id (the front matter accepts nothing else), None for local paths."""
-    if name is None or Path(name).expanduser().exists() or name.count("/") != 1 or name.startswith((".", "/")):
+    if name is None or Path(name).expanduser().exists() or name.count("/") > 1 or name.startswith((".", "/", "~")):
         return None
     return name
 
