@@ -38,7 +38,9 @@ GISTEMBED_BIBTEX = """@misc{solatorio2024gistembed,
 }"""
 MATRYOSHKA_BIBTEX = """@misc{kusupati2024matryoshka,
     title={Matryoshka Representation Learning},
-    author={Aditya Kusupati and Gantavya Bhatt and Aniket Rege and Matthew Wallingford and Aditya Sinha and Vivek Ramanujan and William Howard-Snyder and Kaifeng Chen and Sham Kakade and Prateek Jain and Ali Farhadi},
+    author={Aditya Kusupati and Gantavya Bhatt and Aniket Rege and Matthew Wallingford and Aditya Sinha and
+            Vivek Ramanujan and William Howard-Snyder and Kaifeng Chen and Sham Kakade and Prateek Jain and
+            Ali Farhadi},
     year={2024},
     eprint={2205.13147},
     archivePrefix={arXiv},
@@ -174,9 +176,9 @@ def _usage(cfg: JobConfig, facts: RunFacts, dims: list[int], destination: str | 
               "similarities = model.similarity(embeddings, embeddings)", "```"]
     instructions = facts.data.instructions
     if instructions:
-        lines += ["", f"Training prepended each row's task instruction to the {', '.join(instructions)} texts "
-                      "(`data.*_instruction`): prepend the same instruction to those texts at inference, e.g. "
-                      "`model.encode([instruction + text])`."]
+        lines += ["", (f"Training prepended each row's task instruction to the {', '.join(instructions)} texts "
+                       "(`data.*_instruction`): prepend the same instruction to those texts at inference, e.g. "
+                       "`model.encode([instruction + text])`.")]
     return "\n".join(lines)
 
 
@@ -199,8 +201,8 @@ def _training(cfg: JobConfig, facts: RunFacts) -> str:
     per_device = (f"{cfg.train.batch_size} per device x {facts.world_size} x {cfg.train.grad_accum_steps} "
                   "accumulation")
     rows = [
-        ("base model", f"`{cfg.model.name}`{revision(cfg.model.revision)}, {cfg.model.pooling} pooling, "
-                       f"max length {cfg.model.max_length}"),
+        ("base model", (f"`{cfg.model.name}`{revision(cfg.model.revision)}, {cfg.model.pooling} pooling, "
+                        f"max length {cfg.model.max_length}")),
         ("guide", guide),
         ("training data", f"{source}: {data.rows:,} rows, {data.num_negatives} hard negative(s) per row"
                           + (f", {data.skipped} bad rows skipped" if data.skipped else "")),
@@ -231,8 +233,8 @@ def _evaluation(cfg: JobConfig, facts: RunFacts, baseline: dict[str, float] | No
         cells = ("n/a", "") if before is None else (f"{before:.4f}", f"{value - before:+.4f}")
         lines.append(f"| {name} | {cells[0]} | {value:.4f} | {cells[1]} |")
     if dims:
-        lines += ["", "`metric@D` is the metric on the embeddings truncated to their first D dimensions and "
-                      "re-normalized (sentence-transformers' `truncate_dim=D`)."]
+        lines += ["", ("`metric@D` is the metric on the embeddings truncated to their first D dimensions and "
+                       "re-normalized (sentence-transformers' `truncate_dim=D`).")]
     return "\n".join(lines)
 
 

@@ -34,7 +34,8 @@ def test_cards_of_final_and_best_hold_the_runs_config_and_metrics(tmp_path, tiny
     run = tmp_path / "card-run"
     args = ["--model.name", MINILM, "--guide.name", str(tiny_model_dir), "--train.output_dir", str(run),
             "--train.batch_size", "8", "--train.max_steps", "3", "--train.log_every", "1",
-            "--data.path", str(sample_data_path("train")), "--data.max_rows", "256", "--eval.path", _eval_file(tmp_path),
+            "--data.path", str(sample_data_path("train")), "--data.max_rows", "256",
+            "--eval.path", _eval_file(tmp_path),
             "--eval.every", "2", "--checkpoint.keep_best", "ndcg@10@128",
             "--loss.matryoshka_dims", "[384, 128, 32]", "--loss.matryoshka_weights", "[1, 0.5, 0.25]",
             "--loss.margin", "0.05", "--optim.lr", "3e-5"]
