@@ -317,6 +317,33 @@ class DataConfig:
         return self.path is None and not self.sources
 
 
+def _as_float(value: Any) -> Any:
+    """A number, or a string that reads as one, becomes a float; anything else is left for the validation to refuse."""
+    try:
+        return float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+    except ValueError:
+        return value
+
+
+def matryoshka_pairs(dims: list[int] | None, weights: list[float] | None) -> list[tuple[int, float]] | None:
+    """`(dimension, weight)` pairs, largest dimension first, or None without Matryoshka; raises `ConfigError`.
+
+    Shared by `LossConfig` and `GISTLoss`, so the config file and the Python API accept and refuse the same values.
+    """
+    if dims is None:
+        _check(weights is None, "loss.matryoshka_weights needs loss.matryoshka_dims (the sizes they weigh)")
+        return None
+    _check(len(dims) > 0 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims),
+           f"loss.matryoshka_dims={dims!r}: give positive embedding sizes, e.g. [384, 256, 128, 64], or null")
+    _check(len(set(dims)) == len(dims), f"loss.matryoshka_dims={dims!r}: a size appears twice; list each once")
+    weights = [1.0] * len(dims) if weights is None else weights
+    _check(len(weights) == len(dims),
+           f"loss.matryoshka_weights={weights!r}: give one weight per size of loss.matryoshka_dims={dims!r}")
+    _check(all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in weights),
+           f"loss.matryoshka_weights={weights!r}: weights must be finite and > 0")
+    return sorted(zip(dims, (float(w) for w in weights)), reverse=True)
+
+
 @dataclass
 class LossConfig:
     """GISTEmbed's guided in-batch contrastive loss (see `gist_scale.loss`)."""
@@ -335,9 +362,28 @@ class LossConfig:
     """With more rows per rank than this, compute the loss in row blocks recomputed in the backward, so it holds
     [row_block, candidates] matrices instead of [rows, candidates] (same loss and gradients); null never blocks.
     Matters for very large batches with GradCache: 16,384 triplets with one negative have 65,536 candidates."""
+    matryoshka_dims: list[int] | None = None
+    """Matryoshka GIST: also train the embeddings truncated to each of these sizes (e.g. `[384, 256, 128, 64]`;
+    include the model's full dimension to keep training it). The loss is the weighted sum of the GIST loss on each
+    truncated, re-normalized embedding, with one guide mask for all. null: the full dimension only."""
+    matryoshka_weights: list[float] | None = None
+    """Weight of each `matryoshka_dims` entry in the summed loss; null weighs each dimension 1."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
+        # `--loss.matryoshka_dims 256,128` (no brackets) arrives as strings.
+        if self.matryoshka_dims is not None:
+            self.matryoshka_dims = [int(d) if isinstance(d, str) and d.strip().isdigit() else d
+                                    for d in self.matryoshka_dims]
+        if self.matryoshka_weights is not None:
+            self.matryoshka_weights = [_as_float(w) for w in self.matryoshka_weights]
+        matryoshka_pairs(self.matryoshka_dims, self.matryoshka_weights)
+
+    def check_embedding_dim(self, dim: int, model: str) -> None:
+        """Refuse Matryoshka sizes larger than the student's embedding dimension, before training starts."""
+        too_large = [d for d in self.matryoshka_dims or [] if d > dim]
+        _check(not too_large, f"loss.matryoshka_dims={self.matryoshka_dims}: {', '.join(map(str, too_large))} "
+                              f"larger than the embedding dimension {dim} of {model}; use sizes up to {dim}")
         _check(self.row_block is None or self.row_block > 0,
                f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
         _check(self.margin_strategy in MARGIN_STRATEGIES,
@@ -482,6 +528,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What goes with the exported models (`RUN/final/`, `RUN/best/`): the model card, and an optional upload."""
+
+    push_to_hub: str | None = None
+    """Hub repo id (`user/name`) to upload `RUN/final/` (weights, tokenizer, model card) to when training ends, with
+    `huggingface_hub`; needs a token (`HF_TOKEN` or `hf auth login`), checked before training starts. null: no
+    upload."""
+    private: bool = True
+    """Create the `push_to_hub` repository as private when it does not exist yet."""
+    license: str | None = None
+    """License id for the model card (e.g. `apache-2.0`); null: the base model's, when its card names one."""
+
+    def __post_init__(self) -> None:
+        _check(self.push_to_hub is None or (self.push_to_hub.count("/") <= 1 and self.push_to_hub.strip("/ ") != ""
+                                            and " " not in self.push_to_hub),
+               f"export.push_to_hub={self.push_to_hub!r}: give a hub repo id like your-name/my-gist-model, or null")
+
+
+@dataclass
 class EvalConfig:
     """Retrieval evaluation on a held-out split during and after training."""
 
@@ -567,6 +632,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resume: str | None = None
     """`auto` resumes from the newest complete checkpoint in output_dir (fresh start if none); or a checkpoint path."""
@@ -591,7 +657,8 @@ class JobConfig:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "guide": GuideConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "logging": LoggingConfig,
+    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "export": ExportConfig,
+    "logging": LoggingConfig,
 }
 
 

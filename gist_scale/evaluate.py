@@ -303,13 +303,16 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
 
 def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, max_length: int, eval_data: EvalData,
                       batch_size: int, device: torch.device | str,
-                      autocast: Callable[[], AbstractContextManager] | None = None) -> dict[str, float]:
+                      autocast: Callable[[], AbstractContextManager] | None = None,
+                      dims: Sequence[int] = ()) -> dict[str, float]:
     """Encode `eval_data` across all ranks and return its metrics (`METRICS`, plus `spearman` with STS pairs).
 
     Every rank must call it (see `encode_texts`) and every rank gets the same values. Pass the training
     tokenizer and `max_length`, so texts are embedded exactly as in training; the `Embedder` applies its own
     pooling and normalization, and its prompts: `query` before the queries, `document` before the corpus and the
-    STS sentences (per-task instructions are not applied: the eval rows are not grouped by task).
+    STS sentences (per-task instructions are not applied: the eval rows are not grouped by task). `dims`
+    (Matryoshka sizes) adds every metric at each size, as `ndcg@10@256`: the embeddings truncated to their first
+    256 features and re-normalized, as sentence-transformers' `truncate_dim`.
     """
     query_prompt, document_prompt = (embedder.prompts.get(name, "") for name in ("query", "document"))
     embeddings = encode_texts(embedder, tokenizer, eval_data.texts, max_length, batch_size, device, autocast,
@@ -317,8 +320,19 @@ def evaluate_embedder(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, ma
     queries = (embeddings[eval_data.query_ids] if query_prompt == document_prompt else
                encode_texts(embedder, tokenizer, eval_data.queries, max_length, batch_size, device, autocast,
                             prompt=query_prompt))
-    metrics = retrieval_metrics(queries, embeddings[eval_data.corpus_ids], eval_data.relevant,
-                                eval_data.exclude)
+    metrics = _embedding_metrics(queries, embeddings, eval_data)
+    for dim in dims:
+        if dim > embeddings.shape[1]:
+            raise ValueError(f"Matryoshka size {dim} is larger than the embedding dimension {embeddings.shape[1]}")
+        truncated = _embedding_metrics(F.normalize(queries[:, :dim], dim=-1), F.normalize(embeddings[:, :dim], dim=-1),
+                                       eval_data)
+        metrics.update({f"{name}@{dim}": value for name, value in truncated.items()})
+    return metrics
+
+
+def _embedding_metrics(queries: torch.Tensor, embeddings: torch.Tensor, eval_data: EvalData) -> dict[str, float]:
+    """Metrics of the query embeddings against `embeddings` (every distinct text, in `eval_data.texts` order)."""
+    metrics = retrieval_metrics(queries, embeddings[eval_data.corpus_ids], eval_data.relevant, eval_data.exclude)
     if eval_data.sts is not None:
         first, second = eval_data.sts_ids
         cosine = F.cosine_similarity(embeddings[first], embeddings[second], dim=-1)
@@ -342,11 +356,11 @@ def load_model(name: str, max_length: int | None = None) -> tuple[Embedder, PreT
 
 
 def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int | None,
-                    device: torch.device) -> tuple[dict[str, float], float]:
+                    device: torch.device, dims: Sequence[int] = ()) -> tuple[dict[str, float], float]:
     embedder, tokenizer, length = load_model(name, max_length)
     embedder.to(device)
     start = time.perf_counter()
-    metrics = evaluate_embedder(embedder, tokenizer, length, data, batch_size, device)
+    metrics = evaluate_embedder(embedder, tokenizer, length, data, batch_size, device, dims=dims)
     return metrics, time.perf_counter() - start
 
 
@@ -408,6 +422,17 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _dims(text: str) -> list[int]:
+    """`--dims 256,128,64`: positive sizes, largest first."""
+    try:
+        dims = [int(d) for d in text.split(",")]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive embedding sizes separated by commas, e.g. 256,128")
+    return sorted(set(dims), reverse=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="gist-scale eval",
@@ -434,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward (default: 64)")
     parser.add_argument("--max-length", type=int, help="token limit (default: each model's own max_seq_length)")
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
+    parser.add_argument("--dims", type=_dims, default=[],
+                        metavar="D[,D...]", help="Matryoshka sizes: also report every metric on the embeddings "
+                                                 "truncated to each (e.g. 256,128,64), as ndcg@10@256 ...")
     parser.add_argument("--out", metavar="PATH", help='write {"model": {...}, "baseline": {...} or null} as JSON to '
                                                       "this file; with --mteb, the folder for mteb's result files "
                                                       "and summary.json (default: mteb_results)")
@@ -475,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, name in (("model", args.model), ("baseline", args.baseline)):
                 if name is None:
                     continue
-                results[key], seconds = _evaluate_model(name, data, args.batch_size, args.max_length, device)
+                results[key], seconds = _evaluate_model(name, data, args.batch_size, args.max_length, device,
+                                                        args.dims)
                 if state.is_main_process:
                     console.print(f"{key} {name}: encoded {len(data.texts)} texts in {seconds:.1f} s")
     except (ConfigError, DataError, CheckpointError, OSError, ValueError) as error:

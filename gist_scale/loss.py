@@ -63,6 +63,16 @@ Each rank returns ``sum(local row losses) * W / N`` (``W`` ranks, ``N`` global r
 Without a process group (or with ``gather_across_ranks=False``) this is the ordinary mean over
 the local rows.
 
+Matryoshka GIST
+---------------
+With ``matryoshka_dims`` (Kusupati et al., arXiv 2205.13147) the loss is ``sum_d w_d * L(student[..., :d])``: the
+GIST loss above on the student embeddings truncated to each size ``d`` and re-normalized, as sentence-transformers'
+``MatryoshkaLoss(GISTEmbedLoss)`` computes it. The guide never changes size, so the mask, the threshold and the
+self pairs are computed once per row (block) and shared by every size; the student columns are gathered once at
+full width and truncated after the gather. What each size adds is one matmul, one masked cross-entropy, and its
+``[rows, C]`` logits kept for the backward. Under GradCache the loss is taken on the embedding leaves, so the
+sizes only change the gradient that reaches them: the encoder is still re-run once, not once per size.
+
 Memory
 ------
 The logit matrix is ``[B_local, C]`` with ``C = N * (2 + K)`` or so: quadratic in the batch. Past
@@ -82,7 +92,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gist_scale import distributed as gdist
-from gist_scale.config import MARGIN_STRATEGIES, LossConfig
+from gist_scale.config import MARGIN_STRATEGIES, LossConfig, matryoshka_pairs
 
 __all__ = ["GISTLoss", "LossStats", "margin_threshold"]
 
@@ -105,12 +115,16 @@ class LossStats:
             global candidates, excluding the self pairs (there are no padding columns).
         local_rows: rows this rank computed the loss for.
         global_rows: rows in the global batch (``N``).
+        dim_losses: ``[M]``, the unweighted GIST loss at each Matryoshka size, largest first (``M = 1``, the full
+            dimension, without Matryoshka), scaled like the loss: their mean over ranks is the full-batch value.
+            The mask, and so ``masked_fraction``, is the same for every size.
     """
 
     masked_fraction: Tensor
     candidates_per_anchor: Tensor
     local_rows: Tensor
     global_rows: Tensor
+    dim_losses: Tensor
 
 
 class GISTLoss(nn.Module):
@@ -137,6 +151,9 @@ class GISTLoss(nn.Module):
             recomputed in the backward (activation checkpointing), so its memory is ``row_block x C`` instead of
             ``B_local x C`` (same loss and gradients; ``None`` never blocks). The default leaves batches up to 2048
             rows per rank untouched.
+        matryoshka_dims: sizes to truncate the student embeddings to (any order; each at most the embedding
+            dimension); the loss is the weighted sum over them. ``None``: the full dimension only.
+        matryoshka_weights: one positive weight per size; ``None`` weighs each 1.
 
     Forward:
         ``anchor``, ``positive``: ``[B, D]`` student embeddings. ``negative``: ``None``,
@@ -160,6 +177,8 @@ class GISTLoss(nn.Module):
         gather_across_ranks: bool = True,
         check_finite: bool = True,
         row_block: int | None = LossConfig.row_block,
+        matryoshka_dims: list[int] | None = LossConfig.matryoshka_dims,
+        matryoshka_weights: list[float] | None = LossConfig.matryoshka_weights,
     ) -> None:
         super().__init__()
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
@@ -178,12 +197,17 @@ class GISTLoss(nn.Module):
         if row_block is not None and row_block < 1:
             raise ValueError(f"row_block must be >= 1 or None, got {row_block!r}")
         self.row_block = row_block
+        # [(size, weight)], largest first; None: the full dimension with weight 1. Raises ConfigError, a ValueError.
+        self.matryoshka = matryoshka_pairs(
+            None if matryoshka_dims is None else list(matryoshka_dims),
+            None if matryoshka_weights is None else list(matryoshka_weights))
         self.last_stats: LossStats | None = None
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, margin_strategy={self.margin_strategy!r}, margin={self.margin}, "
             f"contrast_anchors={self.contrast_anchors}, contrast_positives={self.contrast_positives}"
+            + (f", matryoshka={self.matryoshka}" if self.matryoshka else "")
         )
 
     def forward(
@@ -198,6 +222,9 @@ class GISTLoss(nn.Module):
         rank_sizes: list[int] | None = None,
     ) -> Tensor:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
+        if error is None and self.matryoshka and self.matryoshka[0][0] > shape[2]:
+            error = (f"matryoshka_dims has {self.matryoshka[0][0]}, larger than the student's embedding dimension "
+                     f"{shape[2]}")
         has_guide = guide_anchor is not None
         distributed = self.gather_across_ranks and gdist.world_size() > 1
 
@@ -245,8 +272,12 @@ class GISTLoss(nn.Module):
         b_local = anchor.shape[0]
         k = shape[1]
 
-        # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three.
-        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True)
+        # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three, at full width; each
+        # Matryoshka size is a truncation of the gathered columns, normalized once here for all row blocks.
+        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True,
+                                         normalize=False)
+        sizes_weights = self.matryoshka or [(shape[2], 1.0)]
+        views = [_normalized(q, p, n, dim) for dim, _ in sizes_weights]
         guide = (None, None, None)
         if has_guide:
             with torch.no_grad():
@@ -257,19 +288,21 @@ class GISTLoss(nn.Module):
         n_self = int(self.contrast_anchors) + int(self.contrast_positives)
 
         if self.row_block is None or b_local <= self.row_block:
-            loss_sum, masked_count = self._row_losses(offset, b_local, n_global, k, q, p, n, *guide)
+            dim_sums, masked_count = self._row_losses(offset, b_local, n_global, k, views, *guide)
         else:
             # Row blocks, each recomputed in the backward: the loss holds [row_block, C] matrices at a time instead
             # of [B_local, C] ones (a 16,384-row batch with one negative has C = 65,536).
             sums, counts = [], []
             for start in range(0, b_local, self.row_block):
                 rows = min(self.row_block, b_local - start)
-                block_sum, block_count = checkpoint(self._row_losses, offset + start, rows, n_global, k, q, p, n,
-                                                    *guide, use_reentrant=False)
-                sums.append(block_sum)
+                block_sums, block_count = checkpoint(self._row_losses, offset + start, rows, n_global, k, views,
+                                                     *guide, use_reentrant=False)
+                sums.append(block_sums)
                 counts.append(block_count)
-            loss_sum, masked_count = torch.stack(sums).sum(), torch.stack(counts).sum()
-        loss = loss_sum * (world / n_global)
+            dim_sums, masked_count = torch.stack(sums).sum(0), torch.stack(counts).sum()
+        dim_losses = dim_sums * (world / n_global)
+        # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
+        loss = sum(dim_losses[i] * weight for i, (_, weight) in enumerate(sizes_weights))
         stats_device = loss.device
 
         maskable = b_local * (n_cols - 1 - n_self)
@@ -278,21 +311,24 @@ class GISTLoss(nn.Module):
             candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
             local_rows=torch.full((), float(b_local), device=stats_device),
             global_rows=torch.full((), float(n_global), device=stats_device),
+            dim_losses=dim_losses.detach(),
         )
         return loss
 
     def _row_losses(
-        self, first: int, rows: int, n_global: int, k: int, q: Tensor, p: Tensor, n: Tensor | None,
+        self, first: int, rows: int, n_global: int, k: int, views: list[tuple[Tensor, Tensor, Tensor | None]],
         gq: Tensor | None, gp: Tensor | None, gn: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        """Sum of the cross-entropies of global rows ``first .. first + rows`` and the guide-masked count."""
-        logits = _block_matrix(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
-        labels = torch.arange(first, first + rows, device=q.device)
-        col = torch.arange(logits.shape[1], device=logits.device)
+        """Per student view (Matryoshka size), the summed cross-entropy of global rows ``first .. first + rows``
+        (``[len(views)]``), and the guide-masked count. The mask is built once and shared by every view."""
+        device = views[0][0].device
+        labels = torch.arange(first, first + rows, device=device)
         qq_start = n_global + n_global * k
         pp_start = qq_start + (n_global if self.contrast_anchors else 0)
+        n_cols = pp_start + (n_global if self.contrast_positives else 0)
+        col = torch.arange(n_cols, device=device)
         # Self pairs by index arithmetic: row i's global index is the same in every block.
-        excluded = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        excluded = torch.zeros(rows, n_cols, dtype=torch.bool, device=device)
         if self.contrast_anchors:
             excluded |= col == (qq_start + labels)[:, None]
         if self.contrast_positives:
@@ -310,15 +346,20 @@ class GISTLoss(nn.Module):
             masked_count = guided.sum()
             excluded |= guided
         else:
-            masked_count = torch.zeros((), dtype=torch.int64, device=logits.device)
-        logits = (logits / self.temperature).masked_fill_(excluded, float("-inf"))
-        return F.cross_entropy(logits, labels, reduction="sum"), masked_count
+            masked_count = torch.zeros((), dtype=torch.int64, device=device)
+        sums = []
+        for q, p, n in views:
+            logits = _block_matrix(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
+            logits = (logits / self.temperature).masked_fill_(excluded, float("-inf"))
+            sums.append(F.cross_entropy(logits, labels, reduction="sum"))
+        return torch.stack(sums), masked_count
 
     @staticmethod
     def _gathered_columns(
-        a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool, with_grad: bool
+        a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool, with_grad: bool,
+        normalize: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Global, L2-normalized fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``."""
+        """Global fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``, L2-normalized if asked."""
         b, d = a.shape
         k = 0 if n is None else (1 if n.ndim == 2 else n.shape[1])
         n2 = None if n is None else n.reshape(b, k * d)
@@ -332,10 +373,14 @@ class GISTLoss(nn.Module):
             packed = gdist.gather_with_grad(packed, sizes) if with_grad else gdist.gather_no_grad(packed, sizes)
             a, p = packed[:, :d], packed[:, d : 2 * d]
             n2 = None if n2 is None else packed[:, 2 * d :]
-        a = F.normalize(a.float(), dim=-1)
-        p = F.normalize(p.float(), dim=-1)
-        negs = None if n2 is None or k == 0 else F.normalize(n2.float().reshape(-1, d), dim=-1)
-        return a, p, negs
+        negs = None if n2 is None or k == 0 else n2.float().reshape(-1, d)
+        columns = (a.float(), p.float(), negs)
+        return _normalized(*columns, d) if normalize else columns
+
+
+def _normalized(q: Tensor, p: Tensor, n: Tensor | None, dim: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The columns truncated to their first ``dim`` features and L2-normalized (a Matryoshka view)."""
+    return tuple(None if t is None else F.normalize(t[:, :dim], dim=-1) for t in (q, p, n))
 
 
 def margin_threshold(pos_sim: Tensor, margin_strategy: str, margin: float) -> Tensor:

@@ -40,6 +40,7 @@ from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.beir import load_beir
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data, read_sts
+from gist_scale.model_card import RunFacts, check_push_to_hub, push_to_hub, write_model_card
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
@@ -172,6 +173,8 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        self.start_time = time.monotonic()  # the model card's wall time counts from here
+        check_push_to_hub(cfg.export)
         # Installed first: a preemption signal during the minutes of loading must not kill the job uncheckpointed;
         # the loop answers it after the first step.
         self.preemption = PreemptionFlag().install()
@@ -233,6 +236,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
 
         student = load_student(cfg.model, self.instructions)
+        cfg.loss.check_embedding_dim(student.dim, cfg.model.name)
         self.guide = self._load_guide()
         self.encoder_configs = {"student": student.encoder.config}
         if self.guide is not None:
@@ -321,9 +325,13 @@ class Trainer:
             console.print(f"[yellow]preempted at step {self.state.step}: checkpoint saved; exiting with "
                           f"{EXIT_PREEMPTED} so the job is requeued")
         else:
-            self._export(self.run_dir / "final")
-            if self.eval_data is not None:
-                self._print_comparison(self._evaluate())
+            # Evaluated before the export, so that final/'s model card holds the final metrics.
+            final_metrics = self._evaluate() if self.eval_data is not None else None
+            self._export(self.run_dir / "final", final_metrics)
+            if final_metrics is not None:
+                self._print_comparison(final_metrics)
+            if self.cfg.export.push_to_hub and self.accelerator.is_main_process:
+                console.print(f"uploaded to the Hub: {push_to_hub(self.run_dir / 'final', self.cfg.export)}")
         # From here a signal has nothing left to save: the process ends normally.
         self.preemption.uninstall()
         self.accelerator.end_training()
@@ -529,7 +537,7 @@ class Trainer:
         for line in lines:
             console.print(line)
 
-    def _export(self, destination: Path) -> None:
+    def _export(self, destination: Path, metrics: dict[str, float] | None = None) -> None:
         # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
         # With LoRA only the adapters: the frozen base is on disk.
         state_dict = (lora.adapter_state_dict(self.accelerator, self.student) if self.cfg.model.lora_r
@@ -547,6 +555,11 @@ class Trainer:
             encoder, self.tokenizer, self.cfg.model.pooling, self.cfg.model.normalize,
             self.cfg.model.max_length, destination, state_dict=encoder_state, prompts=embedder.prompts,
             include_prompt=embedder.include_prompt)
+        write_model_card(destination, self.cfg, RunFacts(
+            embedding_dim=embedder.dim, world_size=self.accelerator.num_processes, zero_stage=self.zero_stage,
+            global_batch=self.sampler.global_batch_size, steps=self.state.step, total_steps=self.total_steps,
+            wall_time_s=time.monotonic() - self.start_time, data=self.data_report,
+            eval_source=self.eval_data.describe() if self.eval_data is not None else None, metrics=metrics))
         console.print(f"model (sentence-transformers format): {destination}")
 
     # ------------------------------------------------------------------ evaluation
@@ -569,7 +582,8 @@ class Trainer:
         """
         metrics = evaluate_embedder(self.accelerator.unwrap_model(self.student), self.tokenizer,
                                     self.cfg.model.max_length, self.eval_data, self.cfg.eval.batch_size,
-                                    self.device, autocast=self.accelerator.autocast)
+                                    self.device, autocast=self.accelerator.autocast,
+                                    dims=sorted(self.cfg.loss.matryoshka_dims or (), reverse=True))
         self._record({"step": self.state.step, **{f"eval/{name}": value for name, value in metrics.items()}})
         if self.accelerator.is_main_process:
             console.print(f"eval at step {self.state.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -584,7 +598,7 @@ class Trainer:
             # could disagree (and then wait forever).
             if distributed.main_process_decides(metrics[best_metric] > self.best_metric):
                 self.best_metric = metrics[best_metric]
-                self._export(self.run_dir / "best")
+                self._export(self.run_dir / "best", metrics)
                 if self.accelerator.is_main_process:
                     (self.run_dir / "best" / "best.json").write_text(
                         json.dumps({"step": self.state.step, "metric": best_metric, **metrics}))
@@ -644,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune an embedding model with GISTEmbed. With no arguments: the offline quickstart "
                     "(all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample).",
         epilog="Any config field is an option: --section.key VALUE (sections: model guide data loss optim train "
-               "checkpoint eval logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
+               "checkpoint eval export logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
     parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
     parser.add_argument("--recipe", help="a shipped recipe (`gist-scale recipes` lists them), applied before --config")
     args, overrides = parser.parse_known_args(argv)

@@ -3,8 +3,8 @@
 * :func:`naive_gist_loss`: a per-row Python loop over the original GISTEmbed formulation
   (``[qp | qn | qq | pp]``, strict ``>``, label ``i``), in float64, sharing no code with the
   vectorized implementation.
-* :func:`st_gist_loss`: sentence-transformers' ``GISTEmbedLoss`` fed our exact tensors, by
-  giving it stub models and swapping the ``embed_columns`` it calls for one that returns them.
+* :func:`st_gist_loss`: sentence-transformers' ``GISTEmbedLoss`` (optionally inside its ``MatryoshkaLoss``) fed
+  our exact tensors, by giving it stub models whose forward returns them and an ``embed_columns`` that calls it.
 """
 
 from __future__ import annotations
@@ -133,13 +133,21 @@ def _tokenizer():
 
 
 class _StubModel(nn.Module):
-    """Just enough of a SentenceTransformer for GISTEmbedLoss's constructor checks."""
+    """Just enough of a SentenceTransformer for GISTEmbedLoss's and MatryoshkaLoss's constructor checks; its forward
+    returns the given column (``features["column"]``), so that MatryoshkaLoss can wrap it as it wraps a model."""
 
     max_seq_length = 128
 
-    def __init__(self) -> None:
+    def __init__(self, columns: list[Tensor]) -> None:
         super().__init__()
         self.tokenizer = _tokenizer()
+        self.columns = columns
+
+    def get_embedding_dimension(self) -> int:
+        return self.columns[0].shape[-1]
+
+    def forward(self, features: dict) -> dict:
+        return {"sentence_embedding": self.columns[features["column"]]}
 
 
 def st_gist_loss(
@@ -149,22 +157,29 @@ def st_gist_loss(
     guide_anchor: Tensor,
     guide_positive: Tensor,
     guide_negative: Tensor | None,
+    matryoshka_dims: list[int] | None = None,
+    matryoshka_weights: list[float] | None = None,
     **kwargs,
 ) -> Tensor:
-    """sentence-transformers' ``GISTEmbedLoss`` on exactly these embeddings (``negative``: ``[B, D]``)."""
+    """sentence-transformers' ``GISTEmbedLoss`` on exactly these embeddings (``negative``: ``[B, D]``); with
+    ``matryoshka_dims``, wrapped in its ``MatryoshkaLoss``, which truncates what the student's forward returns."""
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
     from sentence_transformers.sentence_transformer.losses import gist_embed as st_module
 
-    student, guide = _StubModel(), _StubModel()
-    loss = st_module.GISTEmbedLoss(student, guide, **kwargs)
     cols = [anchor, positive] + ([negative] if negative is not None else [])
     guide_cols = [guide_anchor, guide_positive] + ([guide_negative] if guide_negative is not None else [])
+    student, guide = _StubModel(cols), _StubModel(guide_cols)
+    loss = st_module.GISTEmbedLoss(student, guide, **kwargs)
+    if matryoshka_dims is not None:
+        loss = MatryoshkaLoss(student, loss, matryoshka_dims, matryoshka_weights)
 
     def embed_columns(model, features_list, separate_first=True):
-        return list(cols if model is student else guide_cols)
+        # One forward per column, through the (possibly Matryoshka-decorated) forward of the model.
+        return [model(features)["sentence_embedding"] for features in features_list]
 
     original = st_module.embed_columns
     st_module.embed_columns = embed_columns
     try:
-        return loss([{} for _ in cols], None)
+        return loss([{"column": i} for i in range(len(cols))], None)
     finally:
         st_module.embed_columns = original

@@ -58,6 +58,22 @@ def test_chunked_modes_process_less_padding(records):
     assert by_mode["chunked"]["chunk_size"] == 8 and by_mode["plain"]["chunk_size"] is None
 
 
+def test_matryoshka_modes_match_sentence_transformers(tmp_path):
+    """`matryoshka` (ours) and `st_matryoshka` (MatryoshkaLoss(GISTEmbedLoss)) train the same loss: equal first
+    losses with dropout 0, different from plain GIST's."""
+    out = tmp_path / "matryoshka.json"
+    assert cli.main(["bench", *TINY, "--modes", "plain,matryoshka,st_matryoshka", "--matryoshka-dims", "32,8",
+                     "--out", str(out)]) == 0
+    by_mode = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert by_mode["matryoshka"]["matryoshka_dims"] == by_mode["st_matryoshka"]["matryoshka_dims"] == [32, 8]
+    assert by_mode["plain"]["matryoshka_dims"] is None
+    assert by_mode["matryoshka"]["first_loss"] == pytest.approx(by_mode["st_matryoshka"]["first_loss"], abs=1e-4)
+    assert abs(by_mode["matryoshka"]["first_loss"] - by_mode["plain"]["first_loss"]) > 1e-2
+    assert all(r["triplets_per_s"] > 0 for r in by_mode.values())
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--matryoshka-dims", "0,8"])
+
+
 def test_synthetic_batches_and_flops():
     g = torch.Generator().manual_seed(0)
     batch = bench.synthetic_batch(g, 5, (3, 6), (7, 9), 30522)

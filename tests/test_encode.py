@@ -243,6 +243,33 @@ def test_grad_cache_matches_the_plain_step_with_dropout(tiny_model_dir, chunks):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_grad_cache_with_matryoshka_matches_the_plain_step_and_reencodes_once(tiny_model_dir):
+    """Matryoshka GIST through GradCache: the loss is taken on the embedding leaves, so the sizes change only the
+    cached gradient. Same loss and parameter gradients as the plain step, and the encoder re-runs each chunk once
+    (not once per size)."""
+    chunks = 3
+    plain = _embedder(tiny_model_dir, dropout=0.1).train()
+    cached = Recorder(copy.deepcopy(plain))
+    columns = _columns()
+    loss_fn = GISTLoss(matryoshka_dims=[32, 16, 8], matryoshka_weights=[1.0, 0.5, 0.25])
+    guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
+
+    torch.manual_seed(7)
+    loss = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, chunks), 2), *guide)
+    loss.backward()
+
+    torch.manual_seed(7)
+    cache = encode.GradCache(cached, chunking.chunk_texts(columns, chunks), 2)
+    cached_loss = loss_fn(*cache.embeddings, *guide)
+    cache.backward(cached_loss)
+
+    assert len(cached.calls) == 2 * chunks  # one no-grad forward and one re-encoding per chunk
+    assert loss_fn.last_stats.dim_losses.shape == (3,)
+    torch.testing.assert_close(cached_loss, loss, rtol=0, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), cached.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_grad_cache_backward_driver_order():
     """The driver sees one chunk(last) per chunk, the last one flagged, and finish() once after."""
     events = []

@@ -264,6 +264,37 @@ def test_cli_out_json_with_baseline(tiny_st_dir: Path, tmp_path: Path, capsys: p
     assert "no such model directory" in capsys.readouterr().err
 
 
+def test_cli_matryoshka_dims_match_sentence_transformers_truncate_dim(tiny_st_dir: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]):
+    """`--dims 128,64` reports every metric at each size, equal to sentence-transformers' `truncate_dim` embeddings
+    scored by the same metric code; the full width is the unsuffixed metric. (MiniLM: a random model's embeddings
+    are so alike that 1e-6 of encoding noise reorders them.)"""
+    from sentence_transformers import SentenceTransformer
+
+    data_file = _eval_subset(tmp_path / "eval.jsonl", 48)
+    out = tmp_path / "dims.json"
+    assert main([MINILM, "--data", str(data_file), "--dims", "64,384,128", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())["model"]
+    assert list(metrics) == [*METRICS, *(f"{m}@{d}" for d in (384, 128, 64) for m in METRICS)]
+    data = load_eval_data(str(data_file))
+    for dim in (128, 64):
+        st = SentenceTransformer(resolve_model_path(MINILM), device="cpu", truncate_dim=dim)
+        embeddings = st.encode(data.texts, convert_to_tensor=True)
+        assert embeddings.shape[1] == dim
+        theirs = retrieval_metrics(embeddings[data.query_ids], embeddings[data.corpus_ids], data.relevant)
+        for key in METRICS:
+            assert metrics[f"{key}@{dim}"] == pytest.approx(theirs[key], abs=1e-4), (key, dim)
+    assert all(metrics[f"{key}@384"] == pytest.approx(metrics[key], abs=1e-6) for key in METRICS)
+    assert metrics["ndcg@10@64"] != metrics["ndcg@10"]
+
+    assert main([str(tiny_st_dir), "--data", str(data_file), "--dims", "64,16"]) == 2
+    assert "Matryoshka size 64 is larger than the embedding dimension 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_st_dir), "--dims", "0,16"])
+    assert exit_info.value.code == 2
+    assert "give positive embedding sizes" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------- distributed
 
 

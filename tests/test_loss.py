@@ -296,3 +296,104 @@ def test_row_blocks_bound_the_largest_intermediate():
         with LargestOutput() as largest:
             GISTLoss(row_block=block)(**{**inputs, **leaves}).backward()
         assert largest.numel == bound, block
+
+
+# ---------------------------------------------------------------------------- Matryoshka
+
+
+@pytest.mark.parametrize("k", [None, 0])
+@pytest.mark.parametrize("dims,weights", [([16, 8, 4], None), ([4, 16, 8], [0.5, 2.0, 1.0]), ([12, 3], [1.0, 3.0])])
+@pytest.mark.parametrize("contrast_anchors,contrast_positives", [(True, True), (False, True), (True, False)])
+def test_matryoshka_matches_sentence_transformers(k, dims, weights, contrast_anchors, contrast_positives):
+    """Loss, input gradients and the per-size losses equal MatryoshkaLoss(GISTEmbedLoss) on the same tensors."""
+    inputs = make_inputs(8, k, seed=23, related=1.0)
+    _no_ties(inputs)
+    kwargs = dict(margin=0.05, contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
+    student = [c for c in ("anchor", "positive", "negative") if inputs[c] is not None]
+    grads = []
+    for reference in (False, True):
+        leaves = {c: inputs[c].clone().requires_grad_() for c in student}
+        if reference:
+            loss = st_gist_loss(**{**inputs, **leaves}, matryoshka_dims=dims, matryoshka_weights=weights, **kwargs)
+        else:
+            fn = GISTLoss(matryoshka_dims=dims, matryoshka_weights=weights, **kwargs)
+            loss = ours = fn(**{**inputs, **leaves})
+        loss.backward()
+        grads.append([leaves[c].grad for c in student])
+    assert abs(ours.item() - loss.item()) <= 1e-5
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # One unweighted loss per size, largest first: each is ST's GISTEmbedLoss on the truncated embeddings.
+    per_size = [st_gist_loss(**{c: t if t is None or c.startswith("guide") else t[..., :dim]
+                                for c, t in inputs.items()}, **kwargs).item() for dim in sorted(dims, reverse=True)]
+    torch.testing.assert_close(fn.last_stats.dim_losses, torch.tensor(per_size), rtol=0, atol=1e-5)
+    assert fn.last_stats.masked_fraction.item() > 0
+
+
+def test_matryoshka_at_the_full_dimension_alone_is_the_plain_loss():
+    inputs = make_inputs(6, 2, seed=4, related=0.5)
+    plain, fn = _loss(inputs)
+    full, matryoshka_fn = _loss(inputs, matryoshka_dims=[16])
+    torch.testing.assert_close(full, plain, rtol=0, atol=0)
+    torch.testing.assert_close(matryoshka_fn.last_stats.dim_losses, plain.view(1), rtol=0, atol=0)
+    assert fn.last_stats.dim_losses.shape == (1,)
+
+
+def test_matryoshka_builds_the_guide_mask_once(monkeypatch):
+    """The guide similarities are computed once per row block, whatever the number of sizes: each size adds only its
+    own student similarity matrix."""
+    import gist_scale.loss as loss_module
+
+    calls = []
+    original = loss_module._block_matrix
+
+    def counting(q, *args):
+        calls.append(q.shape[-1])
+        return original(q, *args)
+
+    monkeypatch.setattr(loss_module, "_block_matrix", counting)
+    inputs = make_inputs(6, 1, d=16, dg=12, seed=2)
+    GISTLoss(matryoshka_dims=[16, 8, 4, 2])(**inputs)
+    assert sorted(calls) == [2, 4, 8, 12, 16]  # the guide (12 wide) once, the student at each size
+    calls.clear()
+    GISTLoss(matryoshka_dims=[16, 8], row_block=2)(**inputs)
+    assert sorted(calls) == [8] * 3 + [12] * 3 + [16] * 3  # 3 row blocks
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_matryoshka_row_blocks_give_the_same_loss_and_gradients(k):
+    inputs = make_inputs(7, k, seed=3, related=0.5)
+    student = [c for c in ("anchor", "positive", "negative") if inputs[c] is not None]
+    results = []
+    for block in (None, 3):
+        leaves = {c: inputs[c].clone().requires_grad_() for c in student}
+        fn = GISTLoss(margin=0.05, row_block=block, matryoshka_dims=[16, 6], matryoshka_weights=[1.0, 0.3])
+        loss = fn(**{**inputs, **leaves})
+        loss.backward()
+        results.append((loss.detach(), [leaves[c].grad for c in student], fn.last_stats))
+    (loss, grads, stats), (blocked, blocked_grads, blocked_stats) = results
+    torch.testing.assert_close(blocked, loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(blocked_stats.dim_losses, stats.dim_losses, rtol=0, atol=1e-5)
+    for got, want in zip(blocked_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(matryoshka_dims=[]), "positive embedding sizes"),
+        (dict(matryoshka_dims=[8, 0]), "positive embedding sizes"),
+        (dict(matryoshka_dims=[8, 8]), "appears twice"),
+        (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0]), "one weight per size"),
+        (dict(matryoshka_dims=[8, 4], matryoshka_weights=[1.0, -1.0]), "finite and > 0"),
+        (dict(matryoshka_weights=[1.0]), "needs loss.matryoshka_dims"),
+    ],
+)
+def test_bad_matryoshka_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GISTLoss(**kwargs)
+
+
+def test_matryoshka_size_larger_than_the_embeddings_is_an_error():
+    with pytest.raises(ValueError, match="matryoshka_dims has 32, larger than the student's embedding dimension 16"):
+        GISTLoss(matryoshka_dims=[32, 8])(**make_inputs(4, 1))

@@ -22,8 +22,8 @@ from gist_scale.loss import GISTLoss
 STUDENT = ("anchor", "positive", "negative")
 
 
-def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, msg=lambda m: f"{what}: {m}")
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 0) -> None:
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
 # ---------------------------------------------------------------------------- no process group
@@ -62,16 +62,23 @@ CASES = {
 }
 
 
+# Every case also runs as Matryoshka GIST: sizes in any order, unequal weights, the full width (16) among them.
+MATRYOSHKA = (None, dict(matryoshka_dims=[4, 16, 8], matryoshka_weights=[2.0, 1.0, 0.5]))
+
+
 def _exactness_worker(rank: int, world: int, cases) -> None:
-    for i, (sizes, k, guided, ca, cp, strategy, margin) in enumerate(cases):
-        what = f"case {i} sizes={sizes} k={k} guide={guided} rank={rank}"
+    for (i, (sizes, k, guided, ca, cp, strategy, margin)), matryoshka in (
+            (case, m) for m in MATRYOSHKA for case in enumerate(cases)):
+        what = f"case {i} sizes={sizes} k={k} guide={guided} matryoshka={matryoshka} rank={rank}"
         full = make_inputs(sum(sizes), k, seed=100 + i, related=0.5)
         if not guided:
             full = {name: (None if name.startswith("guide") else t) for name, t in full.items()}
-        kwargs = dict(margin_strategy=strategy, margin=margin, contrast_anchors=ca, contrast_positives=cp)
+        kwargs = dict(margin_strategy=strategy, margin=margin, contrast_anchors=ca, contrast_positives=cp,
+                      **(matryoshka or {}))
 
         ref_student = {c: full[c].clone().requires_grad_() for c in STUDENT if full[c] is not None}
-        ref = GISTLoss(gather_across_ranks=False, **kwargs)(**{**full, **ref_student})
+        ref_fn = GISTLoss(gather_across_ranks=False, **kwargs)
+        ref = ref_fn(**{**full, **ref_student})
         ref.backward()
 
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
@@ -86,9 +93,11 @@ def _exactness_worker(rank: int, world: int, cases) -> None:
 
         # (a) the mean over ranks is the full-batch loss
         _close(gdist.all_reduce_mean(loss), ref.detach(), f"{what}: mean loss")
+        _close(gdist.all_reduce_mean(fn.last_stats.dim_losses), ref_fn.last_stats.dim_losses, f"{what}: per size")
         # (b) after gradient averaging (/ world) the input gradients are the single-process ones
         for c, t in local_student.items():
-            _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}")
+            # Matryoshka gradients sum several sizes' (weights up to 2): fp32 rounding then grows with them.
+            _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}", rtol=1e-5 if matryoshka else 0)
         assert fn.last_stats.global_rows.item() == sum(sizes)
         assert fn.last_stats.local_rows.item() == sizes[rank]
         n, kk = sum(sizes), (0 if k is None else max(k, 1))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gist_scale.tools.report import main, plot_run, read_metrics
+from gist_scale.tools.report import dimension_curves, main, plot_run, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_KEYS = {"step", "epoch", "loss", "lr", "masked_fraction", "candidates_per_anchor", "triplets_per_s",
@@ -64,6 +64,33 @@ def test_report_with_eval_records_resumed_steps_and_a_partial_line(run_dir: Path
     out = plot_run(run, tmp_path / "pictures" / "custom.png")
     assert out == tmp_path / "pictures" / "custom.png"
     _assert_png(out)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR width, height
+
+
+def test_matryoshka_run_gets_a_quality_against_dimension_panel(run_dir: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("final", "report.png"))
+    records = run / "metrics.jsonl"
+    evals = [{"step": step, "eval/ndcg@10": 0.4 + step / 100, "eval/spearman": 0.7,
+              **{f"eval/ndcg@10@{d}": 0.4 + step / 100 - 0.1 / d for d in (384, 128, 64)},
+              **{f"eval/spearman@{d}": 0.7 - 1 / d for d in (384, 128, 64)}} for step in (0, 2, 4)]
+    lines = [line for line in records.read_text().splitlines() if '"loss"' in line]
+    records.write_text("\n".join([*lines, *map(json.dumps, evals)]) + "\n")
+    assert dimension_curves(evals[2]) == {
+        "ndcg@10": [(64, pytest.approx(0.44 - 0.1 / 64)), (128, pytest.approx(0.44 - 0.1 / 128)),
+                    (384, pytest.approx(0.44 - 0.1 / 384))],
+        "spearman": [(64, 0.7 - 1 / 64), (128, 0.7 - 1 / 128), (384, 0.7 - 1 / 384)]}
+    assert dimension_curves({"step": 4, "eval/ndcg@10": 0.5, "eval/recall@1": 0.3}) == {}
+
+    plain = plot_run(run_dir, tmp_path / "plain.png")
+    matryoshka = plot_run(run)
+    _assert_png(matryoshka)
+    # One more column of panels (5 inches at 100 dpi each) than the plain run's report.
+    assert _png_size(matryoshka)[0] == _png_size(plain)[0] + 500
 
 
 def test_report_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):

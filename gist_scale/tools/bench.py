@@ -13,6 +13,9 @@ One process, the same synthetic batches and the same initial weights for every m
   package has them): `zero2`, `zero3` (one forward per column, the live
   guide), `zero2_chunked`, `zero3_chunked` (all the step's texts in `--chunk-size` chunks: fewer calls, so fewer
   ZeRO-3 parameter gathers). Not in the default modes; they need `deepspeed`.
+* Matryoshka GIST: `matryoshka` (`plain` with `loss.matryoshka_dims`) and `st_matryoshka` (sentence-transformers'
+  `MatryoshkaLoss(GISTEmbedLoss)`), at `--matryoshka-dims` (default: the student's width, 1/2, 1/4, 1/8). Not in
+  the default modes; `--modes plain,matryoshka` measures the overhead of the sizes over plain GIST.
 
 Sizes are BERT configs built locally (no download) with BERT's 30522-token vocabulary: `tiny` (2x32), `small` (12x384,
 33M), `base` (12x768, 110M), `large` (24x1024, 335M); and Qwen3 decoders with last-token pooling: `qwen3-tiny`
@@ -76,6 +79,8 @@ DECODER_SIZES = {
 """Qwen3 decoders (last-token pooling on the EOS, which is also the pad token)."""
 MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
+MATRYOSHKA_MODES = ("matryoshka", "st_matryoshka")
+ALL_MODES = MODES + DEEPSPEED_MODES + MATRYOSHKA_MODES
 CLS, SEP, PAD = 101, 102, 0
 VOCAB = 30522
 ZERO_SETTINGS = {
@@ -92,7 +97,7 @@ DISTINCT_BATCHES = 3
 """Synthetic batches cycled through (several, so that no mode benefits from one fixed shape)."""
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
                  "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
-                 "seconds_per_step", "steps", "oom", "device", "precision")
+                 "seconds_per_step", "steps", "oom", "device", "precision", "matryoshka_dims")
 
 
 @dataclass
@@ -112,6 +117,8 @@ class BenchConfig:
     peak_tflops: float | None
     out: Path | None
     threads: int | None = None
+    matryoshka_dims: list[int] | None = None
+    """Sizes of the Matryoshka modes; None: the student's width, 1/2, 1/4 and 1/8 of it."""
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -135,6 +142,16 @@ def _case(text: str) -> tuple[str, str]:
     return student, guide
 
 
+def _dims(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.split(",") if d]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes, e.g. 384,192,96")
+    return dims
+
+
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = argparse.ArgumentParser(
         prog="gist-scale bench", description=__doc__.split("\n\n")[0],
@@ -146,7 +163,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                              "one size = both")
     parser.add_argument("--batch", default="32,256", help="comma-separated triplets per step")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated, from {', '.join(MODES + DEEPSPEED_MODES)} (st is the reference)")
+                        help=f"comma-separated, from {', '.join(ALL_MODES)} (st is the reference)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("--chunk-size", type=int, default=128, help="texts per encoder call in the chunked modes")
@@ -160,12 +177,14 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                         help="device peak for MFU (default: known bf16 peaks of H100/H200/A100, else no MFU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 gives stable CPU timings on a busy host")
+    parser.add_argument("--matryoshka-dims", type=_dims, default=None, metavar="D,D,...",
+                        help="sizes of the matryoshka modes (default: the student's width, 1/2, 1/4, 1/8)")
     parser.add_argument("--out", help="write the records as a JSON list to this file")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in MODES + DEEPSPEED_MODES]
+    unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
-        parser.error(f"unknown mode(s) {unknown}: use {', '.join(MODES + DEEPSPEED_MODES)}")
+        parser.error(f"unknown mode(s) {unknown}: use {', '.join(ALL_MODES)}")
     batches = [int(b) for b in args.batch.split(",") if b]
     if not batches or min(batches) < 2:
         parser.error("--batch needs sizes >= 2 (in-batch negatives)")
@@ -180,7 +199,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     return BenchConfig(cases, batches, modes, args.steps, args.warmup,
                        args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
                        args.peak_tflops if args.peak_tflops is not None else peak_tflops(device),
-                       Path(args.out) if args.out else None, args.threads)
+                       Path(args.out) if args.out else None, args.threads, args.matryoshka_dims)
 
 
 def bench_tokenizer(root: Path):
@@ -290,8 +309,9 @@ class Context:
     """What every mode of one (case, batch) shares: model directories, batches, device."""
 
     def __init__(self, cfg: BenchConfig, student_dir: Path, guide_dir: Path, batches: list[dict],
-                 poolings: dict[Path, str]) -> None:
+                 poolings: dict[Path, str], width: int) -> None:
         self.cfg = cfg
+        self.matryoshka_dims = cfg.matryoshka_dims or [width // 2**i for i in range(4) if width // 2**i]
         self.student_dir, self.guide_dir = student_dir, guide_dir
         self.poolings = poolings
         self.device = cfg.device
@@ -325,16 +345,16 @@ class Context:
 
 
 def build_mode(name: str, ctx: Context) -> Mode:
-    if name == "st":
-        return _st_mode(ctx)
+    if name in ("st", "st_matryoshka"):
+        return _st_mode(ctx, matryoshka=name == "st_matryoshka")
     if name in DEEPSPEED_MODES:
         return _deepspeed_mode(name, ctx)
-    chunk = None if name == "plain" else ctx.cfg.chunk_size
+    chunk = None if name in ("plain", "matryoshka") else ctx.cfg.chunk_size
     student = ctx.embedder(ctx.student_dir, guide=False)
     optimizer = ctx.optimizer(student.parameters())
-    loss_fn = GISTLoss(check_finite=False)
+    loss_fn = GISTLoss(check_finite=False, matryoshka_dims=ctx.matryoshka_dims if name == "matryoshka" else None)
     precision = "bf16-autocast" if ctx.cuda else "fp32"
-    live_guide = name in ("plain", "chunked")
+    live_guide = name in ("plain", "chunked", "matryoshka")
     if live_guide:
         guide = ctx.embedder(ctx.guide_dir, guide=True)
 
@@ -370,18 +390,20 @@ def build_mode(name: str, ctx: Context) -> Mode:
     return Mode(step, live_guide, chunk, precision)
 
 
-def _st_mode(ctx: Context) -> Mode:
+def _st_mode(ctx: Context, matryoshka: bool = False) -> Mode:
     from sentence_transformers import SentenceTransformer
 
     try:
-        from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss
+        from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MatryoshkaLoss
     except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.losses import GISTEmbedLoss
+        from sentence_transformers.losses import GISTEmbedLoss, MatryoshkaLoss
 
     model = SentenceTransformer(str(ctx.student_dir), device=str(ctx.device))
     guide = SentenceTransformer(str(ctx.guide_dir), device=str(ctx.device))
     model.train()
     loss_fn = GISTEmbedLoss(model, guide)
+    if matryoshka:
+        loss_fn = MatryoshkaLoss(model, loss_fn, ctx.matryoshka_dims)
     optimizer = ctx.optimizer(model.parameters())
 
     def step(i: int) -> torch.Tensor:
@@ -453,7 +475,8 @@ def measure(name: str, ctx: Context, case: str, flops: dict) -> dict:
     cfg, device = ctx.cfg, ctx.device
     batch = ctx.batches[0]["query"]["input_ids"].shape[0]
     record = {"case": case, "student": case.split("/")[0], "guide": case.split("/")[1], "mode": name, "batch": batch,
-              "chunk_size": None, "steps": cfg.steps, "oom": False, "device": _device_name(device)}
+              "chunk_size": None, "steps": cfg.steps, "oom": False, "device": _device_name(device),
+              "matryoshka_dims": ctx.matryoshka_dims if name in MATRYOSHKA_MODES else None}
     _release(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -506,7 +529,8 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size,
                                decoder=student in DECODER_SIZES) for _ in range(DISTINCT_BATCHES)]
-    ctx = Context(cfg, student_dir, guide_dir, batches, {student_dir: pooling_of(student), guide_dir: pooling_of(guide)})
+    ctx = Context(cfg, student_dir, guide_dir, batches, {student_dir: pooling_of(student), guide_dir: pooling_of(guide)},
+                  student_config.hidden_size)
     flops = {
         "real_tokens": [_real_tokens(b) for b in batches],
         "student": [_batch_flops(student_config, b) for b in batches],

@@ -2,8 +2,10 @@
 
 Panels, each against the optimizer step: loss, learning rate, masked fraction (the share of in-batch candidates
 the guide flagged as false negatives), throughput (triplets/s and tokens/s), gradient norm, and the eval metrics
-(`eval/ndcg@10`, ...) when the run logged any; for a mixture (`data.sources`) a last panel compares each source's
-realised share of the global batches (its `source/NAME/batches` records) with the requested one (`mixture.json`).
+(`eval/ndcg@10`, ...) when the run logged any. A Matryoshka run (`loss.matryoshka_dims`), whose evaluations hold
+every metric at each size (`eval/ndcg@10@256`), gets one more panel: quality against embedding dimension, for the
+first and the last evaluation; for a mixture (`data.sources`) a last panel compares each source's realised share
+of the global batches (its `source/NAME/batches` records) with the requested one (`mixture.json`).
 matplotlib is an optional extra (`pip install 'gist-scale[report]'`),
 imported only here, and drawn with the non-interactive Agg backend so the command works on headless nodes.
 """
@@ -21,7 +23,7 @@ import yaml
 
 from gist_scale.config import METRICS_FILE, MIXTURE_FILE
 
-__all__ = ["MatplotlibMissing", "read_metrics", "plot_run", "main"]
+__all__ = ["MatplotlibMissing", "dimension_curves", "read_metrics", "plot_run", "main"]
 
 DEFAULT_NAME = "report.png"
 EVAL_PREFIX = "eval/"
@@ -57,6 +59,20 @@ def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str,
         else:
             train[record["step"]] = record
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def dimension_curves(record: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """Per metric, `(dimension, value)` pairs by increasing dimension, from an eval record's `eval/METRIC@D` keys.
+
+    A key is a per-dimension one when it ends in `@D` and `eval/METRIC` is in the record too; that tells
+    `ndcg@10@256` (ndcg@10 at 256) from `ndcg@10` (a metric of its own) and keeps `spearman@256`.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for key, value in record.items():
+        base, _, suffix = key.rpartition("@")
+        if key.startswith(EVAL_PREFIX) and suffix.isdigit() and base in record:
+            curves.setdefault(base.removeprefix(EVAL_PREFIX), []).append((int(suffix), float(value)))
+    return {metric: sorted(points) for metric, points in curves.items()}
 
 
 def _pyplot():
@@ -109,9 +125,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     mixture_path = run / MIXTURE_FILE
     mixture = json.loads(mixture_path.read_text()) if mixture_path.is_file() else None
-    figure, grid = plt.subplots(2, 4 if mixture else 3, figsize=(20 if mixture else 15, 8), constrained_layout=True)
-    axes = grid[:, :3]
-    for ax in axes.flat[1:]:  # one shared step axis, so eval points line up with the training curves
+    # One shared step axis, so eval points line up with the training curves; a Matryoshka run adds a column whose
+    # axis is the embedding dimension instead, a mixture one for its shares.
+    by_dimension = [(r["step"], dimension_curves(r)) for r in (evals[:1] + evals[1:][-1:])]
+    by_dimension = [(step, curves) for step, curves in by_dimension if curves]
+    columns = 3 + bool(by_dimension) + bool(mixture)
+    figure, all_axes = plt.subplots(2, columns, figsize=(5 * columns, 8), constrained_layout=True, squeeze=False)
+    axes = all_axes[:, :3]
+    for ax in axes.flat[1:]:
         ax.sharex(axes[0, 0])
     figure.suptitle(_title(run))
     panels = {(0, 0): ("loss", "loss"), (0, 1): ("lr", "learning rate"),
@@ -140,7 +161,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     ax = axes[1, 2]
     ax.set_title("eval")
-    eval_keys = sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)})
+    # The per-dimension keys have their own panel; this one keeps the full-dimension metrics readable.
+    per_dimension = {f"{EVAL_PREFIX}{metric}@{dim}" for r in evals for metric, points in dimension_curves(r).items()
+                     for dim, _ in points}
+    eval_keys = sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)} - per_dimension)
     for key in eval_keys:
         steps, values = _series(evals, key)
         ax.plot(steps, values, marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
@@ -154,9 +178,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
+    extra = 3
+    if by_dimension:
+        _plot_dimensions(all_axes[0, extra], by_dimension)
+        all_axes[1, extra].axis("off")
+        extra += 1
     if mixture:
-        grid[1, 3].remove()
-        _plot_mixture(grid[0, 3], mixture, train)
+        all_axes[1, extra].remove()
+        _plot_mixture(all_axes[0, extra], mixture, train)
 
     target = Path(out) if out is not None else run / DEFAULT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +209,23 @@ def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, 
     ax.set_title("mixture: requested vs realised")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+
+
+def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int, float]]]]]) -> None:
+    """Quality against embedding dimension (log scale): solid for the last evaluation, dashed for the first."""
+    ax.set_title("eval against embedding dimension (Matryoshka)")
+    colors = {}
+    for index, (step, curves) in enumerate(reversed(by_dimension)):
+        for metric, points in curves.items():
+            color = colors.setdefault(metric, f"C{len(colors)}")
+            ax.plot([d for d, _ in points], [v for _, v in points], marker="o", markersize=3, color=color,
+                    linestyle="-" if index == 0 else "--", label=f"{metric} (step {step})")
+    dims = sorted({d for _, curves in by_dimension for pts in curves.values() for d, _ in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.set_xlabel("embedding dimension (truncate_dim)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
 
 
 def main(argv: list[str] | None = None) -> int:
