@@ -644,6 +644,8 @@ class JobConfig:
             from gist_scale.metrics import METRICS
 
             metrics = METRICS + (("spearman",) if self.eval.sts else ())
+            # A Matryoshka run also reports every metric at each size (`ndcg@10@128`, see `evaluate_embedder`).
+            metrics += tuple(f"{m}@{d}" for d in self.loss.matryoshka_dims or () for m in metrics)
             _check(self.checkpoint.keep_best in metrics,
                    f"checkpoint.keep_best={self.checkpoint.keep_best!r}: not an eval metric; use one of "
                    f"{', '.join(metrics)}" + ("" if self.eval.sts else " (spearman needs eval.sts)"))
@@ -697,6 +699,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not str(value).strip():
             raise ConfigError(f"{where}={value!r}: must not be empty" + (" (null unsets it)" if is_union else ""))
         return str(value)
+    if dataclasses.is_dataclass(origin):
+        return value  # a nested entry (a `data.sources` source): its section builds it, naming the entry in errors
     expected = typing.get_args(target) if origin is Literal else getattr(target, "__name__", target)
     quote = " (YAML reads no/yes/on/off as booleans: quote the name)" if origin is Literal and isinstance(
         value, bool) else ""
