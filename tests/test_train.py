@@ -372,19 +372,3 @@ def test_debug_mode_refuses_several_processes(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--debug"]) == 2
     assert "--debug runs a single process" in capsys.readouterr().err
-
-
-def test_weight_decay_groups_use_the_real_shape_of_zero3_partitioned_parameters():
-    """ZeRO-3 partitions the student at load time: a weight matrix is then an empty 1-D shard whose real shape is
-    `ds_shape`. It must still get weight decay (it used to land in the no-decay group with the biases)."""
-    from gist_scale.config import OptimConfig
-    from gist_scale.train import build_optimizer
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    for param in model.parameters():
-        param.ds_shape = param.shape  # what DeepSpeed records before it replaces the data by the rank's shard
-        param.data = torch.empty(0)
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
-    decay, no_decay = optimizer.param_groups
-    assert decay["weight_decay"] == 0.1 and [p.ds_shape for p in decay["params"]] == [torch.Size([4, 4])]
-    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # the bias and the LayerNorm
