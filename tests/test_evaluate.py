@@ -301,7 +301,8 @@ def test_cli_matryoshka_dims_match_sentence_transformers_truncate_dim(tiny_st_di
 def _distributed_worker(rank: int, world: int, model_dir: str, data: EvalData, out_dir: str) -> None:
     embedder, tokenizer, max_length = load_sentence_transformer_dir(model_dir)
     forwards: list[int] = []
-    embedder.register_forward_pre_hook(lambda module, args: forwards.append(args[0].shape[0]))
+    embedder.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
     metrics = evaluate_embedder(embedder, tokenizer, max_length, data, 8, "cpu")
     # 9 texts in batches of 4: shards of 5 and 4 texts, 2 and 1 batches; rank 1 must run a dummy forward.
     uneven_start = len(forwards)

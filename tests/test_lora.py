@@ -159,30 +159,12 @@ def test_lora_two_ranks_match_one_process_with_the_whole_global_batch(layout, tm
     _assert_same_exports(tmp_path / "single", tmp_path / layout)
 
 
-@pytest.fixture(scope="module")
-def tiny_decoder_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide random Qwen3 saved with the MiniLM tokenizer (last_token pooling takes [SEP])."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
-
-    from gist_scale.model import resolve_model_path
-
-    out = tmp_path_factory.mktemp("tiny-qwen3")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    config = Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    Qwen3Model(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
 def test_lora_decoder_under_zero3_with_grad_cache_matches_one_process(tmp_path, tiny_decoder_dir, tiny_model_dir,
                                                                       launch_env):
     """A decoder student (Qwen3, last_token pooling), LoRA on its q/k/v/o and MLP projections, ZeRO-3 + GradCache
     on 2 ranks: the losses and exports of one process with the whole batch and no GradCache."""
-    decoder = ("--model.name", str(tiny_decoder_dir), "--model.pooling", "last_token", *LORA)
+    decoder = ("--model.name", str(tiny_decoder_dir("qwen3")), "--model.pooling", "last_token", *LORA)
     single = _run_layout(None, tiny_model_dir, tmp_path / "single", launch_env, *decoder)
     multi = _run_layout("zero3", tiny_model_dir, tmp_path / "zero3", launch_env, *decoder,
                         "--train.grad_cache", "true", "--train.chunk_size", "4")
