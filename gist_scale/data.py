@@ -748,9 +748,9 @@ class GlobalBatchSampler:
     training received as `{"epoch", "position"}` rather than this sampler's own position.
     """
 
-    def __init__(self, task_names: Sequence[str] | pa.ChunkedArray | None, batch_size: int, world_size: int,
+    def __init__(self, task_names: Sequence[str] | pa.ChunkedArray, batch_size: int, world_size: int,
                  rank: int, grad_accum_steps: int = 1, seed: int = 0, task_homogeneous: bool = True,
-                 drop_last: bool = True, *, num_rows: int | None = None,
+                 drop_last: bool = True, *,
                  sources: Sequence[int] | pa.ChunkedArray | None = None, source_names: Sequence[str] | None = None,
                  weights: Sequence[float] | None = None, sampling_alpha: float = 1.0) -> None:
         if batch_size < 1 or world_size < 1 or grad_accum_steps < 1:
@@ -758,12 +758,10 @@ class GlobalBatchSampler:
                              f"grad_accum_steps={grad_accum_steps} must all be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if task_names is None and num_rows is None:
-            raise ValueError("give task_names, or num_rows to batch rows without tasks")
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.grad_accum_steps, self.seed, self.drop_last = grad_accum_steps, seed, drop_last
         self.global_batch_size = global_batch_size(batch_size, world_size, grad_accum_steps)
-        count = num_rows if task_names is None else len(task_names)
+        count = len(task_names)
         # int32 per row (5M rows: 20 MB an array): the source index, then the (source, task) group key.
         key = (np.zeros(count, dtype=np.int32) if sources is None else
                np.asarray(sources.to_numpy() if isinstance(sources, pa.ChunkedArray) else sources, dtype=np.int32))
@@ -771,7 +769,7 @@ class GlobalBatchSampler:
         names = list(source_names) if source_names is not None else [str(s) for s in range(num_sources)]
         # Rows grouped by (source, task), tasks in sorted-name order: one stable argsort of integer keys.
         tasks = 1
-        if task_names is not None and task_homogeneous:
+        if task_homogeneous:
             codes = _codes(task_names)
             tasks = int(codes.max(initial=0)) + 1
             key = key.astype(np.int64 if num_sources * tasks >= 2**31 else np.int32) * tasks + codes

@@ -402,7 +402,7 @@ def test_mixed_task_mode_and_no_tasks() -> None:
     steps = list(GlobalBatchSampler(names, batch_size=8, world_size=1, rank=0, task_homogeneous=False))
     assert any(len({names[i] for i in batch}) == 2 for batch in steps)
     assert sorted(sum(steps, [])) == list(range(32))
-    untasked = GlobalBatchSampler(None, batch_size=4, world_size=1, rank=0, num_rows=10)
+    untasked = GlobalBatchSampler(["one task"] * 10, batch_size=4, world_size=1, rank=0)
     assert (len(untasked), untasked.summary.dropped_rows) == (2, 2)
 
 

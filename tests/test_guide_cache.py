@@ -83,7 +83,7 @@ def test_batches_carry_cached_embeddings_instead_of_guide_ids(guide_dir, cache_d
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenized, _ = tokenize_triplets(dataset, tokenizer, 128)  # student side only
     rows, collator = cache.attach(tokenized, TripletCollator(tokenizer, chunks=chunks))
-    sampler = GlobalBatchSampler(None, 8, 1, 0, num_rows=len(tokenized), seed=3)
+    sampler = GlobalBatchSampler(["one task"] * len(tokenized), 8, 1, 0, seed=3)
     plan = list(sampler)
     sampler.set_epoch(0)
     for indices, batch in zip(plan, build_dataloader(rows, sampler, collator, workers), strict=True):
