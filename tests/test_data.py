@@ -356,26 +356,28 @@ def test_each_epoch_reshuffles_deterministically() -> None:
         assert sorted(sum(epoch_of(0, epoch, rank=0) + epoch_of(0, epoch, rank=1), [])) == list(range(80))
 
 
+def batches_until(epochs: int, sampler: GlobalBatchSampler) -> list[list[int]]:
+    """The sampler's micro-batches from where it stands to the end of epoch `epochs - 1`."""
+    out = []
+    for epoch in range(sampler.epoch, epochs):
+        if epoch != sampler.epoch:
+            sampler.set_epoch(epoch)
+        out.extend(sampler)
+    return out
+
+
 def test_sampler_resumes_exactly() -> None:
     names = task_names({"a": 30, "b": 21, "c": 17})
     config = {"batch_size": 2, "world_size": 2, "rank": 1, "grad_accum_steps": 2, "seed": 5, "drop_last": False}
 
-    def run(epochs: int, sampler: GlobalBatchSampler) -> list[list[int]]:
-        out = []
-        for epoch in range(sampler.epoch, epochs):
-            if epoch != sampler.epoch:
-                sampler.set_epoch(epoch)
-            out.extend(sampler)
-        return out
-
-    uninterrupted = run(2, GlobalBatchSampler(names, **config))
+    uninterrupted = batches_until(2, GlobalBatchSampler(names, **config))
     for stop in (0, 5, 11):
         first = GlobalBatchSampler(names, **config)
         consumed = [batch for _, batch in zip(range(stop), first)]
         resumed = GlobalBatchSampler(names, **config)
         resumed.load_state_dict(first.state_dict())
         assert first.state_dict() == {"epoch": 0, "position": stop}
-        assert consumed + run(2, resumed) == uninterrupted
+        assert consumed + batches_until(2, resumed) == uninterrupted
     finished = GlobalBatchSampler(names, **config)
     list(finished)
     resumed = GlobalBatchSampler(names, **config)

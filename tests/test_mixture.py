@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from test_data import batches_until
 from gist_scale.config import ConfigError, DataConfig, load_config
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_sampler, load_triplets,
                              mixture_quotas, tokenize_triplets)
@@ -213,21 +214,13 @@ def test_mixture_resumes_exactly() -> None:
         return mixture_ranks([30, 21, 17], 2, batch_size=2, grad_accum_steps=2, weights=[3, 1, 1], seed=5,
                              drop_last=False)[0][1]
 
-    def run(sampler: GlobalBatchSampler, epochs: int = 2) -> list[list[int]]:
-        out = []
-        for epoch in range(sampler.epoch, epochs):
-            if epoch != sampler.epoch:
-                sampler.set_epoch(epoch)
-            out.extend(sampler)
-        return out
-
-    uninterrupted = run(make())
+    uninterrupted = batches_until(2, make())
     for stop in (0, 7, 13):
         first = make()
         consumed = [batch for _, batch in zip(range(stop), first)]
         resumed = make()
         resumed.load_state_dict(first.state_dict())
-        assert consumed + run(resumed) == uninterrupted
+        assert consumed + batches_until(2, resumed) == uninterrupted
 
 
 def old_plan(names: list[str], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
