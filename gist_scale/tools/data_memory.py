@@ -50,10 +50,12 @@ def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
 
 
 class PeakMemory:
-    """Samples /proc/self/status every 20 ms: the peak RssAnon and RssFile of the current phase."""
+    """Samples /proc/self/status every 20 ms, and at every phase boundary: the peak RssAnon and RssFile of the
+    current phase. The boundary reading matters for phases shorter than a sampling interval, or when a loaded
+    machine does not schedule the sampling thread during a phase at all."""
 
     def __init__(self) -> None:
-        self.anon = self.file = 0
+        self.anon, self.file = self.now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -67,10 +69,13 @@ class PeakMemory:
                 fields[key] = int(value.split()[0]) * 1024
         return fields["RssAnon"], fields["RssFile"]
 
+    def sample(self) -> None:
+        anon, file = self.now()
+        self.anon, self.file = max(self.anon, anon), max(self.file, file)
+
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            anon, file = self.now()
-            self.anon, self.file = max(self.anon, anon), max(self.file, file)
+            self.sample()
 
     def reset(self) -> None:
         self.anon, self.file = self.now()
@@ -103,6 +108,7 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True) -
 
     def phase(name: str) -> None:
         wall, cpu = time.perf_counter() - clock[0], time.process_time() - clock[1]
+        meter.sample()
         result["phases"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                                   "cpu_us_per_row": round(cpu / rows * 1e6, 2),
                                   "peak_anon_mb": round(meter.anon / 2**20), "peak_file_mb": round(meter.file / 2**20)}
