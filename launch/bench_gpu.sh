@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One-GPU benchmark of the speed issue's targets and of mining, sized for a single ~10-minute call on one H100/H200.
+# One-GPU benchmark of the speed issue's targets, of mining and of LLM students, in two parts, each sized for a
+# single ~10-minute call on one H100/H200.
 #
-#   bash launch/bench_gpu.sh            # results: $OUT/*.json (or ./bench_out/), a log, and tables on stdout
+#   bash launch/bench_gpu.sh            # part 1, BERT students and mining (steps 1-5)
+#   bash launch/bench_gpu.sh llm        # part 2, Qwen3 students (steps 6-7)
+#   # results: $OUT/*.json (or ./bench_out/), a log, and tables on stdout
 #
 # What it measures (all in one process per line below, reference and ours on the same batches and weights):
 #   1. base/base, batch 32 and 256: sentence-transformers GISTEmbedLoss vs ours (plain, chunked, guide_cache,
@@ -12,6 +15,10 @@
 #      texts in one call (chunk 384 = 128 x 3). Target: ZeRO-3 >= 80% of ZeRO-2.
 #   5. Mining (needs datasets): `gist-scale mine` on 50,000 synthetic pairs with a random base guide in bf16:
 #      texts embedded per second and queries searched per second, in $OUT/mine.json (its `--stats`).
+#   6. (llm) Qwen3-Embedding-0.6B's shape (28 x 1024), full fine-tuning, base guide, batch 32: ST vs ours.
+#   7. (llm) Qwen3-Embedding-8B's shape (36 x 4096, weights in bf16), LoRA r=16 on every attention and MLP linear
+#      layer, base guide: ST (with the same peft adapters) vs ours at batch 16, then ours alone with GradCache at
+#      batch 512 (chunks of 32 texts), where a single pass (ST's) would not fit. Peak memory per mode in the records.
 #
 # The GPU image (python 3.12, torch, transformers, accelerate, sentence-transformers, rich, pyyaml) lacks
 # deepspeed. Carry it as wheels in .whl/ (git-ignored) and name `.whl` in the device call's `carry`; here,
@@ -25,7 +32,7 @@
 # reads its pairs with `datasets` (and pyarrow): without it the step is skipped; carry their wheels in .whl/ too.
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:-$PWD/bench_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,9 +54,11 @@ fi
 
 # BENCH_SMOKE=1: the same four runs at the tiny size and short lengths, to check the script on a CPU.
 SMOKE=()
+SMOKE_DECODER=()  # the decoder cases' size in smoke mode
 MINE=(base 50000)  # guide size, pairs
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
     SMOKE=(--cases tiny --batch 8 --query-len 4-12 --doc-len 8-24 --steps 1 --warmup 1 --threads 1)
+    SMOKE_DECODER=(--cases qwen3-tiny/tiny)
     MINE=(tiny 300)
 fi
 
@@ -65,8 +74,8 @@ run() {  # run SECONDS NAME ARGS...: one bench invocation, bounded so that the l
     local seconds=$1 name=$2
     shift 2
     echo "=== $name: gist-scale bench $*" | tee -a "$LOG"
-    timeout --signal=INT "$seconds" python3 -m gist_scale bench "$@" "${SMOKE[@]}" --out "$OUT/$name.json" 2>&1 \
-        | tee -a "$LOG"
+    timeout --signal=INT "$seconds" python3 -m gist_scale bench "$@" "${SMOKE[@]}" \
+        ${SMOKE_DECODER_NOW:+"${SMOKE_DECODER[@]}"} --out "$OUT/$name.json" 2>&1 | tee -a "$LOG"
     echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
@@ -80,6 +89,19 @@ mine() {  # mine SECONDS SIZE PAIRS: `gist-scale mine` on PAIRS synthetic pairs 
         --out "$dir/mined.jsonl" --overwrite --stats "$OUT/mine.json" 2>&1 | tee -a "$LOG"
     echo "=== mine: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
+
+if [ "${1:-}" = llm ]; then
+    # The 7B student is built on the GPU and written once in bf16 (14 GB); every mode then loads it from disk.
+    SMOKE_DECODER_NOW=${SMOKE_DECODER:+1}
+    run 170 qwen3_06b --cases qwen3-0.6b/base --batch 32 --modes st,plain,chunked,grad_cache --steps 6 --warmup 2 \
+        --chunk-size 96
+    run 260 qwen3_8b_lora --cases qwen3-8b/base --batch 16 --lora-r 16 --modes st,plain,chunked,grad_cache \
+        --steps 4 --warmup 2 --chunk-size 48
+    run 150 qwen3_8b_lora_512 --cases qwen3-8b/base --batch 512 --lora-r 16 --modes grad_cache --steps 2 \
+        --warmup 1 --chunk-size 32
+    ls -la "$OUT"
+    exit 0
+fi
 
 run 170 base_base --cases base/base --batch 32,256 --steps 8 --warmup 3 --chunk-size 128
 run 150 small_large --cases small/large --batch 256,32 --steps 8 --warmup 3 --chunk-size 128

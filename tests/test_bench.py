@@ -133,6 +133,18 @@ def test_gpu_bench_script_runs_end_to_end_in_smoke_mode(tmp_path, torch_extensio
     mined = json.loads((tmp_path / "mine.json").read_text())
     assert mined["rows"] == 300 and mined["texts_per_s"] > 0 and mined["queries_per_s"] > 0
 
+    # Part 2, the LLM students, with a tiny Qwen3 in place of the 0.6B and 8B shapes.
+    result = subprocess.run(["bash", str(repo / "launch" / "bench_gpu.sh"), "llm"], env=env, cwd=repo,
+                            capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    for name, lora_r in (("qwen3_06b", 0), ("qwen3_8b_lora", 16), ("qwen3_8b_lora_512", 16)):
+        assert f"=== {name}: exit 0" in log, log[-4000:]
+        records = json.loads((tmp_path / f"{name}.json").read_text())
+        assert records and all(r["case"] == "qwen3-tiny/tiny" and r["lora_r"] == lora_r and r["triplets_per_s"] > 0
+                               for r in records), name
+    assert {r["mode"] for r in json.loads((tmp_path / "qwen3_8b_lora.json").read_text())} >= {"st", "grad_cache"}
+
 
 def test_without_sentence_transformers_the_reference_is_skipped_with_a_message(tmp_path, monkeypatch, capsys):
     """A plain install (no `[dev]`) still benchmarks our modes; it says why there is no ratio."""
@@ -171,6 +183,32 @@ def test_decoder_case_trains_the_same_model_as_sentence_transformers(tmp_path):
     for features in batch.values():
         ids, mask = features["input_ids"], features["attention_mask"]
         assert (ids.gather(1, (mask.sum(1) - 1)[:, None]) == bench.SEP).all() and (ids[mask == 0] == bench.SEP).all()
+
+
+def test_lora_modes_train_the_same_adapters_as_sentence_transformers_and_report_memory(tmp_path):
+    """`--lora-r`: sentence-transformers (peft adapters injected into its model) and our modes, DeepSpeed's
+    included, optimise the same adapter parameters from the same first loss; `--isolate` gives each mode's process
+    peak memory on the CPU."""
+    out = tmp_path / "bench.json"
+    args = [a if a != "tiny" else "qwen3-tiny" for a in TINY]
+    assert cli.main(["bench", *args, "--modes", "st,plain,grad_cache,zero3", "--lora-r", "4", "--isolate",
+                     "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["mode"] for r in records] == ["st", "plain", "grad_cache", "zero3"]
+    config = bench.DECODER_SIZES["qwen3-tiny"]
+    # r x (in + out) per adapted layer: q, k, v, o, gate, up, down in each of the layers.
+    hidden, heads, kv, head_dim, mlp = (config[k] for k in ("hidden_size", "num_attention_heads",
+                                                            "num_key_value_heads", "head_dim", "intermediate_size"))
+    per_layer = 4 * ((hidden + heads * head_dim) * 2 + (hidden + kv * head_dim) * 2 + (hidden + mlp) * 3)
+    for r in records:
+        assert r["lora_r"] == 4 and r["trainable_params"] == config["num_hidden_layers"] * per_layer, r["mode"]
+        assert r["first_loss"] == pytest.approx(records[0]["first_loss"], abs=1e-4), r["mode"]
+        assert r["peak_mem_kind"] == "process peak RSS over the steps" and 0.1 < r["peak_mem_gib"] < 8, r["mode"]
+
+
+def test_isolate_is_for_cpu_memory():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--isolate", "--device", "cuda"])
 
 
 @pytest.mark.parametrize("model_type", ["bert", "qwen3"])

@@ -17,6 +17,17 @@ One process, the same synthetic batches and the same initial weights for every m
   `MatryoshkaLoss(GISTEmbedLoss)`), at `--matryoshka-dims` (default: the student's width, 1/2, 1/4, 1/8). Not in
   the default modes; `--modes plain,matryoshka` measures the overhead of the sizes over plain GIST.
 
+LoRA (`--lora-r R`): every mode trains rank-R adapters (alpha 2R, peft) on the attention and MLP linear layers of a
+frozen student, ours through `model.lora_r` as training does, sentence-transformers through its own
+`model.add_adapter(LoraConfig(...))` with the same target names (on BERT they also put an adapter on
+sentence-transformers' unused pooler, which gets no gradient). `trainable_params` tells what each mode optimises.
+
+Memory: on CUDA `peak_mem_gib` is the accelerator's peak allocation. On a CPU, `--isolate` runs every mode in a fresh
+process (spawned, so no mode inherits another's memory) and `peak_mem_gib` is that process's peak resident set
+(`VmHWM`) during the steps, counted from the moment the mode is built (loading's transient peak left out): the
+resident model, optimizer state and activations, plus what is the same for every mode (the interpreter, the
+libraries, since each process imports sentence-transformers, peft and deepspeed whatever its mode, and the batches).
+
 Sizes are BERT configs built locally (no download) with BERT's 30522-token vocabulary: `tiny` (2x32), `small` (12x384,
 33M), `base` (12x768, 110M), `large` (24x1024, 335M); and Qwen3 decoders with last-token pooling: `qwen3-tiny`
 (2x32) and `qwen3-0.6b` (Qwen3-Embedding-0.6B's shape, 28x1024, with the 30522-token vocabulary). A case is
@@ -75,8 +86,16 @@ DECODER_SIZES = {
                        intermediate_size=64),
     "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, intermediate_size=3072),
+    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=12288),
 }
-"""Qwen3 decoders (last-token pooling on the EOS, which is also the pad token)."""
+"""Qwen3 decoders (last-token pooling on the EOS, which is also the pad token), with the 30522-token vocabulary."""
+BF16_SIZES = {"qwen3-8b"}
+"""Sizes written (hence loaded, by us and sentence-transformers alike) in bf16: 7B parameters in fp32 would take
+28 GB of disk and of accelerator memory; with LoRA the frozen base in bf16 is how such a model is trained."""
+LORA_TARGETS = {"bert": ["query", "key", "value", "dense"],
+                "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+"""`--lora-r` targets: every linear layer of attention and MLP (the trainer's default `all-linear` on the student)."""
 MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
 MATRYOSHKA_MODES = ("matryoshka", "st_matryoshka")
@@ -97,7 +116,8 @@ DISTINCT_BATCHES = 3
 """Synthetic batches cycled through (several, so that no mode benefits from one fixed shape)."""
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
                  "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
-                 "seconds_per_step", "steps", "oom", "device", "precision", "matryoshka_dims")
+                 "seconds_per_step", "steps", "oom", "device", "precision", "matryoshka_dims", "lora_r",
+                 "trainable_params", "peak_mem_kind")
 
 
 @dataclass
@@ -119,6 +139,10 @@ class BenchConfig:
     threads: int | None = None
     matryoshka_dims: list[int] | None = None
     """Sizes of the Matryoshka modes; None: the student's width, 1/2, 1/4 and 1/8 of it."""
+    lora_r: int = 0
+    """LoRA rank of the student's adapters in every mode (0: full fine-tuning)."""
+    isolate: bool = False
+    """Each mode in a fresh process, for a per-mode peak resident memory on a CPU."""
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -179,6 +203,11 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                         help="CPU threads for torch (default: torch's); 1 gives stable CPU timings on a busy host")
     parser.add_argument("--matryoshka-dims", type=_dims, default=None, metavar="D,D,...",
                         help="sizes of the matryoshka modes (default: the student's width, 1/2, 1/4, 1/8)")
+    parser.add_argument("--lora-r", type=int, default=0,
+                        help="train LoRA adapters of this rank (alpha 2r) on the student in every mode, "
+                             "sentence-transformers included (0: full fine-tuning)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each mode in a fresh process: on a CPU, peak GiB is then its peak resident memory")
     parser.add_argument("--out", help="write the records as a JSON list to this file")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -190,16 +219,21 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         parser.error("--batch needs sizes >= 2 (in-batch negatives)")
     if args.steps < 1 or args.warmup < 1 or args.chunk_size < 1:
         parser.error("--steps, --warmup and --chunk-size must be >= 1")
+    if args.lora_r < 0:
+        parser.error("--lora-r must be >= 0 (0: full fine-tuning)")
     try:
         cases = [_case(c) for c in args.cases.split(",") if c]
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if args.isolate and device.type == "cuda":
+        parser.error("--isolate measures CPU memory; on CUDA peak GiB is the accelerator's own peak already")
     return BenchConfig(cases, batches, modes, args.steps, args.warmup,
                        args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
                        args.peak_tflops if args.peak_tflops is not None else peak_tflops(device),
-                       Path(args.out) if args.out else None, args.threads, args.matryoshka_dims)
+                       Path(args.out) if args.out else None, args.threads, args.matryoshka_dims, args.lora_r,
+                       args.isolate)
 
 
 def bench_tokenizer(root: Path):
@@ -218,9 +252,14 @@ def pooling_of(size: str) -> str:
     return "last_token" if size in DECODER_SIZES else "mean"
 
 
-def build_model_dir(size: str, root: Path, dropout: float, seed: int) -> Path:
+def lora_targets(size: str) -> list[str]:
+    return LORA_TARGETS["qwen3" if size in DECODER_SIZES else "bert"]
+
+
+def build_model_dir(size: str, root: Path, dropout: float, seed: int, device: torch.device | None = None) -> Path:
     """A random BERT (mean pooling) or Qwen3 (last-token pooling) of `size` in sentence-transformers layout, with
-    `bench_tokenizer` (the batches are token ids already: the tokenizer is only saved)."""
+    `bench_tokenizer` (the batches are token ids already: the tokenizer is only saved). Initialised on `device`
+    (on a GPU, seconds instead of minutes for a 7B model)."""
     out = root / size
     if out.exists():
         return out
@@ -229,7 +268,10 @@ def build_model_dir(size: str, root: Path, dropout: float, seed: int) -> Path:
     if size in DECODER_SIZES:
         config = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=512, attention_dropout=dropout,
                              eos_token_id=SEP, pad_token_id=SEP, bos_token_id=None, **DECODER_SIZES[size])
-        encoder = Qwen3Model(config)
+        with torch.device(device or "cpu"):
+            encoder = Qwen3Model(config)
+        if size in BF16_SIZES:
+            encoder = encoder.to(torch.bfloat16)
     else:
         config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, hidden_dropout_prob=dropout,
                             attention_probs_dropout_prob=dropout, **SIZES[size])
@@ -303,14 +345,16 @@ class Mode:
     guide_runs: bool
     chunk_size: int | None
     precision: str
+    trainable_params: int
 
 
 class Context:
     """What every mode of one (case, batch) shares: model directories, batches, device."""
 
     def __init__(self, cfg: BenchConfig, student_dir: Path, guide_dir: Path, batches: list[dict],
-                 poolings: dict[Path, str], width: int) -> None:
+                 poolings: dict[Path, str], width: int, lora_targets: list[str]) -> None:
         self.cfg = cfg
+        self.lora_targets = lora_targets
         self.matryoshka_dims = cfg.matryoshka_dims or [width // 2**i for i in range(4) if width // 2**i]
         self.student_dir, self.guide_dir = student_dir, guide_dir
         self.poolings = poolings
@@ -334,7 +378,9 @@ class Context:
         if guide:
             return load_guide(GuideConfig(name=str(path), pooling=pooling, dtype="bf16" if self.cuda else "fp32"),
                               self.device)
-        return load_student(ModelConfig(name=str(path), pooling=pooling)).to(self.device).train()
+        lora = dict(lora_r=self.cfg.lora_r, lora_alpha=2.0 * self.cfg.lora_r, lora_target_modules=self.lora_targets)
+        return load_student(ModelConfig(name=str(path), pooling=pooling, **(lora if self.cfg.lora_r else {}))
+                            ).to(self.device).train()
 
     def side(self, index: int, chunked: bool):
         """Batch `index` as one tensor pair per column, or as the collator's chunks."""
@@ -387,7 +433,7 @@ def build_mode(name: str, ctx: Context) -> Mode:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return Mode(step, live_guide, chunk, precision)
+    return Mode(step, live_guide, chunk, precision, _trainable(student))
 
 
 def _st_mode(ctx: Context, matryoshka: bool = False) -> Mode:
@@ -399,6 +445,13 @@ def _st_mode(ctx: Context, matryoshka: bool = False) -> Mode:
         from sentence_transformers.losses import GISTEmbedLoss, MatryoshkaLoss
 
     model = SentenceTransformer(str(ctx.student_dir), device=str(ctx.device))
+    if ctx.cfg.lora_r:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        # What sentence-transformers' `add_adapter` does (through transformers, which asks for peft >= 0.22, not
+        # released at the time of writing): peft's adapters injected into its transformers model, the base frozen.
+        inject_adapter_in_model(LoraConfig(r=ctx.cfg.lora_r, lora_alpha=2 * ctx.cfg.lora_r, lora_dropout=0.0,
+                                           target_modules=ctx.lora_targets), model.transformers_model)
     guide = SentenceTransformer(str(ctx.guide_dir), device=str(ctx.device))
     model.train()
     loss_fn = GISTEmbedLoss(model, guide)
@@ -416,7 +469,7 @@ def _st_mode(ctx: Context, matryoshka: bool = False) -> Mode:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return Mode(step, True, None, "bf16-autocast" if ctx.cuda else "fp32")
+    return Mode(step, True, None, "bf16-autocast" if ctx.cuda else "fp32", _trainable(model))
 
 
 def _deepspeed_mode(name: str, ctx: Context) -> Mode:
@@ -434,7 +487,8 @@ def _deepspeed_mode(name: str, ctx: Context) -> Mode:
               "gradient_clipping": 0.0, "bf16": {"enabled": ctx.cuda}, "fp16": {"enabled": False},
               "zero_allow_untested_optimizer": True, "zero_optimization": dict(ZERO_SETTINGS[stage])}
     student = ctx.embedder(ctx.student_dir, guide=False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=ctx.cfg.lr)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=ctx.cfg.lr)
+    trainable = _trainable(student)  # counted before ZeRO-3 partitions the parameters
     engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=config)
     guide = ctx.embedder(ctx.guide_dir, guide=True)
     loss_fn = GISTLoss(check_finite=False)
@@ -447,7 +501,11 @@ def _deepspeed_mode(name: str, ctx: Context) -> Mode:
         engine.step()
         return loss.detach()
 
-    return Mode(step, True, chunk, "bf16" if ctx.cuda else "fp32")
+    return Mode(step, True, chunk, "bf16" if ctx.cuda else "fp32", trainable)
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _free_port() -> int:
@@ -471,12 +529,53 @@ def _release(device: torch.device) -> None:
 
 
 def measure(name: str, ctx: Context, case: str, flops: dict) -> dict:
+    """The mode's record, measured in this process or, with `--isolate`, in a fresh one."""
+    if not ctx.cfg.isolate:
+        return _measure(name, ctx, case, flops)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Spawned, not forked: a forked child would share the parent's pages (and OpenMP is not fork-safe).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_isolated, name, ctx, case, flops).result()
+
+
+def _measure_isolated(name: str, ctx: Context, case: str, flops: dict) -> dict:
+    if ctx.cfg.threads:
+        torch.set_num_threads(ctx.cfg.threads)
+    # Every mode's process imports the same libraries, so that their peaks differ by what the modes hold.
+    for module in ("sentence_transformers", "peft", "deepspeed"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    record = _measure(name, ctx, case, flops, after_build=_reset_peak_rss)
+    if ctx.device.type != "cuda" and not record["oom"]:
+        record.update(peak_mem_gib=_peak_rss() / 2**30, peak_mem_kind="process peak RSS over the steps")
+    return record
+
+
+def _reset_peak_rss() -> None:
+    """Start `VmHWM` over from the current resident set (Linux >= 4.0), so the peak is the steps', not loading's
+    (`from_pretrained` briefly holds the weights twice, plus the memory-mapped file)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (`VmHWM`), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?): --isolate measures memory on Linux only")
+
+
+def _measure(name: str, ctx: Context, case: str, flops: dict, after_build: Callable[[], None] | None = None) -> dict:
     """Build the mode, run warmup then timed steps, and return its record (`oom` when it did not fit)."""
     cfg, device = ctx.cfg, ctx.device
     batch = ctx.batches[0]["query"]["input_ids"].shape[0]
     record = {"case": case, "student": case.split("/")[0], "guide": case.split("/")[1], "mode": name, "batch": batch,
               "chunk_size": None, "steps": cfg.steps, "oom": False, "device": _device_name(device),
-              "matryoshka_dims": ctx.matryoshka_dims if name in MATRYOSHKA_MODES else None}
+              "matryoshka_dims": ctx.matryoshka_dims if name in MATRYOSHKA_MODES else None, "lora_r": cfg.lora_r,
+              "peak_mem_kind": "accelerator peak allocation" if device.type == "cuda" else None}
     _release(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -484,6 +583,8 @@ def measure(name: str, ctx: Context, case: str, flops: dict) -> dict:
     try:
         torch.manual_seed(cfg.seed)
         mode = build_mode(name, ctx)
+        if after_build is not None:
+            after_build()
         first_loss = float(mode.step(0))
         for i in range(1, cfg.warmup):
             mode.step(i % len(ctx.batches))
@@ -499,10 +600,10 @@ def measure(name: str, ctx: Context, case: str, flops: dict) -> dict:
         record.update(oom=True, **{key: None for key in RECORD_FIELDS if key not in record})
         return record
     finally:
-        info = None if mode is None else (mode.guide_runs, mode.chunk_size, mode.precision)
+        info = None if mode is None else (mode.guide_runs, mode.chunk_size, mode.precision, mode.trainable_params)
         del mode
         _release(device)
-    guide_runs, chunk_size, precision = info
+    guide_runs, chunk_size, precision, trainable = info
     real = sum(flops["real_tokens"][i] for i in used)
     processed = sum(flops["processed"][chunk_size][i] for i in used)
     model_flops = sum(3 * flops["student"][i] + (flops["guide"][i] if guide_runs else 0.0) for i in used)
@@ -511,7 +612,7 @@ def measure(name: str, ctx: Context, case: str, flops: dict) -> dict:
         chunk_size=chunk_size, precision=precision, triplets_per_s=batch * cfg.steps / elapsed,
         real_tokens_per_s=real / elapsed, padding_fraction=1.0 - real / processed, model_tflops_per_s=tflops,
         mfu=tflops / cfg.peak_tflops if cfg.peak_tflops else None, first_loss=first_loss,
-        seconds_per_step=elapsed / cfg.steps, peak_mem_gib=peak)
+        seconds_per_step=elapsed / cfg.steps, peak_mem_gib=peak, trainable_params=trainable)
     return record
 
 
@@ -523,14 +624,14 @@ def _device_name(device: torch.device) -> str:
 
 def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
     case = f"{student}/{guide}"
-    student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed)
-    guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1)
+    student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed, cfg.device)
+    guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
     student_config, guide_config = AutoConfig.from_pretrained(student_dir), AutoConfig.from_pretrained(guide_dir)
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = [synthetic_batch(generator, batch, cfg.query_len, cfg.doc_len, student_config.vocab_size,
                                decoder=student in DECODER_SIZES) for _ in range(DISTINCT_BATCHES)]
     ctx = Context(cfg, student_dir, guide_dir, batches, {student_dir: pooling_of(student), guide_dir: pooling_of(guide)},
-                  student_config.hidden_size)
+                  student_config.hidden_size, lora_targets(student))
     flops = {
         "real_tokens": [_real_tokens(b) for b in batches],
         "student": [_batch_flops(student_config, b) for b in batches],
@@ -572,7 +673,7 @@ def versions() -> dict[str, str | None]:
 def print_table(records: list[dict]) -> None:
     table = Table(title="gist-scale bench: training step throughput (higher is better)")
     for column in ("case", "batch", "mode", "triplets/s", "real tok/s", "padding", "TFLOP/s", "MFU", "peak GiB",
-                   "x ST", "first loss"):
+                   "x ST", "first loss", "trainable"):
         table.add_column(column, justify="left" if column in ("case", "mode") else "right")
 
     def fmt(value, spec: str) -> str:
@@ -580,13 +681,18 @@ def print_table(records: list[dict]) -> None:
 
     for r in records:
         if r["oom"]:
-            table.add_row(r["case"], str(r["batch"]), r["mode"], "OOM", *["-"] * 7)
+            table.add_row(r["case"], str(r["batch"]), r["mode"], "OOM", *["-"] * 8)
             continue
         table.add_row(r["case"], str(r["batch"]), r["mode"], fmt(r["triplets_per_s"], ".1f"),
                       fmt(r["real_tokens_per_s"], ".0f"), fmt(r["padding_fraction"], ".0%"),
                       fmt(r["model_tflops_per_s"], ".3g"), fmt(r["mfu"], ".1%"), fmt(r["peak_mem_gib"], ".2f"),
-                      fmt(r["ratio_vs_st"], ".2f"), fmt(r["first_loss"], ".4f"))
+                      fmt(r["ratio_vs_st"], ".2f"), fmt(r["first_loss"], ".4f"),
+                      _count(r["trainable_params"]))
     Console(highlight=False, width=max(130, Console().width)).print(table)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
 
 
 def main(argv: list[str] | None = None) -> int:
