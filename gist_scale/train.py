@@ -94,8 +94,10 @@ def configure_deepspeed(accelerator: Accelerator, train: TrainConfig, optim: Opt
 def build_optimizer(student: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in student.named_parameters():
+        # Under ZeRO-3 a parameter is an empty 1-D shard by now; `ds_shape` keeps its real shape.
+        shape = getattr(param, "ds_shape", param.shape)
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+            (no_decay if len(shape) < 2 or "norm" in name.lower() else decay).append(param)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = optim.fused and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)

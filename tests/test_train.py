@@ -183,7 +183,7 @@ def test_two_ranks_match_one_process_with_the_whole_global_batch(layout, tmp_pat
 GUIDE_CHECK = textwrap.dedent("""
     import sys, torch
     from gist_scale.config import load_config
-    from gist_scale.train import Trainer
+    from gist_scale.train import Trainer, build_optimizer
 
     trainer = Trainer(load_config(sys.argv[1:]))
     assert trainer.zero_stage == 3
@@ -196,12 +196,21 @@ GUIDE_CHECK = textwrap.dedent("""
     assert all(hasattr(p, "ds_id") for p in student_params), "student is not partitioned"
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in guide_params}, "guide parameters reached the optimizer"
+    # Weight decay on the partitioned (empty 1-D) weight matrices, by their real shape; none on biases and norms.
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    decay, no_decay = build_optimizer(student, trainer.cfg.optim, trainer.device).param_groups
+    assert decay["weight_decay"] == trainer.cfg.optim.weight_decay > 0 and no_decay["weight_decay"] == 0
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        n for n, p in student.named_parameters() if len(p.ds_shape) == 2 and "norm" not in n.lower()}
+    assert "encoder.embeddings.word_embeddings.weight" in {names[id(p)] for p in decay["params"]}
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [trainer.cfg.optim.weight_decay, 0.0]
     print("GUIDE-OK", trainer.accelerator.process_index)
 """)
 
 
 @pytest.mark.slow
-def test_guide_stays_bf16_frozen_and_unpartitioned_under_zero3(tmp_path, tiny_model_dir, launch_env):
+def test_guide_stays_bf16_frozen_and_unpartitioned_and_weights_decay_under_zero3(tmp_path, tiny_model_dir, launch_env):
     script = tmp_path / "check_guide.py"
     script.write_text(GUIDE_CHECK)
     command = torchrun_command(2, *tiny_args(tiny_model_dir, tmp_path / "run", "--train.batch_size", "4"))
