@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import importlib
 import json
@@ -555,8 +556,11 @@ def _measure_isolated(name: str, ctx: Context, case: str, flops: dict) -> dict:
 
 def _reset_peak_rss() -> None:
     """Start `VmHWM` over from the current resident set (Linux >= 4.0), so the peak is the steps', not loading's
-    (`from_pretrained` briefly holds the weights twice, plus the memory-mapped file)."""
+    (`from_pretrained` briefly holds the weights twice, plus the memory-mapped file). What loading freed goes back
+    to the system first: glibc keeps freed heap pages resident until `malloc_trim`."""
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak may then include loading's leftovers
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
 
 
