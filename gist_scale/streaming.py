@@ -78,6 +78,9 @@ class _SourceStream:
         """The current part's `IterableDataset.state_dict()` to start from (None: its beginning)."""
         self._dataset: datasets.IterableDataset | None = None
         self._rows: Iterator[Row] | None = None
+        self._opened: dict[int, tuple[datasets.IterableDataset, dict]] = {}
+        """Each part opened once, with its start state: a new pass reads it again from there (`load_dataset` costs
+        a module lookup and, for the hub, requests, on every call)."""
 
     def fresh(self) -> _SourceStream:
         """The same source, unread."""
@@ -123,9 +126,11 @@ class _SourceStream:
 
     def _read_part(self, part: _Part) -> Iterator[Row]:
         try:
-            dataset = part.stream()
-            if self._position is not None:
-                dataset.load_state_dict(self._position)
+            if self.part not in self._opened:
+                dataset = part.stream()
+                self._opened[self.part] = dataset, dataset.state_dict()
+            dataset, start = self._opened[self.part]
+            dataset.load_state_dict(self._position or start)
             rows = iter(dataset)
         except DataError as error:
             raise DataError(f"{self.prefix}{error}") from error
