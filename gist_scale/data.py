@@ -212,13 +212,13 @@ def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:
             return DataError(f"cannot load hub dataset {where}: {error}; for local data give an existing file or "
                              "folder as --data.path")
 
-        def load_hub(streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+        def load_hub(**streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
             try:
-                return datasets.load_dataset(cfg.path, revision=cfg.revision, split=split, streaming=streaming)
+                return datasets.load_dataset(cfg.path, revision=cfg.revision, split=split, **streaming)
             except Exception as error:
                 raise hub_failure(error) from error
 
-        return f"hub dataset {where}", [_Part(where, load_hub, False, lambda: load_hub(True), hub_failure)]
+        return f"hub dataset {where}", [_Part(where, load_hub, False, lambda: load_hub(streaming=True), hub_failure)]
     return description, [_local_part(file) for file in files]
 
 

@@ -181,6 +181,26 @@ def test_resume_is_exact_mid_file_and_across_passes(kind, tmp_path, tokenizer):
         assert parts == {0, 1, 2}  # resumed inside the first, second and third file
 
 
+def test_a_hub_dataset_streams_its_shards_and_resumes_inside_one(monkeypatch, tokenizer):
+    """A hub name goes to `load_dataset(name, revision=, split=, streaming=True)`; its shards (here 3, as a hub
+    dataset of 3 Parquet files) are resumed by `datasets`' own shard and offset."""
+    rows = triplets(30, "hub")
+    calls = []
+
+    def fake_load_dataset(name: str, **kwargs) -> datasets.IterableDataset:
+        calls.append((name, kwargs))
+        return datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=3)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    endless = [(r["query"], r["pos"], tuple(r["neg"]), r["task_name"]) for r in rows] * 2
+    make = lambda: stream(tokenizer, batch_size=4, path="org/triplets", revision="abc123",  # noqa: E731
+                          task_homogeneous=False)
+    assert [rows for _, rows in take(make(), 10)] == [endless[4 * b:4 * b + 4] for b in range(10)]
+    assert calls[0] == ("org/triplets", {"revision": "abc123", "split": "train", "streaming": True})
+    state = resumed_equals_uninterrupted(make, 4, 5)  # 16 rows: inside the second shard
+    assert '"shard_idx": 1' in json.dumps(state["sources"][0]["position"])  # datasets' own shard and offset
+
+
 def test_resume_with_buffers_of_a_weighted_mixture_and_on_another_world_size(tmp_path, tokenizer):
     """Rows waiting in per-task buffers are part of the state; 2 ranks saving, 1 process resuming with the same
     global batch continues with the same global batches."""
