@@ -294,6 +294,7 @@ def test_streamed_training_resumes_with_the_uninterrupted_losses(tmp_path, tiny_
     assert "steps 6 (streamed: no epochs)" in out and "a: 1 negatives per row, share 66.7%" in out
     records = loss_records(full)
     assert sum(v for r in records for k, v in r.items() if k.endswith("/batches")) == 6
+    assert json.loads((full / "mixture.json").read_text())["a"]["requested"] == pytest.approx(2 / 3)
     state = json.loads((full / "checkpoints" / "step_2" / "trainer_state.json").read_text())
     assert state["stream"]["batches"] == 2
 
