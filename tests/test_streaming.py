@@ -101,17 +101,17 @@ def test_streamed_batches_are_the_prepared_rows_in_file_order(kind, tmp_path, to
     assert [rows for _, rows in mixed] == [endless[4 * b:4 * b + 4] for b in range(12)]
 
     batches = take(stream(tokenizer, batch_size=4, path=str(path)), 12)
+    taken = {task: 0 for task in TASKS}
     completed_at = []
-    for task in TASKS:
-        ours = [row for _, rows in batches for row in rows if row[3] == task]
-        assert ours == [row for row in endless if row[3] == task][:len(ours)]
     for _, rows in batches:
-        assert len({row[3] for row in rows}) == 1  # one task per global batch
-        # where in the endless stream the batch's last row sits (each row is unique within a pass)
-        last = rows[-1]
-        seen = completed_at[-1] + 1 if completed_at else 0
-        completed_at.append(endless.index(last, seen - (seen % 30) if seen else 0))
-    assert completed_at == sorted(completed_at)
+        task = rows[0][3]
+        assert {row[3] for row in rows} == {task}  # one task per global batch
+        # the task's next 4 rows in file order, and where in the stream the last of them is read
+        positions = [i for i, row in enumerate(endless) if row[3] == task]
+        assert rows == [endless[i] for i in positions[taken[task]:taken[task] + 4]]
+        taken[task] += 4
+        completed_at.append(positions[taken[task] - 1])
+    assert completed_at == sorted(completed_at)  # emitted in the order their last rows are read
 
 
 def test_ranks_partition_each_global_batch_as_one_process_holding_it_all(tmp_path, tokenizer):
