@@ -269,7 +269,8 @@ class DataConfig:
     `datasets.map`. 0 collates in the training process: about 20 ms per 256 triplets with a guide, so on a GPU use
     2-4 workers to overlap it with the step."""
     max_rows: int | None = None
-    """Use only the first N valid rows (of each source, with `sources`; smoke tests, debugging)."""
+    """Use only the first N valid rows (of each source, with `sources`; with `streaming`, in each pass; smoke tests,
+    debugging)."""
     num_proc: int | None = None
     """Processes for the one-time cached validation and tokenization maps (large datasets); null: this process."""
     pad_to_multiple_of: int | None = None

@@ -16,6 +16,9 @@ resumed job, and every rank of a job, reuses the first run's work instead of re-
    GISTEmbed. With several sources (`data.sources`) each global batch also comes from one source, and the sources
    are drawn by weight (see `mixture_quotas`). Its state (epoch, position) makes resumption exact.
 
+`data.streaming` reads the same sources (`_Part.stream`) with the same validation, without preparing them on disk:
+see `gist_scale.streaming`.
+
 Nothing here holds a Python object per row: rows stay in memory-mapped Arrow files, task names are encoded to integer
 codes by Arrow, and the sampler's plan is one integer array per epoch.
 """
