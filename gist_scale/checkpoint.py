@@ -56,6 +56,9 @@ class TrainerState:
     every world size: each rank takes one slice of every micro-global batch, `grad_accum_steps` per global batch."""
     nonfinite_in_a_row: int = 0
     """Consecutive skipped non-finite steps."""
+    stream: dict | None = None
+    """With `data.streaming`: the stream's position and buffered rows (`StreamingBatches.state_dict()`), the same on
+    every rank and for every world size; None otherwise."""
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:

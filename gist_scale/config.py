@@ -269,7 +269,8 @@ class DataConfig:
     `datasets.map`. 0 collates in the training process: about 20 ms per 256 triplets with a guide, so on a GPU use
     2-4 workers to overlap it with the step."""
     max_rows: int | None = None
-    """Use only the first N valid rows (of each source, with `sources`; smoke tests, debugging)."""
+    """Use only the first N valid rows (of each source, with `sources`; with `streaming`, in each pass; smoke tests,
+    debugging)."""
     num_proc: int | None = None
     """Processes for the one-time cached validation and tokenization maps (large datasets); null: this process."""
     pad_to_multiple_of: int | None = None
@@ -282,6 +283,11 @@ class DataConfig:
     sampling_alpha: float = 1.0
     """Without per-source weights, draw sources in proportion to size^alpha, size being the source's global batches
     per epoch: 1 = proportional to size (every batch once per epoch), 0 = uniform over sources."""
+    streaming: bool = False
+    """Read the sources through `datasets` streaming (an IterableDataset per file or hub dataset) instead of
+    preparing them on disk first: for hub data larger than the local disk. Rows are validated and tokenized as they
+    are read; global batches come from per-task buffers; several sources need weights and are drawn with
+    replacement; needs `train.max_steps` and `num_workers: 0`; no `guide.cache`. See README "Streaming"."""
 
     def __post_init__(self) -> None:
         _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
@@ -296,6 +302,13 @@ class DataConfig:
         _check(self.sampling_alpha >= 0, f"data.sampling_alpha={self.sampling_alpha}: must be >= 0 (1 proportional "
                "to size, 0 uniform)")
         self.sources = [_source(entry, i) for i, entry in enumerate(self.sources or [])]
+        # The stream's position in a checkpoint must be what training consumed, not what workers prefetched.
+        _check(not self.streaming or self.num_workers == 0,
+               f"data.streaming=true needs data.num_workers=0 (got {self.num_workers}): batches are read, validated "
+               "and tokenized in the training process, so the checkpointed stream position is the one trained on")
+        _check(not self.streaming or len(self.sources) < 2 or all(s.weight is not None for s in self.sources),
+               "data.streaming=true with several data.sources needs a weight on every source: a stream's size is "
+               "unknown before it is read, so data.sampling_alpha (by size) cannot apply")
         if not self.sources:
             return
         _check(self.path is None, "data.path and data.sources are both set: put the path in data.sources as one "
@@ -640,6 +653,13 @@ class JobConfig:
     """Single-process debug mode: few steps, anomaly detection, fail on the first non-finite loss, verbose shapes."""
 
     def __post_init__(self) -> None:
+        if self.data.streaming:
+            _check(self.train.max_steps is not None,
+                   "data.streaming=true needs train.max_steps: a stream's length is unknown until it is read, so "
+                   "train.epochs cannot define the schedule; set --train.max_steps N")
+            _check(self.guide.cache is None,
+                   "data.streaming=true cannot use guide.cache (the cache indexes the rows of a prepared dataset); "
+                   "drop guide.cache to run the guide live, or turn data.streaming off")
         if self.checkpoint.keep_best is not None:
             from gist_scale.metrics import METRICS
 

@@ -16,6 +16,9 @@ resumed job, and every rank of a job, reuses the first run's work instead of re-
    GISTEmbed. With several sources (`data.sources`) each global batch also comes from one source, and the sources
    are drawn by weight (see `mixture_quotas`). Its state (epoch, position) makes resumption exact.
 
+`data.streaming` reads the same sources (`_Part.stream`) with the same validation, without preparing them on disk:
+see `gist_scale.streaming`.
+
 Nothing here holds a Python object per row: rows stay in memory-mapped Arrow files, task names are encoded to integer
 codes by Arrow, and the sampler's plan is one integer array per epoch.
 """
@@ -95,6 +98,10 @@ class _Part:
     """Reads the raw rows (deferred, so a hub download starts only when this part is validated)."""
     jsonl: bool
     """Rows are JSON lines read as text: rows are numbered as lines, and decoded in the validation map."""
+    stream: Callable[[], datasets.IterableDataset]
+    """Opens the same raw rows as a `datasets.IterableDataset`, read only as it is iterated (`data.streaming`)."""
+    failure: Callable[[Exception], DataError]
+    """The one-line `DataError` for an exception its reader raises (what and why), for errors met while streaming."""
 
 
 def _split_word(name: str) -> str | None:
@@ -133,10 +140,17 @@ def _is_json_lines(path: Path) -> bool:
     return not head.startswith(b"[")
 
 
-def _load_local(path: Path, jsonl: bool) -> datasets.Dataset:
-    """Read one file with `datasets`' loader; JSON lines as text, so a malformed line cannot stop the reader."""
+def _local_part(path: Path) -> _Part:
+    """One file read with `datasets`' loader; JSON lines as text, so a malformed line cannot stop the reader."""
+    jsonl = _is_json_lines(path)
     builder = "text" if jsonl else FORMATS[path.suffix.lower()]
-    return read_local_file(path, builder, str(path), "JSON lines" if jsonl else builder)
+    kind = "JSON lines" if jsonl else builder
+
+    def stream() -> datasets.IterableDataset:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+
+    return _Part(str(path), lambda: read_local_file(path, builder, str(path), kind), jsonl, stream,
+                 lambda error: _read_failure(path, builder, str(path), kind, error))
 
 
 def read_local_file(path: Path, builder: str, label: str, kind: str) -> datasets.Dataset:
@@ -152,9 +166,13 @@ def read_local_file(path: Path, builder: str, label: str, kind: str) -> datasets
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # the loaders raise many types (ArrowInvalid, ParserError, UnicodeDecodeError...)
-        raise DataError(f"{label}: cannot read as {kind}: {_read_problem(path, builder, error)}") from error
+        raise _read_failure(path, builder, label, kind, error) from error
     finally:
         datasets.logging.set_verbosity(verbosity)
+
+
+def _read_failure(path: Path, builder: str, label: str, kind: str, error: Exception) -> DataError:
+    return DataError(f"{label}: cannot read as {kind}: {_read_problem(path, builder, error)}")
 
 
 def _read_problem(path: Path, builder: str, error: Exception) -> str:
@@ -179,7 +197,7 @@ def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:
     """The source description and its parts, from `data.path` (unset: the shipped sample)."""
     if cfg.path is None:
         path = sample_data_path(split)
-        return f"WordNet sample {split} ({path})", [_Part(str(path), lambda: _load_local(path, True), True)]
+        return f"WordNet sample {split} ({path})", [_local_part(path)]
     path = Path(cfg.path).expanduser()
     if path.is_dir():
         files = _folder_files(path, split)
@@ -193,19 +211,18 @@ def _resolve(cfg: DataConfig, split: str) -> tuple[str, list[_Part]]:
     else:
         where = f"{cfg.path}@{cfg.revision or 'main'}[{split}]"
 
-        def load_hub() -> datasets.Dataset:
-            try:
-                return datasets.load_dataset(cfg.path, revision=cfg.revision, split=split)
-            except Exception as error:  # network, authentication, unknown split: all end the same way
-                raise DataError(f"cannot load hub dataset {where}: {error}; for local data give an existing "
-                                "file or folder as --data.path") from error
+        def hub_failure(error: Exception) -> DataError:  # network, authentication, unknown split: all end alike
+            return DataError(f"cannot load hub dataset {where}: {error}; for local data give an existing file or "
+                             "folder as --data.path")
 
-        return f"hub dataset {where}", [_Part(where, load_hub, False)]
-    parts = []
-    for file in files:
-        jsonl = _is_json_lines(file)
-        parts.append(_Part(str(file), lambda file=file, jsonl=jsonl: _load_local(file, jsonl), jsonl))
-    return description, parts
+        def load_hub(**streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+            try:
+                return datasets.load_dataset(cfg.path, revision=cfg.revision, split=split, **streaming)
+            except Exception as error:
+                raise hub_failure(error) from error
+
+        return f"hub dataset {where}", [_Part(where, load_hub, False, lambda: load_hub(streaming=True), hub_failure)]
+    return description, [_local_part(file) for file in files]
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -353,6 +370,20 @@ def _rows(batch: Mapping[str, list], size: int, fields: _Fields,
         yield {c: values[i] for c, values in columns.items()}
 
 
+def _row_error(where: str, index: int, jsonl: bool, bad: _BadRow) -> str:
+    """`FILE:LINE: reason` for JSON lines, `FILE:row N: reason` for other formats (`index` counted from 0)."""
+    return f"{where}:{index + 1}: {bad}" if jsonl else f"{where}:row {index + 1}: {bad}"
+
+
+def _missing_columns(where: str, fields: _Fields, columns: Sequence[str]) -> DataError | None:
+    """The error for a table that lacks a configured column (a wrong column mapping), or None."""
+    absent = [c for c in fields.required() if c not in columns]
+    if not absent:
+        return None
+    return DataError(f"{where}:row 1: field '{absent[0]}': missing: no such column (columns: {', '.join(columns)}); "
+                     f"set {fields.required()[absent[0]]}")
+
+
 def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: _Fields, num_negatives: int | None,
                      where: str, jsonl: bool, source: int = 0) -> dict[str, list]:
     """Batched map: raw rows -> normalised rows of `source` with an `_error` message ("" when valid)."""
@@ -366,7 +397,7 @@ def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: _Fie
             error = ""
         except _BadRow as bad:
             query, pos, negs, task = "", "", [], ""
-            error = f"{where}:{index + 1}: {bad}" if jsonl else f"{where}:row {index + 1}: {bad}"
+            error = _row_error(where, index, jsonl, bad)
         for name, value in zip(_TEXT_FEATURES, (query, pos, negs, task, source, error)):
             out[name].append(value)
     return out
@@ -438,25 +469,27 @@ def _task_counts(ds: datasets.Dataset) -> dict[str, int]:
     return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
 
 
-def _load_source(cfg: DataConfig, split: str, source: SourceConfig | None = None,
-                 index: int = 0) -> tuple[datasets.Dataset, str, int | None, list[str], int]:
-    """One source validated: its rows, description, K, the first skipped rows' messages and the skipped count."""
+def _resolve_source(cfg: DataConfig, split: str,
+                    source: SourceConfig | None = None) -> tuple[_Fields, str, list[_Part]]:
+    """`data.path`'s, or a mixture source's, columns, description and parts (a source's own options first)."""
     fields = _Fields.from_config(cfg, source)
     if source is not None:
         split = source.split or split
         cfg = dataclasses.replace(cfg, path=source.path, revision=source.revision, sources=[])
-    description, parts = _resolve(cfg, split)
+    return fields, *_resolve(cfg, split)
+
+
+def _load_source(cfg: DataConfig, split: str, source: SourceConfig | None = None,
+                 index: int = 0) -> tuple[datasets.Dataset, str, int | None, list[str], int]:
+    """One source validated: its rows, description, K, the first skipped rows' messages and the skipped count."""
+    fields, description, parts = _resolve_source(cfg, split, source)
     num_negatives: int | None = None
     loaded: list[datasets.Dataset] = []
     skipped, examples = 0, []
     for part in parts:
         raw = part.load()
-        if not part.jsonl:
-            absent = [c for c in fields.required() if c not in raw.column_names]
-            if absent and len(raw):
-                option = fields.required()[absent[0]]
-                raise DataError(f"{part.where}:row 1: field '{absent[0]}': missing: no such column (columns: "
-                                f"{', '.join(raw.column_names)}); set {option}")
+        if not part.jsonl and len(raw) and (missing := _missing_columns(part.where, fields, raw.column_names)):
+            raise missing
         if num_negatives is None:
             num_negatives = _first_valid_negatives(raw, fields, part.jsonl)
         ds = raw.map(
@@ -966,8 +999,8 @@ class MixtureMeter:
     """Counts the global batches each mixture source contributed, for `metrics.jsonl` (a host-side count of the
     collator's `source`, no device read). All ranks see the same source in a step, so no reduction is needed."""
 
-    def __init__(self, sources: Sequence[SourcePlan], grad_accum_steps: int, global_batch_size: int) -> None:
-        self.names = [s.name for s in sources]
+    def __init__(self, names: Sequence[str], grad_accum_steps: int, global_batch_size: int) -> None:
+        self.names = list(names)
         self.grad_accum_steps, self.global_batch_size = grad_accum_steps, global_batch_size
         self._micro = [0] * len(self.names)
 

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from gist_scale import chunking, distributed, encode, faults
 from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
@@ -48,6 +48,7 @@ from gist_scale.resume import plan_resume
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.recipes import config_files
+from gist_scale.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -198,39 +199,18 @@ class Trainer:
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
         guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
         self.instructions = load_task_instructions(cfg.data.task_instructions)
-        with self.accelerator.main_process_first():
-            # The main process fills the datasets cache; the others then read it instead of tokenizing again.
-            dataset, self.data_report = load_triplets(cfg.data)
-            data_fingerprint = dataset._fingerprint
-            # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
-            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives, self.instructions)
-                           if cfg.guide.cache is not None else None)
-            dataset, self.truncation = tokenize_triplets(
-                dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
-                num_proc=cfg.data.num_proc, student_prompts=Prompts.from_config(cfg.model, self.instructions),
-                guide_prompts=Prompts.from_config(cfg.guide, self.instructions))
-        unused = unknown_tasks(self.instructions, self.data_report.tasks)
-        if unused and self.accelerator.is_main_process:
-            console.print(f"[yellow]warning:[/yellow] data.task_instructions names task(s) that the data does not "
-                          f"have, so their instructions are unused: {', '.join(unused)}")
-        # Raises with a fix-it message when not even one global batch fits in the data.
-        self.sampler = build_sampler(
-            dataset, cfg.data, cfg.train.batch_size,
-            self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
-            cfg.train.seed)
-        self.mixture = MixtureMeter(self.sampler.sources, cfg.train.grad_accum_steps, self.sampler.global_batch_size)
-        # A refused resume leaves the run directory as it was: config.yaml is written in `train`, after loading.
-        self.resume.check_data(data_fingerprint, self.sampler.summary)
-        self.tokens_per_epoch = count_tokens(dataset, "student")
-        # Full global batches only (data.drop_last): every rank's micro-batch has batch_size rows, so the loss need not
-        # exchange sizes (a host sync per step). Uneven tails keep the exchange.
-        self.rank_sizes = ([cfg.train.batch_size] * self.accelerator.num_processes if cfg.data.drop_last else None)
+        # Full global batches only (data.drop_last; a stream has no tails): every rank's micro-batch has batch_size
+        # rows, so the loss need not exchange sizes (a host sync per step). Uneven tails keep the exchange.
+        self.rank_sizes = ([cfg.train.batch_size] * self.accelerator.num_processes
+                           if cfg.data.drop_last or cfg.data.streaming else None)
         # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,
                                    chunks=self._chunks)
-        if guide_cache is not None:
-            dataset, collator = guide_cache.attach(dataset, collator)
-        self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
+        self.stream: StreamingBatches | None = None
+        if cfg.data.streaming:
+            self._stream_data(collator, guide_tokenizer)
+        else:
+            self._prepare_data(collator, guide_tokenizer)
         self.eval_data = self._load_eval_data()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
 
@@ -264,6 +244,52 @@ class Trainer:
         self.best_metric = json.loads(best_file.read_text())[cfg.checkpoint.keep_best] \
             if cfg.checkpoint.keep_best and best_file.is_file() else float("-inf")
 
+    def _prepare_data(self, collator: TripletCollator, guide_tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Load, validate and tokenize the data into `datasets`' cache, and plan its global batches."""
+        cfg = self.cfg
+        with self.accelerator.main_process_first():
+            # The main process fills the datasets cache; the others then read it instead of tokenizing again.
+            dataset, self.data_report = load_triplets(cfg.data)
+            data_fingerprint = dataset._fingerprint
+            # Refuses a cache built for another guide, guide setting or data, before anything else is loaded.
+            guide_cache = (open_guide_cache(cfg.guide, dataset, self.data_report.num_negatives, self.instructions)
+                           if cfg.guide.cache is not None else None)
+            dataset, self.truncation = tokenize_triplets(
+                dataset, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
+                num_proc=cfg.data.num_proc, student_prompts=Prompts.from_config(cfg.model, self.instructions),
+                guide_prompts=Prompts.from_config(cfg.guide, self.instructions))
+        unused = unknown_tasks(self.instructions, self.data_report.tasks)
+        if unused and self.accelerator.is_main_process:
+            console.print(f"[yellow]warning:[/yellow] data.task_instructions names task(s) that the data does not "
+                          f"have, so their instructions are unused: {', '.join(unused)}")
+        # Raises with a fix-it message when not even one global batch fits in the data.
+        self.sampler = build_sampler(
+            dataset, cfg.data, cfg.train.batch_size,
+            self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
+            cfg.train.seed)
+        self.mixture = MixtureMeter([s.name for s in self.sampler.sources], cfg.train.grad_accum_steps,
+                                    self.sampler.global_batch_size)
+        # A refused resume leaves the run directory as it was: config.yaml is written in `train`, after loading.
+        self.resume.check_data(data_fingerprint, self.sampler.summary)
+        self.tokens_per_epoch = count_tokens(dataset, "student")
+        if guide_cache is not None:
+            dataset, collator = guide_cache.attach(dataset, collator)
+        self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
+
+    def _stream_data(self, collator: TripletCollator, guide_tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """`data.streaming`: rows read, validated and tokenized as training consumes them (`gist_scale.streaming`)."""
+        cfg = self.cfg
+        self.stream = StreamingBatches(
+            cfg.data, collator, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
+            batch_size=cfg.train.batch_size, world_size=self.accelerator.num_processes,
+            rank=self.accelerator.process_index, grad_accum_steps=cfg.train.grad_accum_steps, seed=cfg.train.seed,
+            student_prompts=Prompts.from_config(cfg.model, self.instructions),
+            guide_prompts=Prompts.from_config(cfg.guide, self.instructions))
+        # A wrong path, column mapping or format fails now, before any model loads; later bad rows stop training.
+        self.stream.check()
+        self.mixture = MixtureMeter(self.stream.source_names, cfg.train.grad_accum_steps, self.resume.global_batch)
+        self.resume.check_data(stream_fingerprint(cfg.data), self.stream.summary)
+
     def _load_guide(self) -> Embedder | None:
         if self.cfg.guide.name is None or self.cfg.guide.cache is not None:
             return None
@@ -282,6 +308,8 @@ class Trainer:
         if resume_from is not None:
             self.state = self.resume.load(self.accelerator, self.state_kwargs.load)
             self.last_checkpoint_step = self.state.step
+            if self.stream is not None and self.state.stream is not None:
+                self.stream.load_state_dict(self.state.stream)
         # Written only now, after the data, the models and the checkpoint have loaded: a start that fails on bad input
         # leaves the run directory of an earlier, good start as it was.
         if self.accelerator.is_main_process:
@@ -337,25 +365,35 @@ class Trainer:
         return EXIT_PREEMPTED if preempted else 0
 
     def _save_checkpoint(self) -> None:
+        if self.stream is not None:  # checkpoints are taken between steps: the stream is where training stands
+            self.state.stream = self.stream.state_dict()
         save_checkpoint(self.accelerator, self.checkpoint_dir, self.state, self.cfg.checkpoint.keep_last,
                         self.resume.record(self.state), self.state_kwargs.save)
         self.last_checkpoint_step = self.state.step
 
     def optimizer_steps(self) -> Iterator[list[dict]]:
-        """This rank's micro-batches, on the device, grouped by optimizer step, epoch after epoch, from the resumed
-        position. Every epoch holds whole steps (the sampler cuts global batches into `grad_accum_steps` parts)."""
+        """This rank's micro-batches, on the device, grouped by optimizer step, from the resumed position. Every
+        global batch, and so every epoch, holds whole steps (cut into `grad_accum_steps` parts)."""
         group: list[dict] = []
+        for batch in self._micro_batches():
+            self.mixture.count(batch)
+            group.append(send_to_device(batch, self.device, non_blocking=True))
+            if len(group) == self.cfg.train.grad_accum_steps:
+                yield group
+                group = []
+
+    def _micro_batches(self) -> Iterator[dict]:
+        """The stream's micro-batches, or the sampler's epoch after epoch, from the resumed position."""
+        if self.stream is not None:
+            yield from self.stream  # endless: sources start over
+            return
         while True:
             self.sampler.set_epoch(self.state.epoch)
             self.sampler.load_state_dict({"epoch": self.state.epoch, "position": self.state.position})
             for batch in self.loader:
                 # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
                 self.state.position += 1
-                self.mixture.count(batch)
-                group.append(send_to_device(batch, self.device, non_blocking=True))
-                if len(group) == self.cfg.train.grad_accum_steps:
-                    yield group
-                    group = []
+                yield batch
             self.state.epoch += 1
             self.state.position = 0
 
@@ -511,19 +549,16 @@ class Trainer:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters() if p.requires_grad)
         lines = [
             f"world size {self.accelerator.num_processes}  per-device batch {self.cfg.train.batch_size}  "
-            f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.sampler.global_batch_size}",
-            f"steps {self.total_steps} ({self.sampler.summary.steps_per_epoch} per epoch)  "
+            f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.resume.global_batch}",
+            f"steps {self.total_steps} ("
+            + ("streamed: no epochs" if self.stream else f"{self.sampler.summary.steps_per_epoch} per epoch") + ")  "
             f"ZeRO stage {self.zero_stage if self.zero_stage is not None else '-'}  "
             f"precision {self.cfg.train.mixed_precision}  "
             f"guide {self.cfg.guide.name or 'none (plain InfoNCE)'} "
             + (f"(cached embeddings: {self.cfg.guide.cache})" if self.cfg.guide.cache else f"({self.cfg.guide.dtype})"),
-            f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters, "
-            f"{self.tokens_per_epoch:,} real tokens per epoch",
-            *self.data_report.lines(),
+            f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters",
+            *self._data_lines(),
             *_prompt_lines(self.accelerator.unwrap_model(self.student), self.cfg.model.pool_prompt),
-            "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
-            f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
-            *mixture_lines(self.sampler.sources, self.sampler.summary.steps_per_epoch),
             f"run directory: {self.run_dir}",
         ]
         for leftover in incomplete_checkpoints(self.checkpoint_dir):
@@ -531,10 +566,22 @@ class Trainer:
         if resume_from is not None:
             lines.append(f"resumed from {resume_from} at step {self.state.step}")
             lines += self.resume.summary_lines()
-        write_mixture(self.sampler.sources, self.run_dir)
+        if self.stream is not None:
+            self.stream.write_mixture(self.run_dir)
+        else:
+            write_mixture(self.sampler.sources, self.run_dir)
         console.rule("gist-scale train")
         for line in lines:
             console.print(line)
+
+    def _data_lines(self) -> list[str]:
+        """The startup summary's data lines: the stream's, or the prepared dataset's and its epoch plan."""
+        if self.stream is not None:
+            return self.stream.lines()
+        return [f"{self.tokens_per_epoch:,} real student tokens per epoch", *self.data_report.lines(),
+                "truncated: " + ", ".join(f"{col} {frac:.1%}" for col, frac in self.truncation.items()),
+                f"dropped tail rows per epoch: {self.sampler.summary.dropped_rows}",
+                *mixture_lines(self.sampler.sources, self.sampler.summary.steps_per_epoch)]
 
     def _export(self, destination: Path, metrics: dict[str, float] | None = None) -> None:
         # Under ZeRO-3 this gathers the full weights from every rank's shard: all ranks must call it.
@@ -556,8 +603,9 @@ class Trainer:
             include_prompt=embedder.include_prompt)
         write_model_card(destination, self.cfg, RunFacts(
             embedding_dim=embedder.dim, world_size=self.accelerator.num_processes, zero_stage=self.zero_stage,
-            global_batch=self.sampler.global_batch_size, steps=self.state.step, total_steps=self.total_steps,
-            wall_time_s=time.monotonic() - self.start_time, data=self.data_report,
+            global_batch=self.resume.global_batch, steps=self.state.step, total_steps=self.total_steps,
+            wall_time_s=time.monotonic() - self.start_time,
+            data=self.stream.report() if self.stream is not None else self.data_report,
             eval_source=self.eval_data.describe() if self.eval_data is not None else None, metrics=metrics))
         console.print(f"model (sentence-transformers format): {destination}")
 

@@ -125,6 +125,16 @@ CASES = [
     ("cache-guide misspelt option", "cache-guide", ["{root}/c", "--guide.nmae", "x"], None,
      "unknown option --guide. 'nmae'; did you mean 'name'?"),
     ("config is a directory", "train", ["--config", "{root}"], None, "is a directory; give the YAML file"),
+    # ---- data.streaming: what a stream of unknown length cannot do
+    ("streaming without max_steps", "train", TRAIN + ["--data.streaming", "true", "--train.max_steps", "null"], None,
+     "data.streaming=true needs train.max_steps: a stream's length is unknown until it is read"),
+    ("streaming with workers", "train", TRAIN + ["--data.streaming", "true", "--data.num_workers", "2"], None,
+     "data.streaming=true needs data.num_workers=0 (got 2)"),
+    ("streaming with a guide cache", "train", TRAIN + ["--data.streaming", "true", "--guide.cache", "{root}"], None,
+     "data.streaming=true cannot use guide.cache (the cache indexes the rows of a prepared dataset)"),
+    ("streaming unweighted sources", "train",
+     TRAIN + ["--data.streaming", "true", "--data.sources", "[{data}, {{path: {data}, name: again}}]"], None,
+     "data.streaming=true with several data.sources needs a weight on every source: a stream's size is unknown"),
     # ---- places: output directories that cannot be written, checkpoints and caches that are not there
     ("output dir is a file", "train", TRAIN + ["--train.output_dir", "{root}/file"], _write("file", "x"),
      "train.output_dir: {root}/file is a file, so {root}/file/checkpoints cannot be created"),

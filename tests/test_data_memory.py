@@ -25,3 +25,11 @@ def test_measures_every_phase_and_counts_one_epoch(tmp_path: Path, capsys) -> No
     assert all(p["peak_anon_mb"] > 0 and p["cpu_s"] >= 0 for p in result["phases"].values())
     assert main(["--rows", "600", "--batch-size", "16", "--work-dir", str(tmp_path), "--no-tokenize"]) == 0
     assert list(json.loads(capsys.readouterr().out)["phases"]) == ["load_validate", "sampler", "epoch_plan"]
+
+
+def test_streaming_measures_one_pass_of_streamed_batches(tmp_path: Path, capsys) -> None:
+    assert main(["--rows", "600", "--batch-size", "16", "--work-dir", str(tmp_path), "--streaming"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["phases"]) == ["stream"] and result["batches"] == 600 // 16
+    # At most 8 tasks x 15 rows wait in the buffers: the checkpoint state stays small.
+    assert 0 < result["state_kb"] < 50

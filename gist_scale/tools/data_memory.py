@@ -2,6 +2,7 @@
 of collated batches, on N synthetic rows.
 
     python -m gist_scale.tools.data_memory --rows 1000000 [--batch-size 128] [--work-dir DIR] [--no-tokenize]
+    python -m gist_scale.tools.data_memory --rows 1000000 --streaming
 
 Run it once per size, each in a fresh process, so that one size's peak does not hide in another's. The rows are
 written as JSONL into `--work-dir` (default: a temporary folder, deleted afterwards) and `datasets`' cache goes
@@ -11,7 +12,9 @@ the all-MiniLM-L6-v2 tokenizer, as the quickstart does. Prints one JSON object: 
 split into anonymous memory (what the process itself holds) and file-backed pages (the memory-mapped Arrow files the
 kernel has paged in: reclaimable page cache, not an allocation). `--no-tokenize` measures only loading, validation,
 the sampler and one epoch's plan of row indices (the parts that once held a Python string per row), for sizes whose
-tokenization would take too long here.
+tokenization would take too long here. `--streaming` measures `data.streaming` instead: the file read through
+`datasets` streaming, validated, buffered per task, tokenized and collated, for as many global batches as the rows
+make, plus the size of the stream's checkpoint state (JSON).
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True) -> dict:
+def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, streaming: bool = False) -> dict:
     import datasets
 
     datasets.config.HF_DATASETS_CACHE = work_dir / "hf_cache"
@@ -115,21 +118,32 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True) -
         meter.reset()
         clock[:] = [time.perf_counter(), time.process_time()]
 
-    ds, _ = load_triplets(cfg)
-    phase("load_validate")
-    if not tokenize:
-        sampler = build_sampler(ds, cfg, batch_size, 1, 0, 1, 0)
-        phase("sampler")
-        batches = sum(1 for _ in sampler)
-        phase("epoch_plan")
+    if streaming:
+        from itertools import islice
+
+        from gist_scale.streaming import StreamingBatches
+
+        stream = StreamingBatches(DataConfig(path=str(path), streaming=True), TripletCollator(tokenizer, tokenizer),
+                                  tokenizer, 128, tokenizer, 128, batch_size=batch_size)
+        batches = sum(1 for _ in islice(stream, rows // batch_size))
+        phase("stream")
+        result["state_kb"] = round(len(json.dumps(stream.state_dict())) / 1024, 1)
     else:
-        tokenized, _ = tokenize_triplets(ds, tokenizer, 128, tokenizer, 128)
-        count_tokens(tokenized)
-        phase("tokenize")
-        sampler = build_sampler(tokenized, cfg, batch_size, 1, 0, 1, 0)
-        phase("sampler")
-        batches = sum(1 for _ in build_dataloader(tokenized, sampler, TripletCollator(tokenizer, tokenizer)))
-        phase("epoch")
+        ds, _ = load_triplets(cfg)
+        phase("load_validate")
+        if not tokenize:
+            sampler = build_sampler(ds, cfg, batch_size, 1, 0, 1, 0)
+            phase("sampler")
+            batches = sum(1 for _ in sampler)
+            phase("epoch_plan")
+        else:
+            tokenized, _ = tokenize_triplets(ds, tokenizer, 128, tokenizer, 128)
+            count_tokens(tokenized)
+            phase("tokenize")
+            sampler = build_sampler(tokenized, cfg, batch_size, 1, 0, 1, 0)
+            phase("sampler")
+            batches = sum(1 for _ in build_dataloader(tokenized, sampler, TripletCollator(tokenizer, tokenizer)))
+            phase("epoch")
     meter.close()
     import resource
 
@@ -145,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--work-dir", help="keep the JSONL and the datasets cache here (default: a temporary folder)")
     parser.add_argument("--no-tokenize", action="store_true", help="skip tokenization and collation (see above)")
+    parser.add_argument("--streaming", action="store_true", help="measure data.streaming instead (see above)")
     args = parser.parse_args(argv)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gist-data-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        print(json.dumps(measure(args.rows, work, args.batch_size, tokenize=not args.no_tokenize)))
+        print(json.dumps(measure(args.rows, work, args.batch_size, tokenize=not args.no_tokenize,
+                                 streaming=args.streaming)))
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
