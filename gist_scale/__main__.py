@@ -1,5 +1,5 @@
 """`python -m gist_scale ...` is the same as the `gist-scale` command."""
 
-from gist_scale.cli import main
+from gist_scale.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

@@ -7,6 +7,7 @@ not import DeepSpeed. Every `main(argv)` is also callable in-process from tests.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -36,3 +37,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
+
+
+def run() -> int:
+    """The entry point of `gist-scale` and `python -m gist_scale`: `main`, and then, on a rank of a multi-process job
+    (`WORLD_SIZE` > 1, set by torchrun and accelerate launch), the process ends at once with `main`'s exit code.
+
+    Everything a command writes is on disk when `main` returns. What an ordinary exit adds is interpreter
+    finalization, where torch's gloo worker threads can still hold work that references Python objects. Their
+    destruction then aborts the process (SIGABRT, "terminate called without an active exception") or leaves it
+    spinning. Seen here on CPU ranks: after a peer stalled past the collective timeout, and at the end of a ZeRO-3
+    run. A rank that has finished has nothing left to lose, so it skips that stage.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -278,3 +278,17 @@ def test_a_stalled_rank_ends_the_others_after_the_collective_timeout(tiny_model_
     log = " ".join(ranks.log(0).split())
     assert f"stalled longer than train.collective_timeout_s ({timeout_s} s)" in log
     assert "imed out" in log  # gloo's own words, kept at the end of the message
+
+
+@pytest.mark.parametrize(("world_size", "finalized"), [("1", True), ("2", False)])
+def test_a_rank_of_a_multi_process_job_exits_without_interpreter_finalization(world_size, finalized):
+    """`python -m gist_scale` on a rank of a multi-process job ends with the command's exit code and its output
+    flushed, but skips interpreter finalization (where gloo's threads can abort the process); a single process
+    exits normally."""
+    script = ("import atexit, sys; atexit.register(lambda: print('FINALIZED', flush=True)); "
+              "sys.argv = ['gist-scale', 'nonsense']; from gist_scale.cli import run; sys.exit(run())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, WORLD_SIZE=world_size))
+    assert result.returncode == 2
+    assert "unknown command 'nonsense'" in result.stderr
+    assert ("FINALIZED" in result.stdout) is finalized
