@@ -73,6 +73,7 @@ from gist_scale.loss import GISTLoss
 from gist_scale.config import GuideConfig, ModelConfig
 from gist_scale.model import Embedder, load_guide, load_student
 from gist_scale.st_format import export_sentence_transformer
+from gist_scale.tools.data_memory import memory_status
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -550,7 +551,8 @@ def _measure_isolated(name: str, ctx: Context, case: str, flops: dict) -> dict:
             importlib.import_module(module)
     record = _measure(name, ctx, case, flops, after_build=_reset_peak_rss)
     if ctx.device.type != "cuda" and not record["oom"]:
-        record.update(peak_mem_gib=_peak_rss() / 2**30, peak_mem_kind="process peak RSS over the steps")
+        record.update(peak_mem_gib=memory_status("VmHWM")["VmHWM"] / 2**30,
+                      peak_mem_kind="process peak RSS over the steps")
     return record
 
 
@@ -562,14 +564,6 @@ def _reset_peak_rss() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak may then include loading's leftovers
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss() -> int:
-    """This process's peak resident set (`VmHWM`), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?): --isolate measures memory on Linux only")
 
 
 def _measure(name: str, ctx: Context, case: str, flops: dict, after_build: Callable[[], None] | None = None) -> dict:

@@ -52,6 +52,19 @@ def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
                     "neg": " ".join(picks[i, 22:]), "task_name": f"task{row % tasks}"}) + "\n")
 
 
+def memory_status(*fields: str) -> dict[str, int]:
+    """The given fields of /proc/self/status (`VmHWM`, `RssAnon`, `RssFile`, ...: sizes in kB there), in bytes."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            found[key] = int(value.split()[0]) * 1024
+    missing = [f for f in fields if f not in found]
+    if missing:
+        raise RuntimeError(f"no {', '.join(missing)} in /proc/self/status: memory is measured on Linux only")
+    return found
+
+
 class PeakMemory:
     """Samples /proc/self/status every 20 ms, and at every phase boundary: the peak RssAnon and RssFile of the
     current phase. The boundary reading matters for phases shorter than a sampling interval, or when a loaded
@@ -65,12 +78,8 @@ class PeakMemory:
 
     @staticmethod
     def now() -> tuple[int, int]:
-        fields = {}
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) * 1024
-        return fields["RssAnon"], fields["RssFile"]
+        memory = memory_status("RssAnon", "RssFile")
+        return memory["RssAnon"], memory["RssFile"]
 
     def sample(self) -> None:
         anon, file = self.now()
