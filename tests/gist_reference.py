@@ -4,7 +4,7 @@
   (``[qp | qn | qq | pp]``, strict ``>``, label ``i``), in float64, sharing no code with the
   vectorized implementation.
 * :func:`st_gist_loss`: sentence-transformers' ``GISTEmbedLoss`` (optionally inside its ``MatryoshkaLoss``) fed
-  our exact tensors, by giving it stub models whose forward returns them and an ``embed_columns`` that calls it.
+  our exact tensors, by giving it real SentenceTransformer models whose forward returns them and an ``embed_columns`` that calls it.
 """
 
 from __future__ import annotations
@@ -132,9 +132,11 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
 
 
-class _StubModel(nn.Module):
-    """Just enough of a SentenceTransformer for GISTEmbedLoss's and MatryoshkaLoss's constructor checks; its forward
-    returns the given column (``features["column"]``), so that MatryoshkaLoss can wrap it as it wraps a model."""
+class _ColumnModule(nn.Module):
+    """The only module of a real ``SentenceTransformer`` whose forward returns the given column
+    (``features["column"]``). Being a real SentenceTransformer, it has whatever GISTEmbedLoss and MatryoshkaLoss ask
+    of a model in any release (6.3 added ``_get_untruncated_embedding_dimension``); MatryoshkaLoss decorates its
+    forward as it decorates any model's."""
 
     max_seq_length = 128
 
@@ -148,6 +150,12 @@ class _StubModel(nn.Module):
 
     def forward(self, features: dict) -> dict:
         return {"sentence_embedding": self.columns[features["column"]]}
+
+
+def _column_model(columns: list[Tensor]) -> nn.Module:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(modules=[_ColumnModule(columns)], device="cpu")
 
 
 def st_gist_loss(
@@ -168,7 +176,7 @@ def st_gist_loss(
 
     cols = [anchor, positive] + ([negative] if negative is not None else [])
     guide_cols = [guide_anchor, guide_positive] + ([guide_negative] if guide_negative is not None else [])
-    student, guide = _StubModel(cols), _StubModel(guide_cols)
+    student, guide = _column_model(cols), _column_model(guide_cols)
     loss = st_module.GISTEmbedLoss(student, guide, **kwargs)
     if matryoshka_dims is not None:
         loss = MatryoshkaLoss(student, loss, matryoshka_dims, matryoshka_weights)

@@ -43,17 +43,31 @@ def _problem(seed: int = 0, queries: int = 37, corpus: int = 300, dim: int = 16)
     return q, c, positives
 
 
-def _reference(q, c, positives, cfg: MineConfig) -> list[list[int] | None]:
-    """The rule, one query at a time with a full sort: the top range_max + P by score; drop the positives and what
-    the guide scores strictly above the (lowest) positive minus the margin; ranks counted among the survivors."""
-    depth = min(cfg.range_max + max(map(len, positives)), c.shape[0])
+def _with_own_texts(q, c, positives, every: int = 3) -> list[int]:
+    """Every `every`-th query's own text becomes a corpus text (its embedding, not one of its positives): the
+    candidate the guide ranks first, which must be excluded by identity. Returns each query's own corpus id or -1."""
+    own = [-1] * q.shape[0]
+    taken = {j for ids in positives for j in ids}
+    free = iter(j for j in range(c.shape[0]) if j not in taken)
+    for i in range(0, q.shape[0], every):
+        own[i] = next(free)
+        c[own[i]] = q[i]
+    return own
+
+
+def _reference(q, c, positives, cfg: MineConfig, own=None) -> list[list[int] | None]:
+    """The rule, one query at a time with a full sort: the top range_max + P + 1 by score; drop the positives, the
+    query's own text, and what the guide scores strictly above the (lowest) positive minus the margin; ranks counted
+    among the survivors."""
+    own = own or [-1] * q.shape[0]
+    depth = min(cfg.range_max + max(map(len, positives)) + 1, c.shape[0])
     result = []
     for i in range(q.shape[0]):
         scores = (c @ q[i]).tolist()
         order = sorted(range(len(scores)), key=lambda j: -scores[j])[:depth]
         pos = min(scores[j] for j in positives[i])
         threshold = pos - cfg.margin if cfg.margin_strategy == "absolute" else pos - abs(pos) * cfg.margin
-        survivors = [j for j in order if j not in positives[i] and not scores[j] > threshold]
+        survivors = [j for j in order if j not in positives[i] and j != own[i] and not scores[j] > threshold]
         window = survivors[cfg.range_min:cfg.range_max]
         result.append(window[:cfg.num_negatives] if len(window) >= cfg.num_negatives else None)
     return result
@@ -61,13 +75,18 @@ def _reference(q, c, positives, cfg: MineConfig) -> list[list[int] | None]:
 
 @pytest.mark.parametrize(("strategy", "margin"), [("absolute", 0.0), ("absolute", 0.1), ("relative", 0.05),
                                                   ("relative", -0.2)])
-def test_top_negatives_equal_a_brute_force_reference(strategy, margin):
+@pytest.mark.parametrize("own_texts", [False, True])
+def test_top_negatives_equal_a_brute_force_reference(strategy, margin, own_texts):
     q, c, positives = _problem()
+    own = _with_own_texts(q, c, positives) if own_texts else None
     cfg = MineConfig(num_negatives=4, range_min=3, range_max=40, margin=margin, margin_strategy=strategy,
                      sampling="top", query_block=5)
     # Small corpus blocks, so that the running top-k merge is exercised too.
-    ids, scores, dropped = mine_negatives(q, c, positives, cfg, search=lambda x, k: top_k(x, c, k, corpus_block=16))
-    want = _reference(q, c, positives, cfg)
+    ids, scores, dropped = mine_negatives(q, c, positives, cfg, search=lambda x, k: top_k(x, c, k, corpus_block=16),
+                                          own=own)
+    want = _reference(q, c, positives, cfg, own)
+    if own is not None:  # a query's own text is never its negative, though the guide ranks it first
+        assert all(own[i] not in ids[i].tolist() for i in range(q.shape[0]) if own[i] >= 0)
     assert 0 < sum(w is None for w in want) < q.shape[0] // 2  # some queries are left without negatives
     for i, expected in enumerate(want):
         if expected is None:

@@ -15,8 +15,10 @@
    the device (`gist_scale.metrics.top_k`, never the full similarity matrix), or a faiss `IndexFlatIP` with
    `--index faiss` (also exact; faiss's BLAS and GPU kernels for corpora of tens of millions).
 4. Filtering and sampling, per query, sentence-transformers' `mine_hard_negatives` semantics: the guide retrieves
-   the top `range_max + P` corpus texts (P: the most positives any query has, so that positives cannot push
-   candidates out). Dropped: the query's own positives (same text) and every candidate the guide scores strictly
+   the top `range_max + P + 1` corpus texts (P: the most positives any query has, and 1 for the query's own text,
+   so that neither can push candidates out). Dropped by identity: the query's own positives (same text) and the
+   query's own text where it is also a corpus text (as sentence-transformers 6.3 does); then every candidate the
+   guide scores strictly
    above the positive minus the margin, exactly the rule by which `GISTLoss` masks false negatives
    (`gist_scale.loss.margin_threshold`; with several positives the lowest positive score sets the threshold, so the
    rule holds for every row). **Ranks are counted after this filtering**: rank 0 is the best surviving candidate.
@@ -75,7 +77,7 @@ class MineConfig:
     """Skip the best `range_min` surviving candidates (ranks are counted after dropping positives and margin
     violators): a guard against unlabelled positives the margin did not catch."""
     range_max: int = 100
-    """Take negatives from surviving ranks below this; also how deep the guide searches (`range_max + P`)."""
+    """Take negatives from surviving ranks below this; also how deep the guide searches (`range_max + P + 1`)."""
     margin: float = LossConfig.margin
     """Drop candidates the guide scores strictly above `g(q,p) - margin` (absolute) or `g(q,p) - |g(q,p)| * margin`
     (relative): GISTLoss's false-negative rule, with the same defaults."""
@@ -135,7 +137,7 @@ def _faiss_search(corpus: torch.Tensor, depth: int) -> Search:
     if corpus.device.type == "cuda" and faiss.get_num_gpus() > 0:
         if depth > 2048:
             raise ConfigError(f"faiss on GPU returns at most 2048 neighbours, this search needs {depth} (--range-max "
-                              "plus the most positives of a query): lower --range-max or use --index torch")
+                              "plus the most positives of a query, plus 1): lower --range-max or use --index torch")
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), corpus.device.index or 0, index)
     index.add(corpus.float().cpu().numpy())
 
@@ -165,19 +167,28 @@ def query_blocks(num_queries: int, block: int, world: int, rank: int) -> tuple[l
     return blocks[rank].tolist(), sizes
 
 
+def search_depth(range_max: int, positives: Sequence[Sequence[int]], corpus_size: int) -> int:
+    """How many corpus texts the guide retrieves per query: `range_max` survivors can still be found after dropping
+    up to P positives and the query's own text."""
+    return min(range_max + max(len(p) for p in positives) + 1, corpus_size)
+
+
 def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]], cfg: MineConfig,
-                   blocks: Sequence[int] | None = None,
-                   search: Search | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   blocks: Sequence[int] | None = None, search: Search | None = None,
+                   own: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mine K negatives for the queries of `blocks` (blocks of `cfg.query_block` queries; default: all).
 
     `queries` `[Q, D]` and `corpus` `[C, D]` are the guide's L2-normalized embeddings, `positives[i]` the corpus ids
-    of query i's positives. Returns `(ids, scores, margin_dropped)`: `[n, K]` corpus ids best first (-1 throughout
+    of query i's positives, `own[i]` the corpus id of query i's own text (-1 where it is not a corpus text; default:
+    none is). Returns `(ids, scores, margin_dropped)`: `[n, K]` corpus ids best first (-1 throughout
     a row whose query has fewer than K allowed candidates) and their guide scores, for the n queries of `blocks` in
     order, and how many searched candidates the margin rule dropped. See the module docstring for the rule.
     """
     k = cfg.num_negatives
     pos_table = _positive_table(positives, queries.device)
-    depth = min(cfg.range_max + pos_table.shape[1], corpus.shape[0])
+    own_ids = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device) if own is None else \
+        torch.as_tensor(own, dtype=torch.int64, device=queries.device)
+    depth = search_depth(cfg.range_max, positives, corpus.shape[0])
     search = search or _torch_search(corpus)
     if blocks is None:
         blocks = range(math.ceil(queries.shape[0] / cfg.query_block))
@@ -191,10 +202,11 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
         threshold = margin_threshold(pos_scores.min(1, keepdim=True).values, cfg.margin_strategy, cfg.margin)
         scores, ids = search(q, depth)
         real = ids >= 0  # faiss pads a short result with -1
-        is_positive = (ids[:, :, None] == pos[:, None, :]).any(-1)
+        # Excluded by identity, before the margin: the query's positives and the query's own text.
+        excluded = (ids[:, :, None] == pos[:, None, :]).any(-1) | (ids == own_ids[rows, None])
         above = scores > threshold
-        dropped += (above & real & ~is_positive).sum()
-        keep = real & ~is_positive & ~above
+        dropped += (above & real & ~excluded).sum()
+        keep = real & ~excluded & ~above
         rank = keep.cumsum(1) - 1  # ranks after filtering
         allowed = keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
         if cfg.sampling == "top":
@@ -346,10 +358,12 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
 
     start = time.perf_counter()
     positives = task.relevant
-    depth = min(mine.range_max + max(len(p) for p in positives), corpus.shape[0])
+    depth = search_depth(mine.range_max, positives, corpus.shape[0])
     search = _faiss_search(corpus, depth) if mine.index == "faiss" else _torch_search(corpus)
     blocks, sizes = query_blocks(len(positives), mine.query_block, state.num_processes, state.process_index)
-    ids, scores, dropped = mine_negatives(queries, corpus, positives, mine, blocks, search)
+    corpus_id = {text: i for i, text in enumerate(task.corpus)}
+    own = [corpus_id.get(text, -1) for text in task.queries]
+    ids, scores, dropped = mine_negatives(queries, corpus, positives, mine, blocks, search, own)
     ids = distributed.gather_no_grad(ids, sizes).cpu().numpy()
     scores = distributed.gather_no_grad(scores, sizes).cpu().numpy()
     dropped = int(distributed.all_reduce_sum(dropped).item())
