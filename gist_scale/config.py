@@ -381,6 +381,10 @@ class LossConfig:
     truncated, re-normalized embedding, with one guide mask for all. null: the full dimension only."""
     matryoshka_weights: list[float] | None = None
     """Weight of each `matryoshka_dims` entry in the summed loss; null weighs each dimension 1."""
+    mask_duplicates: bool = True
+    """Never use a duplicate of a row's positive or query (the same token ids as the encoder sees them) as one of its
+    negatives: masked by identity, exactly, whatever the guide scores. false: the original GISTEmbed, where such a
+    candidate ties the guide threshold and rounding decides."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")

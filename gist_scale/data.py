@@ -26,6 +26,7 @@ codes by Arrow, and the sampler's plan is one integer array per epoch.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import time
@@ -919,13 +920,23 @@ class TokenCounts:
     """Sum of squared text lengths: what attention's FLOPs grow with."""
 
 
+def text_identities(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """A 64-bit identity per token-id sequence (int64 `[n]`): equal sequences, equal ids; different ones collide
+    with probability 2^-64 per pair. Hashed on the host (blake2b of the ids), so every rank and process agrees and
+    the device never compares texts. The loss masks a candidate whose identity is its row's positive's or query's."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=8)
+                                        .digest(), "little", signed=True) for ids in sequences], dtype=torch.int64)
+
+
 class TripletCollator:
     """Pads a list of tokenized rows into tensors, to the longest text of each column in this batch.
 
     Returns `{"student": {"query": {"input_ids", "attention_mask"}, "pos": {...}, "neg": {...}}, "guide": {...},
-    "num_negatives": K, "token_counts": {"student": TokenCounts, "guide": ...}}`; `neg` is `[B*K, L]` with row i's
-    negatives at `i*K .. i*K+K-1`, absent when K is 0; `guide` is absent without a guide tokenizer. All tensors are
-    int64. Rows tokenized with prompts left out of pooling add `prompt_length` `[N]` to each column's features.
+    "num_negatives": K, "token_counts": {"student": TokenCounts, "guide": ...}, "text_ids": {"query": [B],
+    "pos": [B], "neg": [B*K]}}`; `neg` is `[B*K, L]` with row i's negatives at `i*K .. i*K+K-1`, absent when K is 0;
+    `guide` is absent without a guide tokenizer. All tensors are int64. Rows tokenized with prompts left out of
+    pooling add `prompt_length` `[N]` to each column's features. `text_ids` are :func:`text_identities` of the
+    student's token ids, which hold the prompt and the truncation: identical as the student's encoder sees them.
 
     With `chunks`, each side is instead a :class:`gist_scale.chunking.ChunkedTexts`: the side's texts pooled,
     length-sorted and cut into `chunks` chunks padded to their own longest text, planned here on the host so that the
@@ -969,6 +980,8 @@ class TripletCollator:
                 texts["neg"] = [ids for row in rows for ids in row[f"{side}_negs"]]
             lengths = [len(ids) for column in texts.values() for ids in column]
             batch["token_counts"][side] = TokenCounts(len(lengths), sum(lengths), sum(n * n for n in lengths))
+            if side == "student":
+                batch["text_ids"] = {column: text_identities(sequences) for column, sequences in texts.items()}
             encoded = {column: self._pad(tokenizer, sequences) for column, sequences in texts.items()}
             if f"{side}_query_prompt" in rows[0]:  # prompts left out of pooling: each text's prompt length
                 prompt = {"query": [row[f"{side}_query_prompt"] for row in rows],

@@ -34,8 +34,19 @@ tie: a query identical to its positive has threshold 1, its self-similarity is n
 greater, and the original kept a logit of ``1/temperature`` in the denominator that no
 training can change. On inputs without such ties both agree.
 
-``guide_* = None`` gives plain in-batch InfoNCE over the same blocks (self pairs still
-excluded), for ablations.
+Duplicates: a second deliberate difference. A candidate whose text *is* the row's positive or
+the row's query (another row holding the same positive, a hard negative that is some other row's
+positive, a repeated query) is masked by identity, not by the guide's score: its guide score
+equals the threshold exactly, so GIST's strict ``>`` keeps it as a negative in exact arithmetic
+and rounding decides in practice (with a bf16 guide, the padding and the rank layout). The
+identity is a 64-bit hash of the token ids the student's encoder sees (prompt and truncation
+included), computed on the host by the collator (``text_ids``) and gathered with the
+embeddings. ``mask_duplicates=False`` (``loss.mask_duplicates``) restores the original
+behaviour. Duplicates are counted in ``LossStats.duplicates_masked``, apart from the guide's
+``masked_fraction``.
+
+``guide_* = None`` gives plain in-batch InfoNCE over the same blocks (self pairs and
+duplicates still excluded), for ablations.
 
 Global batch and scaling
 ------------------------
@@ -118,6 +129,8 @@ class LossStats:
         dim_losses: ``[M]``, the unweighted GIST loss at each Matryoshka size, largest first (``M = 1``, the full
             dimension, without Matryoshka), scaled like the loss: their mean over ranks is the full-batch value.
             The mask, and so ``masked_fraction``, is the same for every size.
+        duplicates_masked: candidates of this rank's rows masked because their text is the row's positive or
+            query (``text_ids``), not counted in ``masked_fraction``; ``0`` without ``text_ids``.
     """
 
     masked_fraction: Tensor
@@ -125,6 +138,7 @@ class LossStats:
     local_rows: Tensor
     global_rows: Tensor
     dim_losses: Tensor
+    duplicates_masked: Tensor
 
 
 class GISTLoss(nn.Module):
@@ -154,6 +168,8 @@ class GISTLoss(nn.Module):
         matryoshka_dims: sizes to truncate the student embeddings to (any order; each at most the embedding
             dimension); the loss is the weighted sum over them. ``None``: the full dimension only.
         matryoshka_weights: one positive weight per size; ``None`` weighs each 1.
+        mask_duplicates: mask every candidate whose ``text_ids`` equals the row's positive's or query's (see the
+            module docstring); ``False`` reproduces the original, where the guide's score decides.
 
     Forward:
         ``anchor``, ``positive``: ``[B, D]`` student embeddings. ``negative``: ``None``,
@@ -163,7 +179,9 @@ class GISTLoss(nn.Module):
         per-rank batches) and ``check_finite`` is off: skips the size exchange, a host sync, at
         the price of checking the inputs on this rank only (a rank whose inputs disagree with
         the others' then fails in the gather, or at the collective timeout, instead of raising
-        ``ValueError`` everywhere). Returns a 0-dim fp32 loss; diagnostics land in
+        ``ValueError`` everywhere). ``text_ids``: ``(query [B], positive [B], negative [B] | [B, K] | None)``
+        int64 identities of the texts (equal ids: the same text), for the duplicate rule; ``None``: no
+        candidate is known to be a duplicate. Returns a 0-dim fp32 loss; diagnostics land in
         :attr:`last_stats`.
     """
 
@@ -179,6 +197,7 @@ class GISTLoss(nn.Module):
         row_block: int | None = LossConfig.row_block,
         matryoshka_dims: list[int] | None = LossConfig.matryoshka_dims,
         matryoshka_weights: list[float] | None = LossConfig.matryoshka_weights,
+        mask_duplicates: bool = LossConfig.mask_duplicates,
     ) -> None:
         super().__init__()
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
@@ -201,6 +220,7 @@ class GISTLoss(nn.Module):
         self.matryoshka = matryoshka_pairs(
             None if matryoshka_dims is None else list(matryoshka_dims),
             None if matryoshka_weights is None else list(matryoshka_weights))
+        self.mask_duplicates = bool(mask_duplicates)
         self.last_stats: LossStats | None = None
 
     def extra_repr(self) -> str:
@@ -220,8 +240,11 @@ class GISTLoss(nn.Module):
         guide_negative: Tensor | None = None,
         *,
         rank_sizes: list[int] | None = None,
+        text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
     ) -> Tensor:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
+        if error is None and text_ids is not None and self.mask_duplicates:
+            error = _check_text_ids(text_ids, shape)
         if error is None and self.matryoshka and self.matryoshka[0][0] > shape[2]:
             error = (f"matryoshka_dims has {self.matryoshka[0][0]}, larger than the student's embedding dimension "
                      f"{shape[2]}")
@@ -284,22 +307,31 @@ class GISTLoss(nn.Module):
                 guide = self._gathered_columns(
                     guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
                 )
+        ids = None
+        if text_ids is not None and self.mask_duplicates:
+            # [N, 2 + K] int64 identities, gathered like the embeddings (a few bytes per row).
+            query_ids, positive_ids, negative_ids = text_ids
+            local_ids = torch.cat([query_ids.reshape(b_local, 1), positive_ids.reshape(b_local, 1)]
+                                  + ([] if k == 0 else [negative_ids.reshape(b_local, k)]), 1).to(anchor.device)
+            ids = gdist.gather_no_grad(local_ids, sizes) if distributed else local_ids
         n_cols = n_global * (1 + k + int(self.contrast_anchors) + int(self.contrast_positives))
         n_self = int(self.contrast_anchors) + int(self.contrast_positives)
 
         if self.row_block is None or b_local <= self.row_block:
-            dim_sums, masked_count = self._row_losses(offset, b_local, n_global, k, views, *guide)
+            dim_sums, masked_count, duplicates = self._row_losses(offset, b_local, n_global, k, views, ids, *guide)
         else:
             # Row blocks, each recomputed in the backward: the loss holds [row_block, C] matrices at a time instead
             # of [B_local, C] ones (a 16,384-row batch with one negative has C = 65,536).
-            sums, counts = [], []
+            sums, counts, duplicate_counts = [], [], []
             for start in range(0, b_local, self.row_block):
                 rows = min(self.row_block, b_local - start)
-                block_sums, block_count = checkpoint(self._row_losses, offset + start, rows, n_global, k, views,
-                                                     *guide, use_reentrant=False)
+                block_sums, block_count, block_duplicates = checkpoint(
+                    self._row_losses, offset + start, rows, n_global, k, views, ids, *guide, use_reentrant=False)
                 sums.append(block_sums)
                 counts.append(block_count)
+                duplicate_counts.append(block_duplicates)
             dim_sums, masked_count = torch.stack(sums).sum(0), torch.stack(counts).sum()
+            duplicates = torch.stack(duplicate_counts).sum()
         dim_losses = dim_sums * (world / n_global)
         # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
         loss = sum(dim_losses[i] * weight for i, (_, weight) in enumerate(sizes_weights))
@@ -312,15 +344,17 @@ class GISTLoss(nn.Module):
             local_rows=torch.full((), float(b_local), device=stats_device),
             global_rows=torch.full((), float(n_global), device=stats_device),
             dim_losses=dim_losses.detach(),
+            duplicates_masked=duplicates.float().detach(),
         )
         return loss
 
     def _row_losses(
         self, first: int, rows: int, n_global: int, k: int, views: list[tuple[Tensor, Tensor, Tensor | None]],
-        gq: Tensor | None, gp: Tensor | None, gn: Tensor | None,
-    ) -> tuple[Tensor, Tensor]:
+        ids: Tensor | None, gq: Tensor | None, gp: Tensor | None, gn: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per student view (Matryoshka size), the summed cross-entropy of global rows ``first .. first + rows``
-        (``[len(views)]``), and the guide-masked count. The mask is built once and shared by every view."""
+        (``[len(views)]``), the guide-masked count and the duplicate count. The mask is built once and shared by
+        every view. ``ids``: the global ``[N, 2 + K]`` text identities (query, positive, negatives), or None."""
         device = views[0][0].device
         labels = torch.arange(first, first + rows, device=device)
         qq_start = n_global + n_global * k
@@ -333,6 +367,17 @@ class GISTLoss(nn.Module):
             excluded |= col == (qq_start + labels)[:, None]
         if self.contrast_positives:
             excluded |= col == (pp_start + labels)[:, None]
+        duplicates = torch.zeros((), dtype=torch.int64, device=device)
+        if ids is not None:
+            # Identity before the guide: a candidate that is the row's positive or query text is masked whatever the
+            # guide scores it (it ties the threshold, so rounding would decide).
+            candidate_ids = _block_ids(ids, k, self.contrast_anchors, self.contrast_positives)
+            own = ids[first:first + rows, :2]  # the row's query and positive
+            duplicate = (candidate_ids[None, :, None] == own[:, None, :]).any(-1)
+            duplicate &= col != labels[:, None]
+            duplicate &= ~excluded
+            duplicates = duplicate.sum()
+            excluded |= duplicate
         if gq is not None:
             with torch.no_grad():
                 guide_sims = _block_matrix(gq, gp, gn, first, rows, self.contrast_anchors, self.contrast_positives)
@@ -342,7 +387,7 @@ class GISTLoss(nn.Module):
                 guided = guide_sims > margin_threshold(pos_sim, self.margin_strategy, self.margin)
                 del guide_sims
                 guided &= col != labels[:, None]
-                guided &= ~excluded
+                guided &= ~excluded  # self pairs and duplicates are counted apart
             masked_count = guided.sum()
             excluded |= guided
         else:
@@ -352,7 +397,7 @@ class GISTLoss(nn.Module):
             logits = _block_matrix(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
             logits = (logits / self.temperature).masked_fill_(excluded, float("-inf"))
             sums.append(F.cross_entropy(logits, labels, reduction="sum"))
-        return torch.stack(sums), masked_count
+        return torch.stack(sums), masked_count, duplicates
 
     @staticmethod
     def _gathered_columns(
@@ -411,6 +456,31 @@ def _block_matrix(
     if contrast_positives:
         blocks.append(p[rows] @ p.T)
     return torch.cat(blocks, dim=1)
+
+
+def _block_ids(ids: Tensor, k: int, contrast_anchors: bool, contrast_positives: bool) -> Tensor:
+    """The text identity of every column of ``[qp | qn | qq | pp]`` (``[C]``), from the global ``[N, 2 + K]`` ids,
+    in :func:`_block_matrix`'s column order."""
+    blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]
+    if contrast_anchors:
+        blocks.append(ids[:, 0])
+    if contrast_positives:
+        blocks.append(ids[:, 1])
+    return torch.cat(blocks)
+
+
+def _check_text_ids(text_ids: tuple, shape: tuple[int, ...]) -> str | None:
+    """An error message when ``text_ids`` does not match the columns ``(B, K)`` of ``shape``, else None."""
+    b, k = shape[0], shape[1]
+    query, positive, negative = text_ids
+    wanted = {"query": (query, b), "positive": (positive, b), "negative": (negative, b * k)}
+    for name, (t, numel) in wanted.items():
+        if numel == 0 and t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != numel:
+            got = "None" if t is None else f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            return f"text_ids {name} must be {numel} int64 ids (B={b}, K={k}), got {got}"
+    return None
 
 
 def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:

@@ -128,6 +128,7 @@ class StepMetrics:
     loss: torch.Tensor
     masked_fraction: torch.Tensor
     candidates_per_anchor: torch.Tensor
+    duplicates_masked: torch.Tensor
     tokens: int
     triplets: int
     model_flops: float
@@ -441,7 +442,9 @@ class Trainer:
         else:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
-        loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.rank_sizes)
+        text_ids = batch["text_ids"]
+        loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.rank_sizes,
+                            text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")))
         first_attempt = self.state.nonfinite_in_a_row == 0
         if self.accelerator.sync_gradients and first_attempt and faults.requested("nonfinite_loss", self.state.step + 1):
             loss = loss * float("nan")
@@ -455,12 +458,13 @@ class Trainer:
             shapes = ({col: tuple(f["input_ids"].shape) for col, f in student.items()} if isinstance(student, dict)
                       else [tuple(c["input_ids"].shape) for c in student.chunks])
             console.log(f"debug: step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
-                        f"masked {stats.masked_fraction.item():.3f} "
+                        f"masked {stats.masked_fraction.item():.3f} duplicates {stats.duplicates_masked.item():.0f} "
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
         counts = batch["token_counts"]
         loss = loss.detach()
-        return loss, StepMetrics(loss, stats.masked_fraction, stats.candidates_per_anchor, counts["student"].tokens,
-                                 counts["student"].texts // (2 + k), self._model_flops(counts))
+        return loss, StepMetrics(loss, stats.masked_fraction, stats.candidates_per_anchor, stats.duplicates_masked,
+                                 counts["student"].tokens, counts["student"].texts // (2 + k),
+                                 self._model_flops(counts))
 
     def _skip(self) -> None:
         """Drop the step's gradients (every micro-batch's) and count the skip; too many in a row stop the run."""
@@ -508,14 +512,19 @@ class Trainer:
                              for m in pending]).mean(0)
         counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for m in pending], dtype=torch.float64,
                               device=self.device).sum(0)
+        # Per optimizer step over the global batch: summed over micro-batches and ranks, averaged over steps.
+        local_duplicates = torch.stack([m.duplicates_masked for m in pending]).double().sum().reshape(1)
         loss, masked, candidates = distributed.all_reduce_mean(local).tolist()
-        tokens, triplets, flops = distributed.all_reduce_sum(counts).tolist()
+        tokens, triplets, flops, duplicates = distributed.all_reduce_sum(
+            torch.cat([counts, local_duplicates.to(counts.device)])).tolist()
+        steps = len(pending) / self.cfg.train.grad_accum_steps
         # Throughput over the training steps' own time: evaluation and checkpoints are reported on their own.
         elapsed = window.train_seconds
         tflops = flops / elapsed / self.accelerator.num_processes / 1e12
         record = {
             "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
             "lr": self.scheduler.get_last_lr()[0], "masked_fraction": masked, "candidates_per_anchor": candidates,
+            "duplicates_masked": duplicates / steps,
             "triplets_per_s": triplets / elapsed, "tokens_per_s": tokens / elapsed,
             "model_tflops_per_s": tflops, **window.other_seconds,
         }
@@ -538,7 +547,8 @@ class Trainer:
             return
         console.print(
             f"step {record['step']:>6}/{self.total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-            f"masked {record['masked_fraction']:.3f}  cand/anchor {record['candidates_per_anchor']:.0f}  "
+            f"masked {record['masked_fraction']:.3f}  duplicates {record['duplicates_masked']:.1f}  "
+            f"cand/anchor {record['candidates_per_anchor']:.0f}  "
             f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s"
             + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""))
 

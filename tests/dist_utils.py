@@ -102,3 +102,19 @@ def assert_same_losses(run_dir: Path, reference: dict[int, float], tolerance: fl
     assert {r["step"] for r in records} == set(reference), f"steps logged: {[r['step'] for r in records]}"
     for record in records:
         assert record["loss"] == pytest.approx(reference[record["step"]], abs=tolerance), f"step {record['step']}"
+
+
+def assert_same_steps(run_dir: Path, reference_dir: Path, first_step: int = 1, loss_abs: float = 1e-5,
+                      grad_rel: float = 1e-5) -> None:
+    """Every step logged by both runs from `first_step` on has the same loss, gradient norm (before clipping), guide
+    mask share and duplicate count: the exactness contract, step by step (a final loss alone can hide a step that
+    went astray and came back, and Adam's update hides a constant gradient scale)."""
+    want = {r["step"]: r for r in loss_records(reference_dir) if r["step"] >= first_step}
+    got = {r["step"]: r for r in loss_records(run_dir) if r["step"] >= first_step}
+    assert set(got) == set(want) and want, f"steps logged: {sorted(got)} vs {sorted(want)}"
+    for step, record in sorted(got.items()):
+        reference = want[step]
+        assert record["loss"] == pytest.approx(reference["loss"], abs=loss_abs), f"loss at step {step}"
+        assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=grad_rel), f"grad norm at step {step}"
+        assert record["masked_fraction"] == pytest.approx(reference["masked_fraction"], abs=1e-6), f"mask at {step}"
+        assert record["duplicates_masked"] == reference["duplicates_masked"], f"duplicates at step {step}"

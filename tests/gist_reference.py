@@ -2,7 +2,7 @@
 
 * :func:`naive_gist_loss`: a per-row Python loop over the original GISTEmbed formulation
   (``[qp | qn | qq | pp]``, strict ``>``, label ``i``), in float64, sharing no code with the
-  vectorized implementation.
+  vectorized implementation; optionally extended with gist-scale's duplicate rule (``text_ids``).
 * :func:`st_gist_loss`: sentence-transformers' ``GISTEmbedLoss`` (optionally inside its ``MatryoshkaLoss``) fed
   our exact tensors, by giving it real SentenceTransformer models whose forward returns them and an ``embed_columns`` that calls it.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,16 @@ def _cos(x: Tensor, y: Tensor) -> float:
     return float(x @ y) / (float(x.norm()) * float(y.norm()))
 
 
+class NaiveResult(NamedTuple):
+    loss: float
+    masked: int
+    """Candidates the guide masked (not the positive, self pairs or duplicates)."""
+    maskable: int
+    """Candidates other than the positive and the self pairs."""
+    duplicates: int
+    """Candidates masked because their text is the row's positive or query (``text_ids``)."""
+
+
 def naive_gist_loss(
     anchor: Tensor,
     positive: Tensor,
@@ -66,12 +77,17 @@ def naive_gist_loss(
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
     exclude_self: bool = False,
-) -> tuple[float, int, int]:
-    """Original formulation, one row at a time. Returns ``(mean loss, masked count, maskable count)``.
+    text_ids: tuple[list[int], list[int], list[int]] | None = None,
+) -> NaiveResult:
+    """Original formulation, one row at a time.
 
     ``exclude_self=False`` is the original: self pairs are dropped only if the guide threshold
     masks them. ``exclude_self=True`` always drops them (gist-scale's rule). The positive is
     never masked. Masked/maskable counts exclude the positive and the self pairs.
+
+    ``text_ids`` (query ids, positive ids, negative ids in row-major ``[B*K]`` order) adds gist-scale's
+    duplicate rule: a candidate (not the positive, not a self pair) whose id is the row's query's or
+    positive's is dropped, whatever the guide says, and counted in ``duplicates`` (not in ``masked``).
     """
     n, d = anchor.shape
     guided = guide_anchor is not None
@@ -85,31 +101,37 @@ def naive_gist_loss(
     ga = guide_anchor if guided else [None] * n
     gp = guide_positive if guided else [None] * n
     gnegs = gnegs if guided else [None] * len(negs)
+    qid, pid, nid = text_ids if text_ids is not None else ([None] * n, [None] * n, [None] * len(negs))
+    duplicates = 0
     for i in range(n):
-        # (student sim, guide sim, is the positive, is a self pair)
-        cands: list[tuple[float, float | None, bool, bool]] = []
+        # (student sim, guide sim, is the positive, is a self pair, candidate's text id)
+        cands: list[tuple[float, float | None, bool, bool, int | None]] = []
         for j in range(n):
-            cands.append((_cos(anchor[i], positive[j]), gcos(ga[i], gp[j]), j == i, False))
+            cands.append((_cos(anchor[i], positive[j]), gcos(ga[i], gp[j]), j == i, False, pid[j]))
         for m in range(len(negs)):
-            cands.append((_cos(anchor[i], negs[m]), gcos(ga[i], gnegs[m]), False, False))
+            cands.append((_cos(anchor[i], negs[m]), gcos(ga[i], gnegs[m]), False, False, nid[m]))
         if contrast_anchors:
             for j in range(n):
-                cands.append((_cos(anchor[i], anchor[j]), gcos(ga[i], ga[j]), False, j == i))
+                cands.append((_cos(anchor[i], anchor[j]), gcos(ga[i], ga[j]), False, j == i, qid[j]))
         if contrast_positives:
             for j in range(n):
-                cands.append((_cos(positive[i], positive[j]), gcos(gp[i], gp[j]), False, j == i))
+                cands.append((_cos(positive[i], positive[j]), gcos(gp[i], gp[j]), False, j == i, pid[j]))
         threshold = None
         if guided:
             pos = _cos(ga[i], gp[i])
             threshold = pos - margin if margin_strategy == "absolute" else pos - abs(pos) * margin
         kept = []
         label_logit = None
-        for sim, gsim, is_pos, is_self in cands:
+        for sim, gsim, is_pos, is_self, text in cands:
             if is_pos:
                 label_logit = sim / temperature
                 kept.append(label_logit)
                 continue
             if is_self and exclude_self:
+                continue
+            if text is not None and not is_self and text in (qid[i], pid[i]):
+                maskable += 1
+                duplicates += 1
                 continue
             hit = guided and gsim > threshold
             if not is_self:
@@ -120,7 +142,7 @@ def naive_gist_loss(
         top = max(kept)
         lse = top + math.log(sum(math.exp(v - top) for v in kept))
         total += lse - label_logit
-    return total / n, masked, maskable
+    return NaiveResult(total / n, masked, maskable, duplicates)
 
 
 @functools.lru_cache(maxsize=1)
@@ -191,3 +213,32 @@ def st_gist_loss(
         return loss([{"column": i} for i in range(len(cols))], None)
     finally:
         st_module.embed_columns = original
+
+
+def with_duplicates(inputs: dict[str, Tensor | None]) -> tuple[dict[str, Tensor | None], tuple[Tensor, Tensor, Tensor]]:
+    """``make_inputs`` columns (``n >= 7``, ``[B, K, D]`` negatives) rewritten so that some texts repeat, as in real
+    batches, with ``text_ids`` that say which: a text and its embeddings (student and guide) are the same wherever
+    it appears. Row 3 has row 1's positive; row 5's first negative is row 2's positive; row 6 repeats row 0's query;
+    row 4's last negative is row 4's own positive (a mined negative equal to the positive) and row 2's last negative
+    is row 2's own query. Returns ``(inputs, (query ids [B], positive ids [B], negative ids [B, K]))``."""
+    out = {name: None if t is None else t.clone() for name, t in inputs.items()}
+    n, k = out["negative"].shape[:2]
+    q_ids = torch.arange(n)
+    p_ids = torch.arange(n) + n
+    n_ids = (torch.arange(n * k) + 2 * n).reshape(n, k)
+
+    def copy(dst: tuple[str, tuple], src: tuple[str, tuple]) -> None:
+        for prefix in ("", "guide_"):
+            out[prefix + dst[0]][dst[1]] = out[prefix + src[0]][src[1]]
+
+    copy(("positive", (3,)), ("positive", (1,)))
+    p_ids[3] = p_ids[1]
+    copy(("negative", (5, 0)), ("positive", (2,)))
+    n_ids[5, 0] = p_ids[2]
+    copy(("anchor", (6,)), ("anchor", (0,)))
+    q_ids[6] = q_ids[0]
+    copy(("negative", (4, k - 1)), ("positive", (4,)))
+    n_ids[4, k - 1] = p_ids[4]
+    copy(("negative", (2, k - 1)), ("anchor", (2,)))
+    n_ids[2, k - 1] = q_ids[2]
+    return out, (q_ids, p_ids, n_ids)

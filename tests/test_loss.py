@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from gist_reference import make_inputs, naive_gist_loss, st_gist_loss
+from gist_reference import make_inputs, naive_gist_loss, st_gist_loss, with_duplicates
 
 from gist_scale import GISTLoss
 from gist_scale.loss import LossStats
@@ -36,7 +36,7 @@ def test_matches_naive_original_formulation(k, contrast_anchors, contrast_positi
     _no_ties(inputs)
     flags = dict(contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
     loss, fn = _loss(inputs, **flags)
-    expected, masked, maskable = naive_gist_loss(**inputs, **flags)
+    expected, masked, maskable, _ = naive_gist_loss(**inputs, **flags)
     assert loss.dtype == torch.float32 and loss.ndim == 0
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
     assert fn.last_stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
@@ -51,7 +51,7 @@ def test_matches_naive_with_margins(k, strategy, margin):
     inputs = make_inputs(6, k, seed=3)
     kwargs = dict(margin_strategy=strategy, margin=margin)
     loss, fn = _loss(inputs, **kwargs)
-    expected, masked, maskable = naive_gist_loss(**inputs, exclude_self=True, **kwargs)
+    expected, masked, maskable, _ = naive_gist_loss(**inputs, exclude_self=True, **kwargs)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
     assert fn.last_stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
 
@@ -60,7 +60,7 @@ def test_no_guide_is_plain_infonce_without_self_pairs():
     inputs = make_inputs(6, 2, seed=5)
     no_guide = {**inputs, "guide_anchor": None, "guide_positive": None, "guide_negative": None}
     loss, fn = _loss(no_guide)
-    expected, masked, _ = naive_gist_loss(**no_guide, exclude_self=True)
+    expected, masked, _, _ = naive_gist_loss(**no_guide, exclude_self=True)
     assert masked == 0
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
     assert fn.last_stats.masked_fraction.item() == 0.0
@@ -73,8 +73,8 @@ def test_self_pairs_excluded_even_when_guide_threshold_ties():
     inputs = make_inputs(5, None, seed=7)
     inputs["guide_positive"][2] = inputs["guide_anchor"][2]  # guide threshold of row 2 is exactly 1
     ours = GISTLoss()(**inputs).item()
-    always_excluded, _, _ = naive_gist_loss(**inputs, exclude_self=True)
-    original, _, _ = naive_gist_loss(**inputs, exclude_self=False)
+    always_excluded, _, _, _ = naive_gist_loss(**inputs, exclude_self=True)
+    original, _, _, _ = naive_gist_loss(**inputs, exclude_self=False)
     assert ours == pytest.approx(always_excluded, rel=1e-5, abs=5e-5)
     assert abs(ours - original) > 1e-3  # the original keeps (q_2, q_2) and (p_2, p_2) in the denominator
 
@@ -142,7 +142,7 @@ def test_row_whose_guide_masks_every_negative_is_finite():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(t.grad).all() for t in student.values())
-    expected, _, _ = naive_gist_loss(**inputs, exclude_self=True)
+    expected, _, _, _ = naive_gist_loss(**inputs, exclude_self=True)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
 
 
@@ -177,7 +177,7 @@ def test_guide_may_have_a_different_width_and_dtype():
     inputs = make_inputs(5, 2, d=16, dg=7, seed=12)
     inputs["guide_anchor"] = inputs["guide_anchor"].double()
     loss = GISTLoss()(**inputs)
-    expected, _, _ = naive_gist_loss(**inputs)
+    expected, _, _, _ = naive_gist_loss(**inputs)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
 
 
@@ -397,3 +397,69 @@ def test_bad_matryoshka_arguments(kwargs, match):
 def test_matryoshka_size_larger_than_the_embeddings_is_an_error():
     with pytest.raises(ValueError, match="matryoshka_dims has 32, larger than the student's embedding dimension 16"):
         GISTLoss(matryoshka_dims=[32, 8])(**make_inputs(4, 1))
+
+
+# ---------------------------------------------------------------------------- duplicates
+
+
+def _as_lists(text_ids):
+    return tuple(t.reshape(-1).tolist() for t in text_ids)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("contrast_anchors,contrast_positives", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("strategy,margin", [("absolute", 0.0), ("relative", 0.1)])
+def test_duplicates_are_masked_by_identity_as_the_naive_reference(k, contrast_anchors, contrast_positives, strategy,
+                                                                  margin):
+    """A candidate whose text is the row's positive or query is masked whatever the guide scores it (its score ties
+    the threshold), counted in `duplicates_masked`; the guide's count and the loss equal the naive loop with the
+    rule. Without the rule (`mask_duplicates=False`) the loss is the original's, which keeps the tied duplicates."""
+    inputs, text_ids = with_duplicates(make_inputs(9, k, seed=31, related=1.0))
+    kwargs = dict(contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, margin_strategy=strategy,
+                  margin=margin)
+    fn = GISTLoss(**kwargs)
+    loss = fn(**inputs, text_ids=text_ids)
+    want = naive_gist_loss(**inputs, exclude_self=True, text_ids=_as_lists(text_ids), **kwargs)
+    assert loss.item() == pytest.approx(want.loss, rel=1e-5, abs=5e-5)
+    assert want.duplicates > 0 and fn.last_stats.duplicates_masked.item() == want.duplicates
+    assert fn.last_stats.masked_fraction.item() == pytest.approx(want.masked / want.maskable, abs=1e-6)
+
+    original = GISTLoss(mask_duplicates=False, **kwargs)
+    kept = original(**inputs, text_ids=text_ids)
+    plain = naive_gist_loss(**inputs, exclude_self=True, **kwargs)
+    assert kept.item() == pytest.approx(plain.loss, rel=1e-5, abs=5e-5)
+    assert original.last_stats.duplicates_masked.item() == 0
+    if margin == 0:
+        # A duplicate of the positive ties the threshold exactly: the original (float64, exact) keeps it as a negative.
+        assert abs(plain.loss - want.loss) > 1e-3
+    else:
+        # A positive margin puts the tie above the threshold: the guide masks the duplicates too, same loss.
+        assert plain.loss == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_duplicates_in_row_blocks_and_matryoshka_sizes():
+    """The duplicate mask is built per row block like the guide mask and shared by every Matryoshka size."""
+    inputs, text_ids = with_duplicates(make_inputs(9, 2, seed=8, related=1.0))
+    results = []
+    for row_block in (None, 2):
+        leaves = {c: inputs[c].clone().requires_grad_() for c in ("anchor", "positive", "negative")}
+        fn = GISTLoss(row_block=row_block, matryoshka_dims=[16, 8])
+        loss = fn(**{**inputs, **leaves}, text_ids=text_ids)
+        loss.backward()
+        results.append((loss.detach(), fn.last_stats, [leaves[c].grad for c in leaves]))
+    (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for got, want in zip(grads_b, grads_a):
+        torch.testing.assert_close(got, want)
+    assert stats_a.duplicates_masked.item() == stats_b.duplicates_masked.item() > 0
+    truncated = {c: t if t is None or c.startswith("guide") else t[..., :8] for c, t in inputs.items()}
+    small = naive_gist_loss(**truncated, exclude_self=True, text_ids=_as_lists(text_ids))
+    assert stats_a.dim_losses[1].item() == pytest.approx(small.loss, rel=1e-5, abs=5e-5)
+
+
+def test_text_ids_of_the_wrong_shape_are_refused():
+    inputs, (q, p, n) = with_duplicates(make_inputs(8, 2, seed=1))
+    with pytest.raises(ValueError, match="text_ids negative must be 16 int64 ids"):
+        GISTLoss()(**inputs, text_ids=(q, p, n[:, :1]))
+    with pytest.raises(ValueError, match="text_ids query must be 8 int64 ids"):
+        GISTLoss()(**inputs, text_ids=(q.float(), p, n))

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
-from gist_reference import make_inputs, st_gist_loss
+from gist_reference import make_inputs, st_gist_loss, with_duplicates
 from torch import nn
 
 from gist_scale import distributed as gdist
@@ -108,6 +108,35 @@ def _exactness_worker(rank: int, world: int, cases) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_global_loss_and_input_grads_match_single_process(world):
     run_distributed(_exactness_worker, world, args=(CASES[world],))
+
+
+def _duplicates_worker(rank: int, world: int) -> None:
+    """Text identities travel with the embeddings: the duplicate rule over the global batch equals one process."""
+    for i, (sizes, k, matryoshka) in enumerate([((5, 4), 2, None), ((3, 6), 1, MATRYOSHKA[1]), ((7, 2), 3, None)]):
+        what = f"duplicates case {i} sizes={sizes} k={k} rank={rank}"
+        full, ids = with_duplicates(make_inputs(sum(sizes), k, seed=300 + i, related=1.0))
+        kwargs = matryoshka or {}
+        ref_student = {c: full[c].clone().requires_grad_() for c in STUDENT}
+        ref_fn = GISTLoss(gather_across_ranks=False, **kwargs)
+        ref = ref_fn(**{**full, **ref_student}, text_ids=ids)
+        ref.backward()
+
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        local = {name: t[rows].clone() for name, t in full.items()}
+        local_student = {c: local[c].requires_grad_() for c in STUDENT}
+        fn = GISTLoss(row_block=2 if i == 1 else None, **kwargs)
+        loss = fn(**local, text_ids=tuple(t[rows] for t in ids))
+        loss.backward()
+        _close(gdist.all_reduce_mean(loss), ref.detach(), f"{what}: mean loss")
+        for c, t in local_student.items():
+            _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}", rtol=1e-5)
+        total = gdist.all_reduce_sum(fn.last_stats.duplicates_masked)
+        assert total.item() == ref_fn.last_stats.duplicates_masked.item() > 0, what
+
+
+@pytest.mark.slow
+def test_duplicate_rule_over_the_global_batch_matches_single_process():
+    run_distributed(_duplicates_worker, 2)
 
 
 def _ddp_worker(rank: int, world: int, sizes: tuple[int, ...]) -> None:
