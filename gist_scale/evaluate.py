@@ -433,7 +433,7 @@ def _dims(text: str) -> list[int]:
     return sorted(set(dims), reverse=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gist-scale eval",
         description="Retrieval (nDCG@10, MRR@10, Recall@1/@10/@100, MAP@100) and optional STS evaluation of a "
@@ -465,7 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", metavar="PATH", help='write {"model": {...}, "baseline": {...} or null} as JSON to '
                                                       "this file; with --mteb, the folder for mteb's result files "
                                                       "and summary.json (default: mteb_results)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     # soft_wrap: paths and messages stay on one line (copyable) instead of being folded at the terminal width.
     console = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -319,7 +319,8 @@ def _half(t: torch.Tensor) -> np.ndarray:
     return values.to(torch.float16).cpu().numpy()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`gist-scale cache-guide`'s own options; the `--data.*` / `--guide.*` options go to `load_config`."""
     parser = argparse.ArgumentParser(
         prog="gist-scale cache-guide",
         description="Embed the training data with the frozen guide once, sharded over the ranks of a torchrun / "
@@ -331,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", help="a shipped recipe, as for `gist-scale train` (applied before --config)")
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
     if args.rows_per_batch < 1 or args.chunk_size < 1:
         console.print("[red]error:[/red] --rows-per-batch and --chunk-size must be positive")
         return 2

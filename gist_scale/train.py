@@ -709,7 +709,8 @@ def apply_debug(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`gist-scale train`'s own options; every other `--section.key VALUE` goes to `load_config`."""
     parser = argparse.ArgumentParser(
         prog="gist-scale train",
         description="Fine-tune an embedding model with GISTEmbed. With no arguments: the offline quickstart "
@@ -718,7 +719,11 @@ def main(argv: list[str] | None = None) -> int:
                "checkpoint eval export logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
     parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
     parser.add_argument("--recipe", help="a shipped recipe (`gist-scale recipes` lists them), applied before --config")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
     try:
         cfg = load_config(overrides, config_files(args.recipe, args.config))
         if cfg.debug:

@@ -47,11 +47,15 @@ def config_files(recipe: str | None, config: str | None) -> list[Path]:
     return ([recipe_path(recipe)] if recipe else []) + ([Path(config)] if config else [])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gist-scale recipes",
                                      description="List the shipped training recipes, or print one.")
     parser.add_argument("name", nargs="?", help="print this recipe's YAML")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.name is None:
         recipes = list_recipes()
         width = max(map(len, recipes))

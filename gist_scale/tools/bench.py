@@ -178,7 +178,7 @@ def _dims(text: str) -> list[int]:
     return dims
 
 
-def parse_args(argv: list[str] | None) -> BenchConfig:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gist-scale bench", description=__doc__.split("\n\n")[0],
         epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large --batch 32,256 "
@@ -211,6 +211,11 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--isolate", action="store_true",
                         help="run each mode in a fresh process: on a CPU, peak GiB is then its peak resident memory")
     parser.add_argument("--out", help="write the records as a JSON list to this file")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    parser = build_parser()
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in ALL_MODES]

@@ -162,14 +162,18 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gist_scale.tools.data_memory", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--work-dir", help="keep the JSONL and the datasets cache here (default: a temporary folder)")
     parser.add_argument("--no-tokenize", action="store_true", help="skip tokenization and collation (see above)")
     parser.add_argument("--streaming", action="store_true", help="measure data.streaming instead (see above)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gist-data-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

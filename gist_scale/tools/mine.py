@@ -397,7 +397,8 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`gist-scale mine`'s own options; the `--data.*` / `--guide.*` options go to `load_config`."""
     parser = argparse.ArgumentParser(
         prog="gist-scale mine", description=__doc__.split("\n\n")[0],
         epilog="Rows come from --data.* options as for training (negative columns are ignored); the guide from "
@@ -431,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="queries searched at a time, also the unit of the seeded draw (default %(default)s)")
     parser.add_argument("--stats", metavar="FILE", help="also write the run's counts and throughput as JSON")
     parser.add_argument("--config", help="YAML config, as for `gist-scale train` (its data and guide sections)")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
     try:
         mine = MineConfig(args.num_negatives, args.range_min, args.range_max, args.margin, args.margin_strategy,
                           args.sampling, args.seed, args.index, args.batch_size, args.query_block)

@@ -228,14 +228,18 @@ def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int,
     ax.legend(fontsize="x-small")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gist-scale report",
         description="Plot a run's metrics.jsonl (loss, lr, masked fraction, throughput, grad norm, eval metrics "
                     "against step) into one PNG. Needs matplotlib: pip install 'gist-scale[report]'.")
     parser.add_argument("run_dir", help="the run directory (train.output_dir), holding metrics.jsonl")
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/report.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         path = plot_run(args.run_dir, args.out)
     except (MatplotlibMissing, FileNotFoundError, ValueError) as error:

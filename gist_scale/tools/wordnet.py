@@ -263,7 +263,7 @@ WordNet is (c) 2006 Princeton University and used under the WordNet 3.0 license 
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gist-scale data", description="Build triplet datasets.")
     commands = parser.add_subparsers(dest="command", required=True)
     wordnet = commands.add_parser(
@@ -282,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `gist-scale data ...`."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     for name in ("train", "eval", "tasks"):
         if getattr(args, name) < 1:
             print(f"gist-scale data wordnet: --{name} must be >= 1", file=sys.stderr)
