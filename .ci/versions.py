@@ -1,5 +1,5 @@
 """Print the resolved versions of the stack gist-scale runs on (CI prints them first, so a failure can be tied to a
-release), or, with --freeze, the constraints file of the current environment (see README, "Reproducible installs").
+release), or, with --freeze, the constraints file of the current environment (see docs/development.md, "Reproducible installs").
 
     python .ci/versions.py            # one line per package of the stack
     python .ci/versions.py --freeze   # constraints.txt contents: every installed distribution pinned, torch and

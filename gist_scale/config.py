@@ -279,7 +279,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture instead of `path`: a list of `SourceConfig` mappings (`path`, `weight`, `name`,
     `num_negatives`, column options...), in YAML or as YAML/JSON text on the command line. Every global batch comes
-    from one source (and one task in it). See README "Data" for the epoch definition."""
+    from one source (and one task in it). See docs/data.md for the epoch definition."""
     sampling_alpha: float = 1.0
     """Without per-source weights, draw sources in proportion to size^alpha, size being the source's global batches
     per epoch: 1 = proportional to size (every batch once per epoch), 0 = uniform over sources."""
@@ -287,7 +287,7 @@ class DataConfig:
     """Read the sources through `datasets` streaming (an IterableDataset per file or hub dataset) instead of
     preparing them on disk first: for hub data larger than the local disk. Rows are validated and tokenized as they
     are read; global batches come from per-task buffers; several sources need weights and are drawn with
-    replacement; needs `train.max_steps` and `num_workers: 0`; no `guide.cache`. See README "Streaming"."""
+    replacement; needs `train.max_steps` and `num_workers: 0`; no `guide.cache`. See docs/data.md, "Streaming"."""
 
     def __post_init__(self) -> None:
         _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
