@@ -111,9 +111,11 @@ def launch_plan(deepspeed: bool = False) -> LaunchPlan:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu_requested = parse_flag_from_env("ACCELERATE_USE_CPU")
     if world <= 1:
-        # accelerate launch's single-process launcher sets MASTER_ADDR only when more processes or machines were
-        # asked for (and ACCELERATE_DYNAMO_BACKEND always), yet starts one process unless MPI starts them.
-        lone = (cpu_requested and "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_ADDR" in os.environ
+        # accelerate launch's single-process launcher (no torchrun, so no WORLD_SIZE; ACCELERATE_DYNAMO_BACKEND as
+        # every accelerate launcher) sets MASTER_ADDR only when more processes or machines were asked for, yet starts
+        # one process unless MPI starts them. torchrun with one process sets WORLD_SIZE=1 and MASTER_ADDR: not this.
+        lone = (cpu_requested and "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ
+                and "MASTER_ADDR" in os.environ
                 and not any(int(os.environ.get(name, "1")) > 1 for name in _MPI_WORLD_SIZES))
         if lone:
             raise ConfigError(

@@ -509,6 +509,9 @@ def machine(monkeypatch):
     ("cuda", {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1"}, True, (2, True, "gloo")),
     # An accelerator without a distributed backend keeps cpu=False: `require_synchronised` refuses what follows.
     ("mps", {"WORLD_SIZE": "2"}, True, (2, False, "gloo")),
+    # One process started by torchrun (also inside accelerate launch, e.g. the SLURM script requeued onto 1 node).
+    (None, {"WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "1", "ACCELERATE_DYNAMO_BACKEND": "NO",
+            "MASTER_ADDR": "localhost"}, True, (1, False, None)),
     # accelerate launch --cpu under MPI: Accelerate forms the group from the MPI variables itself.
     (None, {"ACCELERATE_USE_CPU": "True", "ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1",
             "PMI_SIZE": "2"}, True, (1, False, None)),
