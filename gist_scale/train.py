@@ -14,7 +14,6 @@ import dataclasses
 import importlib.metadata
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,14 +54,19 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def build_accelerator(train: TrainConfig, logging: LoggingConfig, run_dir: Path) -> Accelerator:
-    # Without an explicit gloo backend, Accelerate on a CPU-only box does not form a process group at all and every
-    # rank believes it is rank 0. The timeout is what ends the job when a peer dies instead of hanging forever.
-    # A single process must not name a backend at all, or Accelerate expects a process group that nobody started.
+    """The run's Accelerator, set up as `distributed.launch_plan` says for this launcher and machine (DDP over gloo
+    for CPU processes, the device's backend on GPUs, DeepSpeed when the launcher asks for it)."""
+    plan = distributed.launch_plan(deepspeed=True)
+    # The plan's backend, named: gloo for CPU processes (left to itself, Accelerate's CPU mode would pick MPI where
+    # torch has it, which torchrun does not set up) and for DeepSpeed on CPU; nccl on GPUs. The timeout is what ends
+    # the job when a peer dies instead of hanging forever. A single process must not name a backend at all, or
+    # Accelerate expects a process group that nobody started.
     handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=train.collective_timeout_s)))
+    if plan.backend is not None:
+        handlers.append(InitProcessGroupKwargs(backend=plan.backend,
+                                               timeout=timedelta(seconds=train.collective_timeout_s)))
     return Accelerator(
+        cpu=plan.cpu,
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=train.grad_accum_steps,
         kwargs_handlers=handlers,
@@ -226,6 +230,9 @@ class Trainer:
         self.loss_fn = GISTLoss(**dataclasses.asdict(cfg.loss), check_finite=cfg.debug)
         optimizer = build_optimizer(student, cfg.optim, self.device)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        # Whatever started these processes: several of them train in sync (DDP, DeepSpeed), or not at all.
+        distributed.require_synchronised(self.student, self.accelerator.num_processes,
+                                         self.accelerator.distributed_type)
         # With LoRA, checkpoints hold the adapters and their optimizer state, not the frozen base.
         self.state_kwargs = lora.checkpoint_kwargs(self.accelerator) if cfg.model.lora_r else lora.StateKwargs({}, {})
         # `from_pretrained` returns the encoder in eval mode (dropout off); evaluation restores whatever mode it found.
@@ -700,7 +707,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def apply_debug(cfg: JobConfig) -> JobConfig:
     """Debug mode: a handful of logged-every-step iterations (`main` adds autograd anomaly detection)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.launch_plan().world_size > 1:
         raise ConfigError("--debug runs a single process: start it with `gist-scale train --debug` (or "
                           "launch/single_gpu_debug.sh), not under torchrun/accelerate launch with several processes")
     cfg.train.max_steps = min(cfg.train.max_steps or 3, 3)

@@ -11,7 +11,7 @@
 #   --port P                 rendezvous port (default 0: a free one)
 #   --dry-run                print the command instead of running it
 # Everything else goes to `gist-scale train` (`--section.key VALUE`, `--config FILE`, `--resume auto|PATH`).
-# On a machine without GPUs, `ACCELERATE_USE_CPU=1 launch/local_multi_gpu.sh --gpus 2` runs 2 CPU processes (gloo).
+# On a machine without GPUs, `launch/local_multi_gpu.sh --gpus 2` runs 2 CPU processes (DDP over gloo).
 set -euo pipefail
 # Absolute paths to the configs, so that the script runs from any directory and relative paths in the trainer's
 # flags (--config, --train.output_dir) keep meaning what they mean where it was started.

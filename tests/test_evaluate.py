@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import run_distributed, torchrun_command
 from transformers import BertConfig, BertModel
 
 from gist_scale.config import MINILM, DataConfig
@@ -334,3 +335,17 @@ def test_two_ranks_match_one_process(tiny_st_dir: Path, tmp_path: Path):
         torch.testing.assert_close(result["single"], single_uneven[:1], atol=1e-5, rtol=0)
         assert result["uneven_forwards"] == 2
     assert ranks[0]["forwards"] == ranks[1]["forwards"]  # ZeRO-3 safety: the same number of forwards everywhere
+
+
+@pytest.mark.slow
+def test_plain_torchrun_cli_matches_one_process(tmp_path: Path, launch_env):
+    """`gist-scale eval` as 2 ranks under a bare torchrun (no ACCELERATE_USE_CPU, no GPU) scores like one process."""
+    data = _eval_subset(tmp_path / "eval.jsonl", 48)
+    args = [MINILM, "--data", str(data), "--batch-size", "16"]
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    result = subprocess.run(torchrun_command(2, "eval", *args, "--out", str(tmp_path / "two.json")),
+                            env=launch_env("plain"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name).read_text())["model"] for name in ("one.json", "two.json"))
+    assert two.keys() == one.keys() and "ndcg@10" in one
+    assert two == pytest.approx(one, abs=1e-6)

@@ -201,3 +201,24 @@ def test_cached_training_equals_uncached_training(tiny_model_dir, launch_env, tm
     b = load_file(tmp_path / "cached" / "final" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_plain_torchrun_builds_the_cache_one_process_builds(guide_dir, launch_env, tmp_path):
+    """2 ranks under a bare torchrun (no ACCELERATE_USE_CPU, on a machine without a GPU) each embed their share of
+    the rows, into the embeddings one process writes."""
+    args = ["--guide.name", str(guide_dir), "--guide.dtype", "fp32", "--data.max_rows", str(ROWS),
+            "--rows-per-batch", "20", "--chunk-size", "16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([str(one), *args]) == 0
+    result = subprocess.run(torchrun_command(2, "cache-guide", str(two), *args), env=launch_env("plain"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [len(json.loads((cache / META_FILE).read_text())["shards"]) for cache in (one, two)] == [1, 2]
+    dataset, k = _rows(_job(guide_dir))
+    embeddings = [open_guide_cache(GuideConfig(name=str(guide_dir), dtype="fp32", cache=str(cache)), dataset,
+                                   k).lookup(range(ROWS)) for cache in (one, two)]
+    assert embeddings[1].keys() == embeddings[0].keys() == {"query", "pos", "neg"}
+    for column, expected in embeddings[0].items():
+        # float16 storage: a float-noise difference of the ranks' batchings may round one ulp (2**-11 below 1) apart.
+        torch.testing.assert_close(embeddings[1][column], expected, rtol=0, atol=2**-11)

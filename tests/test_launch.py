@@ -5,7 +5,8 @@ that simulate a 2-node allocation on localhost: the fake srun starts the script'
 SLURM_NODEID 0 and 1, so two `accelerate launch` processes (machine ranks 0 and 1) rendezvous over TCP and train as
 one gloo group of 2 ranks. Nothing of ours is mocked: the script, accelerate, torchrun and the trainer all run.
 The fake sbatch behaves like `sbatch --wait` and starts the job again when the script requeues it.
-The local scripts run with `ACCELERATE_USE_CPU=1`, which turns "GPUs" into CPU processes.
+Most runs here set `ACCELERATE_USE_CPU=1`, which turns "GPUs" into CPU processes; the last section launches without
+it, as a user would, and checks that every launcher trains in sync with one process or refuses in one line.
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
-from dist_utils import assert_same_losses, free_port, loss_records
+from dist_utils import assert_same_losses, free_port, loss_records, torchrun_command
+from gist_scale import distributed
+from gist_scale.config import ConfigError
+from gist_scale.data import sample_data_path
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -318,3 +324,228 @@ def test_single_gpu_debug_script_runs_and_passes_the_trainer_exit_code(tiny_mode
     assert proc.returncode == 124, stderr[-5000:]
     step = loss_records(run)[-1]["step"]
     assert (run / "checkpoints" / f"step_{step}" / "complete.json").is_file()
+
+
+# ------------------------------------------------------------------------- every launch synchronises or refuses
+# Without ACCELERATE_USE_CPU, on a machine without a GPU: the runs below used to train each rank on its own gradients
+# (Accelerate's distributed type NO, no DDP) while looking healthy. 2 ranks x 4 triplets must now log, step for
+# step, the loss and the gradient norm of one process holding all 8.
+
+SYNC_STEPS = 4
+
+
+def sync_args(model_dir: Path, batch_size: int, *extra: str) -> list[str]:
+    # fp32 guide and dropout 0: the layouts then compare to float noise; the training split alone: no evaluation.
+    return ["--model.name", str(model_dir), "--guide.name", str(model_dir), "--guide.dtype", "fp32",
+            "--model.dropout", "0.0", "--data.path", str(sample_data_path("train")), "--train.batch_size",
+            str(batch_size), "--train.max_steps", str(SYNC_STEPS), "--train.log_every", "1", *extra]
+
+
+def plain_env() -> dict[str, str]:
+    """`base_env` without ACCELERATE_USE_CPU: what a user's shell gives a launcher."""
+    env = base_env()
+    del env["ACCELERATE_USE_CPU"]
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, tmp_path_factory) -> list[tuple[float, float]]:
+    """(loss, grad norm) per step of one process with the whole global batch of 8."""
+    from gist_scale.train import main
+
+    run_dir = tmp_path_factory.mktemp("one-process") / "run"
+    assert main(sync_args(tiny_model_dir, 8, "--train.output_dir", str(run_dir))) == 0
+    return [(r["loss"], r["grad_norm"]) for r in loss_records(run_dir)]
+
+
+def assert_in_sync(result: subprocess.CompletedProcess | None, run_dir: Path, one_process) -> None:
+    """The launched job exited 0 as one group of 2 and logged one process's losses and gradient norms."""
+    if result is not None:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert "world size 2" in result.stderr
+    records = loss_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, SYNC_STEPS + 1))
+    for record, (loss, grad_norm) in zip(records, one_process):
+        assert record["loss"] == pytest.approx(loss, abs=1e-5), record["step"]
+        assert record["grad_norm"] == pytest.approx(grad_norm, rel=1e-5), record["step"]
+
+
+def launch(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_plain_torchrun_on_cpu_trains_in_sync(tiny_model_dir, one_process, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(torchrun_command(2, "train", *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))),
+                    plain_env())
+    assert_in_sync(result, run_dir, one_process)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_multi_gpu_on_cpu_trains_in_sync(tiny_model_dir, one_process, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+                     "-m", "gist_scale", "train", *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))],
+                    plain_env())
+    assert_in_sync(result, run_dir, one_process)
+
+
+@pytest.mark.slow
+def test_local_multi_gpu_script_on_cpu_trains_in_sync(tiny_model_dir, one_process, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch([str(LAUNCH / "local_multi_gpu.sh"), "--gpus", "2",
+                     *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))], plain_env())
+    assert_in_sync(result, run_dir, one_process)
+
+
+@pytest.mark.slow
+def test_sbatch_on_cpu_nodes_trains_in_sync(tiny_model_dir, one_process, tmp_path):
+    slurm = FakeSlurm(tmp_path, job_id=4246)
+    del slurm.env["ACCELERATE_USE_CPU"]
+    assert slurm.finish(slurm.submit(*sync_args(tiny_model_dir, 4))) == 0, slurm.log_text()[-5000:]
+    assert slurm.log_text().count("world size 2") == 1
+    assert_in_sync(None, slurm.run_dir, one_process)
+
+
+@pytest.mark.slow
+def test_zero2_through_the_environment_trains_in_sync(tiny_model_dir, one_process, launch_env, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch(torchrun_command(2, "train", *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))),
+                    launch_env("zero2"))
+    assert_in_sync(result, run_dir, one_process)
+    assert "ZeRO stage 2" in result.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_launch_cpu_with_several_processes_is_refused(tiny_model_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (its --cpu starts more only under MPI): that
+    process refuses in one line instead of training alone on half the global batch. accelerate's own launcher then
+    reports the exit code 2 in a traceback of its own and exits 1."""
+    run_dir = tmp_path / "run"
+    result = launch(["accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "gist_scale", "train",
+                     *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))], plain_env())
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: accelerate launch --cpu started a single process although several were asked for "
+                      "(it sets MASTER_ADDR only for --num_processes or --num_machines above 1): its --cpu mode starts "
+                      "several processes only under MPI (--mpirun_hostfile). For N CPU processes run `accelerate "
+                      "launch --multi_gpu --num_processes N -m gist_scale ...` or `torchrun --nproc_per_node N -m "
+                      "gist_scale ...`, which use gloo when there is no GPU; for one process leave --num_processes "
+                      "out (and unset MASTER_ADDR)"], output[-3000:]
+    assert "returned non-zero exit status 2." in output and result.returncode == 1
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+UNSYNCHRONISED = textwrap.dedent("""
+    # gist-scale as it was before `launch_plan`: a CPU job with cpu=False, which Accelerate calls not distributed.
+    import os, sys
+    from gist_scale import cli, distributed
+
+    distributed.launch_plan = lambda deepspeed=False: distributed.LaunchPlan(int(os.environ["WORLD_SIZE"]), False,
+                                                                               "gloo")
+    sys.exit(cli.run())
+""")
+
+
+@pytest.mark.slow
+def test_a_launch_that_accelerate_leaves_unwrapped_is_refused(tiny_model_dir, tmp_path):
+    """Any launch path that `launch_plan` gets wrong (here: the old plan, forced) ends after `prepare` with one
+    line per rank and exit code 2, not with a run whose ranks each step on their own gradients."""
+    script = tmp_path / "unsynchronised.py"
+    script.write_text(UNSYNCHRONISED)
+    run_dir = tmp_path / "run"
+    command = torchrun_command(2, "train", *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir)))
+    module = command.index("gist_scale")
+    command[module - 1:module + 1] = [str(script)]
+    result = launch(command, plain_env())
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == 2 * ["error: 2 processes, but Accelerate set up DistributedType.NO, so the student stays a bare "
+                          "Embedder (not DDP, not a DeepSpeed engine) and each process would step on its own "
+                          "gradients: set ACCELERATE_USE_CPU=1 to run CPU processes over gloo, or launch with a DDP or "
+                          "DeepSpeed config (accelerate launch --multi_gpu, or --config_file "
+                          "accelerate_configs/multi_gpu.yaml or zero2.yaml)"], result.stderr[-3000:]
+    # torchrun reports its workers' codes (2) in a summary of its own and exits 1.
+    assert result.stderr.count("exitcode  : 2") == 2 and result.returncode == 1
+    assert loss_records(run_dir) == []
+
+
+# The decision itself, on machines with and without an accelerator (availability patched).
+
+NO_LAUNCHER = ("WORLD_SIZE", "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DYNAMO_BACKEND",
+               "MASTER_ADDR", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """`machine(device, **env)`: this process sees accelerator `device` ("cuda", "mps" or None) and only `env` of
+    the variables a launcher sets."""
+    def make(device: str | None, **env: str) -> None:
+        for name in NO_LAUNCHER:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        found = None if device is None else torch.device(device)
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: found)
+
+    return make
+
+
+@pytest.mark.parametrize(("device", "env", "deepspeed", "plan"), [
+    # One process: no group, no backend; Accelerate picks the GPU when there is one.
+    ("cuda", {}, True, (1, False, None)),
+    (None, {}, True, (1, False, None)),
+    (None, {"ACCELERATE_USE_CPU": "True", "ACCELERATE_DYNAMO_BACKEND": "NO"}, True, (1, False, None)),
+    # GPUs: nccl, as always; DeepSpeed sets itself up on it.
+    ("cuda", {"WORLD_SIZE": "2"}, True, (2, False, "nccl")),
+    ("cuda", {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, True, (2, False, "nccl")),
+    # No accelerator: Accelerate's CPU mode (DDP over gloo), whether ACCELERATE_USE_CPU says so or not...
+    (None, {"WORLD_SIZE": "2"}, True, (2, True, "gloo")),
+    (None, {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1"}, True, (2, True, "gloo")),
+    # ... except for DeepSpeed, which Accelerate runs only with cpu=False (its group is gloo); not for PartialState.
+    (None, {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, True, (2, False, "gloo")),
+    (None, {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, False, (2, True, "gloo")),
+    # ACCELERATE_USE_CPU=1 on a GPU machine: Accelerate runs on the CPU, so the group must be gloo, not nccl.
+    ("cuda", {"WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "1"}, True, (2, True, "gloo")),
+    # An accelerator without a distributed backend keeps cpu=False: `require_synchronised` refuses what follows.
+    ("mps", {"WORLD_SIZE": "2"}, True, (2, False, "gloo")),
+    # One process started by torchrun (also inside accelerate launch, e.g. the SLURM script requeued onto 1 node).
+    (None, {"WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "1", "ACCELERATE_DYNAMO_BACKEND": "NO",
+            "MASTER_ADDR": "localhost"}, True, (1, False, None)),
+    # accelerate launch --cpu under MPI: Accelerate forms the group from the MPI variables itself.
+    (None, {"ACCELERATE_USE_CPU": "True", "ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1",
+            "PMI_SIZE": "2"}, True, (1, False, None)),
+])
+def test_launch_plan(machine, device, env, deepspeed, plan):
+    machine(device, **env)
+    assert distributed.launch_plan(deepspeed=deepspeed) == distributed.LaunchPlan(*plan)
+
+
+def test_launch_plan_refuses_accelerate_launch_cpu_with_several_processes(machine):
+    # What `accelerate launch --cpu --num_processes 2` gives its one process (with 1 process: no MASTER_ADDR).
+    machine(None, ACCELERATE_USE_CPU="True", ACCELERATE_DYNAMO_BACKEND="NO", MASTER_ADDR="127.0.0.1")
+    with pytest.raises(ConfigError, match="accelerate launch --cpu started a single process"):
+        distributed.launch_plan()
+
+
+def test_an_unwrapped_model_of_several_processes_is_refused():
+    model = torch.nn.Linear(2, 2)
+    distributed.require_synchronised(model, 1, "DistributedType.NO")  # one process: nothing to synchronise
+    with pytest.raises(ConfigError, match=r"^2 processes, but Accelerate set up DistributedType.NO, so the student "
+                                          r"stays a bare Linear \(not DDP, not a DeepSpeed engine\)"):
+        distributed.require_synchronised(model, 2, "DistributedType.NO")
+
+
+def test_launch_state_refuses_a_job_accelerate_does_not_call_distributed(machine, monkeypatch):
+    """cache-guide, mine and eval (PartialState): barriers that do nothing would let ranks race."""
+    import accelerate
+
+    class NotDistributed:
+        def __init__(self, cpu: bool = False, backend: str | None = None, **kwargs) -> None:
+            self.use_distributed, self.distributed_type = False, "DistributedType.NO"
+
+    machine("mps", WORLD_SIZE="2")
+    monkeypatch.setattr(accelerate, "PartialState", NotDistributed)
+    with pytest.raises(ConfigError, match="^2 processes, but Accelerate set up DistributedType.NO, so its barriers "
+                                          "would do nothing: set ACCELERATE_USE_CPU=1"):
+        distributed.launch_state()
