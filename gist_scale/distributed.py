@@ -125,12 +125,18 @@ def launch_plan(deepspeed: bool = False) -> LaunchPlan:
                 "--num_processes N -m gist_scale ...` or `torchrun --nproc_per_node N -m gist_scale ...`, which use "
                 "gloo when there is no GPU; for one process leave --num_processes out (and unset MASTER_ADDR)")
         return LaunchPlan(world, cpu=False, backend=None)
+    deepspeed_requested = deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed_requested and cpu_requested:
+        # Accelerate sets DeepSpeed up only when not told cpu: the job would train as plain DDP, unsharded, silently.
+        raise ConfigError("ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_USE_CPU=1: in CPU mode Accelerate drops "
+                          "DeepSpeed and would train plain DDP, without ZeRO; unset ACCELERATE_USE_CPU (DeepSpeed runs "
+                          "on CPU over gloo by itself), or unset ACCELERATE_USE_DEEPSPEED for DDP")
     if cpu_requested:
         return LaunchPlan(world, cpu=True, backend="gloo")
     accelerator = torch.accelerator.current_accelerator(check_available=True)
     if accelerator is not None:
         return LaunchPlan(world, cpu=False, backend="nccl" if accelerator.type == "cuda" else "gloo")
-    if deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    if deepspeed_requested:
         return LaunchPlan(world, cpu=False, backend="gloo")
     return LaunchPlan(world, cpu=True, backend="gloo")
 

@@ -528,6 +528,15 @@ def test_launch_plan_refuses_accelerate_launch_cpu_with_several_processes(machin
         distributed.launch_plan()
 
 
+def test_launch_plan_refuses_deepspeed_that_cpu_mode_would_drop(machine):
+    # `ACCELERATE_USE_CPU=1 launch/local_multi_gpu.sh --zero 2`: Accelerate would train plain DDP, without ZeRO.
+    machine(None, WORLD_SIZE="2", ACCELERATE_USE_CPU="1", ACCELERATE_USE_DEEPSPEED="true")
+    with pytest.raises(ConfigError, match="^ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_USE_CPU=1: in CPU mode "
+                                          "Accelerate drops DeepSpeed"):
+        distributed.launch_plan(deepspeed=True)
+    assert distributed.launch_plan(deepspeed=False) == distributed.LaunchPlan(2, True, "gloo")  # cache-guide etc.
+
+
 def test_an_unwrapped_model_of_several_processes_is_refused():
     model = torch.nn.Linear(2, 2)
     distributed.require_synchronised(model, 1, "DistributedType.NO")  # one process: nothing to synchronise
