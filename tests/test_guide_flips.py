@@ -37,3 +37,15 @@ def test_the_command_prints_the_rate(tiny_model_dir, capsys):
                  "--micro-batches", "8", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("guide fp32, micro-batches 8 vs 3: 0 of ") and "(0.00e+00)" in out
+
+
+def test_bad_input_is_one_line_naming_the_file_and_row(tmp_path, capsys):
+    import pytest
+
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"query": "q", "pos": "p", "neg": "n", "task_name": "t"}\n{"query": "q"}\n')
+    for argv, message in (([], f"{bad}:2: not a JSON object with query, pos, neg and task_name"),
+                          (["--data.path", str(tmp_path / "none.jsonl")], "none.jsonl: no such file")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--data.path", str(bad), *argv])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -111,8 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batches", type=int, nargs=2, default=[8, 4], metavar=("A", "B"),
                         help="the two micro-batch sizes compared (each rank's share under two layouts)")
     args = parser.parse_args(argv)
-    lines = Path(args.data).read_text().splitlines()[:args.rows]
-    batches = global_batches([json.loads(line) for line in lines], args.global_batch)
+    path = Path(args.data)
+    if not path.is_file():
+        parser.error(f"--data.path {path}: no such file")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines()[:args.rows], start=1):
+        try:
+            row = json.loads(line)
+            rows.append({key: row[key] for key in ("query", "pos", "neg", "task_name")})
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            parser.error(f"{path}:{number}: not a JSON object with query, pos, neg and task_name ({error!r})")
+    batches = global_batches(rows, args.global_batch)
     if not batches:
         parser.error(f"--rows {args.rows}: no task has --global-batch {args.global_batch} rows; read more rows")
     guide = load_guide(GuideConfig(name=args.guide, dtype=args.dtype), torch.device("cpu"))
