@@ -371,7 +371,7 @@ class GISTLoss(nn.Module):
         if ids is not None:
             # Identity before the guide: a candidate that is the row's positive or query text is masked whatever the
             # guide scores it (it ties the threshold, so rounding would decide).
-            candidate_ids = _block_ids(ids, k, self.contrast_anchors, self.contrast_positives)
+            candidate_ids = _block_ids(ids, self.contrast_anchors, self.contrast_positives)
             own = ids[first:first + rows, :2]  # the row's query and positive
             duplicate = (candidate_ids[None, :, None] == own[:, None, :]).any(-1)
             duplicate &= col != labels[:, None]
@@ -458,7 +458,7 @@ def _block_matrix(
     return torch.cat(blocks, dim=1)
 
 
-def _block_ids(ids: Tensor, k: int, contrast_anchors: bool, contrast_positives: bool) -> Tensor:
+def _block_ids(ids: Tensor, contrast_anchors: bool, contrast_positives: bool) -> Tensor:
     """The text identity of every column of ``[qp | qn | qq | pp]`` (``[C]``), from the global ``[N, 2 + K]`` ids,
     in :func:`_block_matrix`'s column order."""
     blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]
