@@ -105,7 +105,7 @@ from torch.utils.checkpoint import checkpoint
 from gist_scale import distributed as gdist
 from gist_scale.config import MARGIN_STRATEGIES, LossConfig, matryoshka_pairs
 
-__all__ = ["GISTLoss", "LossStats", "margin_threshold"]
+__all__ = ["GISTLoss", "LossStats", "block_similarities", "margin_threshold"]
 
 
 
@@ -380,7 +380,8 @@ class GISTLoss(nn.Module):
             excluded |= duplicate
         if gq is not None:
             with torch.no_grad():
-                guide_sims = _block_matrix(gq, gp, gn, first, rows, self.contrast_anchors, self.contrast_positives)
+                guide_sims = block_similarities(gq, gp, gn, first, rows, self.contrast_anchors,
+                                                self.contrast_positives)
                 # Threshold from the very matrix entry the label column holds, so "strictly
                 # greater" compares like with like.
                 pos_sim = guide_sims.gather(1, labels[:, None])
@@ -394,7 +395,7 @@ class GISTLoss(nn.Module):
             masked_count = torch.zeros((), dtype=torch.int64, device=device)
         sums = []
         for q, p, n in views:
-            logits = _block_matrix(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
+            logits = block_similarities(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
             logits = (logits / self.temperature).masked_fill_(excluded, float("-inf"))
             sums.append(F.cross_entropy(logits, labels, reduction="sum"))
         return torch.stack(sums), masked_count, duplicates
@@ -436,7 +437,7 @@ def margin_threshold(pos_sim: Tensor, margin_strategy: str, margin: float) -> Te
     return pos_sim - pos_sim.abs() * margin
 
 
-def _block_matrix(
+def block_similarities(
     q: Tensor,
     p: Tensor,
     n: Tensor | None,
@@ -460,7 +461,7 @@ def _block_matrix(
 
 def _block_ids(ids: Tensor, contrast_anchors: bool, contrast_positives: bool) -> Tensor:
     """The text identity of every column of ``[qp | qn | qq | pp]`` (``[C]``), from the global ``[N, 2 + K]`` ids,
-    in :func:`_block_matrix`'s column order."""
+    in :func:`block_similarities`'s column order."""
     blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]
     if contrast_anchors:
         blocks.append(ids[:, 0])

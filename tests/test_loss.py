@@ -345,13 +345,13 @@ def test_matryoshka_builds_the_guide_mask_once(monkeypatch):
     import gist_scale.loss as loss_module
 
     calls = []
-    original = loss_module._block_matrix
+    original = loss_module.block_similarities
 
     def counting(q, *args):
         calls.append(q.shape[-1])
         return original(q, *args)
 
-    monkeypatch.setattr(loss_module, "_block_matrix", counting)
+    monkeypatch.setattr(loss_module, "block_similarities", counting)
     inputs = make_inputs(6, 1, d=16, dg=12, seed=2)
     GISTLoss(matryoshka_dims=[16, 8, 4, 2])(**inputs)
     assert sorted(calls) == [2, 4, 8, 12, 16]  # the guide (12 wide) once, the student at each size

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from gist_scale.config import MINILM, GuideConfig
 from gist_scale.data import sample_data_path
-from gist_scale.loss import margin_threshold
+from gist_scale.loss import block_similarities, margin_threshold
 from gist_scale.model import load_guide, load_tokenizer
 
 
@@ -72,7 +72,7 @@ def _embed(guide: torch.nn.Module, tokenizer, texts: list[str], micro_batch: int
 def _decisions(embeddings: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Guide mask `[n, C]` over [qp | qn | qq | pp] and each candidate's score minus its row's threshold."""
     q, p, neg = embeddings[:n], embeddings[n:2 * n], embeddings[2 * n:]
-    scores = torch.cat([q @ torch.cat([p, neg, q]).T, p @ p.T], 1)
+    scores = block_similarities(q, p, neg, 0, n, contrast_anchors=True, contrast_positives=True)  # as GISTLoss
     gap = scores - margin_threshold(scores.diagonal()[:, None], "absolute", 0.0)
     return gap > 0, gap
 
