@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from gist_scale.plan import launched_world_size
+
 COMMANDS = {
     "train": ("gist_scale.train", "fine-tune a student with GISTEmbed (no arguments: the offline quickstart)"),
     "data": ("gist_scale.tools.wordnet", "build datasets: `data wordnet OUT_DIR` writes WordNet triplets"),
@@ -50,7 +52,7 @@ def run() -> int:
     run. A rank that has finished has nothing left to lose, so it skips that stage.
     """
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

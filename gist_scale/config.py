@@ -31,11 +31,6 @@ MIXTURE_FILE = "mixture.json"
 """A mixture run's sources with their requested shares and per-epoch batches: written by `train`, read by `report`."""
 
 
-def global_batch_size(batch_size: int, world_size: int, grad_accum_steps: int) -> int:
-    """Triplets per optimizer step over all ranks: the run's batch, which defines the GIST negatives of a step."""
-    return batch_size * world_size * grad_accum_steps
-
-
 class ConfigError(ValueError):
     """A configuration value is wrong; the message says which one and how to fix it."""
 
@@ -43,6 +38,27 @@ class ConfigError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def unknown_name(kind: str, key: Any, known: Sequence[str]) -> ConfigError:
+    """The error for a misspelt option, section or key, with the closest known name."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)  # str: a YAML key may be a number
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown {kind} {key!r}{hint}")
+
+
+def _check_values(config: Any) -> None:
+    """The rules every field follows, checked here so that no section repeats them: a number is finite (an infinite
+    batch size or a NaN margin would only fail deep inside torch or the loss), and a text is not empty (an empty path
+    would silently mean the current directory). Range checks specific to a field stay in its `__post_init__`."""
+    section = getattr(config, "section", "")
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        for element in value if isinstance(value, tuple) else (value,):
+            where = f"{section}.{item.name}={value!r}".lstrip(".")
+            _check(not isinstance(element, float) or math.isfinite(element), f"{where}: must be a finite number")
+            _check(not isinstance(element, str) or bool(element.strip()),
+                   f"{where}: must not be empty" + (" (null unsets it)" if item.default is None else ""))
 
 
 Pooling = Literal["cls", "mean", "last_token"]
@@ -53,7 +69,7 @@ MARGIN_STRATEGIES: tuple[str, ...] = typing.get_args(MarginStrategy)
 """How the guide threshold is relaxed by `loss.margin` (see `gist_scale.loss`)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncoderConfig:
     """What the student and the guide share: which `transformers` model, and how its token states become a vector.
 
@@ -82,6 +98,7 @@ class EncoderConfig:
     sentence-transformers' `Pooling(include_prompt=False)` (INSTRUCTOR-style models), which the export writes."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.pooling in POOLINGS, f"{self.section}.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
         _check(self.max_length > 0, f"{self.section}.max_length={self.max_length}: must be a positive token count")
         template = self.query_prompt_template
@@ -96,7 +113,7 @@ class EncoderConfig:
                                   f"field; write other braces doubled ({{{{ }}}}) ({error!r})") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(EncoderConfig):
     """The student: the encoder being trained."""
 
@@ -119,7 +136,7 @@ class ModelConfig(EncoderConfig):
     """LoRA scaling numerator: adapter updates are scaled by `lora_alpha / lora_r`."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input (peft's `lora_dropout`)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
     """Modules that get adapters, by name or name suffix (`query`, `attention.output.dense`, `q_proj`); the default
     `[all-linear]` (peft's shorthand) takes every linear layer of attention and MLP (BERT's unused pooler is dropped
     before, and embeddings are not linear layers)."""
@@ -131,15 +148,13 @@ class ModelConfig(EncoderConfig):
         _check(self.lora_r >= 0, f"model.lora_r={self.lora_r}: must be >= 0 (e.g. 16), or 0 for full fine-tuning")
         _check(self.lora_alpha > 0, f"model.lora_alpha={self.lora_alpha}: must be > 0 (commonly 2 x lora_r)")
         _check(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout={self.lora_dropout}: must be in [0, 1)")
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = [self.lora_target_modules]
         _check(bool(self.lora_target_modules) and ("all-linear" not in self.lora_target_modules
                                                    or len(self.lora_target_modules) == 1),
-               f"model.lora_target_modules={self.lora_target_modules}: give module names (`[query, value]`) or "
+               f"model.lora_target_modules={list(self.lora_target_modules)}: give module names (`[query, value]`) or "
                f"`[all-linear]` alone")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GuideConfig(EncoderConfig):
     """The frozen guide that flags in-batch false negatives. It never enters the optimizer or ZeRO's partitions.
 
@@ -166,12 +181,14 @@ class GuideConfig(EncoderConfig):
                "guide.cache needs guide.name (the guide the cache was built with; it is checked, not loaded)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceConfig:
     """One source of a weighted mixture (`data.sources`): where its rows are, how to read them, how often to draw it.
 
     Column options left null take the data section's value, so a mixture of same-schema files only lists paths.
     """
+
+    section: ClassVar[str] = "data.sources"
 
     path: str
     """File, folder (JSON/JSONL/Parquet/CSV) or hub dataset name, as `data.path`."""
@@ -189,7 +206,7 @@ class SourceConfig:
     """Query column (null: `data.query_column`)."""
     pos_column: str | None = None
     """Positive column (null: `data.pos_column`)."""
-    neg_columns: list[str] | None = None
+    neg_columns: tuple[str, ...] | None = None
     """Hard-negative column(s) (null: `data.neg_columns`; `[]`: pairs)."""
     task_column: str | None = None
     """Column naming each row's task, for task-homogeneous batches within the source; null: every row's task is
@@ -199,38 +216,40 @@ class SourceConfig:
     in every row. Sources may differ: every global batch comes from one source, so each step has one K."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(isinstance(self.path, str) and bool(self.path.strip()),
                f"data.sources entry {self.name or self.path!r}: path must be a file, folder or hub dataset name")
-        if self.name is None:
+        if self.name is None:  # a derived default, set while the object is built
             path = Path(self.path)
-            self.name = path.stem if path.suffix else path.name or self.path
+            object.__setattr__(self, "name", path.stem if path.suffix else path.name or self.path)
         where = f"data.sources entry {self.name!r}"
         _check(self.weight is None or (isinstance(self.weight, (int, float)) and self.weight >= 0),
                f"{where}: weight={self.weight!r} must be a number >= 0 (or left out)")
         _check(self.num_negatives is None or self.num_negatives >= 0,
                f"{where}: num_negatives={self.num_negatives} must be >= 0, or null for all of each row's negatives")
-        if isinstance(self.neg_columns, str):
-            self.neg_columns = [self.neg_columns]
 
 
 def _source(entry: Any, index: int) -> SourceConfig:
-    """A `data.sources` entry from YAML/JSON (a mapping, or a bare path) with its keys checked."""
+    """A `data.sources` entry given in Python as a mapping or a bare path (the command line and YAML build
+    `SourceConfig`s themselves), with its keys checked."""
     if isinstance(entry, SourceConfig):
         return entry
-    if isinstance(entry, str):
-        entry = {"path": entry}
+    if isinstance(entry, (str, Path)):
+        entry = {"path": str(entry)}
     _check(isinstance(entry, dict), f"data.sources[{index}]={entry!r}: expected a mapping with at least `path`")
-    known = _field_types(SourceConfig)
+    known = [f.name for f in dataclasses.fields(SourceConfig)]
     for key in entry:
         if key not in known:
-            raise _unknown(f"key in data.sources[{index}]:", key, list(known))
+            raise unknown_name(f"key in data.sources[{index}]:", key, known)
     _check("path" in entry, f"data.sources[{index}]: missing `path` (a file, folder or hub dataset name)")
-    return SourceConfig(**{k: _coerce(v, known[k], f"data.sources[{index}].{k}") for k, v in entry.items()})
+    return SourceConfig(**entry)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the triplets come from and how rows become global batches."""
+
+    section: ClassVar[str] = "data"
 
     path: str | None = None
     """File, folder (JSON/JSONL/Parquet/CSV) or hub dataset name; unset = the WordNet sample shipped with the package."""
@@ -243,7 +262,7 @@ class DataConfig:
     """Column holding the query/anchor text (MEDI: `query`; sentence-transformers style: `anchor`)."""
     pos_column: str = "pos"
     """Column holding the positive text (MEDI: `pos`; sentence-transformers style: `positive`)."""
-    neg_columns: list[str] = field(default_factory=lambda: ["neg"])
+    neg_columns: tuple[str, ...] = ("neg",)
     """Hard-negative column(s); a list-valued column gives several negatives per row; `[]` trains on pairs.
     Every row must have the same number of negatives."""
     task_column: str | None = "task_name"
@@ -276,7 +295,7 @@ class DataConfig:
     pad_to_multiple_of: int | None = None
     """Pad each batch's length up to a multiple of this (8 suits tensor cores under bf16/fp16); null pads to the
     longest text in the batch."""
-    sources: list[SourceConfig] = field(default_factory=list)
+    sources: tuple[SourceConfig, ...] = ()
     """A weighted mixture instead of `path`: a list of `SourceConfig` mappings (`path`, `weight`, `name`,
     `num_negatives`, column options...), in YAML or as YAML/JSON text on the command line. Every global batch comes
     from one source (and one task in it). See docs/data.md for the epoch definition."""
@@ -290,6 +309,7 @@ class DataConfig:
     replacement; needs `train.max_steps` and `num_workers: 0`; no `guide.cache`. See docs/data.md, "Streaming"."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0")
         _check(self.max_rows is None or self.max_rows > 0, f"data.max_rows={self.max_rows}: must be positive")
@@ -297,11 +317,10 @@ class DataConfig:
                f"data.num_proc={self.num_proc}: must be a positive process count, or null for one process")
         _check(self.pad_to_multiple_of is None or self.pad_to_multiple_of > 0,
                f"data.pad_to_multiple_of={self.pad_to_multiple_of}: must be positive (e.g. 8), or null")
-        if isinstance(self.neg_columns, str):
-            self.neg_columns = [self.neg_columns]
+        # Built once, here: a mixture given in Python as mappings or paths becomes `SourceConfig`s.
+        object.__setattr__(self, "sources", tuple(_source(entry, i) for i, entry in enumerate(self.sources)))
         _check(self.sampling_alpha >= 0, f"data.sampling_alpha={self.sampling_alpha}: must be >= 0 (1 proportional "
                "to size, 0 uniform)")
-        self.sources = [_source(entry, i) for i, entry in enumerate(self.sources or [])]
         # The stream's position in a checkpoint must be what training consumed, not what workers prefetched.
         _check(not self.streaming or self.num_workers == 0,
                f"data.streaming=true needs data.num_workers=0 (got {self.num_workers}): batches are read, validated "
@@ -330,19 +349,12 @@ class DataConfig:
         return self.path is None and not self.sources
 
 
-def _as_float(value: Any) -> Any:
-    """A number, or a string that reads as one, becomes a float; anything else is left for the validation to refuse."""
-    try:
-        return float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
-    except ValueError:
-        return value
-
-
-def matryoshka_pairs(dims: list[int] | None, weights: list[float] | None) -> list[tuple[int, float]] | None:
+def matryoshka_pairs(dims: Sequence[int] | None, weights: Sequence[float] | None) -> list[tuple[int, float]] | None:
     """`(dimension, weight)` pairs, largest dimension first, or None without Matryoshka; raises `ConfigError`.
 
     Shared by `LossConfig` and `GISTLoss`, so the config file and the Python API accept and refuse the same values.
     """
+    dims, weights = (None if v is None else list(v) for v in (dims, weights))
     if dims is None:
         _check(weights is None, "loss.matryoshka_weights needs loss.matryoshka_dims (the sizes they weigh)")
         return None
@@ -357,9 +369,11 @@ def matryoshka_pairs(dims: list[int] | None, weights: list[float] | None) -> lis
     return sorted(zip(dims, (float(w) for w in weights)), reverse=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     """GISTEmbed's guided in-batch contrastive loss (see `gist_scale.loss`)."""
+
+    section: ClassVar[str] = "loss"
 
     temperature: float = 0.01
     """Softmax temperature; logits = cosine / temperature (GISTEmbed used 0.01)."""
@@ -375,11 +389,11 @@ class LossConfig:
     """With more rows per rank than this, compute the loss in row blocks recomputed in the backward, so it holds
     [row_block, candidates] matrices instead of [rows, candidates] (same loss and gradients); null never blocks.
     Matters for very large batches with GradCache: 16,384 triplets with one negative have 65,536 candidates."""
-    matryoshka_dims: list[int] | None = None
+    matryoshka_dims: tuple[int, ...] | None = None
     """Matryoshka GIST: also train the embeddings truncated to each of these sizes (e.g. `[384, 256, 128, 64]`;
     include the model's full dimension to keep training it). The loss is the weighted sum of the GIST loss on each
     truncated, re-normalized embedding, with one guide mask for all. null: the full dimension only."""
-    matryoshka_weights: list[float] | None = None
+    matryoshka_weights: tuple[float, ...] | None = None
     """Weight of each `matryoshka_dims` entry in the summed loss; null weighs each dimension 1."""
     mask_duplicates: bool = True
     """Never use a duplicate of a row's positive or query (the same token ids as the encoder sees them) as one of its
@@ -387,19 +401,14 @@ class LossConfig:
     candidate ties the guide threshold and rounding decides."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
-        # `--loss.matryoshka_dims 256,128` (no brackets) arrives as strings.
-        if self.matryoshka_dims is not None:
-            self.matryoshka_dims = [int(d) if isinstance(d, str) and d.strip().isdigit() else d
-                                    for d in self.matryoshka_dims]
-        if self.matryoshka_weights is not None:
-            self.matryoshka_weights = [_as_float(w) for w in self.matryoshka_weights]
         matryoshka_pairs(self.matryoshka_dims, self.matryoshka_weights)
 
     def check_embedding_dim(self, dim: int, model: str) -> None:
         """Refuse Matryoshka sizes larger than the student's embedding dimension, before training starts."""
         too_large = [d for d in self.matryoshka_dims or [] if d > dim]
-        _check(not too_large, f"loss.matryoshka_dims={self.matryoshka_dims}: {', '.join(map(str, too_large))} "
+        _check(not too_large, f"loss.matryoshka_dims={list(self.matryoshka_dims or ())}: {', '.join(map(str, too_large))} "
                               f"larger than the embedding dimension {dim} of {model}; use sizes up to {dim}")
         _check(self.row_block is None or self.row_block > 0,
                f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
@@ -407,9 +416,11 @@ class LossConfig:
                f"loss.margin_strategy={self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup then linear or cosine decay."""
+
+    section: ClassVar[str] = "optim"
 
     lr: float = 2e-5
     """Peak learning rate (GISTEmbed used 5e-6 for its long runs; the short quickstart needs more)."""
@@ -429,6 +440,7 @@ class OptimConfig:
     """Use the fused AdamW kernel where the device supports it (CUDA)."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.lr > 0, f"optim.lr={self.lr}: must be > 0")
         _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay}: must be >= 0 (0 disables it)")
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
@@ -439,12 +451,13 @@ class OptimConfig:
                f"optim.schedule={self.schedule!r}: use linear, cosine or constant")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"optim.max_grad_norm={self.max_grad_norm}: must be > 0, or null to disable clipping")
-        self.betas = tuple(self.betas)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The loop: batch sizes, length, precision, fault handling."""
+
+    section: ClassVar[str] = "train"
 
     batch_size: int = 32
     """Triplets per device per micro-batch. Global batch = batch_size x world size x grad_accum_steps. Ignored when
@@ -488,6 +501,7 @@ class TrainConfig:
     chunk; gradient memory stays partitioned)."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.batch_size > 0, f"train.batch_size={self.batch_size}: must be a positive count of triplets")
         _check(self.grad_accum_steps > 0, f"train.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
         _check(self.global_batch_size is None or self.global_batch_size > 0,
@@ -520,9 +534,11 @@ RESUME_IDENTITY: tuple[str, ...] = (
 fingerprint of the loaded rows). The world size is not here: see `gist_scale.resume`."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Resumable training state under RUN/checkpoints/step_N/."""
+
+    section: ClassVar[str] = "checkpoint"
 
     every: int | None = None
     """Save every N optimizer steps; null saves only at preemption."""
@@ -530,23 +546,24 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints, deleting older ones."""
     keep_best: str | None = None
     """Also keep the checkpoint with the best value of this eval metric (e.g. `ndcg@10`)."""
-    allow_changes: list[str] = field(default_factory=list)
+    allow_changes: tuple[str, ...] = ()
     """Fields of the run's identity (`RESUME_IDENTITY`) that a resume may change, e.g. `[loss.temperature]`; each
     change is logged. Any other difference from the checkpoint's run is refused, naming the field."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.every is None or self.every > 0, f"checkpoint.every={self.every}: must be positive, or null")
         _check(self.keep_last > 0, f"checkpoint.keep_last={self.keep_last}: keep at least 1")
-        if isinstance(self.allow_changes, str):
-            self.allow_changes = [self.allow_changes]
         for name in self.allow_changes:
             _check(name in RESUME_IDENTITY, f"checkpoint.allow_changes: {name!r} is not a field of the run's "
                                             f"identity; use some of {', '.join(RESUME_IDENTITY)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
     """What goes with the exported models (`RUN/final/`, `RUN/best/`): the model card, and an optional upload."""
+
+    section: ClassVar[str] = "export"
 
     push_to_hub: str | None = None
     """Hub repo id (`user/name`) to upload `RUN/final/` (weights, tokenizer, model card) to when training ends, with
@@ -558,14 +575,17 @@ class ExportConfig:
     """License id for the model card (e.g. `apache-2.0`); null: the base model's, when its card names one."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         _check(self.push_to_hub is None or (self.push_to_hub.count("/") <= 1 and self.push_to_hub.strip("/ ") != ""
                                             and " " not in self.push_to_hub),
                f"export.push_to_hub={self.push_to_hub!r}: give a hub repo id like your-name/my-gist-model, or null")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """Retrieval evaluation on a held-out split during and after training."""
+
+    section: ClassVar[str] = "eval"
 
     path: str | None = None
     """Eval triplets (same schema as training data); unset with the shipped sample = its held-out `eval` split."""
@@ -576,7 +596,7 @@ class EvalConfig:
     split: str = "eval"
     """Split to read when `path` is a folder (its files named for the split) or a hub dataset (often `validation`
     or `test` there); a single file needs none."""
-    corpus: list[str] = field(default_factory=list)
+    corpus: tuple[str, ...] = ()
     """Extra corpus files (JSONL with a `text` field, or plain text with one document per line) added to the
     retrieval corpus as distractors; `[]` ranks against the eval positives and negatives only."""
     sts: str | None = None
@@ -588,6 +608,7 @@ class EvalConfig:
     """The qrels file of `beir` to evaluate: `qrels/<beir_split>.tsv`."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         if self.beir is not None:
             _check(Path(self.beir).expanduser().is_dir(),
                    f"eval.beir={self.beir}: no such folder (it holds corpus.jsonl, queries.jsonl, qrels/)")
@@ -597,19 +618,19 @@ class EvalConfig:
         _check(self.every is None or self.every > 0, f"eval.every={self.every}: must be positive, or null")
         _check(self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be positive")
         _check(bool(self.split.strip()), "eval.split: must name a split (e.g. eval, validation, test)")
-        if isinstance(self.corpus, str):
-            self.corpus = [self.corpus]
         for file in self.corpus:
             _check(Path(file).expanduser().is_file(), f"eval.corpus: {file}: no such file")
         _check(self.sts is None or Path(self.sts).expanduser().is_file(),
                f"eval.sts={self.sts}: no such file (JSONL with sentence1, sentence2, score), or null")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     """Where metrics go besides RUN/metrics.jsonl (always written)."""
 
-    trackers: list[str] = field(default_factory=list)
+    section: ClassVar[str] = "logging"
+
+    trackers: tuple[str, ...] = ()
     """Accelerate trackers to enable, e.g. `[tensorboard]` or `[wandb]` (the package must be installed)."""
     project: str = "gist-scale"
     """Tracker project name."""
@@ -618,8 +639,7 @@ class LoggingConfig:
     for H100/H200/A100, otherwise only `model_tflops_per_s` is logged."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.trackers, str):
-            self.trackers = [t for t in self.trackers.split(",") if t]
+        _check_values(self)
         if self.trackers:
             # Imported only when trackers are asked for: it takes a second.
             from accelerate.tracking import get_available_trackers
@@ -637,7 +657,7 @@ class LoggingConfig:
                f"logging.peak_tflops={self.peak_tflops}: must be positive (e.g. 989 for an H100 SXM), or null")
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobConfig:
     """All sections, plus the two run-level switches."""
 
@@ -657,6 +677,7 @@ class JobConfig:
     """Single-process debug mode: few steps, anomaly detection, fail on the first non-finite loss, verbose shapes."""
 
     def __post_init__(self) -> None:
+        _check_values(self)
         if self.data.streaming:
             _check(self.train.max_steps is not None,
                    "data.streaming=true needs train.max_steps: a stream's length is unknown until it is read, so "
@@ -678,90 +699,27 @@ class JobConfig:
                    "own eval split)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON values: sections as mappings, tuples as lists."""
+        return _plain(dataclasses.asdict(self))
 
 
-_SECTION_TYPES = {
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+SECTIONS: dict[str, type] = {
     "model": ModelConfig, "guide": GuideConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
     "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "export": ExportConfig,
     "logging": LoggingConfig,
 }
+"""The sections of `JobConfig` by name (`gist_scale.options` makes their fields command-line options)."""
 
 
-def _unknown(kind: str, key: Any, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(key), known, n=1)  # str: a YAML key may be a number
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
-    return ConfigError(f"unknown {kind} {key!r}{hint}")
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check a YAML or command-line value against the field's declared type, converting where unambiguous.
-
-    Rules that hold for every field, so no section has to repeat them: numbers must be finite (an infinite batch
-    size or a NaN margin would only fail deep inside torch or the loss), integers must be whole, a text field takes
-    non-empty text (or a plain integer, e.g. a numeric revision), and every element of a list or tuple is checked
-    against the element type (a tuple also for its length). Range checks specific to a field stay in its
-    `__post_init__`.
-    """
-    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    hints = typing.get_args(annotation) if is_union else (annotation,)
-    if value is None and type(None) in hints:
-        return None
-    target = next(h for h in hints if h is not type(None))
-    origin = typing.get_origin(target) or target
-    if origin is bool and isinstance(value, bool):
-        return value
-    if origin in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        return _number(value, origin, where)
-    if origin in (list, tuple) and isinstance(value, (list, tuple, str)):
-        items = value if isinstance(value, (list, tuple)) else [v for v in value.split(",") if v]
-        return origin(_coerce_items(items, typing.get_args(target), origin, where))
-    if origin is Literal and value in typing.get_args(target):
-        return value
-    if origin is str and (isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))):
-        # An empty name or path would silently mean "." (the current directory) or nothing at all.
-        if not str(value).strip():
-            raise ConfigError(f"{where}={value!r}: must not be empty" + (" (null unsets it)" if is_union else ""))
-        return str(value)
-    if dataclasses.is_dataclass(origin):
-        return value  # a nested entry (a `data.sources` source): its section builds it, naming the entry in errors
-    expected = typing.get_args(target) if origin is Literal else getattr(target, "__name__", target)
-    quote = " (YAML reads no/yes/on/off as booleans: quote the name)" if origin is Literal and isinstance(
-        value, bool) else ""
-    raise ConfigError(f"{where}={value!r}: expected {expected}{quote}")
-
-
-def _number(value: int | float | str, kind: type, where: str) -> int | float:
-    """A finite int or float; an int field also takes a whole float (`1e3`), never a fractional one."""
-    if kind is int and isinstance(value, int):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{where}={value!r}: expected {kind.__name__}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{where}={value!r}: must be a finite number")
-    if kind is float:
-        return number
-    if number != int(number):
-        raise ConfigError(f"{where}={value!r}: expected int (a whole number)")
-    return int(number)
-
-
-def _coerce_items(items: list | tuple, args: tuple, origin: type, where: str) -> list:
-    """The elements of a list or tuple value, each checked against its declared type (`list[str]`,
-    `tuple[float, float]`)."""
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        if len(items) != len(args):
-            raise ConfigError(f"{where}={list(items)!r}: expected {len(args)} values, got {len(items)}")
-        return [_coerce(item, arg, f"{where}[{i}]") for i, (item, arg) in enumerate(zip(items, args))]
-    element = args[0] if args else Any
-    if element is Any:
-        return list(items)
-    return [_coerce(item, element, f"{where}[{i}]") for i, item in enumerate(items)]
-
-
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     """A YAML file's content; a missing file, a non-UTF-8 byte or a syntax error is named with its line and column."""
     _check(not path.is_dir(), f"--config {path}: is a directory; give the YAML file (e.g. RUN/config.yaml)")
     _check(path.is_file(), f"--config {path}: no such file")
@@ -788,101 +746,6 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return ": ".join(filter(None, (context, getattr(error, "problem", None)))) or str(error)
 
 
-def _from_cli(text: str, annotation: Any, where: str) -> Any:
-    """Parse a flag's text: YAML syntax for numbers, booleans, lists and null; strings stay verbatim."""
-    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    hints = typing.get_args(annotation) if union else (annotation,)
-    text_field = str in hints  # not `list[str]`: a list flag is YAML ('[a, b]')
-    choices = [c for hint in hints if typing.get_origin(hint) is Literal for c in typing.get_args(hint)]
-    try:
-        parsed = yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError as error:
-        if not text_field:  # text that is not YAML is still a fine string (a path with ': ' or a '[')
-            raise ConfigError(f"{where}={text!r}: not a value ({_yaml_problem(error)}); lists look like "
-                              "'[a, b]', numbers like 1e-5, booleans true/false") from None
-        parsed = text
-    if parsed is not None and text_field:
-        # A text field takes the flag verbatim: YAML would read a prompt like "query: " as a mapping and strip
-        # its trailing space.
-        parsed = text
-    elif isinstance(parsed, (int, float, bool)) and text in choices:
-        # A choice whose name YAML reads as a boolean or number (`--train.mixed_precision no`).
-        parsed = text
-    return _coerce(parsed, annotation, where)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def load_config(argv: list[str] | None = None,
-                config_file: str | Path | Sequence[str | Path] | None = None) -> JobConfig:
-    """Build the `JobConfig` from defaults, optional YAML files and `--section.key value` overrides.
-
-    Several files (a recipe, then the user's `--config`) are applied in order, later ones overriding earlier ones.
-
-    `argv` holds only overrides (`--optim.lr 1e-5`, `--optim.lr=1e-5`, `--resume auto`, `--debug`), as left by the
-    CLI after it took `--config`. Unknown sections or keys fail with the closest known name.
-    """
-    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
-    top: dict[str, Any] = {}
-    files = [] if config_file is None else [config_file] if isinstance(config_file, (str, Path)) else config_file
-    for path in map(Path, files):
-        loaded = _read_yaml(path) or {}
-        _check(isinstance(loaded, dict), f"{path}: expected a mapping of sections (model:, data:, ...)")
-        for section, values in loaded.items():
-            if section in ("resume", "debug"):
-                top[section] = _coerce(values, _field_types(JobConfig)[section], f"{path}: {section}")
-                continue
-            if section not in _SECTION_TYPES:
-                raise _unknown(f"section in {path}:", section, list(_SECTION_TYPES))
-            _check(isinstance(values, dict), f"{path}: section {section!r} must be a mapping of key: value")
-            known = _field_types(_SECTION_TYPES[section])
-            for key, value in values.items():
-                if key not in known:
-                    raise _unknown(f"key in {path} section {section!r}:", key, list(known))
-                raw[section][key] = _coerce(value, known[key], f"{path}: {section}.{key}")
-
-    args = list(argv or [])
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        _check(arg.startswith("--"), f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
-        name, eq, inline = arg[2:].partition("=")
-        if name == "debug" and not eq:
-            top["debug"] = True
-            i += 1
-            continue
-        if eq:
-            text = inline
-            i += 1
-        else:
-            _check(i + 1 < len(args), f"{arg}: missing value")
-            text = args[i + 1]
-            i += 2
-        if name == "resume":
-            top["resume"] = _coerce(text, str, "--resume")
-            continue
-        if name == "debug":
-            top["debug"] = _from_cli(text, bool, "--debug")
-            continue
-        section, dot, key = name.partition(".")
-        if dot and section not in _SECTION_TYPES:
-            raise _unknown(f"section in option --{name}:", section, list(_SECTION_TYPES))
-        if not dot:
-            raise _unknown("option", name, [f"{s}.KEY" for s in _SECTION_TYPES] + ["resume", "debug", "config"])
-        known = _field_types(_SECTION_TYPES[section])
-        if key not in known:
-            raise _unknown(f"option --{section}.", key, list(known))
-        raw[section][key] = _from_cli(text, known[key], f"--{name}")
-
-    sections = {name: cls(**raw[name]) for name, cls in _SECTION_TYPES.items()}
-    return JobConfig(**sections, **top)
-
-
 def save_config(config: JobConfig, path: str | Path) -> None:
     """Write the resolved config as YAML that `--config` reads back."""
-    data = config.to_dict()
-    data["optim"]["betas"] = list(data["optim"]["betas"])
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

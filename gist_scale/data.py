@@ -45,8 +45,9 @@ from datasets.exceptions import DatasetGenerationError
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import MIXTURE_FILE, DataConfig, SourceConfig, global_batch_size
+from gist_scale.config import MIXTURE_FILE, DataConfig, SourceConfig
 from gist_scale.places import text_file_problem
+from gist_scale.plan import global_batch
 from gist_scale.chunking import chunk_texts
 from gist_scale.model.prompts import Prompts, prompt_length
 
@@ -794,7 +795,7 @@ class GlobalBatchSampler:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
         self.grad_accum_steps, self.seed, self.drop_last = grad_accum_steps, seed, drop_last
-        self.global_batch_size = global_batch_size(batch_size, world_size, grad_accum_steps)
+        self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
         count = len(task_names)
         # int32 per row (5M rows: 20 MB an array): the source index, then the (source, task) group key.
         key = (np.zeros(count, dtype=np.int32) if sources is None else

@@ -25,16 +25,15 @@ the input gradient on rank ``r`` is ``d(sum_r' L_r') / d x_r``, not ``d L_r / d 
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
+from gist_scale import plan as launch
 from gist_scale.config import ConfigError
 
 __all__ = [
@@ -47,9 +46,7 @@ __all__ = [
     "gather_with_grad",
     "is_collective_failure",
     "is_distributed",
-    "launch_plan",
     "launch_state",
-    "LaunchPlan",
     "main_process_decides",
     "rank",
     "require_synchronised",
@@ -75,72 +72,6 @@ def is_collective_failure(error: BaseException) -> bool:
     return isinstance(error, dist.DistError) or any(marker in text for marker in markers)
 
 
-@dataclass(frozen=True)
-class LaunchPlan:
-    """How Accelerate must be set up for this process to join its job: the one answer `build_accelerator` and
-    :func:`launch_state` both use."""
-
-    world_size: int
-    """Processes the launcher started (torchrun's and accelerate launch's `WORLD_SIZE`; 1 without a launcher)."""
-    cpu: bool
-    """Accelerate's `cpu=`: True makes it set up a `MULTI_CPU` job (gloo) instead of the device's backend."""
-    backend: str | None
-    """Process-group backend; None for a single process, which must not name one (nobody starts a group)."""
-
-
-_MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-"""What MPI launchers set instead of `WORLD_SIZE` (Accelerate's `MULTI_CPU` reads them under `mpirun`)."""
-
-
-def launch_plan(deepspeed: bool = False) -> LaunchPlan:
-    """Decide, from the launcher's environment and this machine, how Accelerate synchronises the job's processes.
-
-    Accelerate looks for a device with a distributed backend (CUDA: nccl) and, on a machine without one, calls a
-    multi-process job "not distributed" unless told `cpu=True`: it still forms a gloo group, but `prepare` leaves the
-    model unwrapped (no DDP) and every rank steps on its own gradients. So without an accelerator several processes
-    get `cpu=True` (Accelerate's `MULTI_CPU`, DDP over gloo), whatever the launcher. The exception is DeepSpeed
-    (`deepspeed`: the caller runs it when `ACCELERATE_USE_DEEPSPEED=true` asks, as the trainer does), which
-    Accelerate sets up only with `cpu=False`, and which forms its gloo group itself. `ACCELERATE_USE_CPU`, which
-    Accelerate obeys in any case, makes the plan say so, so that no device backend is named for a CPU job.
-
-    Raises ConfigError when `accelerate launch --cpu` asked for several processes but started one (its `--cpu`
-    starts several only under MPI): that process would train alone, on a fraction of the global batch.
-    """
-    from accelerate.utils import parse_flag_from_env  # heavy, and only commands that start Accelerate need it
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu_requested = parse_flag_from_env("ACCELERATE_USE_CPU")
-    if world <= 1:
-        # accelerate launch's single-process launcher (no torchrun, so no WORLD_SIZE; ACCELERATE_DYNAMO_BACKEND as
-        # every accelerate launcher) sets MASTER_ADDR only when more processes or machines were asked for, yet starts
-        # one process unless MPI starts them. torchrun with one process sets WORLD_SIZE=1 and MASTER_ADDR: not this.
-        lone = (cpu_requested and "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ
-                and "MASTER_ADDR" in os.environ
-                and not any(int(os.environ.get(name, "1")) > 1 for name in _MPI_WORLD_SIZES))
-        if lone:
-            raise ConfigError(
-                "accelerate launch --cpu started a single process although several were asked for (it sets "
-                "MASTER_ADDR only for --num_processes or --num_machines above 1): its --cpu mode starts several "
-                "processes only under MPI (--mpirun_hostfile). For N CPU processes run `accelerate launch --multi_gpu "
-                "--num_processes N -m gist_scale ...` or `torchrun --nproc_per_node N -m gist_scale ...`, which use "
-                "gloo when there is no GPU; for one process leave --num_processes out (and unset MASTER_ADDR)")
-        return LaunchPlan(world, cpu=False, backend=None)
-    deepspeed_requested = deepspeed and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed_requested and cpu_requested:
-        # Accelerate sets DeepSpeed up only when not told cpu: the job would train as plain DDP, unsharded, silently.
-        raise ConfigError("ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_USE_CPU=1: in CPU mode Accelerate drops "
-                          "DeepSpeed and would train plain DDP, without ZeRO; unset ACCELERATE_USE_CPU (DeepSpeed runs "
-                          "on CPU over gloo by itself), or unset ACCELERATE_USE_DEEPSPEED for DDP")
-    if cpu_requested:
-        return LaunchPlan(world, cpu=True, backend="gloo")
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
-    if accelerator is not None:
-        return LaunchPlan(world, cpu=False, backend="nccl" if accelerator.type == "cuda" else "gloo")
-    if deepspeed_requested:
-        return LaunchPlan(world, cpu=False, backend="gloo")
-    return LaunchPlan(world, cpu=True, backend="gloo")
-
-
 def _unsynchronised(num_processes: int, distributed_type: object, consequence: str) -> ConfigError:
     """The refusal of a multi-process job that Accelerate does not synchronise, naming what to set instead."""
     return ConfigError(
@@ -154,7 +85,8 @@ def require_synchronised(model: torch.nn.Module, num_processes: int, distributed
 
     After `accelerator.prepare`, several processes must hold a DDP-wrapped model or a DeepSpeed engine; anything
     else steps on each rank's own gradients while the loss's gathers (which need only the process group) keep the
-    run looking healthy. :func:`launch_plan` avoids that on every launcher we know; this catches the ones it does not.
+    run looking healthy. `gist_scale.plan.launch_plan` avoids that on every launcher we know; this catches the ones
+    it does not.
     """
     if num_processes <= 1 or isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return
@@ -169,13 +101,13 @@ def require_synchronised(model: torch.nn.Module, num_processes: int, distributed
 def launch_state(timeout_s: float | None = None):
     """Accelerate's `PartialState` for a command run under `torchrun`/`accelerate launch` (none when alone).
 
-    Set up as :func:`launch_plan` says (these commands never run DeepSpeed): without `cpu=True` on a CPU-only box,
-    Accelerate forms the gloo group but calls the job "not distributed", so its barriers (`wait_for_everyone`,
+    Set up as `gist_scale.plan.launch_plan` says (these commands never run DeepSpeed): without `cpu=True` on a CPU-only
+    box, Accelerate forms the gloo group but calls the job "not distributed", so its barriers (`wait_for_everyone`,
     `main_process_first`) silently do nothing. A job that Accelerate still calls so is refused (ConfigError).
     """
     from accelerate import PartialState  # heavy, and only the commands run under a launcher need it
 
-    plan = launch_plan()
+    plan = launch.launch_plan()
     if plan.world_size <= 1:
         return PartialState()
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}

@@ -42,11 +42,12 @@ from transformers import PreTrainedTokenizerBase
 from gist_scale import distributed
 from gist_scale.checkpoint import COMPLETE_MARKER, CheckpointError, load_checkpoint_embedder
 from gist_scale.chunking import num_chunks
-from gist_scale.config import ConfigError, DataConfig, load_config
+from gist_scale.config import ConfigError, DataConfig
 from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
 from gist_scale.metrics import Relevance, retrieval_metrics, spearman
 from gist_scale.model import Embedder
 from gist_scale.model.prompts import prompt_length
+from gist_scale.options import load_config
 from gist_scale.places import require_writable_file, text_file_problem
 from gist_scale.st_format import load_sentence_transformer_dir, model_prompts
 

@@ -19,7 +19,6 @@ Training refuses a cache whose key differs from its own configuration, naming th
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -34,15 +33,16 @@ import pyarrow as pa
 import torch
 from accelerate.utils import send_to_device
 from datasets.arrow_writer import ArrowWriter
+from jsonargparse import ArgumentParser
 from rich.console import Console
 
 from gist_scale import chunking, distributed, encode
-from gist_scale.config import ConfigError, GuideConfig, JobConfig, load_config
+from gist_scale.config import ConfigError, GuideConfig, JobConfig
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
 from gist_scale.model.prompts import Prompts, load_task_instructions
+from gist_scale.options import job_parser, parse_job
 from gist_scale.places import require_writable_dir
-from gist_scale.recipes import config_files
 
 __all__ = ["GuideCache", "GuideCacheError", "build_guide_cache", "cache_key", "open_guide_cache", "main"]
 
@@ -319,29 +319,25 @@ def _half(t: torch.Tensor) -> np.ndarray:
     return values.to(torch.float16).cpu().numpy()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`gist-scale cache-guide`'s own options; the `--data.*` / `--guide.*` options go to `load_config`."""
-    parser = argparse.ArgumentParser(
-        prog="gist-scale cache-guide",
-        description="Embed the training data with the frozen guide once, sharded over the ranks of a torchrun / "
-                    "accelerate launch job; then train with --guide.cache OUT_DIR.",
-        epilog="Pass the same --data.* and --guide.* options (or --config) as for training: they are part of the "
-               "cache's key, and training refuses a cache built for other ones.")
+def build_parser() -> ArgumentParser:
+    """`gist-scale cache-guide`: its own options, and the training config's (its data and guide sections count)."""
+    parser = job_parser(
+        "gist-scale cache-guide",
+        "Embed the training data with the frozen guide once, sharded over the ranks of a torchrun / accelerate "
+        "launch job; then train with --guide.cache OUT_DIR. Pass the same --data.* and --guide.* options (or "
+        "--config) as for training: they are part of the cache's key, and training refuses a cache built for other "
+        "ones.", positional="OUT_DIR")
     parser.add_argument("out_dir", help="directory to write the cache to")
-    parser.add_argument("--config", help="YAML config, as for `gist-scale train`")
-    parser.add_argument("--recipe", help="a shipped recipe, as for `gist-scale train` (applied before --config)")
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
-    if args.rows_per_batch < 1 or args.chunk_size < 1:
-        console.print("[red]error:[/red] --rows-per-batch and --chunk-size must be positive")
-        return 2
     try:
-        cfg = load_config(overrides, config_files(args.recipe, args.config))
+        cfg, args = parse_job(build_parser(), argv)
+        if args.rows_per_batch < 1 or args.chunk_size < 1:
+            raise ConfigError("--rows-per-batch and --chunk-size must be positive")
         require_writable_dir(args.out_dir, "cache-guide OUT_DIR")  # before the guide and the data load
         build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
     except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError

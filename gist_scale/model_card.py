@@ -21,6 +21,7 @@ from typing import Any
 
 from gist_scale.config import ConfigError, ExportConfig, JobConfig
 from gist_scale.data import DataReport
+from gist_scale.plan import RunPlan
 
 __all__ = ["CARD_FILE", "RunFacts", "check_push_to_hub", "push_to_hub", "write_model_card"]
 
@@ -53,9 +54,7 @@ class RunFacts:
     """What the trainer measured, beside its config, for the card."""
 
     embedding_dim: int
-    world_size: int
-    zero_stage: int | None
-    global_batch: int
+    plan: RunPlan
     steps: int
     total_steps: int
     wall_time_s: float
@@ -196,10 +195,10 @@ def _training(cfg: JobConfig, facts: RunFacts) -> str:
     tasks = ", ".join(f"{task} ({rows})" for task, rows in list(data.tasks.items())[:12])
     more = f", ... {len(data.tasks) - 12} more" if len(data.tasks) > 12 else ""
     source = data.source + (revision(cfg.data.revision) if cfg.data.path else "")
-    layout = f"{facts.world_size} process(es), " + (f"DeepSpeed ZeRO stage {facts.zero_stage}"
-                                                     if facts.zero_stage is not None else "no ZeRO")
-    per_device = (f"{cfg.train.batch_size} per device x {facts.world_size} x {cfg.train.grad_accum_steps} "
-                  "accumulation")
+    plan = facts.plan
+    layout = f"{plan.world_size} process(es), " + (f"DeepSpeed ZeRO stage {plan.zero_stage}"
+                                                    if plan.zero_stage is not None else "no ZeRO")
+    per_device = f"{plan.per_device_batch} per device x {plan.world_size} x {plan.grad_accum_steps} accumulation"
     rows = [
         ("base model", (f"`{cfg.model.name}`{revision(cfg.model.revision)}, {cfg.model.pooling} pooling, "
                         f"max length {cfg.model.max_length}")),
@@ -209,8 +208,8 @@ def _training(cfg: JobConfig, facts: RunFacts) -> str:
         ("tasks", f"{len(data.tasks)}: {tasks}{more}"),
         ("loss", _settings(cfg.loss)),
         ("optimizer", "AdamW, " + _settings(cfg.optim)),
-        ("global batch", f"{facts.global_batch} triplets ({per_device})"),
-        ("layout", f"{layout}, precision {cfg.train.mixed_precision}"
+        ("global batch", f"{plan.global_batch} triplets ({per_device})"),
+        ("layout", f"{layout}, precision {plan.mixed_precision}"
                    + (f", GradCache chunks of {cfg.train.chunk_size}" if cfg.train.grad_cache else "")),
         ("steps", f"{facts.steps} of {facts.total_steps}"),
         ("wall time", f"{facts.wall_time_s / 60:.1f} min (from start-up to this export)"),
@@ -220,7 +219,8 @@ def _training(cfg: JobConfig, facts: RunFacts) -> str:
 
 
 def _settings(section: Any) -> str:
-    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(section).items() if v is not None)
+    return ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in dataclasses.asdict(section).items()
+                     if v is not None)
 
 
 def _evaluation(cfg: JobConfig, facts: RunFacts, baseline: dict[str, float] | None, dims: list[int]) -> str:

@@ -18,7 +18,7 @@ stage that wrote it, which are *not* identity. A resume
   uninterrupted run; the data order, the optimizer state and the learning-rate schedule do not;
 - with a changed identity field is refused, naming the field, unless `checkpoint.allow_changes` lists it.
 
-The order in `Trainer.__init__`: `plan_resume` right after the Accelerator exists (before the DeepSpeed config is
+The order in `Trainer.__init__`: `plan_run` right after the Accelerator exists (before the DeepSpeed config is
 filled, the data read or any model loaded), `ResumePlan.check_data` once the data is loaded and batched (before
 the models), `ResumePlan.load` in place of a plain `load_checkpoint`.
 """
@@ -42,8 +42,9 @@ from accelerate.utils import DistributedType, set_seed
 
 from gist_scale.checkpoint import (COMPLETE_MARKER, RUN_FILE, STATE_FILE, CheckpointError, TrainerState,
                                    load_checkpoint, resolve_resume, verify_checkpoint)
-from gist_scale.config import RESUME_IDENTITY, ConfigError, JobConfig, TrainConfig
+from gist_scale.config import RESUME_IDENTITY, JobConfig
 from gist_scale.data import SamplerSummary
+from gist_scale.plan import RunPlan, requested_global_batch
 
 UNIVERSAL_DIR = "universal"
 """Inside `step_N/`: the checkpoint converted to DeepSpeed's universal format, with the non-DeepSpeed files."""
@@ -70,27 +71,6 @@ def config_identity(cfg: JobConfig) -> dict[str, Any]:
         if hasattr(getattr(cfg, section), key):
             identity[name] = getattr(getattr(cfg, section), key)
     return identity
-
-
-def intended_global_batch(train: TrainConfig, world_size: int) -> int:
-    """The global batch this config asks for: `global_batch_size`, or `batch_size` x `world_size` x accumulation."""
-    if train.global_batch_size is not None:
-        return train.global_batch_size
-    return train.batch_size * world_size * train.grad_accum_steps
-
-
-def per_device_batch(global_batch: int, world_size: int, grad_accum_steps: int, source: str) -> int:
-    """`global / (world x accumulation)`, or a ConfigError listing the world sizes that divide it."""
-    per_step = world_size * grad_accum_steps
-    if global_batch % per_step == 0:
-        return global_batch // per_step
-    rows = global_batch // grad_accum_steps if global_batch % grad_accum_steps == 0 else None
-    working = ([f"{w} ({rows // w} per device)" for w in range(1, rows + 1) if rows % w == 0] if rows else [])
-    options = (f"world sizes that work with train.grad_accum_steps={grad_accum_steps}: {', '.join(working)}"
-               if working else f"no world size works with train.grad_accum_steps={grad_accum_steps}")
-    raise ConfigError(f"global batch {global_batch} ({source}) cannot be split over {_processes(world_size)} x "
-                      f"{grad_accum_steps} accumulation steps ({global_batch} / {per_step} is not a whole number); "
-                      f"{options}. Start the job with one of those process counts")
 
 
 @dataclass
@@ -126,12 +106,11 @@ class RunRecord:
 
 @dataclass
 class ResumePlan:
-    """The decisions of `plan_resume`; `load` and `record` carry them out."""
+    """The checkpoint a run continues from (if any) and how it maps onto this run's plan; `load` and `record`
+    carry it out."""
 
     cfg: JobConfig
-    world_size: int
-    zero_stage: int | None
-    global_batch: int
+    plan: RunPlan
     checkpoint: Path | None = None
     saved: RunRecord | None = None
     notes: list[str] = field(default_factory=list)
@@ -141,46 +120,49 @@ class ResumePlan:
 
     @property
     def resharded(self) -> bool:
-        return self.saved is not None and self.saved.world_size != self.world_size
+        return self.saved is not None and self.saved.world_size != self.plan.world_size
 
     def check_data(self, dataset_fingerprint: str, summary: SamplerSummary) -> None:
         """Refuse other data, and a sampler plan that a world-size change would alter; before any model loads."""
         self.data_fingerprint, self.steps_per_epoch = dataset_fingerprint, summary.steps_per_epoch
         if self.saved is None:
             return
-        _compare(self, {"data.fingerprint": dataset_fingerprint})
+        self.notes += _compare(self.checkpoint, self.saved, self.allowed_changes,
+                               {"data.fingerprint": dataset_fingerprint})
         changed_data = any(name in self.allowed_changes for name in ("data.fingerprint", "train.global_batch_size"))
         if summary.steps_per_epoch != self.saved.steps_per_epoch and not changed_data:
             # Only data.drop_last=false can do this: a task's tail is kept only when it gives every process a row.
             raise CheckpointError(
                 f"{self.checkpoint}: an epoch had {self.saved.steps_per_epoch} global batches on "
-                f"{_processes(self.saved.world_size)} and would have {summary.steps_per_epoch} on {self.world_size} "
+                f"{_processes(self.saved.world_size)} and would have {summary.steps_per_epoch} on "
+                f"{self.plan.world_size} "
                 f"(data.drop_last=false keeps a task's tail only when every process gets a row of it), so the "
                 f"remaining batches would differ; resume on {self.saved.world_size} processes")
 
     @property
-    def allowed_changes(self) -> list[str]:
+    def allowed_changes(self) -> tuple[str, ...]:
         return self.cfg.checkpoint.allow_changes
 
     def record(self, state: TrainerState) -> dict[str, Any]:
         """`run.json` for a checkpoint of `state`."""
-        identity = {**config_identity(self.cfg), "train.global_batch_size": self.global_batch,
+        plan = self.plan
+        identity = {**config_identity(self.cfg), "train.global_batch_size": plan.global_batch,
                     "data.fingerprint": self.data_fingerprint}
         return asdict(RunRecord(
-            global_batch_size=self.global_batch, world_size=self.world_size,
-            per_device_batch_size=self.cfg.train.batch_size, grad_accum_steps=self.cfg.train.grad_accum_steps,
-            zero_stage=self.zero_stage, epoch=state.epoch,
+            global_batch_size=plan.global_batch, world_size=plan.world_size,
+            per_device_batch_size=plan.per_device_batch, grad_accum_steps=plan.grad_accum_steps,
+            zero_stage=plan.zero_stage, epoch=state.epoch,
             # The loop counts micro-batches; every rank takes one slice of each micro-global batch.
-            global_batches=state.position // self.cfg.train.grad_accum_steps,
+            global_batches=state.position // plan.grad_accum_steps,
             steps_per_epoch=self.steps_per_epoch, identity=identity))
 
     def load(self, accelerator: Accelerator, state_kwargs: dict | None = None) -> TrainerState:
         """Restore the checkpoint onto this world size; returns the loop state, positioned in this run's units."""
         assert self.checkpoint is not None and self.saved is not None, "load() without a checkpoint to resume"
         source = self.checkpoint
-        if self.saved.zero_stage is not None and self.zero_stage is None:
+        if self.saved.zero_stage is not None and self.plan.zero_stage is None:
             source = plain_checkpoint(accelerator, self.checkpoint)
-        elif self.resharded and self.zero_stage is not None:
+        elif self.resharded and self.plan.zero_stage is not None:
             source = universal_checkpoint(accelerator, self.checkpoint)
         optimizers = accelerator._optimizers
         built = [[group["weight_decay"] for group in optimizer.param_groups] for optimizer in optimizers]
@@ -193,87 +175,85 @@ class ResumePlan:
             seed = np.random.SeedSequence([self.cfg.train.seed, state.step]).generate_state(1)[0]
             set_seed(int(seed) % 2**31, device_specific=True)
         # The position in this run's micro-batches; scaled by rows when the global batch was allowed to change.
-        global_batches = self.saved.global_batches * self.saved.global_batch_size // self.global_batch
+        global_batches = self.saved.global_batches * self.saved.global_batch_size // self.plan.global_batch
         state.epoch = self.saved.epoch
-        state.position = min(global_batches, self.steps_per_epoch) * self.cfg.train.grad_accum_steps
+        state.position = min(global_batches, self.steps_per_epoch) * self.plan.grad_accum_steps
         return state
 
     def summary_lines(self) -> list[str]:
         if self.saved is None:
             return []
         lines = list(self.notes)
+        plan = self.plan
         if self.resharded:
-            kept = self.global_batch == self.saved.global_batch_size
+            kept = plan.global_batch == self.saved.global_batch_size
             lines.append(
-                f"resuming a checkpoint of {_processes(self.saved.world_size)} on {self.world_size}: "
-                + (f"same global batch {self.global_batch}" if kept else
-                   f"global batch {self.saved.global_batch_size} -> {self.global_batch}")
+                f"resuming a checkpoint of {_processes(self.saved.world_size)} on {plan.world_size}: "
+                + (f"same global batch {plan.global_batch}" if kept else
+                   f"global batch {self.saved.global_batch_size} -> {plan.global_batch}")
                 + f", per-device batch {self.saved.per_device_batch_size} -> "
-                f"{self.cfg.train.batch_size}; data order, optimizer state and learning-rate schedule continue, "
+                f"{plan.per_device_batch}; data order, optimizer state and learning-rate schedule continue, "
                 "dropout masks are re-seeded (per-rank RNG streams do not carry over to another process count)")
-            if self.zero_stage is not None:
-                lines.append(f"ZeRO-{self.zero_stage} states resharded through DeepSpeed's universal checkpoint "
+            if plan.zero_stage is not None:
+                lines.append(f"ZeRO-{plan.zero_stage} states resharded through DeepSpeed's universal checkpoint "
                              f"{self.checkpoint / UNIVERSAL_DIR} (converted once, kept with the checkpoint)")
-        if self.saved.zero_stage is not None and self.zero_stage is None:
+        if self.saved.zero_stage is not None and plan.zero_stage is None:
             lines.append(f"ZeRO-{self.saved.zero_stage} states consolidated for a run without DeepSpeed into "
                          f"{self.checkpoint / PLAIN_DIR} (through DeepSpeed's universal checkpoint; converted once)")
         return lines
 
 
-def plan_resume(cfg: JobConfig, accelerator: Accelerator, checkpoint_dir: Path) -> ResumePlan:
-    """Decide the global and per-device batch, and refuse a checkpoint of another run; loads nothing heavy.
+def plan_run(cfg: JobConfig, accelerator: Accelerator, checkpoint_dir: Path) -> ResumePlan:
+    """The run's plan on this launch, with the checkpoint it resumes (`cfg.resume`), if any; loads nothing heavy.
 
-    Sets `cfg.train.batch_size` to the per-device batch of this world size, and DeepSpeed's `load_universal` when a
-    partitioned checkpoint must be resharded. Raises ConfigError/CheckpointError (exit 2) with the fix.
+    A fresh run takes its global batch from the config; a resumed one keeps the checkpoint's, whatever the world
+    size now (a per-device batch in the config means "at the world size that started the run"). Refuses another
+    run's checkpoint, naming the fields that differ, and sets DeepSpeed's `load_universal` when a partitioned
+    checkpoint must be resharded. Raises ConfigError/CheckpointError (exit 2) with the fix.
     """
     world = accelerator.num_processes
     plugin = accelerator.state.deepspeed_plugin
     stage = int(plugin.zero_stage) if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    layout = {"world_size": world, "rank": accelerator.process_index, "zero_stage": stage,
+              "device": str(accelerator.device)}
     checkpoint = resolve_resume(cfg.resume, checkpoint_dir)
-    saved = RunRecord.read(checkpoint) if checkpoint is not None else None
-    train = cfg.train
-    if saved is None:
-        source = (f"train.global_batch_size={train.global_batch_size}" if train.global_batch_size is not None
-                  else f"train.batch_size={train.batch_size} x {world} processes x {train.grad_accum_steps}")
-        plan = ResumePlan(cfg, world, stage, intended_global_batch(train, world))
-    else:
-        # A per-device batch means "at the world size that started the run", i.e. the checkpoint's.
-        intended = intended_global_batch(train, saved.world_size)
-        plan = ResumePlan(cfg, world, stage, intended, checkpoint, saved)
-        _compare(plan, {**config_identity(cfg), "train.global_batch_size": intended})
-        if "train.global_batch_size" not in plan.allowed_changes:
-            plan.global_batch = saved.global_batch_size
-        source = f"the checkpoint {checkpoint.name}'s global batch"
-        # ZeRO -> DDP or one plain process goes through the universal checkpoint too (`plain_checkpoint`).
-        if saved.zero_stage != stage and stage is not None:
-            written = "without DeepSpeed" if saved.zero_stage is None else f"under ZeRO-{saved.zero_stage}"
-            layouts = ("DDP or one process" if saved.zero_stage is None
-                       else f"ZeRO-{saved.zero_stage}, or DDP or one process without DeepSpeed")
-            raise CheckpointError(
-                f"{checkpoint}: written {written}, and this run uses ZeRO-{stage}; resume it with {layouts} (any "
-                "number of processes that divides the global batch)")
-    train.batch_size = per_device_batch(plan.global_batch, world, train.grad_accum_steps, source)
-    if plan.resharded and stage is not None:
+    if checkpoint is None:
+        return ResumePlan(cfg, RunPlan.create(cfg, **layout))
+    saved = RunRecord.read(checkpoint)
+    intended = requested_global_batch(cfg.train, saved.world_size)
+    allowed = cfg.checkpoint.allow_changes
+    notes = _compare(checkpoint, saved, allowed, {**config_identity(cfg), "train.global_batch_size": intended})
+    kept = intended if "train.global_batch_size" in allowed else saved.global_batch_size
+    plan = RunPlan.create(cfg, **layout, resumed_global_batch=kept,
+                          source=f"the checkpoint {checkpoint.name}'s global batch")
+    # ZeRO -> DDP or one plain process goes through the universal checkpoint too (`plain_checkpoint`).
+    if saved.zero_stage != stage and stage is not None:
+        written = "without DeepSpeed" if saved.zero_stage is None else f"under ZeRO-{saved.zero_stage}"
+        layouts = ("DDP or one process" if saved.zero_stage is None
+                   else f"ZeRO-{saved.zero_stage}, or DDP or one process without DeepSpeed")
+        raise CheckpointError(
+            f"{checkpoint}: written {written}, and this run uses ZeRO-{stage}; resume it with {layouts} (any "
+            "number of processes that divides the global batch)")
+    resume = ResumePlan(cfg, plan, checkpoint, saved, notes)
+    if resume.resharded and stage is not None:
         plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
-    return plan
+    return resume
 
 
-def _compare(plan: ResumePlan, current: dict[str, Any]) -> None:
-    """Refuse differing identity fields not listed in checkpoint.allow_changes; note the allowed ones."""
-    assert plan.saved is not None and plan.checkpoint is not None
-    differ = [(name, plan.saved.identity.get(name), value) for name, value in current.items()
-              if plan.saved.identity.get(name) != value]
-    refused = [(name, old, new) for name, old, new in differ if name not in plan.allowed_changes]
+def _compare(checkpoint: Path, saved: RunRecord, allowed: tuple[str, ...], current: dict[str, Any]) -> list[str]:
+    """Refuse differing identity fields not listed in checkpoint.allow_changes; summary notes for the allowed ones."""
+    differ = [(name, saved.identity.get(name), value) for name, value in current.items()
+              if saved.identity.get(name) != value]
+    refused = [(name, old, new) for name, old, new in differ if name not in allowed]
     if refused:
         fields = "\n  ".join(f"{name}: checkpoint {old!r}, this run {new!r} ({_FIX.get(name, '--' + name)})"
                              for name, old, new in refused)
         names = ",".join(name for name, _, _ in refused)
         raise CheckpointError(
-            f"{plan.checkpoint} is from another run; refusing to resume it:\n  {fields}\nresume with the "
+            f"{checkpoint} is from another run; refusing to resume it:\n  {fields}\nresume with the "
             f"checkpoint's settings, start a new run in another train.output_dir, or accept the change with "
             f"--checkpoint.allow_changes '[{names}]'")
-    plan.notes += [f"[yellow]checkpoint.allow_changes: {name} changed from {old!r} to {new!r}"
-                     for name, old, new in differ]
+    return [f"[yellow]checkpoint.allow_changes: {name} changed from {old!r} to {new!r}" for name, old, new in differ]
 
 
 def _repair_loaded_optimizer(optimizer: Any, weight_decays: list[float]) -> None:

@@ -33,11 +33,12 @@ import numpy as np
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import MIXTURE_FILE, DataConfig, global_batch_size
+from gist_scale.config import MIXTURE_FILE, DataConfig
 from gist_scale.data import (MAX_REPORTED_BAD_ROWS, DataError, DataReport, SamplerSummary, SourceReport,
                              TripletCollator, _BadRow, _decode_line, _Fields, _missing_columns, _parse_row, _Part,
                              _resolve_source, _row_error, _sides, _tokenize_batch)
 from gist_scale.model.prompts import Prompts
+from gist_scale.plan import global_batch
 
 __all__ = ["StreamingBatches", "stream_fingerprint"]
 
@@ -213,7 +214,7 @@ class StreamingBatches:
         self.sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length,
                             student_prompts, guide_prompts)
         self.world_size, self.rank, self.grad_accum_steps, self.seed = world_size, rank, grad_accum_steps, seed
-        self.global_batch_size = global_batch_size(batch_size, world_size, grad_accum_steps)
+        self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
         self.instructions = sorted(_Fields.from_config(cfg).instructed)
         split = split or cfg.split
         self.mixture = bool(cfg.sources)

@@ -9,7 +9,6 @@ global batch and can resume mid-epoch exactly, which Accelerate's sharding would
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, send_to_device, set_seed
+from accelerate.utils import InitProcessGroupKwargs, send_to_device, set_seed
+from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -31,8 +31,7 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from gist_scale import chunking, distributed, encode, faults
 from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
-from gist_scale.config import (METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig,
-                               global_batch_size, load_config, save_config)
+from gist_scale.config import METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, save_config
 from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dataloader, build_sampler, count_tokens,
                              load_triplets, mixture_lines, tokenize_triplets, write_mixture)
 from gist_scale.guide_cache import open_guide_cache
@@ -43,10 +42,11 @@ from gist_scale.model_card import RunFacts, check_push_to_hub, push_to_hub, writ
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
-from gist_scale.resume import plan_resume
+from gist_scale.plan import RunPlan, launch_plan
+from gist_scale.resume import plan_run
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
-from gist_scale.recipes import config_files
+from gist_scale.options import job_parser, parse_job
 from gist_scale.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.st_format import export_sentence_transformer
 
@@ -54,9 +54,9 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def build_accelerator(train: TrainConfig, logging: LoggingConfig, run_dir: Path) -> Accelerator:
-    """The run's Accelerator, set up as `distributed.launch_plan` says for this launcher and machine (DDP over gloo
+    """The run's Accelerator, set up as `gist_scale.plan.launch_plan` says for this launcher and machine (DDP over gloo
     for CPU processes, the device's backend on GPUs, DeepSpeed when the launcher asks for it)."""
-    plan = distributed.launch_plan(deepspeed=True)
+    plan = launch_plan(deepspeed=True)
     # The plan's backend, named: gloo for CPU processes (left to itself, Accelerate's CPU mode would pick MPI where
     # torch has it, which torchrun does not set up) and for DeepSpeed on CPU; nccl on GPUs. The timeout is what ends
     # the job when a peer dies instead of hanging forever. A single process must not name a backend at all, or
@@ -71,29 +71,27 @@ def build_accelerator(train: TrainConfig, logging: LoggingConfig, run_dir: Path)
         gradient_accumulation_steps=train.grad_accum_steps,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
-        log_with=logging.trackers or None,
+        log_with=list(logging.trackers) or None,
         project_dir=str(run_dir),
     )
 
 
-def configure_deepspeed(accelerator: Accelerator, train: TrainConfig, optim: OptimConfig) -> int | None:
-    """Fill the `"auto"` entries of the DeepSpeed JSON from our config (the single source of truth)."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
+def configure_deepspeed(accelerator: Accelerator, plan: RunPlan, optim: OptimConfig) -> None:
+    """Fill the `"auto"` entries of the DeepSpeed JSON from the run plan and the config (the single source of
+    truth)."""
+    if plan.zero_stage is None:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
     # We never hand Accelerate a DataLoader, so it cannot infer the micro-batch size itself.
-    ds["train_micro_batch_size_per_gpu"] = train.batch_size
-    ds["train_batch_size"] = global_batch_size(train.batch_size, accelerator.num_processes, train.grad_accum_steps)
+    ds["train_micro_batch_size_per_gpu"] = plan.per_device_batch
+    ds["train_batch_size"] = plan.global_batch
     ds["gradient_clipping"] = optim.max_grad_norm or 0.0
     # A non-finite loss skips the whole step (`Trainer.train_step`), but under DeepSpeed the update runs inside the
     # last backward: DeepSpeed's own check of the gradients must skip it. bf16 has that check off by default.
     ds.setdefault("bf16", {})["check_grad_overflow"] = True
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    if stage == 3:
+    if plan.zero_stage == 3:
         # The final export needs full weights consolidated from the shards.
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    return stage
 
 
 def build_optimizer(student: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -188,10 +186,12 @@ class Trainer:
         # Before anything is loaded: a run that cannot write where it saves must fail now, not at its first save.
         require_writable_dir(self.checkpoint_dir, "train.output_dir")
         self.accelerator = build_accelerator(cfg.train, cfg.logging, self.run_dir)
-        # Before anything is loaded: refuses another run's checkpoint, sets the per-device batch for this world size.
-        self.resume = plan_resume(cfg, self.accelerator, self.checkpoint_dir)
-        self.zero_stage = configure_deepspeed(self.accelerator, cfg.train, cfg.optim)
-        if cfg.train.grad_cache and self.zero_stage is not None:
+        # Before anything is loaded: the run's geometry on this launch, and the checkpoint it resumes (another run's
+        # is refused); an elastic resume keeps the checkpoint's global batch on the new world size.
+        self.resume = plan_run(cfg, self.accelerator, self.checkpoint_dir)
+        self.plan = self.resume.plan
+        configure_deepspeed(self.accelerator, self.plan, cfg.optim)
+        if cfg.train.grad_cache and self.plan.zero_stage is not None:
             encode.require_deepspeed_for_grad_cache(importlib.metadata.version("deepspeed"))
         set_seed(cfg.train.seed)
         self.device = self.accelerator.device
@@ -204,10 +204,6 @@ class Trainer:
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
         guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
         self.instructions = load_task_instructions(cfg.data.task_instructions)
-        # Full global batches only (data.drop_last; a stream has no tails): every rank's micro-batch has batch_size
-        # rows, so the loss need not exchange sizes (a host sync per step). Uneven tails keep the exchange.
-        self.rank_sizes = ([cfg.train.batch_size] * self.accelerator.num_processes
-                           if cfg.data.drop_last or cfg.data.streaming else None)
         # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,
                                    chunks=self._chunks)
@@ -217,7 +213,8 @@ class Trainer:
         else:
             self._prepare_data(collator, guide_tokenizer)
         self.eval_data = self._load_eval_data()
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.sampler.summary.steps_per_epoch
+        # A stream has no epochs (it needs train.max_steps); prepared data has a known number of batches per epoch.
+        self.total_steps = self.plan.total_steps(None if self.stream else self.sampler.summary.steps_per_epoch)
 
         student = load_student(cfg.model, self.instructions)
         cfg.loss.check_embedding_dim(student.dim, cfg.model.name)
@@ -272,11 +269,10 @@ class Trainer:
                           f"have, so their instructions are unused: {', '.join(unused)}")
         # Raises with a fix-it message when not even one global batch fits in the data.
         self.sampler = build_sampler(
-            dataset, cfg.data, cfg.train.batch_size,
-            self.accelerator.num_processes, self.accelerator.process_index, cfg.train.grad_accum_steps,
-            cfg.train.seed)
-        self.mixture = MixtureMeter([s.name for s in self.sampler.sources], cfg.train.grad_accum_steps,
-                                    self.sampler.global_batch_size)
+            dataset, cfg.data, self.plan.per_device_batch, self.plan.world_size, self.plan.rank,
+            self.plan.grad_accum_steps, cfg.train.seed)
+        self.mixture = MixtureMeter([s.name for s in self.sampler.sources], self.plan.grad_accum_steps,
+                                    self.plan.global_batch)
         # A refused resume leaves the run directory as it was: config.yaml is written in `train`, after loading.
         self.resume.check_data(data_fingerprint, self.sampler.summary)
         self.tokens_per_epoch = count_tokens(dataset, "student")
@@ -289,13 +285,13 @@ class Trainer:
         cfg = self.cfg
         self.stream = StreamingBatches(
             cfg.data, collator, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
-            batch_size=cfg.train.batch_size, world_size=self.accelerator.num_processes,
-            rank=self.accelerator.process_index, grad_accum_steps=cfg.train.grad_accum_steps, seed=cfg.train.seed,
+            batch_size=self.plan.per_device_batch, world_size=self.plan.world_size, rank=self.plan.rank,
+            grad_accum_steps=self.plan.grad_accum_steps, seed=cfg.train.seed,
             student_prompts=Prompts.from_config(cfg.model, self.instructions),
             guide_prompts=Prompts.from_config(cfg.guide, self.instructions))
         # A wrong path, column mapping or format fails now, before any model loads; later bad rows stop training.
         self.stream.check()
-        self.mixture = MixtureMeter(self.stream.source_names, cfg.train.grad_accum_steps, self.resume.global_batch)
+        self.mixture = MixtureMeter(self.stream.source_names, self.plan.grad_accum_steps, self.plan.global_batch)
         self.resume.check_data(stream_fingerprint(cfg.data), self.stream.summary)
 
     def _load_guide(self) -> Embedder | None:
@@ -450,7 +446,7 @@ class Trainer:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
         text_ids = batch["text_ids"]
-        loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.rank_sizes,
+        loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
                             text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")))
         first_attempt = self.state.nonfinite_in_a_row == 0
         if self.accelerator.sync_gradients and first_attempt and faults.requested("nonfinite_loss", self.state.step + 1):
@@ -475,7 +471,7 @@ class Trainer:
 
     def _skip(self) -> None:
         """Drop the step's gradients (every micro-batch's) and count the skip; too many in a row stop the run."""
-        if self.zero_stage is None:
+        if self.plan.zero_stage is None:
             self.optimizer.zero_grad(set_to_none=True)
         elif self.accelerator.deepspeed_engine_wrapped.engine.was_step_applied():
             raise FloatingPointError(
@@ -503,7 +499,7 @@ class Trainer:
         makes the same calls even when its own micro-batch is smaller."""
         if self.cfg.train.chunk_size is None:
             return None
-        return chunking.num_chunks(self.cfg.train.batch_size * (2 + k), self.cfg.train.chunk_size)
+        return chunking.num_chunks(self.plan.per_device_batch * (2 + k), self.cfg.train.chunk_size)
 
     def _guide_embeddings(self, batch: dict, k: int) -> tuple:
         if "guide_embeddings" in batch:  # from the guide cache (`guide.cache`)
@@ -565,12 +561,9 @@ class Trainer:
         # ZeRO-3 leaves each rank a shard; `ds_numel` is the whole parameter.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters() if p.requires_grad)
         lines = [
-            f"world size {self.accelerator.num_processes}  per-device batch {self.cfg.train.batch_size}  "
-            f"accumulation {self.cfg.train.grad_accum_steps}  global batch {self.resume.global_batch}",
+            self.plan.summary(),
             f"steps {self.total_steps} ("
             + ("streamed: no epochs" if self.stream else f"{self.sampler.summary.steps_per_epoch} per epoch") + ")  "
-            f"ZeRO stage {self.zero_stage if self.zero_stage is not None else '-'}  "
-            f"precision {self.cfg.train.mixed_precision}  "
             f"guide {self.cfg.guide.name or 'none (plain InfoNCE)'} "
             + (f"(cached embeddings: {self.cfg.guide.cache})" if self.cfg.guide.cache else f"({self.cfg.guide.dtype})"),
             f"student {self.cfg.model.name}: {trainable / 1e6:.1f}M trainable parameters",
@@ -619,8 +612,7 @@ class Trainer:
             self.cfg.model.max_length, destination, state_dict=encoder_state, prompts=embedder.prompts,
             include_prompt=embedder.include_prompt)
         write_model_card(destination, self.cfg, RunFacts(
-            embedding_dim=embedder.dim, world_size=self.accelerator.num_processes, zero_stage=self.zero_stage,
-            global_batch=self.resume.global_batch, steps=self.state.step, total_steps=self.total_steps,
+            embedding_dim=embedder.dim, plan=self.plan, steps=self.state.step, total_steps=self.total_steps,
             wall_time_s=time.monotonic() - self.start_time,
             data=self.stream.report() if self.stream is not None else self.data_report,
             eval_source=self.eval_data.describe() if self.eval_data is not None else None, metrics=metrics))
@@ -706,33 +698,26 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def apply_debug(cfg: JobConfig) -> JobConfig:
-    """Debug mode: a handful of logged-every-step iterations (`main` adds autograd anomaly detection)."""
-    if distributed.launch_plan().world_size > 1:
+    """Debug mode: a handful of logged-every-step iterations (`main` adds autograd anomaly detection), as a new
+    config derived from the loaded one."""
+    if launch_plan().world_size > 1:
         raise ConfigError("--debug runs a single process: start it with `gist-scale train --debug` (or "
                           "launch/single_gpu_debug.sh), not under torchrun/accelerate launch with several processes")
-    cfg.train.max_steps = min(cfg.train.max_steps or 3, 3)
-    cfg.train.log_every = 1
-    cfg.train.max_nonfinite_steps = 1
-    return cfg
+    train = dataclasses.replace(cfg.train, max_steps=min(cfg.train.max_steps or 3, 3), log_every=1,
+                                max_nonfinite_steps=1)
+    return dataclasses.replace(cfg, train=train)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`gist-scale train`'s own options; every other `--section.key VALUE` goes to `load_config`."""
-    parser = argparse.ArgumentParser(
-        prog="gist-scale train",
-        description="Fine-tune an embedding model with GISTEmbed. With no arguments: the offline quickstart "
-                    "(all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample).",
-        epilog="Any config field is an option: --section.key VALUE (sections: model guide data loss optim train "
-               "checkpoint eval export logging), plus --resume auto|PATH and --debug. See gist_scale/config.py.")
-    parser.add_argument("--config", help="YAML file with sections model:, data:, ... (flags override it)")
-    parser.add_argument("--recipe", help="a shipped recipe (`gist-scale recipes` lists them), applied before --config")
-    return parser
+def build_parser() -> ArgumentParser:
+    """`gist-scale train`'s options: every config field (`--section.field VALUE`), `--recipe`, `--config`."""
+    return job_parser("gist-scale train", "Fine-tune an embedding model with GISTEmbed. With no arguments: the "
+                      "offline quickstart (all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample). Values "
+                      "are YAML: --optim.betas [0.9,0.99], --train.max_steps null; `--debug` alone means true.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
     try:
-        cfg = load_config(overrides, config_files(args.recipe, args.config))
+        cfg, _ = parse_job(build_parser(), argv)
         if cfg.debug:
             cfg = apply_debug(cfg)
         # Scoped, not global: in-process callers (tests, notebooks) must not keep paying for anomaly detection.

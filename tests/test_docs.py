@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 YAML_LANGS = {"yaml", "yml"}
-CONFIG_COMMANDS = {"train", "mine", "cache-guide"}  # parse_known_args: the rest are --section.key overrides
+CONFIG_COMMANDS = {"train", "mine", "cache-guide"}  # built on gist_scale.options.job_parser: every config field
 NOT_A_CONFIG = "not a config"  # a yaml block whose first line says this is not checked as a --config file
 
 README_INSTALL = ('python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt torch==2.13.0 '
@@ -339,82 +339,56 @@ def parse(parser: argparse.ArgumentParser, args: list[str], known: bool, elided:
     return None, [], problems, placeholders
 
 
-def check_overrides(overrides: list[str]) -> tuple[list[str], bool]:
-    """Problems of `--section.key VALUE` overrides, walked as `gist_scale.config.load_config` walks them; and whether
-    a placeholder value was seen."""
-    from gist_scale import config
+def check_job_command(parser, args: list[str], elided: bool, docs: Docs, doc: str) -> list[str]:
+    """Problems of a command built on the config's parser (`gist_scale.options.parse_job`): the whole command parsed
+    and its config built, as its `main` would, with placeholder values left out (their option must still exist) and
+    a `--config` file taken from the repository or from the docs' YAML blocks (left out otherwise)."""
+    from gist_scale.config import ConfigError
+    from gist_scale.options import parse_job
 
-    problems, placeholders, i = [], False, 0
-    top = config._field_types(config.JobConfig)
-    while i < len(overrides):
-        arg = overrides[i]
-        if not arg.startswith("--"):
-            problems.append(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
-            i += 1
-            continue
-        name, eq, inline = arg[2:].partition("=")
-        if name == "debug" and not eq:
-            i += 1
-            continue
-        if eq:
-            value, i = inline, i + 1
-        elif i + 1 < len(overrides):
-            value, i = overrides[i + 1], i + 2
-        else:
-            problems.append(f"{arg}: missing value")
-            break
-        section, dot, key = name.partition(".")
-        if name in ("resume", "debug"):
-            annotation = top[name]
-        elif not dot:
-            problems.append(str(config._unknown("option", name, [f"{s}.KEY" for s in config._SECTION_TYPES]
-                                                + ["resume", "debug", "config"])))
-            continue
-        elif section not in config._SECTION_TYPES:
-            problems.append(str(config._unknown(f"section in option --{name}:", section,
-                                                list(config._SECTION_TYPES))))
-            continue
-        else:
-            known = config._field_types(config._SECTION_TYPES[section])
-            if key not in known:
-                problems.append(str(config._unknown(f"option --{section}.", key, list(known))))
-                continue
-            annotation = known[key]
-        if is_placeholder(value):
-            placeholders = True
-            continue
-        try:
-            config._from_cli(value, annotation, f"--{name}")
-        except config.ConfigError as error:
-            problems.append(str(error))
-    return problems, placeholders
-
-
-def load_whole(overrides: list[str], recipe: str | None, config_file: str | None, docs: Docs, doc: str
-               ) -> list[str]:
-    """`load_config` on the whole command, as the subcommand's `main` would call it; a `--config` file that is neither
-    in the repository nor defined in the docs is left out."""
-    from gist_scale.config import ConfigError, load_config
-    from gist_scale.recipes import config_files
-
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    kept, problems, placeholders, i = [], [], False, 0
     with tempfile.TemporaryDirectory() as tmp:
-        files = []
+        while i < len(args):
+            arg = args[i]
+            name, eq, inline = arg.partition("=")
+            action = actions.get(name) if arg.startswith("--") else None
+            if action is None or action.nargs == 0 or name == "--debug":
+                if action is None and arg.startswith("--"):  # unknown: the parser names it, with the closest match
+                    kept += [arg] if eq else args[i:i + 2]
+                    i += 1 if eq else 2
+                    continue
+                kept += ["--debug", "true"] if arg == "--debug" else [arg]
+                placeholders = placeholders or (not arg.startswith("-") and is_placeholder(arg))
+                i += 1
+                continue
+            value = inline if eq else args[i + 1] if i + 1 < len(args) else None
+            i += 1 if eq else 2
+            if value is None:
+                problems.append(f"{name}: missing value")
+            elif is_placeholder(value):
+                placeholders = True
+            elif name == "--config":
+                if (REPO / value).is_file():
+                    kept += [name, str(REPO / value)]
+                elif Path(value).name in docs.config_files(doc):
+                    path = Path(tmp) / Path(value).name
+                    path.write_text(docs.config_files(doc)[Path(value).name])
+                    kept += [name, str(path)]
+            else:
+                kept += [name, value]
         try:
-            files += config_files(recipe, None)
+            with contextlib.redirect_stdout(io.StringIO()):
+                if elided or placeholders:  # options and their types only: the config is not whole
+                    parser.parse_args(kept)
+                else:
+                    parse_job(parser, kept)
+        except argparse.ArgumentError as error:
+            if not (elided and "required" in str(error)):
+                problems.append(" ".join(str(error).split()))
         except ConfigError as error:
-            return [str(error)]
-        if config_file is not None:
-            if (REPO / config_file).is_file():
-                files.append(REPO / config_file)
-            elif Path(config_file).name in docs.config_files(doc):
-                path = Path(tmp) / Path(config_file).name
-                path.write_text(docs.config_files(doc)[Path(config_file).name])
-                files.append(path)
-        try:
-            load_config(overrides, files)
-        except ConfigError as error:
-            return [str(error)]
-    return []
+            problems.append(str(error))
+    return problems
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -434,25 +408,13 @@ def check_gist(args: list[str], docs: Docs, doc: str) -> list[str]:
     if command not in COMMANDS:
         return [f"unknown command {command!r}; gist_scale/cli.py knows {', '.join(COMMANDS)}"]
     parser = build_parser(command)
-    namespace, extras, problems, placeholders = parse(parser, rest, command in CONFIG_COMMANDS, elided)
+    if command in CONFIG_COMMANDS:
+        return check_job_command(parser, rest, elided, docs, doc)
+    namespace, extras, problems, placeholders = parse(parser, rest, False, elided)
     if namespace is None:
         return problems
     placeholders = placeholders or bool(problems)  # no whole load of a command already refused
-    if command in CONFIG_COMMANDS:
-        override_problems, override_placeholders = check_overrides(extras)
-        problems += override_problems
-        recipe = getattr(namespace, "recipe", None)
-        if recipe is not None and not is_placeholder(recipe):
-            from gist_scale.config import ConfigError
-            from gist_scale.recipes import recipe_path
-
-            try:
-                recipe_path(recipe)
-            except ConfigError as error:
-                problems.append(str(error))
-        if not (problems or placeholders or override_placeholders or elided):
-            problems += load_whole(extras, recipe, namespace.config, docs, doc)
-    elif command == "recipes" and namespace.name is not None and not is_placeholder(namespace.name):
+    if command == "recipes" and namespace.name is not None and not is_placeholder(namespace.name):
         from gist_scale.config import ConfigError
         from gist_scale.recipes import recipe_path
 
@@ -557,7 +519,8 @@ def check_python(code: str) -> list[str]:
 
 
 def check_yaml(block: Block) -> list[str]:
-    from gist_scale.config import ConfigError, load_config
+    from gist_scale.config import ConfigError
+    from gist_scale.options import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
@@ -753,13 +716,13 @@ OPTION = re.compile(r"--([a-z_]+)\.([a-z0-9_]+)")
 
 
 def test_every_config_option_named_in_the_docs_exists() -> None:
-    from gist_scale import config
+    from gist_scale.config import SECTIONS
 
     unknown = []
     for doc, text in DOCS.texts.items():
         for match in OPTION.finditer(text):
             section, key = match.groups()
-            if section in config._SECTION_TYPES and key not in config._field_types(config._SECTION_TYPES[section]):
+            if section in SECTIONS and key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
                 unknown.append(f"{doc}: {match[0]}")
     assert unknown == []
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from dist_utils import assert_same_losses, free_port, loss_records, torchrun_command
-from gist_scale import distributed
+from gist_scale import distributed, plan
 from gist_scale.config import ConfigError
 from gist_scale.data import sample_data_path
 
@@ -441,10 +441,9 @@ def test_accelerate_launch_cpu_with_several_processes_is_refused(tiny_model_dir,
 UNSYNCHRONISED = textwrap.dedent("""
     # gist-scale as it was before `launch_plan`: a CPU job with cpu=False, which Accelerate calls not distributed.
     import os, sys
-    from gist_scale import cli, distributed
+    from gist_scale import cli, plan, train
 
-    distributed.launch_plan = lambda deepspeed=False: distributed.LaunchPlan(int(os.environ["WORLD_SIZE"]), False,
-                                                                               "gloo")
+    train.launch_plan = lambda deepspeed=False: plan.LaunchPlan(int(os.environ["WORLD_SIZE"]), False, "gloo")
     sys.exit(cli.run())
 """)
 
@@ -494,7 +493,7 @@ def machine(monkeypatch):
     return make
 
 
-@pytest.mark.parametrize(("device", "env", "deepspeed", "plan"), [
+@pytest.mark.parametrize(("device", "env", "deepspeed", "expected"), [
     # One process: no group, no backend; Accelerate picks the GPU when there is one.
     ("cuda", {}, True, (1, False, None)),
     (None, {}, True, (1, False, None)),
@@ -519,16 +518,16 @@ def machine(monkeypatch):
     (None, {"ACCELERATE_USE_CPU": "True", "ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1",
             "PMI_SIZE": "2"}, True, (1, False, None)),
 ])
-def test_launch_plan(machine, device, env, deepspeed, plan):
+def test_launch_plan(machine, device, env, deepspeed, expected):
     machine(device, **env)
-    assert distributed.launch_plan(deepspeed=deepspeed) == distributed.LaunchPlan(*plan)
+    assert plan.launch_plan(deepspeed=deepspeed) == plan.LaunchPlan(*expected)
 
 
 def test_launch_plan_refuses_accelerate_launch_cpu_with_several_processes(machine):
     # What `accelerate launch --cpu --num_processes 2` gives its one process (with 1 process: no MASTER_ADDR).
     machine(None, ACCELERATE_USE_CPU="True", ACCELERATE_DYNAMO_BACKEND="NO", MASTER_ADDR="127.0.0.1")
     with pytest.raises(ConfigError, match="accelerate launch --cpu started a single process"):
-        distributed.launch_plan()
+        plan.launch_plan()
 
 
 def test_launch_plan_refuses_deepspeed_that_cpu_mode_would_drop(machine):
@@ -536,8 +535,8 @@ def test_launch_plan_refuses_deepspeed_that_cpu_mode_would_drop(machine):
     machine(None, WORLD_SIZE="2", ACCELERATE_USE_CPU="1", ACCELERATE_USE_DEEPSPEED="true")
     with pytest.raises(ConfigError, match="^ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_USE_CPU=1: in CPU mode "
                                           "Accelerate drops DeepSpeed"):
-        distributed.launch_plan(deepspeed=True)
-    assert distributed.launch_plan(deepspeed=False) == distributed.LaunchPlan(2, True, "gloo")  # cache-guide etc.
+        plan.launch_plan(deepspeed=True)
+    assert plan.launch_plan(deepspeed=False) == plan.LaunchPlan(2, True, "gloo")  # cache-guide etc.
 
 
 def test_an_unwrapped_model_of_several_processes_is_refused():

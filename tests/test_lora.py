@@ -14,7 +14,8 @@ from dist_utils import loss_records, torchrun_command
 from safetensors.torch import load_file
 from test_train import LAYOUT_STEPS, _run_layout, tiny_args
 
-from gist_scale.config import ModelConfig, load_config
+from gist_scale.config import ModelConfig
+from gist_scale.options import load_config
 from gist_scale.model import Embedder, load_student, load_tokenizer
 from gist_scale.train import Trainer, main
 

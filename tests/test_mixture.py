@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from test_data import batches_until
-from gist_scale.config import ConfigError, DataConfig, load_config
+from gist_scale.config import ConfigError, DataConfig
+from gist_scale.options import load_config
 from gist_scale.data import (DataError, GlobalBatchSampler, TripletCollator, build_sampler, load_triplets,
                              mixture_quotas, tokenize_triplets)
 
@@ -41,15 +42,15 @@ def test_sources_from_yaml_text_on_the_command_line(tmp_path: Path) -> None:
                                          "num_negatives: 3, name: bee}]", "--data.sampling_alpha", "0.5"])
     a, b = cfg.data.sources
     assert (a.name, a.weight, a.num_negatives, b.name, b.weight, b.num_negatives) == ("a", 2.0, None, "bee", 1.0, 3)
-    shorthand = load_config(["--data.sources", "a.jsonl,b.jsonl"]).data.sources
-    assert [s.name for s in shorthand] == ["a", "b"] and shorthand[0].weight is None
+    paths_only = load_config(["--data.sources", "[{path: a.jsonl}, {path: b.jsonl}]"]).data.sources
+    assert [s.name for s in paths_only] == ["a", "b"] and paths_only[0].weight is None
     config = tmp_path / "mix.yaml"
     config.write_text("data:\n  sources:\n    - {path: a.jsonl, weight: 0.7}\n    - {path: b.jsonl, weight: 0.3}\n")
     assert [s.weight for s in load_config([], config).data.sources] == [0.7, 0.3]
 
 
 @pytest.mark.parametrize("sources, message", [
-    ([{"path": "a.jsonl", "weight": -1}], "entry 'a': weight=-1.0 must be a number >= 0"),
+    ([{"path": "a.jsonl", "weight": -1}], "entry 'a': weight=-1 must be a number >= 0"),
     ([{"path": "a.jsonl", "weight": 0}, {"path": "b.jsonl", "weight": 0}], "every weight is 0"),
     ([{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl"}], "'a' have a weight and 'b' have none"),
     ([{"path": "x/a.jsonl"}, {"path": "y/a.jsonl"}], "two sources are named 'a'"),

@@ -110,7 +110,7 @@ def test_push_to_hub_without_a_token_fails_before_training(tmp_path, tiny_model_
 def test_matryoshka_size_larger_than_the_student_fails_at_startup(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "too-large"
     assert main(["--model.name", str(tiny_model_dir), "--guide.name", str(tiny_model_dir), "--train.output_dir",
-                 str(run), "--loss.matryoshka_dims", "64,16"]) == 2
+                 str(run), "--loss.matryoshka_dims", "[64, 16]"]) == 2
     err = capsys.readouterr().err
     assert f"loss.matryoshka_dims=[64, 16]: 64 larger than the embedding dimension 32 of {tiny_model_dir}" in err
     assert not (run / "metrics.jsonl").exists()

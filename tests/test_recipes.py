@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gist_scale.cli import main as cli
-from gist_scale.config import load_config
+from gist_scale.options import load_config
 from gist_scale.recipes import config_files, list_recipes, recipe_path
 
 RECIPES = ["gist-small-repro", "qwen3-embedding-0.6b-full", "qwen3-embedding-8b-lora"]

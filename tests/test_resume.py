@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dist_utils import assert_same_steps, torchrun_command
 from gist_scale.data import GlobalBatchSampler
-from gist_scale.resume import per_device_batch
+from gist_scale.plan import per_device_batch
 from gist_scale.train import main
 
 STEPS = 6

@@ -126,7 +126,7 @@ def test_debug_mode_runs_a_few_verbose_steps(tmp_path, tiny_model_dir, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--optim.lrr", "1e-5"], "did you mean 'lr'"),
+    (["--optim.lrr", "1e-5"], "did you mean '--optim.lr'"),
     (["--loss.temperature", "0"], "loss.temperature=0.0: must be > 0"),
     (["--train.batch_size", "many"], "--train.batch_size='many': expected int"),
     (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml: no such file"),
@@ -193,11 +193,11 @@ def test_two_ranks_match_one_process_with_the_whole_global_batch(layout, extra, 
 
 GUIDE_CHECK = textwrap.dedent("""
     import sys, torch
-    from gist_scale.config import load_config
+    from gist_scale.options import load_config
     from gist_scale.train import Trainer, build_optimizer
 
     trainer = Trainer(load_config(sys.argv[1:]))
-    assert trainer.zero_stage == 3
+    assert trainer.plan.zero_stage == 3
     guide_params = list(trainer.guide.parameters())
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in guide_params)
     assert not any(hasattr(p, "ds_id") for p in guide_params), "guide was partitioned by ZeRO-3"
@@ -294,7 +294,7 @@ def test_a_nonfinite_micro_batch_skips_its_whole_step_and_the_next_update_is_cle
                                                                                    monkeypatch, capsys):
     """With accumulation 2, a NaN in the step's last micro-batch must not leave the first micro-batch's gradients
     behind to be added into the next step: the step is skipped whole, and the next update equals a clean one."""
-    from gist_scale.config import load_config
+    from gist_scale.options import load_config
     from gist_scale.train import Trainer
 
     def trainer(name: str) -> Trainer:

@@ -39,7 +39,7 @@ _LAYER_PREFIX = re.compile(r"^.*?\.\d+\.")
 
 
 def lora_config(cfg: ModelConfig) -> LoraConfig:
-    targets = ALL_LINEAR if cfg.lora_target_modules == [ALL_LINEAR] else list(cfg.lora_target_modules)
+    targets = ALL_LINEAR if cfg.lora_target_modules == (ALL_LINEAR,) else list(cfg.lora_target_modules)
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
 
 
@@ -54,13 +54,13 @@ def add_lora(encoder: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     if config.target_modules != ALL_LINEAR and not any(check_target_module_exists(config, n) for n in linear):
         # Names inside a repeated block, without the block's path: what a user can put in the list.
         inside = sorted({_LAYER_PREFIX.sub("", name) for name in linear})
-        raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules}: matches no linear layer of "
+        raise ConfigError(f"model.lora_target_modules={list(cfg.lora_target_modules)}: matches no linear layer of "
                           f"{cfg.name}; its linear layers are {', '.join(inside)} (name them by last part or "
                           f"suffix), or use [{ALL_LINEAR}]")
     try:
         model = get_peft_model(encoder, config)
     except ValueError as error:  # e.g. a target that names a non-linear module
-        raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules}: {error}") from error
+        raise ConfigError(f"model.lora_target_modules={list(cfg.lora_target_modules)}: {error}") from error
     # The name the user gave (a hub name stays one), not the local path it was resolved to.
     model.peft_config["default"].base_model_name_or_path = cfg.name
     return model

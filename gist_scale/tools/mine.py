@@ -33,7 +33,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -46,14 +45,16 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse import ArgumentParser
 from rich.console import Console
 
 from gist_scale import distributed
-from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig, load_config
+from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig
 from gist_scale.data import DataError, load_triplets
 from gist_scale.evaluate import encode_texts, retrieval_task
 from gist_scale.loss import margin_threshold
 from gist_scale.metrics import top_k
+from gist_scale.options import job_parser, parse_job
 
 __all__ = ["MineConfig", "MineStats", "mine_negatives", "main"]
 
@@ -397,14 +398,14 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     return stats
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """`gist-scale mine`'s own options; the `--data.*` / `--guide.*` options go to `load_config`."""
-    parser = argparse.ArgumentParser(
-        prog="gist-scale mine", description=__doc__.split("\n\n")[0],
-        epilog="Rows come from --data.* options as for training (negative columns are ignored); the guide from "
-               "--guide.* (also --guide.cache). Under torchrun / accelerate launch every rank embeds and searches "
-               "a share. Ranks are counted after dropping positives and margin violators, as in "
-               "sentence-transformers' mine_hard_negatives.")
+def build_parser() -> ArgumentParser:
+    """`gist-scale mine`: its own options, and the training config's (its data and guide sections count)."""
+    parser = job_parser(
+        "gist-scale mine",
+        __doc__.split("\n\n")[0] + " Rows come from --data.* options as for training (negative columns are "
+        "ignored); the guide from --guide.* (also --guide.cache). Under torchrun / accelerate launch every rank "
+        "embeds and searches a share. Ranks are counted after dropping positives and margin violators, as in "
+        "sentence-transformers' mine_hard_negatives.")
     defaults = MineConfig()
     parser.add_argument("--out", required=True, help="JSONL file to write (MEDI schema plus guide scores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -431,16 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query-block", type=int, default=defaults.query_block,
                         help="queries searched at a time, also the unit of the seeded draw (default %(default)s)")
     parser.add_argument("--stats", metavar="FILE", help="also write the run's counts and throughput as JSON")
-    parser.add_argument("--config", help="YAML config, as for `gist-scale train` (its data and guide sections)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = build_parser().parse_known_args(argv)
     try:
+        job, args = parse_job(build_parser(), argv)
         mine = MineConfig(args.num_negatives, args.range_min, args.range_max, args.margin, args.margin_strategy,
                           args.sampling, args.seed, args.index, args.batch_size, args.query_block)
-        job = load_config(overrides, args.config)
         run(job, mine, args.out, args.corpus, args.overwrite, args.stats)
     except (ConfigError, DataError, OSError) as error:  # GuideCacheError is a ConfigError
         console.print(f"[red]error:[/red] {error}")
