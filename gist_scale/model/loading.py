@@ -111,9 +111,9 @@ def _from_pretrained(name: str, revision: str | None, remote_code_option: str) -
         yield resolved
     except ValueError as error:  # transformers' word for a bad argument or a directory without tokenizer files
         if "trust_remote_code=True" in str(error):  # custom code, and trust_remote_code was False
-            raise ConfigError(f"model {name}: its architecture is custom code in the model repository (auto_map in "
-                              f"its config.json), which runs only with {remote_code_option}; set it if you trust "
-                              "that code") from error
+            raise ConfigError(f"model {name}: it needs Python code from its repository (auto_map in its config.json "
+                              f"or tokenizer_config.json), which runs only with {remote_code_option}; set it if you "
+                              "trust that code") from error
         raise ConfigError(f"model {name}: {_first_line(error)}") from error
     except OSError as error:
         if Path(resolved).expanduser().is_dir():
