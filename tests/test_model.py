@@ -54,20 +54,31 @@ class TinyCustomModel(BertModel):
     config_class = TinyCustomConfig
     _supports_sdpa = False
 '''
+_TOKENIZER_CODE = '''from transformers import BertTokenizer
+
+
+class TinyCustomTokenizer(BertTokenizer):
+    pass
+'''
 TEXTS = ["a cat sat on the mat", "quantum chromodynamics", "x"]
 
 
 @pytest.fixture
 def custom_code_model_dir(tmp_path, tiny_model_dir):
-    """The tiny BERT as a model whose architecture is code in its own directory (`auto_map`), like the many hub
-    embedders that need `trust_remote_code`. Its own directory per test: transformers caches the code's module and
-    registers the class with `AutoModel` by directory."""
+    """The tiny BERT as a model whose architecture and tokenizer are code in its own directory (`auto_map`), like
+    the many hub embedders that need `trust_remote_code`. Its own directory per test: transformers caches the code's
+    module and registers the class with `AutoModel` by directory."""
     import shutil
 
     out = tmp_path / "tinycustom"
     shutil.copytree(tiny_model_dir, out)
     (out / "configuration_tinycustom.py").write_text(_CONFIG_CODE)
     (out / "modeling_tinycustom.py").write_text(_MODELING_CODE)
+    (out / "tokenization_tinycustom.py").write_text(_TOKENIZER_CODE)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer_config.update(tokenizer_class="TinyCustomTokenizer",
+                            auto_map={"AutoTokenizer": [None, "tokenization_tinycustom.TinyCustomTokenizer"]})
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     config = json.loads((out / "config.json").read_text())
     config.update(model_type="tinycustom", architectures=["TinyCustomModel"],
                   auto_map={"AutoConfig": "configuration_tinycustom.TinyCustomConfig",
@@ -83,7 +94,7 @@ def _embed(embedder, tokenizer, texts=TEXTS):
 
 
 def test_trusted_custom_code_student_and_guide_load_and_embed(custom_code_model_dir, tiny_model_dir):
-    """With trust_remote_code the student, the guide and the tokenizer load the directory's own class, with its
+    """With trust_remote_code the student, the guide and the tokenizer load the directory's own classes, with its
     weights: they embed as the same weights in transformers' BERT do."""
     from gist_scale.config import GuideConfig, ModelConfig
     from gist_scale.model import load_guide, load_student, load_tokenizer
@@ -93,6 +104,7 @@ def test_trusted_custom_code_student_and_guide_load_and_embed(custom_code_model_
     student = load_student(ModelConfig(name=path, trust_remote_code=True, attn_implementation="eager"))
     guide = load_guide(GuideConfig(name=path, trust_remote_code=True, dtype="fp32"), torch.device("cpu"))
     assert type(student.encoder).__name__ == type(guide.encoder).__name__ == "TinyCustomModel"
+    assert type(tokenizer).__name__ == "TinyCustomTokenizer"
     plain = load_student(ModelConfig(name=str(tiny_model_dir), attn_implementation="eager"))
     want = _embed(plain.eval(), tokenizer)
     assert want.shape == (3, 32)
@@ -127,8 +139,9 @@ def test_custom_code_without_trust_remote_code_is_one_line_naming_the_option(wha
     option = "--guide.trust_remote_code true" if what.startswith("guide") else "--model.trust_remote_code true"
     with pytest.raises(ConfigError) as error:
         load()
-    assert str(error.value) == (f"model {path}: its architecture is custom code in the model repository (auto_map "
-                                f"in its config.json), which runs only with {option}; set it if you trust that code")
+    assert str(error.value) == (f"model {path}: it needs Python code from its repository (auto_map in its "
+                                f"config.json or tokenizer_config.json), which runs only with {option}; set it if "
+                                "you trust that code")
 
 
 def test_custom_code_student_exports_its_code_for_sentence_transformers(custom_code_model_dir, tmp_path):
@@ -145,13 +158,14 @@ def test_custom_code_student_exports_its_code_for_sentence_transformers(custom_c
     tokenizer = load_tokenizer(path, trust_remote_code=True)
     student = load_student(ModelConfig(name=path, trust_remote_code=True, attn_implementation="eager")).eval()
     out = export_sentence_transformer(student.encoder, tokenizer, "mean", True, 64, tmp_path / "export")
-    assert (out / "modeling_tinycustom.py").is_file() and (out / "configuration_tinycustom.py").is_file()
+    for code in ("configuration_tinycustom.py", "modeling_tinycustom.py", "tokenization_tinycustom.py"):
+        assert (out / code).is_file(), code
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModel"] == \
         "modeling_tinycustom.TinyCustomModel"
     want = _embed(student, tokenizer)
 
     st = SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
-    assert type(st[0].auto_model).__name__ == "TinyCustomModel"
+    assert type(st[0].auto_model).__name__ == "TinyCustomModel" and type(st.tokenizer).__name__ == "TinyCustomTokenizer"
     torch.testing.assert_close(st.encode(TEXTS, convert_to_tensor=True), want, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         SentenceTransformer(str(out), device="cpu")
