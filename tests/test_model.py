@@ -66,11 +66,12 @@ TEXTS = ["a cat sat on the mat", "quantum chromodynamics", "x"]
 @pytest.fixture
 def custom_code_model_dir(tmp_path, tiny_model_dir):
     """The tiny BERT as a model whose architecture and tokenizer are code in its own directory (`auto_map`), like
-    the many hub embedders that need `trust_remote_code`. Its own directory per test: transformers caches the code's
-    module and registers the class with `AutoModel` by directory."""
+    the many hub embedders that need `trust_remote_code`. A directory name of its own per test: transformers names
+    the code's module after the directory and registers its classes with `AutoModel`, so a shared name would let
+    one test's loads stand in for another's."""
     import shutil
 
-    out = tmp_path / "tinycustom"
+    out = tmp_path / f"tinycustom_{tmp_path.name}"
     shutil.copytree(tiny_model_dir, out)
     (out / "configuration_tinycustom.py").write_text(_CONFIG_CODE)
     (out / "modeling_tinycustom.py").write_text(_MODELING_CODE)
