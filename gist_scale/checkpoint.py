@@ -254,4 +254,4 @@ def load_checkpoint_embedder(path: Path, max_length: int | None = None
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="pytorch_model")
     embedder = load_student(cfg)
     embedder.load_state_dict(state)
-    return embedder, load_tokenizer(cfg.name, cfg.revision), max_length or cfg.max_length
+    return embedder, load_tokenizer(cfg.name, cfg.revision, cfg.trust_remote_code), max_length or cfg.max_length

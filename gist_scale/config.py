@@ -81,6 +81,13 @@ class EncoderConfig:
     """Hub name or local directory of any `transformers` encoder (BERT/bge, MiniLM, E5, GTE, ModernBERT...)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; ignored for local directories."""
+    trust_remote_code: bool = False
+    """Load a model whose architecture is Python code in its own repository (`auto_map` in its config.json, as for
+    many popular embedders), passed to `transformers`' `from_pretrained` of config, model and tokenizer. That code
+    runs on this machine with your rights, so set it only for repositories you trust (pin `revision` so it cannot
+    change under you). Without it such a model is refused with one line naming this option. An exported student
+    carries the code files, and sentence-transformers loads it only with the same flag:
+    `SentenceTransformer(path, trust_remote_code=True)`."""
     pooling: Pooling = "mean"
     """How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE) or `last_token` (decoder LLMs)."""
     max_length: int = 128

@@ -344,21 +344,27 @@ def _embedding_metrics(queries: torch.Tensor, embeddings: torch.Tensor, eval_dat
 # ---------------------------------------------------------------------------------- model directories
 
 
-def load_model(name: str, max_length: int | None = None) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
+def load_model(name: str, max_length: int | None = None, trust_remote_code: bool = False
+               ) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
     """A sentence-transformers directory or hub name, or a training checkpoint (RUN/checkpoints/step_N), as our
-    `Embedder`, its tokenizer and its token limit (`max_length` overrides the model's)."""
+    `Embedder`, its tokenizer and its token limit (`max_length` overrides the model's).
+
+    `trust_remote_code` lets a model directory or hub name run its own code (`auto_map`, as
+    `SentenceTransformer(path, trust_remote_code=True)`); a checkpoint follows its run's `model.trust_remote_code`
+    instead, recorded in the run's config.yaml."""
     path = Path(name).expanduser()
     if (path / COMPLETE_MARKER).is_file():
         return load_checkpoint_embedder(path, max_length)
-    return load_sentence_transformer_dir(name, max_length)
+    return load_sentence_transformer_dir(name, max_length, trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
 def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int | None,
-                    device: torch.device, dims: Sequence[int] = ()) -> tuple[dict[str, float], float]:
-    embedder, tokenizer, length = load_model(name, max_length)
+                    device: torch.device, dims: Sequence[int] = (), trust_remote_code: bool = False
+                    ) -> tuple[dict[str, float], float]:
+    embedder, tokenizer, length = load_model(name, max_length, trust_remote_code)
     embedder.to(device)
     start = time.perf_counter()
     metrics = evaluate_embedder(embedder, tokenizer, length, data, batch_size, device, dims=dims)
@@ -366,13 +372,13 @@ def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int 
 
 
 def _run_mteb(name: str, tasks: str, out_dir: Path, batch_size: int, max_length: int | None,
-              device: torch.device) -> dict[str, float]:
+              device: torch.device, trust_remote_code: bool = False) -> dict[str, float]:
     """Run `--mteb` tasks on one model; mteb's result JSON and `summary.json` go to `out_dir`."""
     # mteb is an optional dependency: imported only when asked for.
     from gist_scale.mteb_eval import EmbedderEncoder, resolve_tasks, run_mteb
 
     resolved = resolve_tasks([task.strip() for task in tasks.split(",") if task.strip()])
-    embedder, tokenizer, length = load_model(name, max_length)
+    embedder, tokenizer, length = load_model(name, max_length, trust_remote_code)
     embedder.to(device)
     path = Path(name).expanduser()
     prompts = {} if (path / COMPLETE_MARKER).is_file() else model_prompts(name)
@@ -460,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="texts per forward (default: 64)")
     parser.add_argument("--max-length", type=int, help="token limit (default: each model's own max_seq_length)")
     parser.add_argument("--device", help="torch device (default: this rank's GPU, else cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the model and the baseline run their repository's own Python code (auto_map), as "
+                             "SentenceTransformer(path, trust_remote_code=True); only for code you trust (a "
+                             "checkpoint follows its run's model.trust_remote_code)")
     parser.add_argument("--dims", type=_dims, default=[],
                         metavar="D[,D...]", help="Matryoshka sizes: also report every metric on the embeddings "
                                                  "truncated to each (e.g. 256,128,64), as ndcg@10@256 ...")
@@ -501,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, name in (("model", args.model), ("baseline", args.baseline)):
                 if name is not None:
                     results[key] = _run_mteb(name, args.mteb, out_dir / key, args.batch_size, args.max_length,
-                                             device)
+                                             device, args.trust_remote_code)
                     console.print(f"{key} {name}: mteb results in {out_dir / key}")
         else:
             with state.main_process_first():  # the main process fills the datasets cache, the others read it
@@ -512,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name is None:
                     continue
                 results[key], seconds = _evaluate_model(name, data, args.batch_size, args.max_length, device,
-                                                        args.dims)
+                                                        args.dims, args.trust_remote_code)
                 if state.is_main_process:
                     console.print(f"{key} {name}: encoded {len(data.texts)} texts in {seconds:.1f} s")
     except (ConfigError, DataError, CheckpointError, OSError, ValueError) as error:

@@ -257,7 +257,8 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state = distributed.launch_state(cfg.train.collective_timeout_s)
     out = Path(out_dir).expanduser()
     start_time = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision)
+    tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
+                               "--guide.trust_remote_code true")
     instructions = load_task_instructions(cfg.data.task_instructions)
     with state.main_process_first():
         dataset, report = load_triplets(cfg.data)

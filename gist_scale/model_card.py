@@ -165,12 +165,15 @@ def _intro(cfg: JobConfig, facts: RunFacts, dims: list[int]) -> str:
 
 def _usage(cfg: JobConfig, facts: RunFacts, dims: list[int], destination: str | Path) -> str:
     name = cfg.export.push_to_hub or str(destination)
+    # A student that ran its repository's code exports that code too (transformers copies it), and
+    # sentence-transformers runs it only when told to.
+    trust = ", trust_remote_code=True" if cfg.model.trust_remote_code else ""
     lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
-             f'model = SentenceTransformer("{name}")']
+             f'model = SentenceTransformer("{name}"{trust})']
     smaller = [d for d in dims if d < facts.embedding_dim]
     if smaller:
         lines += [f"# or smaller embeddings (Matryoshka sizes trained: {', '.join(map(str, dims))}):",
-                  f'# model = SentenceTransformer("{name}", truncate_dim={smaller[0]})']
+                  f'# model = SentenceTransformer("{name}"{trust}, truncate_dim={smaller[0]})']
     lines += ['embeddings = model.encode(["A first sentence.", "Another one."])',
               "similarities = model.similarity(embeddings, embeddings)", "```"]
     instructions = facts.data.instructions

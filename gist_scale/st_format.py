@@ -123,8 +123,12 @@ def _lowercase_inputs(tokenizer: PreTrainedTokenizerBase, where: Path) -> None:
     steps = [normalizers.Lowercase()] + ([current] if current is not None else [])
     tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(steps)
 
-def load_sentence_transformer_dir(name_or_path: str,
-                                  max_length: int | None = None) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
+_EVAL_REMOTE_CODE_OPTION = "--trust-remote-code"
+"""`gist-scale eval`'s switch for `trust_remote_code`, named when a custom-code model is refused without it."""
+
+
+def load_sentence_transformer_dir(name_or_path: str, max_length: int | None = None, trust_remote_code: bool = False
+                                  ) -> tuple[Embedder, PreTrainedTokenizerBase, int]:
     """Load a sentence-transformers model (a directory, or a hub name) as our `Embedder`, its tokenizer and length.
 
     Reads `modules.json` (Transformer, Pooling, optional Normalize; any other module, such as Dense, cannot be
@@ -133,7 +137,9 @@ def load_sentence_transformer_dir(name_or_path: str,
     the model's position embeddings, as sentence-transformers does. A plain `transformers` directory without
     `modules.json` gets sentence-transformers' fallback: mean pooling, no normalization. `max_length` overrides.
     The named prompts of `config_sentence_transformers.json` become the `Embedder`'s `prompts` (evaluation
-    prepends `query` and `document`) and the Pooling module's `include_prompt` its own.
+    prepends `query` and `document`) and the Pooling module's `include_prompt` its own. `trust_remote_code` runs
+    the model's own code (`auto_map`), as `SentenceTransformer(path, trust_remote_code=True)` does; without it such
+    a model is refused with one line naming `gist-scale eval --trust-remote-code`.
     """
     root = _local_dir(name_or_path)
     modules = _read_json(root / "modules.json")
@@ -163,7 +169,7 @@ def load_sentence_transformer_dir(name_or_path: str,
         warnings.warn(f"{root}: its default prompt {prompts['default_prompt_name']!r} is not prepended here",
                       stacklevel=2)
 
-    tokenizer = load_tokenizer(str(transformer_dir))
+    tokenizer = load_tokenizer(str(transformer_dir), None, trust_remote_code, _EVAL_REMOTE_CODE_OPTION)
     if st_config.get("do_lower_case"):
         _lowercase_inputs(tokenizer, transformer_dir)
     if max_length is None:
@@ -173,9 +179,11 @@ def load_sentence_transformer_dir(name_or_path: str,
         positions = (_read_json(transformer_dir / "config.json") or {}).get("max_position_embeddings")
         if isinstance(positions, int) and positions > 0:
             max_length = min(max_length, positions)
+    # attn_implementation None: transformers' own choice, as in sentence-transformers: sdpa where the model class
+    # has it, else eager (many custom-code models, Gemma 2), where training's explicit sdpa would be refused.
     cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length),
-                      pool_prompt=include_prompt)
-    embedder = load_student(cfg)
+                      pool_prompt=include_prompt, trust_remote_code=trust_remote_code, attn_implementation=None)
+    embedder = load_student(cfg, remote_code_option=_EVAL_REMOTE_CODE_OPTION)
     embedder.prompts = _named_prompts(prompts)
     return embedder, tokenizer, cfg.max_length
 

@@ -199,10 +199,11 @@ class Trainer:
             self.accelerator.init_trackers(cfg.logging.project, config=_flatten(cfg.to_dict()))
 
         # Data first: a bad row must fail before any model is loaded.
-        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision)
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
         # With a guide cache the guide is neither tokenized for nor loaded: its embeddings come with each batch.
         live_guide = cfg.guide.name is not None and cfg.guide.cache is None
-        guide_tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision) if live_guide else None
+        guide_tokenizer = (load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
+                                          "--guide.trust_remote_code true") if live_guide else None)
         self.instructions = load_task_instructions(cfg.data.task_instructions)
         # With train.chunk_size the collator also plans the length-sorted chunks, off the training step's path.
         collator = TripletCollator(self.tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of,

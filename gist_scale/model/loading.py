@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.integrations import unset_hf_deepspeed_config
 
 from gist_scale.config import MINILM, ConfigError, GuideConfig, ModelConfig
@@ -95,14 +96,24 @@ def find_model(name: str) -> str:
     return resolved
 
 
+def _remote_code_option(cfg: ModelConfig | GuideConfig) -> str:
+    """The switch that sets `cfg.trust_remote_code`, as the refusal of a custom-code model names it."""
+    return f"--{cfg.section}.trust_remote_code true"
+
+
 @contextlib.contextmanager
-def _from_pretrained(name: str, revision: str | None) -> Iterator[str]:
+def _from_pretrained(name: str, revision: str | None, remote_code_option: str) -> Iterator[str]:
     """Yield the checked location of `name`; turn transformers' `OSError` (offline, typo, no access) into one line
-    saying where it looked."""
+    saying where it looked, and its refusal of a repository's custom code into one line naming
+    `remote_code_option`, the switch that allows it."""
     resolved = find_model(name)
     try:
         yield resolved
     except ValueError as error:  # transformers' word for a bad argument or a directory without tokenizer files
+        if "trust_remote_code=True" in str(error):  # custom code, and trust_remote_code was False
+            raise ConfigError(f"model {name}: it needs Python code from its repository (auto_map in its config.json "
+                              f"or tokenizer_config.json), which runs only with {remote_code_option}; set it if you "
+                              "trust that code") from error
         raise ConfigError(f"model {name}: {_first_line(error)}") from error
     except OSError as error:
         if Path(resolved).expanduser().is_dir():
@@ -136,8 +147,8 @@ def _drop_unused_pooler(encoder: PreTrainedModel) -> None:
         encoder.pooler = None
 
 
-def _encoder_config(name: str, revision: str | None, dropout: float | None):
-    config = AutoConfig.from_pretrained(name, revision=revision)
+def _encoder_config(name: str, revision: str | None, dropout: float | None, trust_remote_code: bool):
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     if dropout is not None:
         for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
                     "dropout", "embedding_dropout", "mlp_dropout", "classifier_dropout"):
@@ -146,14 +157,18 @@ def _encoder_config(name: str, revision: str | None, dropout: float | None):
     return config
 
 
-def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                   remote_code_option: str = "--model.trust_remote_code true") -> PreTrainedTokenizerBase:
     """The model's tokenizer; a decoder's appends EOS to every text (`gist_scale.model.decoder.ensure_eos`).
 
     Every tokenizing path (training data, guide cache, evaluation, export) takes its tokenizer from here.
+    `trust_remote_code` is the model section's (custom tokenizer or config code in the repository);
+    `remote_code_option` is the switch that sets it, named when such a repository is refused without it.
     """
-    with _from_pretrained(name, revision) as path:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        decoder = is_decoder(AutoConfig.from_pretrained(path, revision=revision))
+    with _from_pretrained(name, revision, remote_code_option) as path:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        decoder = is_decoder(AutoConfig.from_pretrained(path, revision=revision,
+                                                        trust_remote_code=trust_remote_code))
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token. Padding is masked out and pooling reads only the mask, so
         # the pad token may be the EOS token that last_token pooling takes.
@@ -163,22 +178,37 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
     return tokenizer
 
 
-def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None) -> Embedder:
+def _model_class(config, path: str, revision: str | None, trust_remote_code: bool) -> type[PreTrainedModel] | None:
+    """The class `AutoModel.from_pretrained` builds for `config`: the repository's own (`auto_map`) when its code
+    is trusted, as `AutoModel` chooses, else the `transformers` class of its model type (None: neither, and
+    `AutoModel` says so)."""
+    class_ref = (getattr(config, "auto_map", None) or {}).get("AutoModel")
+    if class_ref is not None and trust_remote_code:
+        return get_class_from_dynamic_module(class_ref, path, revision=revision)
+    return AutoModel._model_mapping.get(type(config), None)
+
+
+def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None, *,
+                 remote_code_option: str | None = None) -> Embedder:
     """Load the trainable student. Under ZeRO-3 this is partitioned at load time, as it should be.
 
     `instructions` (task -> instruction, `data.task_instructions`) become named prompts next to `query`/`document`.
+    `remote_code_option` names the switch that sets `cfg.trust_remote_code` when a custom-code model is refused
+    without it (default `--model.trust_remote_code true`).
     """
-    with _from_pretrained(cfg.name, cfg.revision) as path:
-        config = _encoder_config(path, cfg.revision, cfg.dropout)
+    option = remote_code_option or _remote_code_option(cfg)
+    with _from_pretrained(cfg.name, cfg.revision, option) as path:
+        config = _encoder_config(path, cfg.revision, cfg.dropout, cfg.trust_remote_code)
+        model_class = _model_class(config, path, cfg.revision, cfg.trust_remote_code)
     check_pooling(config, cfg.pooling, cfg.section)
-    model_class = AutoModel._model_mapping[type(config)]
-    if cfg.attn_implementation == "sdpa" and not model_class._supports_sdpa:
-        # Gemma 2, for one: its attention soft-caps the logits, which sdpa cannot.
+    if cfg.attn_implementation == "sdpa" and model_class is not None and not model_class._supports_sdpa:
+        # Gemma 2, for one: its attention soft-caps the logits, which sdpa cannot; and many custom-code models.
         raise ConfigError(f"model.attn_implementation=sdpa: {model_class.__name__} has no sdpa attention in "
                           "transformers; use --model.attn_implementation eager")
-    with _from_pretrained(cfg.name, cfg.revision) as path:
+    with _from_pretrained(cfg.name, cfg.revision, option) as path:
         encoder = AutoModel.from_pretrained(path, revision=cfg.revision, config=config,
-                                            attn_implementation=cfg.attn_implementation)
+                                            attn_implementation=cfg.attn_implementation,
+                                            trust_remote_code=cfg.trust_remote_code)
     check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     if cfg.gradient_checkpointing:
@@ -210,14 +240,20 @@ def outside_zero3(restore: Callable[[], None] | None):
         restore()
 
 
-def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[], None] | None = None) -> Embedder:
-    """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`)."""
+def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[], None] | None = None, *,
+               remote_code_option: str | None = None) -> Embedder:
+    """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`).
+
+    `remote_code_option` as for `load_student` (default `--guide.trust_remote_code true`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    with _from_pretrained(cfg.name, cfg.revision) as path:
-        check_pooling(AutoConfig.from_pretrained(path, revision=cfg.revision), cfg.pooling, cfg.section)
-    with _from_pretrained(cfg.name, cfg.revision) as path, outside_zero3(restore_zero3):
-        encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype)
+    option = remote_code_option or _remote_code_option(cfg)
+    with _from_pretrained(cfg.name, cfg.revision, option) as path:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    check_pooling(config, cfg.pooling, cfg.section)
+    with _from_pretrained(cfg.name, cfg.revision, option) as path, outside_zero3(restore_zero3):
+        encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype,
+                                            trust_remote_code=cfg.trust_remote_code)
     check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gist_scale.tools.guide_flips", description=__doc__.split("\n")[0])
     parser.add_argument("--guide.name", dest="guide", default=MINILM, help="guide model (default: %(default)s)")
     parser.add_argument("--guide.dtype", dest="dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--guide.trust_remote_code", dest="trust_remote_code", choices=("true", "false"),
+                        default="false", help="run the guide repository's own code (only for code you trust)")
     parser.add_argument("--data.path", dest="data", default=str(sample_data_path("train")),
                         help="JSONL rows with query, pos, neg (one text) and task_name (default: the WordNet sample)")
     parser.add_argument("--rows", type=int, default=512, help="rows read from the top of the file")
@@ -124,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     batches = global_batches(rows, args.global_batch)
     if not batches:
         parser.error(f"--rows {args.rows}: no task has --global-batch {args.global_batch} rows; read more rows")
-    guide = load_guide(GuideConfig(name=args.guide, dtype=args.dtype), torch.device("cpu"))
-    report = measure_flips(guide, load_tokenizer(args.guide), batches, args.micro_batches)
+    trust = args.trust_remote_code == "true"
+    guide = load_guide(GuideConfig(name=args.guide, dtype=args.dtype, trust_remote_code=trust), torch.device("cpu"))
+    tokenizer = load_tokenizer(args.guide, None, trust, "--guide.trust_remote_code true")
+    report = measure_flips(guide, tokenizer, batches, args.micro_batches)
     print(report.line(args.dtype, args.micro_batches))
     return 0
 

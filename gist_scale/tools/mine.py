@@ -291,7 +291,8 @@ def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_siz
         texts = task.corpus[len(first_p):]
     embeddings = torch.empty(0, 0, device=device)
     if texts:
-        tokenizer = load_tokenizer(job.guide.name, job.guide.revision)
+        tokenizer = load_tokenizer(job.guide.name, job.guide.revision, job.guide.trust_remote_code,
+                                   "--guide.trust_remote_code true")
         guide = load_guide(job.guide, device)
         embeddings = encode_texts(guide, tokenizer, texts, job.guide.max_length, batch_size, device)
         del guide
