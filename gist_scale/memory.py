@@ -92,24 +92,12 @@ def parameter_counts(model: torch.nn.Module) -> ParameterCounts:
 def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
     """Count the student's parameters from its config alone: no weight file is opened.
 
-    The encoder is built on the meta device (`accelerate.init_empty_weights`) from the same config `load_student`
-    uses, its unused pooler dropped as there, and LoRA added with the same `add_lora` (peft puts the adapters on
-    the meta device too), so the counts are those of the model training builds.
+    The encoder is the one training builds (`gist_scale.model.loading.student_encoder`: the same config, the
+    unused pooler dropped, the same LoRA adapters), on the meta device, so the counts are those of training.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModel
+    from gist_scale.model.loading import student_encoder  # transformers, only when counting
 
-    from gist_scale.model.loading import _drop_unused_pooler, _encoder_config, _from_pretrained
-
-    with _from_pretrained(model_cfg.name, model_cfg.revision) as path:
-        config = _encoder_config(path, model_cfg.revision, model_cfg.dropout)
-    with init_empty_weights():
-        encoder = AutoModel.from_config(config)
-        _drop_unused_pooler(encoder)
-        if model_cfg.lora_r:
-            from gist_scale.model.lora import add_lora  # peft only for LoRA, as in load_student
-
-            encoder = add_lora(encoder, model_cfg)
+    encoder = student_encoder(model_cfg, weights=False)
     return parameter_counts(encoder)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from transformers.integrations import unset_hf_deepspeed_config
@@ -21,7 +22,7 @@ from gist_scale.model.embedder import Embedder
 from gist_scale.model.prompts import Prompts
 
 __all__ = ["ModelNotFoundError", "check_max_length", "find_model", "hub_model_not_found", "load_guide", "load_student",
-           "load_tokenizer", "outside_zero3", "resolve_model_path"]
+           "load_tokenizer", "outside_zero3", "resolve_model_path", "student_encoder"]
 
 
 class ModelNotFoundError(ConfigError):
@@ -188,11 +189,13 @@ def _model_class(config, path: str, revision: str | None, trust_remote_code: boo
     return AutoModel._model_mapping.get(type(config), None)
 
 
-def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None, *,
-                 remote_code_option: str | None = None) -> Embedder:
-    """Load the trainable student. Under ZeRO-3 this is partitioned at load time, as it should be.
+def student_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_option: str | None = None
+                    ) -> PreTrainedModel:
+    """The student's `transformers` encoder as training builds it: its config (with `model.dropout`), the unused
+    pooler dropped, gradient checkpointing, LoRA adapters. `weights=False` builds it on the meta device from its
+    config alone, reading no weight file: what `gist_scale.memory` counts for a dry run. Under ZeRO-3 the weights
+    are partitioned at load time, as they should be.
 
-    `instructions` (task -> instruction, `data.task_instructions`) become named prompts next to `query`/`document`.
     `remote_code_option` names the switch that sets `cfg.trust_remote_code` when a custom-code model is refused
     without it (default `--model.trust_remote_code true`).
     """
@@ -205,18 +208,34 @@ def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None
         # Gemma 2, for one: its attention soft-caps the logits, which sdpa cannot; and many custom-code models.
         raise ConfigError(f"model.attn_implementation=sdpa: {model_class.__name__} has no sdpa attention in "
                           "transformers; use --model.attn_implementation eager")
-    with _from_pretrained(cfg.name, cfg.revision, option) as path:
-        encoder = AutoModel.from_pretrained(path, revision=cfg.revision, config=config,
-                                            attn_implementation=cfg.attn_implementation,
+    with contextlib.ExitStack() as stack:
+        if weights:
+            path = stack.enter_context(_from_pretrained(cfg.name, cfg.revision, option))
+            encoder = AutoModel.from_pretrained(path, revision=cfg.revision, config=config,
+                                                attn_implementation=cfg.attn_implementation,
+                                                trust_remote_code=cfg.trust_remote_code)
+        else:
+            stack.enter_context(init_empty_weights())  # LoRA's adapters land on the meta device too
+            encoder = AutoModel.from_config(config, attn_implementation=cfg.attn_implementation,
                                             trust_remote_code=cfg.trust_remote_code)
-    check_max_length(cfg, encoder.config)
-    _drop_unused_pooler(encoder)
-    if cfg.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora_r:
-        from gist_scale.model.lora import add_lora  # peft is needed only for LoRA (and imports this module)
+        check_max_length(cfg, encoder.config)
+        _drop_unused_pooler(encoder)
+        if weights and cfg.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_r:
+            from gist_scale.model.lora import add_lora  # peft is needed only for LoRA (and imports this module)
 
-        encoder = add_lora(encoder, cfg)
+            encoder = add_lora(encoder, cfg)
+    return encoder
+
+
+def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None, *,
+                 remote_code_option: str | None = None) -> Embedder:
+    """Load the trainable student (`student_encoder`) with its pooling and prompts.
+
+    `instructions` (task -> instruction, `data.task_instructions`) become named prompts next to `query`/`document`.
+    """
+    encoder = student_encoder(cfg, remote_code_option=remote_code_option)
     return Embedder(encoder, cfg.pooling, cfg.normalize, cfg.pool_prompt,
                     Prompts.from_config(cfg, instructions).named())
 
