@@ -36,6 +36,7 @@ from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dat
                              load_triplets, mixture_lines, tokenize_triplets, write_mixture)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
+from gist_scale.memory import count_parameters, estimate_model_states, format_estimate
 from gist_scale.beir import load_beir
 from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data, read_sts
 from gist_scale.model_card import RunFacts, check_push_to_hub, push_to_hub, write_model_card
@@ -44,7 +45,7 @@ from gist_scale.places import require_writable_dir
 from gist_scale.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gist_scale.plan import RunPlan, launch_plan
 from gist_scale.resume import plan_run
-from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora
+from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora, outside_zero3
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.options import job_parser, parse_job
 from gist_scale.streaming import StreamingBatches, stream_fingerprint
@@ -174,7 +175,9 @@ class MetricsWindow:
 class Trainer:
     """Builds everything in `__init__`; `train()` runs the loop and returns the process exit code."""
 
-    def __init__(self, cfg: JobConfig) -> None:
+    def __init__(self, cfg: JobConfig, load_models: bool = True) -> None:
+        """`load_models=False` stops before the first weight is read (`gist-scale train --dry-run`): the config, the
+        places, the launch, the checkpoint to resume, the data rows and their tokenization are checked by then."""
         self.cfg = cfg
         self.start_time = time.monotonic()  # the model card's wall time counts from here
         check_push_to_hub(cfg.export)
@@ -195,8 +198,6 @@ class Trainer:
             encode.require_deepspeed_for_grad_cache(importlib.metadata.version("deepspeed"))
         set_seed(cfg.train.seed)
         self.device = self.accelerator.device
-        if cfg.logging.trackers:
-            self.accelerator.init_trackers(cfg.logging.project, config=_flatten(cfg.to_dict()))
 
         # Data first: a bad row must fail before any model is loaded.
         self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
@@ -216,6 +217,8 @@ class Trainer:
         self.eval_data = self._load_eval_data()
         # A stream has no epochs (it needs train.max_steps); prepared data has a known number of batches per epoch.
         self.total_steps = self.plan.total_steps(None if self.stream else self.sampler.summary.steps_per_epoch)
+        if not load_models:
+            return
 
         student = load_student(cfg.model, self.instructions)
         cfg.loss.check_embedding_dim(student.dim, cfg.model.name)
@@ -319,6 +322,8 @@ class Trainer:
         # leaves the run directory of an earlier, good start as it was.
         if self.accelerator.is_main_process:
             save_config(self.cfg, self.run_dir / "config.yaml")
+        if self.cfg.logging.trackers:
+            self.accelerator.init_trackers(self.cfg.logging.project, config=_flatten(self.cfg.to_dict()))
         self._print_summary(resume_from)
         if self.eval_data is not None and self.state.step == 0:
             self._evaluate(baseline=True)
@@ -585,6 +590,27 @@ class Trainer:
         for line in lines:
             console.print(line)
 
+    def dry_run(self) -> int:
+        """Print what the run would do (`--dry-run`, on a Trainer built with `load_models=False`): the plan, the
+        schedule, the data, the resume, and the student's per-rank memory for weights, gradients and optimizer
+        state under this launch's ZeRO stage (`gist_scale.memory`, counted on the meta device). Returns 0."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config if self.plan.zero_stage is not None else {}
+        zero = ds.get("zero_optimization", {})
+        with outside_zero3(self._restore_zero3()):  # counted on the meta device: nothing for zero.Init to partition
+            counts = count_parameters(self.cfg.model)
+        estimate = estimate_model_states(
+            counts, self.plan.zero_stage or 0, self.plan.world_size, self.plan.mixed_precision,
+            offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            offload_param=zero.get("offload_param", {}).get("device", "none") != "none")
+        if self.accelerator.is_main_process:
+            epochs = "streamed: no epochs" if self.stream else f"{self.sampler.summary.steps_per_epoch} per epoch"
+            lines = [f"[bold]dry run[/bold]: nothing is trained and no weights are loaded",
+                     self.plan.summary(), f"steps {self.total_steps} ({epochs})", *self._data_lines(),
+                     *self.resume.summary_lines(), f"student {self.cfg.model.name}",
+                     *format_estimate(counts, estimate).splitlines(), f"run directory: {self.run_dir}"]
+            console.print("\n".join(lines), markup=True)
+        return 0
+
     def _data_lines(self) -> list[str]:
         """The startup summary's data lines: the stream's, or the prepared dataset's and its epoch plan."""
         if self.stream is not None:
@@ -710,15 +736,23 @@ def apply_debug(cfg: JobConfig) -> JobConfig:
 
 
 def build_parser() -> ArgumentParser:
-    """`gist-scale train`'s options: every config field (`--section.field VALUE`), `--recipe`, `--config`."""
-    return job_parser("gist-scale train", "Fine-tune an embedding model with GISTEmbed. With no arguments: the "
-                      "offline quickstart (all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample). Values "
-                      "are YAML: --optim.betas [0.9,0.99], --train.max_steps null; `--debug` alone means true.")
+    """`gist-scale train`'s options: every config field (`--section.field VALUE`), `--recipe`, `--config`,
+    `--dry-run`."""
+    parser = job_parser("gist-scale train", "Fine-tune an embedding model with GISTEmbed. With no arguments: the "
+                        "offline quickstart (all-MiniLM-L6-v2 guiding itself on the shipped WordNet sample). Values "
+                        "are YAML: --optim.betas [0.9,0.99], --train.max_steps null; `--debug` alone means true.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything that needs no weights (config, places, launch, checkpoint to resume, "
+                             "data rows and tokenization), print the plan and the per-rank memory of the student's "
+                             "weights, gradients and optimizer state, and exit without training")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, _ = parse_job(build_parser(), argv)
+        cfg, args = parse_job(build_parser(), argv)
+        if args.dry_run:
+            return Trainer(cfg, load_models=False).dry_run()
         if cfg.debug:
             cfg = apply_debug(cfg)
         # Scoped, not global: in-process callers (tests, notebooks) must not keep paying for anomaly detection.
