@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -410,17 +409,17 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check_values(self)
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
+        _check(self.margin_strategy in MARGIN_STRATEGIES,
+               f"loss.margin_strategy={self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
+        _check(self.row_block is None or self.row_block > 0,
+               f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
         matryoshka_pairs(self.matryoshka_dims, self.matryoshka_weights)
 
     def check_embedding_dim(self, dim: int, model: str) -> None:
         """Refuse Matryoshka sizes larger than the student's embedding dimension, before training starts."""
         too_large = [d for d in self.matryoshka_dims or [] if d > dim]
-        _check(not too_large, f"loss.matryoshka_dims={list(self.matryoshka_dims or ())}: {', '.join(map(str, too_large))} "
-                              f"larger than the embedding dimension {dim} of {model}; use sizes up to {dim}")
-        _check(self.row_block is None or self.row_block > 0,
-               f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
-        _check(self.margin_strategy in MARGIN_STRATEGIES,
-               f"loss.margin_strategy={self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
+        _check(not too_large, f"loss.matryoshka_dims={list(self.matryoshka_dims or ())}: "
+                              f"{', '.join(map(str, too_large))} larger than the embedding dimension {dim} of {model}; use sizes up to {dim}")
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,6 @@ elements (tested); the loss and gradients are the same.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +102,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gist_scale import distributed as gdist
-from gist_scale.config import MARGIN_STRATEGIES, LossConfig, matryoshka_pairs
+from gist_scale.config import LossConfig, matryoshka_pairs
 
 __all__ = ["GISTLoss", "LossStats", "block_similarities", "margin_threshold"]
 
@@ -200,26 +199,22 @@ class GISTLoss(nn.Module):
         mask_duplicates: bool = LossConfig.mask_duplicates,
     ) -> None:
         super().__init__()
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if margin_strategy not in MARGIN_STRATEGIES:
-            raise ValueError(f"margin_strategy must be one of {MARGIN_STRATEGIES}, got {margin_strategy!r}")
-        if not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise ValueError(f"margin must be a finite number, got {margin!r}")
-        self.temperature = float(temperature)
-        self.margin_strategy = margin_strategy
-        self.margin = float(margin)
-        self.contrast_anchors = bool(contrast_anchors)
-        self.contrast_positives = bool(contrast_positives)
+        # The rules of these settings are LossConfig's (ConfigError, a ValueError), in one place.
+        cfg = LossConfig(temperature=temperature, margin_strategy=margin_strategy, margin=margin,
+                         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, row_block=row_block,
+                         matryoshka_dims=None if matryoshka_dims is None else tuple(matryoshka_dims),
+                         matryoshka_weights=None if matryoshka_weights is None else tuple(matryoshka_weights),
+                         mask_duplicates=mask_duplicates)
+        self.temperature = float(cfg.temperature)
+        self.margin_strategy = cfg.margin_strategy
+        self.margin = float(cfg.margin)
+        self.contrast_anchors = bool(cfg.contrast_anchors)
+        self.contrast_positives = bool(cfg.contrast_positives)
         self.gather_across_ranks = bool(gather_across_ranks)
         self.check_finite = bool(check_finite)
-        if row_block is not None and row_block < 1:
-            raise ValueError(f"row_block must be >= 1 or None, got {row_block!r}")
-        self.row_block = row_block
-        # [(size, weight)], largest first; None: the full dimension with weight 1. Raises ConfigError, a ValueError.
-        self.matryoshka = matryoshka_pairs(
-            None if matryoshka_dims is None else list(matryoshka_dims),
-            None if matryoshka_weights is None else list(matryoshka_weights))
+        self.row_block = cfg.row_block
+        # [(size, weight)], largest first; None: the full dimension with weight 1.
+        self.matryoshka = matryoshka_pairs(cfg.matryoshka_dims, cfg.matryoshka_weights)
         self.mask_duplicates = bool(mask_duplicates)
         self.last_stats: LossStats | None = None
 
