@@ -761,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as error:
         console.print(f"[red]error:[/red] {escape(str(error))}")
         return 2
+    except FloatingPointError as error:  # the run diverged (`Trainer._skip`): one line, not a traceback
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        return 1
     except RuntimeError as error:
         # A peer rank that died (gloo: connection reset/closed) or stalled past train.collective_timeout_s (timed
         # out) surfaces here on the surviving ranks: one clear line instead of a wall of tracebacks, and a non-zero
