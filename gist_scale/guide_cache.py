@@ -35,6 +35,7 @@ from accelerate.utils import send_to_device
 from datasets.arrow_writer import ArrowWriter
 from jsonargparse import ArgumentParser
 from rich.console import Console
+from transformers import AutoConfig
 
 from gist_scale import chunking, distributed, encode
 from gist_scale.config import ConfigError, GuideConfig, JobConfig
@@ -252,21 +253,13 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
 
     Every rank of the job must call it. The metadata is written by the main process after all shards exist.
     """
-    if cfg.guide.name is None:
-        raise GuideCacheError("cache-guide needs a guide: set --guide.name")
     state = distributed.launch_state(cfg.train.collective_timeout_s)
     out = Path(out_dir).expanduser()
     start_time = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
-                               "--guide.trust_remote_code true")
-    instructions = load_task_instructions(cfg.data.task_instructions)
-    with state.main_process_first():
-        dataset, report = load_triplets(cfg.data)
-        # Tokenized as training tokenizes the guide side (the same function and cache), under the `student_` names.
-        tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
-                                         student_prompts=Prompts.from_config(cfg.guide, instructions))
-    key = cache_key(cfg.guide, dataset, report.num_negatives, instructions)
-    k = report.num_negatives
+    prepared = _guide_rows(cfg, state)
+    tokenizer, dataset, tokenized = prepared.tokenizer, prepared.dataset, prepared.tokenized
+    k = prepared.num_negatives
+    key = cache_key(cfg.guide, dataset, k, prepared.instructions)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / META_FILE).unlink(missing_ok=True)  # the cache is incomplete until the new metadata is written
@@ -307,6 +300,48 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     return out
 
 
+@dataclass
+class _GuideRows:
+    """The training rows, loaded, validated and tokenized for the guide as training tokenizes them."""
+
+    tokenizer: Any
+    dataset: datasets.Dataset
+    tokenized: datasets.Dataset
+    instructions: dict[str, str]
+    num_negatives: int
+
+
+def _guide_rows(cfg: JobConfig, state: Any) -> _GuideRows:
+    if cfg.guide.name is None:
+        raise GuideCacheError("cache-guide needs a guide: set --guide.name")
+    tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
+                               "--guide.trust_remote_code true")
+    instructions = load_task_instructions(cfg.data.task_instructions)
+    with state.main_process_first():
+        dataset, report = load_triplets(cfg.data)
+        # Tokenized as training tokenizes the guide side (the same function and cache), under the `student_` names.
+        tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
+                                         student_prompts=Prompts.from_config(cfg.guide, instructions))
+    return _GuideRows(tokenizer, dataset, tokenized, instructions, report.num_negatives)
+
+
+def describe_guide_cache(cfg: JobConfig, out_dir: str | Path) -> int:
+    """`cache-guide --dry-run`: the rows checked and tokenized as the real run would, then what it would write,
+    without loading the guide's weights (its embedding size comes from its config). Returns 0."""
+    state = distributed.launch_state(cfg.train.collective_timeout_s)
+    rows = _guide_rows(cfg, state)
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.guide.name), revision=cfg.guide.revision,
+                                        trust_remote_code=cfg.guide.trust_remote_code)
+    texts = len(rows.tokenized) * (2 + rows.num_negatives)
+    size = texts * config.hidden_size * 2  # float16
+    if state.is_main_process:
+        console.print(f"dry run: cache-guide would embed {len(rows.tokenized):,} rows x {2 + rows.num_negatives} "
+                      f"texts = {texts:,} texts with {cfg.guide.name} ({config.hidden_size}-dim, float16) over "
+                      f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: {size / 2**30:.2f} GiB")
+    state.wait_for_everyone()
+    return 0
+
+
 def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.arrow"
 
@@ -329,6 +364,9 @@ def build_parser() -> ArgumentParser:
         "--config) as for training: they are part of the cache's key, and training refuses a cache built for other "
         "ones.", positional="OUT_DIR")
     parser.add_argument("out_dir", help="directory to write the cache to")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and tokenize the rows, print what would be embedded and the cache's size, and "
+                             "exit without loading the guide's weights")
     parser.add_argument("--rows-per-batch", type=int, default=512, help="rows collated per step")
     parser.add_argument("--chunk-size", type=int, default=256, help="texts per guide forward (length-sorted)")
     return parser
@@ -340,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rows_per_batch < 1 or args.chunk_size < 1:
             raise ConfigError("--rows-per-batch and --chunk-size must be positive")
         require_writable_dir(args.out_dir, "cache-guide OUT_DIR")  # before the guide and the data load
+        if args.dry_run:
+            return describe_guide_cache(cfg, args.out_dir)
         build_guide_cache(cfg, args.out_dir, args.rows_per_batch, args.chunk_size)
     except (ConfigError, DataError) as error:  # GuideCacheError is a ConfigError
         console.print(f"[red]error:[/red] {error}")

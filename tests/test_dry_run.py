@@ -81,6 +81,17 @@ def test_mixture_dry_run_prints_each_source(tmp_path, tiny_model_dir, capsys, no
     assert "source a:" in err and "source b:" in err and "global batch 8" in err
 
 
+def test_cache_guide_dry_run_tokenizes_the_rows_and_writes_nothing(tmp_path, tiny_model_dir, capsys,
+                                                                    no_weight_reads):
+    from gist_scale.guide_cache import main as cache_guide
+
+    out = tmp_path / "cache"
+    assert cache_guide([str(out), "--guide.name", str(tiny_model_dir), "--data.max_rows", "100", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert f"would embed 100 rows x 3 texts = 300 texts with {tiny_model_dir} (32-dim, float16)" in err
+    assert f"over 1 rank(s) into {out}: 0.00 GiB" in err and list(out.iterdir()) == []
+
+
 def qwen3_8b_config_dir(tiny_decoder_dir, tmp_path: Path) -> Path:
     """A folder with the tiny Qwen3's tokenizer and Qwen3-Embedding-8B's architecture in config.json, no weights:
     the 8B model the recipe names, as far as a dry run can tell."""
