@@ -725,33 +725,6 @@ SECTIONS: dict[str, type] = {
 """The sections of `JobConfig` by name (`gist_scale.options` makes their fields command-line options)."""
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file's content; a missing file, a non-UTF-8 byte or a syntax error is named with its line and column."""
-    _check(not path.is_dir(), f"--config {path}: is a directory; give the YAML file (e.g. RUN/config.yaml)")
-    _check(path.is_file(), f"--config {path}: no such file")
-    try:
-        return yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        from gist_scale.places import text_file_problem  # here, not at the top: places imports this module
-
-        raise ConfigError(f"{path}: {text_file_problem(path)}; save it as UTF-8") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}{_yaml_position(error)}: YAML syntax error: {_yaml_problem(error)}") from None
-
-
-def _yaml_position(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    """PyYAML's problem, with the construct it was inside and where that started (an unclosed `[` ...)."""
-    context, mark = getattr(error, "context", None), getattr(error, "context_mark", None)
-    if context and mark is not None:
-        context = f"{context} (line {mark.line + 1}, column {mark.column + 1})"
-    return ": ".join(filter(None, (context, getattr(error, "problem", None)))) or str(error)
-
-
 def save_config(config: JobConfig, path: str | Path) -> None:
     """Write the resolved config as YAML that `--config` reads back."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gist_scale.config import ModelConfig
+from gist_scale.model.loading import student_encoder
 
 __all__ = ["GiB", "MIXED_PRECISIONS", "MemoryEstimate", "ParameterCounts", "count_parameters", "estimate_model_states",
            "format_estimate", "parameter_counts"]
@@ -95,8 +96,6 @@ def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
     The encoder is the one training builds (`gist_scale.model.loading.student_encoder`: the same config, the
     unused pooler dropped, the same LoRA adapters), on the meta device, so the counts are those of training.
     """
-    from gist_scale.model.loading import student_encoder  # transformers, only when counting
-
     encoder = student_encoder(model_cfg, weights=False)
     return parameter_counts(encoder)
 

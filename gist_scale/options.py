@@ -19,9 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from gist_scale.config import SECTIONS, ConfigError, JobConfig, read_yaml, unknown_name
+from gist_scale.config import SECTIONS, ConfigError, JobConfig, unknown_name
+from gist_scale.places import text_file_problem
 from gist_scale.recipes import config_files
 
 # The field docs are attribute docstrings ("""...""" under each field), as torchtitan and tyro read them.
@@ -53,7 +55,7 @@ def parse_job(parser: ArgumentParser, argv: Sequence[str] | None) -> tuple[JobCo
     names = {f.name for f in dataclasses.fields(JobConfig)}
     namespace = parser.get_defaults()
     for path in files:
-        content = read_yaml(path) or {}
+        content = _read_yaml(path) or {}
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...)")
         for key in content:
@@ -198,3 +200,30 @@ def _fields_of(section: str) -> list[str]:
 def _option_names() -> list[str]:
     tops = [f.name for f in dataclasses.fields(JobConfig) if f.name not in SECTIONS]
     return tops + [f"{section}.{name}" for section in SECTIONS for name in _fields_of(section)] + ["config", "recipe"]
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML file's content; a missing file, a non-UTF-8 byte or a syntax error is named with its line and column."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a directory; give the YAML file (e.g. RUN/config.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {text_file_problem(path)}; save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}{_yaml_position(error)}: YAML syntax error: {_yaml_problem(error)}") from None
+
+
+def _yaml_position(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's problem, with the construct it was inside and where that started (an unclosed `[` ...)."""
+    context, mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and mark is not None:
+        context = f"{context} (line {mark.line + 1}, column {mark.column + 1})"
+    return ": ".join(filter(None, (context, getattr(error, "problem", None)))) or str(error)
