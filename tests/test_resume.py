@@ -183,7 +183,7 @@ def test_ddp_resumes_on_one_two_and_three_processes_with_the_same_global_batch(t
     resume_from(reference / "checkpoints" / "step_2", three)
     err = launch(3, "ddp", run_args(tiny_model_dir, three, "--train.global_batch_size", "12", "--resume", "auto"),
                  launch_env)
-    assert "world size 3  per-device batch 4  accumulation 1  global batch 12" in err
+    assert "world size 3  per-device batch 4  grad accum 1  global batch 12" in err
     assert_same_run(three, reference, first_step=3)
 
 
