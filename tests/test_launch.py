@@ -330,7 +330,10 @@ def test_single_gpu_debug_script_runs_and_passes_the_trainer_exit_code(tiny_mode
 # ------------------------------------------------------------------------- every launch synchronises or refuses
 # Without ACCELERATE_USE_CPU, on a machine without a GPU: the runs below used to train each rank on its own gradients
 # (Accelerate's distributed type NO, no DDP) while looking healthy. 2 ranks x 4 triplets must now log, step for
-# step, the loss and the gradient norm of one process holding all 8.
+# step, the loss and the gradient norm of one process holding all 8. A bare `torchrun` and DeepSpeed through the
+# environment (ACCELERATE_USE_DEEPSPEED, torchrun) are the `ddp` and `zero*` layouts of tests/conftest.py: the layout
+# parity tests of tests/test_train.py hold them to one process step for step, and tests/test_resume.py shows the zero2
+# layout writes ZeRO-2 shards.
 
 SYNC_STEPS = 4
 
@@ -376,14 +379,6 @@ def launch(command: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_plain_torchrun_on_cpu_trains_in_sync(tiny_model_dir, one_process, tmp_path):
-    run_dir = tmp_path / "run"
-    result = launch(torchrun_command(2, "train", *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))),
-                    plain_env())
-    assert_in_sync(result, run_dir, one_process)
-
-
-@pytest.mark.slow
 def test_accelerate_launch_multi_gpu_on_cpu_trains_in_sync(tiny_model_dir, one_process, tmp_path):
     run_dir = tmp_path / "run"
     result = launch(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
@@ -407,15 +402,6 @@ def test_sbatch_on_cpu_nodes_trains_in_sync(tiny_model_dir, one_process, tmp_pat
     assert slurm.finish(slurm.submit(*sync_args(tiny_model_dir, 4))) == 0, slurm.log_text()[-5000:]
     assert slurm.log_text().count("world size 2") == 1
     assert_in_sync(None, slurm.run_dir, one_process)
-
-
-@pytest.mark.slow
-def test_zero2_through_the_environment_trains_in_sync(tiny_model_dir, one_process, launch_env, tmp_path):
-    run_dir = tmp_path / "run"
-    result = launch(torchrun_command(2, "train", *sync_args(tiny_model_dir, 4, "--train.output_dir", str(run_dir))),
-                    launch_env("zero2"))
-    assert_in_sync(result, run_dir, one_process)
-    assert "ZeRO-2" in result.stderr
 
 
 @pytest.mark.slow
