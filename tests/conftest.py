@@ -49,20 +49,24 @@ def torch_extensions_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def launch_env(torch_extensions_dir):
     """Environment for `torchrun` ranks: one thread each (2 cores), the shared extension cache, the repo importable.
-    Layouts: `ddp` (ACCELERATE_USE_CPU=1), `plain` (neither ACCELERATE_USE_CPU nor DeepSpeed: a bare torchrun) or a
-    ds_configs/ name (DeepSpeed through the environment)."""
+    Layouts: `ddp` or `plain` (neither ACCELERATE_USE_CPU nor DeepSpeed: a bare torchrun, as a user would launch it;
+    on a machine without a GPU `launch_plan` makes it DDP over gloo), `cpu` (ACCELERATE_USE_CPU=1, Accelerate's own
+    CPU switch) or a ds_configs/ name (DeepSpeed through the environment, without ACCELERATE_USE_CPU).
+
+    Every `ddp` test therefore also proves that a bare torchrun on CPU trains in sync; `cpu` keeps the explicit
+    switch covered (tests/test_resume.py, the fault and launch-script tests)."""
 
     def make(layout: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED")}
         env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=torch_extensions_dir,
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        if layout == "ddp":
+        if layout == "cpu":
             env["ACCELERATE_USE_CPU"] = "1"
         elif layout.startswith("zero"):
             env["ACCELERATE_USE_DEEPSPEED"] = "true"
             env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(REPO / "ds_configs" / f"{layout}.json")
-        elif layout != "plain":
-            raise ValueError(f"unknown layout {layout!r}: use ddp, plain or a ds_configs/ name (zero1, zero2, ...)")
+        elif layout not in ("ddp", "plain"):
+            raise ValueError(f"unknown layout {layout!r}: use ddp, plain, cpu or a ds_configs/ name (zero1, zero2 ...)")
         return env
 
     return make

@@ -159,9 +159,11 @@ def test_a_resume_that_would_change_the_run_is_refused_before_anything_loads(tmp
 @pytest.mark.slow
 def test_ddp_resumes_on_one_two_and_three_processes_with_the_same_global_batch(tmp_path, tiny_model_dir,
                                                                                launch_env):
-    """Global batch 12: 2 ranks x 6 -> 1 process x 12 -> 2 ranks x 6, and 2 ranks -> 3 ranks x 4."""
+    """Global batch 12: 2 ranks x 6 -> 1 process x 12 -> 2 ranks x 6, and 2 ranks -> 3 ranks x 4. The first 2 ranks
+    run with ACCELERATE_USE_CPU=1, the later ones under a bare torchrun: one process continuing the former and the
+    latter continuing one process both log the same steps, so both CPU launches train in sync."""
     reference = tmp_path / "two"
-    launch(2, "ddp", run_args(tiny_model_dir, reference, "--train.batch_size", "6"), launch_env)
+    launch(2, "cpu", run_args(tiny_model_dir, reference, "--train.batch_size", "6"), launch_env)
 
     # 2 -> 1, in this process. The same flags: a per-device batch of 6 was chosen on the checkpoint's 2 ranks.
     one = tmp_path / "one"
@@ -183,7 +185,7 @@ def test_ddp_resumes_on_one_two_and_three_processes_with_the_same_global_batch(t
     resume_from(reference / "checkpoints" / "step_2", three)
     err = launch(3, "ddp", run_args(tiny_model_dir, three, "--train.global_batch_size", "12", "--resume", "auto"),
                  launch_env)
-    assert "world size 3  per-device batch 4  accumulation 1  global batch 12" in err
+    assert "world size 3  per-device batch 4  grad accum 1  global batch 12" in err
     assert_same_run(three, reference, first_step=3)
 
 
