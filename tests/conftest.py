@@ -40,6 +40,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def no_weight_reads(monkeypatch) -> None:
+    """Any read of a weight file (safetensors, torch.load) fails the test: for code that must not load weights."""
+    import safetensors
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight file was opened")
+
+    for module, name in [(safetensors, "safe_open"), (safetensors.torch, "load_file"), (safetensors.torch, "load"),
+                         (transformers.modeling_utils, "safe_open"), (torch, "load")]:
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.fixture(scope="session")
 def torch_extensions_dir(tmp_path_factory) -> str:
     """DeepSpeed JIT-compiles its CPU communication op on first use (~45 s); build it once per test session."""

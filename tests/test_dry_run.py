@@ -9,29 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_utils import torchrun_command
 from gist_scale.config import ModelConfig
 from gist_scale.data import sample_data_path
 from gist_scale.memory import GiB, count_parameters, estimate_model_states
 from gist_scale.train import main
-
-
-@pytest.fixture
-def no_weight_reads(monkeypatch):
-    """Any read of a weight file fails the test."""
-    import safetensors
-    import safetensors.torch
-    import transformers.modeling_utils
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a weight file was opened")
-
-    for module, name in [(safetensors, "safe_open"), (safetensors.torch, "load_file"), (safetensors.torch, "load"),
-                         (transformers.modeling_utils, "safe_open"), (torch, "load")]:
-        if hasattr(module, name):
-            monkeypatch.setattr(module, name, refuse)
 
 
 def printed_total(err: str) -> float:
