@@ -145,7 +145,8 @@ def _one_line(message: str, where: str) -> str:
     """One line from jsonargparse's multi-line error: `--train.batch_size='abc': expected int`, or an unknown option
     with the closest known name. `where` is `--` for flags and `FILE: ` for a YAML file."""
     if key := _KEY.search(message):
-        key = key.group(1)
+        # A config field as typed (`train.batch_size`); a command's own option is spelt with hyphens (`num-negatives`).
+        key = key.group(1) if "." in key.group(1) else key.group(1).replace("_", "-")
         if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source
             nested = SECTIONS.get(key.split(".")[0])
             entry = typing.get_type_hints(nested).get(key.split(".")[-1]) if nested else None

@@ -131,3 +131,10 @@ def test_a_saved_config_reads_back_equal(tmp_path: Path) -> None:
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(["--config", str(tmp_path / "config.yaml")]) == cfg
     assert recipe_path("gist-small-repro").is_file()
+
+
+def test_a_commands_own_option_is_named_as_spelt(capsys: pytest.CaptureFixture[str]) -> None:
+    from gist_scale.tools.mine import main as mine
+
+    assert mine(["--out", "x.jsonl", "--num-negatives", "abc"]) == 2
+    assert "error: --num-negatives='abc': expected int" in capsys.readouterr().err
