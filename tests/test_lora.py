@@ -149,15 +149,25 @@ def _assert_same_exports(reference: Path, other: Path) -> None:
             torch.testing.assert_close(got[name].float(), tensor.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def lora_single(tiny_model_dir, tmp_path_factory) -> Path:
+    """One process with the whole global batch of 8 and LoRA: the run every layout below must reproduce (trained
+    once for the three of them)."""
+    out = tmp_path_factory.mktemp("lora-single") / "single"
+    _run_layout(None, tiny_model_dir, out, None, *LORA)
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["ddp", "zero2", "zero3"])
-def test_lora_two_ranks_match_one_process_with_the_whole_global_batch(layout, tmp_path, tiny_model_dir, launch_env):
+def test_lora_two_ranks_match_one_process_with_the_whole_global_batch(layout, tmp_path, tiny_model_dir, launch_env,
+                                                                      lora_single):
     """2 ranks x 4 triplets == 1 process x 8 triplets with LoRA: same losses, same merged weights and adapter."""
-    single = _run_layout(None, tiny_model_dir, tmp_path / "single", launch_env, *LORA)
+    single = [r["loss"] for r in loss_records(lora_single)]
     multi = _run_layout(layout, tiny_model_dir, tmp_path / layout, launch_env, *LORA)
-    assert len(multi) == LAYOUT_STEPS
+    assert len(multi) == len(single) == LAYOUT_STEPS
     assert multi == pytest.approx(single, abs=1e-4)
-    _assert_same_exports(tmp_path / "single", tmp_path / layout)
+    _assert_same_exports(lora_single, tmp_path / layout)
 
 
 @pytest.mark.slow
