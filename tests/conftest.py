@@ -3,7 +3,10 @@ for multi-process runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +63,34 @@ def no_weight_reads(monkeypatch) -> None:
 def torch_extensions_dir(tmp_path_factory) -> str:
     """DeepSpeed JIT-compiles its CPU communication op on first use (~45 s); build it once per test session."""
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+_USES_DEEPSPEED = pytest.StashKey[bool]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Whether the selected tests start processes that may load DeepSpeed's op (they take `launch_env` or
+    `torch_extensions_dir`)."""
+    session.config.stash[_USES_DEEPSPEED] = any(
+        {"launch_env", "torch_extensions_dir"} & set(getattr(item, "fixturenames", ())) for item in session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_op_built_in_the_background(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Build DeepSpeed's CPU communication op (~45 s; only loaded, ~3 s, once built) in a process of its own from the
+    start of a session that will need it, on one core (MAX_JOBS=1): it then compiles beside the first tests instead
+    of inside the first DeepSpeed test. A process that needs the op before it is built waits on torch's build lock
+    and loads it. Awaited at the end, never killed: a killed build leaves its lock file, on which every later build
+    in that directory would wait."""
+    if not request.config.stash.get(_USES_DEEPSPEED, False) or importlib.util.find_spec("deepspeed") is None:
+        yield
+        return
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=request.getfixturevalue("torch_extensions_dir"), OMP_NUM_THREADS="1",
+               MAX_JOBS="1")
+    build = subprocess.Popen([sys.executable, "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield
+    build.wait()
 
 
 @pytest.fixture

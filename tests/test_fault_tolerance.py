@@ -217,45 +217,46 @@ def test_a_corrupted_checkpoint_file_fails_the_resume_with_the_file_named(save_k
 
 
 @pytest.mark.slow
-def test_sigusr1_to_one_rank_stops_every_rank_with_124_and_resume_is_exact(tiny_model_dir, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    ranks = Ranks(train_args(tiny_model_dir, run_dir), tmp_path / "logs1")
-    wait_for(lambda: len(loss_records(run_dir)) >= 2, "step 2", ranks.procs)
-    # Only rank 1 is signalled: the ranks agree through a collective, so rank 0 stops at the same step.
-    ranks.procs[1].send_signal(signal.SIGUSR1)
-    assert ranks.wait() == [EXIT_PREEMPTED, EXIT_PREEMPTED], ranks.log(0)[-3000:]
-    stopped = loss_records(run_dir)[-1]["step"]
-    assert stopped < STEPS
-    assert (run_dir / "checkpoints" / f"step_{stopped}" / COMPLETE_MARKER).is_file()
-    assert f"preempted at step {stopped}: checkpoint saved; exiting with 124" in ranks.log(0)
-
-    resumed = Ranks([*train_args(tiny_model_dir, run_dir), "--resume", "auto"], tmp_path / "logs2")
-    assert resumed.wait() == [0, 0], resumed.log(0)[-3000:]
-    assert [r["step"] for r in loss_records(run_dir)] == list(range(1, STEPS + 1))
-    assert_same_losses(run_dir, reference)
-
-
-@pytest.mark.slow
-def test_a_killed_rank_ends_the_others_with_a_clear_message_and_restart_resumes(tiny_model_dir, reference, tmp_path):
+def test_sigusr1_to_one_rank_then_a_killed_rank_stop_every_rank_and_each_resume_is_exact(tiny_model_dir, reference,
+                                                                                        tmp_path):
+    """One run, two faults, three starts (a start less than a run per fault). SIGUSR1 to one rank stops every rank
+    with 124 at the same step, checkpointed; the resume repeats no step. Then that resume loses a rank to SIGKILL
+    after its next checkpoint, which ends the survivor with a clear message; the restart completes, and every step,
+    those done again after the kill included, has the uninterrupted run's loss."""
     run_dir = tmp_path / "run"
     timeout_s = 60
     args = [*train_args(tiny_model_dir, run_dir), "--checkpoint.every", "2",
             "--train.collective_timeout_s", str(timeout_s), "--resume", "auto"]
     ranks = Ranks(args, tmp_path / "logs1")
-    wait_for(lambda: (run_dir / "checkpoints" / "step_2" / COMPLETE_MARKER).is_file(), "the step-2 checkpoint",
-             ranks.procs)
+    wait_for(lambda: len(loss_records(run_dir)) >= 2, "step 2", ranks.procs)
+    # Only rank 1 is signalled: the ranks agree through a collective, so rank 0 stops at the same step.
+    ranks.procs[1].send_signal(signal.SIGUSR1)
+    assert ranks.wait() == [EXIT_PREEMPTED, EXIT_PREEMPTED], ranks.log(0)[-3000:]
+    stopped = loss_records(run_dir)[-1]["step"]
+    assert stopped < STEPS - 2, "preempted too late to leave a checkpoint and steps for the kill"
+    assert (run_dir / "checkpoints" / f"step_{stopped}" / COMPLETE_MARKER).is_file()
+    assert f"preempted at step {stopped}: checkpoint saved; exiting with 124" in ranks.log(0)
+
+    resumed = Ranks(args, tmp_path / "logs2")
+    checkpoint = run_dir / "checkpoints" / f"step_{stopped + 2 - stopped % 2}"  # the resume's first periodic one
+    wait_for(lambda: (checkpoint / COMPLETE_MARKER).is_file(), f"the {checkpoint.name} checkpoint", resumed.procs)
     killed_at = time.monotonic()
-    ranks.procs[1].kill()
-    rc = ranks.wait(timeout=timeout_s + 30)[0]
+    resumed.procs[1].kill()
+    rc = resumed.wait(timeout=timeout_s + 30)[0]
     # gloo sees the dead peer's socket close, so the survivor does not even wait for the timeout.
     assert time.monotonic() - killed_at < timeout_s
     assert rc == 1
-    log = " ".join(ranks.log(0).split())
+    log = " ".join(resumed.log(0).split())
+    assert "resumed from" in log and f"at step {stopped}" in log
     assert "rank 0: a collective failed: another rank died" in log and "--resume auto" in log
+    # The preempted run and its resume logged every step once, up to the kill.
+    steps = [r["step"] for r in loss_records(run_dir)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= int(checkpoint.name.split("_")[1])
 
-    restarted = Ranks(args, tmp_path / "logs2")
+    restarted = Ranks(args, tmp_path / "logs3")
     assert restarted.wait() == [0, 0], restarted.log(0)[-3000:]
     assert "resumed from" in restarted.log(0)
+    assert loss_records(run_dir)[-1]["step"] == STEPS
     assert_same_losses(run_dir, reference)  # steps redone after the restart included
 
 

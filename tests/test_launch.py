@@ -232,9 +232,12 @@ def test_sbatch_on_two_simulated_cpu_nodes_trains_like_one_process(tiny_model_di
 
 
 @pytest.mark.slow
-def test_sbatch_sigusr1_checkpoints_requeues_and_resumes_with_identical_losses(tiny_model_dir, reference, tmp_path):
-    """`#SBATCH --signal=B:USR1@120`, simulated with `scancel --batch --signal=USR1` as one would on a real cluster."""
-    slurm = FakeSlurm(tmp_path, job_id=4243)
+def test_sbatch_sigusr1_checkpoints_requeues_onto_fewer_nodes_and_resumes_with_identical_losses(tiny_model_dir,
+                                                                                                reference, tmp_path):
+    """`#SBATCH --signal=B:USR1@120`, simulated with `scancel --batch --signal=USR1` as one would on a real cluster;
+    preempted on 2 nodes, requeued onto 1 (as `sbatch --nodes=1-2` lets SLURM do): same global batch, same curve.
+    (A requeue onto as many nodes as before is the kill -9 test's restart.)"""
+    slurm = FakeSlurm(tmp_path, job_id=4243, FAKE_SLURM_REQUEUE_NODES="1")
     proc = slurm.submit(*train_args(tiny_model_dir))
     wait_for(lambda: len(loss_records(slurm.run_dir)) >= 1, "step 1", proc=proc)
     slurm.scancel_batch("USR1")
@@ -242,7 +245,7 @@ def test_sbatch_sigusr1_checkpoints_requeues_and_resumes_with_identical_losses(t
 
     log = slurm.log_text()
     # First start: the trainers stopped at a step boundary with a complete checkpoint and exit code 124; the script
-    # requeued the job and exited 0. Second start: resumed from that checkpoint and completed.
+    # requeued the job and exited 0. Second start, on 1 node: resumed from that checkpoint and completed.
     assert slurm.attempts() == [(0, 0), (1, 0)], log[-5000:]
     assert slurm.requeues() == [f"requeue {slurm.job_id}"]
     preempted_steps = {int(line.split("preempted at step ")[1].split(":")[0])
@@ -254,27 +257,12 @@ def test_sbatch_sigusr1_checkpoints_requeues_and_resumes_with_identical_losses(t
     checkpoint = slurm.run_dir / "checkpoints" / f"step_{step}"
     assert (checkpoint / "complete.json").is_file()
     assert "slurm_multinode: preempted (SIGUSR1" in log and f"requeued job {slurm.job_id}" in log
-    assert f"resumed from {checkpoint} at step {step}" in log
-    assert "training complete (exit code 0)" in log
-    # The interrupted run and its continuation log every step once, with the uninterrupted run's losses.
-    assert [r["step"] for r in loss_records(slurm.run_dir)] == list(range(1, STEPS + 1))
-    assert_same_losses(slurm.run_dir, reference)
-
-
-@pytest.mark.slow
-def test_sbatch_requeued_onto_fewer_nodes_continues_the_run(tiny_model_dir, reference, tmp_path):
-    """Preempted on 2 nodes, requeued onto 1 (as `sbatch --nodes=1-2` lets SLURM do): same global batch, same curve."""
-    slurm = FakeSlurm(tmp_path, job_id=4245, FAKE_SLURM_REQUEUE_NODES="1")
-    proc = slurm.submit(*train_args(tiny_model_dir))
-    wait_for(lambda: len(loss_records(slurm.run_dir)) >= 1, "step 1", proc=proc)
-    slurm.scancel_batch("USR1")
-    assert slurm.finish(proc) == 0, slurm.log_text()[-5000:]
-
-    log = slurm.log_text()
-    assert slurm.attempts() == [(0, 0), (1, 0)], log[-5000:]
     assert "start 1: 2 nodes x 1 processes" in log and "start 2: 1 nodes x 1 processes" in log
     assert "world size 1  per-device batch 8  grad accum 1  global batch 8" in log
     assert "resuming a checkpoint of 2 processes on 1: same global batch 8, per-device batch 4 -> 8" in log
+    assert f"resumed from {checkpoint} at step {step}" in log
+    assert "training complete (exit code 0)" in log
+    # The interrupted run and its continuation log every step once, with the uninterrupted run's losses.
     assert [r["step"] for r in loss_records(slurm.run_dir)] == list(range(1, STEPS + 1))
     assert_same_losses(slurm.run_dir, reference)
 
@@ -319,25 +307,37 @@ def test_sbatch_kill9_of_a_rank_ends_the_job_and_the_restart_resumes(tiny_model_
 
 @pytest.mark.slow
 def test_single_gpu_debug_script_runs_and_passes_the_trainer_exit_code(tiny_model_dir, tmp_path):
+    """The debug run and a normal run (DEBUG=0) of the script, at once: each is one process, and there are 2 cores."""
     script = str(LAUNCH / "single_gpu_debug.sh")
     debug_run = tmp_path / "debug"
-    result = subprocess.run([script, *train_args(tiny_model_dir, "--train.output_dir", str(debug_run))],
-                            env=base_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert [r["step"] for r in loss_records(debug_run)] == [1, 2, 3]  # --debug: 3 steps
-    assert "shapes" in result.stderr  # --debug logs the tensor shapes of every step
+    with (tmp_path / "debug.log").open("w") as debug_log:
+        debug = subprocess.Popen([script, *train_args(tiny_model_dir, "--train.output_dir", str(debug_run))],
+                                 env=base_env(), stdout=subprocess.DEVNULL, stderr=debug_log)
 
     # DEBUG=0: a normal run; `exec` makes the script the trainer, so a USR1 to it is a handled preemption (124).
     run = tmp_path / "full"
     env = dict(base_env(), DEBUG="0")
     args = train_args(tiny_model_dir, "--train.output_dir", str(run), "--train.max_steps", "200")
-    proc = subprocess.Popen([script, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(loss_records(run)) >= 2, "step 2", proc=proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    with (tmp_path / "full.log").open("w") as full_log:
+        proc = subprocess.Popen([script, *args], env=env, stdout=subprocess.DEVNULL, stderr=full_log)
+    try:
+        wait_for(lambda: len(loss_records(run)) >= 2, "step 2", proc=proc)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=TIMEOUT_S)
+        debug.wait(timeout=TIMEOUT_S)
+    finally:
+        for p in (debug, proc):
+            if p.poll() is None:
+                p.kill()
+    stderr = (tmp_path / "full.log").read_text(errors="replace")
     assert proc.returncode == 124, stderr[-5000:]
     step = loss_records(run)[-1]["step"]
     assert (run / "checkpoints" / f"step_{step}" / "complete.json").is_file()
+
+    stderr = (tmp_path / "debug.log").read_text(errors="replace")
+    assert debug.returncode == 0, stderr[-5000:]
+    assert [r["step"] for r in loss_records(debug_run)] == [1, 2, 3]  # --debug: 3 steps
+    assert "shapes" in stderr  # --debug logs the tensor shapes of every step
 
 
 # ------------------------------------------------------------------------- every launch synchronises or refuses

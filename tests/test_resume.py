@@ -7,6 +7,7 @@ resumed run must log the reference's losses (dropout 0, within 1e-4) and export 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,10 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from dist_utils import assert_same_steps, torchrun_command
+from test_beir import write_beir_folder
 from gist_scale.data import GlobalBatchSampler
+from gist_scale.evaluate import load_model
+from gist_scale.evaluate import main as evaluate
 from gist_scale.plan import per_device_batch
 from gist_scale.train import main
 
@@ -196,7 +200,8 @@ def test_zero_resumes_on_one_process_and_back_through_a_universal_checkpoint(lay
     """ZeRO shards of 2 ranks -> 1 process -> 2 ranks, converted through DeepSpeed's universal checkpoint; and
     2 ZeRO ranks -> 1 process without DeepSpeed. Every leg holds losses and gradient norms to 1e-5: DeepSpeed's
     ZeRO-3 loader shares one Adam `step` between the decaying and the non-decaying weights, which put them 1e-4 off
-    within four steps until `resume._repair_loaded_optimizer` undid it."""
+    within four steps until `resume._repair_loaded_optimizer` undid it. The ZeRO-3 reference run also shows that a
+    sharded checkpoint evaluates like the run's export (`assert_checkpoint_evaluates_like_the_export`)."""
     reference = tmp_path / "two"
     launch(2, layout, run_args(tiny_model_dir, reference, "--train.global_batch_size", "8"), launch_env)
 
@@ -225,3 +230,27 @@ def test_zero_resumes_on_one_process_and_back_through_a_universal_checkpoint(lay
     consolidated = plain / "checkpoints" / "step_2" / "plain"
     assert f"ZeRO-{stage} states consolidated for a run without DeepSpeed into {consolidated}" in capsys.readouterr().err
     assert_same_run(plain, reference, first_step=3)
+
+    if layout == "zero3":
+        assert_checkpoint_evaluates_like_the_export(reference, tiny_model_dir, tmp_path)
+
+
+def assert_checkpoint_evaluates_like_the_export(run: Path, model_dir: Path, tmp_path: Path) -> None:
+    """A ZeRO-3 checkpoint (each rank holds a shard; `gist-scale eval` consolidates it with DeepSpeed's
+    `zero_to_fp32`) has the run's exported weights and evaluates like the export, on a BEIR folder."""
+    checkpoint = run / "checkpoints" / f"step_{STEPS}"
+    assert (checkpoint / "pytorch_model").is_dir() and not (checkpoint / "model.safetensors").exists()
+    trained = load_model(str(checkpoint))[0].state_dict()
+    exported = load_model(str(run / "final"))[0].state_dict()
+    initial = load_model(str(model_dir))[0].state_dict()
+    assert trained.keys() == exported.keys()
+    for key in trained:
+        torch.testing.assert_close(trained[key], exported[key], atol=1e-6, rtol=0)
+    assert max((trained[k] - initial[k]).abs().max().item() for k in trained) > 1e-5  # training moved the weights
+    folder = write_beir_folder(tmp_path / "beir", rows=40)
+    outs = {}
+    for name, model in (("final", run / "final"), ("checkpoint", checkpoint)):
+        outs[name] = tmp_path / f"{name}.json"
+        assert evaluate([str(model), "--beir", str(folder), "--out", str(outs[name])]) == 0
+    metrics = json.loads(outs["final"].read_text())["model"]
+    assert json.loads(outs["checkpoint"].read_text())["model"] == pytest.approx(metrics, abs=1e-6)
