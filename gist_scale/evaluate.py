@@ -20,7 +20,6 @@ directories with `gist_scale.st_format.load_sentence_transformer_dir` and traini
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -31,27 +30,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale import distributed
 from gist_scale.checkpoint import COMPLETE_MARKER, CheckpointError, load_checkpoint_embedder
-from gist_scale.chunking import num_chunks
 from gist_scale.config import ConfigError, DataConfig
 from gist_scale.data import FORMATS, DataError, load_triplets, read_local_file
+from gist_scale.inference import encode_texts
 from gist_scale.metrics import Relevance, retrieval_metrics, spearman
 from gist_scale.model import Embedder
-from gist_scale.model.prompts import prompt_length
 from gist_scale.options import load_config
 from gist_scale.places import require_writable_file, text_file_problem
 from gist_scale.st_format import load_sentence_transformer_dir, model_prompts
 
-__all__ = ["EvalData", "StsPairs", "encode_texts", "evaluate_embedder", "load_eval_data", "load_model", "main",
+__all__ = ["EvalData", "StsPairs", "evaluate_embedder", "load_eval_data", "load_model", "main",
            "read_corpus", "read_sts", "retrieval_task"]
 
 
@@ -215,88 +211,6 @@ def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), sourc
             corpus.setdefault(text, len(corpus))
     extra = f" + {len(extra_corpus)} extra corpus file(s)" if extra_corpus else ""
     return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant], sts, source=source + extra)
-
-
-# --------------------------------------------------------------------------------------------- encoding
-
-
-def _is_zero3(module: nn.Module) -> bool:
-    """True when DeepSpeed ZeRO-3 has partitioned the parameters (it tags each one with a `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
-                 batch_size: int, device: torch.device | str,
-                 autocast: Callable[[], AbstractContextManager] | None = None, prompt: str = "") -> torch.Tensor:
-    """Embed `texts` across all ranks; every rank returns all `len(texts)` embeddings, fp32, in input order.
-
-    `prompt` is prepended to every text (as in training); an embedder that leaves prompts out of pooling
-    (`include_prompt=False`) is given its length.
-
-    Each rank tokenizes and embeds its contiguous shard in batches of `batch_size`, longest texts first (batches of
-    similar lengths waste little padding, and the peak memory shows up in the first batch), then the shards are
-    all-gathered. Every rank must call this with the same texts.
-
-    Under DeepSpeed ZeRO-3 every forward all-gathers the parameters of each layer from all ranks, so a rank that
-    ran fewer forwards than its peers would leave them waiting in that collective forever. Shards differ by at
-    most one text, which can mean one batch more on some ranks: the others then run a dummy batch (one real text,
-    output discarded) so that every rank runs exactly the same number of forwards.
-
-    Runs with the model in eval mode (no dropout) and restores each submodule's mode afterwards. Gradients are
-    off: `torch.inference_mode`, except under ZeRO-3, where parameters gathered in inference mode become inference
-    tensors that the next training step cannot use ("Inference tensors cannot be saved for backward"), so
-    `torch.no_grad` is used. `autocast` (e.g. `accelerator.autocast`) wraps the forwards.
-    """
-    world, rank = distributed.world_size(), distributed.rank()
-    counts = distributed.gather_sizes(len(texts))
-    if len(set(counts)) != 1:
-        # Every rank sees the same counts and raises together, before any forward.
-        raise ValueError(f"ranks were given different numbers of texts to encode: {counts}; build the eval data "
-                         "identically on every rank")
-    if not texts:
-        return torch.empty(0, 0, device=device)
-    # Contiguous shards whose sizes differ by at most one, larger shards first.
-    parts = np.array_split(np.arange(len(texts)), world)
-    sizes = [len(part) for part in parts]
-    shard = [prompt + texts[i] for i in parts[rank]]
-    ids: list[list[int]] = (tokenizer(shard, truncation=True, max_length=max_length, return_attention_mask=False,
-                                      return_token_type_ids=False)["input_ids"] if shard else [])
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
-    dummy = tokenizer([prompt + texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
-                      return_token_type_ids=False)["input_ids"]
-    excluded = prompt_length(tokenizer, prompt) if not getattr(embedder, "include_prompt", True) else None
-
-    modes = {module: module.training for module in embedder.modules()}
-    no_grad = torch.no_grad if _is_zero3(embedder) else torch.inference_mode
-    positions: list[list[int]] = []
-    outputs: list[torch.Tensor] = []
-    embedder.eval()
-    try:
-        with no_grad(), (autocast or contextlib.nullcontext)():
-            for b in range(num_batches):
-                rows = batches[b] if b < len(batches) else None
-                sequences = [ids[i] for i in rows] if rows is not None else dummy
-                padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
-                                       return_tensors="pt")
-                features = {"input_ids": padded["input_ids"].to(device),
-                            "attention_mask": padded["attention_mask"].to(device)}
-                if excluded is not None:
-                    features["prompt_length"] = torch.full((len(sequences),), excluded, device=device)
-                embeddings = embedder(**features)
-                if rows is not None:
-                    positions.append(rows)
-                    outputs.append(embeddings.float())
-                dim = embeddings.shape[-1]
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    # Outside inference mode: these ops turn inference tensors into normal ones that any later code may use.
-    local = torch.empty(len(shard), dim, device=device)
-    if outputs:
-        local[torch.tensor([i for rows in positions for i in rows], device=device)] = torch.cat(outputs)
-    return distributed.gather_no_grad(local, sizes)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -37,7 +37,7 @@ from jsonargparse import ArgumentParser
 from rich.console import Console
 from transformers import AutoConfig
 
-from gist_scale import chunking, distributed, encode
+from gist_scale import chunking, distributed, encode, inference
 from gist_scale.config import ConfigError, GuideConfig, JobConfig
 from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
@@ -252,6 +252,12 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     """Embed every training row's texts with the guide, this rank's contiguous share of the rows; returns DIR.
 
     Every rank of the job must call it. The metadata is written by the main process after all shards exist.
+
+    The rows are split over the ranks by `gist_scale.inference.shards` and the guide runs under its
+    `inference_mode`, as in every sharded inference; the texts are not encoded by `encode_texts`, though: each row
+    is tokenized and chunked as training tokenizes and chunks the guide's side (per-task instructions,
+    `TripletCollator`), so the cache holds what the live guide computes in training, and each rank writes its
+    rows' embeddings to its own shard file instead of gathering every row onto every rank.
     """
     state = distributed.launch_state(cfg.train.collective_timeout_s)
     out = Path(out_dir).expanduser()
@@ -269,16 +275,16 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     chunks = None if chunk_size is None else chunking.num_chunks(rows_per_batch * (2 + k), chunk_size)
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
-    rows = np.array_split(np.arange(len(tokenized)), world)[rank]
+    rows = inference.shards(len(tokenized), world)[rank]
     shard = _shard_name(rank, world)
     dim = guide.dim
     features = _features(dim, k)
     writer = ArrowWriter(features=features, path=str(out / shard))
     done = 0
     for begin in range(0, len(rows), rows_per_batch):
-        index = rows[begin:begin + rows_per_batch].tolist()
+        index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index))["student"], state.device)
-        with torch.inference_mode():
+        with inference.inference_mode(guide):
             query, pos, neg = encode.encode_columns(guide, batch, k)
         arrays = {"query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
         if k:

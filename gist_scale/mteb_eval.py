@@ -27,7 +27,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.data import DataError
-from gist_scale.evaluate import encode_texts
+from gist_scale.inference import encode_texts
 from gist_scale.model import Embedder
 
 __all__ = ["STARTER_TASKS", "EmbedderEncoder", "MtebError", "resolve_tasks", "run_mteb"]

@@ -16,7 +16,7 @@ from gist_scale.config import ConfigError, ModelConfig
 from gist_scale.options import load_config
 from gist_scale.data import DataConfig, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.encode import encode_columns
-from gist_scale.evaluate import encode_texts
+from gist_scale.inference import encode_texts
 from gist_scale.model import load_tokenizer, pool
 from gist_scale.model.prompts import Prompts, prompt_length
 from gist_scale.st_format import load_sentence_transformer_dir

@@ -8,7 +8,7 @@
    positives are all of those rows' positives. The corpus is every distinct positive plus the texts of `--corpus`
    files (a `text` column or plain lines).
 2. The guide embeds every distinct text once, sharded across the ranks of a `torchrun`/`accelerate launch` job
-   (`gist_scale.evaluate.encode_texts`). With `--guide.cache DIR` (built by `gist-scale cache-guide` with the same
+   (`gist_scale.inference.encode_texts`). With `--guide.cache DIR` (built by `gist-scale cache-guide` with the same
    `--data.*` options and `--data.neg_columns '[]'`) the queries and positives come from the cache and only the
    extra corpus is embedded.
 3. Each rank searches its share of the queries against the whole corpus: exact top-k by blocked matrix products on
@@ -51,7 +51,8 @@ from rich.console import Console
 from gist_scale import distributed
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig
 from gist_scale.data import DataError, load_triplets
-from gist_scale.evaluate import encode_texts, retrieval_task
+from gist_scale.evaluate import retrieval_task
+from gist_scale.inference import encode_texts, shards
 from gist_scale.loss import margin_threshold
 from gist_scale.metrics import top_k
 from gist_scale.options import job_parser, parse_job
@@ -163,9 +164,9 @@ def _positive_table(positives: Sequence[Sequence[int]], device: torch.device) ->
 
 def query_blocks(num_queries: int, block: int, world: int, rank: int) -> tuple[list[int], list[int]]:
     """This rank's query blocks (contiguous) and every rank's number of queries, without a collective."""
-    blocks = np.array_split(np.arange(math.ceil(num_queries / block)), world)
+    blocks = shards(math.ceil(num_queries / block), world)
     sizes = [sum(min(block, num_queries - b * block) for b in part) for part in blocks]
-    return blocks[rank].tolist(), sizes
+    return list(blocks[rank]), sizes
 
 
 def search_depth(range_max: int, positives: Sequence[Sequence[int]], corpus_size: int) -> int:

@@ -1,0 +1,121 @@
+"""Sharded inference: embedding a list of texts across all ranks, every rank receiving every embedding.
+
+The one place where the work of running an embedder without gradients is split over ranks. `encode_texts` serves
+evaluation (`gist_scale.evaluation`, in training and in `gist-scale eval`), mteb's encoder and `gist-scale mine`;
+`gist-scale cache-guide` (`gist_scale.guide_cache`) splits its rows with the same `shards` and runs the guide under
+the same `inference_mode`, but encodes per row and writes a file per rank instead of gathering (see there why).
+
+The collectives themselves are in `gist_scale.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from gist_scale import distributed
+from gist_scale.chunking import num_chunks
+from gist_scale.model.prompts import prompt_length
+
+__all__ = ["encode_texts", "inference_mode", "shards"]
+
+
+def shards(count: int, world: int) -> list[range]:
+    """Every rank's contiguous share of `count` items, in rank order: sizes differ by at most one, larger shards
+    first (as `numpy.array_split`), so gathering the shards in rank order restores the input order."""
+    size, larger = divmod(count, world)
+    bounds = [rank * size + min(rank, larger) for rank in range(world + 1)]
+    return [range(begin, end) for begin, end in zip(bounds, bounds[1:])]
+
+
+def _is_zero3(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the parameters (it tags each one with a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def inference_mode(module: nn.Module) -> Iterator[None]:
+    """Run `module` without gradients and in eval mode (no dropout); each submodule's mode is restored afterwards.
+
+    `torch.inference_mode`, except under ZeRO-3, where parameters gathered in inference mode become inference
+    tensors that the next training step cannot use ("Inference tensors cannot be saved for backward"), so
+    `torch.no_grad` is used.
+    """
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    no_grad = torch.no_grad if _is_zero3(module) else torch.inference_mode
+    module.eval()
+    try:
+        with no_grad():
+            yield
+    finally:
+        for submodule, training in modes.items():
+            submodule.train(training)
+
+
+def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
+                 batch_size: int, device: torch.device | str,
+                 autocast: Callable[[], AbstractContextManager] | None = None, prompt: str = "") -> torch.Tensor:
+    """Embed `texts` across all ranks; every rank returns all `len(texts)` embeddings, fp32, in input order.
+
+    `prompt` is prepended to every text (as in training); an embedder that leaves prompts out of pooling
+    (`include_prompt=False`) is given its length.
+
+    Each rank tokenizes and embeds its contiguous shard (`shards`) in batches of `batch_size`, longest texts first
+    (batches of similar lengths waste little padding, and the peak memory shows up in the first batch), then the
+    shards are all-gathered. Every rank must call this with the same texts.
+
+    Under DeepSpeed ZeRO-3 every forward all-gathers the parameters of each layer from all ranks, so a rank that
+    ran fewer forwards than its peers would leave them waiting in that collective forever. Shards differ by at
+    most one text, which can mean one batch more on some ranks: the others then run a dummy batch (one real text,
+    output discarded) so that every rank runs exactly the same number of forwards.
+
+    Runs under `inference_mode` (eval mode, no gradients, ZeRO-3 aware). `autocast` (e.g. `accelerator.autocast`)
+    wraps the forwards.
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    counts = distributed.gather_sizes(len(texts))
+    if len(set(counts)) != 1:
+        # Every rank sees the same counts and raises together, before any forward.
+        raise ValueError(f"ranks were given different numbers of texts to encode: {counts}; build the eval data "
+                         "identically on every rank")
+    if not texts:
+        return torch.empty(0, 0, device=device)
+    parts = shards(len(texts), world)
+    sizes = [len(part) for part in parts]
+    shard = [prompt + texts[i] for i in parts[rank]]
+    ids: list[list[int]] = (tokenizer(shard, truncation=True, max_length=max_length, return_attention_mask=False,
+                                      return_token_type_ids=False)["input_ids"] if shard else [])
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
+    dummy = tokenizer([prompt + texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
+                      return_token_type_ids=False)["input_ids"]
+    excluded = prompt_length(tokenizer, prompt) if not getattr(embedder, "include_prompt", True) else None
+
+    positions: list[list[int]] = []
+    outputs: list[torch.Tensor] = []
+    with inference_mode(embedder), (autocast or contextlib.nullcontext)():
+        for b in range(num_batches):
+            rows = batches[b] if b < len(batches) else None
+            sequences = [ids[i] for i in rows] if rows is not None else dummy
+            padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
+                                   return_tensors="pt")
+            features = {"input_ids": padded["input_ids"].to(device),
+                        "attention_mask": padded["attention_mask"].to(device)}
+            if excluded is not None:
+                features["prompt_length"] = torch.full((len(sequences),), excluded, device=device)
+            embeddings = embedder(**features)
+            if rows is not None:
+                positions.append(rows)
+                outputs.append(embeddings.float())
+            dim = embeddings.shape[-1]
+    # Outside inference mode: these ops turn inference tensors into normal ones that any later code may use.
+    local = torch.empty(len(shard), dim, device=device)
+    if outputs:
+        local[torch.tensor([i for rows in positions for i in rows], device=device)] = torch.cat(outputs)
+    return distributed.gather_no_grad(local, sizes)
