@@ -18,7 +18,7 @@ COMMANDS = {
     "bench": ("gist_scale.tools.bench", "training-step throughput vs sentence-transformers' GISTEmbedLoss (JSON, table)"),
     "cache-guide": ("gist_scale.guide_cache", "embed the training data with the guide once: `cache-guide OUT_DIR`"),
     "mine": ("gist_scale.tools.mine", "hard negatives for (query, positive) pairs, filtered by the guide's GIST rule"),
-    "eval": ("gist_scale.evaluate", "retrieval metrics of a model on held-out triplets, a BEIR folder or MTEB tasks"),
+    "eval": ("gist_scale.evaluation.cli", "retrieval metrics of a model on eval triplets, a BEIR folder or MTEB tasks"),
     "report": ("gist_scale.tools.report", "plot a run's metrics.jsonl (loss, lr, masking, throughput, eval) to a PNG"),
     "recipes": ("gist_scale.recipes", "list the shipped training recipes (`train --recipe NAME`), or print one"),
 }

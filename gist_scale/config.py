@@ -609,7 +609,7 @@ class EvalConfig:
     """JSONL of scored pairs (`sentence1`, `sentence2`, `score`) for a Spearman correlation; null: none."""
     beir: str | None = None
     """A BEIR-format folder (`corpus.jsonl`, `queries.jsonl`, `qrels/<beir_split>.tsv`, graded relevance) to
-    evaluate on instead of eval triplets; null: none. See `gist_scale/beir.py`."""
+    evaluate on instead of eval triplets; null: none. See `gist_scale/evaluation/beir.py`."""
     beir_split: str = "test"
     """The qrels file of `beir` to evaluate: `qrels/<beir_split>.tsv`."""
 

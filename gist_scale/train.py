@@ -37,8 +37,7 @@ from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dat
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.memory import count_parameters, estimate_model_states, format_estimate
-from gist_scale.beir import load_beir
-from gist_scale.evaluate import EvalData, evaluate_embedder, load_eval_data, read_sts
+from gist_scale.evaluation import EvalData, evaluate_embedder, load_beir, load_eval_data, read_sts
 from gist_scale.model_card import RunFacts, check_push_to_hub, push_to_hub, write_model_card
 from gist_scale.flops import forward_flops, peak_tflops
 from gist_scale.places import require_writable_dir

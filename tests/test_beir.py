@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gist_scale.beir import load_beir
 from gist_scale.config import MINILM, ConfigError, EvalConfig
 from gist_scale.data import DataError, sample_data_path
-from gist_scale.evaluate import encode_texts, evaluate_embedder, main
+from gist_scale.evaluation import evaluate_embedder, load_beir
+from gist_scale.evaluation.cli import main
+from gist_scale.inference import encode_texts
 from gist_scale.metrics import METRICS, retrieval_metrics
 from gist_scale.st_format import load_sentence_transformer_dir
 
@@ -75,7 +76,7 @@ def minilm():
 
 
 def _read_folder(root: Path) -> tuple[dict, dict, dict[str, dict[str, int]]]:
-    """The folder read independently of gist_scale.beir: queries, documents as BEIR joins them, and the qrels."""
+    """The folder read independently of gist_scale.evaluation.beir: queries, documents as BEIR joins them, and the qrels."""
     corpus = {}
     for line in (root / "corpus.jsonl").read_text().splitlines():
         row = json.loads(line)

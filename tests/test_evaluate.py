@@ -16,7 +16,9 @@ from transformers import BertConfig, BertModel
 
 from gist_scale.config import MINILM, DataConfig
 from gist_scale.data import DataError, sample_data_path
-from gist_scale.evaluate import EvalData, encode_texts, evaluate_embedder, load_eval_data, main
+from gist_scale.evaluation import EvalData, evaluate_embedder, load_eval_data
+from gist_scale.evaluation.cli import main
+from gist_scale.inference import encode_texts
 from gist_scale.metrics import METRICS, _average_ranks, retrieval_metrics, spearman
 from gist_scale.model import load_tokenizer, resolve_model_path
 from gist_scale.st_format import export_sentence_transformer, load_sentence_transformer_dir

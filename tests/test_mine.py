@@ -246,7 +246,7 @@ def test_a_guide_cache_replaces_the_guide(tmp_path, tiny_model_dir):
     """Built with cache-guide on the same pairs, the cache gives the queries' and positives' embeddings (fp16) and
     the guide is not even loaded when there is no extra corpus (its directory is gone)."""
     from gist_scale.data import load_triplets
-    from gist_scale.evaluate import retrieval_task
+    from gist_scale.evaluation.data import retrieval_task
     from gist_scale.guide_cache import build_guide_cache
 
     guide = tmp_path / "guide"

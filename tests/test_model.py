@@ -182,7 +182,7 @@ def test_eval_of_a_custom_code_model_needs_trust_remote_code(custom_code_model_d
     with it."""
     from gist_scale.config import ModelConfig
     from gist_scale.data import sample_data_path
-    from gist_scale.evaluate import main
+    from gist_scale.evaluation.cli import main
     from gist_scale.model import load_student, load_tokenizer
     from gist_scale.st_format import export_sentence_transformer
 

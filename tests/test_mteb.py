@@ -18,10 +18,11 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 from test_beir import write_beir_folder
 
-from gist_scale.beir import load_beir
 from gist_scale.config import MINILM
-from gist_scale.evaluate import encode_texts, evaluate_embedder, main
-from gist_scale.mteb_eval import EmbedderEncoder, resolve_tasks, run_mteb
+from gist_scale.evaluation import evaluate_embedder, load_beir
+from gist_scale.evaluation.cli import main
+from gist_scale.evaluation.mteb import EmbedderEncoder, resolve_tasks, run_mteb
+from gist_scale.inference import encode_texts
 from gist_scale.st_format import load_sentence_transformer_dir
 
 REPO = Path(__file__).resolve().parents[1]

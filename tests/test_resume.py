@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from dist_utils import assert_same_steps, torchrun_command
 from test_beir import write_beir_folder
 from gist_scale.data import GlobalBatchSampler
-from gist_scale.evaluate import load_model
-from gist_scale.evaluate import main as evaluate
+from gist_scale.evaluation.cli import load_model
+from gist_scale.evaluation.cli import main as evaluate
 from gist_scale.plan import per_device_batch
 from gist_scale.train import main
 

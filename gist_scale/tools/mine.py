@@ -51,7 +51,7 @@ from rich.console import Console
 from gist_scale import distributed
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig
 from gist_scale.data import DataError, load_triplets
-from gist_scale.evaluate import retrieval_task
+from gist_scale.evaluation.data import retrieval_task
 from gist_scale.inference import encode_texts, shards
 from gist_scale.loss import margin_threshold
 from gist_scale.metrics import top_k

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from gist_scale.data import DataError
-from gist_scale.evaluate import EvalData, StsPairs
+from gist_scale.evaluation.data import EvalData, StsPairs
 
 __all__ = ["load_beir"]
 

@@ -3,7 +3,7 @@
 `EmbedderEncoder` is an mteb encoder (`mteb.models.AbsEncoder`: mteb hands it a DataLoader of texts, the task's
 metadata and whether they are queries or documents; it returns the embeddings), so mteb reads the datasets, builds
 the tasks and computes its metrics while the texts are tokenized and embedded exactly as in gist-scale's own
-evaluation (`encode_texts`). Prompts are the model's own (`prompts` in `config_sentence_transformers.json`, chosen
+evaluation (`gist_scale.inference.encode_texts`). Prompts are the model's own (`prompts` in `config_sentence_transformers.json`, chosen
 per task and query/document by mteb's rules, as mteb does for a sentence-transformers model); without any, texts go
 in as they are.
 
