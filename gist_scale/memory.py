@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gist_scale.config import ModelConfig
-from gist_scale.model.loading import student_encoder
+from gist_scale.model.student import student_encoder
 
 __all__ = ["GiB", "MIXED_PRECISIONS", "MemoryEstimate", "ParameterCounts", "count_parameters", "estimate_model_states",
            "format_estimate", "parameter_counts"]

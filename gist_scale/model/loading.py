@@ -1,13 +1,14 @@
-"""Loading models: the trainable student, the frozen guide (outside ZeRO-3 partitioning) and tokenizers.
+"""Loading models: the student's pretrained encoder, the frozen guide (outside ZeRO-3 partitioning) and tokenizers.
 
 Decoder-LLM specifics live in `gist_scale.model.decoder`, prompts in `gist_scale.model.prompts`, LoRA adapters in
-`gist_scale.model.lora`, so that loading stays a thin layer over `transformers`.
+`gist_scale.model.lora`, so that loading stays a thin layer over `transformers`; the student as training builds it
+(this module's encoder, LoRA's adapters, the `Embedder`) is composed in `gist_scale.model.student`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -19,10 +20,9 @@ from transformers.integrations import unset_hf_deepspeed_config
 from gist_scale.config import MINILM, ConfigError, GuideConfig, ModelConfig
 from gist_scale.model.decoder import check_pooling, ensure_eos, is_decoder
 from gist_scale.model.embedder import Embedder
-from gist_scale.model.prompts import Prompts
 
-__all__ = ["ModelNotFoundError", "check_max_length", "find_model", "hub_model_not_found", "load_guide", "load_student",
-           "load_tokenizer", "outside_zero3", "resolve_model_path", "student_encoder"]
+__all__ = ["ModelNotFoundError", "base_encoder", "check_max_length", "find_model", "hub_model_not_found", "load_guide",
+           "load_tokenizer", "outside_zero3", "resolve_model_path"]
 
 
 class ModelNotFoundError(ConfigError):
@@ -189,12 +189,12 @@ def _model_class(config, path: str, revision: str | None, trust_remote_code: boo
     return AutoModel._model_mapping.get(type(config), None)
 
 
-def student_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_option: str | None = None
-                    ) -> PreTrainedModel:
-    """The student's `transformers` encoder as training builds it: its config (with `model.dropout`), the unused
-    pooler dropped, gradient checkpointing, LoRA adapters. `weights=False` builds it on the meta device from its
-    config alone, reading no weight file: what `gist_scale.memory` counts for a dry run. Under ZeRO-3 the weights
-    are partitioned at load time, as they should be.
+def base_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_option: str | None = None
+                 ) -> PreTrainedModel:
+    """The student's pretrained `transformers` encoder, before any LoRA adapter: its config (with `model.dropout`),
+    the unused pooler dropped, gradient checkpointing. `weights=False` builds it on the meta device from its config
+    alone, reading no weight file (for the dry run's count). Under ZeRO-3 the weights are partitioned at load time,
+    as they should be.
 
     `remote_code_option` names the switch that sets `cfg.trust_remote_code` when a custom-code model is refused
     without it (default `--model.trust_remote_code true`).
@@ -215,29 +215,14 @@ def student_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_optio
                                                 attn_implementation=cfg.attn_implementation,
                                                 trust_remote_code=cfg.trust_remote_code)
         else:
-            stack.enter_context(init_empty_weights())  # LoRA's adapters land on the meta device too
+            stack.enter_context(init_empty_weights())
             encoder = AutoModel.from_config(config, attn_implementation=cfg.attn_implementation,
                                             trust_remote_code=cfg.trust_remote_code)
         check_max_length(cfg, encoder.config)
         _drop_unused_pooler(encoder)
         if weights and cfg.gradient_checkpointing:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_r:
-            from gist_scale.model.lora import add_lora  # peft is needed only for LoRA (and imports this module)
-
-            encoder = add_lora(encoder, cfg)
     return encoder
-
-
-def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None, *,
-                 remote_code_option: str | None = None) -> Embedder:
-    """Load the trainable student (`student_encoder`) with its pooling and prompts.
-
-    `instructions` (task -> instruction, `data.task_instructions`) become named prompts next to `query`/`document`.
-    """
-    encoder = student_encoder(cfg, remote_code_option=remote_code_option)
-    return Embedder(encoder, cfg.pooling, cfg.normalize, cfg.pool_prompt,
-                    Prompts.from_config(cfg, instructions).named())
 
 
 @contextlib.contextmanager
@@ -263,7 +248,7 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
                remote_code_option: str | None = None) -> Embedder:
     """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`).
 
-    `remote_code_option` as for `load_student` (default `--guide.trust_remote_code true`)."""
+    `remote_code_option` as for `base_encoder` (default `--guide.trust_remote_code true`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     option = remote_code_option or _remote_code_option(cfg)

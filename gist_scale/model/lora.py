@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import PreTrainedModel
 
 from gist_scale.config import ConfigError, ModelConfig
-from gist_scale.model.loading import load_student, outside_zero3
+from gist_scale.model.loading import base_encoder, outside_zero3
 
 __all__ = ["ALL_LINEAR", "StateKwargs", "adapter_state_dict", "add_lora", "checkpoint_kwargs", "lora_config",
            "merged_encoder"]
@@ -121,7 +121,7 @@ def merged_encoder(cfg: ModelConfig, adapter_state: dict[str, torch.Tensor], ada
     process alone and must not be partitioned.
     """
     with outside_zero3(restore_zero3):
-        encoder = load_student(cfg).encoder
+        encoder = add_lora(base_encoder(cfg), cfg)
     loaded = encoder.load_state_dict(adapter_state, strict=False)
     trained = {name for name, param in encoder.named_parameters() if param.requires_grad}
     if loaded.unexpected_keys or trained & set(loaded.missing_keys):
