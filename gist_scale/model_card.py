@@ -21,6 +21,7 @@ from typing import Any
 
 from gist_scale.config import ConfigError, ExportConfig, JobConfig
 from gist_scale.data import DataReport
+from gist_scale.model import resolve_model_path
 from gist_scale.plan import RunPlan
 
 __all__ = ["CARD_FILE", "RunFacts", "check_push_to_hub", "push_to_hub", "write_model_card"]
@@ -137,8 +138,6 @@ def _base_license(name: str, revision: str | None) -> str | None:
     or the Hub cache. None when it cannot be read without network."""
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.repocard import metadata_load
-
-    from gist_scale.model import resolve_model_path
 
     local = Path(resolve_model_path(name)).expanduser()
     card = local / CARD_FILE if local.is_dir() else None

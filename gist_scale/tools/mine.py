@@ -52,9 +52,11 @@ from gist_scale import distributed
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig
 from gist_scale.data import DataError, load_triplets
 from gist_scale.evaluation.data import retrieval_task
+from gist_scale.guide_cache import open_guide_cache
 from gist_scale.inference import encode_texts, shards
 from gist_scale.loss import margin_threshold
 from gist_scale.metrics import top_k
+from gist_scale.model import load_guide, load_tokenizer
 from gist_scale.options import job_parser, parse_job
 
 __all__ = ["MineConfig", "MineStats", "mine_negatives", "main"]
@@ -277,9 +279,6 @@ class MineStats:
 def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_size: int,
            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Normalized fp32 guide embeddings of the distinct queries and the corpus, and how many texts were embedded."""
-    from gist_scale.guide_cache import open_guide_cache
-    from gist_scale.model import load_guide, load_tokenizer
-
     if job.guide.cache is None:
         texts = task.texts
     else:
