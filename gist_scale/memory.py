@@ -93,7 +93,7 @@ def parameter_counts(model: torch.nn.Module) -> ParameterCounts:
 def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
     """Count the student's parameters from its config alone: no weight file is opened.
 
-    The encoder is the one training builds (`gist_scale.model.loading.student_encoder`: the same config, the
+    The encoder is the one training builds (`gist_scale.model.student.student_encoder`: the same config, the
     unused pooler dropped, the same LoRA adapters), on the meta device, so the counts are those of training.
     """
     encoder = student_encoder(model_cfg, weights=False)
