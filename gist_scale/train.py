@@ -32,8 +32,9 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from gist_scale import chunking, distributed, encode, faults
 from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
 from gist_scale.config import METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, save_config
-from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dataloader, build_sampler, count_tokens,
-                             load_triplets, mixture_lines, tokenize_triplets, write_mixture)
+from gist_scale.data import (DataError, MixtureMeter, StreamingBatches, TripletCollator, build_dataloader,
+                             build_sampler, count_tokens, load_triplets, mixture_lines, stream_fingerprint,
+                             tokenize_triplets, write_mixture)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.memory import count_parameters, estimate_model_states, format_estimate
@@ -48,7 +49,6 @@ from gist_scale.resume import plan_run
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora, outside_zero3
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.options import job_parser, parse_job
-from gist_scale.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)

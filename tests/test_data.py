@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -20,13 +21,14 @@ from gist_scale.data import (
     GlobalBatchSampler,
     SamplerSummary,
     TripletCollator,
-    _encode,
     build_dataloader,
     load_triplets,
     measure_tokenization_rate,
+    rank_micro_batches,
     sample_data_path,
     tokenize_triplets,
 )
+from gist_scale.data.tokenize import token_ids
 
 datasets.disable_progress_bars()
 
@@ -294,7 +296,7 @@ def test_truncation_flags_without_fast_encodings(minilm: Any) -> None:
             return BatchEncoding(dict(minilm(texts, **kwargs)))
 
     texts = ["short", "long " * 50]
-    ids, truncated = _encode(PythonBackend(), texts, 8)
+    ids, truncated = token_ids(PythonBackend(), texts, 8)
     assert truncated == [False, True]
     assert ids == minilm(texts, truncation=True, max_length=8)["input_ids"]
 
@@ -319,6 +321,44 @@ def task_names(sizes: dict[str, int]) -> list[str]:
 
 def ranks(names: list[str] | None, world_size: int, **kwargs: Any) -> list[GlobalBatchSampler]:
     return [GlobalBatchSampler(names, world_size=world_size, rank=r, **kwargs) for r in range(world_size)]
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_every_ranks_micro_batches_partition_the_global_batch(world_size: int, grad_accum_steps: int) -> None:
+    """The one cut of a global batch: within each micro-batch the ranks' slices, in rank order, are a contiguous
+    part of the global batch, and the micro-batches in order are the whole of it; parts differ by at most one row.
+    Rows and row indices are cut alike, so the stream (rows) and the sampler (indices) hold the same rows."""
+    for size in range(world_size * grad_accum_steps, 3 * world_size * grad_accum_steps + 2):
+        indices = np.arange(100, 100 + size)
+        rows = [(f"query {i}", f"pos {i}", [f"neg {i}"], "task") for i in indices.tolist()]
+        cuts = [rank_micro_batches(indices, grad_accum_steps, world_size, rank) for rank in range(world_size)]
+        assert all(len(cut) == grad_accum_steps for cut in cuts)
+        micro_batches = [np.concatenate([cut[m] for cut in cuts]) for m in range(grad_accum_steps)]
+        assert np.concatenate(micro_batches).tolist() == indices.tolist()
+        assert max(map(len, micro_batches)) - min(map(len, micro_batches)) <= 1
+        slices = [len(cut[m]) for cut in cuts for m in range(grad_accum_steps)]
+        assert min(slices) >= 1 and max(slices) - min(slices) <= 1
+        for rank, cut in enumerate(cuts):
+            row_cut = rank_micro_batches(rows, grad_accum_steps, world_size, rank)
+            assert row_cut == [[rows[i - 100] for i in micro.tolist()] for micro in cut]
+    with pytest.raises(ValueError, match="rank=2"):
+        rank_micro_batches([1, 2], 1, 2, 2)
+
+
+def test_the_sampler_yields_the_shared_cut_of_each_global_batch() -> None:
+    """`GlobalBatchSampler` cuts its global batches with `rank_micro_batches` (what the stream uses too): the
+    global batch that all ranks' micro-batches make up, cut again, gives each rank exactly what it yielded, for full
+    batches and for the uneven tails of `drop_last=False`."""
+    names = task_names({"a": 2 * 12 + 7, "b": 12 + 5})
+    samplers = ranks(names, 3, batch_size=2, grad_accum_steps=2, drop_last=False, seed=4)
+    yielded = [list(s) for s in samplers]
+    for step in range(samplers[0].summary.steps_per_epoch):
+        micro = [[yielded[r][2 * step + m] for m in range(2)] for r in range(3)]
+        whole = [i for m in range(2) for r in range(3) for i in micro[r][m]]
+        assert len({names[i] for i in whole}) == 1
+        for rank in range(3):
+            assert [part.tolist() for part in rank_micro_batches(np.array(whole), 2, 3, rank)] == micro[rank]
 
 
 def test_global_batches_are_task_homogeneous_across_ranks() -> None:

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from gist_scale.config import ConfigError, ModelConfig
+from gist_scale.config import ConfigError, DataConfig, ModelConfig
 from gist_scale.options import load_config
-from gist_scale.data import DataConfig, TripletCollator, load_triplets, tokenize_triplets
+from gist_scale.data import TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.encode import encode_columns
 from gist_scale.evaluate import encode_texts
 from gist_scale.model import load_tokenizer, pool

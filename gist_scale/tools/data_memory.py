@@ -130,7 +130,7 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
     if streaming:
         from itertools import islice
 
-        from gist_scale.streaming import StreamingBatches
+        from gist_scale.data.streaming import StreamingBatches
 
         stream = StreamingBatches(DataConfig(path=str(path), streaming=True), TripletCollator(tokenizer, tokenizer),
                                   tokenizer, 128, tokenizer, 128, batch_size=batch_size)
