@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from accelerate.utils import send_to_device
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 
 from gist_scale.config import DataConfig
@@ -20,6 +21,7 @@ from gist_scale.data import (
     DataError,
     GlobalBatchSampler,
     SamplerSummary,
+    TripletBatch,
     TripletCollator,
     build_dataloader,
     load_triplets,
@@ -272,8 +274,8 @@ def test_collator_pads_per_batch_row_major_negatives(minilm: Any, word_level: An
              "negs": [["n one", "n two two two"], ["three", "four four"]], "task_name": ["t", "t"]}
     tokenized, _ = tokenize_triplets(datasets.Dataset.from_dict(texts), minilm, 128, word_level, 128)
     batch = TripletCollator(minilm, word_level)([tokenized[0], tokenized[1]])
-    assert batch["num_negatives"] == 2
-    student, guide = batch["student"], batch["guide"]
+    assert batch.num_negatives == 2
+    student, guide = batch.student, batch.guide
     longest = max(len(minilm(q)["input_ids"]) for q in texts["query"])
     assert student["query"]["input_ids"].shape == (2, longest)  # the batch's longest, not max_length
     assert student["neg"]["input_ids"].dtype == torch.long and student["neg"]["input_ids"].shape[0] == 4
@@ -285,7 +287,7 @@ def test_collator_pads_per_batch_row_major_negatives(minilm: Any, word_level: An
     assert guide["query"]["input_ids"][0, -len(short):].tolist() == short  # the guide pads on its own side
     assert guide["query"]["attention_mask"][0, 0] == 0
     eights = TripletCollator(minilm, None, pad_to_multiple_of=8)([tokenized[0]])
-    assert "guide" not in eights and eights["student"]["query"]["input_ids"].shape[1] % 8 == 0
+    assert eights.guide is None and eights.student["query"]["input_ids"].shape[1] % 8 == 0
 
 
 def test_truncation_flags_without_fast_encodings(minilm: Any) -> None:
@@ -306,7 +308,35 @@ def test_pairs_collate_without_negatives(minilm: Any) -> None:
     tokenized, truncated = tokenize_triplets(ds, minilm, 16)
     assert tokenized[0]["student_negs"] == [] and truncated["student_negs"] == 0.0
     batch = TripletCollator(minilm)([tokenized[0]])
-    assert batch["num_negatives"] == 0 and "neg" not in batch["student"]
+    assert batch.num_negatives == 0 and "neg" not in batch.student
+
+
+@pytest.mark.parametrize("chunks", [None, 2])
+def test_a_batch_moves_whole_with_accelerates_send_to_device(minilm: Any, chunks: int | None) -> None:
+    """`send_to_device` calls `TripletBatch.to`: every tensor moves (to the meta device here, which a CPU has), the
+    host numbers stay, and an absent guide or cache stays None; the original batch is left as it was."""
+    ids = {"query": [[101, 5, 102], [101, 6, 102]], "pos": [[101, 6, 7, 102], [101, 8, 102]],
+           "negs": [[[101, 9, 102]], [[101, 10, 11, 102]]]}
+    rows = [{f"{side}_{column}": ids[column][i] for side in ("student", "guide") for column in ids} for i in range(2)]
+    for batch in (TripletCollator(minilm, minilm, chunks=chunks)(rows),
+                  TripletCollator(minilm, chunks=chunks)([{**row, "source": 1} for row in rows])):
+        moved = send_to_device(batch, torch.device("meta"), non_blocking=True)
+        assert isinstance(moved, TripletBatch)
+        assert (moved.num_negatives, moved.source, moved.token_counts) == (batch.num_negatives, batch.source,
+                                                                           batch.token_counts)
+        sides = [moved.student] + ([moved.guide] if batch.guide is not None else [])
+        tensors = [*moved.text_ids.values()]
+        for side in sides:
+            if chunks is None:
+                tensors.extend(t for features in side.values() for t in features.values())
+            else:
+                tensors.extend([*(t for chunk in side.chunks for t in chunk.values()), side.inverse])
+        assert len(tensors) > 3 and all(t.device.type == "meta" for t in tensors)
+        assert batch.student is not moved.student and batch.text_ids["query"].device.type == "cpu"
+        assert (moved.guide is None) == (batch.guide is None) and moved.guide_embeddings is None
+    cached = TripletBatch(batch.student, None, 1, batch.text_ids, batch.token_counts,
+                          guide_embeddings={"query": torch.zeros(2, 4)})
+    assert send_to_device(cached, torch.device("meta")).guide_embeddings["query"].device.type == "meta"
 
 
 # -------------------------------------------------------------------------------------------- batching
@@ -466,8 +496,8 @@ def test_dataloader_with_workers_resumes_from_the_batches_received(minilm: Any) 
         sampler = GlobalBatchSampler(tokenized["task_name"], batch_size=4, world_size=1, rank=0, seed=2)
         return build_dataloader(tokenized, sampler, TripletCollator(minilm), num_workers=2)
 
-    def ids(batches: list[dict[str, Any]]) -> list[list[int]]:
-        return [b["student"]["query"]["input_ids"].tolist() for b in batches]
+    def ids(batches: list[TripletBatch]) -> list[list[int]]:
+        return [b.student["query"]["input_ids"].tolist() for b in batches]
 
     uninterrupted = ids(list(loader()))
     first = loader()

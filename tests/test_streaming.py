@@ -141,14 +141,14 @@ def test_ranks_partition_each_global_batch_as_one_process_holding_it_all(tmp_pat
     texts = [rows for _, rows in islice(
         stream(tokenizer, batch_size=4, grad_accum_steps=2, seed=3, sources=sources).global_batches(), 3)]
     for step, (m0, m1, m) in enumerate(islice(zip(*(iter(x) for x in fresh + [single])), 6)):
-        assert m0["source"] == m1["source"] == m["source"] and m0["num_negatives"] == m["num_negatives"]
+        assert m0.source == m1.source == m.source and m0.num_negatives == m.num_negatives
         micro_texts = rank_micro_batches(texts[step // 2], 2, 1, 0)[step % 2]
         expected = tokenizer([row[0] for row in micro_texts], truncation=True, max_length=32)["input_ids"]
         for got_ids, got_mask, want in zip(
-                [*m0["student"]["query"]["input_ids"], *m1["student"]["query"]["input_ids"]],
-                [*m0["student"]["query"]["attention_mask"], *m1["student"]["query"]["attention_mask"]], expected):
+                [*m0.student["query"]["input_ids"], *m1.student["query"]["input_ids"]],
+                [*m0.student["query"]["attention_mask"], *m1.student["query"]["attention_mask"]], expected):
             assert got_ids[got_mask.bool()].tolist() == want
-        assert m["student"]["query"]["input_ids"].shape[0] == 4
+        assert m.student["query"]["input_ids"].shape[0] == 4
 
 
 # ------------------------------------------------------------------------------------------------------ resume

@@ -170,7 +170,8 @@ def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, wo
 
 def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, collator: TripletCollator,
                      num_workers: int = 0) -> DataLoader:
-    """The training DataLoader: the sampler's micro-batches, collated in `num_workers` processes.
+    """The training DataLoader: the sampler's micro-batches, collated into `TripletBatch`es in `num_workers`
+    processes.
 
     Do not pass it through `accelerator.prepare`: the sampler already gives each rank its own slice, and
     Accelerate would shard it again. Move batches to the device yourself.

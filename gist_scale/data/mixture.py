@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gist_scale.config import MIXTURE_FILE
+from gist_scale.data.collate import TripletBatch
 
 __all__ = ["MixtureMeter", "SourcePlan", "mixture_lines", "mixture_quotas", "write_mixture"]
 
@@ -64,10 +64,10 @@ class MixtureMeter:
         self.grad_accum_steps, self.global_batch_size = grad_accum_steps, global_batch_size
         self._micro = [0] * len(self.names)
 
-    def count(self, batch: Mapping[str, Any]) -> None:
+    def count(self, batch: TripletBatch) -> None:
         """Count one micro-batch (call it for each micro-batch the training loop receives)."""
-        if "source" in batch:
-            self._micro[batch["source"]] += 1
+        if batch.source is not None:
+            self._micro[batch.source] += 1
 
     def flush(self) -> dict[str, float]:
         """`source/NAME/batches` and `source/NAME/rows` since the last flush, for the sources that had any (rows are

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import MIXTURE_FILE, DataConfig
 from gist_scale.data.batching import SamplerSummary, rank_micro_batches
-from gist_scale.data.collate import TripletCollator
+from gist_scale.data.collate import TripletBatch, TripletCollator
 from gist_scale.data.errors import DataError
 from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, Row, SourceReport, decode_line,
                                   missing_columns, parse_row, row_error)
@@ -201,8 +201,8 @@ class _SourceStream:
 class StreamingBatches:
     """This rank's collated micro-batches, read from streamed sources (see the module's docstring).
 
-    Iterating yields `TripletCollator` batches (with `source` for a mixture, which `MixtureMeter` counts), forever:
-    the trainer stops after `train.max_steps`. `global_batches()` yields the same global batches as rows of text,
+    Iterating yields `TripletBatch`es (with `source` for a mixture, which `MixtureMeter` counts), forever: the
+    trainer stops after `train.max_steps`. `global_batches()` yields the same global batches as rows of text,
     before they are cut for this rank (`rank_micro_batches`) and tokenized.
     """
 
@@ -262,13 +262,13 @@ class StreamingBatches:
             self.batches += 1
             yield source, rows
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TripletBatch]:
         for source, rows in self.global_batches():
             for micro in rank_micro_batches(rows, self.grad_accum_steps, self.world_size, self.rank):
                 self._micro += 1
                 yield self._collate(micro, source)
 
-    def _collate(self, rows: list[Row], source: int) -> dict[str, Any]:
+    def _collate(self, rows: list[Row], source: int) -> TripletBatch:
         columns = {"query": [r[0] for r in rows], "pos": [r[1] for r in rows], "negs": [r[2] for r in rows],
                    "task_name": [r[3] for r in rows]}
         tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
