@@ -23,7 +23,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from transformers import AutoConfig
 
 from gist_scale import chunking, distributed, encode, inference
 from gist_scale.config import ConfigError, GuideConfig, JobConfig
-from gist_scale.data import DataError, TripletCollator, load_triplets, tokenize_triplets
+from gist_scale.data import DataError, TripletBatch, TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
 from gist_scale.model.prompts import Prompts, load_task_instructions
 from gist_scale.options import job_parser, parse_job
@@ -171,16 +171,14 @@ class _IndexedRows(torch.utils.data.Dataset):
 
 
 class _CachedGuideCollator:
-    """`TripletCollator` output plus `guide_embeddings` from the cache (the collator pads only the student)."""
+    """`TripletCollator`'s batch with `guide_embeddings` from the cache (the collator pads only the student)."""
 
-    def __init__(self, collator, cache: GuideCache) -> None:
+    def __init__(self, collator: TripletCollator, cache: GuideCache) -> None:
         self.collator = collator
         self.cache = cache
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(rows)
-        batch["guide_embeddings"] = self.cache.lookup([row["_row"] for row in rows])
-        return batch
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> TripletBatch:
+        return replace(self.collator(rows), guide_embeddings=self.cache.lookup([row["_row"] for row in rows]))
 
 
 def _read_meta(path: Path) -> CacheMeta:
@@ -283,7 +281,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     done = 0
     for begin in range(0, len(rows), rows_per_batch):
         index = list(rows[begin:begin + rows_per_batch])
-        batch = send_to_device(collator(tokenized.__getitems__(index))["student"], state.device)
+        batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
         with inference.inference_mode(guide):
             query, pos, neg = encode.encode_columns(guide, batch, k)
         arrays = {"query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}

@@ -32,8 +32,9 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from gist_scale import chunking, distributed, encode, faults
 from gist_scale.checkpoint import CheckpointError, TrainerState, incomplete_checkpoints, save_checkpoint
 from gist_scale.config import METRICS_FILE, ConfigError, JobConfig, LoggingConfig, OptimConfig, TrainConfig, save_config
-from gist_scale.data import (DataError, MixtureMeter, TripletCollator, build_dataloader, build_sampler, count_tokens,
-                             load_triplets, mixture_lines, tokenize_triplets, write_mixture)
+from gist_scale.data import (DataError, MixtureMeter, StreamingBatches, TripletBatch, TripletCollator, build_dataloader,
+                             build_sampler, count_tokens, load_triplets, mixture_lines, stream_fingerprint,
+                             tokenize_triplets, write_mixture)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import GISTLoss
 from gist_scale.memory import count_parameters, estimate_model_states, format_estimate
@@ -47,7 +48,6 @@ from gist_scale.resume import plan_run
 from gist_scale.model import Embedder, load_guide, load_student, load_tokenizer, lora, outside_zero3
 from gist_scale.model.prompts import Prompts, load_task_instructions, unknown_tasks
 from gist_scale.options import job_parser, parse_job
-from gist_scale.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.st_format import export_sentence_transformer
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -284,7 +284,7 @@ class Trainer:
         self.loader = build_dataloader(dataset, self.sampler, collator, cfg.data.num_workers)
 
     def _stream_data(self, collator: TripletCollator, guide_tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """`data.streaming`: rows read, validated and tokenized as training consumes them (`gist_scale.streaming`)."""
+        """`data.streaming`: rows read, validated and tokenized as training consumes them (`gist_scale.data.streaming`)."""
         cfg = self.cfg
         self.stream = StreamingBatches(
             cfg.data, collator, self.tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
@@ -380,10 +380,10 @@ class Trainer:
                         self.resume.record(self.state), self.state_kwargs.save)
         self.last_checkpoint_step = self.state.step
 
-    def optimizer_steps(self) -> Iterator[list[dict]]:
+    def optimizer_steps(self) -> Iterator[list[TripletBatch]]:
         """This rank's micro-batches, on the device, grouped by optimizer step, from the resumed position. Every
         global batch, and so every epoch, holds whole steps (cut into `grad_accum_steps` parts)."""
-        group: list[dict] = []
+        group: list[TripletBatch] = []
         for batch in self._micro_batches():
             self.mixture.count(batch)
             group.append(send_to_device(batch, self.device, non_blocking=True))
@@ -437,10 +437,10 @@ class Trainer:
         self.state.nonfinite_in_a_row = 0
         return StepOutcome(applied=True, preempted=preempted, metrics=metrics, grad_norm=grad_norm)
 
-    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, StepMetrics]:
+    def _forward_backward(self, batch: TripletBatch) -> tuple[torch.Tensor, StepMetrics]:
         """Loss and backward of one micro-batch; returns the detached loss and the micro-batch's metrics."""
-        student = batch["student"]  # column tensors, or `chunking.ChunkedTexts` planned by the collator
-        k = batch["num_negatives"]
+        student = batch.student  # column tensors, or `chunking.ChunkedTexts` planned by the collator
+        k = batch.num_negatives
         guide_embeddings = self._guide_embeddings(batch, k)
         grad_cache = None
         if self.cfg.train.grad_cache:
@@ -450,7 +450,7 @@ class Trainer:
         else:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
-        text_ids = batch["text_ids"]
+        text_ids = batch.text_ids
         loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
                             text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")))
         first_attempt = self.state.nonfinite_in_a_row == 0
@@ -468,7 +468,7 @@ class Trainer:
             console.log(f"debug: step {self.state.step} shapes {shapes} loss {loss.item():.4f} "
                         f"masked {stats.masked_fraction.item():.3f} duplicates {stats.duplicates_masked.item():.0f} "
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
-        counts = batch["token_counts"]
+        counts = batch.token_counts
         loss = loss.detach()
         return loss, StepMetrics(loss, stats.masked_fraction, stats.candidates_per_anchor, stats.duplicates_masked,
                                  counts["student"].tokens, counts["student"].texts // (2 + k),
@@ -506,13 +506,13 @@ class Trainer:
             return None
         return chunking.num_chunks(self.plan.per_device_batch * (2 + k), self.cfg.train.chunk_size)
 
-    def _guide_embeddings(self, batch: dict, k: int) -> tuple:
-        if "guide_embeddings" in batch:  # from the guide cache (`guide.cache`)
-            cached = batch["guide_embeddings"]
+    def _guide_embeddings(self, batch: TripletBatch, k: int) -> tuple:
+        if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
+            cached = batch.guide_embeddings
             return cached["query"], cached["pos"], cached.get("neg")
         if self.guide is None:
             return None, None, None
-        return encode.embed_frozen(self.guide, batch["guide"], k)
+        return encode.embed_frozen(self.guide, batch.guide, k)
 
     def _reduce_metrics(self, window: MetricsWindow) -> dict:
         pending = window.metrics

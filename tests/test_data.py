@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from accelerate.utils import send_to_device
 from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 
 from gist_scale.config import DataConfig
@@ -19,14 +21,16 @@ from gist_scale.data import (
     DataError,
     GlobalBatchSampler,
     SamplerSummary,
+    TripletBatch,
     TripletCollator,
-    _encode,
     build_dataloader,
     load_triplets,
     measure_tokenization_rate,
+    rank_micro_batches,
     sample_data_path,
     tokenize_triplets,
 )
+from gist_scale.data.tokenize import token_ids
 
 datasets.disable_progress_bars()
 
@@ -270,8 +274,8 @@ def test_collator_pads_per_batch_row_major_negatives(minilm: Any, word_level: An
              "negs": [["n one", "n two two two"], ["three", "four four"]], "task_name": ["t", "t"]}
     tokenized, _ = tokenize_triplets(datasets.Dataset.from_dict(texts), minilm, 128, word_level, 128)
     batch = TripletCollator(minilm, word_level)([tokenized[0], tokenized[1]])
-    assert batch["num_negatives"] == 2
-    student, guide = batch["student"], batch["guide"]
+    assert batch.num_negatives == 2
+    student, guide = batch.student, batch.guide
     longest = max(len(minilm(q)["input_ids"]) for q in texts["query"])
     assert student["query"]["input_ids"].shape == (2, longest)  # the batch's longest, not max_length
     assert student["neg"]["input_ids"].dtype == torch.long and student["neg"]["input_ids"].shape[0] == 4
@@ -283,7 +287,7 @@ def test_collator_pads_per_batch_row_major_negatives(minilm: Any, word_level: An
     assert guide["query"]["input_ids"][0, -len(short):].tolist() == short  # the guide pads on its own side
     assert guide["query"]["attention_mask"][0, 0] == 0
     eights = TripletCollator(minilm, None, pad_to_multiple_of=8)([tokenized[0]])
-    assert "guide" not in eights and eights["student"]["query"]["input_ids"].shape[1] % 8 == 0
+    assert eights.guide is None and eights.student["query"]["input_ids"].shape[1] % 8 == 0
 
 
 def test_truncation_flags_without_fast_encodings(minilm: Any) -> None:
@@ -294,7 +298,7 @@ def test_truncation_flags_without_fast_encodings(minilm: Any) -> None:
             return BatchEncoding(dict(minilm(texts, **kwargs)))
 
     texts = ["short", "long " * 50]
-    ids, truncated = _encode(PythonBackend(), texts, 8)
+    ids, truncated = token_ids(PythonBackend(), texts, 8)
     assert truncated == [False, True]
     assert ids == minilm(texts, truncation=True, max_length=8)["input_ids"]
 
@@ -304,7 +308,35 @@ def test_pairs_collate_without_negatives(minilm: Any) -> None:
     tokenized, truncated = tokenize_triplets(ds, minilm, 16)
     assert tokenized[0]["student_negs"] == [] and truncated["student_negs"] == 0.0
     batch = TripletCollator(minilm)([tokenized[0]])
-    assert batch["num_negatives"] == 0 and "neg" not in batch["student"]
+    assert batch.num_negatives == 0 and "neg" not in batch.student
+
+
+@pytest.mark.parametrize("chunks", [None, 2])
+def test_a_batch_moves_whole_with_accelerates_send_to_device(minilm: Any, chunks: int | None) -> None:
+    """`send_to_device` calls `TripletBatch.to`: every tensor moves (to the meta device here, which a CPU has), the
+    host numbers stay, and an absent guide or cache stays None; the original batch is left as it was."""
+    ids = {"query": [[101, 5, 102], [101, 6, 102]], "pos": [[101, 6, 7, 102], [101, 8, 102]],
+           "negs": [[[101, 9, 102]], [[101, 10, 11, 102]]]}
+    rows = [{f"{side}_{column}": ids[column][i] for side in ("student", "guide") for column in ids} for i in range(2)]
+    for batch in (TripletCollator(minilm, minilm, chunks=chunks)(rows),
+                  TripletCollator(minilm, chunks=chunks)([{**row, "source": 1} for row in rows])):
+        moved = send_to_device(batch, torch.device("meta"), non_blocking=True)
+        assert isinstance(moved, TripletBatch)
+        assert (moved.num_negatives, moved.source, moved.token_counts) == (batch.num_negatives, batch.source,
+                                                                           batch.token_counts)
+        sides = [moved.student] + ([moved.guide] if batch.guide is not None else [])
+        tensors = [*moved.text_ids.values()]
+        for side in sides:
+            if chunks is None:
+                tensors.extend(t for features in side.values() for t in features.values())
+            else:
+                tensors.extend([*(t for chunk in side.chunks for t in chunk.values()), side.inverse])
+        assert len(tensors) > 3 and all(t.device.type == "meta" for t in tensors)
+        assert batch.student is not moved.student and batch.text_ids["query"].device.type == "cpu"
+        assert (moved.guide is None) == (batch.guide is None) and moved.guide_embeddings is None
+    cached = TripletBatch(batch.student, None, 1, batch.text_ids, batch.token_counts,
+                          guide_embeddings={"query": torch.zeros(2, 4)})
+    assert send_to_device(cached, torch.device("meta")).guide_embeddings["query"].device.type == "meta"
 
 
 # -------------------------------------------------------------------------------------------- batching
@@ -319,6 +351,44 @@ def task_names(sizes: dict[str, int]) -> list[str]:
 
 def ranks(names: list[str] | None, world_size: int, **kwargs: Any) -> list[GlobalBatchSampler]:
     return [GlobalBatchSampler(names, world_size=world_size, rank=r, **kwargs) for r in range(world_size)]
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_every_ranks_micro_batches_partition_the_global_batch(world_size: int, grad_accum_steps: int) -> None:
+    """The one cut of a global batch: within each micro-batch the ranks' slices, in rank order, are a contiguous
+    part of the global batch, and the micro-batches in order are the whole of it; parts differ by at most one row.
+    Rows and row indices are cut alike, so the stream (rows) and the sampler (indices) hold the same rows."""
+    for size in range(world_size * grad_accum_steps, 3 * world_size * grad_accum_steps + 2):
+        indices = np.arange(100, 100 + size)
+        rows = [(f"query {i}", f"pos {i}", [f"neg {i}"], "task") for i in indices.tolist()]
+        cuts = [rank_micro_batches(indices, grad_accum_steps, world_size, rank) for rank in range(world_size)]
+        assert all(len(cut) == grad_accum_steps for cut in cuts)
+        micro_batches = [np.concatenate([cut[m] for cut in cuts]) for m in range(grad_accum_steps)]
+        assert np.concatenate(micro_batches).tolist() == indices.tolist()
+        assert max(map(len, micro_batches)) - min(map(len, micro_batches)) <= 1
+        slices = [len(cut[m]) for cut in cuts for m in range(grad_accum_steps)]
+        assert min(slices) >= 1 and max(slices) - min(slices) <= 1
+        for rank, cut in enumerate(cuts):
+            row_cut = rank_micro_batches(rows, grad_accum_steps, world_size, rank)
+            assert row_cut == [[rows[i - 100] for i in micro.tolist()] for micro in cut]
+    with pytest.raises(ValueError, match="rank=2"):
+        rank_micro_batches([1, 2], 1, 2, 2)
+
+
+def test_the_sampler_yields_the_shared_cut_of_each_global_batch() -> None:
+    """`GlobalBatchSampler` cuts its global batches with `rank_micro_batches` (what the stream uses too): the
+    global batch that all ranks' micro-batches make up, cut again, gives each rank exactly what it yielded, for full
+    batches and for the uneven tails of `drop_last=False`."""
+    names = task_names({"a": 2 * 12 + 7, "b": 12 + 5})
+    samplers = ranks(names, 3, batch_size=2, grad_accum_steps=2, drop_last=False, seed=4)
+    yielded = [list(s) for s in samplers]
+    for step in range(samplers[0].summary.steps_per_epoch):
+        micro = [[yielded[r][2 * step + m] for m in range(2)] for r in range(3)]
+        whole = [i for m in range(2) for r in range(3) for i in micro[r][m]]
+        assert len({names[i] for i in whole}) == 1
+        for rank in range(3):
+            assert [part.tolist() for part in rank_micro_batches(np.array(whole), 2, 3, rank)] == micro[rank]
 
 
 def test_global_batches_are_task_homogeneous_across_ranks() -> None:
@@ -426,8 +496,8 @@ def test_dataloader_with_workers_resumes_from_the_batches_received(minilm: Any) 
         sampler = GlobalBatchSampler(tokenized["task_name"], batch_size=4, world_size=1, rank=0, seed=2)
         return build_dataloader(tokenized, sampler, TripletCollator(minilm), num_workers=2)
 
-    def ids(batches: list[dict[str, Any]]) -> list[list[int]]:
-        return [b["student"]["query"]["input_ids"].tolist() for b in batches]
+    def ids(batches: list[TripletBatch]) -> list[list[int]]:
+        return [b.student["query"]["input_ids"].tolist() for b in batches]
 
     uninterrupted = ids(list(loader()))
     first = loader()

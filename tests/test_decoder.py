@@ -84,11 +84,11 @@ def test_padded_batch_embeds_like_each_text_alone(tiny_decoder_dir, family, padd
                 for column in ("query", "pos")}
         want["neg"] = torch.stack([torch.stack([_alone(model, ids) for ids in row["student_negs"]]) for row in rows])
         plain = TripletCollator(tokenizer)(rows)
-        mask = plain["student"]["query"]["attention_mask"]
+        mask = plain.student["query"]["attention_mask"]
         assert (mask[:, 0 if padding_side == "left" else -1] == 0).any()  # really padded on that side
-        got = {"columns": encode_columns(model, plain["student"], 1),
-               "chunked": encode_columns(model, TripletCollator(tokenizer, chunks=4)(rows)["student"], 1)}
-    chunked = TripletCollator(tokenizer, chunks=2)(rows)["student"]
+        got = {"columns": encode_columns(model, plain.student, 1),
+               "chunked": encode_columns(model, TripletCollator(tokenizer, chunks=4)(rows).student, 1)}
+    chunked = TripletCollator(tokenizer, chunks=2)(rows).student
     got["grad_cache"] = GradCache(model, chunked, 1).embeddings
     for mode, (query, pos, neg) in got.items():
         for name, value in (("query", query), ("pos", pos), ("neg", neg)):

@@ -177,10 +177,10 @@ def test_collator_plans_the_chunks_on_the_host(tiny_model_dir):
     per_column = TripletCollator(tokenizer)(rows)
     chunked = TripletCollator(tokenizer, chunks=3)(rows)
     lengths = [3, 5, 5, 3, 3, 11, 4, 3]
-    assert per_column["token_counts"] == chunked["token_counts"] == {
+    assert per_column.token_counts == chunked.token_counts == {
         "student": TokenCounts(8, sum(lengths), sum(n * n for n in lengths))}
-    want = chunking.chunk_texts(per_column["student"], 3, tokenizer.pad_token_id)
-    got = chunked["student"]
+    want = chunking.chunk_texts(per_column.student, 3, tokenizer.pad_token_id)
+    got = chunked.student
     assert isinstance(got, chunking.ChunkedTexts) and got.counts == {"query": 2, "pos": 2, "neg": 4}
     assert [tuple(c["input_ids"].shape) for c in got.chunks] == [(3, 11), (3, 4), (2, 3)]
     for a, b in zip(got.chunks, want.chunks):
@@ -189,7 +189,7 @@ def test_collator_plans_the_chunks_on_the_host(tiny_model_dir):
     assert torch.equal(moved.inverse, got.inverse) and moved.counts == got.counts
     model = BagOfTokens()
     with torch.no_grad():
-        for x, y in zip(encode.encode_columns(model, moved, 2), encode.encode_columns(model, per_column["student"], 2)):
+        for x, y in zip(encode.encode_columns(model, moved, 2), encode.encode_columns(model, per_column.student, 2)):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
 
 

@@ -66,7 +66,7 @@ def test_the_cache_holds_the_guide_embeddings_of_every_row(guide_dir, cache_dir)
     tokenizer = load_tokenizer(str(guide_dir))
     guide = load_guide(cfg.guide, torch.device("cpu"))
     tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length)
-    batch = TripletCollator(tokenizer)(tokenized.__getitems__(rows))["student"]
+    batch = TripletCollator(tokenizer)(tokenized.__getitems__(rows)).student
     with torch.inference_mode():
         want = encode.encode_columns(guide, batch, 1)  # one call per column, as training without a cache
     for column, expected in zip(("query", "pos", "neg"), want):
@@ -87,14 +87,14 @@ def test_batches_carry_cached_embeddings_instead_of_guide_ids(guide_dir, cache_d
     plan = list(sampler)
     sampler.set_epoch(0)
     for indices, batch in zip(plan, build_dataloader(rows, sampler, collator, workers), strict=True):
-        assert "guide" not in batch and "guide" not in batch["token_counts"]
+        assert batch.guide is None and "guide" not in batch.token_counts
         if chunks is None:
-            assert batch["student"]["query"]["input_ids"].shape[0] == 8
+            assert batch.student["query"]["input_ids"].shape[0] == 8
         else:
-            assert len(batch["student"].chunks) == chunks and batch["student"].counts["query"] == 8
+            assert len(batch.student.chunks) == chunks and batch.student.counts["query"] == 8
         expected = cache.lookup(indices)
         for column in ("query", "pos", "neg"):
-            assert torch.equal(batch["guide_embeddings"][column], expected[column])
+            assert torch.equal(batch.guide_embeddings[column], expected[column])
 
 
 @pytest.mark.parametrize(("change", "needle"), [

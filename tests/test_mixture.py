@@ -130,9 +130,9 @@ def test_mixed_k_tokenizes_and_collates_per_batch(tmp_path: Path, tiny_model_dir
     seen = set()
     for indices in sampler:
         batch = collator(tokenized.__getitems__(indices))
-        k = 3 if batch["source"] == 0 else 1
-        assert batch["num_negatives"] == k and len(batch["student"].chunks) == 2 + k
-        seen.add(batch["source"])
+        k = 3 if batch.source == 0 else 1
+        assert batch.num_negatives == k and len(batch.student.chunks) == 2 + k
+        seen.add(batch.source)
     assert seen == {0, 1}
 
 

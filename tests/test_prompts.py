@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from gist_scale.config import ConfigError, ModelConfig
+from gist_scale.config import ConfigError, DataConfig, ModelConfig
 from gist_scale.options import load_config
-from gist_scale.data import DataConfig, TripletCollator, load_triplets, tokenize_triplets
+from gist_scale.data import TripletCollator, load_triplets, tokenize_triplets
 from gist_scale.encode import encode_columns
 from gist_scale.inference import encode_texts
 from gist_scale.model import load_tokenizer, pool
@@ -133,7 +133,7 @@ def test_exported_prompts_embed_like_the_trainer(case, tiny_model_dir, tiny_deco
     tokenized, _ = tokenize_triplets(rows, tokenizer, max_length, student_prompts=prompts)
     batch = TripletCollator(tokenizer, chunks=2)([tokenized[i] for i in range(len(tokenized))])
     with torch.no_grad():
-        query, pos, _ = encode_columns(embedder, batch["student"], 1)
+        query, pos, _ = encode_columns(embedder, batch.student, 1)
 
     reference = SentenceTransformer(str(final), device="cpu")
     reference.tokenizer.padding_side = padding_side
@@ -196,9 +196,9 @@ def test_prompt_lengths_travel_through_columns_chunks_and_grad_cache(student, pa
         want = [torch.stack([alone(r["student_query"], r["student_query_prompt"]) for r in rows]),
                 torch.stack([alone(r["student_pos"], r["student_pos_prompt"]) for r in rows]),
                 torch.stack([alone(r["student_negs"][0], r["student_negs_prompt"][0]) for r in rows])[:, None]]
-        got = {"columns": encode_columns(model, TripletCollator(tokenizer)(rows)["student"], 1),
-               "chunked": encode_columns(model, TripletCollator(tokenizer, chunks=4)(rows)["student"], 1)}
-    got["grad_cache"] = GradCache(model, TripletCollator(tokenizer, chunks=2)(rows)["student"], 1).embeddings
+        got = {"columns": encode_columns(model, TripletCollator(tokenizer)(rows).student, 1),
+               "chunked": encode_columns(model, TripletCollator(tokenizer, chunks=4)(rows).student, 1)}
+    got["grad_cache"] = GradCache(model, TripletCollator(tokenizer, chunks=2)(rows).student, 1).embeddings
     for mode, embeddings in got.items():
         for ours, reference in zip(embeddings, want):
             torch.testing.assert_close(ours.detach(), reference, rtol=0, atol=1e-5, msg=mode)

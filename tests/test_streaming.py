@@ -1,4 +1,4 @@
-"""`data.streaming` (gist_scale/streaming.py): local files read through `datasets` streaming, checked against the
+"""`data.streaming` (gist_scale/data/streaming.py): local files read through `datasets` streaming, checked against the
 prepared path's rows (`load_triplets`), against the tokenizer itself, and against uninterrupted runs for resume."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 
 from dist_utils import loss_records
 from gist_scale.config import DataConfig
-from gist_scale.data import DataError, TripletCollator, load_triplets
+from gist_scale.data import DataError, TripletCollator, load_triplets, rank_micro_batches
 from gist_scale.model import load_tokenizer
-from gist_scale.streaming import StreamingBatches
+from gist_scale.data.streaming import StreamingBatches
 from gist_scale.train import main
 
 datasets.disable_progress_bars()
@@ -128,8 +128,8 @@ def test_ranks_partition_each_global_batch_as_one_process_holding_it_all(tmp_pat
         assert s0 == s1 == s and rows0 == rows1 == rows and len(rows) == 8
         assert len({row[3] for row in rows}) == 1 and all(row[0].startswith("ab"[s]) for row in rows)
         drawn.add(s)
-        slices = [r.rank_slices(rows) for r in ranks]
-        for micro, one in enumerate(whole.rank_slices(rows)):
+        slices = [rank_micro_batches(rows, 2, 2, r) for r in range(2)]
+        for micro, one in enumerate(rank_micro_batches(rows, 2, 1, 0)):
             assert slices[0][micro] + slices[1][micro] == one
         assert sorted(map(tuple, (row for sl in slices for m in sl for row in m))) == sorted(map(tuple, rows))
     assert drawn == {0, 1}
@@ -141,14 +141,14 @@ def test_ranks_partition_each_global_batch_as_one_process_holding_it_all(tmp_pat
     texts = [rows for _, rows in islice(
         stream(tokenizer, batch_size=4, grad_accum_steps=2, seed=3, sources=sources).global_batches(), 3)]
     for step, (m0, m1, m) in enumerate(islice(zip(*(iter(x) for x in fresh + [single])), 6)):
-        assert m0["source"] == m1["source"] == m["source"] and m0["num_negatives"] == m["num_negatives"]
-        micro_texts = single.rank_slices(texts[step // 2])[step % 2]
+        assert m0.source == m1.source == m.source and m0.num_negatives == m.num_negatives
+        micro_texts = rank_micro_batches(texts[step // 2], 2, 1, 0)[step % 2]
         expected = tokenizer([row[0] for row in micro_texts], truncation=True, max_length=32)["input_ids"]
         for got_ids, got_mask, want in zip(
-                [*m0["student"]["query"]["input_ids"], *m1["student"]["query"]["input_ids"]],
-                [*m0["student"]["query"]["attention_mask"], *m1["student"]["query"]["attention_mask"]], expected):
+                [*m0.student["query"]["input_ids"], *m1.student["query"]["input_ids"]],
+                [*m0.student["query"]["attention_mask"], *m1.student["query"]["attention_mask"]], expected):
             assert got_ids[got_mask.bool()].tolist() == want
-        assert m["student"]["query"]["input_ids"].shape[0] == 4
+        assert m.student["query"]["input_ids"].shape[0] == 4
 
 
 # ------------------------------------------------------------------------------------------------------ resume

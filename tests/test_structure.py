@@ -174,7 +174,6 @@ def test_no_upward_arrows():
     assert not upward, "upward arrows:\n  " + "\n  ".join(upward)
 
 
-@pytest.mark.xfail(strict=True, reason="data package: issue 24 merge")
 def test_no_module_imports_private_names_of_another():
     private = [f"{a.source} line {a.line}: {', '.join(a.private_names)} from {a.target}"
                for a in IMPORTS if a.private_names]

@@ -21,12 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from itertools import islice
 from pathlib import Path
+
+import datasets
+import numpy as np
+
+from gist_scale.config import DataConfig
+from gist_scale.data import (StreamingBatches, TripletCollator, build_dataloader, build_sampler, count_tokens,
+                             load_triplets, tokenize_triplets)
+from gist_scale.model import load_tokenizer
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which are be this had not but were "
          "one all their have has its also first new after who two more other into time only over such may three "
@@ -37,8 +47,6 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
 def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
     """`rows` triplets as JSONL (query 6 words and a number, positive 16 words, negative 16 words), streamed to disk
     (never all in memory)."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     words = np.array(WORDS)
     with path.open("w") as handle:
@@ -98,15 +106,8 @@ class PeakMemory:
 
 
 def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, streaming: bool = False) -> dict:
-    import datasets
-
     datasets.config.HF_DATASETS_CACHE = work_dir / "hf_cache"
     datasets.disable_progress_bars()
-    from gist_scale.config import DataConfig
-    from gist_scale.data import (TripletCollator, build_dataloader, build_sampler, count_tokens, load_triplets,
-                                 tokenize_triplets)
-    from gist_scale.model import load_tokenizer
-
     path = work_dir / f"rows-{rows}.jsonl"
     if not path.is_file():
         write_rows(path, rows)
@@ -128,10 +129,6 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
         clock[:] = [time.perf_counter(), time.process_time()]
 
     if streaming:
-        from itertools import islice
-
-        from gist_scale.streaming import StreamingBatches
-
         stream = StreamingBatches(DataConfig(path=str(path), streaming=True), TripletCollator(tokenizer, tokenizer),
                                   tokenizer, 128, tokenizer, 128, batch_size=batch_size)
         batches = sum(1 for _ in islice(stream, rows // batch_size))
@@ -154,8 +151,6 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
             batches = sum(1 for _ in build_dataloader(tokenized, sampler, TripletCollator(tokenizer, tokenizer)))
             phase("epoch")
     meter.close()
-    import resource
-
     result["batches"] = batches
     result["peak_rss_mb_incl_file_pages"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result["peak_anon_mb"] = max(p["peak_anon_mb"] for p in result["phases"].values())

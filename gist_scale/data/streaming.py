@@ -1,18 +1,18 @@
 """`data.streaming`: triplets read through `datasets` streaming, for sources larger than the local disk.
 
 Each source's files (or its hub dataset) are opened one after the other as `datasets.IterableDataset`s
-(`load_dataset(..., streaming=True)`, see `gist_scale.data._Part`) and read row by row; nothing is prepared on disk.
-Rows are validated as they are read, by the same code and with the same messages as the prepared path: a bad row
-stops training with `FILE:LINE` (JSON lines) or `FILE:row N` (counted within its file), unless
-`data.on_bad_rows=skip`. K, a source's negatives per row, comes from its first valid row.
+(`load_dataset(..., streaming=True)`, see `gist_scale.data.sources.Part`) and read row by row; nothing is prepared
+on disk. Rows are validated as they are read, by the same code and with the same messages as the prepared path
+(`gist_scale.data.rows`): a bad row stops training with `FILE:LINE` (JSON lines) or `FILE:row N` (counted within
+its file), unless `data.on_bad_rows=skip`. K, a source's negatives per row, comes from its first valid row.
 
 Global batches: for global batch b the source is drawn by weight from `np.random.default_rng([seed, b])`, with
 replacement (a stream's size is unknown, so there is no epoch to draw without replacement from). The source's rows
 go into per-task buffers (one buffer with `data.task_homogeneous=false`) until one holds a whole global batch, which
-is cut into micro-batches and ranks exactly as `GlobalBatchSampler` cuts its batches. Every rank reads every
-source's whole stream (the same rows everywhere, so batches agree without communication) and tokenizes only its own
-slice. A source that ends starts over (a new pass); its buffers carry over. With `data.max_rows` a pass ends after
-that many valid rows.
+is cut into micro-batches and ranks by `rank_micro_batches`, the cut `GlobalBatchSampler` makes. Every rank reads
+every source's whole stream (the same rows everywhere, so batches agree without communication) and tokenizes only
+its own slice. A source that ends starts over (a new pass); its buffers carry over. With `data.max_rows` a pass
+ends after that many valid rows.
 
 Resume: `state_dict()` is JSON: the global batches emitted and, per source, its pass, the file being read, the rows
 read in it, that file's `IterableDataset.state_dict()` (the library's shard and offset) and the buffered rows not
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,17 @@ from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import MIXTURE_FILE, DataConfig
-from gist_scale.data import (MAX_REPORTED_BAD_ROWS, DataError, DataReport, SamplerSummary, SourceReport,
-                             TripletCollator, _BadRow, _decode_line, _Fields, _missing_columns, _parse_row, _Part,
-                             _resolve_source, _row_error, _sides, _tokenize_batch)
+from gist_scale.data.batching import SamplerSummary, rank_micro_batches
+from gist_scale.data.collate import TripletBatch, TripletCollator
+from gist_scale.data.errors import DataError
+from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, Row, SourceReport, decode_line,
+                                  missing_columns, parse_row, row_error)
+from gist_scale.data.sources import Part, resolve
+from gist_scale.data.tokenize import encoder_sides, tokenize_batch
 from gist_scale.model.prompts import Prompts
 from gist_scale.plan import global_batch
 
 __all__ = ["StreamingBatches", "stream_fingerprint"]
-
-Row = tuple[str, str, list[str], str]
-"""A validated row: query, positive, negatives, task."""
 
 _NOT_DATA = ("num_workers", "num_proc", "pad_to_multiple_of", "task_instructions", "drop_last", "sampling_alpha")
 """`DataConfig` fields that do not change which rows a stream yields in which order."""
@@ -58,7 +59,7 @@ def stream_fingerprint(cfg: DataConfig) -> str:
 class _SourceStream:
     """One source read row by row, pass after pass, with its position and its per-task buffers."""
 
-    def __init__(self, name: str | None, description: str, parts: list[_Part], fields: _Fields, cfg: DataConfig,
+    def __init__(self, name: str | None, description: str, parts: list[Part], fields: Fields, cfg: DataConfig,
                  weight: float) -> None:
         self.name, self.description, self.parts, self.fields, self.weight = name, description, parts, fields, weight
         self.prefix = f"data.sources {name!r}: " if name is not None else ""
@@ -125,7 +126,7 @@ class _SourceStream:
             self.passes, self.part, self.row, self.valid = self.passes + 1, 0, 0, 0
             self._position, self._dataset = None, None
 
-    def _read_part(self, part: _Part) -> Iterator[Row]:
+    def _read_part(self, part: Part) -> Iterator[Row]:
         try:
             if self.part not in self._opened:
                 dataset = part.stream()
@@ -148,21 +149,21 @@ class _SourceStream:
                 raise DataError(f"{self.prefix}{part.failure(error)}") from error
             self.row += 1
             if not columns_checked:
-                if missing := _missing_columns(part.where, self.fields, list(raw)):
+                if missing := missing_columns(part.where, self.fields, list(raw)):
                     raise DataError(f"{self.prefix}{missing}")
                 columns_checked = True
             row = self._validate(raw, part)
             if row is not None:
                 yield row
 
-    def _validate(self, raw: dict[str, Any], part: _Part) -> Row | None:
+    def _validate(self, raw: dict[str, Any], part: Part) -> Row | None:
         """The normalised row, or None for a blank line or a skipped bad row; raises on a bad row unless skipping."""
         if part.jsonl and not raw["text"].strip():
             return None  # not a row, but it keeps the line count
         try:
-            row = _parse_row(_decode_line(raw["text"]) if part.jsonl else raw, self.fields, self.num_negatives)
-        except _BadRow as bad:
-            message = self.prefix + _row_error(part.where, self.row - 1, part.jsonl, bad)
+            row = parse_row(decode_line(raw["text"]) if part.jsonl else raw, self.fields, self.num_negatives)
+        except BadRow as bad:
+            message = self.prefix + row_error(part.where, self.row - 1, part.jsonl, bad)
             if self.on_bad_rows == "error":
                 raise DataError(f"{message} (--data.on_bad_rows=skip skips bad rows)") from None
             self.skipped += 1
@@ -200,9 +201,9 @@ class _SourceStream:
 class StreamingBatches:
     """This rank's collated micro-batches, read from streamed sources (see the module's docstring).
 
-    Iterating yields `TripletCollator` batches (with `source` for a mixture, which `MixtureMeter` counts), forever:
-    the trainer stops after `train.max_steps`. `global_batches()` yields the same global batches as rows of text,
-    before they are sliced for the ranks (`rank_slices`) and tokenized.
+    Iterating yields `TripletBatch`es (with `source` for a mixture, which `MixtureMeter` counts), forever: the
+    trainer stops after `train.max_steps`. `global_batches()` yields the same global batches as rows of text,
+    before they are cut for this rank (`rank_micro_batches`) and tokenized.
     """
 
     def __init__(self, cfg: DataConfig, collator: TripletCollator, student_tokenizer: PreTrainedTokenizerBase,
@@ -211,21 +212,22 @@ class StreamingBatches:
                  grad_accum_steps: int = 1, seed: int = 0, student_prompts: Prompts | None = None,
                  guide_prompts: Prompts | None = None, split: str | None = None) -> None:
         self.collator = collator
-        self.sides = _sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length,
-                            student_prompts, guide_prompts)
+        self.sides = encoder_sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length,
+                                   student_prompts, guide_prompts)
         self.world_size, self.rank, self.grad_accum_steps, self.seed = world_size, rank, grad_accum_steps, seed
         self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
-        self.instructions = sorted(_Fields.from_config(cfg).instructed)
+        self.instructions = sorted(Fields.from_config(cfg).instructed)
         split = split or cfg.split
         self.mixture = bool(cfg.sources)
         self.sources: list[_SourceStream] = []
         for source in cfg.sources or [None]:
             try:
-                fields, description, parts = _resolve_source(cfg, split, source)
+                description, parts = resolve(cfg, split, source)
             except DataError as error:
                 raise DataError(f"data.sources {source.name!r}: {error}" if source else str(error)) from error
             weight = 1.0 if source is None or source.weight is None else source.weight
-            self.sources.append(_SourceStream(source and source.name, description, parts, fields, cfg, weight))
+            self.sources.append(_SourceStream(source and source.name, description, parts,
+                                              Fields.from_config(cfg, source), cfg, weight))
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.shares = weights / weights.sum()
         self.batches = 0
@@ -260,21 +262,16 @@ class StreamingBatches:
             self.batches += 1
             yield source, rows
 
-    def rank_slices(self, rows: Sequence[Row]) -> list[list[Row]]:
-        """This rank's micro-batches of a global batch, cut as `GlobalBatchSampler` cuts its batches."""
-        micro_batches = np.array_split(np.arange(len(rows)), self.grad_accum_steps)
-        return [[rows[i] for i in np.array_split(micro, self.world_size)[self.rank]] for micro in micro_batches]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TripletBatch]:
         for source, rows in self.global_batches():
-            for micro in self.rank_slices(rows):
+            for micro in rank_micro_batches(rows, self.grad_accum_steps, self.world_size, self.rank):
                 self._micro += 1
                 yield self._collate(micro, source)
 
-    def _collate(self, rows: list[Row], source: int) -> dict[str, Any]:
+    def _collate(self, rows: list[Row], source: int) -> TripletBatch:
         columns = {"query": [r[0] for r in rows], "pos": [r[1] for r in rows], "negs": [r[2] for r in rows],
                    "task_name": [r[3] for r in rows]}
-        tokenized = {k: v for k, v in _tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
+        tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
         examples = [{k: v[i] for k, v in tokenized.items()} for i in range(len(rows))]
         if self.mixture:
             for example in examples:

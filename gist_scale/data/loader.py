@@ -1,0 +1,183 @@
+"""The prepared path: every source read and validated into one memory-mapped Arrow dataset (`load_triplets`), its
+global-batch sampler (`build_sampler`) and its DataLoader (`build_dataloader`).
+
+Everything heavy runs through `datasets` (Arrow files, memory-mapped, cached by fingerprint), so a restarted or
+resumed job, and every rank of a job, reuses the first run's work instead of re-reading the text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import DataLoader
+
+from gist_scale.config import DataConfig, SourceConfig
+from gist_scale.data.batching import GlobalBatchSampler
+from gist_scale.data.collate import TripletCollator
+from gist_scale.data.errors import DataError
+from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, SourceReport, decode_line,
+                                  missing_columns, parse_row, raw_rows, row_error)
+from gist_scale.data.sources import resolve
+
+__all__ = ["build_dataloader", "build_sampler", "load_triplets"]
+
+_ERROR = "_error"
+_TEXT_FEATURES = datasets.Features({
+    "query": datasets.Value("string"), "pos": datasets.Value("string"),
+    "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
+    "source": datasets.Value("int32"), _ERROR: datasets.Value("string"),
+})
+"""Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`)."""
+
+
+def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fields, num_negatives: int | None,
+                     where: str, jsonl: bool, source: int = 0) -> dict[str, list]:
+    """Batched map: raw rows -> normalised rows of `source` with an `_error` message ("" when valid)."""
+    out: dict[str, list] = {name: [] for name in _TEXT_FEATURES}
+    for index, raw in zip(indices, raw_rows(batch, len(indices), fields, jsonl)):
+        if raw is None:
+            continue
+        try:
+            row = decode_line(raw) if jsonl else raw
+            query, pos, negs, task = parse_row(row, fields, num_negatives)
+            error = ""
+        except BadRow as bad:
+            query, pos, negs, task = "", "", [], ""
+            error = row_error(where, index, jsonl, bad)
+        for name, value in zip(_TEXT_FEATURES, (query, pos, negs, task, source, error)):
+            out[name].append(value)
+    return out
+
+
+def _first_valid_negatives(ds: datasets.Dataset, fields: Fields, jsonl: bool) -> int | None:
+    """K, the negatives per row, from the first valid row (reading only as far as that row)."""
+    for batch in ds.iter(batch_size=256):
+        size = len(next(iter(batch.values())))
+        for raw in raw_rows(batch, size, fields, jsonl):
+            try:
+                if raw is not None:
+                    return len(parse_row(decode_line(raw) if jsonl else raw, fields, None)[2])
+            except BadRow:
+                continue
+    return None
+
+
+def _task_counts(ds: datasets.Dataset) -> dict[str, int]:
+    """Rows per task, largest first, counted by Arrow."""
+    counts = pc.value_counts(ds.with_format("arrow")["task_name"]).to_pylist()
+    return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
+
+
+def _load_source(cfg: DataConfig, split: str, source: SourceConfig | None = None,
+                 index: int = 0) -> tuple[datasets.Dataset, str, int | None, list[str], int]:
+    """One source validated: its rows, description, K, the first skipped rows' messages and the skipped count."""
+    fields = Fields.from_config(cfg, source)
+    description, parts = resolve(cfg, split, source)
+    num_negatives: int | None = None
+    loaded: list[datasets.Dataset] = []
+    skipped, examples = 0, []
+    for part in parts:
+        raw = part.load()
+        if not part.jsonl and len(raw) and (missing := missing_columns(part.where, fields, raw.column_names)):
+            raise missing
+        if num_negatives is None:
+            num_negatives = _first_valid_negatives(raw, fields, part.jsonl)
+        ds = raw.map(
+            _normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+            features=_TEXT_FEATURES, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
+            fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl,
+                       "source": index},
+        )
+        errors = ds.data.column(_ERROR)
+        bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
+        if len(bad) and (cfg.on_bad_rows == "error" or len(bad) == len(ds)):
+            first = errors[int(bad[0])].as_py()
+            if len(bad) == len(ds):
+                raise DataError(f"{part.where}: none of its {len(ds)} rows is valid; first: {first}")
+            raise DataError(f"{first} ({len(bad)} bad row{'s' * (len(bad) > 1)} in {part.where}; "
+                            "--data.on_bad_rows=skip skips them)")
+        if len(bad):
+            skipped += len(bad)
+            examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
+            good = np.ones(len(ds), dtype=bool)
+            good[bad] = False
+            ds = ds.select(np.flatnonzero(good))
+        loaded.append(ds.remove_columns(_ERROR))
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    if len(ds) == 0:
+        raise DataError(f"{description}: no rows")
+    if cfg.max_rows is not None and cfg.max_rows < len(ds):
+        ds = ds.select(range(cfg.max_rows))
+    return ds, description, num_negatives, examples, skipped
+
+
+def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
+    """Load, validate and normalise the configured triplets: `data.path`, or every source of `data.sources`.
+
+    Returns a dataset with columns `query` (str), `pos` (str), `negs` (list of K str, the same K for every row of a
+    source, possibly 0), `task_name` (str) and, for `data.sources`, `source` (the row's index in the list),
+    instructions already prepended as configured, and its `DataReport`.
+    Raises `DataError` on the first bad row (`FILE:LINE: field 'pos': empty text`) unless
+    `data.on_bad_rows=skip`, and always when a file has no valid row at all (a wrong column mapping or format is
+    a configuration error, not a few bad rows to skip); errors about a mixture source start with its name.
+    `data.max_rows` applies to each source. On several ranks, call it on the main process first
+    (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
+    """
+    split = split or cfg.split
+    fields = Fields.from_config(cfg)
+    if not cfg.sources:
+        ds, description, num_negatives, examples, skipped = _load_source(cfg, split)
+        ds = ds.remove_columns("source")  # one source: nothing to tell apart
+        return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS], num_negatives or 0,
+                              _task_counts(ds), sorted(fields.instructed))
+    loaded, reports, examples, skipped = [], [], [], 0
+    for index, source in enumerate(cfg.sources):
+        try:
+            ds, description, num_negatives, source_examples, source_skipped = _load_source(cfg, split, source, index)
+        except DataError as error:
+            raise DataError(f"data.sources {source.name!r}: {error}") from error
+        loaded.append(ds)
+        reports.append(SourceReport(source.name, description, len(ds), num_negatives or 0,
+                                    int(pc.count_distinct(ds.with_format("arrow")["task_name"]).as_py())))
+        examples.extend(source_examples)
+        skipped += source_skipped
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    negatives = {r.num_negatives for r in reports}
+    description = f"mixture of {len(reports)} source{'s' * (len(reports) > 1)}"
+    return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS],
+                          negatives.pop() if len(negatives) == 1 else None, _task_counts(ds),
+                          sorted(fields.instructed), reports)
+
+
+def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, world_size: int, rank: int,
+                  grad_accum_steps: int, seed: int) -> GlobalBatchSampler:
+    """The training sampler for `load_triplets`' (tokenized) rows: tasks and sources read as Arrow columns, the
+    mixture weighted as `data.sources` and `data.sampling_alpha` say."""
+    columns = tok_ds.with_format("arrow")
+    sources = columns["source"] if cfg.sources else None
+    weights = [s.weight for s in cfg.sources] if cfg.sources and cfg.sources[0].weight is not None else None
+    return GlobalBatchSampler(
+        columns["task_name"], batch_size, world_size, rank, grad_accum_steps, seed, cfg.task_homogeneous,
+        cfg.drop_last, sources=sources, source_names=[s.name for s in cfg.sources] or None, weights=weights,
+        sampling_alpha=cfg.sampling_alpha)
+
+
+def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, collator: TripletCollator,
+                     num_workers: int = 0) -> DataLoader:
+    """The training DataLoader: the sampler's micro-batches, collated into `TripletBatch`es in `num_workers`
+    processes.
+
+    Do not pass it through `accelerator.prepare`: the sampler already gives each rank its own slice, and
+    Accelerate would shard it again. Move batches to the device yourself.
+    """
+    # Its own generator: every new iterator draws a worker seed, and drawing it from the global RNG would shift the
+    # dropout masks of a resumed run (its iterator starts after the RNG state is restored, not before).
+    return DataLoader(tok_ds, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(sampler.seed))

@@ -1,0 +1,161 @@
+"""Dual tokenization: every text tokenized once for the student and once for the guide, each with its own tokenizer,
+max length and prompts, in one cached `datasets.map` (`tokenize_triplets`) or batch by batch for a stream
+(`tokenize_batch`), recording which texts were truncated. The training step then only pads ids; it never decodes
+and re-encodes text."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+from transformers import PreTrainedTokenizerBase
+
+from gist_scale.model.prompts import Prompts, prompt_length
+
+__all__ = ["Side", "count_tokens", "encoder_sides", "measure_tokenization_rate", "token_ids", "tokenize_batch",
+           "tokenize_triplets"]
+
+
+@dataclass(frozen=True)
+class Side:
+    """One encoder to tokenize for: `student` or `guide`, with its tokenizer, max length and prompts."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    prompts: Prompts
+
+
+def encoder_sides(student_tokenizer: PreTrainedTokenizerBase, student_max_length: int,
+                  guide_tokenizer: PreTrainedTokenizerBase | None, guide_max_length: int | None,
+                  student_prompts: Prompts | None = None, guide_prompts: Prompts | None = None) -> list[Side]:
+    """The student's side, and the guide's when there is a guide tokenizer."""
+    sides = [Side("student", student_tokenizer, student_max_length, student_prompts or Prompts())]
+    if guide_tokenizer is not None:
+        if guide_max_length is None:
+            raise ValueError("guide_max_length is required with a guide tokenizer")
+        sides.append(Side("guide", guide_tokenizer, guide_max_length, guide_prompts or Prompts()))
+    return sides
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str],
+              max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids with the tokenizer's special tokens, cut at `max_length`, and which texts were cut."""
+    if not texts:
+        return [], []
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
+                        return_token_type_ids=False)
+    if encoded.encodings is not None:  # a fast tokenizer keeps what truncation cut off
+        truncated = [len(e.overflowing) > 0 for e in encoded.encodings]
+    else:
+        full = tokenizer(texts, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        truncated = [len(ids) > max_length for ids in full["input_ids"]]
+    return encoded["input_ids"], truncated
+
+
+def _prompted(texts: list[str], prompts: list[str] | str) -> list[str]:
+    """`prompt + text`, as sentence-transformers prepends its prompts."""
+    if isinstance(prompts, str):
+        return texts if not prompts else [prompts + t for t in texts]
+    return [p + t for p, t in zip(prompts, texts)]
+
+
+def tokenize_batch(batch: Mapping[str, list], sides: Sequence[Side]) -> dict[str, list]:
+    """Batched map: texts -> unpadded ids for each side (student, guide), plus per-row truncation flags
+    (`_truncated_<side>_<column>`) and, when a side leaves prompts out of pooling, each text's prompt length
+    (`<side>_query_prompt`, ...). Rows may have different numbers of negatives (mixture sources differ)."""
+    out: dict[str, list] = {}
+    rows = len(batch["query"])
+    ends = np.cumsum([len(negs) for negs in batch["negs"]]).tolist()
+    starts = [0] + ends[:-1]
+    for side in sides:
+        name, tokenizer, prompts = side.name, side.tokenizer, side.prompts
+        query_prompts = [prompts.for_query(task) for task in batch["task_name"]]
+        texts = {"query": _prompted(batch["query"], query_prompts), "pos": _prompted(batch["pos"], prompts.document)}
+        for column in ("query", "pos"):
+            out[f"{name}_{column}"], out[f"_truncated_{name}_{column}"] = token_ids(tokenizer, texts[column],
+                                                                                    side.max_length)
+        negs = _prompted([t for negs in batch["negs"] for t in negs], prompts.document)
+        ids, truncated = token_ids(tokenizer, negs, side.max_length)
+        out[f"{name}_negs"] = [ids[a:b] for a, b in zip(starts, ends)]
+        out[f"_truncated_{name}_negs"] = [sum(truncated[a:b]) for a, b in zip(starts, ends)]
+        if not prompts.include_prompt:
+            lengths = {p: prompt_length(tokenizer, p) for p in {*query_prompts, prompts.document}}
+            document = lengths[prompts.document]
+            out[f"{name}_query_prompt"] = [lengths[p] for p in query_prompts]
+            out[f"{name}_pos_prompt"] = [document] * rows
+            out[f"{name}_negs_prompt"] = [[document] * (b - a) for a, b in zip(starts, ends)]
+    return out
+
+
+def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase, student_max_length: int,
+                      guide_tokenizer: PreTrainedTokenizerBase | None = None, guide_max_length: int | None = None,
+                      num_proc: int | None = None, *, student_prompts: Prompts | None = None,
+                      guide_prompts: Prompts | None = None) -> tuple[datasets.Dataset, dict[str, float]]:
+    """Tokenize every text for the student and the guide in one cached `datasets.map`.
+
+    Returns the dataset with `student_query`, `student_pos`, `student_negs` (K id lists per row) and, with a guide,
+    the same `guide_*` columns, all unpadded token ids with the tokenizer's special tokens (a decoder's EOS
+    included, see `gist_scale.model.load_tokenizer`), plus `task_name` (and `source` for a mixture); and the
+    fraction of texts truncated per column (`student_query`, ..., `guide_negs`; negatives over all negatives).
+    Each side's `Prompts` are prepended to its texts; a side whose prompts are left out of pooling also gets
+    `<side>_query_prompt`, `<side>_pos_prompt` (ints) and `<side>_negs_prompt` (K ints): each text's prompt
+    length in tokens. The raw text columns are dropped. A second call with the same data, tokenizers, lengths and
+    prompts reads the cache.
+    """
+    sides = encoder_sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length, student_prompts,
+                          guide_prompts)
+    kept = [c for c in ("task_name", "source") if c in ds.column_names]
+    ids = datasets.List(datasets.Value("int32"))
+    features = datasets.Features({c: ds.features[c] for c in kept})
+    for side in sides:
+        features.update({f"{side.name}_query": ids, f"{side.name}_pos": ids, f"{side.name}_negs": datasets.List(ids)})
+        features.update({f"_truncated_{side.name}_{c}": datasets.Value("int32") for c in ("query", "pos", "negs")})
+        if not side.prompts.include_prompt:
+            features.update({f"{side.name}_query_prompt": datasets.Value("int32"),
+                             f"{side.name}_pos_prompt": datasets.Value("int32"), f"{side.name}_negs_prompt": ids})
+    tokenized = ds.map(
+        tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
+        features=features, num_proc=num_proc, fn_kwargs={"sides": sides},
+        desc="tokenizing " + " and ".join(side.name for side in sides),
+    )
+    negatives = pc.sum(pc.list_value_length(tokenized.data.column("student_negs"))).as_py() or 0
+    truncation: dict[str, float] = {}
+    flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
+    for flag in flags:
+        column = flag.removeprefix("_truncated_")
+        texts = negatives if column.endswith("_negs") else len(tokenized)
+        total = pc.sum(tokenized.data.column(flag)).as_py() or 0
+        truncation[column] = total / texts if texts else 0.0
+    return tokenized.remove_columns(flags), truncation
+
+
+def count_tokens(tok_ds: datasets.Dataset, side: str = "student") -> int:
+    """Real (unpadded) tokens of one side's texts over the whole dataset, counted in Arrow without a Python loop."""
+    total = 0
+    for column in (f"{side}_query", f"{side}_pos", f"{side}_negs"):
+        values = tok_ds.data.column(column)
+        if column.endswith("_negs"):
+            values = pc.list_flatten(values)
+        total += pc.sum(pc.list_value_length(values)).as_py() or 0
+    return total
+
+
+def measure_tokenization_rate(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase,
+                              student_max_length: int, guide_tokenizer: PreTrainedTokenizerBase | None = None,
+                              guide_max_length: int | None = None, rows: int = 2048) -> float:
+    """Rows per second that `tokenize_triplets` tokenizes (student and guide) on one process, bypassing its cache.
+
+    Compare with the rows per second that training consumes: the map runs once and is cached, so this only
+    matters for the first run on a new dataset (raise `num_proc` if it is slow).
+    """
+    sample = ds[: min(rows, len(ds))]
+    sides = encoder_sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length)
+    start = time.perf_counter()
+    for begin in range(0, len(sample["query"]), 1000):
+        tokenize_batch({k: v[begin:begin + 1000] for k, v in sample.items()}, sides)
+    return len(sample["query"]) / max(time.perf_counter() - start, 1e-9)
