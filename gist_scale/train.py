@@ -452,8 +452,8 @@ class Trainer:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
         text_ids = batch["text_ids"]
-        loss = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
-                            text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")))
+        loss, stats = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
+                                   text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")))
         first_attempt = self.state.nonfinite_in_a_row == 0
         if self.accelerator.sync_gradients and first_attempt and faults.requested("nonfinite_loss", self.state.step + 1):
             loss = loss * float("nan")
@@ -462,7 +462,6 @@ class Trainer:
         else:
             grad_cache.backward(loss, encode.AcceleratorBackward(self.accelerator, self.student,
                                                                  coalesce=self.cfg.train.grad_cache_coalesce))
-        stats = self.loss_fn.last_stats
         if self.cfg.debug:
             shapes = ({col: tuple(f["input_ids"].shape) for col, f in student.items()} if isinstance(student, dict)
                       else [tuple(c["input_ids"].shape) for c in student.chunks])

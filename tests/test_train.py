@@ -263,8 +263,8 @@ def _loss_poisoned_on_calls(monkeypatch, poisoned: set[int]) -> None:
 
     def forward(self, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if calls["n"] in poisoned else loss
+        loss, stats = original(self, *args, **kwargs)
+        return (loss * float("nan") if calls["n"] in poisoned else loss), stats
 
     monkeypatch.setattr(GISTLoss, "forward", forward)
 
