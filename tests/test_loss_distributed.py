@@ -37,7 +37,10 @@ def test_helpers_are_identities_without_a_process_group():
     assert gdist.gather_sizes(3) == [3]
     assert torch.equal(gdist.all_reduce_sum(t), t.detach())
     assert gdist.all_reduce_mean(torch.tensor(3)).dtype == torch.float32
-    assert gdist.any_rank(True, torch.tensor(False), torch.tensor(True)) == [True, False, True]
+    nonfinite = torch.tensor(True)
+    skip, stop = gdist.agree_on_step(nonfinite, False)
+    assert skip is nonfinite and stop is False  # alone: nothing moves, nothing is read
+    assert gdist.agree_on_step(nonfinite, True)[1] is True
     assert gdist.main_process_decides(True) and not gdist.main_process_decides(False)
 
 
@@ -229,8 +232,13 @@ def _helpers_worker(rank: int, world: int) -> None:
     assert torch.equal(gdist.all_reduce_sum(value), torch.tensor([1.0, -1.0]) * sum(range(world)))
     assert torch.allclose(gdist.all_reduce_mean(value), torch.tensor([1.0, -1.0]) * sum(range(world)) / world)
     assert torch.equal(value, torch.tensor([float(rank), -float(rank)]))  # inputs untouched
-    # One collective for several decisions: each flag is OR-ed over ranks on its own, device tensors included.
-    assert gdist.any_rank(rank == world - 1, False, torch.tensor(rank == 0)) == [True, False, True]
+    # One collective for both decisions: each flag is OR-ed over ranks on its own, the skip staying a tensor.
+    for local_nonfinite, local_preempted, expected in [(rank == 0, rank == world - 1, (True, True)),
+                                                       (False, rank == 0, (False, True)),
+                                                       (rank == world - 1, False, (True, False)),
+                                                       (False, False, (False, False))]:
+        skip, stop = gdist.agree_on_step(torch.tensor(local_nonfinite), local_preempted)
+        assert isinstance(skip, torch.Tensor) and skip.dtype == torch.bool and (bool(skip), stop) == expected
     # Rank 0 decides even when the ranks' own answers differ (the keep-best export must be joined by every rank).
     assert gdist.main_process_decides(rank == 0) is True
     assert gdist.main_process_decides(rank != 0) is False
