@@ -1,6 +1,6 @@
 """Fault injection for tests: `GIST_SCALE_FAULT=POINT[:STEP]` makes the named point misbehave (at STEP only, or at
-every step when none is given). Nothing changes unless the variable names the point, and nothing of it runs in the
-training step: each point is looked up once where it is set up, not at every use.
+every step when none is given). Nothing changes unless the variable names the point, and no fault code runs in the
+training step.
 
 Points:
 - `die_during_checkpoint_save`: the main process exits with 137 (what `kill -9` looks like) after every rank's

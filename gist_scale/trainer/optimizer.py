@@ -66,7 +66,8 @@ class FusedStep(OptimizerStep):
 
     def __init__(self, accelerator: Accelerator, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  max_grad_norm: float | None) -> None:
-        self.accelerator, self.student, self.optimizer, self.max_grad_norm = accelerator, student, optimizer, max_grad_norm
+        self.accelerator, self.student, self.optimizer = accelerator, student, optimizer
+        self.max_grad_norm = max_grad_norm
         self.adamw = optimizer.optimizer  # torch's, inside Accelerate's wrapper: the kernel reads `found_inf` there
         self.fused = bool(self.adamw.defaults.get("fused"))
 

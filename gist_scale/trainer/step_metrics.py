@@ -162,7 +162,8 @@ class MetricsLog:
         line = f"step {record['step']:>6}/{self.total_steps}  "
         if "loss" in record:
             line += (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  masked {record['masked_fraction']:.3f}  "
-                     f"duplicates {record['duplicates_masked']:.1f}  cand/anchor {record['candidates_per_anchor']:.0f}  ")
+                     f"duplicates {record['duplicates_masked']:.1f}  "
+                     f"cand/anchor {record['candidates_per_anchor']:.0f}  ")
         else:
             line += f"every step skipped  lr {record['lr']:.2e}  "
         return (line + f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s"
