@@ -104,7 +104,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         # The scheduler is stepped by hand once per optimizer step; registering it puts it in every checkpoint.
         self.accelerator.register_for_checkpointing(self.scheduler)
-        self.optimizer_step = build_optimizer_step(self.accelerator, self.student, self.optimizer, cfg.optim)
+        self.update = build_optimizer_step(self.accelerator, self.student, self.optimizer, cfg.optim)
         self.state = TrainerState()
         self.nonfinite = NonFiniteSteps(self.device, cfg.train.max_nonfinite_steps)
         self.last_checkpoint_step: int | None = None
@@ -165,7 +165,7 @@ class Trainer:
             nonfinite |= ~torch.isfinite(loss)
             metrics.append(batch_metrics)
         nonfinite, preempted = distributed.agree_on_step(nonfinite, self.preemption.is_set)
-        skipped, grad_norm = self.optimizer_step.apply(nonfinite)
+        skipped, grad_norm = self.update.apply(nonfinite)
         self.scheduler.step()
         self.state.step += 1
         self.nonfinite.add(skipped, nonfinite)
