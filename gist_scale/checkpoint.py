@@ -48,17 +48,17 @@ class TrainerState:
     """What `save_state` does not know: where the loop is."""
 
     step: int = 0
-    """Optimizer steps completed."""
+    """Optimizer steps taken, skipped ones included."""
     epoch: int = 0
-    """Current epoch."""
+    """Current epoch, of a batch source with epochs (`gist_scale.trainer.batches`)."""
     position: int = 0
     """Micro-batches of `epoch` consumed (the sampler resumes right after them). The same on every rank and for
     every world size: each rank takes one slice of every micro-global batch, `grad_accum_steps` per global batch."""
     nonfinite_in_a_row: int = 0
     """Consecutive skipped non-finite steps."""
     stream: dict | None = None
-    """With `data.streaming`: the stream's position and buffered rows (`StreamingBatches.state_dict()`), the same on
-    every rank and for every world size; None otherwise."""
+    """The JSON state of a batch source without epochs, the same on every rank and for every world size: with
+    `data.streaming` the stream's position and buffered rows (`StreamingBatches.state_dict()`); None otherwise."""
 
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:

@@ -38,8 +38,8 @@ from gist_scale.config import ConfigError
 
 __all__ = [
     "all_reduce_mean",
+    "agree_on_step",
     "all_reduce_sum",
-    "any_rank",
     "comm_device",
     "gather_no_grad",
     "gather_sizes",
@@ -243,18 +243,22 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
 
 
-def any_rank(*flags: bool | torch.Tensor) -> list[bool]:
-    """Collective OR of each flag: flag ``i`` is True on every rank iff it is True on at least one rank.
+def agree_on_step(nonfinite: torch.Tensor, preempted: bool) -> tuple[torch.Tensor, bool]:
+    """The two decisions of an optimizer step, the same on every rank: skip its update (``nonfinite``, a 0-dim bool
+    device tensor: a non-finite loss here) and stop after it (``preempted``, host state: a signal reached this rank).
+    Each is True on every rank iff it is True on at least one, so all ranks take the same branch and none is left
+    waiting in a collective.
 
-    Lets ranks agree on decisions taken from local information (a non-finite loss here, a preemption signal there),
-    so that all of them take the same branch and none is left waiting in a collective. Flags may be Python bools or
-    0-dim device tensors (left on the device until this call). Every rank must call it with the same number of
-    flags. One all-reduce and one host read, however many flags.
+    Without a process group nothing moves and nothing is read: the skip stays on the device, where the optimizer
+    decides on it. With one: one all-reduce of both flags, and one host read of its result (the stop decision); the
+    skip comes back as a device tensor.
     """
-    values = torch.stack([torch.as_tensor(f).to(device=comm_device(), dtype=torch.int32).reshape(()) for f in flags])
-    if is_distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+    if not is_distributed():
+        return nonfinite, preempted
+    flags = torch.stack([nonfinite.to(device=comm_device(), dtype=torch.int32).reshape(()),
+                         torch.tensor(int(preempted), dtype=torch.int32).to(comm_device(), non_blocking=True)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags[0].bool().to(nonfinite.device, non_blocking=True), bool(flags[1])
 
 
 def main_process_decides(flag: bool) -> bool:

@@ -223,7 +223,7 @@ class GradCache:
 
         cache = GradCache(model, chunked, k, autocast)   # chunked: ChunkedTexts from the collator
         query, pos, neg = cache.embeddings                # views of a detached leaf that requires grad
-        loss = loss_fn(query, pos, neg, ...)
+        loss, stats = loss_fn(query, pos, neg, ...)
         cache.backward(loss, AcceleratorBackward(accelerator, model))
 
     `autocast` is a context-manager factory applied to every chunk forward (e.g. `accelerator.autocast`).

@@ -45,6 +45,9 @@ embeddings. ``mask_duplicates=False`` (``loss.mask_duplicates``) restores the or
 behaviour. Duplicates are counted in ``LossStats.duplicates_masked``, apart from the guide's
 ``masked_fraction``.
 
+The forward returns ``(loss, LossStats)``: the statistics travel with the value they describe, so a caller never
+reads them off the module (where the next call, or another caller, would have replaced them).
+
 ``guide_* = None`` gives plain in-batch InfoNCE over the same blocks (self pairs and
 duplicates still excluded), for ablations.
 
@@ -106,11 +109,9 @@ from gist_scale.config import LossConfig, matryoshka_pairs
 
 __all__ = ["GISTLoss", "LossStats", "block_similarities", "margin_threshold"]
 
-
-
 @dataclass(frozen=True)
 class LossStats:
-    """Diagnostics of the last forward, as detached 0-dim float32 tensors on the loss device.
+    """Diagnostics of one forward (its second result), as detached 0-dim float32 tensors on the loss device.
 
     Tensors rather than Python numbers so that reading them costs no host sync; call
     ``.item()`` (or :func:`gist_scale.distributed.all_reduce_mean`) only when logging.
@@ -180,8 +181,8 @@ class GISTLoss(nn.Module):
         the others' then fails in the gather, or at the collective timeout, instead of raising
         ``ValueError`` everywhere). ``text_ids``: ``(query [B], positive [B], negative [B] | [B, K] | None)``
         int64 identities of the texts (equal ids: the same text), for the duplicate rule; ``None``: no
-        candidate is known to be a duplicate. Returns a 0-dim fp32 loss; diagnostics land in
-        :attr:`last_stats`.
+        candidate is known to be a duplicate. Returns ``(loss, stats)``: the 0-dim fp32 loss and its
+        :class:`LossStats`.
     """
 
     def __init__(
@@ -216,7 +217,6 @@ class GISTLoss(nn.Module):
         # [(size, weight)], largest first; None: the full dimension with weight 1.
         self.matryoshka = matryoshka_pairs(cfg.matryoshka_dims, cfg.matryoshka_weights)
         self.mask_duplicates = bool(mask_duplicates)
-        self.last_stats: LossStats | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -236,7 +236,7 @@ class GISTLoss(nn.Module):
         *,
         rank_sizes: list[int] | None = None,
         text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, LossStats]:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
         if error is None and text_ids is not None and self.mask_duplicates:
             error = _check_text_ids(text_ids, shape)
@@ -333,7 +333,7 @@ class GISTLoss(nn.Module):
         stats_device = loss.device
 
         maskable = b_local * (n_cols - 1 - n_self)
-        self.last_stats = LossStats(
+        stats = LossStats(
             masked_fraction=(masked_count.float() / max(maskable, 1)).detach(),
             candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
             local_rows=torch.full((), float(b_local), device=stats_device),
@@ -341,7 +341,7 @@ class GISTLoss(nn.Module):
             dim_losses=dim_losses.detach(),
             duplicates_masked=duplicates.float().detach(),
         )
-        return loss
+        return loss, stats
 
     def _row_losses(
         self, first: int, rows: int, n_global: int, k: int, views: list[tuple[Tensor, Tensor, Tensor | None]],

@@ -1,9 +1,10 @@
 """Turn SIGUSR1/SIGTERM into a flag the training loop polls at step boundaries.
 
 SLURM sends SIGUSR1 (`#SBATCH --signal=B:USR1@120`) or SIGTERM before it preempts a job. Stopping mid-step would
-leave ranks in different collectives, so the handler only records the request; the loop finishes the current
-step, agrees across ranks that someone was signalled (`distributed.any_rank`, in the same collective as the step's other decision), saves a complete checkpoint
-and exits with `EXIT_PREEMPTED`, which the batch script answers with a requeue.
+leave ranks in different collectives, so the handler only records the request, as host state the step reads without
+touching the device; the loop finishes the current step, agrees across ranks that someone was signalled
+(`distributed.agree_on_step`, in the same collective as the step's other decision), saves a complete checkpoint and
+exits with `EXIT_PREEMPTED`, which the batch script answers with a requeue.
 """
 
 from __future__ import annotations

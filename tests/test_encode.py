@@ -206,10 +206,10 @@ def test_a_chunked_training_step_reads_nothing_back_from_the_device(tiny_model_d
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
-    loss = loss_fn(*encode.encode_columns(model, chunked, 2), *guide)
+    loss, _ = loss_fn(*encode.encode_columns(model, chunked, 2), *guide)
     loss.backward()
     cache = encode.GradCache(model, chunked, 2)
-    cache.backward(loss_fn(*cache.embeddings, *guide))
+    cache.backward(loss_fn(*cache.embeddings, *guide)[0])
     monkeypatch.undo()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -227,14 +227,14 @@ def test_grad_cache_matches_the_plain_step_with_dropout(tiny_model_dir, chunks):
     guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
 
     torch.manual_seed(7)
-    loss = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, chunks), 2), *guide)
+    loss, _ = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, chunks), 2), *guide)
     loss.backward()
     rng_after_plain = torch.get_rng_state()
 
     torch.manual_seed(7)
     cache = encode.GradCache(cached, chunking.chunk_texts(columns, chunks), 2)
     assert all(e.requires_grad for e in cache.embeddings) and cache.leaf.is_leaf
-    cached_loss = loss_fn(*cache.embeddings, *guide)
+    cached_loss, _ = loss_fn(*cache.embeddings, *guide)
     cache.backward(cached_loss)
 
     assert torch.equal(torch.get_rng_state(), rng_after_plain)
@@ -255,16 +255,16 @@ def test_grad_cache_with_matryoshka_matches_the_plain_step_and_reencodes_once(ti
     guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
 
     torch.manual_seed(7)
-    loss = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, chunks), 2), *guide)
+    loss, _ = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, chunks), 2), *guide)
     loss.backward()
 
     torch.manual_seed(7)
     cache = encode.GradCache(cached, chunking.chunk_texts(columns, chunks), 2)
-    cached_loss = loss_fn(*cache.embeddings, *guide)
+    cached_loss, stats = loss_fn(*cache.embeddings, *guide)
     cache.backward(cached_loss)
 
     assert len(cached.calls) == 2 * chunks  # one no-grad forward and one re-encoding per chunk
-    assert loss_fn.last_stats.dim_losses.shape == (3,)
+    assert stats.dim_losses.shape == (3,)
     torch.testing.assert_close(cached_loss, loss, rtol=0, atol=1e-6)
     for (name, p), q in zip(plain.named_parameters(), cached.model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -288,7 +288,7 @@ def test_grad_cache_backward_driver_order():
 
     model = BagOfTokens()
     cache = encode.GradCache(model, chunking.chunk_texts(_columns(b=3, k=1), 3), 1)
-    cache.backward(GISTLoss()(*cache.embeddings), Spy())
+    cache.backward(GISTLoss()(*cache.embeddings)[0], Spy())
     assert events == [("chunk", False), ("backward",), ("chunk", False), ("backward",), ("chunk", True),
                       ("backward",), ("finish",)]
     assert model.emb.weight.grad is not None and cache.leaf.grad is None

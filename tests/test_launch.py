@@ -430,9 +430,10 @@ def test_accelerate_launch_cpu_with_several_processes_is_refused(tiny_model_dir,
 UNSYNCHRONISED = textwrap.dedent("""
     # gist-scale as it was before `launch_plan`: a CPU job with cpu=False, which Accelerate calls not distributed.
     import os, sys
-    from gist_scale import cli, plan, train
+    from gist_scale import cli, plan
+    from gist_scale.trainer import accelerator
 
-    train.launch_plan = lambda deepspeed=False: plan.LaunchPlan(int(os.environ["WORLD_SIZE"]), False, "gloo")
+    accelerator.launch_plan = lambda deepspeed=False: plan.LaunchPlan(int(os.environ["WORLD_SIZE"]), False, "gloo")
     sys.exit(cli.run())
 """)
 

@@ -15,9 +15,8 @@ from gist_scale.loss import LossStats
 NEGATIVES = [None, 0, 1, 3]
 
 
-def _loss(inputs, **kwargs) -> tuple[torch.Tensor, GISTLoss]:
-    fn = GISTLoss(**kwargs)
-    return fn(**inputs), fn
+def _loss(inputs, **kwargs) -> tuple[torch.Tensor, LossStats]:
+    return GISTLoss(**kwargs)(**inputs)
 
 
 def _no_ties(inputs, margin: float = 0.0) -> None:
@@ -35,11 +34,11 @@ def test_matches_naive_original_formulation(k, contrast_anchors, contrast_positi
     inputs = make_inputs(7, k, seed=11)
     _no_ties(inputs)
     flags = dict(contrast_anchors=contrast_anchors, contrast_positives=contrast_positives)
-    loss, fn = _loss(inputs, **flags)
+    loss, stats = _loss(inputs, **flags)
     expected, masked, maskable, _ = naive_gist_loss(**inputs, **flags)
     assert loss.dtype == torch.float32 and loss.ndim == 0
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
-    assert fn.last_stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
+    assert stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
     assert 0 < masked < maskable  # the guide is actually doing something in this test
 
 
@@ -50,29 +49,29 @@ def test_matches_naive_original_formulation(k, contrast_anchors, contrast_positi
 def test_matches_naive_with_margins(k, strategy, margin):
     inputs = make_inputs(6, k, seed=3)
     kwargs = dict(margin_strategy=strategy, margin=margin)
-    loss, fn = _loss(inputs, **kwargs)
+    loss, stats = _loss(inputs, **kwargs)
     expected, masked, maskable, _ = naive_gist_loss(**inputs, exclude_self=True, **kwargs)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
-    assert fn.last_stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
+    assert stats.masked_fraction.item() == pytest.approx(masked / maskable, abs=1e-6)
 
 
 def test_no_guide_is_plain_infonce_without_self_pairs():
     inputs = make_inputs(6, 2, seed=5)
     no_guide = {**inputs, "guide_anchor": None, "guide_positive": None, "guide_negative": None}
-    loss, fn = _loss(no_guide)
+    loss, stats = _loss(no_guide)
     expected, masked, _, _ = naive_gist_loss(**no_guide, exclude_self=True)
     assert masked == 0
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
-    assert fn.last_stats.masked_fraction.item() == 0.0
+    assert stats.masked_fraction.item() == 0.0
     # without a guide (and with one) the self pairs never enter the denominator
-    assert fn.last_stats.candidates_per_anchor.item() == 6 + 12 + 5 + 5
+    assert stats.candidates_per_anchor.item() == 6 + 12 + 5 + 5
 
 
 def test_self_pairs_excluded_even_when_guide_threshold_ties():
     """The one deliberate difference from the original (see the loss module docstring)."""
     inputs = make_inputs(5, None, seed=7)
     inputs["guide_positive"][2] = inputs["guide_anchor"][2]  # guide threshold of row 2 is exactly 1
-    ours = GISTLoss()(**inputs).item()
+    ours = GISTLoss()(**inputs)[0].item()
     always_excluded, _, _, _ = naive_gist_loss(**inputs, exclude_self=True)
     original, _, _, _ = naive_gist_loss(**inputs, exclude_self=False)
     assert ours == pytest.approx(always_excluded, rel=1e-5, abs=5e-5)
@@ -81,10 +80,10 @@ def test_self_pairs_excluded_even_when_guide_threshold_ties():
 
 def test_positive_never_masked_even_with_large_margin():
     inputs = make_inputs(6, 1, seed=2)
-    fn = GISTLoss(margin=2.0)  # threshold g_ii - 2 <= -1: every candidate but the positive is masked
-    loss = fn(**inputs)
+    # threshold g_ii - 2 <= -1: every candidate but the positive is masked
+    loss, stats = GISTLoss(margin=2.0)(**inputs)
     assert loss.item() == 0.0  # one surviving logit, the label
-    assert fn.last_stats.masked_fraction.item() == 1.0
+    assert stats.masked_fraction.item() == 1.0
 
 
 @pytest.mark.parametrize("k", [None, 0])
@@ -104,28 +103,27 @@ def test_matches_sentence_transformers(k, strategy, margin, contrast_anchors, co
         contrast_anchors=contrast_anchors,
         contrast_positives=contrast_positives,
     )
-    fn = GISTLoss(**kwargs)
-    ours = fn(**inputs)
+    ours, stats = GISTLoss(**kwargs)(**inputs)
     theirs = st_gist_loss(**inputs, **kwargs)
-    assert fn.last_stats.masked_fraction.item() > 0
+    assert stats.masked_fraction.item() > 0
     assert abs(ours.item() - theirs.item()) <= 1e-5
 
 
 def test_bf16_inputs_match_fp32_of_the_rounded_inputs():
     bf16 = make_inputs(8, 2, seed=4, dtype=torch.bfloat16)
     fp32 = {name: t.float() for name, t in bf16.items()}
-    loss_bf16, fn = _loss(bf16, temperature=0.01)
+    loss_bf16, stats = _loss(bf16, temperature=0.01)
     loss_fp32, _ = _loss(fp32, temperature=0.01)
     assert loss_bf16.dtype == torch.float32 and torch.isfinite(loss_bf16)
     # the cast to fp32 is the first thing that happens, so bf16 only costs the input rounding
     torch.testing.assert_close(loss_bf16, loss_fp32, rtol=0, atol=1e-6)
-    assert fn.last_stats.masked_fraction.dtype == torch.float32
+    assert stats.masked_fraction.dtype == torch.float32
 
 
 def test_fp16_and_mixed_dtypes_give_fp32_loss_and_grads_in_input_dtype():
     inputs = make_inputs(5, 1, seed=9)
     student = {k: inputs[k].half().requires_grad_() for k in ("anchor", "positive", "negative")}
-    loss = GISTLoss()(**{**inputs, **student})
+    loss, _ = GISTLoss()(**{**inputs, **student})
     loss.backward()
     assert loss.dtype == torch.float32
     assert all(t.grad is not None and t.grad.dtype == torch.float16 for t in student.values())
@@ -137,8 +135,7 @@ def test_row_whose_guide_masks_every_negative_is_finite():
     # other candidate of that row scores above it.
     inputs["guide_positive"][0] = -inputs["guide_anchor"][0]
     student = {k: inputs[k].clone().requires_grad_() for k in ("anchor", "positive", "negative")}
-    fn = GISTLoss()
-    loss = fn(**{**inputs, **student})
+    loss, _ = GISTLoss()(**{**inputs, **student})
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(t.grad).all() for t in student.values())
@@ -147,7 +144,7 @@ def test_row_whose_guide_masks_every_negative_is_finite():
 
 
 def test_single_row_batch_with_guide_is_finite():
-    loss = GISTLoss()(**make_inputs(1, None, seed=1))
+    loss, _ = GISTLoss()(**make_inputs(1, None, seed=1))
     assert loss.item() == 0.0  # only the positive is a candidate
 
 
@@ -155,9 +152,8 @@ def test_stats_are_detached_zero_dim_tensors():
     inputs = make_inputs(4, 3, seed=6)
     student = {k: inputs[k].clone().requires_grad_() for k in ("anchor", "positive", "negative")}
     fn = GISTLoss(contrast_anchors=False)
-    assert fn.last_stats is None
-    fn(**{**inputs, **student})
-    stats = fn.last_stats
+    _, stats = fn(**{**inputs, **student})
+    assert not hasattr(fn, "last_stats")  # returned with the loss, not kept on the module for the next call
     assert isinstance(stats, LossStats)
     for value in (stats.masked_fraction, stats.candidates_per_anchor, stats.local_rows, stats.global_rows):
         assert isinstance(value, torch.Tensor) and value.ndim == 0 and not value.requires_grad
@@ -168,7 +164,7 @@ def test_stats_are_detached_zero_dim_tensors():
 def test_guide_receives_no_gradient():
     inputs = make_inputs(4, 1, seed=10)
     tensors = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    GISTLoss()(**tensors).backward()
+    GISTLoss()(**tensors)[0].backward()
     assert all(tensors[k].grad is None for k in ("guide_anchor", "guide_positive", "guide_negative"))
     assert all(tensors[k].grad is not None for k in ("anchor", "positive", "negative"))
 
@@ -176,7 +172,7 @@ def test_guide_receives_no_gradient():
 def test_guide_may_have_a_different_width_and_dtype():
     inputs = make_inputs(5, 2, d=16, dg=7, seed=12)
     inputs["guide_anchor"] = inputs["guide_anchor"].double()
-    loss = GISTLoss()(**inputs)
+    loss, _ = GISTLoss()(**inputs)
     expected, _, _, _ = naive_gist_loss(**inputs)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=5e-5)
 
@@ -245,11 +241,10 @@ def test_guide_ties_with_the_threshold_are_kept():
     for name in ("guide_anchor", "guide_positive", "guide_negative"):
         inputs[name] = torch.zeros_like(inputs[name])
         inputs[name][..., 0] = 1.0
-    fn = GISTLoss()
-    loss = fn(**inputs)
+    loss, stats = GISTLoss()(**inputs)
     no_guide = {name: None if name.startswith("guide") else t for name, t in inputs.items()}
-    assert fn.last_stats.masked_fraction.item() == 0.0
-    torch.testing.assert_close(loss, GISTLoss()(**no_guide), rtol=0, atol=0)
+    assert stats.masked_fraction.item() == 0.0
+    torch.testing.assert_close(loss, GISTLoss()(**no_guide)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("k", [None, 2])
@@ -260,10 +255,9 @@ def test_row_blocks_give_the_same_loss_gradients_and_stats(k, row_block):
     results = []
     for block in (None, row_block):
         leaves = {c: inputs[c].clone().requires_grad_() for c in student}
-        fn = GISTLoss(margin=0.05, row_block=block)
-        loss = fn(**{**inputs, **leaves})
+        loss, stats = GISTLoss(margin=0.05, row_block=block)(**{**inputs, **leaves})
         loss.backward()
-        results.append((loss.detach(), [leaves[c].grad for c in student], fn.last_stats))
+        results.append((loss.detach(), [leaves[c].grad for c in student], stats))
     (loss, grads, stats), (blocked, blocked_grads, blocked_stats) = results
     torch.testing.assert_close(blocked, loss, rtol=0, atol=1e-5)
     for got, want in zip(blocked_grads, grads):
@@ -294,7 +288,7 @@ def test_row_blocks_bound_the_largest_intermediate():
     for block, bound in ((None, b * candidates), (32, 32 * candidates)):
         leaves = {c: inputs[c].clone().requires_grad_() for c in ("anchor", "positive", "negative")}
         with LargestOutput() as largest:
-            GISTLoss(row_block=block)(**{**inputs, **leaves}).backward()
+            GISTLoss(row_block=block)(**{**inputs, **leaves})[0].backward()
         assert largest.numel == bound, block
 
 
@@ -316,8 +310,8 @@ def test_matryoshka_matches_sentence_transformers(k, dims, weights, contrast_anc
         if reference:
             loss = st_gist_loss(**{**inputs, **leaves}, matryoshka_dims=dims, matryoshka_weights=weights, **kwargs)
         else:
-            fn = GISTLoss(matryoshka_dims=dims, matryoshka_weights=weights, **kwargs)
-            loss = ours = fn(**{**inputs, **leaves})
+            loss, stats = GISTLoss(matryoshka_dims=dims, matryoshka_weights=weights, **kwargs)(**{**inputs, **leaves})
+            ours = loss
         loss.backward()
         grads.append([leaves[c].grad for c in student])
     assert abs(ours.item() - loss.item()) <= 1e-5
@@ -326,17 +320,17 @@ def test_matryoshka_matches_sentence_transformers(k, dims, weights, contrast_anc
     # One unweighted loss per size, largest first: each is ST's GISTEmbedLoss on the truncated embeddings.
     per_size = [st_gist_loss(**{c: t if t is None or c.startswith("guide") else t[..., :dim]
                                 for c, t in inputs.items()}, **kwargs).item() for dim in sorted(dims, reverse=True)]
-    torch.testing.assert_close(fn.last_stats.dim_losses, torch.tensor(per_size), rtol=0, atol=1e-5)
-    assert fn.last_stats.masked_fraction.item() > 0
+    torch.testing.assert_close(stats.dim_losses, torch.tensor(per_size), rtol=0, atol=1e-5)
+    assert stats.masked_fraction.item() > 0
 
 
 def test_matryoshka_at_the_full_dimension_alone_is_the_plain_loss():
     inputs = make_inputs(6, 2, seed=4, related=0.5)
-    plain, fn = _loss(inputs)
-    full, matryoshka_fn = _loss(inputs, matryoshka_dims=[16])
+    plain, stats = _loss(inputs)
+    full, matryoshka_stats = _loss(inputs, matryoshka_dims=[16])
     torch.testing.assert_close(full, plain, rtol=0, atol=0)
-    torch.testing.assert_close(matryoshka_fn.last_stats.dim_losses, plain.view(1), rtol=0, atol=0)
-    assert fn.last_stats.dim_losses.shape == (1,)
+    torch.testing.assert_close(matryoshka_stats.dim_losses, plain.view(1), rtol=0, atol=0)
+    assert stats.dim_losses.shape == (1,)
 
 
 def test_matryoshka_builds_the_guide_mask_once(monkeypatch):
@@ -368,9 +362,9 @@ def test_matryoshka_row_blocks_give_the_same_loss_and_gradients(k):
     for block in (None, 3):
         leaves = {c: inputs[c].clone().requires_grad_() for c in student}
         fn = GISTLoss(margin=0.05, row_block=block, matryoshka_dims=[16, 6], matryoshka_weights=[1.0, 0.3])
-        loss = fn(**{**inputs, **leaves})
+        loss, stats = fn(**{**inputs, **leaves})
         loss.backward()
-        results.append((loss.detach(), [leaves[c].grad for c in student], fn.last_stats))
+        results.append((loss.detach(), [leaves[c].grad for c in student], stats))
     (loss, grads, stats), (blocked, blocked_grads, blocked_stats) = results
     torch.testing.assert_close(blocked, loss, rtol=0, atol=1e-5)
     torch.testing.assert_close(blocked_stats.dim_losses, stats.dim_losses, rtol=0, atol=1e-5)
@@ -417,18 +411,16 @@ def test_duplicates_are_masked_by_identity_as_the_naive_reference(k, contrast_an
     inputs, text_ids = with_duplicates(make_inputs(9, k, seed=31, related=1.0))
     kwargs = dict(contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, margin_strategy=strategy,
                   margin=margin)
-    fn = GISTLoss(**kwargs)
-    loss = fn(**inputs, text_ids=text_ids)
+    loss, stats = GISTLoss(**kwargs)(**inputs, text_ids=text_ids)
     want = naive_gist_loss(**inputs, exclude_self=True, text_ids=_as_lists(text_ids), **kwargs)
     assert loss.item() == pytest.approx(want.loss, rel=1e-5, abs=5e-5)
-    assert want.duplicates > 0 and fn.last_stats.duplicates_masked.item() == want.duplicates
-    assert fn.last_stats.masked_fraction.item() == pytest.approx(want.masked / want.maskable, abs=1e-6)
+    assert want.duplicates > 0 and stats.duplicates_masked.item() == want.duplicates
+    assert stats.masked_fraction.item() == pytest.approx(want.masked / want.maskable, abs=1e-6)
 
-    original = GISTLoss(mask_duplicates=False, **kwargs)
-    kept = original(**inputs, text_ids=text_ids)
+    kept, original_stats = GISTLoss(mask_duplicates=False, **kwargs)(**inputs, text_ids=text_ids)
     plain = naive_gist_loss(**inputs, exclude_self=True, **kwargs)
     assert kept.item() == pytest.approx(plain.loss, rel=1e-5, abs=5e-5)
-    assert original.last_stats.duplicates_masked.item() == 0
+    assert original_stats.duplicates_masked.item() == 0
     if margin == 0:
         # A duplicate of the positive ties the threshold exactly: the original (float64, exact) keeps it as a negative.
         assert abs(plain.loss - want.loss) > 1e-3
@@ -443,10 +435,9 @@ def test_duplicates_in_row_blocks_and_matryoshka_sizes():
     results = []
     for row_block in (None, 2):
         leaves = {c: inputs[c].clone().requires_grad_() for c in ("anchor", "positive", "negative")}
-        fn = GISTLoss(row_block=row_block, matryoshka_dims=[16, 8])
-        loss = fn(**{**inputs, **leaves}, text_ids=text_ids)
+        loss, stats = GISTLoss(row_block=row_block, matryoshka_dims=[16, 8])(**{**inputs, **leaves}, text_ids=text_ids)
         loss.backward()
-        results.append((loss.detach(), fn.last_stats, [leaves[c].grad for c in leaves]))
+        results.append((loss.detach(), stats, [leaves[c].grad for c in leaves]))
     (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b)
     for got, want in zip(grads_b, grads_a):

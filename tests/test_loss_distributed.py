@@ -37,7 +37,10 @@ def test_helpers_are_identities_without_a_process_group():
     assert gdist.gather_sizes(3) == [3]
     assert torch.equal(gdist.all_reduce_sum(t), t.detach())
     assert gdist.all_reduce_mean(torch.tensor(3)).dtype == torch.float32
-    assert gdist.any_rank(True, torch.tensor(False), torch.tensor(True)) == [True, False, True]
+    nonfinite = torch.tensor(True)
+    skip, stop = gdist.agree_on_step(nonfinite, False)
+    assert skip is nonfinite and stop is False  # alone: nothing moves, nothing is read
+    assert gdist.agree_on_step(nonfinite, True)[1] is True
     assert gdist.main_process_decides(True) and not gdist.main_process_decides(False)
 
 
@@ -77,8 +80,7 @@ def _exactness_worker(rank: int, world: int, cases) -> None:
                       **(matryoshka or {}))
 
         ref_student = {c: full[c].clone().requires_grad_() for c in STUDENT if full[c] is not None}
-        ref_fn = GISTLoss(gather_across_ranks=False, **kwargs)
-        ref = ref_fn(**{**full, **ref_student})
+        ref, ref_stats = GISTLoss(gather_across_ranks=False, **kwargs)(**{**full, **ref_student})
         ref.backward()
 
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
@@ -88,20 +90,20 @@ def _exactness_worker(rank: int, world: int, cases) -> None:
         # told the ranks' sizes instead of exchanging them: same results.
         told = i % 3 == 2
         fn = GISTLoss(row_block=2 if i % 2 else None, check_finite=not told, **kwargs)
-        loss = fn(**local, rank_sizes=list(sizes) if told else None)
+        loss, stats = fn(**local, rank_sizes=list(sizes) if told else None)
         loss.backward()
 
         # (a) the mean over ranks is the full-batch loss
         _close(gdist.all_reduce_mean(loss), ref.detach(), f"{what}: mean loss")
-        _close(gdist.all_reduce_mean(fn.last_stats.dim_losses), ref_fn.last_stats.dim_losses, f"{what}: per size")
+        _close(gdist.all_reduce_mean(stats.dim_losses), ref_stats.dim_losses, f"{what}: per size")
         # (b) after gradient averaging (/ world) the input gradients are the single-process ones
         for c, t in local_student.items():
             # Matryoshka gradients sum several sizes' (weights up to 2): fp32 rounding then grows with them.
             _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}", rtol=1e-5 if matryoshka else 0)
-        assert fn.last_stats.global_rows.item() == sum(sizes)
-        assert fn.last_stats.local_rows.item() == sizes[rank]
+        assert stats.global_rows.item() == sum(sizes)
+        assert stats.local_rows.item() == sizes[rank]
         n, kk = sum(sizes), (0 if k is None else max(k, 1))
-        assert fn.last_stats.candidates_per_anchor.item() == n + n * kk + (n - 1) * ca + (n - 1) * cp
+        assert stats.candidates_per_anchor.item() == n + n * kk + (n - 1) * ca + (n - 1) * cp
 
 
 @pytest.mark.slow
@@ -117,21 +119,20 @@ def _duplicates_worker(rank: int, world: int) -> None:
         full, ids = with_duplicates(make_inputs(sum(sizes), k, seed=300 + i, related=1.0))
         kwargs = matryoshka or {}
         ref_student = {c: full[c].clone().requires_grad_() for c in STUDENT}
-        ref_fn = GISTLoss(gather_across_ranks=False, **kwargs)
-        ref = ref_fn(**{**full, **ref_student}, text_ids=ids)
+        ref, ref_stats = GISTLoss(gather_across_ranks=False, **kwargs)(**{**full, **ref_student}, text_ids=ids)
         ref.backward()
 
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         local = {name: t[rows].clone() for name, t in full.items()}
         local_student = {c: local[c].requires_grad_() for c in STUDENT}
         fn = GISTLoss(row_block=2 if i == 1 else None, **kwargs)
-        loss = fn(**local, text_ids=tuple(t[rows] for t in ids))
+        loss, stats = fn(**local, text_ids=tuple(t[rows] for t in ids))
         loss.backward()
         _close(gdist.all_reduce_mean(loss), ref.detach(), f"{what}: mean loss")
         for c, t in local_student.items():
             _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}", rtol=1e-5)
-        total = gdist.all_reduce_sum(fn.last_stats.duplicates_masked)
-        assert total.item() == ref_fn.last_stats.duplicates_masked.item() > 0, what
+        total = gdist.all_reduce_sum(stats.duplicates_masked)
+        assert total.item() == ref_stats.duplicates_masked.item() > 0, what
 
 
 @pytest.mark.slow
@@ -161,7 +162,7 @@ def _ddp_worker(rank: int, world: int, sizes: tuple[int, ...]) -> None:
         embeddings = {"anchor": emb[:b], "positive": emb[b : 2 * b], "negative": emb[2 * b :].reshape(b, k, d)}
         guides = {f"guide_{c}": batch[c] @ guide for c in STUDENT}
         optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
-        loss_fn(**embeddings, **guides).backward()
+        loss_fn(**embeddings, **guides)[0].backward()
         optimizer.step()
 
     step(reference, raw, GISTLoss(gather_across_ranks=False, margin=0.05))
@@ -195,7 +196,7 @@ def _st_worker(rank: int, world: int, per_rank: int) -> None:
         full = make_inputs(per_rank * world, k, seed=200 + i, related=1.0)
         local = {name: None if t is None else t[rank * per_rank : (rank + 1) * per_rank] for name, t in full.items()}
         kwargs = dict(margin_strategy=strategy, margin=margin, contrast_anchors=False, contrast_positives=cp)
-        ours = GISTLoss(**kwargs)(**local)
+        ours, _ = GISTLoss(**kwargs)(**local)
         theirs = st_gist_loss(**local, gather_across_devices=True, **kwargs)
         assert abs(ours.item() - theirs.item()) <= 1e-5, (i, rank, ours.item(), theirs.item())
 
@@ -231,8 +232,13 @@ def _helpers_worker(rank: int, world: int) -> None:
     assert torch.equal(gdist.all_reduce_sum(value), torch.tensor([1.0, -1.0]) * sum(range(world)))
     assert torch.allclose(gdist.all_reduce_mean(value), torch.tensor([1.0, -1.0]) * sum(range(world)) / world)
     assert torch.equal(value, torch.tensor([float(rank), -float(rank)]))  # inputs untouched
-    # One collective for several decisions: each flag is OR-ed over ranks on its own, device tensors included.
-    assert gdist.any_rank(rank == world - 1, False, torch.tensor(rank == 0)) == [True, False, True]
+    # One collective for both decisions: each flag is OR-ed over ranks on its own, the skip staying a tensor.
+    for local_nonfinite, local_preempted, expected in [(rank == 0, rank == world - 1, (True, True)),
+                                                       (False, rank == 0, (False, True)),
+                                                       (rank == world - 1, False, (True, False)),
+                                                       (False, False, (False, False))]:
+        skip, stop = gdist.agree_on_step(torch.tensor(local_nonfinite), local_preempted)
+        assert isinstance(skip, torch.Tensor) and skip.dtype == torch.bool and (bool(skip), stop) == expected
     # Rank 0 decides even when the ranks' own answers differ (the keep-best export must be joined by every rank).
     assert gdist.main_process_decides(rank == 0) is True
     assert gdist.main_process_decides(rank != 0) is False
@@ -267,7 +273,7 @@ def _failure_worker(rank: int, world: int) -> None:
     _raises_everywhere(rank, 1, fewer_negatives, "ranks disagree")
     _raises_everywhere(rank, 0, no_guide, "ranks disagree")
     # every rank took the same path, so the group is still in step
-    loss = GISTLoss()(**make_inputs(2 + rank, 1, seed=9))
+    loss, _ = GISTLoss()(**make_inputs(2 + rank, 1, seed=9))
     assert torch.isfinite(loss)
     # Sizes given by the caller are checked against the local rows (every rank is wrong here, so none hangs).
     told = GISTLoss(check_finite=False)
@@ -291,12 +297,12 @@ def _no_host_read_worker(rank: int, world: int) -> None:
     try:
         for name in saved:
             setattr(torch.Tensor, name, host_read)
-        loss = fn(**{**inputs, **leaves}, rank_sizes=[4] * world)
+        loss, _ = fn(**{**inputs, **leaves}, rank_sizes=[4] * world)
         loss.backward()
     finally:
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
-    reference = GISTLoss()(**{**inputs, **{c: t.detach() for c, t in leaves.items()}})
+    reference, _ = GISTLoss()(**{**inputs, **{c: t.detach() for c, t in leaves.items()}})
     _close(loss.detach(), reference, "told sizes vs exchanged sizes")
     assert all(t.grad is not None for t in leaves.values())
 

@@ -43,11 +43,11 @@ def _measured(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
 def test_estimate_equals_measured_bytes_after_a_step(tiny_model_dir, lora_r, mixed_precision):
     """Stage 0, one process: the estimate is the bytes a real student and its AdamW hold after one step, with the
     trainer's own loading (pooler dropped, LoRA via peft) and optimizer; bf16 autocast stores nothing more."""
-    from gist_scale.train import build_optimizer
+    from gist_scale.trainer.optimizer import build_optimizer
 
     cfg = _cfg(tiny_model_dir, lora_r=lora_r)
     student = load_student(cfg)
-    optimizer = build_optimizer(student, OptimConfig(), torch.device("cpu"))
+    optimizer = build_optimizer(student, OptimConfig())
     torch.manual_seed(0)
     input_ids = torch.randint(1000, 2000, (3, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):

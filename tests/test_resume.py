@@ -107,14 +107,15 @@ def test_a_resume_that_would_change_the_run_is_refused_before_anything_loads(tmp
     before = _snapshot(run)
     capsys.readouterr()
 
-    import gist_scale.train
+    from gist_scale.trainer import batches, loop, student
 
     loaded = []
-    real_tokenizer = gist_scale.train.load_tokenizer
-    monkeypatch.setattr(gist_scale.train, "load_tokenizer", lambda *a, **k: loaded.append("tokenizer")
-                        or real_tokenizer(*a, **k))
-    for name in ("load_student", "load_guide"):
-        monkeypatch.setattr(gist_scale.train, name, lambda *a, **k: pytest.fail("a model was loaded"))
+    real_tokenizer = loop.load_tokenizer
+    for module in (loop, batches):  # the student's tokenizer, and the guide's for the data
+        monkeypatch.setattr(module, "load_tokenizer", lambda *a, **k: loaded.append("tokenizer")
+                            or real_tokenizer(*a, **k))
+    for module, name in ((student, "load_student"), (loop, "load_guide")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a model was loaded"))
     other_model = tmp_path / "other-model"
     shutil.copytree(tiny_model_dir, other_model)
     refusals = [  # (flags, the field named, what may already have been loaded: only the tokenizers for data)

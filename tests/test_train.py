@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def test_two_ranks_match_one_process_with_the_whole_global_batch(layout, extra, 
 GUIDE_CHECK = textwrap.dedent("""
     import sys, torch
     from gist_scale.options import load_config
-    from gist_scale.train import Trainer, build_optimizer
+    from gist_scale.train import Trainer
+    from gist_scale.trainer.optimizer import build_optimizer
 
     trainer = Trainer(load_config(sys.argv[1:]))
     assert trainer.plan.zero_stage == 3
@@ -209,7 +211,7 @@ GUIDE_CHECK = textwrap.dedent("""
     assert not optimized & {id(p) for p in guide_params}, "guide parameters reached the optimizer"
     # Weight decay on the partitioned (empty 1-D) weight matrices, by their real shape; none on biases and norms.
     student = trainer.accelerator.unwrap_model(trainer.student)
-    decay, no_decay = build_optimizer(student, trainer.cfg.optim, trainer.device).param_groups
+    decay, no_decay = build_optimizer(student, trainer.cfg.optim).param_groups
     assert decay["weight_decay"] == trainer.cfg.optim.weight_decay > 0 and no_decay["weight_decay"] == 0
     names = {id(p): n for n, p in student.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {
@@ -236,7 +238,8 @@ def test_guide_stays_bf16_frozen_and_unpartitioned_and_weights_decay_under_zero3
 @pytest.mark.parametrize(("layout", "precision"), [("zero2", "bf16"), ("zero3", "no")])
 def test_deepspeed_skips_the_whole_step_of_a_nonfinite_loss(layout, precision, tmp_path, tiny_model_dir, launch_env):
     """Under DeepSpeed the update happens inside the last backward, before the step's decision: its own overflow
-    check (switched on for bf16 by the trainer) must skip it, or the trainer stops with an error."""
+    check (switched on for bf16 by the trainer) must skip it, or the trainer stops with an error. The skipped step
+    still counts, as with AMP's GradScaler: steps 1 and 3 log a loss, step 2 its skip."""
     from gist_scale.data import sample_data_path
 
     run = tmp_path / layout
@@ -247,11 +250,18 @@ def test_deepspeed_skips_the_whole_step_of_a_nonfinite_loss(layout, precision, t
     env = dict(launch_env(layout), GIST_SCALE_FAULT="nonfinite_loss:2")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "non-finite loss at step 1; skipped (1/5 in a row)" in result.stderr
+    assert "non-finite loss: 1 step(s) skipped up to step 2 (1/5 in a row at most)" in result.stderr
     records = loss_records(run)
-    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records)
+    assert [r["step"] for r in records] == [1, 3] and all(r["loss"] == r["loss"] for r in records)
+    assert _skips(run) == {1: 0, 2: 1, 3: 0}
     weights = load_file(run / "final" / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def _skips(run: Path) -> dict[int, int]:
+    """`skipped_steps` of every training record, by step (a record of skipped steps only has no loss)."""
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["skipped_steps"] for r in records if "skipped_steps" in r}
 
 
 def _loss_poisoned_on_calls(monkeypatch, poisoned: set[int]) -> None:
@@ -263,23 +273,26 @@ def _loss_poisoned_on_calls(monkeypatch, poisoned: set[int]) -> None:
 
     def forward(self, *args, **kwargs):
         calls["n"] += 1
-        loss = original(self, *args, **kwargs)
-        return loss * float("nan") if calls["n"] in poisoned else loss
+        loss, stats = original(self, *args, **kwargs)
+        return (loss * float("nan") if calls["n"] in poisoned else loss), stats
 
     monkeypatch.setattr(GISTLoss, "forward", forward)
 
 
 def test_a_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Step 2's loss is NaN: its update is skipped (the step still counts) and step 3 trains on."""
     _loss_poisoned_on_calls(monkeypatch, {2})
     run = tmp_path / "skip"
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "3")) == 0
     records = loss_records(run)
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 3]
     assert all(r["loss"] == r["loss"] for r in records)  # no NaN reached the logged (or applied) steps
-    assert "non-finite loss at step 1; skipped (1/5 in a row)" in capsys.readouterr().err
+    assert _skips(run) == {1: 0, 2: 1, 3: 0}
+    assert "non-finite loss: 1 step(s) skipped up to step 2 (1/5 in a row at most)" in capsys.readouterr().err
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Steps 2 and 3 are non-finite, with at most 2 in a row: the run stops at the log step that reads the second."""
     _loss_poisoned_on_calls(monkeypatch, {2, 3})
     assert main(tiny_args(tiny_model_dir, tmp_path / "stop", "--train.batch_size", "8", "--train.max_steps", "3",
                           "--train.max_nonfinite_steps", "2")) == 1
@@ -292,16 +305,18 @@ def _parameters(trainer) -> dict[str, torch.Tensor]:
 
 
 def test_a_nonfinite_micro_batch_skips_its_whole_step_and_the_next_update_is_clean(tmp_path, tiny_model_dir,
-                                                                                   monkeypatch, capsys):
+                                                                                   monkeypatch):
     """With accumulation 2, a NaN in the step's last micro-batch must not leave the first micro-batch's gradients
-    behind to be added into the next step: the step is skipped whole, and the next update equals a clean one."""
+    behind to be added into the next step: the step is skipped whole (it still counts, as with AMP's GradScaler),
+    Adam's state is untouched, and the next update equals a clean one."""
     from gist_scale.options import load_config
     from gist_scale.train import Trainer
 
     def trainer(name: str) -> Trainer:
+        # A constant learning rate: the skipped step advances the schedule, which a clean run's first step has not.
         return Trainer(load_config(tiny_args(tiny_model_dir, tmp_path / name, "--train.batch_size", "4",
                                              "--train.grad_accum_steps", "2", "--model.dropout", "0",
-                                             "--optim.warmup_ratio", "0")))  # warmup would make lr 0 at step 1
+                                             "--optim.schedule", "constant", "--optim.warmup_ratio", "0")))
 
     monkeypatch.setenv("GIST_SCALE_FAULT", "nonfinite_loss:1")
     faulty = trainer("faulty")
@@ -309,15 +324,17 @@ def test_a_nonfinite_micro_batch_skips_its_whole_step_and_the_next_update_is_cle
     first, second = next(steps), next(steps)
     start = _parameters(faulty)
     skipped = faulty.train_step(first)
-    assert not skipped.applied and faulty.state.step == 0
+    assert not skipped.applied and faulty.state.step == 1
     assert all(p.grad is None for p in faulty.student.parameters())
     assert all(torch.equal(p, start[name]) for name, p in _parameters(faulty).items())
-    assert "non-finite loss at step 0; skipped (1/5 in a row)" in capsys.readouterr().err
-    assert faulty.train_step(second).applied and faulty.state.step == 1  # the fault poisons the first attempt only
+    adam = list(faulty.optimizer.state.values())  # the skipped step: no Adam step counted, no moment moved
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in adam)
+    assert faulty.nonfinite.read(faulty.state.step) == (1, 1)  # counted: 1 step skipped, 1 in a row
+    assert faulty.train_step(second).applied and faulty.state.step == 2  # the fault poisons step 1 only
     monkeypatch.delenv("GIST_SCALE_FAULT")
 
-    # The same weights, one clean step on the same micro-batches: the update must be identical (Adam's state and
-    # the learning-rate schedule untouched by the skipped step).
+    # The same weights, one clean step on the same micro-batches: the update must be identical (Adam's state
+    # untouched by the skipped step).
     clean = trainer("clean")
     clean_steps = clean.optimizer_steps()
     next(clean_steps)
@@ -327,6 +344,72 @@ def test_a_nonfinite_micro_batch_skips_its_whole_step_and_the_next_update_is_cle
     assert any(not torch.equal(after_clean[name], start[name]) for name in start)
     for name, tensor in after_clean.items():
         torch.testing.assert_close(after_faulty[name], tensor, atol=1e-7, rtol=0)
+
+
+DEVICE_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+def _read_by_our_code(frame) -> bool:
+    """Does the read come from gist-scale's code or Accelerate's? torch's own frames in between are looked through
+    (a torch function our code calls reads for it), except torch.optim's: AdamW keeps its step counts on the host by
+    design."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("torch.optim"):
+            return False
+        if not module.startswith("torch"):
+            return module.split(".")[0] in ("gist_scale", "accelerate")
+        frame = frame.f_back
+    return False
+
+
+def test_a_step_that_is_not_a_log_step_reads_nothing_back_from_the_device(tmp_path, tiny_model_dir, monkeypatch):
+    """On one process, gist-scale and Accelerate read no tensor back to the host in a step that logs, checkpoints and
+    evaluates nothing: the non-finite skip is decided on the device (the fused AdamW's `found_inf`), preemption is
+    host state, and metrics wait for the log step. The device-read methods raise from the first step until the log of
+    step 3 (`train.log_every 3`): steps 1 and 2 whole, and step 3 up to its log. (Before this rule every step read its
+    decision back: `distributed.any_rank`'s `.tolist()` failed this test.)"""
+    from gist_scale.data import sample_data_path
+    from gist_scale.train import Trainer
+
+    guard = {"on": False, "steps": 0, "logs": 0}
+    for name in DEVICE_READS:
+        def read(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if guard["on"] and _read_by_our_code(sys._getframe(1)):
+                raise AssertionError(f"Tensor.{_name}() read back from the device inside a step")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    train_step, log = Trainer.train_step, Trainer._log
+
+    def guarded_step(self, micro_batches):
+        guard.update(on=True, steps=guard["steps"] + 1)
+        return train_step(self, micro_batches)
+
+    def log_step(self, window):
+        guard.update(on=False, logs=guard["logs"] + 1)
+        return log(self, window)
+
+    monkeypatch.setattr(Trainer, "train_step", guarded_step)
+    monkeypatch.setattr(Trainer, "_log", log_step)
+    assert main(tiny_args(tiny_model_dir, tmp_path / "run", "--train.batch_size", "4", "--train.max_steps", "3",
+                          "--train.log_every", "3", "--data.path", str(sample_data_path("train")))) == 0
+    assert guard == {"on": False, "steps": 3, "logs": 1}
+
+
+def test_running_out_of_memory_in_a_step_ends_with_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from gist_scale.data import sample_data_path
+    from gist_scale.loss import GISTLoss
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(GISTLoss, "forward", out_of_memory)
+    assert main(tiny_args(tiny_model_dir, tmp_path / "run", "--train.batch_size", "4", "--train.max_steps", "1",
+                          "--data.path", str(sample_data_path("train")))) == 1
+    err = capsys.readouterr().err
+    assert "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower --train.batch_size" in err
+    assert "Traceback" not in err
 
 
 SLOW_EVAL_S = 5.0
@@ -339,15 +422,15 @@ def test_throughput_is_timed_over_training_steps_only(tmp_path, tiny_model_dir, 
     import time
 
     from gist_scale.data import sample_data_path
-    from gist_scale.train import Trainer
+    from gist_scale.trainer import evaluator
 
-    original = Trainer._evaluate
+    original = evaluator.evaluate_embedder
 
-    def slow_evaluate(self, baseline: bool = False):
+    def slow_evaluate(*args, **kwargs):
         time.sleep(SLOW_EVAL_S)
-        return original(self, baseline)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_evaluate", slow_evaluate)
+    monkeypatch.setattr(evaluator, "evaluate_embedder", slow_evaluate)
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(sample_data_path("eval").read_text().splitlines()[:16]) + "\n")
     run = tmp_path / "timed"

@@ -429,12 +429,12 @@ def build_mode(name: str, ctx: Context) -> Mode:
         guide_embeddings = guide_for(i)
         if name == "grad_cache":
             cache = encode.GradCache(student, ctx.chunked[i], 1, autocast=ctx.autocast)
-            loss = loss_fn(*cache.embeddings, *guide_embeddings)
+            loss, _ = loss_fn(*cache.embeddings, *guide_embeddings)
             cache.backward(loss)
         else:
             with ctx.autocast():
                 query, pos, neg = encode.encode_columns(student, ctx.side(i, chunk is not None), 1)
-            loss = loss_fn(query, pos, neg, *guide_embeddings)
+            loss, _ = loss_fn(query, pos, neg, *guide_embeddings)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -503,7 +503,7 @@ def _deepspeed_mode(name: str, ctx: Context) -> Mode:
     def step(i: int) -> torch.Tensor:
         guide_embeddings = ctx.guide_embeddings(guide, i, chunk is not None)
         query, pos, neg = encode.encode_columns(engine, ctx.side(i, chunk is not None), 1)
-        loss = loss_fn(query, pos, neg, *guide_embeddings)
+        loss, _ = loss_fn(query, pos, neg, *guide_embeddings)
         engine.backward(loss)
         engine.step()
         return loss.detach()
