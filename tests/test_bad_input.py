@@ -19,12 +19,13 @@ import huggingface_hub
 import pytest
 import torch
 
-from gist_scale import evaluate, guide_cache, train
+from gist_scale import guide_cache, train
+from gist_scale.evaluation import cli as eval_cli
 from gist_scale.checkpoint import COMPLETE_MARKER, complete_checkpoints
 
 datasets.disable_progress_bars()
 
-MAINS = {"train": train.main, "eval": evaluate.main, "cache-guide": guide_cache.main}
+MAINS = {"train": train.main, "eval": eval_cli.main, "cache-guide": guide_cache.main}
 ROWS = [{"query": f"query {i}", "pos": f"positive {i}", "neg": f"negative {i}", "task_name": "t"} for i in range(16)]
 
 
