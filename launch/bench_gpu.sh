@@ -6,30 +6,33 @@
 #   bash launch/bench_gpu.sh llm        # part 2, Qwen3 students (steps 6-7)
 #   # results: $OUT/*.json (or ./bench_out/), a log, and tables on stdout
 #
-# What it measures (all in one process per line below, reference and ours on the same batches and weights):
+# What it measures (every mode of ours is the trainer's own step, `gist_scale.train.Trainer`, on the trainer's
+# batches of a synthetic JSONL file; the reference, sentence-transformers, steps on the same batches and weights):
 #   1. base/base, batch 32 and 256: sentence-transformers GISTEmbedLoss vs ours (plain, chunked, guide_cache,
 #      grad_cache). Targets: >= 2x ST at batch 256, >= 1.5x at batch 32.
 #   2. small/large, batch 256 (and 32): target >= 3x ST at batch 256.
 #   3. base student, batch 16384 with GradCache on one GPU (the memory target; ST is not run: it cannot fit).
 #   4. ZeRO (needs deepspeed): base/base batch 128, ZeRO-2 vs ZeRO-3 with one forward per column and with all
-#      texts in one call (chunk 384 = 128 x 3). Target: ZeRO-3 >= 80% of ZeRO-2.
-#   5. Mining (needs datasets): `gist-scale mine` on 50,000 synthetic pairs with a random base guide in bf16:
-#      texts embedded per second and queries searched per second, in $OUT/mine.json (its `--stats`).
+#      texts in one call (chunk 384 = 128 x 3), each in a process of its own. Target: ZeRO-3 >= 80% of ZeRO-2.
+#   5. Mining: `gist-scale mine` on 50,000 synthetic pairs with a random base guide in bf16: texts embedded per
+#      second and queries searched per second, in $OUT/mine.json (its `--stats`).
 #   6. (llm) Qwen3-Embedding-0.6B's shape (28 x 1024), full fine-tuning, base guide, batch 32: ST vs ours.
 #   7. (llm) Qwen3-Embedding-8B's shape (36 x 4096, weights in bf16), LoRA r=16 on every attention and MLP linear
 #      layer, base guide: ST (with the same peft adapters) vs ours at batch 16, then ours alone with GradCache at
 #      batch 512 (chunks of 32 texts), where a single pass (ST's) would not fit. Peak memory per mode in the records.
+# The time limits below were set without a GPU run (none was lent yet): a run cut at its limit exits 124.
 #
-# The GPU image (python 3.12, torch, transformers, accelerate, sentence-transformers, rich, pyyaml) lacks
-# deepspeed. Carry it as wheels in .whl/ (git-ignored) and name `.whl` in the device call's `carry`; here,
-# from a machine with PyPI:
+# The GPU image (python 3.12, torch, transformers, accelerate, sentence-transformers, pyarrow, rich, pyyaml) lacks
+# what the trainer needs besides: datasets and jsonargparse (every step), and deepspeed (step 4). Carry them as
+# wheels in .whl/ (git-ignored) and name `.whl` in the device call's `carry`; here, from a machine with PyPI:
 #   cp ~/.cache/pip/wheels/*/*/*/*/deepspeed-*.whl .whl/   # deepspeed ships only an sdist; a built wheel works
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       datasets dill multiprocess jsonargparse docstring-parser typeshed-client \
 #       hjson pydantic pydantic-core annotated-types typing-inspection
-# Without wheels steps 1-3 still run and step 4 is skipped. Steps 1-4 need neither `datasets` nor a download: the
-# models are random BERT configs built locally with a generated vocabulary, the batches synthetic token ids. Step 5
-# reads its pairs with `datasets` (and pyarrow): without it the step is skipped; carry their wheels in .whl/ too.
+# (and pyarrow, if the image's is older than datasets asks). Without datasets or jsonargparse nothing runs; without
+# deepspeed step 4 is skipped. Nothing is downloaded: the models are random configs built locally with a generated
+# vocabulary, the data synthetic.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -44,6 +47,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if ! python3 -c "import datasets, jsonargparse" 2>/dev/null; then
+    echo "bench_gpu.sh: the trainer needs datasets and jsonargparse: carry their wheels (see the top of this script)" \
+        | tee -a "$LOG"
+    exit 1
 fi
 
 {
@@ -84,7 +93,7 @@ mine() {  # mine SECONDS SIZE PAIRS: `gist-scale mine` on PAIRS synthetic pairs 
     local seconds=$1 size=$2 pairs=$3 dir="${TMPDIR:-/tmp}/gist_mine_bench"
     # Inputs and the mined file stay out of $OUT (tens of MB); the guide is random, so the negatives mean nothing.
     echo "=== mine: gist-scale mine on $pairs synthetic pairs, random $size guide" | tee -a "$LOG"
-    python3 -c "from gist_scale.tools.bench import write_mining_inputs; write_mining_inputs('$dir', '$size', $pairs)"
+    python3 -c "from gist_scale.tools.bench import inputs; inputs.write_mining_inputs('$dir', '$size', $pairs)"
     timeout --signal=INT "$seconds" python3 -m gist_scale mine --data.path "$dir/pairs.jsonl" --data.task_column null \
         --guide.name "$dir/$size" --num-negatives 7 --range-max 100 --sampling top --batch-size 512 \
         --out "$dir/mined.jsonl" --overwrite --stats "$OUT/mine.json" 2>&1 | tee -a "$LOG"
@@ -104,22 +113,18 @@ if [ "${1:-}" = llm ]; then
     exit 0
 fi
 
-run 170 base_base --cases base/base --batch 32,256 --steps 8 --warmup 3 --chunk-size 128
+run 160 base_base --cases base/base --batch 32,256 --steps 8 --warmup 3 --chunk-size 128
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
     echo "=== small_large: skipped in smoke mode (at the tiny size it is base_base's run)" | tee -a "$LOG"
 else
-    run 150 small_large --cases small/large --batch 256,32 --steps 8 --warmup 3 --chunk-size 128
+    run 120 small_large --cases small/large --batch 256,32 --steps 8 --warmup 3 --chunk-size 128
 fi
-run 110 base_16k --cases base/base --batch 16384 --modes grad_cache --steps 2 --warmup 1 --chunk-size 1024
+run 140 base_16k --cases base/base --batch 16384 --modes grad_cache --steps 2 --warmup 1 --chunk-size 1024
 if python3 -c "import deepspeed" 2>/dev/null; then
-    run 110 zero_base_128 --cases base/base --batch 128 --modes plain,zero2,zero3,zero2_chunked,zero3_chunked \
+    run 120 zero_base_128 --cases base/base --batch 128 --modes plain,zero2,zero3,zero2_chunked,zero3_chunked \
         --steps 8 --warmup 3 --chunk-size 384
 else
     echo "=== zero_base_128: skipped (deepspeed not importable; see the wheel recipe at the top)" | tee -a "$LOG"
 fi
-if python3 -c "import datasets" 2>/dev/null; then
-    mine 60 "${MINE[@]}"
-else
-    echo "=== mine: skipped (datasets not importable; see the wheel recipe at the top)" | tee -a "$LOG"
-fi
+mine 50 "${MINE[@]}"
 ls -la "$OUT"

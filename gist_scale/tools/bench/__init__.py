@@ -1,0 +1,314 @@
+"""`gist-scale bench`: training-step throughput of the trainer and of sentence-transformers' GISTEmbedLoss.
+
+Every mode of ours is a configuration of `gist_scale.trainer.Trainer`, built as `gist-scale train` builds it (the
+same components, Accelerate and, for ZeRO, DeepSpeed through the launcher's environment), and what is timed is
+`Trainer.train_step` on the micro-batches of `Trainer.optimizer_steps()`: the trainer's own sampler, collator and
+device transfer over a JSONL file of synthetic triplets. Every mode trains the same initial weights on the same rows:
+
+* `st`: the reference. `SentenceTransformer` + `GISTEmbedLoss` with `torch.optim.AdamW` (fused on CUDA), bf16
+  autocast on CUDA and the gradient clipped as ours (1.0, the default of both trainers); the guide is a second
+  `SentenceTransformer`. It steps on the micro-batches of the `plain` mode (the student's features, padded per
+  column), which a Trainer collates for it first.
+* ours, cumulative, so each mode adds one option to the previous one: `plain` (the trainer's defaults: one forward
+  per column, the guide frozen, in bf16 on CUDA), `chunked` (+ `train.chunk_size`: length-sorted chunks with
+  per-chunk padding), `guide_cache` (+ `guide.cache`, built by `gist-scale cache-guide`'s own code: no guide
+  forward), `grad_cache` (+ `train.grad_cache`: activation memory independent of the batch).
+* DeepSpeed, one process (the ZeRO settings of `ds_configs/zero{2,3}.json`, carried in code so that a pip-installed
+  package has them, set through `ACCELERATE_USE_DEEPSPEED` and `ACCELERATE_DEEPSPEED_CONFIG_FILE` as the launchers
+  do): `zero2`, `zero3` (one forward per column), `zero2_chunked`, `zero3_chunked` (+ `train.chunk_size`, so
+  `--chunk-size` at least the step's texts makes one call per step: fewer ZeRO-3 parameter gathers). Not in the
+  default modes; they need `deepspeed`, and each runs in a process of its own.
+* Matryoshka GIST: `matryoshka` (`plain` with `loss.matryoshka_dims`) and `st_matryoshka` (sentence-transformers'
+  `MatryoshkaLoss(GISTEmbedLoss)`), at `--matryoshka-dims` (default: the student's width, 1/2, 1/4, 1/8). Not in
+  the default modes; `--modes plain,matryoshka` measures the overhead of the sizes over plain GIST.
+
+LoRA (`--lora-r R`): every mode trains rank-R adapters (alpha 2R, peft) on the attention and MLP linear layers of a
+frozen student, ours through `model.lora_r` as training does, sentence-transformers through peft's adapters injected
+into its model with the same target names (on BERT they also put an adapter on sentence-transformers' unused pooler,
+which gets no gradient). `trainable_params` tells what each mode optimises.
+
+Memory: on CUDA `peak_mem_gib` is the accelerator's peak allocation over the steps. On a CPU, `--isolate` runs every
+mode in a fresh process (spawned, so no mode inherits another's memory) and `peak_mem_gib` is that process's peak
+resident set (`VmHWM`) during the steps, counted from the moment the mode is built (loading's transient peak left
+out): the resident model, optimizer state and activations, plus what is the same for every mode (the interpreter,
+the libraries, since each process imports sentence-transformers, peft and deepspeed whatever its mode, and the
+batches).
+
+Sizes are BERT configs (`tiny`, `small`, `base`, `large`) and Qwen3 decoders (`qwen3-tiny`, and the shapes of
+Qwen3-Embedding-0.6B and -8B: `qwen3-0.6b`, `qwen3-8b`), built locally (`gist_scale.tools.bench.inputs`). A case is
+`STUDENT/GUIDE` (`small/large`) or one size for both. Data: `3 x batch` rows of random words, each text's token length
+uniform in `--query-len` (queries) or `--doc-len` (positive, one negative), special tokens included.
+
+Reported per mode: triplets/s, real (non-padding) student tokens/s, the padding share of the student's processed
+tokens, model TFLOP/s on real tokens (student 3x forward, plus the guide's forward where it runs; GradCache's
+recomputation is not counted) and MFU against `--peak-tflops` (known for H100/H200/A100), peak memory and the ratio
+to `st` in the same case. `first_loss` is the loss of the first step, identical across modes with `--dropout 0` (a
+check that all modes train the same model on the same batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoConfig
+
+from gist_scale.flops import peak_tflops
+from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, lora_targets, pooling_of,
+                                           write_rows)
+from gist_scale.tools.bench.modes import ALL_MODES, MODES, CaseSetup
+from gist_scale.tools.bench.timing import RECORD_FIELDS, Timing, datasets_cache, device_name, measure
+
+__all__ = ["BenchConfig", "RECORD_FIELDS", "build_parser", "main", "parse_args"]
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DISTINCT_BATCHES = 3
+"""Global batches in the synthetic data (the sampler reshuffles them every epoch, so no mode benefits from one fixed
+shape)."""
+
+
+@dataclass
+class BenchConfig:
+    cases: list[tuple[str, str]]
+    batches: list[int]
+    modes: list[str]
+    steps: int
+    warmup: int
+    chunk_size: int
+    query_len: tuple[int, int]
+    doc_len: tuple[int, int]
+    device: torch.device
+    dropout: float
+    lr: float
+    seed: int
+    peak_tflops: float | None
+    out: Path | None
+    threads: int | None = None
+    matryoshka_dims: list[int] | None = None
+    """Sizes of the Matryoshka modes; None: the student's width, 1/2, 1/4 and 1/8 of it."""
+    lora_r: int = 0
+    """LoRA rank of the student's adapters in every mode (0: full fine-tuning)."""
+    isolate: bool = False
+    """Each mode in a fresh process, for a per-mode peak resident memory on a CPU."""
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    low_i, high_i = int(low), int(high or low)
+    if not 3 <= low_i <= high_i <= MAX_LENGTH:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN-MAX token lengths with 3 <= MIN <= MAX <= "
+                                         f"{MAX_LENGTH} (a word and the special tokens at least)")
+    return low_i, high_i
+
+
+def _case(text: str) -> tuple[str, str]:
+    student, _, guide = text.partition("/")
+    guide = guide or student
+    for size in (student, guide):
+        if size not in SIZES and size not in DECODER_SIZES:
+            raise argparse.ArgumentTypeError(f"unknown size {size!r} in case {text!r}: use "
+                                             f"{', '.join([*SIZES, *DECODER_SIZES])}")
+    return student, guide
+
+
+def _dims(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.split(",") if d]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes, e.g. 384,192,96")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gist-scale bench", description=__doc__.split("\n\n")[0],
+        epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large --batch 32,256 "
+               "--out bench.json.  CPU smoke test: gist-scale bench --cases tiny --batch 8 --query-len 8-16 "
+               "--doc-len 16-32 --steps 2")
+    parser.add_argument("--cases", default="base/base,small/large",
+                        help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large, qwen3-tiny, qwen3-0.6b, "
+                             "qwen3-8b); one size = both")
+    parser.add_argument("--batch", default="32,256", help="comma-separated triplets per step")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated, from {', '.join(ALL_MODES)} (st is the reference)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    parser.add_argument("--chunk-size", type=int, default=128, help="texts per encoder call in the chunked modes")
+    parser.add_argument("--query-len", type=_range, default=(16, 64), help="query token lengths MIN-MAX")
+    parser.add_argument("--doc-len", type=_range, default=(64, 256), help="positive/negative token lengths MIN-MAX")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
+    parser.add_argument("--dropout", type=float, default=0.1, help="encoder dropout (0 makes first_loss comparable)")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU (default: known bf16 peaks of H100/H200/A100, else no MFU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 gives stable CPU timings on a busy host")
+    parser.add_argument("--matryoshka-dims", type=_dims, default=None, metavar="D,D,...",
+                        help="sizes of the matryoshka modes (default: the student's width, 1/2, 1/4, 1/8)")
+    parser.add_argument("--lora-r", type=int, default=0,
+                        help="train LoRA adapters of this rank (alpha 2r) on the student in every mode, "
+                             "sentence-transformers included (0: full fine-tuning)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each mode in a fresh process: on a CPU, peak GiB is then its peak resident memory")
+    parser.add_argument("--out", help="write the records as a JSON list to this file")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> BenchConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}: use {', '.join(ALL_MODES)}")
+    batches = [int(b) for b in args.batch.split(",") if b]
+    if not batches or min(batches) < 2:
+        parser.error("--batch needs sizes >= 2 (in-batch negatives)")
+    if args.steps < 1 or args.warmup < 1 or args.chunk_size < 1:
+        parser.error("--steps, --warmup and --chunk-size must be >= 1")
+    if args.lora_r < 0:
+        parser.error("--lora-r must be >= 0 (0: full fine-tuning)")
+    try:
+        cases = [_case(c) for c in args.cases.split(",") if c]
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if args.isolate and device.type == "cuda":
+        parser.error("--isolate measures CPU memory; on CUDA peak GiB is the accelerator's own peak already")
+    return BenchConfig(cases, batches, modes, args.steps, args.warmup,
+                       args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
+                       args.peak_tflops if args.peak_tflops is not None else peak_tflops(device),
+                       Path(args.out) if args.out else None, args.threads, args.matryoshka_dims, args.lora_r,
+                       args.isolate)
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def case_setup(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> CaseSetup:
+    """The models (built once per size), the training file and the settings that every mode of a case shares."""
+    student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed, cfg.device)
+    guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
+    work_dir = root / f"{student}-{guide}-{batch}"
+    work_dir.mkdir()
+    rows = write_rows(work_dir / "rows.jsonl", DISTINCT_BATCHES * batch, cfg.query_len, cfg.doc_len,
+                      student in DECODER_SIZES, cfg.seed)
+    width = AutoConfig.from_pretrained(student_dir).hidden_size
+    dims = cfg.matryoshka_dims or [width // 2**i for i in range(4) if width // 2**i]
+    return CaseSetup(student_dir, guide_dir, pooling_of(student), pooling_of(guide), rows, work_dir, batch,
+                     cfg.warmup + cfg.steps, cfg.chunk_size, str(cfg.device), cfg.lr, cfg.seed, cfg.lora_r,
+                     tuple(lora_targets(student)), tuple(dims))
+
+
+def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
+    case = f"{student}/{guide}"
+    setup = case_setup(cfg, student, guide, batch, root)
+    timing = Timing(cfg.steps, cfg.warmup, cfg.isolate, cfg.threads, cfg.peak_tflops)
+    records = []
+    with datasets_cache(setup.work_dir):
+        for name in cfg.modes:
+            console.print(f"[dim]{case} batch {batch}: {name}")
+            records.append(measure(name, case, setup, timing))
+    reference = next((r for r in records if r["mode"] == "st" and r["triplets_per_s"]), None)
+    for record in records:
+        ok = reference is not None and record["triplets_per_s"]
+        record["ratio_vs_st"] = record["triplets_per_s"] / reference["triplets_per_s"] if ok else None
+    return records
+
+
+def _has_sentence_transformers() -> bool:
+    try:  # optional: the reference implementation, not a dependency
+        return importlib.import_module("sentence_transformers") is not None
+    except ImportError:
+        return False
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for package in ("torch", "transformers", "sentence-transformers", "deepspeed", "gist-scale"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def print_table(records: list[dict]) -> None:
+    table = Table(title="gist-scale bench: training step throughput (higher is better)")
+    for column in ("case", "batch", "mode", "triplets/s", "real tok/s", "padding", "TFLOP/s", "MFU", "peak GiB",
+                   "x ST", "first loss", "trainable"):
+        table.add_column(column, justify="left" if column in ("case", "mode") else "right")
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in records:
+        if r["oom"]:
+            table.add_row(r["case"], str(r["batch"]), r["mode"], "OOM", *["-"] * 8)
+            continue
+        table.add_row(r["case"], str(r["batch"]), r["mode"], fmt(r["triplets_per_s"], ".1f"),
+                      fmt(r["real_tokens_per_s"], ".0f"), fmt(r["padding_fraction"], ".0%"),
+                      fmt(r["model_tflops_per_s"], ".3g"), fmt(r["mfu"], ".1%"), fmt(r["peak_mem_gib"], ".2f"),
+                      fmt(r["ratio_vs_st"], ".2f"), fmt(r["first_loss"], ".4f"),
+                      _count(r["trainable_params"]))
+    Console(highlight=False, width=max(130, Console().width)).print(table)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    except FloatingPointError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BenchConfig) -> int:
+    if "st" in cfg.modes and not _has_sentence_transformers():
+        console.print("[yellow]sentence-transformers is not installed: the `st` reference is skipped, so no "
+                      "ratio is reported (pip install sentence-transformers, or gist-scale[dev])")
+        cfg.modes = [m for m in cfg.modes if m != "st"]
+    meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
+            "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout,
+            "peak_tflops": cfg.peak_tflops}
+    console.print(f"device {device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    records = []
+    with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
+        for student, guide in cfg.cases:
+            for batch in cfg.batches:
+                for record in run_case(cfg, student, guide, batch, Path(root)):
+                    record.update(meta)
+                    records.append(record)
+    print_table(records)
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.out.write_text(json.dumps(records, indent=1) + "\n")
+        console.print(f"records: {cfg.out}")
+    return 0
+

@@ -1,0 +1,253 @@
+"""The benchmark's modes. Each of ours is a training configuration of `gist_scale.trainer.Trainer`, stepped by the
+Trainer itself on the batches its own sampler and collator make; the reference is sentence-transformers' training
+step on the same batches, taken from such a Trainer.
+
+A mode, once built, hands out its optimizer steps' micro-batches (`next_group`, untimed) and takes one optimizer
+step on them (`step`, timed). `batch_facts` is the one reader of a collated batch's fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gist_scale.chunking import ChunkedTexts
+from gist_scale.config import JobConfig
+from gist_scale.data import TokenCounts, TripletBatch
+from gist_scale.guide_cache import META_FILE, build_guide_cache
+from gist_scale.options import load_config
+from gist_scale.preemption import PreemptionFlag
+from gist_scale.tools.bench.inputs import MAX_LENGTH, deepspeed_config
+from gist_scale.trainer import StepOutcome, Trainer
+
+__all__ = ["ALL_MODES", "DEEPSPEED_MODES", "MATRYOSHKA_MODES", "MODES", "REFERENCE_MODES", "BatchFacts", "CaseSetup",
+           "batch_facts", "build_mode", "mode_environment"]
+
+MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
+DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
+MATRYOSHKA_MODES = ("matryoshka", "st_matryoshka")
+ALL_MODES = MODES + DEEPSPEED_MODES + MATRYOSHKA_MODES
+REFERENCE_MODES = ("st", "st_matryoshka")
+CHUNKED_MODES = ("chunked", "guide_cache", "grad_cache", "zero2_chunked", "zero3_chunked")
+CACHED_MODES = ("guide_cache", "grad_cache")
+"""The modes whose guide embeddings come from `guide.cache`: the guide never runs in their steps."""
+
+
+@dataclass(frozen=True)
+class CaseSetup:
+    """What every mode of one (case, batch) shares: the models, the training file and the settings."""
+
+    student_dir: Path
+    guide_dir: Path
+    student_pooling: str
+    guide_pooling: str
+    rows: Path
+    """The synthetic triplets, a JSONL training file."""
+    work_dir: Path
+    """Run directories, the guide cache and the DeepSpeed configs."""
+    batch: int
+    steps: int
+    """Optimizer steps a mode takes: warm-up and timed."""
+    chunk_size: int
+    device: str
+    lr: float
+    seed: int
+    lora_r: int
+    lora_targets: tuple[str, ...]
+    matryoshka_dims: tuple[int, ...]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class BatchFacts:
+    """What the bench reads of a collated micro-batch."""
+
+    student: dict | ChunkedTexts
+    """The student's features: `{column: {"input_ids", "attention_mask"}}` padded per column, or the chunks."""
+    student_tokens: TokenCounts
+    guide_tokens: TokenCounts | None
+    """None when the guide's texts were not tokenized (a guide cache, or no guide)."""
+    processed_tokens: int
+    """Token positions the student's encoder calls process, padding included."""
+
+
+def batch_facts(batch: TripletBatch) -> BatchFacts:
+    """The one place that reads a collated micro-batch's fields."""
+    student, counts = batch.student, batch.token_counts
+    processed = (student.processed_tokens if isinstance(student, ChunkedTexts)
+                 else sum(features["input_ids"].numel() for features in student.values()))
+    return BatchFacts(student, counts["student"], counts.get("guide"), processed)
+
+
+def trainer_args(name: str, setup: CaseSetup) -> list[str]:
+    """Mode `name` as `gist-scale train` options: the trainer's defaults, with this case's models, data and steps,
+    the learning rate constant from the first step, bf16 on CUDA (the guide too, as the default); fp32 on a CPU."""
+    cuda = setup.cuda
+    args = ["--model.name", str(setup.student_dir), "--model.pooling", setup.student_pooling,
+            "--model.max_length", str(MAX_LENGTH), "--guide.name", str(setup.guide_dir),
+            "--guide.pooling", setup.guide_pooling, "--guide.max_length", str(MAX_LENGTH),
+            "--guide.dtype", "bf16" if cuda else "fp32", "--data.path", str(setup.rows), "--data.task_column", "null",
+            "--train.batch_size", str(setup.batch), "--train.max_steps", str(setup.steps),
+            "--train.seed", str(setup.seed), "--train.mixed_precision", "bf16" if cuda else "no",
+            "--train.output_dir", str(setup.work_dir / "runs" / name), "--optim.lr", str(setup.lr),
+            "--optim.schedule", "constant", "--optim.warmup_ratio", "0"]
+    if setup.lora_r:
+        args += ["--model.lora_r", str(setup.lora_r), "--model.lora_alpha", str(2 * setup.lora_r),
+                 "--model.lora_target_modules", json.dumps(list(setup.lora_targets))]
+    if name in CHUNKED_MODES:
+        args += ["--train.chunk_size", str(setup.chunk_size)]
+    if name in CACHED_MODES:
+        args += ["--guide.cache", str(setup.work_dir / "guide_cache")]
+    if name == "grad_cache":
+        args += ["--train.grad_cache", "true"]
+    if name == "matryoshka":
+        args += ["--loss.matryoshka_dims", json.dumps(list(setup.matryoshka_dims))]
+    return args
+
+
+def mode_environment(name: str, setup: CaseSetup) -> dict[str, str]:
+    """The environment the mode's process needs, as a launcher would set it: for the ZeRO modes, DeepSpeed through
+    Accelerate's variables (the shipped ZeRO settings) and torchrun's for one process; `--device cpu` on a machine
+    with CUDA, Accelerate's CPU switch."""
+    if name in DEEPSPEED_MODES:
+        stage = int(name[len("zero")])
+        config = setup.work_dir / f"zero{stage}.json"
+        config.write_text(json.dumps(deepspeed_config(stage), indent=2) + "\n")
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        local_rank = torch.device(setup.device).index or 0
+        return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": str(local_rank),
+                "WORLD_SIZE": "1"}
+    if not setup.cuda and torch.cuda.is_available():
+        return {"ACCELERATE_USE_CPU": "true"}
+    return {}
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """A Trainer turns SIGUSR1/SIGTERM into a preemption flag that only its `train()` loop answers; the bench never
+    runs that loop, so it keeps its own handlers (a SIGTERM must still end it)."""
+    saved = {sig: signal.getsignal(sig) for sig in PreemptionFlag.SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _trainer(cfg: JobConfig) -> Trainer:
+    with _signal_handlers_kept():
+        return Trainer(cfg)
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    # Under ZeRO-3 a parameter is a shard; `ds_numel` is the whole parameter.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
+class TrainerMode:
+    """One of our modes: the Trainer of its configuration, stepping through its own micro-batches."""
+
+    def __init__(self, name: str, setup: CaseSetup) -> None:
+        cfg = load_config(trainer_args(name, setup))
+        if name in CACHED_MODES and not (Path(cfg.guide.cache) / META_FILE).is_file():
+            build_guide_cache(cfg, cfg.guide.cache)  # `gist-scale cache-guide`, once for the case's cached modes
+        self.trainer = _trainer(cfg)
+        self._groups = self.trainer.optimizer_steps()
+        self.guide_runs = name not in CACHED_MODES
+        self.chunk_size = cfg.train.chunk_size
+        self.precision = ("fp32" if not setup.cuda else "bf16" if name in DEEPSPEED_MODES else "bf16-autocast")
+        self.trainable_params = _trainable(self.trainer.student)
+
+    def next_group(self) -> list:
+        return next(self._groups)
+
+    def step(self, group: list) -> torch.Tensor:
+        return _loss(self.trainer.train_step(group))
+
+
+def _loss(outcome: StepOutcome) -> torch.Tensor:
+    """The loss of a step of one micro-batch (the bench never accumulates), on the device: the trainer skipped the
+    step's update if it is not finite."""
+    return outcome.metrics[0].loss
+
+
+class ReferenceMode:
+    """sentence-transformers: `GISTEmbedLoss` (`MatryoshkaLoss` over it for `st_matryoshka`) with `torch.optim.AdamW`
+    (fused on CUDA), bf16 autocast on CUDA and the gradient clipped as the trainer does (the default of both
+    trainers), on the micro-batches of the `plain` mode: the student's features of the same rows, padded per column.
+    Its guide reads the student's features (sentence-transformers re-tokenizes only for another vocabulary)."""
+
+    def __init__(self, name: str, setup: CaseSetup) -> None:
+        # Needed by this mode alone: sentence-transformers is the reference, not a dependency of gist-scale.
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.losses import GISTEmbedLoss, MatryoshkaLoss
+
+        # The batches depend on the data, the student's tokenizer and the sampler's seed alone: the Trainer that
+        # collates them loads neither a guide nor adapters.
+        cfg = load_config([*trainer_args("plain", setup), "--guide.name", "null", "--model.lora_r", "0"])
+        self._groups = iter(_collated_groups(cfg, setup.steps))
+        model = SentenceTransformer(str(setup.student_dir), device=setup.device)
+        if setup.lora_r:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            # What sentence-transformers' `add_adapter` does (through transformers, which asks for peft >= 0.22, not
+            # released at the time of writing): peft's adapters injected into its transformers model, the base frozen.
+            inject_adapter_in_model(LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=0.0,
+                                               target_modules=list(setup.lora_targets)), model.transformers_model)
+        guide = SentenceTransformer(str(setup.guide_dir), device=setup.device)
+        model.train()
+        loss = GISTEmbedLoss(model, guide)
+        self.loss = MatryoshkaLoss(model, loss, list(setup.matryoshka_dims)) if name == "st_matryoshka" else loss
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, fused=setup.cuda)
+        self.max_grad_norm = cfg.optim.max_grad_norm
+        self.cuda = setup.cuda
+        self.guide_runs, self.chunk_size = True, None
+        self.precision = "bf16-autocast" if setup.cuda else "fp32"
+        self.trainable_params = _trainable(model)
+
+    def next_group(self) -> list:
+        return next(self._groups)
+
+    def step(self, group: list) -> torch.Tensor:
+        batch, = group
+        student = batch_facts(batch).student
+        # Fresh dicts: sentence-transformers writes its outputs into the features it is given.
+        features = [dict(student[column]) for column in ("query", "pos", "neg")]
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext():
+            loss = self.loss(features, None)
+        loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def _collated_groups(cfg: JobConfig, steps: int) -> list[list]:
+    """The first `steps` optimizer steps' micro-batches of a Trainer of `cfg`, on the device; the Trainer is released
+    before the reference's models load."""
+    trainer = _trainer(cfg)
+    groups = trainer.optimizer_steps()
+    collected = [next(groups) for _ in range(steps)]
+    del trainer, groups
+    gc.collect()  # a Trainer holds reference cycles
+    return collected
+
+
+def build_mode(name: str, setup: CaseSetup) -> TrainerMode | ReferenceMode:
+    return ReferenceMode(name, setup) if name in REFERENCE_MODES else TrainerMode(name, setup)
