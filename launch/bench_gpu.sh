@@ -13,7 +13,7 @@
 #   2. small/large, batch 256 (and 32): target >= 3x ST at batch 256.
 #   3. base student, batch 16384 with GradCache on one GPU (the memory target; ST is not run: it cannot fit).
 #   4. ZeRO (needs deepspeed): base/base batch 128, ZeRO-2 vs ZeRO-3 with one forward per column and with all
-#      texts in one call (chunk 384 = 128 x 3), each in a process of its own. Target: ZeRO-3 >= 80% of ZeRO-2.
+#      texts in one call (chunk 384 = 128 x 3), one process per stage. Target: ZeRO-3 >= 80% of ZeRO-2.
 #   5. Mining: `gist-scale mine` on 50,000 synthetic pairs with a random base guide in bf16: texts embedded per
 #      second and queries searched per second, in $OUT/mine.json (its `--stats`).
 #   6. (llm) Qwen3-Embedding-0.6B's shape (28 x 1024), full fine-tuning, base guide, batch 32: ST vs ours.

@@ -220,7 +220,7 @@ def test_lora_modes_train_the_same_adapters_as_sentence_transformers_and_report_
     """`--lora-r`: sentence-transformers (peft adapters injected into its model) and our modes, DeepSpeed's
     included, optimise the same adapter parameters from the same first loss; `--isolate` runs a mode in a process of
     its own and reports that process's peak memory on the CPU. ZeRO-3 runs in a fresh process (~8 s of imports) in
-    any case, as every ZeRO mode, so it is the one isolated; the reference and our other modes run here."""
+    any case, as the ZeRO modes do, so it is the one isolated; the reference and our other modes run here."""
     args = [a if a != "tiny" else "qwen3-tiny" for a in TINY]
     outs = {"here": tmp_path / "here.json", "isolated": tmp_path / "isolated.json"}
     assert cli.main(["bench", *args, "--modes", "st,plain,grad_cache", "--lora-r", "4", "--out",

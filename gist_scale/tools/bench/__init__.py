@@ -17,7 +17,7 @@ device transfer over a JSONL file of synthetic triplets. Every mode trains the s
   package has them, set through `ACCELERATE_USE_DEEPSPEED` and `ACCELERATE_DEEPSPEED_CONFIG_FILE` as the launchers
   do): `zero2`, `zero3` (one forward per column), `zero2_chunked`, `zero3_chunked` (+ `train.chunk_size`, so
   `--chunk-size` at least the step's texts makes one call per step: fewer ZeRO-3 parameter gathers). Not in the
-  default modes; they need `deepspeed`, and each runs in a process of its own.
+  default modes; they need `deepspeed`, and they run in a process of their own, one per stage.
 * Matryoshka GIST: `matryoshka` (`plain` with `loss.matryoshka_dims`) and `st_matryoshka` (sentence-transformers'
   `MatryoshkaLoss(GISTEmbedLoss)`), at `--matryoshka-dims` (default: the student's width, 1/2, 1/4, 1/8). Not in
   the default modes; `--modes plain,matryoshka` measures the overhead of the sizes over plain GIST.
@@ -64,7 +64,7 @@ from transformers import AutoConfig
 
 from gist_scale.flops import peak_tflops
 from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, lora_targets, pooling_of,
-                                           write_rows)
+                                           write_deepspeed_configs, write_rows)
 from gist_scale.tools.bench.modes import ALL_MODES, MODES, CaseSetup
 from gist_scale.tools.bench.timing import RECORD_FIELDS, Timing, datasets_cache, device_name, measure
 
@@ -208,6 +208,7 @@ def case_setup(cfg: BenchConfig, student: str, guide: str, batch: int, root: Pat
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
     work_dir = root / f"{student}-{guide}-{batch}"
     work_dir.mkdir()
+    write_deepspeed_configs(work_dir)
     rows = write_rows(work_dir / "rows.jsonl", DISTINCT_BATCHES * batch, cfg.query_len, cfg.doc_len,
                       student in DECODER_SIZES, cfg.seed)
     width = AutoConfig.from_pretrained(student_dir).hidden_size
@@ -221,11 +222,8 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     case = f"{student}/{guide}"
     setup = case_setup(cfg, student, guide, batch, root)
     timing = Timing(cfg.steps, cfg.warmup, cfg.isolate, cfg.threads, cfg.peak_tflops)
-    records = []
     with datasets_cache(setup.work_dir):
-        for name in cfg.modes:
-            console.print(f"[dim]{case} batch {batch}: {name}")
-            records.append(measure(name, case, setup, timing))
+        records = measure(cfg.modes, case, setup, timing)
     reference = next((r for r in records if r["mode"] == "st" and r["triplets_per_s"]), None)
     for record in records:
         ok = reference is not None and record["triplets_per_s"]

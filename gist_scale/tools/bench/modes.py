@@ -12,7 +12,6 @@ import contextlib
 import gc
 import json
 import signal
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from gist_scale.data import TokenCounts, TripletBatch
 from gist_scale.guide_cache import META_FILE, build_guide_cache
 from gist_scale.options import load_config
 from gist_scale.preemption import PreemptionFlag
-from gist_scale.tools.bench.inputs import MAX_LENGTH, deepspeed_config
+from gist_scale.tools.bench.inputs import MAX_LENGTH
 from gist_scale.trainer import StepOutcome, Trainer
 
 __all__ = ["ALL_MODES", "DEEPSPEED_MODES", "MATRYOSHKA_MODES", "MODES", "REFERENCE_MODES", "BatchFacts", "CaseSetup",
@@ -118,19 +117,14 @@ def trainer_args(name: str, setup: CaseSetup) -> list[str]:
 
 def mode_environment(name: str, setup: CaseSetup) -> dict[str, str]:
     """The environment the mode's process needs, as a launcher would set it: for the ZeRO modes, DeepSpeed through
-    Accelerate's variables (the shipped ZeRO settings) and torchrun's for one process; `--device cpu` on a machine
-    with CUDA, Accelerate's CPU switch."""
+    Accelerate's variables (the case's `zero2.json` or `zero3.json`) and torchrun's for one process; `--device cpu`
+    on a machine with CUDA, Accelerate's CPU switch."""
     if name in DEEPSPEED_MODES:
-        stage = int(name[len("zero")])
-        config = setup.work_dir / f"zero{stage}.json"
-        config.write_text(json.dumps(deepspeed_config(stage), indent=2) + "\n")
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-        local_rank = torch.device(setup.device).index or 0
+        config = setup.work_dir / f"{name.removesuffix('_chunked')}.json"
+        # Port 0: the lone process's rendezvous store takes a free port itself.
         return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": str(local_rank),
-                "WORLD_SIZE": "1"}
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "RANK": "0",
+                "LOCAL_RANK": str(torch.device(setup.device).index or 0), "WORLD_SIZE": "1"}
     if not setup.cuda and torch.cuda.is_available():
         return {"ACCELERATE_USE_CPU": "true"}
     return {}

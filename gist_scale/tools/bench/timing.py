@@ -1,10 +1,10 @@
 """Timing one mode: build it, take its warm-up steps, then time its optimizer steps one by one (the device
 synchronised around each), and make its record; in this process or a fresh one.
 
-A ZeRO mode always runs in a fresh process: DeepSpeed comes through the environment there, as a launcher sets it,
-and its process group and Accelerate's DeepSpeed state never reach this one (so does `--device cpu` on a machine
-with CUDA, for Accelerate's CPU switch). `--isolate` runs every mode so, for a per-mode peak resident memory on a
-CPU.
+The ZeRO modes always run in a fresh process (one per stage): DeepSpeed comes through the environment there, as a
+launcher sets it, and its process group and Accelerate's DeepSpeed state never reach this one (so does `--device
+cpu` on a machine with CUDA, for Accelerate's CPU switch). `--isolate` runs every mode alone in a fresh process, for
+a per-mode peak resident memory on a CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import datasets
 import torch
+from rich.console import Console
 from transformers import AutoConfig
 
 from gist_scale.flops import forward_flops
@@ -32,6 +33,8 @@ from gist_scale.tools.bench.modes import (MATRYOSHKA_MODES, REFERENCE_MODES, Cas
 from gist_scale.tools.data_memory import memory_status
 
 __all__ = ["RECORD_FIELDS", "Timing", "datasets_cache", "device_name", "measure"]
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
                  "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
@@ -66,37 +69,47 @@ def datasets_cache(work_dir: Path) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def measure(name: str, case: str, setup: CaseSetup, timing: Timing) -> dict:
-    """The mode's record, measured in this process or, for a mode that needs an environment of its own (ZeRO, or
-    `--device cpu` on a machine with CUDA) or with `--isolate`, in a fresh one."""
-    environment = mode_environment(name, setup)
-    if not environment and not timing.isolate:
-        return _measure(name, case, setup, timing)
-    # Spawned, not forked: a forked child would share the parent's pages (and OpenMP is not fork-safe).
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_set_environment,
-                             initargs=(environment,)) as pool:
-        return pool.submit(_measure_isolated, name, case, setup, timing).result()
+def measure(names: list[str], case: str, setup: CaseSetup, timing: Timing) -> list[dict]:
+    """The records of modes `names`, in their order. Measured in this process, but the modes that need the same
+    environment of their own (the ZeRO modes of one stage; every mode under `--device cpu` on a machine with CUDA)
+    together in one fresh process; with `--isolate`, every mode alone in a fresh process."""
+    alike: dict[tuple, list[int]] = {}
+    for index, name in enumerate(names):
+        alike.setdefault(tuple(mode_environment(name, setup).items()), []).append(index)
+    records: dict[int, dict] = {}
+    for environment, indices in alike.items():
+        if not environment and not timing.isolate:
+            records.update((i, _measure(names[i], case, setup, timing)) for i in indices)
+            continue
+        for together in ([i] for i in indices) if timing.isolate else [indices]:
+            # Spawned, not forked: a forked child would share the parent's pages (and OpenMP is not fork-safe).
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_set_environment,
+                                     initargs=(dict(environment),)) as pool:
+                measured = pool.submit(_measure_in_child, [names[i] for i in together], case, setup, timing).result()
+            records.update(zip(together, measured))
+    return [records[i] for i in range(len(names))]
 
 
 def _set_environment(variables: dict[str, str]) -> None:
     os.environ.update(variables)
 
 
-def _measure_isolated(name: str, case: str, setup: CaseSetup, timing: Timing) -> dict:
+def _measure_in_child(names: list[str], case: str, setup: CaseSetup, timing: Timing) -> list[dict]:
     if timing.threads:
         torch.set_num_threads(timing.threads)
     with datasets_cache(setup.work_dir):
-        if not timing.isolate:  # in a process of its own for its environment's sake only
-            return _measure(name, case, setup, timing)
+        if not timing.isolate:  # in a process of their own for their environment's sake only
+            return [_measure(name, case, setup, timing) for name in names]
         # Every mode's process imports the same libraries, so that their peaks differ by what the modes hold.
         for module in ("sentence_transformers", "peft", "deepspeed"):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
+        name, = names
         record = _measure(name, case, setup, timing, after_build=_reset_peak_rss)
     if not record["oom"]:
         record.update(peak_mem_gib=memory_status("VmHWM")["VmHWM"] / 2**30,
                       peak_mem_kind="process peak RSS over the steps")
-    return record
+    return [record]
 
 
 def _reset_peak_rss() -> None:
@@ -124,6 +137,7 @@ def _measure(name: str, case: str, setup: CaseSetup, timing: Timing,
              after_build: Callable[[], None] | None = None) -> dict:
     """Build the mode, run its warm-up steps then its timed ones, and return its record (`oom` when it did not
     fit). On CUDA the peak memory is counted from the end of the build, as the CPU's with `--isolate`."""
+    console.print(f"[dim]{case} batch {setup.batch}: {name}")
     device = torch.device(setup.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
