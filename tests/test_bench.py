@@ -112,7 +112,11 @@ def test_synthetic_batches_and_flops(tmp_path):
     assert forward_flops(Config, 1 + 2, 1 + 4) == 512 * 3 + 32 * 5
 
 
-def test_bad_arguments_are_refused():
+def test_bad_arguments_are_refused(capsys):
+    for lengths in ("1,2", "x-9"):  # not MIN-MAX whole numbers: the same one line as a range out of bounds
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--query-len", lengths])
+        assert f"argument --query-len: '{lengths}': expected MIN-MAX token lengths" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "st,warp"])
     with pytest.raises(SystemExit):

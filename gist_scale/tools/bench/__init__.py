@@ -107,7 +107,10 @@ class BenchConfig:
 
 def _range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
-    low_i, high_i = int(low), int(high or low)
+    try:
+        low_i, high_i = int(low), int(high or low)
+    except ValueError:
+        low_i = high_i = 0  # not two whole numbers: the same message as a range out of bounds
     if not 3 <= low_i <= high_i <= MAX_LENGTH:
         raise argparse.ArgumentTypeError(f"{text!r}: expected MIN-MAX token lengths with 3 <= MIN <= MAX <= "
                                          f"{MAX_LENGTH} (a word and the special tokens at least)")
