@@ -25,6 +25,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import glob
 import importlib
 import io
@@ -391,6 +392,7 @@ def check_job_command(parser, args: list[str], elided: bool, docs: Docs, doc: st
     return problems
 
 
+@functools.cache  # one parser per command for the whole module: building one reads every config docstring (~0.4 s)
 def build_parser(command: str) -> argparse.ArgumentParser:
     from gist_scale.cli import COMMANDS
 
