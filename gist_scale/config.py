@@ -68,6 +68,26 @@ POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 MarginStrategy = Literal["absolute", "relative"]
 MARGIN_STRATEGIES: tuple[str, ...] = typing.get_args(MarginStrategy)
 """How the guide threshold is relaxed by `loss.margin` (see `gist_scale.loss`)."""
+FalseNegatives = Literal["mask", "relabel"]
+FALSE_NEGATIVE_CHOICES: tuple[str, ...] = typing.get_args(FalseNegatives)
+"""What the loss does with a candidate the guide flags: `mask` drops it (GISTEmbed), `relabel` counts it a positive."""
+POLICY_FIELDS: tuple[str, ...] = ("margin_strategy", "margin", "contrast_anchors", "contrast_positives",
+                                  "in_batch_negatives", "protect_hard_negatives", "false_negatives")
+"""The loss settings a `data.sources` entry may set for its own batches (null there: the `loss` section's)."""
+
+
+def _check_policy(config: Any, where: str) -> None:
+    """The rules of the per-step loss policy fields, shared by `LossConfig` and `SourceConfig` (None: unset)."""
+    _check(config.margin_strategy in (None, *MARGIN_STRATEGIES),
+           f"{where}.margin_strategy={config.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
+    _check(config.false_negatives in (None, *FALSE_NEGATIVE_CHOICES),
+           f"{where}.false_negatives={config.false_negatives!r}: use mask (drop them, GISTEmbed) or relabel "
+           "(count them as positives)")
+
+
+def _check_tasks(config: Any, where: str) -> None:
+    overlap = set(config.include_tasks or ()) & set(config.exclude_tasks or ())
+    _check(not overlap, f"{where}: {', '.join(sorted(overlap))} both included and excluded; keep one")
 
 
 @dataclass(frozen=True)
@@ -222,6 +242,29 @@ class SourceConfig:
     num_negatives: int | None = None
     """Keep the first N negatives of every row (a row with fewer is a bad row); null: all of them, the same number
     in every row. Sources may differ: every global batch comes from one source, so each step has one K."""
+    num_positives: int | None = None
+    """Positives per row from a list-valued positive column (null: `data.num_positives`)."""
+    include_tasks: tuple[str, ...] | None = None
+    """Train only on the tasks (`task_column` values) matching one of these names or globs, e.g. `["mteb_*"]`
+    (null: `data.include_tasks`)."""
+    exclude_tasks: tuple[str, ...] | None = None
+    """Leave out the tasks matching one of these names or globs (null: `data.exclude_tasks`)."""
+    margin_strategy: MarginStrategy | None = None
+    """This source's `loss.margin_strategy` (null: the loss section's). Every global batch comes from one source,
+    so each step has one policy on every rank."""
+    margin: float | None = None
+    """This source's `loss.margin` (null: the loss section's)."""
+    contrast_anchors: bool | None = None
+    """This source's `loss.contrast_anchors` (null: the loss section's)."""
+    contrast_positives: bool | None = None
+    """This source's `loss.contrast_positives` (null: the loss section's)."""
+    in_batch_negatives: bool | None = None
+    """This source's `loss.in_batch_negatives` (null: the loss section's); false for classification-style sources,
+    whose in-batch rows share labels."""
+    protect_hard_negatives: bool | None = None
+    """This source's `loss.protect_hard_negatives` (null: the loss section's); true for curated hard negatives."""
+    false_negatives: FalseNegatives | None = None
+    """This source's `loss.false_negatives` (null: the loss section's)."""
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -235,6 +278,10 @@ class SourceConfig:
                f"{where}: weight={self.weight!r} must be a number >= 0 (or left out)")
         _check(self.num_negatives is None or self.num_negatives >= 0,
                f"{where}: num_negatives={self.num_negatives} must be >= 0, or null for all of each row's negatives")
+        _check(self.num_positives is None or self.num_positives >= 1,
+               f"{where}: num_positives={self.num_positives} must be >= 1, or null for data.num_positives")
+        _check_policy(self, where)
+        _check_tasks(self, where)
 
 
 def _source(entry: Any, index: int) -> SourceConfig:
@@ -275,6 +322,15 @@ class DataConfig:
     Every row must have the same number of negatives."""
     task_column: str | None = "task_name"
     """Column naming each row's task, for task-homogeneous batches; null treats all rows as one task."""
+    num_positives: int = 1
+    """Positives per row. Above 1 the positive column may hold a list of texts: the first N are every one a positive
+    of the row's query (never a negative of it, in any block); a row with fewer leaves the rest empty (an empty slot
+    is never a candidate). 1 reads one text (of a list: the first)."""
+    include_tasks: tuple[str, ...] | None = None
+    """Train only on the tasks (`task_column` values) matching one of these names or globs, e.g. `["mteb_*"]`; null
+    keeps every task."""
+    exclude_tasks: tuple[str, ...] | None = None
+    """Leave out the tasks matching one of these names or globs; null leaves none out."""
     query_instruction: bool = False
     """Prepend the query's instruction, taken from MEDI's `[instruction, text]` form or else from a
     `<query_column>_instruct` column (MEDI on the hub: `query_instruct`); GISTEmbed's default is off."""
@@ -320,6 +376,8 @@ class DataConfig:
         _check_values(self)
         _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0")
+        _check(self.num_positives >= 1, f"data.num_positives={self.num_positives}: must be >= 1")
+        _check_tasks(self, "data")
         _check(self.max_rows is None or self.max_rows > 0, f"data.max_rows={self.max_rows}: must be positive")
         _check(self.num_proc is None or self.num_proc > 0,
                f"data.num_proc={self.num_proc}: must be a positive process count, or null for one process")
@@ -408,11 +466,32 @@ class LossConfig:
     negatives: masked by identity, exactly, whatever the guide scores. false: the original GISTEmbed, where such a
     candidate ties the guide threshold and rounding decides."""
 
+    in_batch_negatives: bool = True
+    """Contrast each query with the other rows' texts; false: only with its own positive(s) and hard negatives (for
+    classification-style data, whose in-batch rows share labels)."""
+    protect_hard_negatives: bool = False
+    """Exempt a row's own hard negatives from the guide mask (curated negatives are negatives whatever the guide
+    scores); other rows' texts stay guided."""
+    false_negatives: FalseNegatives = "mask"
+    """What happens to a candidate the guide flags: `mask` drops it from the softmax (GISTEmbed); `relabel` counts it
+    as one more positive of the row (RLHN-style)."""
+    contrastive_weight: float = 1.0
+    """Weight of the guided cross-entropy in the loss; 0 with `distill_weight` > 0 trains on distillation alone."""
+    distill_weight: float = 0.0
+    """Weight of KL(guide || student) over each row's candidates (the guide's scores as soft labels); 0 is off."""
+    distill_temperature: float = 0.05
+    """Temperature of both distributions in the distillation term (the contrastive one keeps `temperature`)."""
+
     def __post_init__(self) -> None:
         _check_values(self)
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
-        _check(self.margin_strategy in MARGIN_STRATEGIES,
-               f"loss.margin_strategy={self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
+        _check_policy(self, "loss")
+        _check(self.contrastive_weight >= 0 and self.distill_weight >= 0
+               and self.contrastive_weight + self.distill_weight > 0,
+               f"loss.contrastive_weight={self.contrastive_weight}, loss.distill_weight={self.distill_weight}: both "
+               "must be >= 0 and at least one > 0")
+        _check(self.distill_temperature > 0,
+               f"loss.distill_temperature={self.distill_temperature}: must be > 0 (e.g. 0.05)")
         _check(self.row_block is None or self.row_block > 0,
                f"loss.row_block={self.row_block}: must be positive (e.g. 2048), or null to never block")
         matryoshka_pairs(self.matryoshka_dims, self.matryoshka_weights)
@@ -693,6 +772,9 @@ class JobConfig:
             _check(self.guide.cache is None,
                    "data.streaming=true cannot use guide.cache (the cache indexes the rows of a prepared dataset); "
                    "drop guide.cache to run the guide live, or turn data.streaming off")
+        _check(self.loss.distill_weight == 0 or self.guide.name is not None,
+               f"loss.distill_weight={self.loss.distill_weight} distills from the guide, and guide.name is null; name "
+               "a guide (or its cache), or set loss.distill_weight 0")
         if self.checkpoint.keep_best is not None:
             metrics = METRICS + (("spearman",) if self.eval.sts else ())
             # A Matryoshka run also reports every metric at each size (`ndcg@10@128`, see `evaluate_embedder`).
