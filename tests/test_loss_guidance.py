@@ -3,11 +3,15 @@ distillation from the guide: `GISTLoss` against the naive per-row reference `gis
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 from gist_reference import make_inputs, naive_guided_loss, with_duplicates
+from test_encode import BagOfTokens, _columns, _embedder
+
+from gist_scale import chunking, encode
 
 from gist_scale.config import LossConfig, SourceConfig
 from gist_scale.loss import BLOCKS, GISTLoss, LossPolicy
@@ -168,3 +172,26 @@ def test_bad_inputs(kwargs, call, match):
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GISTLoss(**kwargs)
+
+
+def test_grad_cache_with_distillation_relabel_and_several_positives_matches_the_plain_step(tiny_model_dir):
+    """Through GradCache the loss is taken on the embedding leaves, so distillation, relabelling and several
+    positives change only the cached gradient: same loss and parameter gradients as the plain step."""
+    plain = _embedder(tiny_model_dir).train()
+    cached = copy.deepcopy(plain)
+    columns = _columns(b=6, k=2)
+    roles = torch.tensor([[1, 0], [-1, 0], [1, 0], [0, 0], [-1, 0], [1, 0]], dtype=torch.int8)
+    loss_fn = GISTLoss(distill_weight=2.0, false_negatives="relabel", margin=0.05, matryoshka_dims=[32, 8])
+    guide = encode.encode_columns(BagOfTokens().requires_grad_(False), columns, 2)
+
+    loss, stats = loss_fn(*encode.encode_columns(plain, chunking.chunk_texts(columns, 3), 2), *guide,
+                          slot_roles=roles)
+    loss.backward()
+    cache = encode.GradCache(cached, chunking.chunk_texts(columns, 3), 2)
+    cached_loss, _ = loss_fn(*cache.embeddings, *guide, slot_roles=roles)
+    cache.backward(cached_loss)
+
+    assert stats.distillation.sum().item() > 0
+    torch.testing.assert_close(cached_loss, loss, rtol=0, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
