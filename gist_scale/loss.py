@@ -463,8 +463,10 @@ class GISTLoss(nn.Module):
                 guide_sims = block_similarities(gq, gp, gn, first, rows, policy.contrast_anchors,
                                                 policy.contrast_positives)
                 # The threshold from the row's least similar positive, read off the very matrix the positives' columns
-                # hold, so "strictly greater" compares like with like.
-                pos_sim = guide_sims.masked_fill(~own_positive, float("inf")).amin(1, keepdim=True)
+                # hold, so "strictly greater" compares like with like. One positive: its column, without a pass over
+                # the matrix.
+                pos_sim = (guide_sims.gather(1, g) if roles is None else
+                           guide_sims.masked_fill(~own_positive, float("inf")).amin(1, keepdim=True))
                 if policy.protect_hard_negatives:
                     judged &= ~(mine & (layout.block == QN) & (layout.role == 0))
                 flagged = judged & (guide_sims > margin_threshold(pos_sim, policy.margin_strategy, policy.margin))
