@@ -143,10 +143,10 @@ def tables(out_dir: Path) -> str:
              "| in-domain vs InfoNCE | OOD vs InfoNCE | wall s per run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, scores in models.items():
-        role = "base model, not trained" if name == student else "not trained (reference)"
+        role, reference = ("base model, not trained", None) if name == student else ("not trained (reference)", base)
         lines.append(f"| {name} | | {role} | | {scores['in_domain'][HEADLINE]:.4f} | {scores['ood'][HEADLINE]:.4f} "
-                     f"| {_delta(scores['in_domain'][HEADLINE], base['in_domain'][HEADLINE])} "
-                     f"| {_delta(scores['ood'][HEADLINE], base['ood'][HEADLINE])} | | | |")
+                     + "".join(f"| {_delta(scores[s][HEADLINE], reference and reference[s][HEADLINE])} "
+                               for s in SPLITS) + "| | | |")
     for arm in arms:
         vs_infonce = [_delta(arm.mean(s), None if infonce is None or arm is infonce else infonce.mean(s))
                       for s in SPLITS]
