@@ -27,7 +27,7 @@ NICE="${NICE:-15}"
 ONLY="${ONLY:-}"
 HOLDOUT="${HOLDOUT:-noun.artifact,noun.person,verb.social,noun.cognition}"
 MINILM=sentence-transformers/all-MiniLM-L6-v2
-DATA="$OUT/data"
+DATA="$(realpath -m "$OUT/data")"  # OUT_DIR/data may link to another ablation's data: the caches key its real path
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
