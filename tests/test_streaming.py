@@ -291,7 +291,7 @@ def test_streamed_training_resumes_with_the_uninterrupted_losses(tmp_path, tiny_
     full = tmp_path / "full"
     assert main(args(full)) == 0
     out = capsys.readouterr().err
-    assert "steps 6 (streamed: no epochs)" in out and "a: 1 negatives per row, share 66.7%" in out
+    assert "steps 6 (streamed: no epochs)" in out and "a: 1 negatives and 1 positive per row, share 66.7%" in out
     records = loss_records(full)
     assert sum(v for r in records for k, v in r.items() if k.endswith("/batches")) == 6
     assert json.loads((full / "mixture.json").read_text())["a"]["requested"] == pytest.approx(2 / 3)

@@ -95,7 +95,7 @@ class _SourceStream:
             if self._rows is None:
                 self._rows = self._read()
             row = next(self._rows)
-            key = row[3] if self.task_homogeneous else ""
+            key = row.task if self.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
             buffer.append(row)
             if len(buffer) >= size:
@@ -171,10 +171,10 @@ class _SourceStream:
                 self.examples.append(message)
             return None
         if self.num_negatives is None:
-            self.num_negatives = len(row[2])
+            self.num_negatives = len(row.negs)
         self.valid += 1
         self.read += 1
-        self.tasks[row[3]] = self.tasks.get(row[3], 0) + 1
+        self.tasks[row.task] = self.tasks.get(row.task, 0) + 1
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -192,7 +192,7 @@ class _SourceStream:
         self.passes, self.part, self.row, self.valid = state["pass"], state["part"], state["row"], state["valid"]
         self._position, self._dataset, self._rows = state["position"], None, None
         self.num_negatives = state["num_negatives"]
-        self.buffers = {key: [(q, p, list(negs), task) for q, p, negs, task in rows]
+        self.buffers = {key: [Row(q, p, list(negs), task, list(extra)) for q, p, negs, task, extra in rows]
                         for key, rows in state["buffers"].items()}
         self.read, self.skipped = state["read"], state["skipped"]
         self.examples, self.tasks = list(state["examples"]), dict(state["tasks"])
@@ -246,7 +246,7 @@ class StreamingBatches:
         now (before any model loads) rather than at the first step that draws it; fixes each source's K."""
         for source, share in zip(self.sources, self.shares):
             if share > 0 and source.num_negatives is None:
-                source.num_negatives = len(source.first_row()[2])
+                source.num_negatives = len(source.first_row().negs)
 
     def _draw(self, batch: int) -> int:
         """The source of global batch `batch`, from (seed, batch) alone: the same on every rank and after a resume."""
@@ -269,8 +269,8 @@ class StreamingBatches:
                 yield self._collate(micro, source)
 
     def _collate(self, rows: list[Row], source: int) -> TripletBatch:
-        columns = {"query": [r[0] for r in rows], "pos": [r[1] for r in rows], "negs": [r[2] for r in rows],
-                   "task_name": [r[3] for r in rows]}
+        columns = {"query": [r.query for r in rows], "pos": [r.pos for r in rows], "negs": [r.negs for r in rows],
+                   "task_name": [r.task for r in rows], "extra_pos": [r.extra_pos for r in rows]}
         tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
         examples = [{k: v[i] for k, v in tokenized.items()} for i in range(len(rows))]
         if self.mixture:
@@ -301,7 +301,9 @@ class StreamingBatches:
                  + ("" if single else "; sources drawn by weight, with replacement")]
         for source, share in zip(self.sources, self.shares):
             negatives = "?" if source.num_negatives is None else source.num_negatives
-            lines.append(f"  {source.name or 'source'}: {negatives} negatives per row"
+            positives = source.fields.num_positives
+            lines.append(f"  {source.name or 'source'}: {negatives} negatives and {positives} "
+                         f"positive{'s' * (positives != 1)} per row"
                          + ("" if single else f", share {share:.1%}, {source.description}"))
         if self.batches:
             for source in self.sources:
@@ -317,14 +319,16 @@ class StreamingBatches:
             for task, rows in source.tasks.items():
                 tasks[task] = tasks.get(task, 0) + rows
         negatives = {s.num_negatives for s in self.sources if s.num_negatives is not None}
+        positives = {s.fields.num_positives for s in self.sources}
         description = self.sources[0].description if len(self.sources) == 1 else f"{len(self.sources)} sources"
         return DataReport(
             f"{description} (streamed)", sum(s.read for s in self.sources), sum(s.skipped for s in self.sources),
             [e for s in self.sources for e in s.examples][:MAX_REPORTED_BAD_ROWS],
             negatives.pop() if len(negatives) == 1 else None,
             dict(sorted(tasks.items(), key=lambda tc: (-tc[1], tc[0]))), self.instructions,
-            [SourceReport(s.name, s.description, s.read, s.num_negatives or 0, len(s.tasks))
-             for s in self.sources if self.mixture])
+            [SourceReport(s.name, s.description, s.read, s.num_negatives or 0, len(s.tasks), s.fields.num_positives)
+             for s in self.sources if self.mixture],
+            positives.pop() if len(positives) == 1 else None)
 
     def write_mixture(self, run_dir: Path) -> None:
         """RUN/mixture.json with each source's requested share, for `gist-scale report` (several sources only)."""
