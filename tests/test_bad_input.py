@@ -219,7 +219,7 @@ CASES = [
     ("data is a device", "train", TRAIN + ["--data.path", "/dev/null"], None, "--data.path /dev/null: no such file"),
     ("only blank lines", "train", TRAIN + ["--data.path", "{root}/e.jsonl"], _write("e.jsonl", "\n\n\n"),
      "e.jsonl: no rows"),
-    # ---- data: several positives per row
+    # ---- data: several positives per row, task filters
     ("empty list of positives", "train", TRAIN + ["--data.num_positives", "2", "--data.path", "{root}/p.jsonl"],
      _write("p.jsonl", JSONL_ROWS + json.dumps({**ROWS[0], "pos": []}) + "\n"),
      "{root}/p.jsonl:17: field 'pos': empty list of positives (1 bad row in {root}/p.jsonl"),
@@ -228,6 +228,14 @@ CASES = [
      "{root}/p.jsonl:1: field 'pos': expected text, got int"),
     ("no positive per row", "train", TRAIN + ["--data.num_positives", "0"], None,
      "data.num_positives=0: must be >= 1"),
+    ("task both included and excluded", "train", TRAIN + ["--data.include_tasks", "[t]", "--data.exclude_tasks", "[t]"],
+     None, "data: t both included and excluded"),
+    ("task filter leaves no rows", "train", TRAIN + ["--data.include_tasks", "[mteb_*]"], None,
+     "{data}: the task filter left no rows: include_tasks [mteb_*] left out 16 rows of 1 task (t); widen"),
+    ("source task filter leaves no rows", "train",
+     TRAIN + ["--data.path", "null", "--data.sources",
+              "[{{path: {data}, task_column: task_name, exclude_tasks: [t]}}]"],
+     None, "data.sources 'data': {data}: the task filter left no rows: exclude_tasks [t] left out 16 rows of 1 task"),
     ("empty eval file", "train", TRAIN + ["--eval.path", "{root}/e.jsonl"], _write("e.jsonl", ""),
      "e.jsonl: cannot read as JSON lines: empty file"),
     ("eval corpus not UTF-8", "train", TRAIN + ["--eval.path", "{data}", "--eval.corpus", "[{root}/c.txt]"],

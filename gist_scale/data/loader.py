@@ -23,40 +23,47 @@ from gist_scale.config import DataConfig, SourceConfig
 from gist_scale.data.batching import GlobalBatchSampler
 from gist_scale.data.collate import TripletCollator
 from gist_scale.data.errors import DataError
-from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, SourceReport, decode_line,
-                                  missing_columns, parse_row, raw_rows, row_error)
+from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, SourceReport, TasksLeftOut,
+                                  decode_line, left_out_task, missing_columns, no_rows_left, parse_row, raw_rows,
+                                  row_error)
 from gist_scale.data.sources import resolve
 
 __all__ = ["build_dataloader", "build_sampler", "load_triplets"]
 
 _ERROR = "_error"
+_LEFT_OUT = "_left_out"
 _EXTRA_POS = "extra_pos"
 
 
 def _text_features(extra_positives: bool) -> datasets.Features:
     """Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`), `extra_pos`
-    (only when a source has `num_positives` > 1) its other positives; `_error` the message of a bad row ("" for a
-    valid one), until the valid rows are selected."""
+    (only when a source has `num_positives` > 1) its other positives; `_error` and `_left_out` ("" for a row kept)
+    say why a row is not kept, until the kept rows are selected."""
     features = {"query": datasets.Value("string"), "pos": datasets.Value("string"),
                 "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
                 "source": datasets.Value("int32")}
     if extra_positives:
         features[_EXTRA_POS] = datasets.List(datasets.Value("string"))
-    return datasets.Features({**features, _ERROR: datasets.Value("string")})
+    return datasets.Features({**features, _ERROR: datasets.Value("string"), _LEFT_OUT: datasets.Value("string")})
 
 
 def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fields, num_negatives: int | None,
                      where: str, jsonl: bool, source: int, features: datasets.Features) -> dict[str, list]:
-    """Batched map: raw rows -> normalised rows of `source` with an `_error` message ("" when valid)."""
+    """Batched map: raw rows -> normalised rows of `source`, with an `_error` message for a bad row and the option
+    that left out a row of a filtered task (`_left_out`; the row is not validated further)."""
     out: dict[str, list] = {name: [] for name in features}
     for index, raw in zip(indices, raw_rows(batch, len(indices), fields, jsonl)):
         if raw is None:
             continue
         values: dict[str, Any] = {"query": "", "pos": "", "negs": [], "task_name": "", "source": source,
-                                  _EXTRA_POS: [], _ERROR: ""}
+                                  _EXTRA_POS: [], _ERROR: "", _LEFT_OUT: ""}
         try:
-            query, pos, negs, task, extra = parse_row(decode_line(raw) if jsonl else raw, fields, num_negatives)
-            values.update({"query": query, "pos": pos, "negs": negs, "task_name": task, _EXTRA_POS: extra})
+            row = decode_line(raw) if jsonl else raw
+            if (left_out := left_out_task(row, fields)) is not None:
+                values[_LEFT_OUT], values["task_name"] = left_out
+            else:
+                query, pos, negs, task, extra = parse_row(row, fields, num_negatives)
+                values.update({"query": query, "pos": pos, "negs": negs, "task_name": task, _EXTRA_POS: extra})
         except BadRow as bad:
             values[_ERROR] = row_error(where, index, jsonl, bad)
         for name, column in out.items():
@@ -65,13 +72,15 @@ def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fiel
 
 
 def _first_valid_negatives(ds: datasets.Dataset, fields: Fields, jsonl: bool) -> int | None:
-    """K, the negatives per row, from the first valid row (reading only as far as that row)."""
+    """K, the negatives per row, from the first valid row of a kept task (reading only as far as that row)."""
     for batch in ds.iter(batch_size=256):
         size = len(next(iter(batch.values())))
         for raw in raw_rows(batch, size, fields, jsonl):
             try:
                 if raw is not None:
-                    return len(parse_row(decode_line(raw) if jsonl else raw, fields, None).negs)
+                    row = decode_line(raw) if jsonl else raw
+                    if left_out_task(row, fields) is None:
+                        return len(parse_row(row, fields, None).negs)
             except BadRow:
                 continue
     return None
@@ -81,6 +90,14 @@ def _task_counts(ds: datasets.Dataset) -> dict[str, int]:
     """Rows per task, largest first, counted by Arrow."""
     counts = pc.value_counts(ds.with_format("arrow")["task_name"]).to_pylist()
     return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
+
+
+def _count_left_out(ds: datasets.Dataset, rows: np.ndarray, into: dict[str, dict[str, int]]) -> None:
+    """Add the left-out `rows` of `ds` to `into`'s `{option: {task: rows}}`, grouped by Arrow."""
+    table = ds.data.table.select([_LEFT_OUT, "task_name"]).take(pa.array(rows))
+    for group in table.group_by([_LEFT_OUT, "task_name"]).aggregate([("task_name", "count")]).to_pylist():
+        tasks = into.setdefault(group[_LEFT_OUT], {})
+        tasks[group["task_name"]] = tasks.get(group["task_name"], 0) + group["task_name_count"]
 
 
 @dataclass(frozen=True)
@@ -94,17 +111,19 @@ class _Source:
     skipped: int
     examples: list[str]
     """The first skipped rows' messages."""
+    left_out: list[TasksLeftOut]
 
 
 def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: SourceConfig | None = None,
                  index: int = 0) -> _Source:
-    """One source validated."""
+    """One source validated, its rows of filtered-out tasks left out and counted."""
     fields = Fields.from_config(cfg, source)
     description, parts = resolve(cfg, split, source)
     features = _text_features(extra_positives)
     num_negatives: int | None = None
     loaded: list[datasets.Dataset] = []
     skipped, examples = 0, []
+    left_out: dict[str, dict[str, int]] = {}
     for part in parts:
         raw = part.load()
         if not part.jsonl and len(raw) and (missing := missing_columns(part.where, fields, raw.column_names)):
@@ -118,26 +137,31 @@ def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: Sou
                        "source": index, "features": features},
         )
         errors = ds.data.column(_ERROR)
-        bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
-        if len(bad) and (cfg.on_bad_rows == "error" or len(bad) == len(ds)):
+        is_bad = pc.not_equal(errors, "").to_numpy(zero_copy_only=False)
+        is_left_out = pc.not_equal(ds.data.column(_LEFT_OUT), "").to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(is_bad)
+        considered = len(ds) - int(is_left_out.sum())
+        if len(bad) and (cfg.on_bad_rows == "error" or len(bad) == considered):
             first = errors[int(bad[0])].as_py()
-            if len(bad) == len(ds):
-                raise DataError(f"{part.where}: none of its {len(ds)} rows is valid; first: {first}")
+            if len(bad) == considered:
+                raise DataError(f"{part.where}: none of its {considered} rows is valid; first: {first}")
             raise DataError(f"{first} ({len(bad)} bad row{'s' * (len(bad) > 1)} in {part.where}; "
                             "--data.on_bad_rows=skip skips them)")
         if len(bad):
             skipped += len(bad)
             examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
-            good = np.ones(len(ds), dtype=bool)
-            good[bad] = False
-            ds = ds.select(np.flatnonzero(good))
-        loaded.append(ds.remove_columns(_ERROR))
+        if is_left_out.any():
+            _count_left_out(ds, np.flatnonzero(is_left_out), left_out)
+        if len(bad) or is_left_out.any():
+            ds = ds.select(np.flatnonzero(~(is_bad | is_left_out)))
+        loaded.append(ds.remove_columns([_ERROR, _LEFT_OUT]))
     ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    left_out_report = TasksLeftOut.count(fields.tasks, left_out)
     if len(ds) == 0:
-        raise DataError(f"{description}: no rows")
+        raise no_rows_left(description, left_out_report) if left_out_report else DataError(f"{description}: no rows")
     if cfg.max_rows is not None and cfg.max_rows < len(ds):
         ds = ds.select(range(cfg.max_rows))
-    return _Source(ds, description, fields, num_negatives, skipped, examples)
+    return _Source(ds, description, fields, num_negatives, skipped, examples, left_out_report)
 
 
 def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
@@ -147,12 +171,14 @@ def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.D
     same K for every row of a source, possibly 0), `task_name` (str), for `data.sources` `source` (the row's index
     in the list) and, when a source has `num_positives` P > 1, `extra_pos` (list of P-1: the row's other positives,
     None where it has fewer; empty for a source with P = 1), instructions already prepended as configured, and its
-    `DataReport`.
+    `DataReport`. Rows of tasks that `include_tasks` / `exclude_tasks` leave out are dropped before they are
+    validated, and counted in the report.
     Raises `DataError` on the first bad row (`FILE:LINE: field 'pos': empty text`) unless
     `data.on_bad_rows=skip`, and always when a file has no valid row at all (a wrong column mapping or format is
-    a configuration error, not a few bad rows to skip); errors about a mixture source start with its name.
-    `data.max_rows` applies to each source. On several ranks, call it on the main process first
-    (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
+    a configuration error, not a few bad rows to skip) or a task filter leaves a source no row; errors about a
+    mixture source start with its name.
+    `data.max_rows` applies to each source, after the task filter. On several ranks, call it on the main process
+    first (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
     """
     split = split or cfg.split
     fields = Fields.from_config(cfg)
@@ -161,7 +187,7 @@ def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.D
         ds = loaded.rows.remove_columns("source")  # one source: nothing to tell apart
         return ds, DataReport(loaded.description, len(ds), loaded.skipped, loaded.examples[:MAX_REPORTED_BAD_ROWS],
                               loaded.num_negatives or 0, _task_counts(ds), sorted(fields.instructed),
-                              num_positives=cfg.num_positives)
+                              num_positives=cfg.num_positives, left_out=loaded.left_out)
     extra_positives = any(Fields.from_config(cfg, source).num_positives > 1 for source in cfg.sources)
     sources: list[_Source] = []
     for index, source in enumerate(cfg.sources):
@@ -171,7 +197,7 @@ def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.D
             raise DataError(f"data.sources {source.name!r}: {error}") from error
     reports = [SourceReport(source.name, s.description, len(s.rows), s.num_negatives or 0,
                             int(pc.count_distinct(s.rows.with_format("arrow")["task_name"]).as_py()),
-                            s.fields.num_positives) for source, s in zip(cfg.sources, sources)]
+                            s.fields.num_positives, tuple(s.left_out)) for source, s in zip(cfg.sources, sources)]
     ds = sources[0].rows if len(sources) == 1 else datasets.concatenate_datasets([s.rows for s in sources])
     negatives = {r.num_negatives for r in reports}
     positives = {r.num_positives for r in reports}

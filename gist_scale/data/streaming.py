@@ -4,7 +4,8 @@ Each source's files (or its hub dataset) are opened one after the other as `data
 (`load_dataset(..., streaming=True)`, see `gist_scale.data.sources.Part`) and read row by row; nothing is prepared
 on disk. Rows are validated as they are read, by the same code and with the same messages as the prepared path
 (`gist_scale.data.rows`): a bad row stops training with `FILE:LINE` (JSON lines) or `FILE:row N` (counted within
-its file), unless `data.on_bad_rows=skip`. K, a source's negatives per row, comes from its first valid row.
+its file), unless `data.on_bad_rows=skip`. K, a source's negatives per row, comes from its first valid row. Rows
+of tasks that the source's `include_tasks` / `exclude_tasks` leave out are counted and passed over, unvalidated.
 
 Global batches: for global batch b the source is drawn by weight from `np.random.default_rng([seed, b])`, with
 replacement (a stream's size is unknown, so there is no epoch to draw without replacement from). The source's rows
@@ -15,9 +16,10 @@ its own slice. A source that ends starts over (a new pass); its buffers carry ov
 ends after that many valid rows.
 
 Resume: `state_dict()` is JSON: the global batches emitted and, per source, its pass, the file being read, the rows
-read in it, that file's `IterableDataset.state_dict()` (the library's shard and offset) and the buffered rows not
-yet emitted (at most tasks x global batch per source). The trainer keeps it in `TrainerState.stream`; loading it
-continues with exactly the next global batch, on any world size with the same global batch.
+read in it, that file's `IterableDataset.state_dict()` (the library's shard and offset), the buffered rows not
+yet emitted (at most tasks x global batch per source) and its counts (rows read, skipped, left out by the task
+filter). The trainer keeps it in `TrainerState.stream`; loading it continues with exactly the next global batch, on
+any world size with the same global batch.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from gist_scale.config import MIXTURE_FILE, DataConfig
 from gist_scale.data.batching import SamplerSummary, rank_micro_batches
 from gist_scale.data.collate import TripletBatch, TripletCollator
 from gist_scale.data.errors import DataError
-from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, Row, SourceReport, decode_line,
-                                  missing_columns, parse_row, row_error)
+from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, Row, SourceReport, TasksLeftOut,
+                                  decode_line, left_out_task, missing_columns, no_rows_left, parse_row, row_error)
 from gist_scale.data.sources import Part, resolve
 from gist_scale.data.tokenize import encoder_sides, tokenize_batch
 from gist_scale.model.prompts import Prompts
@@ -52,7 +54,7 @@ _NOT_DATA = ("num_workers", "num_proc", "pad_to_multiple_of", "task_instructions
 
 def stream_fingerprint(cfg: DataConfig) -> str:
     """The streamed data's identity for `resume.check_data`: its configuration (paths, revisions, splits, columns,
-    weights, validation options), since the rows themselves are not known before they are read."""
+    weights, validation options, task filters), since the rows themselves are not known before they are read."""
     return Hasher.hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_DATA})
 
 
@@ -76,6 +78,8 @@ class _SourceStream:
         self.read, self.skipped = 0, 0
         self.examples: list[str] = []
         self.tasks: dict[str, int] = {}
+        self.left_out: dict[str, dict[str, int]] = {}
+        """Rows passed over by the task filter: `{option: {task: rows}}`, over every pass."""
         self._position: dict | None = None
         """The current part's `IterableDataset.state_dict()` to start from (None: its beginning)."""
         self._dataset: datasets.IterableDataset | None = None
@@ -121,8 +125,10 @@ class _SourceStream:
                     break
                 self.part, self.row, self._position, self._dataset = self.part + 1, 0, None, None
             if self.valid == 0:
+                left_out = self.left_out_report()
+                error = no_rows_left(self.description, left_out) if left_out else f"{self.description}: no rows"
                 first = f"; first bad row: {self.examples[0]}" if self.examples else ""
-                raise DataError(f"{self.prefix}{self.description}: no rows{first}")
+                raise DataError(f"{self.prefix}{error}{first}")
             self.passes, self.part, self.row, self.valid = self.passes + 1, 0, 0, 0
             self._position, self._dataset = None, None
 
@@ -161,7 +167,13 @@ class _SourceStream:
         if part.jsonl and not raw["text"].strip():
             return None  # not a row, but it keeps the line count
         try:
-            row = parse_row(decode_line(raw["text"]) if part.jsonl else raw, self.fields, self.num_negatives)
+            values = decode_line(raw["text"]) if part.jsonl else raw
+            if (left_out := left_out_task(values, self.fields)) is not None:
+                option, task = left_out
+                counts = self.left_out.setdefault(option, {})
+                counts[task] = counts.get(task, 0) + 1
+                return None
+            row = parse_row(values, self.fields, self.num_negatives)
         except BadRow as bad:
             message = self.prefix + row_error(part.where, self.row - 1, part.jsonl, bad)
             if self.on_bad_rows == "error":
@@ -182,7 +194,8 @@ class _SourceStream:
         return {"pass": self.passes, "part": self.part, "row": self.row, "valid": self.valid, "position": position,
                 "num_negatives": self.num_negatives,
                 "buffers": {key: [list(row) for row in rows] for key, rows in self.buffers.items()},
-                "read": self.read, "skipped": self.skipped, "examples": list(self.examples), "tasks": dict(self.tasks)}
+                "read": self.read, "skipped": self.skipped, "examples": list(self.examples), "tasks": dict(self.tasks),
+                "left_out": {option: dict(tasks) for option, tasks in self.left_out.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not 0 <= state["part"] < len(self.parts):
@@ -196,6 +209,11 @@ class _SourceStream:
                         for key, rows in state["buffers"].items()}
         self.read, self.skipped = state["read"], state["skipped"]
         self.examples, self.tasks = list(state["examples"]), dict(state["tasks"])
+        self.left_out = {option: dict(tasks) for option, tasks in state["left_out"].items()}
+
+    def left_out_report(self) -> list[TasksLeftOut]:
+        """What the task filter passed over so far."""
+        return TasksLeftOut.count(self.fields.tasks, self.left_out)
 
 
 class StreamingBatches:
@@ -305,6 +323,7 @@ class StreamingBatches:
             lines.append(f"  {source.name or 'source'}: {negatives} negatives and {positives} "
                          f"positive{'s' * (positives != 1)} per row"
                          + ("" if single else f", share {share:.1%}, {source.description}"))
+            lines.extend(f"    so far {left_out.describe()}" for left_out in source.left_out_report())
         if self.batches:
             for source in self.sources:
                 buffered = sum(len(rows) for rows in source.buffers.values())
@@ -326,9 +345,10 @@ class StreamingBatches:
             [e for s in self.sources for e in s.examples][:MAX_REPORTED_BAD_ROWS],
             negatives.pop() if len(negatives) == 1 else None,
             dict(sorted(tasks.items(), key=lambda tc: (-tc[1], tc[0]))), self.instructions,
-            [SourceReport(s.name, s.description, s.read, s.num_negatives or 0, len(s.tasks), s.fields.num_positives)
-             for s in self.sources if self.mixture],
-            positives.pop() if len(positives) == 1 else None)
+            [SourceReport(s.name, s.description, s.read, s.num_negatives or 0, len(s.tasks), s.fields.num_positives,
+                          tuple(s.left_out_report())) for s in self.sources if self.mixture],
+            positives.pop() if len(positives) == 1 else None,
+            [] if self.mixture else self.sources[0].left_out_report())
 
     def write_mixture(self, run_dir: Path) -> None:
         """RUN/mixture.json with each source's requested share, for `gist-scale report` (several sources only)."""
