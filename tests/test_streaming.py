@@ -20,7 +20,7 @@ from dist_utils import loss_records
 from gist_scale.config import DataConfig
 from gist_scale.data import DataError, TripletCollator, load_triplets, rank_micro_batches, tokenize_triplets
 from gist_scale.model import load_tokenizer
-from gist_scale.data.streaming import StreamingBatches
+from gist_scale.data.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.train import main
 
 datasets.disable_progress_bars()
@@ -205,6 +205,14 @@ def test_buffered_rows_keep_their_extra_positives_through_a_resume(tmp_path, tok
     second = make()
     second.load_state_dict(state)
     assert take_rows(second, 4) == reference[8:]
+
+
+def test_the_fingerprint_covers_what_the_stream_reads_not_a_sources_loss_policy():
+    def fingerprint(**source) -> str:
+        return stream_fingerprint(DataConfig(streaming=True, sources=[{"path": "a.jsonl", "weight": 1, **source}]))
+
+    assert fingerprint() == fingerprint(margin=0.1, in_batch_negatives=False, false_negatives="relabel")
+    assert len({fingerprint(), fingerprint(num_positives=2), fingerprint(include_tasks=["mteb_*"])}) == 3
 
 
 def test_a_task_filter_that_leaves_a_stream_no_rows_fails_at_the_check(tmp_path, tokenizer):

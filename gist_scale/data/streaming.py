@@ -35,7 +35,7 @@ import numpy as np
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import MIXTURE_FILE, DataConfig
+from gist_scale.config import MIXTURE_FILE, POLICY_FIELDS, DataConfig
 from gist_scale.data.batching import SamplerSummary, rank_micro_batches
 from gist_scale.data.collate import TripletBatch, TripletCollator
 from gist_scale.data.errors import DataError
@@ -54,8 +54,11 @@ _NOT_DATA = ("num_workers", "num_proc", "pad_to_multiple_of", "task_instructions
 
 def stream_fingerprint(cfg: DataConfig) -> str:
     """The streamed data's identity for `resume.check_data`: its configuration (paths, revisions, splits, columns,
-    weights, validation options, task filters), since the rows themselves are not known before they are read."""
-    return Hasher.hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_DATA})
+    weights, validation options, task filters), since the rows themselves are not known before they are read. A
+    source's loss policy (`POLICY_FIELDS`) is not data: a resume may change it, as on the prepared path."""
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_DATA}
+    data["sources"] = [{k: v for k, v in source.items() if k not in POLICY_FIELDS} for source in data["sources"]]
+    return Hasher.hash(data)
 
 
 class _SourceStream:
