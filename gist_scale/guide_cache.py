@@ -93,7 +93,9 @@ def _num_positives(dataset: datasets.Dataset) -> int:
     """P, the positives per row of `load_triplets`' rows: 1 + the length of their `extra_pos` lists."""
     if "extra_pos" not in dataset.column_names:
         return 1
-    lengths = pc.unique(pc.list_value_length(dataset.data.column("extra_pos"))).to_pylist()
+    # Through the format, not `dataset.data`: a dataset whose rows were selected (bad or filtered rows dropped) keeps
+    # its whole table underneath.
+    lengths = pc.unique(pc.list_value_length(dataset.with_format("arrow")["extra_pos"])).to_pylist()
     if len(lengths) > 1:  # a mixture whose sources differ in P
         raise GuideCacheError("the guide cache stores the same candidate slots for every row, and the data.sources "
                               "differ in num_positives: give every source the same num_positives, or train without "

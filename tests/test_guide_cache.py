@@ -81,9 +81,11 @@ def test_a_cache_of_several_positives_holds_every_slot_in_the_batches_layout(gui
     rows = [json.loads(line) for line in sample_data_path("train").read_text().splitlines()[:12]]
     for i, row in enumerate(rows):
         row["pos"] = [row["pos"], f"another example of row {i}"][:1 + i % 2]
+    rows.insert(5, {**rows[0], "pos": [], "task_name": "left out"})  # selected away: the cache has 12 rows
     path = tmp_path / "several.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    job = JobConfig(guide=GuideConfig(name=str(guide_dir)), data=DataConfig(path=str(path), num_positives=3))
+    job = JobConfig(guide=GuideConfig(name=str(guide_dir)),
+                    data=DataConfig(path=str(path), num_positives=3, exclude_tasks=["left out"]))
     out = build_guide_cache(job, tmp_path / "cache", rows_per_batch=5, chunk_size=8)
     key = json.loads((out / META_FILE).read_text())["key"]
     assert (key["num_positives"], key["num_negatives"]) == (3, 1)
@@ -105,10 +107,12 @@ def test_a_cache_of_several_positives_holds_every_slot_in_the_batches_layout(gui
     cached = collator(indexed.__getitems__([0, 1]))
     assert cached.slot_roles.tolist() == [[-1, -1, 0], [1, -1, 0]]
     assert cached.guide_embeddings["neg"].shape == (2, 3, 32)
-    other, k = _rows(JobConfig(data=DataConfig(path=str(path), num_positives=2)))
+    other, k = _rows(JobConfig(data=DataConfig(path=str(path), num_positives=2, exclude_tasks=["left out"])))
     with pytest.raises(GuideCacheError, match="num_positives: cache 3, this run 2 \\(--data.num_positives\\)"):
         open_guide_cache(GuideConfig(name=str(guide_dir), cache=str(out)), other, k)
-    mixed, _ = load_triplets(DataConfig(sources=[{"path": str(path), "num_positives": 2, "name": "two"}, str(path)]))
+    sources = [{"path": str(path), "task_column": "task_name", "num_positives": 2, "name": "two"},
+               {"path": str(path), "task_column": "task_name"}]
+    mixed, _ = load_triplets(DataConfig(exclude_tasks=["left out"], sources=sources))
     with pytest.raises(GuideCacheError, match="the data.sources differ in num_positives"):
         cache_key(GuideConfig(name=str(guide_dir)), mixed, 1)
 
