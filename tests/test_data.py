@@ -404,12 +404,12 @@ def tasks_file(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("filters", "kept", "left_out"), [
     ({"include_tasks": ["mteb_*"]}, {"mteb_a": 3, "mteb_b": 2},
-     ["include_tasks [mteb_*] left out 5 rows of 2 tasks (medi_c, other)"]),
+     ["include_tasks ['mteb_*'] left out 5 rows of 2 tasks (medi_c, other)"]),
     ({"exclude_tasks": ["mteb_b", "oth?r"]}, {"mteb_a": 3, "medi_c": 4},
-     ["exclude_tasks [mteb_b, oth?r] left out 3 rows of 2 tasks (mteb_b, other)"]),
+     ["exclude_tasks ['mteb_b', 'oth?r'] left out 3 rows of 2 tasks (mteb_b, other)"]),
     ({"include_tasks": ["mteb_*", "medi_c"], "exclude_tasks": ["*_b"]}, {"mteb_a": 3, "medi_c": 4},
-     ["include_tasks [mteb_*, medi_c] left out 1 row of 1 task (other)",
-      "exclude_tasks [*_b] left out 2 rows of 1 task (mteb_b)"]),
+     ["include_tasks ['mteb_*', 'medi_c'] left out 1 row of 1 task (other)",
+      "exclude_tasks ['*_b'] left out 2 rows of 1 task (mteb_b)"]),
 ])
 def test_task_filters_keep_the_matching_tasks_and_count_the_rest(tmp_path: Path, filters: dict[str, Any],
                                                                  kept: dict[str, int], left_out: list[str]) -> None:
@@ -424,10 +424,10 @@ def test_task_filters_keep_the_matching_tasks_and_count_the_rest(tmp_path: Path,
 
 def test_a_task_filter_that_leaves_no_rows_names_itself(tmp_path: Path) -> None:
     path = tasks_file(tmp_path)
-    with pytest.raises(DataError, match=re.escape(f"{path}: the task filter left no rows: include_tasks [nope*] "
+    with pytest.raises(DataError, match=re.escape(f"{path}: the task filter left no rows: include_tasks ['nope*'] "
                                                   "left out 10 rows of 4 tasks (medi_c, mteb_a, mteb_b, other)")):
         load(path, include_tasks=["nope*"])
-    with pytest.raises(DataError, match=re.escape("exclude_tasks [*] left out 10 rows of 4 tasks")):
+    with pytest.raises(DataError, match=re.escape("exclude_tasks ['*'] left out 10 rows of 4 tasks")):
         load(path, exclude_tasks=["*"])  # the bad row's task is left out: the row is counted, not validated
     # Without a task column every row's task is the default one (a mixture source's: its name).
     assert len(load(path, task_column=None, include_tasks=["default"], on_bad_rows="skip")[0]) == 9

@@ -154,7 +154,7 @@ def test_sources_with_their_own_positives_and_task_filters(tmp_path: Path, tiny_
         ("multi", 8, 1, 2), ("one", 8, 2, 1)]
     lines = report.lines()
     at = next(i for i, line in enumerate(lines) if line.startswith("  source multi: 8 rows, 1 negatives, 2 positives"))
-    assert lines[at + 1] == "    include_tasks [mteb_*] left out 4 rows of 1 task (other)"
+    assert lines[at + 1] == "    include_tasks ['mteb_*'] left out 4 rows of 1 task (other)"
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenized, _ = tokenize_triplets(ds, tokenizer, 16)
@@ -171,7 +171,7 @@ def test_sources_with_their_own_positives_and_task_filters(tmp_path: Path, tiny_
         seen.add(batch.source)
     assert seen == {0, 1}
     with pytest.raises(DataError, match=r"^data.sources 'one': .*one.jsonl: the task filter left no rows: "
-                                        r"exclude_tasks \[o\*\] left out 8 rows of 1 task \(one\)"):
+                                        r"exclude_tasks \['o\*'\] left out 8 rows of 1 task \(one\)"):
         load_triplets(DataConfig(sources=[cfg.sources[0], {"path": cfg.sources[1].path, "exclude_tasks": ["o*"]}]))
 
 

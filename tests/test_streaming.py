@@ -178,8 +178,8 @@ def test_several_positives_and_a_task_filter_stream_the_prepared_rows(tmp_path, 
     batches = stream(tokenizer, batch_size=4, path=str(path), task_homogeneous=False, **options)
     assert take_rows(batches, 3) == (reference * 2)[:12]  # a pass and 2 rows of the next
     left_out = batches.report().left_out
-    assert [t.describe() for t in left_out] == ["exclude_tasks [beta] left out 22 rows of 1 task (beta)"]
-    assert "    so far exclude_tasks [beta] left out 22 rows of 1 task (beta)" in batches.lines()
+    assert [t.describe() for t in left_out] == ["exclude_tasks ['beta'] left out 22 rows of 1 task (beta)"]
+    assert "    so far exclude_tasks ['beta'] left out 22 rows of 1 task (beta)" in batches.lines()
 
     streamed = next(iter(stream(tokenizer, batch_size=4, path=str(path), task_homogeneous=False, **options)))
     tokenized, _ = tokenize_triplets(ds, tokenizer, 32)
@@ -217,10 +217,10 @@ def test_the_fingerprint_covers_what_the_stream_reads_not_a_sources_loss_policy(
 
 def test_a_task_filter_that_leaves_a_stream_no_rows_fails_at_the_check(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "rows.jsonl", triplets(30))
-    with pytest.raises(DataError, match=re.escape(f"{path}: the task filter left no rows: include_tasks [gam*] left "
+    with pytest.raises(DataError, match=re.escape(f"{path}: the task filter left no rows: include_tasks ['gam*'] left "
                                                   "out 30 rows of 2 tasks (alpha, beta)")):
         stream(tokenizer, path=str(path), include_tasks=["gam*"]).check()
-    with pytest.raises(DataError, match=re.escape("data.sources 'rows': ") + ".*exclude_tasks \\[\\*\\] left out"):
+    with pytest.raises(DataError, match=re.escape("data.sources 'rows': ") + ".*exclude_tasks \\['\\*'\\] left out"):
         stream(tokenizer, include_tasks=["alpha"],
                sources=[{"path": str(path), "weight": 1, "task_column": "task_name", "exclude_tasks": ["*"]}]).check()
     # A source's own filter replaces the data section's.

@@ -78,7 +78,7 @@ class TasksLeftOut:
 
     def describe(self) -> str:
         shown = ", ".join(self.tasks[:5]) + (f", ... {len(self.tasks) - 5} more" if len(self.tasks) > 5 else "")
-        return (f"{self.option} [{', '.join(self.patterns)}] left out {self.rows:,} row{'s' * (self.rows != 1)} of "
+        return (f"{self.option} {list(self.patterns)} left out {self.rows:,} row{'s' * (self.rows != 1)} of "
                 f"{len(self.tasks)} task{'s' * (len(self.tasks) != 1)} ({shown})")
 
 
