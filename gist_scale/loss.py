@@ -48,6 +48,23 @@ behaviour. Duplicates are counted in ``LossStats.duplicates_masked``, apart from
 The forward returns ``(loss, LossStats)``: the statistics travel with the value they describe, so a caller never
 reads them off the module (where the next call, or another caller, would have replaced them).
 
+The guide's policy (``LossPolicy``: per call, so that each data source can have its own)
+------------------------------------------------------------------------------------------
+* ``in_batch_negatives=False``: a row's candidates are its own positive(s) and hard negatives only (classification
+  data, whose in-batch rows share labels).
+* ``protect_hard_negatives=True``: a row's own hard negatives are never judged by the guide (curated negatives).
+* ``false_negatives="relabel"``: a flagged candidate becomes one more positive of the row instead of being masked.
+
+Several positives. ``slot_roles`` ``[B, K]`` marks each negative slot: 0 a hard negative, 1 one more positive of the
+row, -1 an empty slot (never a candidate of any row). A row's positives are never its negatives, in any block; the
+guide threshold comes from the row's least similar positive; each positive competes with the row's negatives only
+(``-log(e^s_p / (e^s_p + sum_n e^s_n))``, averaged over the row's positives), which with one positive is the
+cross-entropy above.
+
+Distillation. With ``distill_weight > 0`` the loss adds ``KL(softmax(g / t) || softmax(s / t))`` per row, ``t`` the
+``distill_temperature``, over every candidate the row is compared with (flagged ones included: the guide's scores of
+them are what masking throws away), at each Matryoshka size; ``contrastive_weight`` weighs the cross-entropy.
+
 ``guide_* = None`` gives plain in-batch InfoNCE over the same blocks (self pairs and
 duplicates still excluded), for ablations.
 
@@ -97,7 +114,9 @@ elements (tested); the loss and gradients are the same.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +124,31 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gist_scale import distributed as gdist
-from gist_scale.config import LossConfig, matryoshka_pairs
+from gist_scale.config import POLICY_FIELDS, LossConfig, SourceConfig, matryoshka_pairs
 
-__all__ = ["GISTLoss", "LossStats", "block_similarities", "margin_threshold"]
+__all__ = ["BLOCKS", "GISTLoss", "LossPolicy", "LossStats", "block_similarities", "margin_threshold"]
+
+
+@dataclass(frozen=True)
+class LossPolicy:
+    """The guide's settings for one step: `LossConfig`'s, or a `data.sources` entry's where it sets them. Every
+    global batch comes from one source, so every rank applies the same policy to a step."""
+
+    margin_strategy: str = LossConfig.margin_strategy
+    margin: float = LossConfig.margin
+    contrast_anchors: bool = LossConfig.contrast_anchors
+    contrast_positives: bool = LossConfig.contrast_positives
+    in_batch_negatives: bool = LossConfig.in_batch_negatives
+    protect_hard_negatives: bool = LossConfig.protect_hard_negatives
+    false_negatives: str = LossConfig.false_negatives
+
+    @classmethod
+    def of(cls, loss: LossConfig, source: SourceConfig | None = None) -> LossPolicy:
+        """The policy of `source`'s batches: its own settings, the `loss` section's where it leaves them null."""
+        chosen = {name: getattr(loss, name) for name in POLICY_FIELDS}
+        if source is not None:
+            chosen.update({name: getattr(source, name) for name in POLICY_FIELDS if getattr(source, name) is not None})
+        return cls(**chosen)
 
 @dataclass(frozen=True)
 class LossStats:
@@ -131,6 +172,13 @@ class LossStats:
             The mask, and so ``masked_fraction``, is the same for every size.
         duplicates_masked: candidates of this rank's rows masked because their text is the row's positive or
             query (``text_ids``), not counted in ``masked_fraction``; ``0`` without ``text_ids``.
+        distillation: ``[M]``, KL(guide || student) at each size, scaled like ``dim_losses``; zeros when off.
+        flagged_by_block: ``[4]``, candidates of this rank's rows the guide flagged (masked, or relabelled) in each
+            of :data:`BLOCKS`.
+        judged_by_block: ``[4]``, the candidates the guide judged in each block: all but the row's own positives, its
+            self pairs, duplicates, empty slots, protected hard negatives and, with in-batch negatives off, other
+            rows' texts. ``flagged / judged`` is a block's masked share.
+        negatives_left: ``[local_rows]``, the candidates each row's softmax kept that are not its positives.
     """
 
     masked_fraction: Tensor
@@ -139,6 +187,10 @@ class LossStats:
     global_rows: Tensor
     dim_losses: Tensor
     duplicates_masked: Tensor
+    distillation: Tensor
+    flagged_by_block: Tensor
+    judged_by_block: Tensor
+    negatives_left: Tensor
 
 
 class GISTLoss(nn.Module):
@@ -198,6 +250,12 @@ class GISTLoss(nn.Module):
         matryoshka_dims: list[int] | None = LossConfig.matryoshka_dims,
         matryoshka_weights: list[float] | None = LossConfig.matryoshka_weights,
         mask_duplicates: bool = LossConfig.mask_duplicates,
+        in_batch_negatives: bool = LossConfig.in_batch_negatives,
+        protect_hard_negatives: bool = LossConfig.protect_hard_negatives,
+        false_negatives: str = LossConfig.false_negatives,
+        contrastive_weight: float = LossConfig.contrastive_weight,
+        distill_weight: float = LossConfig.distill_weight,
+        distill_temperature: float = LossConfig.distill_temperature,
     ) -> None:
         super().__init__()
         # The rules of these settings are LossConfig's (ConfigError, a ValueError), in one place.
@@ -205,12 +263,16 @@ class GISTLoss(nn.Module):
                          contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, row_block=row_block,
                          matryoshka_dims=None if matryoshka_dims is None else tuple(matryoshka_dims),
                          matryoshka_weights=None if matryoshka_weights is None else tuple(matryoshka_weights),
-                         mask_duplicates=mask_duplicates)
+                         mask_duplicates=mask_duplicates, in_batch_negatives=in_batch_negatives,
+                         protect_hard_negatives=protect_hard_negatives, false_negatives=false_negatives,
+                         contrastive_weight=contrastive_weight, distill_weight=distill_weight,
+                         distill_temperature=distill_temperature)
         self.temperature = float(cfg.temperature)
-        self.margin_strategy = cfg.margin_strategy
-        self.margin = float(cfg.margin)
-        self.contrast_anchors = bool(cfg.contrast_anchors)
-        self.contrast_positives = bool(cfg.contrast_positives)
+        # The guide settings a data source may override, per call (`forward(policy=...)`).
+        self.policy = LossPolicy.of(cfg)
+        self.contrastive_weight = float(cfg.contrastive_weight)
+        self.distill_weight = float(cfg.distill_weight)
+        self.distill_temperature = float(cfg.distill_temperature)
         self.gather_across_ranks = bool(gather_across_ranks)
         self.check_finite = bool(check_finite)
         self.row_block = cfg.row_block
@@ -219,11 +281,9 @@ class GISTLoss(nn.Module):
         self.mask_duplicates = bool(mask_duplicates)
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, margin_strategy={self.margin_strategy!r}, margin={self.margin}, "
-            f"contrast_anchors={self.contrast_anchors}, contrast_positives={self.contrast_positives}"
-            + (f", matryoshka={self.matryoshka}" if self.matryoshka else "")
-        )
+        return (f"temperature={self.temperature}, {self.policy}"
+                + (f", distill_weight={self.distill_weight}" if self.distill_weight else "")
+                + (f", matryoshka={self.matryoshka}" if self.matryoshka else ""))
 
     def forward(
         self,
@@ -236,10 +296,16 @@ class GISTLoss(nn.Module):
         *,
         rank_sizes: list[int] | None = None,
         text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        slot_roles: Tensor | None = None,
+        policy: LossPolicy | None = None,
     ) -> tuple[Tensor, LossStats]:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
         if error is None and text_ids is not None and self.mask_duplicates:
             error = _check_text_ids(text_ids, shape)
+        if error is None and slot_roles is not None and tuple(slot_roles.shape) != shape[:2]:
+            error = f"slot_roles must be [B={shape[0]}, K={shape[1]}] like the negatives, got {tuple(slot_roles.shape)}"
+        if error is None and self.distill_weight and guide_anchor is None:
+            error = "distill_weight > 0 distills from the guide: pass the guide's embeddings"
         if error is None and self.matryoshka and self.matryoshka[0][0] > shape[2]:
             error = (f"matryoshka_dims has {self.matryoshka[0][0]}, larger than the student's embedding dimension "
                      f"{shape[2]}")
@@ -289,6 +355,7 @@ class GISTLoss(nn.Module):
         offset = sum(sizes[:rank])
         b_local = anchor.shape[0]
         k = shape[1]
+        policy = policy or self.policy
 
         # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three, at full width; each
         # Matryoshka size is a truncation of the gathered columns, normalized once here for all row blocks.
@@ -302,98 +369,142 @@ class GISTLoss(nn.Module):
                 guide = self._gathered_columns(
                     guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
                 )
-        ids = None
+        # The rows' integer facts, gathered like the embeddings in one small collective: text identities
+        # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
+        ids = roles = None
+        local_facts = []
         if text_ids is not None and self.mask_duplicates:
-            # [N, 2 + K] int64 identities, gathered like the embeddings (a few bytes per row).
             query_ids, positive_ids, negative_ids = text_ids
-            local_ids = torch.cat([query_ids.reshape(b_local, 1), positive_ids.reshape(b_local, 1)]
-                                  + ([] if k == 0 else [negative_ids.reshape(b_local, k)]), 1).to(anchor.device)
-            ids = gdist.gather_no_grad(local_ids, sizes) if distributed else local_ids
-        n_cols = n_global * (1 + k + int(self.contrast_anchors) + int(self.contrast_positives))
-        n_self = int(self.contrast_anchors) + int(self.contrast_positives)
+            local_facts += [query_ids.reshape(b_local, 1), positive_ids.reshape(b_local, 1)]
+            local_facts += [] if k == 0 else [negative_ids.reshape(b_local, k)]
+        if slot_roles is not None and k > 0:
+            local_facts.append(slot_roles.reshape(b_local, k).long())
+        if local_facts:
+            facts = torch.cat([f.to(anchor.device) for f in local_facts], 1)
+            facts = gdist.gather_no_grad(facts, sizes) if distributed else facts
+            if text_ids is not None and self.mask_duplicates:
+                ids, facts = facts[:, :2 + k], facts[:, 2 + k:]
+            roles = facts if facts.shape[1] else None
+        n_cols = n_global * (1 + k + int(policy.contrast_anchors) + int(policy.contrast_positives))
+        n_self = int(policy.contrast_anchors) + int(policy.contrast_positives)
+        # Decided on the host from what the batch holds, not from its values: no sync.
+        several_positives = slot_roles is not None or policy.false_negatives == "relabel"
 
+        row_losses = functools.partial(self._row_losses, policy, several_positives, n_global, k)
         if self.row_block is None or b_local <= self.row_block:
-            dim_sums, masked_count, duplicates = self._row_losses(offset, b_local, n_global, k, views, ids, *guide)
+            parts = row_losses(offset, b_local, views, ids, roles, *guide)
         else:
             # Row blocks, each recomputed in the backward: the loss holds [row_block, C] matrices at a time instead
             # of [B_local, C] ones (a 16,384-row batch with one negative has C = 65,536).
-            sums, counts, duplicate_counts = [], [], []
-            for start in range(0, b_local, self.row_block):
-                rows = min(self.row_block, b_local - start)
-                block_sums, block_count, block_duplicates = checkpoint(
-                    self._row_losses, offset + start, rows, n_global, k, views, ids, *guide, use_reentrant=False)
-                sums.append(block_sums)
-                counts.append(block_count)
-                duplicate_counts.append(block_duplicates)
-            dim_sums, masked_count = torch.stack(sums).sum(0), torch.stack(counts).sum()
-            duplicates = torch.stack(duplicate_counts).sum()
-        dim_losses = dim_sums * (world / n_global)
+            blocks = [checkpoint(row_losses, offset + start, min(self.row_block, b_local - start), views, ids, roles,
+                                 *guide, use_reentrant=False) for start in range(0, b_local, self.row_block)]
+            parts = _RowParts(*(torch.cat(values) if name == "negatives_left" else torch.stack(values).sum(0)
+                                for name, values in zip(_RowParts._fields, zip(*blocks))))
+        scale = world / n_global
+        dim_losses, dim_distillation = parts.contrastive * scale, parts.distillation * scale
+        objective = self.contrastive_weight * dim_losses + self.distill_weight * dim_distillation
         # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
-        loss = sum(dim_losses[i] * weight for i, (_, weight) in enumerate(sizes_weights))
+        loss = sum(objective[i] * weight for i, (_, weight) in enumerate(sizes_weights))
         stats_device = loss.device
 
         maskable = b_local * (n_cols - 1 - n_self)
         stats = LossStats(
-            masked_fraction=(masked_count.float() / max(maskable, 1)).detach(),
+            masked_fraction=(parts.flagged_by_block.sum() / max(maskable, 1)).detach(),
             candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
             local_rows=torch.full((), float(b_local), device=stats_device),
             global_rows=torch.full((), float(n_global), device=stats_device),
             dim_losses=dim_losses.detach(),
-            duplicates_masked=duplicates.float().detach(),
+            duplicates_masked=parts.duplicates.float().detach(),
+            distillation=dim_distillation.detach(),
+            flagged_by_block=parts.flagged_by_block.detach(),
+            judged_by_block=parts.judged_by_block.detach(),
+            negatives_left=parts.negatives_left.float().detach(),
         )
         return loss, stats
 
     def _row_losses(
-        self, first: int, rows: int, n_global: int, k: int, views: list[tuple[Tensor, Tensor, Tensor | None]],
-        ids: Tensor | None, gq: Tensor | None, gp: Tensor | None, gn: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per student view (Matryoshka size), the summed cross-entropy of global rows ``first .. first + rows``
-        (``[len(views)]``), the guide-masked count and the duplicate count. The mask is built once and shared by
-        every view. ``ids``: the global ``[N, 2 + K]`` text identities (query, positive, negatives), or None."""
+        self, policy: LossPolicy, several_positives: bool, n_global: int, k: int, first: int, rows: int,
+        views: list[tuple[Tensor, Tensor, Tensor | None]], ids: Tensor | None, roles: Tensor | None,
+        gq: Tensor | None, gp: Tensor | None, gn: Tensor | None,
+    ) -> _RowParts:
+        """The loss terms and mask counts of global rows ``first .. first + rows`` (see :class:`_RowParts`). The
+        mask is built once and shared by every view (Matryoshka size). ``ids``: the global ``[N, 2 + K]`` text
+        identities (query, positive, slots), or None; ``roles``: the global ``[N, K]`` slot roles, or None."""
         device = views[0][0].device
-        labels = torch.arange(first, first + rows, device=device)
-        qq_start = n_global + n_global * k
-        pp_start = qq_start + (n_global if self.contrast_anchors else 0)
-        n_cols = pp_start + (n_global if self.contrast_positives else 0)
-        col = torch.arange(n_cols, device=device)
-        # Self pairs by index arithmetic: row i's global index is the same in every block.
-        excluded = torch.zeros(rows, n_cols, dtype=torch.bool, device=device)
-        if self.contrast_anchors:
-            excluded |= col == (qq_start + labels)[:, None]
-        if self.contrast_positives:
-            excluded |= col == (pp_start + labels)[:, None]
+        g = torch.arange(first, first + rows, device=device)[:, None]  # each local row's global index
+        layout = _column_layout(n_global, k, roles, policy.contrast_anchors, policy.contrast_positives, device)
+        mine = layout.owner == g  # [rows, C]: the row's own texts, in every block
+        own_positive = mine & (layout.role == 1) & (layout.block <= QN)
+        # Never candidates: self pairs, empty slots, and with in-batch negatives off every other row's text.
+        excluded = (mine & (layout.block >= QQ)) | (layout.role == -1)
+        if not policy.in_batch_negatives:
+            excluded |= ~mine
         duplicates = torch.zeros((), dtype=torch.int64, device=device)
         if ids is not None:
-            # Identity before the guide: a candidate that is the row's positive or query text is masked whatever the
-            # guide scores it (it ties the threshold, so rounding would decide).
-            candidate_ids = _block_ids(ids, self.contrast_anchors, self.contrast_positives)
-            own = ids[first:first + rows, :2]  # the row's query and positive
-            duplicate = (candidate_ids[None, :, None] == own[:, None, :]).any(-1)
-            duplicate &= col != labels[:, None]
-            duplicate &= ~excluded
+            # Identity before the guide: a candidate whose text is the row's query or one of its positives is masked
+            # whatever the guide scores it (it ties the threshold, so rounding would decide).
+            own_ids = ids[first:first + rows, :2]  # the row's query and positive
+            candidate_ids = _block_ids(ids, policy.contrast_anchors, policy.contrast_positives)
+            same_text = candidate_ids[None, :, None] == own_ids[:, None, :]
+            if roles is not None:  # and its other positives, in its slots
+                own_slots = ids[first:first + rows, 2:]
+                extra = (candidate_ids[None, :, None] == own_slots[:, None, :]) & (roles[first:first + rows] == 1)[:, None, :]
+                same_text = torch.cat([same_text, extra], -1)
+            duplicate = same_text.any(-1)
+            duplicate &= ~own_positive & ~excluded
             duplicates = duplicate.sum()
             excluded |= duplicate
+        positives = own_positive
+        flagged = torch.zeros_like(excluded)
+        judged = ~excluded & ~own_positive
+        guide_sims = None
         if gq is not None:
             with torch.no_grad():
-                guide_sims = block_similarities(gq, gp, gn, first, rows, self.contrast_anchors,
-                                                self.contrast_positives)
-                # Threshold from the very matrix entry the label column holds, so "strictly
-                # greater" compares like with like.
-                pos_sim = guide_sims.gather(1, labels[:, None])
-                guided = guide_sims > margin_threshold(pos_sim, self.margin_strategy, self.margin)
-                del guide_sims
-                guided &= col != labels[:, None]
-                guided &= ~excluded  # self pairs and duplicates are counted apart
-            masked_count = guided.sum()
-            excluded |= guided
-        else:
-            masked_count = torch.zeros((), dtype=torch.int64, device=device)
-        sums = []
+                guide_sims = block_similarities(gq, gp, gn, first, rows, policy.contrast_anchors,
+                                                policy.contrast_positives)
+                # The threshold from the row's least similar positive, read off the very matrix the positives' columns
+                # hold, so "strictly greater" compares like with like. One positive: its column, without a pass over
+                # the matrix.
+                pos_sim = (guide_sims.gather(1, g) if roles is None else
+                           guide_sims.masked_fill(~own_positive, float("inf")).amin(1, keepdim=True))
+                if policy.protect_hard_negatives:
+                    judged &= ~(mine & (layout.block == QN) & (layout.role == 0))
+                flagged = judged & (guide_sims > margin_threshold(pos_sim, policy.margin_strategy, policy.margin))
+            if policy.false_negatives == "relabel":
+                positives = positives | flagged
+            else:
+                excluded = excluded | flagged
+        negatives = ~excluded & ~positives
+        labels = g[:, 0]
+        contrastive, distillation = [], []
+        teacher = None
+        if self.distill_weight:
+            # Over every candidate the row may be compared with, flagged ones included: the guide's scores of them are
+            # the knowledge the mask alone throws away.
+            compared = excluded & ~flagged
+            teacher = (guide_sims / self.distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
         for q, p, n in views:
-            logits = block_similarities(q, p, n, first, rows, self.contrast_anchors, self.contrast_positives)
-            logits = (logits / self.temperature).masked_fill_(excluded, float("-inf"))
-            sums.append(F.cross_entropy(logits, labels, reduction="sum"))
-        return torch.stack(sums), masked_count, duplicates
+            sims = block_similarities(q, p, n, first, rows, policy.contrast_anchors, policy.contrast_positives)
+            logits = (sims / self.temperature).masked_fill(excluded, float("-inf"))
+            if several_positives:
+                # Each positive competes with the row's negatives only (never with its fellow positives); the row's
+                # loss is the mean over its positives. With one positive this is the cross-entropy.
+                negative_lse = logits.masked_fill(~negatives, float("-inf")).logsumexp(1, keepdim=True)
+                terms = torch.logaddexp(logits, negative_lse) - logits
+                per_row = terms.masked_fill(~positives, 0.0).sum(1) / positives.sum(1)
+                contrastive.append(per_row.sum())
+            else:
+                contrastive.append(F.cross_entropy(logits, labels, reduction="sum"))
+            if teacher is None:
+                distillation.append(torch.zeros((), device=device))
+            else:
+                student = (sims / self.distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
+                # KL(guide || student) per row, summed; excluded columns hold 0 * (-inf) terms, so they are zeroed.
+                distillation.append((teacher.exp() * (teacher - student)).masked_fill(compared, 0.0).sum())
+        return _RowParts(
+            contrastive=torch.stack(contrastive), distillation=torch.stack(distillation), duplicates=duplicates,
+            flagged_by_block=_count_by_block(flagged, layout.block), judged_by_block=_count_by_block(judged, layout.block),
+            negatives_left=negatives.sum(1))
 
     @staticmethod
     def _gathered_columns(
@@ -422,6 +533,58 @@ class GISTLoss(nn.Module):
 def _normalized(q: Tensor, p: Tensor, n: Tensor | None, dim: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """The columns truncated to their first ``dim`` features and L2-normalized (a Matryoshka view)."""
     return tuple(None if t is None else F.normalize(t[:, :dim], dim=-1) for t in (q, p, n))
+
+
+QP, QN, QQ, PP = range(4)
+BLOCKS = ("qp", "qn", "qq", "pp")
+"""The candidate blocks, in column order: query-positive, query-negative (slots), query-query, positive-positive."""
+
+
+class _Layout(NamedTuple):
+    """What each candidate column is (each ``[1, C]``, to broadcast against ``[rows, C]``)."""
+
+    owner: Tensor
+    """The global row whose text the column holds."""
+    block: Tensor
+    """``QP``, ``QN``, ``QQ`` or ``PP``."""
+    role: Tensor
+    """1: a positive of its owner (the ``qp`` column, a positive slot), 0: any other text, -1: an empty slot."""
+
+
+def _column_layout(n: int, k: int, roles: Tensor | None, contrast_anchors: bool, contrast_positives: bool,
+                   device: torch.device) -> _Layout:
+    """The :class:`_Layout` of ``[qp | qn | qq | pp]`` for ``n`` global rows with ``k`` slots each, in
+    :func:`block_similarities`'s column order."""
+    rows = torch.arange(n, device=device)
+    owners, blocks, column_roles = [rows, rows.repeat_interleave(k)], [QP, QN], [
+        torch.ones(n, dtype=torch.int64, device=device),
+        roles.reshape(-1) if roles is not None else torch.zeros(n * k, dtype=torch.int64, device=device)]
+    for present, block in ((contrast_anchors, QQ), (contrast_positives, PP)):
+        if present:
+            owners.append(rows)
+            blocks.append(block)
+            column_roles.append(torch.zeros(n, dtype=torch.int64, device=device))
+    block = torch.cat([torch.full_like(o, b) for o, b in zip(owners, blocks)])
+    return _Layout(torch.cat(owners)[None], block[None], torch.cat(column_roles)[None])
+
+
+def _count_by_block(mask: Tensor, block: Tensor) -> Tensor:
+    """``[4]`` float32: the True entries of ``mask`` ``[rows, C]`` in each block (``block`` ``[1, C]``)."""
+    return torch.zeros(len(BLOCKS), device=mask.device).index_add_(0, block[0], mask.sum(0).float())
+
+
+class _RowParts(NamedTuple):
+    """What :meth:`GISTLoss._row_losses` returns for a span of rows (summed over its rows, except the last)."""
+
+    contrastive: Tensor
+    """``[M]``: the guided cross-entropy per student view (Matryoshka size)."""
+    distillation: Tensor
+    """``[M]``: KL(guide || student) per view (zeros without distillation)."""
+    duplicates: Tensor
+    flagged_by_block: Tensor
+    judged_by_block: Tensor
+    negatives_left: Tensor
+    """``[rows]``: per row, the candidates left in its softmax that are not its positives."""
 
 
 def margin_threshold(pos_sim: Tensor, margin_strategy: str, margin: float) -> Tensor:

@@ -242,3 +242,109 @@ def with_duplicates(inputs: dict[str, Tensor | None]) -> tuple[dict[str, Tensor 
     copy(("negative", (2, k - 1)), ("anchor", (2,)))
     n_ids[2, k - 1] = q_ids[2]
     return out, (q_ids, p_ids, n_ids)
+
+
+class NaiveGuided(NamedTuple):
+    loss: float
+    flagged: list[int]
+    """Guide-flagged candidates per block (qp, qn, qq, pp)."""
+    judged: list[int]
+    negatives_left: list[int]
+    """Per row."""
+
+
+def naive_guided_loss(
+    anchor: Tensor, positive: Tensor, negative: Tensor, guide_anchor: Tensor | None, guide_positive: Tensor | None,
+    guide_negative: Tensor | None, *, slot_roles: Tensor | None = None, text_ids=None, temperature: float = 0.01,
+    margin_strategy: str = "absolute", margin: float = 0.0, contrast_anchors: bool = True,
+    contrast_positives: bool = True, in_batch_negatives: bool = True, protect_hard_negatives: bool = False,
+    false_negatives: str = "mask", contrastive_weight: float = 1.0, distill_weight: float = 0.0,
+    distill_temperature: float = 0.05,
+) -> NaiveGuided:
+    """gist-scale's guided loss with the guide's policy, several positives and distillation, one row and one candidate
+    at a time in float64 (no code shared with ``gist_scale.loss``), from their definitions (docs/loss.md):
+
+    * a row's positives are its ``pos`` and its slots of role 1; a slot of role -1 is empty (never a candidate);
+      self pairs (``qq``/``pp`` at the row's own index) and, with ``in_batch_negatives`` off, every other row's text
+      are not candidates either; with ``text_ids``, a candidate whose text is the row's query or one of its positives
+      is dropped (a duplicate);
+    * the guide judges every other candidate except, with ``protect_hard_negatives``, the row's own hard negatives; it
+      flags those it scores strictly above the threshold of the row's least similar positive; flagged candidates are
+      dropped (``mask``) or become positives (``relabel``);
+    * the contrastive term of a row is the mean over its positives of ``-log(e^s_p / (e^s_p + sum_neg e^s_n))``;
+      distillation is ``KL(softmax(g / t) || softmax(s / t))`` over the candidates that are not dropped before the
+      guide (positives and flagged ones included); the loss is the mean over rows of the weighted sum.
+    """
+    n, d = anchor.shape
+    k = 0 if negative is None else negative.shape[1]
+    negs = [] if negative is None else list(negative.reshape(-1, d))
+    guided = guide_anchor is not None
+    gnegs = list(guide_negative.reshape(n * k, -1)) if guided and k else [None] * (n * k)
+    ga = guide_anchor if guided else [None] * n
+    gp = guide_positive if guided else [None] * n
+    roles = [[0] * k for _ in range(n)] if slot_roles is None else slot_roles.tolist()
+    qid, pid, nid = text_ids if text_ids is not None else ([None] * n, [None] * n, [None] * (n * k))
+    total = 0.0
+    flagged_blocks, judged_blocks, left = [0] * 4, [0] * 4, []
+
+    def gcos(x, y):
+        return _cos(x, y) if guided else None
+
+    for i in range(n):
+        # (student sim, guide sim, owner row, block, role, text id)
+        cands = [(_cos(anchor[i], positive[j]), gcos(ga[i], gp[j]), j, 0, 1, pid[j]) for j in range(n)]
+        cands += [(_cos(anchor[i], negs[j * k + s]), gcos(ga[i], gnegs[j * k + s]), j, 1, roles[j][s], nid[j * k + s])
+                  for j in range(n) for s in range(k)]
+        if contrast_anchors:
+            cands += [(_cos(anchor[i], anchor[j]), gcos(ga[i], ga[j]), j, 2, 0, qid[j]) for j in range(n)]
+        if contrast_positives:
+            cands += [(_cos(positive[i], positive[j]), gcos(gp[i], gp[j]), j, 3, 0, pid[j]) for j in range(n)]
+        own_texts = {qid[i], pid[i]} | {nid[i * k + s] for s in range(k) if roles[i][s] == 1}
+        positives, others = [], []
+        for cand in cands:
+            sim, gsim, owner, block, role, text = cand
+            if role == -1 or (owner == i and block >= 2) or (owner != i and not in_batch_negatives):
+                continue
+            if owner == i and role == 1 and block <= 1:
+                positives.append(cand)
+            elif text_ids is not None and text in own_texts:
+                continue
+            else:
+                others.append(cand)
+        negatives, kept_positives = [], list(positives)
+        threshold = None
+        if guided:
+            low = min(c[1] for c in positives)
+            threshold = low - margin if margin_strategy == "absolute" else low - abs(low) * margin
+        for cand in others:
+            sim, gsim, owner, block, role, text = cand
+            protected = protect_hard_negatives and owner == i and block == 1 and role == 0
+            if guided and not protected:
+                judged_blocks[block] += 1
+                if gsim > threshold:
+                    flagged_blocks[block] += 1
+                    if false_negatives == "relabel":
+                        kept_positives.append(cand)
+                    continue
+            negatives.append(cand)
+        left.append(len(negatives))
+        neg_logits = [c[0] / temperature for c in negatives]
+        terms = []
+        for cand in kept_positives:
+            s = cand[0] / temperature
+            terms.append(_logsumexp([s, *neg_logits]) - s)
+        row = contrastive_weight * sum(terms) / len(terms)
+        if distill_weight:
+            compared = positives + others
+            teacher = [c[1] / distill_temperature for c in compared]
+            student = [c[0] / distill_temperature for c in compared]
+            t_lse, s_lse = _logsumexp(teacher), _logsumexp(student)
+            row += distill_weight * sum(math.exp(t - t_lse) * ((t - t_lse) - (s - s_lse))
+                                        for t, s in zip(teacher, student))
+        total += row
+    return NaiveGuided(total / n, flagged_blocks, judged_blocks, left)
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))

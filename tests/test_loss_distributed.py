@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 from gist_reference import make_inputs, st_gist_loss, with_duplicates
+from test_loss_guidance import POLICIES, slot_roles
 from torch import nn
 
 from gist_scale import distributed as gdist
-from gist_scale.loss import GISTLoss
+from gist_scale.loss import GISTLoss, LossPolicy
 
 STUDENT = ("anchor", "positive", "negative")
 
@@ -138,6 +139,49 @@ def _duplicates_worker(rank: int, world: int) -> None:
 @pytest.mark.slow
 def test_duplicate_rule_over_the_global_batch_matches_single_process():
     run_distributed(_duplicates_worker, 2)
+
+
+def _guidance_worker(rank: int, world: int) -> None:
+    """Several positives, the guide's policy (given per call, as the trainer gives a source's) and distillation over
+    the global batch equal one process holding it, in loss, input gradients and mask counts."""
+    cases = [((5, 4), "everything", None), ((3, 6), "no_in_batch", None), ((4, 4), "relabel", MATRYOSHKA[1]),
+             ((6, 2), "distill", MATRYOSHKA[1]), ((4, 5), "distill_only", None), ((2, 7), "protected", None)]
+    for i, (sizes, name, matryoshka) in enumerate(cases):
+        what = f"guidance case {i} {name} sizes={sizes} rank={rank}"
+        n, k = sum(sizes), 4
+        full, ids = with_duplicates(make_inputs(n, k, seed=500 + i, related=0.5))
+        ids = (ids[0], ids[1], ids[2].reshape(n, k))
+        roles = slot_roles(n, k, seed=i)
+        settings = POLICIES[name]
+        policy = LossPolicy(**{f: settings[f] for f in settings if f in LossPolicy.__dataclass_fields__})
+        weights = {f: v for f, v in settings.items() if f not in LossPolicy.__dataclass_fields__}
+        kwargs = {**weights, **(matryoshka or {})}
+        ref_student = {c: full[c].clone().requires_grad_() for c in STUDENT}
+        ref, ref_stats = GISTLoss(gather_across_ranks=False, **kwargs)(
+            **{**full, **ref_student}, text_ids=(ids[0], ids[1], ids[2].reshape(-1)), slot_roles=roles,
+            policy=policy)
+        ref.backward()
+
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        local = {name: t[rows].clone() for name, t in full.items()}
+        local_student = {c: local[c].requires_grad_() for c in STUDENT}
+        told = i % 2 == 1
+        loss, stats = GISTLoss(row_block=2 if i % 3 == 0 else None, check_finite=not told, **kwargs)(
+            **local, text_ids=(ids[0][rows], ids[1][rows], ids[2][rows].reshape(-1)), slot_roles=roles[rows],
+            policy=policy, rank_sizes=list(sizes) if told else None)
+        loss.backward()
+        _close(gdist.all_reduce_mean(loss), ref.detach(), f"{what}: mean loss")
+        _close(gdist.all_reduce_mean(stats.distillation), ref_stats.distillation, f"{what}: distillation")
+        for c, t in local_student.items():
+            _close(t.grad / world, ref_student[c].grad[rows], f"{what}: grad of {c}", rtol=1e-5)
+        for field in ("flagged_by_block", "judged_by_block"):
+            assert torch.equal(gdist.all_reduce_sum(getattr(stats, field)), getattr(ref_stats, field)), what
+        assert torch.equal(stats.negatives_left, ref_stats.negatives_left[rows]), what
+
+
+@pytest.mark.slow
+def test_policies_positives_and_distillation_over_the_global_batch_match_single_process():
+    run_distributed(_guidance_worker, 2)
 
 
 def _ddp_worker(rank: int, world: int, sizes: tuple[int, ...]) -> None:

@@ -20,7 +20,8 @@ from gist_scale.model import load_student, load_tokenizer
 from gist_scale.train import main
 
 METRIC_KEYS = {"step", "loss", "lr", "masked_fraction", "triplets_per_s", "tokens_per_s", "candidates_per_anchor",
-               "duplicates_masked"}
+               "duplicates_masked", "masked_fraction/qp", "masked_fraction/qn", "masked_fraction/qq",
+               "masked_fraction/pp"}
 
 
 def read_eval(run_dir: Path) -> dict[int, dict]:
@@ -45,6 +46,9 @@ def test_quickstart_improves_retrieval_and_exports_a_sentence_transformers_model
     for record in records:
         assert METRIC_KEYS <= record.keys()
         assert 0.0 <= record["masked_fraction"] <= 1.0 and record["loss"] > 0
+        assert all(0.0 <= record[f"masked_fraction/{block}"] <= 1.0 for block in ("qp", "qn", "qq", "pp"))
+    # The guide's judgement by block: the self-guide flags something somewhere over the run.
+    assert any(record[f"masked_fraction/{block}"] > 0 for record in records for block in ("qp", "qn", "qq", "pp"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 8 and saved["model"]["pooling"] == "mean"
 

@@ -24,7 +24,7 @@ from gist_scale.checkpoint import TrainerState, incomplete_checkpoints, save_che
 from gist_scale.config import JobConfig, save_config
 from gist_scale.data import MixtureMeter, TripletBatch
 from gist_scale.flops import peak_tflops
-from gist_scale.loss import GISTLoss
+from gist_scale.loss import GISTLoss, LossPolicy
 from gist_scale.memory import count_parameters, estimate_model_states, format_estimate
 from gist_scale.model import Embedder, load_guide, load_tokenizer, outside_zero3
 from gist_scale.model.prompts import load_task_instructions
@@ -94,6 +94,8 @@ class Trainer:
         # Outside debug mode, non-finite embeddings are not an error but a skipped step.
         self.loss_fn = faults.with_loss_fault(GISTLoss(**dataclasses.asdict(cfg.loss), check_finite=cfg.debug),
                                               cfg.train.grad_accum_steps)
+        # The guide's settings per mixture source (index = `TripletBatch.source`); one source: the loss section's.
+        self.policies = [LossPolicy.of(cfg.loss, source) for source in cfg.data.sources] or [LossPolicy.of(cfg.loss)]
         self.student, self.optimizer = self.accelerator.prepare(student, build_optimizer(student, cfg.optim))
         # Whatever started these processes: several of them train in sync (DDP, DeepSpeed), or not at all.
         distributed.require_synchronised(self.student, self.accelerator.num_processes,
@@ -109,7 +111,7 @@ class Trainer:
         self.nonfinite = NonFiniteSteps(self.device, cfg.train.max_nonfinite_steps)
         self.last_checkpoint_step: int | None = None
         self.metrics = MetricsLog(self.accelerator, self.run_dir, self.total_steps, cfg.train.grad_accum_steps,
-                                  cfg.logging.peak_tflops or peak_tflops(self.device))
+                                  cfg.logging.peak_tflops or peak_tflops(self.device), self.batches.source_names)
         self.exporter = SentenceTransformersExporter(
             cfg, self.plan, self.total_steps, self.accelerator, self.student, self.policy, self.batches.report,
             self.eval_data.describe() if self.eval_data is not None else None, self.start_time)
@@ -186,7 +188,8 @@ class Trainer:
                 query, pos, neg = encode.encode_columns(self.student, student, k)
         text_ids = batch.text_ids
         loss, stats = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
-                                   text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")))
+                                   text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")),
+                                   policy=self.policies[batch.source or 0])
         if grad_cache is None:
             self.accelerator.backward(loss)
         else:
@@ -201,8 +204,9 @@ class Trainer:
         counts = batch.token_counts
         loss = loss.detach()
         return loss, StepMetrics(loss, stats.masked_fraction, stats.candidates_per_anchor, stats.duplicates_masked,
-                                 counts["student"].tokens, counts["student"].texts // (2 + k),
-                                 model_flops(self.encoder_configs, counts))
+                                 stats.flagged_by_block, stats.judged_by_block, counts["student"].tokens,
+                                 counts["student"].texts // (2 + k), model_flops(self.encoder_configs, counts),
+                                 batch.source)
 
     def _guide_embeddings(self, batch: TripletBatch, k: int) -> tuple:
         if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)

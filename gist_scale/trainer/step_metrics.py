@@ -22,6 +22,7 @@ from gist_scale import distributed
 from gist_scale.config import METRICS_FILE, JobConfig
 from gist_scale.data import TokenCounts
 from gist_scale.flops import forward_flops
+from gist_scale.loss import BLOCKS
 from gist_scale.trainer.console import console
 
 __all__ = ["MetricsLog", "MetricsWindow", "StepMetrics", "StepOutcome", "StepProgress", "model_flops"]
@@ -35,9 +36,15 @@ class StepMetrics:
     masked_fraction: Tensor
     candidates_per_anchor: Tensor
     duplicates_masked: Tensor
+    flagged_by_block: Tensor
+    """``[4]``: candidates the guide flagged in each of `gist_scale.loss.BLOCKS` (this rank's rows)."""
+    judged_by_block: Tensor
+    """``[4]``: candidates the guide judged in each block."""
     tokens: int
     triplets: int
     model_flops: float
+    source: int | None = None
+    """The micro-batch's mixture source (`data.sources` index); None for a single source."""
 
 
 @dataclass
@@ -110,9 +117,11 @@ class MetricsLog:
     """The run's records (trackers and RUN/metrics.jsonl, main process) and its log lines."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, total_steps: int, grad_accum_steps: int,
-                 peak_tflops: float | None) -> None:
+                 peak_tflops: float | None, source_names: list[str]) -> None:
         self.accelerator, self.run_dir, self.total_steps = accelerator, run_dir, total_steps
         self.grad_accum_steps, self.peak_tflops = grad_accum_steps, peak_tflops
+        # A mixture's masked share is also recorded per source (one source: the totals say it).
+        self.source_names = source_names if len(source_names) > 1 else []
 
     def init_trackers(self, cfg: JobConfig) -> None:
         if cfg.logging.trackers:
@@ -137,8 +146,11 @@ class MetricsLog:
                               device=self.accelerator.device).sum(0)
         duplicates = torch.stack([m.duplicates_masked for m in kept]).double().sum().reshape(1) if kept else \
             counts.new_zeros(1)
-        tokens, triplets, flops, duplicates = distributed.all_reduce_sum(
-            torch.cat([counts, duplicates.to(counts.device)])).tolist()
+        masks = self._mask_counts(kept, counts)
+        # One collective for every sum of the window.
+        summed = distributed.all_reduce_sum(torch.cat([counts, duplicates.to(counts.device), masks.flatten()]))
+        tokens, triplets, flops, duplicates = summed[:4].tolist()
+        masks = summed[4:].reshape(masks.shape).tolist()
         tflops = flops / seconds / self.accelerator.num_processes / 1e12
         record = {**record, "triplets_per_s": triplets / seconds, "tokens_per_s": tokens / seconds,
                   "model_tflops_per_s": tflops, **window.other_seconds}
@@ -151,12 +163,27 @@ class MetricsLog:
             # Per optimizer step over the global batch: summed over micro-batches and ranks, averaged over steps.
             record.update(loss=loss, masked_fraction=masked, candidates_per_anchor=candidates,
                           duplicates_masked=duplicates / (len(kept) / self.grad_accum_steps))
+            # The guide's judgement by block and by source: flagged over judged, summed over the window and ranks;
+            # a block or source the window did not judge has no entry.
+            names = [*BLOCKS, *(f"source/{name}" for name in self.source_names)]
+            record.update({f"masked_fraction/{name}": flagged / judged
+                           for name, (flagged, judged) in zip(names, masks) if judged})
             grad_norm = next(s.grad_norm for s, ok in zip(reversed(window.steps), reversed(applied)) if ok)
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
         self.record(record)
         if self.accelerator.is_main_process:
             console.print(self._line(record))
+
+    def _mask_counts(self, kept: list[StepMetrics], like: Tensor) -> Tensor:
+        """``[4 + sources, 2]`` float64 on the device: (flagged, judged) per block, then per mixture source."""
+        rows = like.new_zeros(len(BLOCKS) + len(self.source_names), 2)
+        for m in kept:
+            pair = torch.stack([m.flagged_by_block, m.judged_by_block], 1).to(rows)
+            rows[:len(BLOCKS)] += pair
+            if self.source_names and m.source is not None:
+                rows[len(BLOCKS) + m.source] += pair.sum(0)
+        return rows
 
     def _line(self, record: dict) -> str:
         line = f"step {record['step']:>6}/{self.total_steps}  "
