@@ -91,6 +91,17 @@ def test_a_live_guide_gives_the_cached_shares(tiny_model_dir, cached):
         assert live.settings[0].masked[block] == pytest.approx(stored.settings[0].masked[block], abs=0.02)
 
 
+def test_a_stream_is_calibrated_like_the_run_reads_it(tiny_model_dir, cached):
+    """`data.streaming`: the global batches come from the stream's buffers, cut per rank as training cuts them."""
+    data, _ = cached
+    grid = [Setting("absolute", 0.0)]
+    one, two = (calibrate(_config(tiny_model_dir, data, "--data.streaming", "true", "--train.max_steps", "2",
+                                  "--train.batch_size", size), grid, world_size=world, steps=None, device=CPU)
+                for size, world in (("8", 1), ("4", 2)))
+    assert (one.steps, one.rows) == (2, 16)  # the run's 2 steps
+    assert one.settings == two.settings
+
+
 def test_a_mixture_keeps_each_sources_policy(tmp_path, tiny_model_dir):
     """Source `labels` turns in-batch negatives off: its anchors are judged against their own hard negative alone,
     so over a whole epoch its share is that of the same rows calibrated alone with the policy in the loss section,
