@@ -226,11 +226,14 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
         text_ids = tuple(None if name not in first.text_ids else
                          torch.cat([batch.text_ids[name] for batch in micro_batches])
                          for name in ("query", "pos", "neg"))
+        # Several positives: the ranks' slot roles, concatenated like their rows.
+        slot_roles = None if first.slot_roles is None else torch.cat([batch.slot_roles for batch in micro_batches])
         with torch.no_grad():
             for setting in grid:
                 policy = dataclasses.replace(policies[source], margin_strategy=setting.margin_strategy,
                                              margin=setting.margin)
-                _, stats = loss_fn(query, pos, neg, query, pos, neg, text_ids=text_ids, policy=policy)
+                _, stats = loss_fn(query, pos, neg, query, pos, neg, text_ids=text_ids, slot_roles=slot_roles,
+                                   policy=policy)
                 counts[setting].add(source, stats.flagged_by_block, stats.judged_by_block, stats.negatives_left)
     configured = Setting(cfg.loss.margin_strategy, cfg.loss.margin)
     results = [counts[setting].result(setting, configured, source_names) for setting in grid]
