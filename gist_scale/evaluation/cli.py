@@ -29,7 +29,7 @@ from gist_scale.evaluation.scoring import evaluate_embedder
 from gist_scale.model import Embedder
 from gist_scale.options import load_config
 from gist_scale.places import require_writable_file
-from gist_scale.st_format import load_sentence_transformer_dir, model_prompts
+from gist_scale.st_format import load_sentence_transformer_dir
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -59,8 +59,7 @@ def _run_mteb(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, length: in
     """Run the `--mteb` tasks on one model; mteb's result JSON and `summary.json` go to `out_dir`."""
     from gist_scale.evaluation.mteb import EmbedderEncoder, run_mteb  # see `main`
 
-    prompts = {} if (Path(name).expanduser() / COMPLETE_MARKER).is_file() else model_prompts(name)
-    encoder = EmbedderEncoder(embedder, tokenizer, length, device, _mteb_model_name(name), prompts, batch_size)
+    encoder = EmbedderEncoder(embedder, tokenizer, length, device, _mteb_model_name(name), embedder.prompts, batch_size)
     summary = run_mteb(encoder, tasks, out_dir, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps({"model": name, "tasks": summary}, indent=2) + "\n")
