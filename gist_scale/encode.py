@@ -52,23 +52,17 @@ __all__ = ["AcceleratorBackward", "ChunkBackward", "GradCache", "embed_frozen", 
            "require_deepspeed_for_grad_cache", "split_columns"]
 
 
-def _restore_order(outputs: list[Tensor], chunked: ChunkedTexts) -> Tensor:
-    """The real chunks' outputs in text order, with the placeholders' outputs added at weight 0.
-
-    Weight 0 keeps them in the graph, so every rank runs the same forward and backward calls.
-    """
-    embeddings = torch.cat(outputs[:chunked.real_chunks])[chunked.inverse]
-    for placeholder in outputs[chunked.real_chunks:]:
-        embeddings = embeddings + placeholder.sum().to(embeddings.dtype) * 0
-    return embeddings
-
-
 def encode_chunked(model: nn.Module, chunked: ChunkedTexts) -> Tensor:
     """Embed chunked texts, one forward call per chunk: `[N, D]` in text order (column order, as packed).
 
     Every feature of a chunk goes to the model by name (`input_ids`, `attention_mask`, and `prompt_length` when
-    prompts are left out of pooling), here and in every other forward of this module."""
-    return _restore_order([model(**c) for c in chunked.chunks], chunked)
+    prompts are left out of pooling), here and in every other forward of this module. The placeholders' outputs are
+    added at weight 0: that keeps them in the graph, so every rank runs the same forward and backward calls."""
+    outputs = [model(**c) for c in chunked.chunks]
+    embeddings = torch.cat(outputs[:chunked.real_chunks])[chunked.inverse]
+    for placeholder in outputs[chunked.real_chunks:]:
+        embeddings = embeddings + placeholder.sum().to(embeddings.dtype) * 0
+    return embeddings
 
 
 def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tuple[Tensor, Tensor, Tensor | None]:

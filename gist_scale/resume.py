@@ -127,9 +127,8 @@ class ResumePlan:
             raise CheckpointError(
                 f"{self.checkpoint}: an epoch had {self.saved.steps_per_epoch} global batches on "
                 f"{processes(self.saved.world_size)} and would have {summary.steps_per_epoch} on "
-                f"{self.plan.world_size} "
-                f"(data.drop_last=false keeps a task's tail only when every process gets a row of it), so the "
-                f"remaining batches would differ; resume on {self.saved.world_size} processes")
+                f"{self.plan.world_size} (data.drop_last=false keeps a task's tail only when every process gets a "
+                f"row of it), so the remaining batches would differ; resume on {self.saved.world_size} processes")
 
     def record(self, state: TrainerState) -> dict[str, Any]:
         """`run.json` for a checkpoint of `state`."""
@@ -199,10 +198,9 @@ def plan_run(cfg: JobConfig, accelerator: Accelerator, checkpoint_dir: Path) -> 
     run's checkpoint, naming the fields that differ, and sets DeepSpeed's `load_universal` when a partitioned
     checkpoint must be resharded. Raises ConfigError/CheckpointError (exit 2) with the fix.
     """
-    world = accelerator.num_processes
     plugin = accelerator.state.deepspeed_plugin
     stage = int(plugin.zero_stage) if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    layout = {"world_size": world, "rank": accelerator.process_index, "zero_stage": stage,
+    layout = {"world_size": accelerator.num_processes, "rank": accelerator.process_index, "zero_stage": stage,
               "device": str(accelerator.device)}
     checkpoint = resolve_resume(cfg.resume, checkpoint_dir)
     if checkpoint is None:
