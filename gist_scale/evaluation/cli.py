@@ -79,10 +79,8 @@ def _table(model: str, metrics: dict[str, float], baseline: str | None, base: di
     caption = f"model: {model}" + (f"\nbaseline: {baseline}" if base is not None else "")
     table = Table(title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
     table.add_column("metric")
-    table.add_column("model", justify="right")
-    if base is not None:
-        table.add_column("baseline", justify="right")
-        table.add_column("delta (model - baseline)", justify="right")
+    for column in ["model"] + (["baseline", "delta (model - baseline)"] if base is not None else []):
+        table.add_column(column, justify="right")
     for key, value in metrics.items():
         cells = [key, f"{value:.4f}"]
         if base is not None:
