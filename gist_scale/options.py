@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -78,15 +79,10 @@ def load_config(argv: Sequence[str] | None = None,
     return parse_job(_shared_parser(), argv)[0]
 
 
-_PARSER: ArgumentParser | None = None
-
-
+@functools.cache
 def _shared_parser() -> ArgumentParser:
     # Building a parser reads every field's doc (a few tenths of a second); in-process callers load configs often.
-    global _PARSER
-    if _PARSER is None:
-        _PARSER = job_parser()
-    return _PARSER
+    return job_parser()
 
 
 def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
@@ -216,12 +212,9 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: {text_file_problem(path)}; save it as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}{_yaml_position(error)}: YAML syntax error: {_yaml_problem(error)}") from None
-
-
-def _yaml_position(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        mark = getattr(error, "problem_mark", None)
+        position = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{position}: YAML syntax error: {_yaml_problem(error)}") from None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
