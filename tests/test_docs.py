@@ -49,7 +49,7 @@ README_INSTALL = ('python3 -m venv .venv && . .venv/bin/activate && pip install 
                   '-e ".[dev]" && gist-scale train')
 README_TEST = "python -m pytest -q"
 DOC_PAGES = ["README.md", "getting-started.md", "data.md", "models.md", "loss.md", "calibration.md", "launching.md",
-             "evaluation.md", "performance.md", "troubleshooting.md", "development.md"]
+             "evaluation.md", "performance.md", "troubleshooting.md", "development.md", "ablation.md"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SBATCH = LAUNCH / "slurm_multinode.sbatch"
 FAKES = Path(__file__).resolve().parent / "fakes"
-SCRIPTS = [SBATCH, *(LAUNCH / name for name in ("local_multi_gpu.sh", "single_gpu_debug.sh", "bench_gpu.sh")),
+SCRIPTS = [SBATCH, *(LAUNCH / name for name in ("local_multi_gpu.sh", "single_gpu_debug.sh", "bench_gpu.sh",
+                                              "ablation.sh")),
            *sorted(FAKES.iterdir())]
 STEPS = 20  # enough steps after the signal or kill for it to land mid-run
 TIMEOUT_S = 300  # per job; a hang fails the test instead of the CI run

@@ -79,6 +79,52 @@ def test_cli_writes_a_loadable_dataset(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(held_out) == 32 and len(report.tasks) == 2
 
 
+@needs_wordnet
+def test_holdout_lexnames_make_an_ood_split_disjoint_from_train_and_eval(synsets: dict) -> None:
+    holdout = ("noun.artifact", "verb.social")
+    built = build_triplets(synsets, num_train=512, num_eval=128, seed=0, num_tasks=4, holdout_lexnames=holdout,
+                           num_ood=64)
+    assert built == build_triplets(synsets, num_train=512, num_eval=128, seed=0, num_tasks=4,
+                                   holdout_lexnames=holdout, num_ood=64)
+    assert built.ood_tasks == list(holdout) and not set(built.tasks) & set(holdout)
+    assert Counter(r["task_name"] for r in built.ood) == dict.fromkeys(holdout, 32)
+    assert all(r["pos"] != r["neg"] for r in built.ood)
+
+    def texts(rows: list[dict]) -> set[str]:
+        return {r[f] for r in rows for f in ("query", "pos", "neg")}
+
+    def synset_texts(held: bool) -> set[str]:
+        return {t for s in synsets.values() if (s.lexname in holdout) == held for t in (s.definition, *s.examples)}
+
+    # Every ood text comes from a held-out synset, every train and eval text from another one, and none is shared.
+    assert texts(built.ood) <= synset_texts(held=True)
+    assert texts(built.train) | texts(built.eval) <= synset_texts(held=False)
+    assert not texts(built.ood) & (texts(built.train) | texts(built.eval))
+    assert not texts(built.train) & texts(built.eval)
+
+
+@needs_wordnet
+def test_cli_writes_the_ood_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "wordnet"
+    assert cli.main(["data", "wordnet", str(out), "--train", "96", "--eval", "32", "--tasks", "2",
+                     "--holdout-lexnames", "noun.person,verb.social", "--ood", "20"]) == 0
+    assert "and 20 ood triplets of noun.person, verb.social," in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["LICENSE", "README.md", "eval.jsonl", "ood.jsonl", "train.jsonl"]
+    readme = (out / "README.md").read_text()
+    assert "--holdout-lexnames noun.person,verb.social --ood 20" in readme and "| noun.person | 10 |" in readme
+    ood, report = load_triplets(DataConfig(path=str(out / "ood.jsonl")))
+    assert len(ood) == 20 and sorted(report.tasks) == ["noun.person", "verb.social"]
+    train, _ = load_triplets(DataConfig(path=str(out)))  # the folder's train split leaves ood.jsonl out
+    assert len(train) == 96
+
+
+def test_cli_refuses_an_unknown_lexname(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["data", "wordnet", str(tmp_path), "--holdout-lexnames", "noun.plant,noun.animl"])
+    assert exit_.value.code == 2
+    assert "'noun.animl' is not a WordNet lexicographer file; did you mean 'noun.animal'?" in capsys.readouterr().err
+
+
 def test_cli_reports_a_missing_wordnet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["data", "wordnet", str(tmp_path / "out"), "--wordnet-dir", str(tmp_path)]) == 1
     assert "no data.noun" in capsys.readouterr().err

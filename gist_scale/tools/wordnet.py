@@ -13,6 +13,10 @@ quickstart trains and evaluates on real text without network access. Each row is
 The held-out `eval` split takes whole sibling families (all children of a hypernym), so no synset of an eval row,
 whether as query, positive or negative, occurs anywhere in `train`. Everything is deterministic given `--seed`.
 
+`--holdout-lexnames noun.artifact,verb.social` also writes an out-of-distribution split, `ood.jsonl`: rows built
+only from the synsets of those lexicographer files (query, positive and negative), which `train` and `eval` never
+use, nor any text of an `ood` row. It measures what training does to text outside the training tasks.
+
 The data files are parsed directly (`wndb(5WN)`: one synset per line, pointers, then `| gloss`), so the only
 requirement is the WordNet database, e.g. Debian's `wordnet-base` at /usr/share/wordnet.
 """
@@ -20,13 +24,14 @@ requirement is the WordNet database, e.g. Debian's `wordnet-base` at /usr/share/
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import random
 import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
@@ -133,11 +138,15 @@ def license_text(wordnet_dir: Path) -> str:
 
 @dataclass
 class WordNetTriplets:
-    """Both splits, plus what the README reports about them."""
+    """The splits, plus what the README reports about them."""
 
     train: list[dict[str, str]]
     eval: list[dict[str, str]]
     tasks: list[str]
+    ood: list[dict[str, str]] = field(default_factory=list)
+    """Rows of the held-out lexicographer files (`holdout_lexnames`); empty without them."""
+    ood_tasks: list[str] = field(default_factory=list)
+    """The held-out lexicographer files, in the order given (never among `tasks`)."""
 
 
 def _split_quota(total: int, parts: int) -> list[int]:
@@ -145,22 +154,64 @@ def _split_quota(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: int, seed: int,
-                   num_tasks: int) -> WordNetTriplets:
-    """Sample the two splits: eval from held-out sibling families first, then train from everything else.
-
-    Tasks are the `num_tasks` lexicographer files with the most usable synsets, each taking an equal share of the
-    rows (4096 / 8 = 512 = 16 batches of 32), so task-homogeneous batching drops nothing at the default sizes.
-    """
-    rng = random.Random(seed)
+def _children(synsets: dict[SynsetKey, Synset]) -> dict[SynsetKey, list[SynsetKey]]:
+    """Each parent's children among `synsets`, in key order."""
     children: dict[SynsetKey, list[SynsetKey]] = defaultdict(list)
     for key in sorted(synsets):
         for parent in synsets[key].parents:
             children[parent].append(key)
+    return children
 
-    # Texts of eval rows, filled once eval is drawn: train avoids them too, because a few definitions and
+
+def _texts(rows: Sequence[dict[str, str]]) -> set[str]:
+    return {row[f] for row in rows for f in ("query", "pos", "neg")}
+
+
+def build_ood(synsets: dict[SynsetKey, Synset], lexnames: Sequence[str], num_rows: int,
+              seed: int) -> list[dict[str, str]]:
+    """Rows of the lexicographer files `lexnames` only, an equal share from each: a synset's definition, one of its
+    examples, and an example of a sibling synset of the same files (so no other synset's text is used)."""
+    rng = random.Random(seed)
+    held = {key: s for key, s in synsets.items() if s.lexname in lexnames}
+    children = _children(held)
+
+    def negatives(key: SynsetKey) -> list[str]:
+        own = held[key].examples
+        return sorted({e for p in held[key].parents for c in children[p] if c != key
+                       for e in held[c].examples if e not in own})
+
+    rows: list[dict[str, str]] = []
+    for lexname, need in zip(lexnames, _split_quota(num_rows, len(lexnames))):
+        pool = [k for k in sorted(held) if held[k].lexname == lexname and held[k].definition and held[k].examples
+                and negatives(k)]
+        if len(pool) < need:
+            raise ValueError(f"{lexname} has only {len(pool)} usable synsets, {need} asked; lower --ood or hold out "
+                             "more lexicographer files")
+        for key in rng.sample(pool, need):
+            rows.append({"query": held[key].definition, "pos": rng.choice(held[key].examples),
+                         "neg": rng.choice(negatives(key)), "task_name": lexname})
+    rng.shuffle(rows)
+    return rows
+
+
+def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: int, seed: int,
+                   num_tasks: int, holdout_lexnames: Sequence[str] = (), num_ood: int = 0) -> WordNetTriplets:
+    """Sample the splits: the out-of-distribution rows of `holdout_lexnames` (if any) first, then eval from
+    held-out sibling families, then train from everything else.
+
+    Tasks are the `num_tasks` lexicographer files with the most usable synsets, each taking an equal share of the
+    rows (4096 / 8 = 512 = 16 batches of 32), so task-homogeneous batching drops nothing at the default sizes.
+    Synsets of `holdout_lexnames` are left out of train and eval (as query, positive and negative), and so are the
+    texts of the ood rows. Without `holdout_lexnames` the draws are those of the shipped sample.
+    """
+    ood = build_ood(synsets, holdout_lexnames, num_ood, seed) if holdout_lexnames else []
+    synsets = {key: s for key, s in synsets.items() if s.lexname not in holdout_lexnames}
+    rng = random.Random(seed)
+    children = _children(synsets)
+
+    # Texts of eval (and ood) rows, filled once eval is drawn: train avoids them too, because a few definitions and
     # examples repeat across synsets and would otherwise leak held-out text into train.
-    held_out: set[str] = set()
+    held_out: set[str] = _texts(ood)
 
     def examples(key: SynsetKey) -> list[str]:
         return [e for e in synsets[key].examples if e not in held_out]
@@ -211,7 +262,7 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
                 eval_rows.append(triplet(key, siblings(key, family, set())))
     if sum(eval_need.values()):
         raise ValueError(f"not enough held-out families for --eval {num_eval}; lower --eval")
-    held_out.update(text for row in eval_rows for text in (row["query"], row["pos"], row["neg"]))
+    held_out.update(_texts(eval_rows))
 
     # Train: one row per synset, never touching a synset reserved for eval (as query or as negative).
     train_rows: list[dict[str, str]] = []
@@ -225,7 +276,7 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
             train_rows.append(triplet(key, siblings(key, None, reserved)))
     rng.shuffle(train_rows)
     rng.shuffle(eval_rows)
-    return WordNetTriplets(train_rows, eval_rows, tasks)
+    return WordNetTriplets(train_rows, eval_rows, tasks, ood, list(holdout_lexnames))
 
 
 def write_jsonl(rows: Sequence[dict[str, str]], path: Path) -> None:
@@ -234,14 +285,32 @@ def write_jsonl(rows: Sequence[dict[str, str]], path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _ood_readme(result: WordNetTriplets) -> str:
+    """The README's paragraph on `ood.jsonl` (empty without held-out lexicographer files)."""
+    if not result.ood_tasks:
+        return ""
+    counts = Counter(r["task_name"] for r in result.ood)
+    table = "\n".join(f"| {t} | {counts[t]} |" for t in result.ood_tasks)
+    return f"""
+`ood.jsonl` holds rows of the held-out lexicographer files only (query, positive and negative all from their
+synsets); none of their synsets appears in `train.jsonl` or `eval.jsonl`, nor any text of an `ood.jsonl` row.
+
+| held-out task | ood |
+| --- | --- |
+{table}
+| total | {len(result.ood)} |
+"""
+
+
 def _readme(result: WordNetTriplets, args: argparse.Namespace) -> str:
     counts = {split: Counter(r["task_name"] for r in rows)
               for split, rows in (("train", result.train), ("eval", result.eval))}
     table = "\n".join(f"| {t} | {counts['train'][t]} | {counts['eval'][t]} |" for t in result.tasks)
+    holdout = f" --holdout-lexnames {','.join(args.holdout_lexnames)} --ood {args.ood}" if args.holdout_lexnames else ""
     return f"""# WordNet 3.0 triplets
 
 Generated by `gist-scale data wordnet OUT_DIR --train {args.train} --eval {args.eval} --tasks {args.tasks} \
---seed {args.seed}` from the WordNet 3.0 database (Debian package `wordnet-base`, /usr/share/wordnet).
+--seed {args.seed}{holdout}` from the WordNet 3.0 database (Debian package `wordnet-base`, /usr/share/wordnet).
 Regenerate with the same command; the output is deterministic given the seed.
 
 Each JSONL row has `query`, `pos`, `neg` and `task_name`:
@@ -258,9 +327,22 @@ appears in `train.jsonl`, and neither does any eval text.
 | --- | --- | --- |
 {table}
 | total | {len(result.train)} | {len(result.eval)} |
-
+{_ood_readme(result)}
 WordNet is (c) 2006 Princeton University and used under the WordNet 3.0 license in `LICENSE`.
 """
+
+
+def _lexnames(text: str) -> tuple[str, ...]:
+    """`--holdout-lexnames`: known lexicographer file names, each once, in the order given."""
+    names = tuple(name.strip() for name in text.split(","))
+    for name in names:
+        if name not in LEXNAMES:
+            close = difflib.get_close_matches(name, LEXNAMES, n=1)
+            raise argparse.ArgumentTypeError(f"{name!r} is not a WordNet lexicographer file"
+                                             + (f"; did you mean {close[0]!r}?" if close else ""))
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a file twice")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,13 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     wordnet = commands.add_parser(
         "wordnet", help="triplets from WordNet 3.0 (definition, example, sibling's example)",
-        description="Write OUT_DIR/train.jsonl, eval.jsonl, LICENSE and README.md from WordNet 3.0.")
+        description="Write OUT_DIR/train.jsonl, eval.jsonl, LICENSE and README.md from WordNet 3.0 (and ood.jsonl "
+                    "with --holdout-lexnames).")
     wordnet.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     wordnet.add_argument("--train", type=int, default=4096, help="train triplets (default: 4096)")
     wordnet.add_argument("--eval", type=int, default=512, help="held-out eval triplets (default: 512)")
     wordnet.add_argument("--tasks", type=int, default=8,
                          help="lexicographer files used as tasks, largest first (default: 8)")
     wordnet.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    wordnet.add_argument("--holdout-lexnames", type=_lexnames, default=(), metavar="NAMES",
+                         help="comma-separated lexicographer files (e.g. noun.artifact,verb.social) left out of train "
+                              "and eval and written to OUT_DIR/ood.jsonl (default: none, no ood split)")
+    wordnet.add_argument("--ood", type=int, default=512,
+                         help="out-of-distribution triplets, an equal share per held-out file (default: 512)")
     wordnet.add_argument("--wordnet-dir", type=Path, default=DEFAULT_WORDNET_DIR,
                          help=f"WordNet 3.0 dict directory holding data.noun etc. (default: {DEFAULT_WORDNET_DIR})")
     return parser
@@ -283,22 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `gist-scale data ...`."""
     args = build_parser().parse_args(argv)
-    for name in ("train", "eval", "tasks"):
+    for name in ("train", "eval", "tasks", "ood"):
         if getattr(args, name) < 1:
             print(f"gist-scale data wordnet: --{name} must be >= 1", file=sys.stderr)
             return 2
     try:
         synsets = load_wordnet(args.wordnet_dir)
-        result = build_triplets(synsets, args.train, args.eval, args.seed, args.tasks)
+        result = build_triplets(synsets, args.train, args.eval, args.seed, args.tasks, args.holdout_lexnames,
+                                args.ood)
     except (OSError, ValueError) as error:
         print(f"gist-scale data wordnet: {error}", file=sys.stderr)
         return 1
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(result.train, args.out_dir / "train.jsonl")
     write_jsonl(result.eval, args.out_dir / "eval.jsonl")
+    if result.ood_tasks:
+        write_jsonl(result.ood, args.out_dir / "ood.jsonl")
     notice = "The triplets in this folder are derived from WordNet 3.0 and are distributed under its license:\n\n"
     (args.out_dir / "LICENSE").write_text(notice + license_text(args.wordnet_dir))
     (args.out_dir / "README.md").write_text(_readme(result, args))
+    ood = f", and {len(result.ood)} ood triplets of {', '.join(result.ood_tasks)}," if result.ood_tasks else ""
     print(f"wrote {len(result.train)} train and {len(result.eval)} eval triplets over {len(result.tasks)} tasks "
-          f"({', '.join(result.tasks)}) to {args.out_dir}")
+          f"({', '.join(result.tasks)}){ood} to {args.out_dir}")
     return 0
