@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import one_error_line
 
 from gist_scale import cli
 from gist_scale.config import DataConfig, GuideConfig, JobConfig
@@ -139,11 +140,7 @@ def test_main_prints_the_table_and_writes_json(tmp_path, tiny_model_dir, cached,
 
 
 def _fails(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
+    return one_error_line(main, capsys, *argv)
 
 
 def test_bad_options_fail_in_one_line(tmp_path, tiny_model_dir, capsys):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import torchrun_command
+from dist_utils import one_error_line, torchrun_command
 from gist_scale import cli
 from gist_scale.config import MINILM, DataConfig, GuideConfig, JobConfig
 from gist_scale.data import sample_data_path
@@ -322,11 +322,7 @@ def test_a_guide_cache_replaces_the_guide(tmp_path, tiny_model_dir):
 
 
 def _fails(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
+    return one_error_line(main, capsys, *argv)
 
 
 def test_bad_input_fails_with_one_line_naming_the_source(tmp_path, tiny_model_dir, capsys):
