@@ -15,7 +15,6 @@ main process in the middle of the save of step STEP.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -63,84 +62,63 @@ class TrainerState:
 
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = []
-    for path in checkpoint_dir.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    found = checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else []
+    complete = [path for path in found if _STEP_DIR.match(path.name) and (path / COMPLETE_MARKER).is_file()]
+    return sorted(complete, key=lambda path: int(path.name.removeprefix("step_")))
 
 
 def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Leftovers of interrupted saves: temporary directories and step directories without the marker."""
-    if not checkpoint_dir.is_dir():
-        return []
-    return sorted(
-        path for path in checkpoint_dir.iterdir()
-        if path.name.startswith(".tmp-") or (_STEP_DIR.match(path.name) and not (path / COMPLETE_MARKER).is_file())
-    )
+    found = checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else []
+    return sorted(path for path in found if path.name.startswith(".tmp-")
+                  or (_STEP_DIR.match(path.name) and not (path / COMPLETE_MARKER).is_file()))
 
 
-def _failed_save_leaves_nothing(save):
-    """A save that fails with an `OSError` (disk full, quota, I/O error, a vanished directory) removes its temporary
-    directory and raises `CheckpointError`: the newest complete checkpoint stays the newest, and nothing half-written
-    is left behind. Each rank cleans up only after its own failure; its peers then see it leave (a collective error).
-    """
-
-    @functools.wraps(save)
-    def guarded(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, *args, **kwargs) -> Path:
-        try:
-            return save(accelerator, checkpoint_dir, state, *args, **kwargs)
-        except OSError as error:
-            shutil.rmtree(checkpoint_dir / f".tmp-step_{state.step}", ignore_errors=True)
-            newest = complete_checkpoints(checkpoint_dir)
-            kept = f"the newest complete checkpoint is still {newest[-1]}" if newest else "no checkpoint was kept"
-            raise CheckpointError(f"saving checkpoint step_{state.step} in {checkpoint_dir} failed: {error}; the "
-                                  f"unfinished save was removed and {kept}. Free space (or set train.output_dir "
-                                  "elsewhere) and start again with --resume auto") from error
-
-    return guarded
-
-
-@_failed_save_leaves_nothing
 def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, state: TrainerState, keep_last: int,
                     run: dict, state_kwargs: dict | None = None) -> Path:
     """Save on every rank, with `run` as `run.json`; returns the final directory. All ranks must call this at the
     same step. `state_kwargs` go to `accelerator.save_state` (LoRA leaves the frozen base out:
-    `gist_scale.model.lora`)."""
+    `gist_scale.model.lora`).
+
+    A save that fails with an `OSError` (disk full, quota, I/O error, a vanished directory) removes its temporary
+    directory and raises `CheckpointError`: the newest complete checkpoint stays the newest, and nothing half-written
+    is left behind. Each rank cleans up only after its own failure; its peers then see it leave (a collective error).
+    """
     final = checkpoint_dir / f"step_{state.step}"
     tmp = checkpoint_dir / f".tmp-step_{state.step}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), **(state_kwargs or {}))
+        # Each rank's loop position can differ only in principle (same sampler length on every rank); store rank 0's.
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=1))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if faults.requested("die_during_checkpoint_save", state.step):
+                print(f"{faults.FAULT_ENV}: exiting with 137 in the middle of saving step {state.step}", flush=True)
+                os._exit(137)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            marker = tmp / COMPLETE_MARKER
+            marker.write_text(json.dumps({"step": state.step, "files": files}))
+            with open(marker, "rb") as handle:
+                os.fsync(handle.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), **(state_kwargs or {}))
-    # Each rank's loop position can differ only in principle (same sampler length on every rank); store rank 0's.
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
-        (tmp / RUN_FILE).write_text(json.dumps(run, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if faults.requested("die_during_checkpoint_save", state.step):
-            print(f"{faults.FAULT_ENV}: exiting with 137 in the middle of saving step {state.step}", flush=True)
-            os._exit(137)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        marker = tmp / COMPLETE_MARKER
-        marker.write_text(json.dumps({"step": state.step, "files": files}))
-        _fsync(marker)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        newest = complete_checkpoints(checkpoint_dir)
+        kept = f"the newest complete checkpoint is still {newest[-1]}" if newest else "no checkpoint was kept"
+        raise CheckpointError(f"saving checkpoint step_{state.step} in {checkpoint_dir} failed: {error}; the "
+                              f"unfinished save was removed and {kept}. Free space (or set train.output_dir "
+                              "elsewhere) and start again with --resume auto") from error
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> Path | None:

@@ -47,9 +47,7 @@ def _left_padded(mask: Tensor) -> bool:
     return bool((mask[:, 0] == 0).any()) if mask.numel() else False
 
 def _pad_width(t: Tensor, width: int, value: int, left: bool) -> Tensor:
-    missing = width - t.shape[1]
-    if missing <= 0:
-        return t
+    missing = width - t.shape[1]  # >= 0: `width` is the widest column's
     return F.pad(t, (missing, 0) if left else (0, missing), value=value)
 
 def pack_columns(columns: Mapping[str, Features], pad_token_id: int = 0) -> tuple[dict[str, Tensor], dict[str, int]]:

@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": ("gist_scale.tools.bench", "training-step throughput vs sentence-transformers' GISTEmbedLoss (JSON, table)"),
     "cache-guide": ("gist_scale.guide_cache", "embed the training data with the guide once: `cache-guide OUT_DIR`"),
     "mine": ("gist_scale.tools.mine", "hard negatives for (query, positive) pairs, filtered by the guide's GIST rule"),
+    "calibrate": ("gist_scale.tools.calibrate", "the guide's masked share per margin, on the run's global batches"),
     "eval": ("gist_scale.evaluation.cli", "retrieval metrics of a model on eval triplets, a BEIR folder or MTEB tasks"),
     "report": ("gist_scale.tools.report", "plot a run's metrics.jsonl (loss, lr, masking, throughput, eval) to a PNG"),
     "recipes": ("gist_scale.recipes", "list the shipped training recipes (`train --recipe NAME`), or print one"),

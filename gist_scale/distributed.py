@@ -36,22 +36,9 @@ import torch.distributed._functional_collectives as fc
 from gist_scale import plan as launch
 from gist_scale.config import ConfigError
 
-__all__ = [
-    "all_reduce_mean",
-    "agree_on_step",
-    "all_reduce_sum",
-    "comm_device",
-    "gather_no_grad",
-    "gather_sizes",
-    "gather_with_grad",
-    "is_collective_failure",
-    "is_distributed",
-    "launch_state",
-    "main_process_decides",
-    "rank",
-    "require_synchronised",
-    "world_size",
-]
+__all__ = ["agree_on_step", "all_reduce_mean", "all_reduce_sum", "comm_device", "gather_no_grad", "gather_sizes",
+           "gather_with_grad", "is_collective_failure", "is_distributed", "launch_state", "main_process_decides",
+           "rank", "require_synchronised", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -172,7 +159,18 @@ def gather_sizes(n: int, device: torch.device | str | None = None) -> list[int]:
         return [int(v) for v in _functional_all_gather(local).tolist()]
 
 
-def _gather_rows(t: torch.Tensor, sizes: Sequence[int] | None) -> torch.Tensor:
+def gather_with_grad(t: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """All-gather ``t`` along dim 0 from every rank, keeping the autograd graph.
+
+    Returns ``cat([t_0, ..., t_{W-1}])`` with ``sum(sizes)`` rows; ranks may hold different
+    numbers of rows (including zero), but all trailing dimensions and the dtype must agree.
+    ``sizes`` (every rank's row count, identical on all ranks) skips the size exchange and its
+    host sync when the caller already knows them. The backward is a reduce-scatter SUM: rank
+    ``r``'s ``t`` receives the sum over all ranks of the gradients of its rows. Without a
+    process group, returns ``t`` itself.
+    """
+    if not is_distributed():
+        return t
     ws = world_size()
     if sizes is None:
         sizes = gather_sizes(t.shape[0], t.device)
@@ -193,43 +191,21 @@ def _gather_rows(t: torch.Tensor, sizes: Sequence[int] | None) -> torch.Tensor:
     return torch.cat([gathered[r * max_n : r * max_n + s] for r, s in enumerate(sizes)])
 
 
-def gather_with_grad(t: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
-    """All-gather ``t`` along dim 0 from every rank, keeping the autograd graph.
-
-    Returns ``cat([t_0, ..., t_{W-1}])`` with ``sum(sizes)`` rows; ranks may hold different
-    numbers of rows (including zero), but all trailing dimensions and the dtype must agree.
-    ``sizes`` (every rank's row count, identical on all ranks) skips the size exchange and its
-    host sync when the caller already knows them. The backward is a reduce-scatter SUM: rank
-    ``r``'s ``t`` receives the sum over all ranks of the gradients of its rows. Without a
-    process group, returns ``t`` itself.
-    """
-    if not is_distributed():
-        return t
-    return _gather_rows(t, sizes)
-
-
 def gather_no_grad(t: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
     """Like :func:`gather_with_grad`, for tensors that need no gradient (e.g. a frozen guide).
 
     The result is detached, so no reduce-scatter is issued in the backward pass.
     """
-    t = t.detach()
-    if not is_distributed():
-        return t
     with torch.no_grad():
-        return _gather_rows(t, sizes)
-
-
-def _all_reduce(t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    out = t.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=op)
-    return out
+        return gather_with_grad(t.detach(), sizes)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over ranks, as a new detached tensor (for metrics; ``t`` is untouched)."""
-    return _all_reduce(t, dist.ReduceOp.SUM)
+    out = t.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

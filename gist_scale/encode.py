@@ -45,30 +45,24 @@ import torch
 from accelerate.utils import DistributedType
 from torch import Tensor, nn
 
-from gist_scale.chunking import ChunkedTexts, Features
+from gist_scale.chunking import COLUMNS, ChunkedTexts, Features
 from gist_scale.config import ConfigError
 
 __all__ = ["AcceleratorBackward", "ChunkBackward", "GradCache", "embed_frozen", "encode_chunked", "encode_columns",
            "require_deepspeed_for_grad_cache", "split_columns"]
 
 
-def _restore_order(outputs: list[Tensor], chunked: ChunkedTexts) -> Tensor:
-    """The real chunks' outputs in text order, with the placeholders' outputs added at weight 0.
-
-    Weight 0 keeps them in the graph, so every rank runs the same forward and backward calls.
-    """
-    embeddings = torch.cat(outputs[:chunked.real_chunks])[chunked.inverse]
-    for placeholder in outputs[chunked.real_chunks:]:
-        embeddings = embeddings + placeholder.sum().to(embeddings.dtype) * 0
-    return embeddings
-
-
 def encode_chunked(model: nn.Module, chunked: ChunkedTexts) -> Tensor:
     """Embed chunked texts, one forward call per chunk: `[N, D]` in text order (column order, as packed).
 
     Every feature of a chunk goes to the model by name (`input_ids`, `attention_mask`, and `prompt_length` when
-    prompts are left out of pooling), here and in every other forward of this module."""
-    return _restore_order([model(**c) for c in chunked.chunks], chunked)
+    prompts are left out of pooling), here and in every other forward of this module. The placeholders' outputs are
+    added at weight 0: that keeps them in the graph, so every rank runs the same forward and backward calls."""
+    outputs = [model(**c) for c in chunked.chunks]
+    embeddings = torch.cat(outputs[:chunked.real_chunks])[chunked.inverse]
+    for placeholder in outputs[chunked.real_chunks:]:
+        embeddings = embeddings + placeholder.sum().to(embeddings.dtype) * 0
+    return embeddings
 
 
 def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -88,12 +82,8 @@ def encode_columns(model: nn.Module, columns: Mapping[str, Features] | ChunkedTe
     """
     if isinstance(columns, ChunkedTexts):
         return split_columns(encode_chunked(model, columns), columns.counts, k)
-    query = model(**columns["query"])
-    pos = model(**columns["pos"])
-    if "neg" not in columns:
-        return query, pos, None
-    neg = model(**columns["neg"])
-    return query, pos, neg.view(query.shape[0], k, -1)
+    query, pos, neg = (model(**columns[column]) if column in columns else None for column in COLUMNS)
+    return query, pos, None if neg is None else neg.view(query.shape[0], k, -1)
 
 
 def embed_frozen(model: nn.Module, columns: Mapping[str, Features] | ChunkedTexts,
@@ -202,10 +192,6 @@ def require_deepspeed_for_grad_cache(version: str) -> None:
                           "train without GradCache")
 
 
-def _rng_devices() -> list[int]:
-    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-
-
 @contextlib.contextmanager
 def _replay_rng(state: tuple[Tensor, list[Tensor]], devices: list[int]) -> Iterator[None]:
     """Run the block from a saved (CPU, CUDA) RNG state, leaving the global RNG where it was."""
@@ -231,10 +217,9 @@ class GradCache:
 
     def __init__(self, model: nn.Module, chunked: ChunkedTexts, k: int,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
-        self.model = model
-        self.chunked = chunked
-        self.autocast = autocast or contextlib.nullcontext
-        self.devices = _rng_devices()
+        self.model, self.chunked, self.autocast = model, chunked, autocast or contextlib.nullcontext
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.devices = [torch.cuda.current_device()] if cuda else []
         self.rng_states: list[tuple[Tensor, list[Tensor]]] = []
         outputs = []
         with torch.no_grad():

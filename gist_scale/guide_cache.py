@@ -8,12 +8,16 @@ then reads the embeddings by row index: the guide is neither loaded nor tokenize
 Layout of DIR (all `datasets`/Arrow, memory-mapped when read)::
 
     gist_guide_cache.json             the key below, shapes, shard list; written last, so it marks completion
-    shard-00000-of-00002.arrow        rows [0, N/2): columns row (int64), query [Dg], pos [Dg], neg [K*Dg]
+    shard-00000-of-00002.arrow        rows [0, N/2): columns query [Dg], pos [Dg], neg [S*Dg]
     shard-00001-of-00002.arrow        ... float16 fixed-size lists (Arrow has no bf16; |values| <= 1 here)
+
+S is the candidate slots per row, in the batches' layout (`TripletBatch.num_negatives`): K hard negatives, after
+P-1 extra positive slots with `data.num_positives` P > 1 (the rows are tokenized and collated as training does, so
+the cache holds each slot's embedding, an empty slot's being its row's first positive's).
 
 The key fingerprints what the embeddings depend on: the guide's name, revision, pooling, normalization, max length
 and weight dtype, a sampled digest of its files when it is a local directory, and the `datasets` fingerprint of the
-validated training rows (the data files and every `data.*` option that shapes the rows), their count and K.
+validated training rows (the data files and every `data.*` option that shapes the rows), their count, K and P.
 Training refuses a cache whose key differs from its own configuration, naming the fields that differ.
 """
 
@@ -30,6 +34,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from accelerate.utils import send_to_device
 from datasets.arrow_writer import ArrowWriter
@@ -84,9 +89,26 @@ def guide_digest(name: str) -> str | None:
     return digest.hexdigest()
 
 
+def _num_positives(dataset: datasets.Dataset) -> int:
+    """P, the positives per row of `load_triplets`' rows: 1 + the length of their `extra_pos` lists."""
+    if "extra_pos" not in dataset.column_names:
+        return 1
+    # Through the format, not `dataset.data`: a dataset whose rows were selected (bad or filtered rows dropped) keeps
+    # its whole table underneath.
+    lengths = pc.unique(pc.list_value_length(dataset.with_format("arrow")["extra_pos"])).to_pylist()
+    if len(lengths) > 1:  # a mixture whose sources differ in P
+        raise GuideCacheError("the guide cache stores the same candidate slots for every row, and the data.sources "
+                              "differ in num_positives: give every source the same num_positives, or train without "
+                              "guide.cache")
+    return 1 + lengths[0]
+
+
 def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int | None,
               instructions: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """What the cached embeddings depend on; two configurations with equal keys get the same embeddings."""
+    """What the cached embeddings depend on; two configurations with equal keys get the same embeddings.
+
+    `num_negatives` is K, the hard negatives per row (`DataReport.num_negatives`); the positives per row come from
+    `dataset` itself."""
     if num_negatives is None:  # a mixture whose sources differ in K (DataReport.num_negatives)
         raise GuideCacheError("the guide cache stores K negatives per row, and the data.sources differ in K: give "
                               "every source the same num_negatives, or train without guide.cache")
@@ -96,7 +118,13 @@ def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int 
         "max_length": guide.max_length, "dtype": guide.dtype,
         "prompts": {"named": prompts.named(), "include_prompt": prompts.include_prompt},
         "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
+        "num_positives": _num_positives(dataset),
     }
+
+
+def _slots(key: Mapping[str, Any]) -> int:
+    """The candidate slots per row that a cache with this key stores: P-1 extra positives and K negatives."""
+    return int(key["num_positives"]) - 1 + int(key["num_negatives"])
 
 
 _KEY_OPTIONS = {"guide": "--guide.name", "revision": "--guide.revision", "pooling": "--guide.pooling",
@@ -104,7 +132,7 @@ _KEY_OPTIONS = {"guide": "--guide.name", "revision": "--guide.revision", "poolin
                 "prompts": "--guide.query_prompt, document_prompt, query_prompt_template, pool_prompt or "
                            "--data.task_instructions",
                 "dataset_fingerprint": "the --data.* options or the data files", "rows": "--data.max_rows or the data",
-                "num_negatives": "--data.neg_columns or the data"}
+                "num_negatives": "--data.neg_columns or the data", "num_positives": "--data.num_positives"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -129,7 +157,8 @@ class GuideCache:
     def __init__(self, path: Path, meta: CacheMeta) -> None:
         self.path = path
         self.meta = meta
-        self.k = int(meta.key["num_negatives"])
+        self.k = _slots(meta.key)
+        """Candidate slots per row (`TripletBatch.num_negatives`)."""
         shards = [datasets.Dataset.from_file(str(path / shard)) for shard in meta.shards]
         self.dataset = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
         if len(self.dataset) != meta.key["rows"]:
@@ -137,7 +166,8 @@ class GuideCache:
                                   f"{meta.key['rows']}; rebuild it with `gist-scale cache-guide`")
 
     def lookup(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """`{"query": [B, Dg], "pos": [B, Dg], "neg": [B, K, Dg]}` float16 tensors (no `neg` when K is 0)."""
+        """`{"query": [B, Dg], "pos": [B, Dg], "neg": [B, K, Dg]}` float16 tensors, K the candidate slots per row in
+        the batches' layout (no `neg` when K is 0)."""
         # Through the `datasets` object, not a kept pyarrow table: DataLoader workers receive this object pickled,
         # and a memory-mapped `datasets.Dataset` pickles as its file paths, a raw table as all of its data.
         taken = self.dataset.data.table.take(pa.array(indices, type=pa.int64()))
@@ -262,8 +292,8 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     start_time = time.perf_counter()
     prepared = _guide_rows(cfg, state)
     tokenizer, dataset, tokenized = prepared.tokenizer, prepared.dataset, prepared.tokenized
-    k = prepared.num_negatives
-    key = cache_key(cfg.guide, dataset, k, prepared.instructions)
+    key = cache_key(cfg.guide, dataset, prepared.num_negatives, prepared.instructions)
+    k = _slots(key)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / META_FILE).unlink(missing_ok=True)  # the cache is incomplete until the new metadata is written
@@ -312,7 +342,8 @@ class _GuideRows:
     dataset: datasets.Dataset
     tokenized: datasets.Dataset
     instructions: dict[str, str]
-    num_negatives: int
+    num_negatives: int | None
+    """K (None: mixture sources differ, which `cache_key` refuses)."""
 
 
 def _guide_rows(cfg: JobConfig, state: Any) -> _GuideRows:
@@ -334,12 +365,13 @@ def describe_guide_cache(cfg: JobConfig, out_dir: str | Path) -> int:
     without loading the guide's weights (its embedding size comes from its config). Returns 0."""
     state = distributed.launch_state(cfg.train.collective_timeout_s)
     rows = _guide_rows(cfg, state)
+    slots = _slots(cache_key(cfg.guide, rows.dataset, rows.num_negatives, rows.instructions))
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.guide.name), revision=cfg.guide.revision,
                                         trust_remote_code=cfg.guide.trust_remote_code)
-    texts = len(rows.tokenized) * (2 + rows.num_negatives)
+    texts = len(rows.tokenized) * (2 + slots)
     size = texts * config.hidden_size * 2  # float16
     if state.is_main_process:
-        console.print(f"dry run: cache-guide would embed {len(rows.tokenized):,} rows x {2 + rows.num_negatives} "
+        console.print(f"dry run: cache-guide would embed {len(rows.tokenized):,} rows x {2 + slots} "
                       f"texts = {texts:,} texts with {cfg.guide.name} ({config.hidden_size}-dim, float16) over "
                       f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: {size / 2**30:.2f} GiB")
     state.wait_for_everyone()

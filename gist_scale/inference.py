@@ -33,11 +33,6 @@ def shards(count: int, world: int) -> list[range]:
     return [range(begin, end) for begin, end in zip(bounds, bounds[1:])]
 
 
-def _is_zero3(module: nn.Module) -> bool:
-    """True when DeepSpeed ZeRO-3 has partitioned the parameters (it tags each one with a `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 @contextlib.contextmanager
 def inference_mode(module: nn.Module) -> Iterator[None]:
     """Run `module` without gradients and in eval mode (no dropout); each submodule's mode is restored afterwards.
@@ -47,7 +42,8 @@ def inference_mode(module: nn.Module) -> Iterator[None]:
     `torch.no_grad` is used.
     """
     modes = {submodule: submodule.training for submodule in module.modules()}
-    no_grad = torch.no_grad if _is_zero3(module) else torch.inference_mode
+    # DeepSpeed ZeRO-3 tags each parameter it partitioned with a `ds_id`.
+    no_grad = torch.no_grad if any(hasattr(p, "ds_id") for p in module.parameters()) else torch.inference_mode
     module.eval()
     try:
         with no_grad():

@@ -96,8 +96,7 @@ def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
     The encoder is the one training builds (`gist_scale.model.student.student_encoder`: the same config, the
     unused pooler dropped, the same LoRA adapters), on the meta device, so the counts are those of training.
     """
-    encoder = student_encoder(model_cfg, weights=False)
-    return parameter_counts(encoder)
+    return parameter_counts(student_encoder(model_cfg, weights=False))
 
 
 def _shard(n: int, world_size: int) -> int:

@@ -78,21 +78,12 @@ def write_model_card(destination: str | Path, cfg: JobConfig, facts: RunFacts) -
     dims = sorted(cfg.loss.matryoshka_dims or [], reverse=True)
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "gist-embed", "gist-scale",
             *(["matryoshka"] if dims else []), f"dataset_size:{facts.data.rows}"]
-    data = ModelCardData(
-        library_name="sentence-transformers",
-        pipeline_tag="sentence-similarity",
-        base_model=_hub_id(cfg.model.name),
-        datasets=[cfg.data.path] if _hub_id(cfg.data.path) else None,
-        tags=tags,
-        license=cfg.export.license or _base_license(cfg.model.name, cfg.model.revision),
-    )
-    body = "\n\n".join([
-        _intro(cfg, facts, dims),
-        _usage(cfg, facts, dims, destination),
-        _training(cfg, facts),
-        _evaluation(cfg, facts, baseline, dims),
-        _citation(dims),
-    ])
+    hub_data = [cfg.data.path] if _hub_id(cfg.data.path) else None
+    data = ModelCardData(library_name="sentence-transformers", pipeline_tag="sentence-similarity", tags=tags,
+                         base_model=_hub_id(cfg.model.name), datasets=hub_data,
+                         license=cfg.export.license or _base_license(cfg.model.name, cfg.model.revision))
+    body = "\n\n".join([_intro(cfg, facts, dims), _usage(cfg, facts, dims, destination), _training(cfg, facts),
+                         _evaluation(cfg, facts, baseline, dims), _citation(dims)])
     path = Path(destination) / CARD_FILE
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").save(path)
     return path
@@ -118,9 +109,8 @@ def push_to_hub(folder: str | Path, export: ExportConfig) -> str:
 
     api = HfApi()
     api.create_repo(export.push_to_hub, private=export.private, exist_ok=True)
-    commit = api.upload_folder(repo_id=export.push_to_hub, folder_path=str(folder),
-                               commit_message="gist-scale: upload trained model")
-    return str(commit)
+    return str(api.upload_folder(repo_id=export.push_to_hub, folder_path=str(folder),
+                                 commit_message="gist-scale: upload trained model"))
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -193,29 +183,25 @@ def _training(cfg: JobConfig, facts: RunFacts) -> str:
         guide = f"`{cfg.guide.name}`{revision(cfg.guide.revision)}, embeddings precomputed in `{cfg.guide.cache}`"
     else:
         guide = f"`{cfg.guide.name}`{revision(cfg.guide.revision)}, {cfg.guide.dtype}, {cfg.guide.pooling} pooling"
-    data = facts.data
+    data, plan = facts.data, facts.plan
     tasks = ", ".join(f"{task} ({rows})" for task, rows in list(data.tasks.items())[:12])
     more = f", ... {len(data.tasks) - 12} more" if len(data.tasks) > 12 else ""
+    zero = f"DeepSpeed ZeRO stage {plan.zero_stage}" if plan.zero_stage is not None else "no ZeRO"
+    grad_cache = f", GradCache chunks of {cfg.train.chunk_size}" if cfg.train.grad_cache else ""
     source = data.source + (revision(cfg.data.revision) if cfg.data.path else "")
-    plan = facts.plan
-    layout = f"{plan.world_size} process(es), " + (f"DeepSpeed ZeRO stage {plan.zero_stage}"
-                                                    if plan.zero_stage is not None else "no ZeRO")
-    per_device = f"{plan.per_device_batch} per device x {plan.world_size} x {plan.grad_accum_steps} accumulation"
-    rows = [
-        ("base model", (f"`{cfg.model.name}`{revision(cfg.model.revision)}, {cfg.model.pooling} pooling, "
-                        f"max length {cfg.model.max_length}")),
-        ("guide", guide),
-        ("training data", f"{source}: {data.rows:,} rows, {data.num_negatives} hard negative(s) per row"
-                          + (f", {data.skipped} bad rows skipped" if data.skipped else "")),
-        ("tasks", f"{len(data.tasks)}: {tasks}{more}"),
-        ("loss", _settings(cfg.loss)),
-        ("optimizer", "AdamW, " + _settings(cfg.optim)),
-        ("global batch", f"{plan.global_batch} triplets ({per_device})"),
-        ("layout", f"{layout}, precision {plan.mixed_precision}"
-                   + (f", GradCache chunks of {cfg.train.chunk_size}" if cfg.train.grad_cache else "")),
-        ("steps", f"{facts.steps} of {facts.total_steps}"),
-        ("wall time", f"{facts.wall_time_s / 60:.1f} min (from start-up to this export)"),
-    ]
+    rows = [("base model", f"`{cfg.model.name}`{revision(cfg.model.revision)}, {cfg.model.pooling} pooling, max length "
+                           f"{cfg.model.max_length}"),
+            ("guide", guide),
+            ("training data", f"{source}: {data.rows:,} rows, {data.num_negatives} hard negative(s) per row"
+                              + (f", {data.skipped} bad rows skipped" if data.skipped else "")),
+            ("tasks", f"{len(data.tasks)}: {tasks}{more}"),
+            ("loss", _settings(cfg.loss)),
+            ("optimizer", "AdamW, " + _settings(cfg.optim)),
+            ("global batch", f"{plan.global_batch} triplets ({plan.per_device_batch} per device x {plan.world_size} x "
+                             f"{plan.grad_accum_steps} accumulation)"),
+            ("layout", f"{plan.world_size} process(es), {zero}, precision {plan.mixed_precision}{grad_cache}"),
+            ("steps", f"{facts.steps} of {facts.total_steps}"),
+            ("wall time", f"{facts.wall_time_s / 60:.1f} min (from start-up to this export)")]
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return f"## Training\n\n| | |\n|---|---|\n{table}"
 

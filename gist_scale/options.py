@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import re
 import typing
 from collections.abc import Callable, Sequence
@@ -78,15 +79,10 @@ def load_config(argv: Sequence[str] | None = None,
     return parse_job(_shared_parser(), argv)[0]
 
 
-_PARSER: ArgumentParser | None = None
-
-
+@functools.cache
 def _shared_parser() -> ArgumentParser:
     # Building a parser reads every field's doc (a few tenths of a second); in-process callers load configs often.
-    global _PARSER
-    if _PARSER is None:
-        _PARSER = job_parser()
-    return _PARSER
+    return job_parser()
 
 
 def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
@@ -135,7 +131,7 @@ def _parsed(step: Callable[[], Any], where: str) -> Any:
 
 _KEY = re.compile(r'Parser key "([^"]+)":')
 _EXPECTED = re.compile(r"Expected an? (.+?)\. Got value: (.*)")
-_UNION = re.compile(r"Union subtypes\s*Subtypes: \[(.*?)\](?:.|\n)*Given value: (.*)")
+_UNION = re.compile(r"Union subtypes\s*Subtypes: \[(.*)\]\s*\n(?:.|\n)*Given value: (.*)")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _UNKNOWN_KEY = re.compile(r"Group '([^']+)' does not accept (?:option|nested key) '([^']+)'")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
@@ -147,6 +143,8 @@ def _one_line(message: str, where: str) -> str:
     if key := _KEY.search(message):
         # A config field as typed (`train.batch_size`); a command's own option is spelt with hyphens (`num-negatives`).
         key = key.group(1) if "." in key.group(1) else key.group(1).replace("_", "-")
+        entry_key = [match.group(1) for match in _KEY.finditer(message)][1:]  # a field inside a data source
+        shown = f"{key} entry's {entry_key[-1]}" if entry_key else key
         if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source
             nested = SECTIONS.get(key.split(".")[0])
             entry = typing.get_type_hints(nested).get(key.split(".")[-1]) if nested else None
@@ -155,12 +153,12 @@ def _one_line(message: str, where: str) -> str:
                                 f"{key}:", unknown.group(1), fields))
         if union := _UNION.search(message):
             names = [_type_name(name) for name in _top_level_items(union.group(1))]
-            return f"{where}{key}={union.group(2).strip()!r}: expected {' or '.join(names)}"
+            return f"{where}{shown}={union.group(2).strip()!r}: expected {' or '.join(names)}"
         if expected := _EXPECTED.search(message):
             value, kind = expected.group(2).strip(), _type_name(expected.group(1))
             hint = (" (YAML reads no/yes/on/off as booleans: quote the name)"
                     if kind.startswith("one of") and value in ("True", "False") else "")
-            return f"{where}{key}={value!r}: expected {kind}{hint}"
+            return f"{where}{shown}={value!r}: expected {kind}{hint}"
     if match := _UNKNOWN_KEY.search(message):
         section, key = match.groups()
         return str(unknown_name(f"key in {where.removesuffix(': ')} section {section!r}:" if where != "--"
@@ -214,12 +212,9 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: {text_file_problem(path)}; save it as UTF-8") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}{_yaml_position(error)}: YAML syntax error: {_yaml_problem(error)}") from None
-
-
-def _yaml_position(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        mark = getattr(error, "problem_mark", None)
+        position = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{position}: YAML syntax error: {_yaml_problem(error)}") from None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

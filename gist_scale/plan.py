@@ -18,7 +18,7 @@ import torch
 from gist_scale.config import ConfigError, JobConfig, TrainConfig
 
 __all__ = ["LaunchPlan", "RunPlan", "global_batch", "launch_plan", "launched_world_size", "per_device_batch",
-           "requested_global_batch"]
+           "processes", "requested_global_batch"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ def requested_global_batch(train: TrainConfig, world_size: int) -> int:
     return global_batch(train.batch_size, world_size, train.grad_accum_steps)
 
 
-def _processes(count: int) -> str:
+def processes(count: int) -> str:
+    """`1 process`, `2 processes`: for messages."""
     return f"{count} process" if count == 1 else f"{count} processes"
 
 
@@ -119,7 +120,7 @@ def per_device_batch(global_rows: int, world_size: int, grad_accum_steps: int, s
     working = ([f"{w} ({rows // w} per device)" for w in range(1, rows + 1) if rows % w == 0] if rows else [])
     options = (f"world sizes that work with train.grad_accum_steps={grad_accum_steps}: {', '.join(working)}"
                if working else f"no world size works with train.grad_accum_steps={grad_accum_steps}")
-    raise ConfigError(f"global batch {global_rows} ({source}) cannot be split over {_processes(world_size)} x "
+    raise ConfigError(f"global batch {global_rows} ({source}) cannot be split over {processes(world_size)} x "
                       f"{grad_accum_steps} accumulation steps ({global_rows} / {per_step} is not a whole number); "
                       f"{options}. Start the job with one of those process counts")
 
@@ -161,7 +162,7 @@ class RunPlan:
         rows = requested_global_batch(train, world_size) if resumed_global_batch is None else resumed_global_batch
         if source is None:
             source = (f"train.global_batch_size={train.global_batch_size}" if train.global_batch_size is not None
-                      else f"train.batch_size={train.batch_size} x {_processes(world_size)} x {train.grad_accum_steps}")
+                      else f"train.batch_size={train.batch_size} x {processes(world_size)} x {train.grad_accum_steps}")
         per_device = per_device_batch(rows, world_size, train.grad_accum_steps, source)
         full_batches = cfg.data.drop_last or cfg.data.streaming
         return cls(world_size=world_size, rank=rank, global_batch=rows, per_device_batch=per_device,

@@ -44,7 +44,7 @@ from gist_scale.checkpoint import (COMPLETE_MARKER, RUN_FILE, STATE_FILE, Checkp
                                    load_checkpoint, resolve_resume, verify_checkpoint)
 from gist_scale.config import RESUME_IDENTITY, JobConfig
 from gist_scale.data import SamplerSummary
-from gist_scale.plan import RunPlan, requested_global_batch
+from gist_scale.plan import RunPlan, processes, requested_global_batch
 
 UNIVERSAL_DIR = "universal"
 """Inside `step_N/`: the checkpoint converted to DeepSpeed's universal format, with the non-DeepSpeed files."""
@@ -59,18 +59,10 @@ _FIX = {
 }
 
 
-def _processes(count: int) -> str:
-    return f"{count} process" if count == 1 else f"{count} processes"
-
-
 def config_identity(cfg: JobConfig) -> dict[str, Any]:
     """The identity fields a config alone determines (all but the global batch and the data fingerprint)."""
-    identity = {}
-    for name in RESUME_IDENTITY:
-        section, _, key = name.partition(".")
-        if hasattr(getattr(cfg, section), key):
-            identity[name] = getattr(getattr(cfg, section), key)
-    return identity
+    fields = [(name, getattr(cfg, name.partition(".")[0]), name.partition(".")[2]) for name in RESUME_IDENTITY]
+    return {name: getattr(section, key) for name, section, key in fields if hasattr(section, key)}
 
 
 @dataclass
@@ -127,21 +119,16 @@ class ResumePlan:
         self.data_fingerprint, self.steps_per_epoch = dataset_fingerprint, summary.steps_per_epoch
         if self.saved is None:
             return
-        self.notes += _compare(self.checkpoint, self.saved, self.allowed_changes,
-                               {"data.fingerprint": dataset_fingerprint})
-        changed_data = any(name in self.allowed_changes for name in ("data.fingerprint", "train.global_batch_size"))
+        allowed = self.cfg.checkpoint.allow_changes
+        self.notes += _compare(self.checkpoint, self.saved, allowed, {"data.fingerprint": dataset_fingerprint})
+        changed_data = any(name in allowed for name in ("data.fingerprint", "train.global_batch_size"))
         if summary.steps_per_epoch != self.saved.steps_per_epoch and not changed_data:
             # Only data.drop_last=false can do this: a task's tail is kept only when it gives every process a row.
             raise CheckpointError(
                 f"{self.checkpoint}: an epoch had {self.saved.steps_per_epoch} global batches on "
-                f"{_processes(self.saved.world_size)} and would have {summary.steps_per_epoch} on "
-                f"{self.plan.world_size} "
-                f"(data.drop_last=false keeps a task's tail only when every process gets a row of it), so the "
-                f"remaining batches would differ; resume on {self.saved.world_size} processes")
-
-    @property
-    def allowed_changes(self) -> tuple[str, ...]:
-        return self.cfg.checkpoint.allow_changes
+                f"{processes(self.saved.world_size)} and would have {summary.steps_per_epoch} on "
+                f"{self.plan.world_size} (data.drop_last=false keeps a task's tail only when every process gets a "
+                f"row of it), so the remaining batches would differ; resume on {self.saved.world_size} processes")
 
     def record(self, state: TrainerState) -> dict[str, Any]:
         """`run.json` for a checkpoint of `state`."""
@@ -188,7 +175,7 @@ class ResumePlan:
         if self.resharded:
             kept = plan.global_batch == self.saved.global_batch_size
             lines.append(
-                f"resuming a checkpoint of {_processes(self.saved.world_size)} on {plan.world_size}: "
+                f"resuming a checkpoint of {processes(self.saved.world_size)} on {plan.world_size}: "
                 + (f"same global batch {plan.global_batch}" if kept else
                    f"global batch {self.saved.global_batch_size} -> {plan.global_batch}")
                 + f", per-device batch {self.saved.per_device_batch_size} -> "
@@ -211,10 +198,9 @@ def plan_run(cfg: JobConfig, accelerator: Accelerator, checkpoint_dir: Path) -> 
     run's checkpoint, naming the fields that differ, and sets DeepSpeed's `load_universal` when a partitioned
     checkpoint must be resharded. Raises ConfigError/CheckpointError (exit 2) with the fix.
     """
-    world = accelerator.num_processes
     plugin = accelerator.state.deepspeed_plugin
     stage = int(plugin.zero_stage) if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    layout = {"world_size": world, "rank": accelerator.process_index, "zero_stage": stage,
+    layout = {"world_size": accelerator.num_processes, "rank": accelerator.process_index, "zero_stage": stage,
               "device": str(accelerator.device)}
     checkpoint = resolve_resume(cfg.resume, checkpoint_dir)
     if checkpoint is None:
@@ -322,7 +308,6 @@ def plain_checkpoint(accelerator: Accelerator, checkpoint: Path) -> Path:
     they become `model.safetensors` (keyed like this run's model) and `optimizer.bin` (this run's optimizer groups,
     with the saved learning rate and step), which `accelerator.load_state` then reads as usual.
     """
-    import torch
     from safetensors.torch import save_file
 
     universal = universal_checkpoint(accelerator, checkpoint)

@@ -22,19 +22,22 @@ from gist_scale.config import ModelConfig
 from gist_scale.model import (Embedder, ModelNotFoundError, find_model, hub_model_not_found, load_student,
                               load_tokenizer, resolve_model_path)
 
-__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir", "model_prompts"]
+__all__ = ["export_sentence_transformer", "load_sentence_transformer_dir"]
 
-def export_sentence_transformer(
-    encoder: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pooling: str,
-    normalize: bool,
-    max_length: int,
-    out_dir: str | Path,
-    state_dict: dict[str, torch.Tensor] | None = None,
-    prompts: dict[str, str] | None = None,
-    include_prompt: bool = True,
-) -> Path:
+_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
+"""sentence-transformers pooling mode -> our pooling."""
+
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                        "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+"""The boolean keys of `1_Pooling/config.json` as the export writes them, which older sentence-transformers read
+(newer ones write `"pooling_mode": "mean"`)."""
+
+
+def export_sentence_transformer(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pooling: str,
+                                normalize: bool, max_length: int, out_dir: str | Path,
+                                state_dict: dict[str, torch.Tensor] | None = None,
+                                prompts: dict[str, str] | None = None, include_prompt: bool = True) -> Path:
     """Write a directory that `SentenceTransformer(out_dir)` loads and that embeds exactly like our `Embedder`.
 
     `state_dict` carries weights consolidated from ZeRO-3 shards; without it the encoder's own weights are saved.
@@ -49,46 +52,25 @@ def export_sentence_transformer(
     # revert transformers' legacy `LayerNorm.gamma -> weight` mapping and write names the original never had.
     encoder.save_pretrained(out, state_dict=state_dict, save_original_format=False)
     tokenizer.save_pretrained(out)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (out / "2_Normalize").mkdir(exist_ok=True)
     (out / "1_Pooling").mkdir(exist_ok=True)
-    pooling_config = {
-        "word_embedding_dimension": int(encoder.config.hidden_size),
-        "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": pooling == "last_token",
-        "include_prompt": include_prompt,
-    }
-    files = {
-        "modules.json": modules,
-        "1_Pooling/config.json": pooling_config,
-        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
-        "config_sentence_transformers.json": {
-            "__version__": {"gist_scale": version("gist-scale"), "transformers": version("transformers"),
-                            "pytorch": torch.__version__},
-            "prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine",
-        },
-    }
+    modes = {key: _POOLINGS.get(mode) == pooling for key, mode in _LEGACY_POOLING_KEYS.items()}
+    versions = {"gist_scale": version("gist-scale"), "transformers": version("transformers"),
+                "pytorch": torch.__version__}
+    files = {"modules.json": modules,
+             "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
+             "1_Pooling/config.json": {"word_embedding_dimension": int(encoder.config.hidden_size), **modes,
+                                       "include_prompt": include_prompt},
+             "config_sentence_transformers.json": {"__version__": versions, "prompts": dict(prompts or {}),
+                                                   "default_prompt_name": None, "similarity_fn_name": "cosine"}}
     for name, content in files.items():
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
     return out
 
-
-_POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
-"""sentence-transformers pooling mode -> our pooling."""
-
-_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
-"""The boolean keys of older `1_Pooling/config.json` files (newer ones write `"pooling_mode": "mean"`)."""
 
 def _local_dir(name_or_path: str) -> Path:
     """A local directory for a path, the offline MiniLM copy, or a hub name (downloaded or read from the cache)."""
@@ -172,28 +154,14 @@ def load_sentence_transformer_dir(name_or_path: str, max_length: int | None = No
     tokenizer = load_tokenizer(str(transformer_dir), None, trust_remote_code, _EVAL_REMOTE_CODE_OPTION)
     if st_config.get("do_lower_case"):
         _lowercase_inputs(tokenizer, transformer_dir)
-    if max_length is None:
-        max_length = st_config.get("max_seq_length")
-    if max_length is None:
-        max_length = int(tokenizer.model_max_length)
-        positions = (_read_json(transformer_dir / "config.json") or {}).get("max_position_embeddings")
-        if isinstance(positions, int) and positions > 0:
-            max_length = min(max_length, positions)
+    positions = (_read_json(transformer_dir / "config.json") or {}).get("max_position_embeddings")
+    positions = positions if isinstance(positions, int) and positions > 0 else tokenizer.model_max_length
+    max_length = max_length or st_config.get("max_seq_length") or int(min(tokenizer.model_max_length, positions))
     # attn_implementation None: transformers' own choice, as in sentence-transformers: sdpa where the model class
     # has it, else eager (many custom-code models, Gemma 2), where training's explicit sdpa would be refused.
     cfg = ModelConfig(name=str(transformer_dir), pooling=pooling, normalize=normalize, max_length=int(max_length),
                       pool_prompt=include_prompt, trust_remote_code=trust_remote_code, attn_implementation=None)
     embedder = load_student(cfg, remote_code_option=_EVAL_REMOTE_CODE_OPTION)
-    embedder.prompts = _named_prompts(prompts)
+    embedder.prompts = {name: text for name, text in (prompts.get("prompts") or {}).items() if text}
     return embedder, tokenizer, cfg.max_length
 
-
-def model_prompts(name_or_path: str) -> dict[str, str]:
-    """The `prompts` of a sentence-transformers model's `config_sentence_transformers.json` (name -> text prefix,
-    e.g. `{"query": "query: "}`); empty when it has none."""
-    return _named_prompts(_read_json(_local_dir(name_or_path) / "config_sentence_transformers.json") or {})
-
-
-def _named_prompts(config: dict[str, Any]) -> dict[str, str]:
-    """The non-empty `prompts` of a `config_sentence_transformers.json`."""
-    return {name: text for name, text in (config.get("prompts") or {}).items() if text}

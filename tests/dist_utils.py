@@ -118,3 +118,12 @@ def assert_same_steps(run_dir: Path, reference_dir: Path, first_step: int = 1, l
         assert record["grad_norm"] == pytest.approx(reference["grad_norm"], rel=grad_rel), f"grad norm at step {step}"
         assert record["masked_fraction"] == pytest.approx(reference["masked_fraction"], abs=1e-6), f"mask at {step}"
         assert record["duplicates_masked"] == reference["duplicates_masked"], f"duplicates at step {step}"
+
+
+def one_error_line(main: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run a command's `main(argv)` that must fail: exit 2, no traceback, exactly one `error:` line (returned)."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    return errors[0]

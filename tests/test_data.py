@@ -166,6 +166,8 @@ def test_instruction_requested_but_absent(tmp_path: Path) -> None:
     ({**row(9), "neg": ["a", "b"]}, "field 'neg': 2 negatives, but the first valid row has 1"),
     ({**row(9), "query": ["only one"]}, "field 'query': expected text or \\[instruction, text\\]"),
     ({**row(9), "task_name": None}, "field 'task_name': missing"),
+    ({**row(9), "pos": []}, "field 'pos': empty list of positives"),
+    ({**row(9), "pos": ["a", 3]}, "field 'pos': expected text, got int"),
     ('{"query": "q", "pos": "p",', "malformed JSON"),
     ('["a", "b"]', "expected a JSON object"),
 ])
@@ -309,6 +311,126 @@ def test_pairs_collate_without_negatives(minilm: Any) -> None:
     assert tokenized[0]["student_negs"] == [] and truncated["student_negs"] == 0.0
     batch = TripletCollator(minilm)([tokenized[0]])
     assert batch.num_negatives == 0 and "neg" not in batch.student
+
+
+# ------------------------------------------------------------------------------------- several positives per row
+
+POSITIVES = [["first 0"], ["first 1", "second 1"], ["first 2", "second 2", "third 2"], "only 3"]
+"""Rows with 1, 2, 3 and 1 positives (the last as plain text)."""
+
+
+def several_positives(tmp_path: Path, num_positives: int) -> tuple[datasets.Dataset, Any]:
+    rows = [{**row(i), "pos": pos, "neg": [f"negative {i}.a", f"negative {i}.b"]} for i, pos in enumerate(POSITIVES)]
+    return load(write_jsonl(tmp_path / "several.jsonl", rows), num_positives=num_positives)
+
+
+def assert_same_batch(a: TripletBatch, b: TripletBatch) -> None:
+    assert (a.num_negatives, a.token_counts, a.source) == (b.num_negatives, b.token_counts, b.source)
+    for side in ("student", "guide"):
+        x, y = getattr(a, side), getattr(b, side)
+        assert x.keys() == y.keys()
+        for column in x:
+            assert all(torch.equal(x[column][f], y[column][f]) for f in x[column])
+    assert a.text_ids.keys() == b.text_ids.keys()
+    assert all(torch.equal(a.text_ids[c], b.text_ids[c]) for c in a.text_ids)
+    assert a.slot_roles is None and b.slot_roles is None
+
+
+@pytest.mark.parametrize(("num_positives", "slots", "roles"), [
+    # Each row's slots: its extra positives (an empty one holds its first positive's text), then its 2 negatives.
+    (2, [["first 0"], ["second 1"], ["second 2"], ["only 3"]], [[-1, 0, 0], [1, 0, 0], [1, 0, 0], [-1, 0, 0]]),
+    (3, [["first 0", "first 0"], ["second 1", "first 1"], ["second 2", "third 2"], ["only 3", "only 3"]],
+     [[-1, -1, 0, 0], [1, -1, 0, 0], [1, 1, 0, 0], [-1, -1, 0, 0]]),
+])
+def test_several_positives_become_the_slots_in_front_of_the_negatives(tmp_path: Path, minilm: Any, word_level: Any,
+                                                                      num_positives: int, slots: list[list[str]],
+                                                                      roles: list[list[int]]) -> None:
+    ds, report = several_positives(tmp_path, num_positives)
+    assert ds["pos"] == ["first 0", "first 1", "first 2", "only 3"]
+    assert ds["extra_pos"][0] == [None] * (num_positives - 1) and ds["extra_pos"][2] == [
+        "second 2", "third 2"][:num_positives - 1]
+    assert (report.num_positives, report.num_negatives) == (num_positives, 2)
+    assert f"positives per row: {num_positives}, negatives per row: 2" in report.lines()[1]
+    tokenized, _ = tokenize_triplets(ds, minilm, 32, word_level, 32)
+    assert "extra_pos" not in tokenized.column_names and tokenized["positive_slots"] == [r[:num_positives - 1]
+                                                                                          for r in roles]
+    batch = TripletCollator(minilm, word_level)(tokenized.__getitems__(range(4)))
+    k = num_positives - 1 + 2
+    assert batch.num_negatives == k
+    assert batch.slot_roles.dtype == torch.int8 and batch.slot_roles.tolist() == roles
+    for side, tokenizer in (("student", minilm), ("guide", word_level)):
+        neg = getattr(batch, side)["neg"]
+        assert neg["input_ids"].shape[0] == 4 * k == batch.text_ids["neg"].shape[0]
+        for i, texts in enumerate(slots):
+            for j, text in enumerate(texts + [f"negative {i}.a", f"negative {i}.b"]):
+                ids = tokenizer(text)["input_ids"]
+                got = neg["input_ids"][i * k + j][neg["attention_mask"][i * k + j].bool()]
+                assert got.tolist() == ids, (side, i, j)
+    # An empty slot is its row's first positive, identity included; a real one is another text.
+    assert batch.text_ids["neg"][0] == batch.text_ids["pos"][0]
+    assert batch.text_ids["neg"][k] != batch.text_ids["pos"][1]
+    moved = send_to_device(batch, torch.device("meta"))
+    assert moved.slot_roles.device.type == "meta" and batch.slot_roles.device.type == "cpu"
+
+
+def test_one_positive_reads_the_first_of_a_list_and_batches_as_before(tmp_path: Path, minilm: Any,
+                                                                      word_level: Any) -> None:
+    """P = 1: a list-valued positive gives its first text, and the rows and batches are those of plain texts."""
+    listed, report = several_positives(tmp_path, 1)
+    plain_rows = [{**row(i), "pos": pos if isinstance(pos, str) else pos[0], "neg": [f"negative {i}.a",
+                                                                                  f"negative {i}.b"]}
+                  for i, pos in enumerate(POSITIVES)]
+    plain, _ = load(write_jsonl(tmp_path / "plain.jsonl", plain_rows))
+    assert listed.column_names == plain.column_names == ["query", "pos", "negs", "task_name"]
+    assert listed.to_list() == plain.to_list() and report.num_positives == 1
+    batches = []
+    for ds in (listed, plain):
+        tokenized, _ = tokenize_triplets(ds, minilm, 32, word_level, 32)
+        assert "positive_slots" not in tokenized.column_names
+        batches.append(TripletCollator(minilm, word_level)(tokenized.__getitems__(range(4))))
+    assert_same_batch(*batches)
+
+
+# ------------------------------------------------------------------------------------------------ task filters
+
+FILTER_TASKS = {"mteb_a": 3, "mteb_b": 2, "medi_c": 4, "other": 1}
+
+
+def tasks_file(tmp_path: Path) -> Path:
+    rows = [row(i, task) for i, task in enumerate(t for t, n in FILTER_TASKS.items() for _ in range(n))]
+    rows[-1]["pos"] = ""  # the one row of `other` is bad: read only when its task is kept
+    return write_jsonl(tmp_path / "tasks.jsonl", rows)
+
+
+@pytest.mark.parametrize(("filters", "kept", "left_out"), [
+    ({"include_tasks": ["mteb_*"]}, {"mteb_a": 3, "mteb_b": 2},
+     ["include_tasks ['mteb_*'] left out 5 rows of 2 tasks (medi_c, other)"]),
+    ({"exclude_tasks": ["mteb_b", "oth?r"]}, {"mteb_a": 3, "medi_c": 4},
+     ["exclude_tasks ['mteb_b', 'oth?r'] left out 3 rows of 2 tasks (mteb_b, other)"]),
+    ({"include_tasks": ["mteb_*", "medi_c"], "exclude_tasks": ["*_b"]}, {"mteb_a": 3, "medi_c": 4},
+     ["include_tasks ['mteb_*', 'medi_c'] left out 1 row of 1 task (other)",
+      "exclude_tasks ['*_b'] left out 2 rows of 1 task (mteb_b)"]),
+])
+def test_task_filters_keep_the_matching_tasks_and_count_the_rest(tmp_path: Path, filters: dict[str, Any],
+                                                                 kept: dict[str, int], left_out: list[str]) -> None:
+    ds, report = load(tasks_file(tmp_path), **filters)
+    assert report.tasks == dict(sorted(kept.items(), key=lambda tc: (-tc[1], tc[0])))
+    assert len(ds) == report.rows == sum(kept.values()) and set(ds["task_name"]) == set(kept)
+    assert [t.describe() for t in report.left_out] == left_out
+    assert all(f"  {line}" in report.lines() for line in left_out)
+    first, _ = load(tasks_file(tmp_path), max_rows=2, **filters)  # max_rows counts the kept rows
+    assert first["query"] == ds["query"][:2]
+
+
+def test_a_task_filter_that_leaves_no_rows_names_itself(tmp_path: Path) -> None:
+    path = tasks_file(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: the task filter left no rows: include_tasks ['nope*'] "
+                                                  "left out 10 rows of 4 tasks (medi_c, mteb_a, mteb_b, other)")):
+        load(path, include_tasks=["nope*"])
+    with pytest.raises(DataError, match=re.escape("exclude_tasks ['*'] left out 10 rows of 4 tasks")):
+        load(path, exclude_tasks=["*"])  # the bad row's task is left out: the row is counted, not validated
+    # Without a task column every row's task is the default one (a mixture source's: its name).
+    assert len(load(path, task_column=None, include_tasks=["default"], on_bad_rows="skip")[0]) == 9
 
 
 @pytest.mark.parametrize("chunks", [None, 2])

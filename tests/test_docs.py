@@ -42,14 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 YAML_LANGS = {"yaml", "yml"}
-CONFIG_COMMANDS = {"train", "mine", "cache-guide"}  # built on gist_scale.options.job_parser: every config field
+CONFIG_COMMANDS = {"train", "mine", "cache-guide", "calibrate"}  # built on gist_scale.options.job_parser: every config field
 NOT_A_CONFIG = "not a config"  # a yaml block whose first line says this is not checked as a --config file
 
 README_INSTALL = ('python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt torch==2.13.0 '
                   '-e ".[dev]" && gist-scale train')
 README_TEST = "python -m pytest -q"
-DOC_PAGES = ["README.md", "getting-started.md", "data.md", "models.md", "loss.md", "launching.md", "evaluation.md",
-             "performance.md", "troubleshooting.md", "development.md", "ablation.md"]
+DOC_PAGES = ["README.md", "getting-started.md", "data.md", "models.md", "loss.md", "calibration.md", "launching.md",
+             "evaluation.md", "performance.md", "troubleshooting.md", "development.md", "ablation.md"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

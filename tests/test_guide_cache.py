@@ -18,7 +18,7 @@ from gist_scale import encode
 from gist_scale.config import MINILM, ConfigError, DataConfig, GuideConfig, JobConfig
 from gist_scale.data import (GlobalBatchSampler, TripletCollator, build_dataloader, load_triplets, sample_data_path,
                              tokenize_triplets)
-from gist_scale.guide_cache import META_FILE, GuideCacheError, build_guide_cache, main, open_guide_cache
+from gist_scale.guide_cache import META_FILE, GuideCacheError, build_guide_cache, cache_key, main, open_guide_cache
 from gist_scale.model import load_guide, load_tokenizer, resolve_model_path
 
 datasets.disable_progress_bars()
@@ -72,6 +72,49 @@ def test_the_cache_holds_the_guide_embeddings_of_every_row(guide_dir, cache_dir)
     for column, expected in zip(("query", "pos", "neg"), want):
         # The guide runs in bf16: equal up to its rounding (one bf16 ulp at |x| < 1 is at most 2**-8).
         torch.testing.assert_close(got[column].float(), expected.float(), rtol=0, atol=2**-8)
+
+
+def test_a_cache_of_several_positives_holds_every_slot_in_the_batches_layout(guide_dir, tmp_path):
+    """P = 3 over rows of 1 and 2 positives: the cache's `neg` is each row's 2 positive slots and its negative, as the
+    collated batch lays them out (an empty slot: the row's first positive), so the cached batch has the roles and
+    the embeddings of the live guide's slots."""
+    rows = [json.loads(line) for line in sample_data_path("train").read_text().splitlines()[:12]]
+    for i, row in enumerate(rows):
+        row["pos"] = [row["pos"], f"another example of row {i}"][:1 + i % 2]
+    rows.insert(5, {**rows[0], "pos": [], "task_name": "left out"})  # selected away: the cache has 12 rows
+    path = tmp_path / "several.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job = JobConfig(guide=GuideConfig(name=str(guide_dir)),
+                    data=DataConfig(path=str(path), num_positives=3, exclude_tasks=["left out"]))
+    out = build_guide_cache(job, tmp_path / "cache", rows_per_batch=5, chunk_size=8)
+    key = json.loads((out / META_FILE).read_text())["key"]
+    assert (key["num_positives"], key["num_negatives"]) == (3, 1)
+    dataset, k = _rows(job)
+    cache = open_guide_cache(GuideConfig(name=str(guide_dir), cache=str(out)), dataset, k)
+    got = cache.lookup(range(12))
+    assert cache.k == 3 and got["neg"].shape == (12, 3, 32)
+
+    tokenizer = load_tokenizer(str(guide_dir))
+    tokenized, _ = tokenize_triplets(dataset, tokenizer, job.guide.max_length)
+    batch = TripletCollator(tokenizer)(tokenized.__getitems__(range(12)))
+    with torch.inference_mode():
+        want = encode.encode_columns(load_guide(job.guide, torch.device("cpu")), batch.student, 3)
+    for column, expected in zip(("query", "pos", "neg"), want):
+        torch.testing.assert_close(got[column].float(), expected.float(), rtol=0, atol=2**-8)
+    torch.testing.assert_close(got["neg"][0, :2].float(), got["pos"][0].float().expand(2, -1), rtol=0, atol=2**-8)
+
+    indexed, collator = cache.attach(tokenized, TripletCollator(tokenizer))
+    cached = collator(indexed.__getitems__([0, 1]))
+    assert cached.slot_roles.tolist() == [[-1, -1, 0], [1, -1, 0]]
+    assert cached.guide_embeddings["neg"].shape == (2, 3, 32)
+    other, k = _rows(JobConfig(data=DataConfig(path=str(path), num_positives=2, exclude_tasks=["left out"])))
+    with pytest.raises(GuideCacheError, match="num_positives: cache 3, this run 2 \\(--data.num_positives\\)"):
+        open_guide_cache(GuideConfig(name=str(guide_dir), cache=str(out)), other, k)
+    sources = [{"path": str(path), "task_column": "task_name", "num_positives": 2, "name": "two"},
+               {"path": str(path), "task_column": "task_name"}]
+    mixed, _ = load_triplets(DataConfig(exclude_tasks=["left out"], sources=sources))
+    with pytest.raises(GuideCacheError, match="the data.sources differ in num_positives"):
+        cache_key(GuideConfig(name=str(guide_dir)), mixed, 1)
 
 
 # Workers receive the cache pickled (by file path, not by content); chunks: the student side arrives chunked.

@@ -195,3 +195,15 @@ def test_grad_cache_with_distillation_relabel_and_several_positives_matches_the_
     torch.testing.assert_close(cached_loss, loss, rtol=0, atol=1e-6)
     for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("settings", [dict(false_negatives="relabel"), dict(distill_weight=1.0), {}])
+def test_pairs_without_in_batch_negatives_give_zero_loss_and_finite_gradients(settings):
+    """Pairs with in-batch negatives off leave each row only its positive: nothing to contrast, so the loss is 0 and
+    no NaN leaks from the all-masked rows into the gradients."""
+    inputs = make_inputs(5, None, seed=1)
+    student = {c: inputs[c].clone().requires_grad_() for c in ("anchor", "positive")}
+    loss, stats = GISTLoss(in_batch_negatives=False, **settings)(**{**inputs, **student})
+    loss.backward()
+    assert loss.item() == 0.0 and stats.negatives_left.sum().item() == 0
+    assert all(torch.isfinite(t.grad).all() for t in student.values())

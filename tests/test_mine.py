@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import torchrun_command
+from dist_utils import one_error_line, torchrun_command
 from gist_scale import cli
 from gist_scale.config import MINILM, DataConfig, GuideConfig, JobConfig
 from gist_scale.data import sample_data_path
 from gist_scale.metrics import top_k
 from gist_scale.tools import mine as mine_mod
-from gist_scale.tools.mine import MineConfig, main, mine_negatives, query_blocks
+from gist_scale.tools.mine import MarginSweep, MineConfig, main, margin_grid, mine_negatives, query_blocks
 
 datasets.disable_progress_bars()
 
@@ -95,6 +95,43 @@ def test_top_negatives_equal_a_brute_force_reference(strategy, margin, own_texts
             assert ids[i].tolist() == expected, i
             torch.testing.assert_close(scores[i], c[expected] @ q[i])
     assert int(dropped) > 0
+
+
+@pytest.mark.parametrize("strategy", ["absolute", "relative"])
+def test_the_drop_table_counts_what_mining_at_each_margin_does(strategy):
+    """One mining pass at the chosen margin counts, for every margin of the grid, exactly the candidates and the
+    queries that mining at that margin drops and leaves short."""
+    q, c, positives = _problem(seed=3)
+    own = _with_own_texts(q, c, positives)
+    cfg = MineConfig(num_negatives=3, range_min=2, range_max=25, margin=0.05, margin_strategy=strategy,
+                     sampling="top", query_block=6)
+    sweep = MarginSweep(margin_grid(cfg.margin))
+    assert sweep.margins == (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    ids, _, dropped = mine_negatives(q, c, positives, cfg, own=own, sweep=sweep)
+    short = sweep.short(q.device)
+    assert short.shape == (q.shape[0], 7) and short.dtype == torch.uint8
+    assert int(sweep.dropped(q.device)[3]) == int(dropped)
+    for g, margin in enumerate(sweep.margins):
+        at = MineConfig(**{**cfg.__dict__, "margin": margin})
+        ids, _, dropped = mine_negatives(q, c, positives, at, own=own)
+        want = _reference(q, c, positives, at, own)
+        assert int(sweep.dropped(q.device)[g]) == int(dropped), margin
+        assert short[:, g].tolist() == [int(w is None) for w in want] == (ids[:, 0] < 0).int().tolist(), margin
+    # A larger margin lowers every threshold: it drops more, and leaves more queries short (here: it does).
+    counts, rows_short = sweep.dropped(q.device).tolist(), short.sum(0).tolist()
+    assert counts == sorted(counts) and rows_short == sorted(rows_short)
+    assert counts[0] < counts[-1] and rows_short[0] < rows_short[-1]
+    # A rank given no query blocks counts zeros of the grid's shape, which the reduction over ranks needs.
+    empty = MarginSweep((0.0, 0.1))
+    mine_negatives(q, c, positives, cfg, blocks=[], sweep=empty)
+    assert empty.dropped(q.device).tolist() == [0, 0] and empty.short(q.device).shape == (0, 2)
+
+
+def test_margin_grid_brackets_the_chosen_margin():
+    assert margin_grid(0.0) == (0.0, 0.005, 0.01, 0.02)
+    assert margin_grid(0.03) == (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+    assert margin_grid(1.0) == (0.1, 0.2, 0.5, 1.0)
+    assert margin_grid(-0.1) == (-0.1, 0.0, 0.005, 0.01)
 
 
 def test_random_draw_is_uniform_over_the_allowed_ranks_and_independent_of_the_blocks():
@@ -230,13 +267,21 @@ def test_matches_sentence_transformers_mine_hard_negatives(tmp_path):
                                    torch.tensor(row["scores"]), atol=1e-5, rtol=0)
 
 
-def test_trains_on_the_mined_file(tmp_path, tiny_model_dir):
-    """The output is MEDI triplets that `gist-scale train` reads with its defaults (K = 2 list-valued negatives)."""
+def test_trains_on_the_mined_file(tmp_path, tiny_model_dir, capsys):
+    """The output is MEDI triplets that `gist-scale train` reads with its defaults (K = 2 list-valued negatives).
+    The drop table is printed before the file is written, and its chosen row is what the run did."""
     from gist_scale.data import load_triplets
 
-    out = tmp_path / "mined.jsonl"
+    out, stats = tmp_path / "mined.jsonl", tmp_path / "stats.json"
     assert main(["--data.path", str(_pairs(tmp_path, 200)), "--guide.name", str(tiny_model_dir), "--range-max", "60",
-                 "--num-negatives", "2", "--out", str(out)]) == 0
+                 "--num-negatives", "2", "--out", str(out), "--stats", str(stats)]) == 0
+    err = capsys.readouterr().err
+    assert err.index("margin rule (absolute)") < err.index("-> 0 ") < err.index(f"wrote {len(_read(out))} rows")
+    record = json.loads(stats.read_text())
+    table = {row["margin"]: row for row in record["drop_table"]}
+    assert list(table) == [0.0, 0.005, 0.01, 0.02]
+    assert table[0.0]["dropped"] == record["margin_dropped"]
+    assert table[0.0]["rows_without_negatives"] == record["rows"] - record["rows_written"]
     dataset, report = load_triplets(DataConfig(path=str(out)))
     assert report.num_negatives == 2 and len(dataset) == len(_read(out)) > 50
     assert set(report.tasks) <= {r["task_name"] for r in _read(sample_data_path("train"))}
@@ -277,11 +322,7 @@ def test_a_guide_cache_replaces_the_guide(tmp_path, tiny_model_dir):
 
 
 def _fails(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in err and len(errors) == 1, err
-    return errors[0]
+    return one_error_line(main, capsys, *argv)
 
 
 def test_bad_input_fails_with_one_line_naming_the_source(tmp_path, tiny_model_dir, capsys):
@@ -344,11 +385,15 @@ def test_two_ranks_write_the_same_file_as_one(tmp_path, launch_env):
     args = ["--data.path", str(pairs), "--guide.name", MINILM, "--guide.dtype", "fp32", "--corpus",
             str(extra), "--num-negatives", "3", "--range-min", "1", "--range-max", "50", "--margin", "0.02",
             "--sampling", "random", "--seed", "3", "--query-block", "32"]
-    assert main([*args, "--out", str(tmp_path / "one.jsonl")]) == 0
-    result = subprocess.run(torchrun_command(2, "mine", *args, "--out", str(tmp_path / "two.jsonl")),
+    assert main([*args, "--out", str(tmp_path / "one.jsonl"), "--stats", str(tmp_path / "one.json")]) == 0
+    result = subprocess.run(torchrun_command(2, "mine", *args, "--out", str(tmp_path / "two.jsonl"), "--stats",
+                                             str(tmp_path / "two.json")),
                             env=launch_env("plain"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 rank(s)" in result.stderr
+    # The drop table is reduced over the ranks' query blocks: the same table as one process counts.
+    tables = [json.loads((tmp_path / name).read_text())["drop_table"] for name in ("one.json", "two.json")]
+    assert tables[0] == tables[1] and len(tables[0]) == 7 and tables[0][3]["margin"] == 0.02
     one, two = _read(tmp_path / "one.jsonl"), _read(tmp_path / "two.jsonl")
     assert len(one) > 60
     # The texts are identical; the scores may differ in the last written digit (the ranks' batches pad differently).

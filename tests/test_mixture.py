@@ -136,6 +136,45 @@ def test_mixed_k_tokenizes_and_collates_per_batch(tmp_path: Path, tiny_model_dir
     assert seen == {0, 1}
 
 
+def test_sources_with_their_own_positives_and_task_filters(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`multi` reads 2 positives per row and inherits data.include_tasks; `one` reads 1 and has its own filter: every
+    batch holds one source's slots, with that source's roles."""
+    from gist_scale.model import load_tokenizer
+
+    multi = [{"query": f"m query {i}", "pos": [f"m positive {i}.{j}" for j in range(1 + i % 3)],
+              "neg": f"m negative {i}", "task_name": f"mteb_{i % 2}" if i < 8 else "other"} for i in range(12)]
+    cfg = DataConfig(include_tasks=["mteb_*"], sources=[
+        {"path": write_jsonl(tmp_path / "multi.jsonl", multi), "task_column": "task_name", "num_positives": 2},
+        {"path": write_jsonl(tmp_path / "one.jsonl", rows_of("one", 8, negs=2)), "include_tasks": ["on?"]}])
+    ds, report = load_triplets(cfg)
+    assert ds.column_names == ["query", "pos", "negs", "task_name", "source", "extra_pos"]
+    assert ds["extra_pos"][:3] == [[None], ["m positive 1.1"], ["m positive 2.1"]] and ds["extra_pos"][8:] == [[]] * 8
+    assert report.num_positives is None and report.num_negatives is None  # the sources differ in both
+    assert [(s.name, s.rows, s.num_negatives, s.num_positives) for s in report.sources] == [
+        ("multi", 8, 1, 2), ("one", 8, 2, 1)]
+    lines = report.lines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  source multi: 8 rows, 1 negatives, 2 positives"))
+    assert lines[at + 1] == "    include_tasks ['mteb_*'] left out 4 rows of 1 task (other)"
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenized, _ = tokenize_triplets(ds, tokenizer, 16)
+    sampler = build_sampler(tokenized, cfg, batch_size=4, world_size=1, rank=0, grad_accum_steps=1, seed=0)
+    collator = TripletCollator(tokenizer)
+    seen = set()
+    for indices in sampler:
+        batch = collator(tokenized.__getitems__(indices))
+        assert batch.num_negatives == 2  # multi: 1 positive slot + 1 negative; one: 2 negatives
+        if batch.source == 0:
+            assert set(batch.slot_roles[:, 0].tolist()) <= {1, -1} and not batch.slot_roles[:, 1].any()
+        else:
+            assert batch.slot_roles is None
+        seen.add(batch.source)
+    assert seen == {0, 1}
+    with pytest.raises(DataError, match=r"^data.sources 'one': .*one.jsonl: the task filter left no rows: "
+                                        r"exclude_tasks \['o\*'\] left out 8 rows of 1 task \(one\)"):
+        load_triplets(DataConfig(sources=[cfg.sources[0], {"path": cfg.sources[1].path, "exclude_tasks": ["o*"]}]))
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 
 

@@ -102,6 +102,8 @@ def test_values_are_yaml_negative_numbers_and_a_bare_debug_work() -> None:
     (["--train.batchsize", "2"], "unknown option '--train.batchsize'; did you mean '--train.batch_size'?"),
     (["--data.sources", "[{path: a.jsonl, wieght: 2}]"], "'wieght'; did you mean 'weight'?"),
     (["--train.mixed_precision", "fp8"], "expected one of no, bf16, fp16"),
+    (["--data.sources", "[{path: a.jsonl, false_negatives: drop}]"],
+     "--data.sources entry's false_negatives='drop': expected one of mask, relabel or null"),
 ])
 def test_bad_values_are_one_line_naming_the_option(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -1,4 +1,5 @@
-"""`gist-scale report`: a PNG from a real training run's metrics.jsonl, with and without eval records."""
+"""`gist-scale report`: a PNG from a real training run's metrics.jsonl, with and without eval records; the masked
+shares per block and per source from a hand-written one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gist_scale.tools.report import dimension_curves, main, plot_run, read_metrics
+from gist_scale.tools.report import dimension_curves, main, masked_share_keys, plot_run, read_metrics, summary_lines
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_KEYS = {"step", "epoch", "loss", "lr", "masked_fraction", "candidates_per_anchor", "triplets_per_s",
@@ -101,3 +102,76 @@ def test_report_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert main([str(tmp_path)]) == 2
     assert "pip install 'gist-scale[report]'" in capsys.readouterr().err
+
+
+def _mask_run(run: Path) -> list[dict]:
+    """A hand-written mixture run: per-block and per-source masked shares at 4 log steps (source `pairs` had no
+    batch in the window of step 3, so that record has no share for it), an eval at step 4."""
+    blocks = {"qp": 0.01, "qn": 0.30, "qq": 0.02, "pp": 0.05}
+    records = []
+    for step in (1, 2, 3, 4):
+        record = {"step": step, "loss": 2.0 - step / 10, "lr": 1e-5, "masked_fraction": 0.1 + step / 100,
+                  **{f"masked_fraction/{b}": share + step / 100 for b, share in blocks.items()},
+                  "masked_fraction/source/wordnet": 0.2 + step / 100, "source/wordnet/batches": 2}
+        if step != 3:
+            record.update({"masked_fraction/source/pairs": 0.05 * step, "source/pairs/batches": 1})
+        records.append(record)
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, [
+        *records, {"step": 4, "eval/ndcg@10": 0.41, "eval/mrr@10": 0.35}])) + "\n")
+    (run / "mixture.json").write_text(json.dumps({"wordnet": {"requested": 0.6}, "pairs": {"requested": 0.4}}))
+    return records
+
+
+def test_masked_shares_per_block_and_per_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gist_scale.tools import report
+
+    run = tmp_path / "run"
+    records = _mask_run(run)
+    train, evals = read_metrics(run / "metrics.jsonl")
+    blocks, sources = masked_share_keys(train)
+    assert blocks == [f"masked_fraction/{b}" for b in ("qp", "qn", "qq", "pp")]  # the order the run logged
+    assert sources == ["masked_fraction/source/wordnet", "masked_fraction/source/pairs"]
+
+    # The panels: one line per block beside the overall share; per source, only the steps that logged it.
+    figure, (by_block, by_source) = plt.subplots(1, 2)
+    report._plot_masked(by_block, train, ["masked_fraction", *blocks], "masked_fraction/", "t", {})
+    report._plot_masked(by_source, train, sources, "masked_fraction/source/", "t", {})
+    lines = {line.get_label(): line for line in by_block.get_lines()}
+    assert list(lines) == ["all blocks", "qp", "qn", "qq", "pp"]
+    assert list(lines["qn"].get_xdata()) == [1, 2, 3, 4]
+    assert list(lines["qn"].get_ydata()) == pytest.approx([r["masked_fraction/qn"] for r in records])
+    pairs = next(line for line in by_source.get_lines() if line.get_label() == "pairs")
+    assert list(pairs.get_xdata()) == [1, 2, 4] and list(pairs.get_ydata()) == pytest.approx([0.05, 0.1, 0.2])
+    plt.close(figure)
+
+    # The picture: the mixture's column (4 columns) holds the per-source panel under the requested/realised bars.
+    assert main([str(run)]) == 0
+    _assert_png(run / "report.png")
+    assert _png_size(run / "report.png")[0] == 4 * 500
+    out = capsys.readouterr().out
+    assert "steps 1..4 (4 logged): loss 1.9000 -> 1.6000" in out
+    assert "masked share (guide-flagged candidates, mean of the logged windows): masked_fraction 12.5% (last 14.0%)" \
+        in out
+    assert "  per block: qp 3.5% (last 5.0%), qn 32.5% (last 34.0%), qq 4.5% (last 6.0%), pp 7.5% (last 9.0%)" in out
+    assert "  per source: wordnet 22.5% (last 24.0%), pairs 11.7% (last 20.0%)" in out
+    assert "eval at step 4: mrr@10 0.3500, ndcg@10 0.4100" in out
+
+
+def test_a_run_without_block_shares_keeps_its_picture(tmp_path: Path):
+    """A run that logged only the overall masked share (no mixture, no per-block keys): three columns, and the
+    summary has no per-block or per-source line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "masked_fraction": 0.1}) + "\n"
+                                               for s in (1, 2)))
+    _assert_png(plot_run(run))
+    assert _png_size(run / "report.png")[0] == 3 * 500
+    train, evals = read_metrics(run / "metrics.jsonl")
+    assert masked_share_keys(train) == ([], [])
+    assert not any("per block" in line or "per source" in line for line in summary_lines(train, evals))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -13,12 +14,13 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dist_utils import loss_records
 from gist_scale.config import DataConfig
-from gist_scale.data import DataError, TripletCollator, load_triplets, rank_micro_batches
+from gist_scale.data import DataError, TripletCollator, load_triplets, rank_micro_batches, tokenize_triplets
 from gist_scale.model import load_tokenizer
-from gist_scale.data.streaming import StreamingBatches
+from gist_scale.data.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.train import main
 
 datasets.disable_progress_bars()
@@ -149,6 +151,82 @@ def test_ranks_partition_each_global_batch_as_one_process_holding_it_all(tmp_pat
                 [*m0.student["query"]["attention_mask"], *m1.student["query"]["attention_mask"]], expected):
             assert got_ids[got_mask.bool()].tolist() == want
         assert m.student["query"]["input_ids"].shape[0] == 4
+
+
+# --------------------------------------------------------------------------- several positives, task filters
+
+
+def with_positives(rows: list[dict]) -> list[dict]:
+    """Row i gets 1 + i % 4 positives."""
+    return [{**row, "pos": [f"{row['pos']}.{j}" for j in range(1 + i % 4)]} for i, row in enumerate(rows)]
+
+
+def take_rows(batches: StreamingBatches, count: int) -> list[list]:
+    """Whole rows (extra positives included) of the next `count` global batches."""
+    return [list(row) for _, rows in islice(batches.global_batches(), count) for row in rows]
+
+
+def test_several_positives_and_a_task_filter_stream_the_prepared_rows(tmp_path, tokenizer):
+    """P = 3 and `exclude_tasks`: the stream's rows are the prepared path's (extra positives included) in file order,
+    its collated batches the prepared collator's (slot roles included), and the filtered rows are counted."""
+    path = write_jsonl(tmp_path / "rows.jsonl", with_positives(triplets(30)))
+    options = {"num_positives": 3, "exclude_tasks": ["beta"]}  # beta: 20 of the 30 rows
+    ds, _ = load_triplets(DataConfig(path=str(path), **options))
+    reference = [[r["query"], r["pos"], r["negs"], r["task_name"], r["extra_pos"]] for r in ds]
+    assert len(reference) == 10 and {tuple(r[4]) for r in reference} >= {(None, None), ("positive 9.1", None)}
+
+    batches = stream(tokenizer, batch_size=4, path=str(path), task_homogeneous=False, **options)
+    assert take_rows(batches, 3) == (reference * 2)[:12]  # a pass and 2 rows of the next
+    left_out = batches.report().left_out
+    assert [t.describe() for t in left_out] == ["exclude_tasks ['beta'] left out 22 rows of 1 task (beta)"]
+    assert "    so far exclude_tasks ['beta'] left out 22 rows of 1 task (beta)" in batches.lines()
+
+    streamed = next(iter(stream(tokenizer, batch_size=4, path=str(path), task_homogeneous=False, **options)))
+    tokenized, _ = tokenize_triplets(ds, tokenizer, 32)
+    prepared = TripletCollator(tokenizer)(tokenized.__getitems__(range(4)))
+    assert streamed.num_negatives == prepared.num_negatives == 3  # 2 positive slots + 1 negative
+    assert torch.equal(streamed.slot_roles, prepared.slot_roles)
+    assert streamed.slot_roles.tolist() == [[-1, -1, 0], [1, 1, 0], [1, 1, 0], [1, -1, 0]]  # rows 0, 3, 6, 9
+    for column in ("query", "pos", "neg"):
+        assert torch.equal(streamed.student[column]["input_ids"], prepared.student[column]["input_ids"])
+        assert torch.equal(streamed.text_ids[column], prepared.text_ids[column])
+
+
+def test_buffered_rows_keep_their_extra_positives_through_a_resume(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", with_positives(triplets(30)))
+    make = lambda: stream(tokenizer, batch_size=4, path=str(path), num_positives=2)  # noqa: E731
+    reference = take_rows(make(), 6)
+    first = make()
+    assert take_rows(first, 2) == reference[:8]
+    state = json.loads(json.dumps(first.state_dict()))
+    # Read so far: beta's rows 1, 2, 4, 5 and alpha's 0, 3, 6, 9 became batches; beta's 7 and 8 wait.
+    assert [(row[0], row[4]) for row in state["sources"][0]["buffers"]["beta"]] == [
+        ("query 7", ["positive 7.1"]), ("query 8", [None])]
+    second = make()
+    second.load_state_dict(state)
+    assert take_rows(second, 4) == reference[8:]
+
+
+def test_the_fingerprint_covers_what_the_stream_reads_not_a_sources_loss_policy():
+    def fingerprint(**source) -> str:
+        return stream_fingerprint(DataConfig(streaming=True, sources=[{"path": "a.jsonl", "weight": 1, **source}]))
+
+    assert fingerprint() == fingerprint(margin=0.1, in_batch_negatives=False, false_negatives="relabel")
+    assert len({fingerprint(), fingerprint(num_positives=2), fingerprint(include_tasks=["mteb_*"])}) == 3
+
+
+def test_a_task_filter_that_leaves_a_stream_no_rows_fails_at_the_check(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", triplets(30))
+    with pytest.raises(DataError, match=re.escape(f"{path}: the task filter left no rows: include_tasks ['gam*'] left "
+                                                  "out 30 rows of 2 tasks (alpha, beta)")):
+        stream(tokenizer, path=str(path), include_tasks=["gam*"]).check()
+    with pytest.raises(DataError, match=re.escape("data.sources 'rows': ") + ".*exclude_tasks \\['\\*'\\] left out"):
+        stream(tokenizer, include_tasks=["alpha"],
+               sources=[{"path": str(path), "weight": 1, "task_column": "task_name", "exclude_tasks": ["*"]}]).check()
+    # A source's own filter replaces the data section's.
+    kept = stream(tokenizer, include_tasks=["alpha"], task_homogeneous=False, batch_size=2,
+                  sources=[{"path": str(path), "weight": 1, "task_column": "task_name", "include_tasks": ["beta"]}])
+    assert {row[3] for row in take_rows(kept, 3)} == {"beta"}
 
 
 # ------------------------------------------------------------------------------------------------------ resume
@@ -291,7 +369,7 @@ def test_streamed_training_resumes_with_the_uninterrupted_losses(tmp_path, tiny_
     full = tmp_path / "full"
     assert main(args(full)) == 0
     out = capsys.readouterr().err
-    assert "steps 6 (streamed: no epochs)" in out and "a: 1 negatives per row, share 66.7%" in out
+    assert "steps 6 (streamed: no epochs)" in out and "a: 1 negatives and 1 positive per row, share 66.7%" in out
     records = loss_records(full)
     assert sum(v for r in records for k, v in r.items() if k.endswith("/batches")) == 6
     assert json.loads((full / "mixture.json").read_text())["a"]["requested"] == pytest.approx(2 / 3)

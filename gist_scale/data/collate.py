@@ -54,19 +54,24 @@ def _each_tensor(value: Any, move: Callable[[Any], Any]) -> Any:
 
 @dataclass(frozen=True)
 class TripletBatch:
-    """One micro-batch of B rows with K negatives each, as the training step receives it.
+    """One micro-batch of B rows with K candidate slots each, as the training step receives it.
+
+    A row's slots are its hard negatives, or, with several positives per row (`data.num_positives` P > 1), its P-1
+    extra positives followed by its hard negatives: encoding, chunk plans and the guide see ordinary slots, and
+    `slot_roles` says which slot is what.
 
     `to(device)` returns it moved (Accelerate's `send_to_device` calls it) and `pin_memory()` pinned (the
     DataLoader calls it); the Python numbers stay on the host, so the step reads nothing back from the device.
     """
 
     student: Columns | ChunkedTexts
-    """The student's texts: `query` `[B, L]`, `pos` `[B, L]`, `neg` `[B*K, L]` with row i's negatives at
-    `i*K .. i*K+K-1` (absent when K is 0); or, with `chunks`, the side's texts pooled and cut into chunks."""
+    """The student's texts: `query` `[B, L]`, `pos` `[B, L]` (each row's first positive), `neg` `[B*K, L]` with row
+    i's slots at `i*K .. i*K+K-1` (absent when K is 0); or, with `chunks`, the side's texts pooled and cut into
+    chunks."""
     guide: Columns | ChunkedTexts | None
     """The guide's texts, as `student`; None without a guide tokenizer (no guide, or a guide cache)."""
     num_negatives: int
-    """K."""
+    """K, the candidate slots per row: the source's hard negatives, and with P > 1 its P-1 positive slots."""
     text_ids: dict[str, torch.Tensor]
     """`query` `[B]`, `pos` `[B]`, `neg` `[B*K]` (absent when K is 0): `text_identities` of the student's ids."""
     token_counts: dict[str, TokenCounts]
@@ -74,12 +79,18 @@ class TripletBatch:
     source: int | None = None
     """The rows' mixture source (`data.sources` index); None for a single source."""
     guide_embeddings: dict[str, torch.Tensor] | None = None
-    """The guide's embeddings from the guide cache (`query`, `pos`, `neg`), instead of `guide`."""
+    """The guide's embeddings from the guide cache (`query`, `pos`, `neg` `[B, K, Dg]` in the slots' layout),
+    instead of `guide`."""
+    slot_roles: torch.Tensor | None = None
+    """int8 `[B, K]`: 1 a positive of the row (slots `0 .. P-2`), 0 a hard negative, -1 an empty slot (the row had
+    fewer than P positives; its text is the row's first positive, and no row may count it as a candidate). None when
+    the rows' source has one positive per row: every slot is a hard negative."""
 
     def _moved(self, move: Callable[[Any], Any]) -> TripletBatch:
         return dataclasses.replace(
             self, student=_each_tensor(self.student, move), guide=_each_tensor(self.guide, move),
-            text_ids=_each_tensor(self.text_ids, move), guide_embeddings=_each_tensor(self.guide_embeddings, move))
+            text_ids=_each_tensor(self.text_ids, move), guide_embeddings=_each_tensor(self.guide_embeddings, move),
+            slot_roles=_each_tensor(self.slot_roles, move))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TripletBatch:
         return self._moved(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -98,7 +109,8 @@ class TripletCollator:
     With `chunks`, each side is instead a :class:`gist_scale.chunking.ChunkedTexts`: the side's texts pooled,
     length-sorted and cut into `chunks` chunks padded to their own longest text, planned here on the host so that the
     training step never reads lengths back from the accelerator. `chunks` may be a function of the batch's K (a
-    mixture's sources differ in K, and every batch holds one source). Rows of a mixture give the batch its `source`.
+    mixture's sources differ in K, and every batch holds one source). Rows of a mixture give the batch its `source`,
+    rows with several positives (`positive_slots`, see `tokenize_triplets`) its `slot_roles`.
     """
 
     def __init__(self, student_tokenizer: PreTrainedTokenizerBase,
@@ -150,4 +162,15 @@ class TripletCollator:
                                    chunk_texts(encoded, chunks, tokenizer.pad_token_id, self.pad_to_multiple_of))
         return TripletBatch(student=encoded_sides["student"], guide=encoded_sides.get("guide"),
                             num_negatives=num_negatives, text_ids=text_ids, token_counts=token_counts,
-                            source=rows[0].get("source"))
+                            source=rows[0].get("source"), slot_roles=_slot_roles(rows, num_negatives))
+
+
+def _slot_roles(rows: Sequence[Mapping[str, Any]], slots: int) -> torch.Tensor | None:
+    """`TripletBatch.slot_roles` from the rows' `positive_slots` (the roles of the P-1 slots in front of the hard
+    negatives); None when the rows have no positive slot."""
+    positive = len(rows[0].get("positive_slots", ()))
+    if not positive:
+        return None
+    roles = torch.zeros(len(rows), slots, dtype=torch.int8)
+    roles[:, :positive] = torch.tensor([row["positive_slots"] for row in rows], dtype=torch.int8)
+    return roles

@@ -8,7 +8,9 @@ resumed job, and every rank of a job, reuses the first run's work instead of re-
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -21,48 +23,64 @@ from gist_scale.config import DataConfig, SourceConfig
 from gist_scale.data.batching import GlobalBatchSampler
 from gist_scale.data.collate import TripletCollator
 from gist_scale.data.errors import DataError
-from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, SourceReport, decode_line,
-                                  missing_columns, parse_row, raw_rows, row_error)
+from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, SourceReport, TasksLeftOut,
+                                  decode_line, left_out_task, missing_columns, no_rows_left, parse_row, raw_rows,
+                                  row_error)
 from gist_scale.data.sources import resolve
 
 __all__ = ["build_dataloader", "build_sampler", "load_triplets"]
 
 _ERROR = "_error"
-_TEXT_FEATURES = datasets.Features({
-    "query": datasets.Value("string"), "pos": datasets.Value("string"),
-    "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
-    "source": datasets.Value("int32"), _ERROR: datasets.Value("string"),
-})
-"""Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`)."""
+_LEFT_OUT = "_left_out"
+_EXTRA_POS = "extra_pos"
+
+
+def _text_features(extra_positives: bool) -> datasets.Features:
+    """Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`), `extra_pos`
+    (only when a source has `num_positives` > 1) its other positives; `_error` and `_left_out` ("" for a row kept)
+    say why a row is not kept, until the kept rows are selected."""
+    features = {"query": datasets.Value("string"), "pos": datasets.Value("string"),
+                "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
+                "source": datasets.Value("int32")}
+    if extra_positives:
+        features[_EXTRA_POS] = datasets.List(datasets.Value("string"))
+    return datasets.Features({**features, _ERROR: datasets.Value("string"), _LEFT_OUT: datasets.Value("string")})
 
 
 def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fields, num_negatives: int | None,
-                     where: str, jsonl: bool, source: int = 0) -> dict[str, list]:
-    """Batched map: raw rows -> normalised rows of `source` with an `_error` message ("" when valid)."""
-    out: dict[str, list] = {name: [] for name in _TEXT_FEATURES}
+                     where: str, jsonl: bool, source: int, features: datasets.Features) -> dict[str, list]:
+    """Batched map: raw rows -> normalised rows of `source`, with an `_error` message for a bad row and the option
+    that left out a row of a filtered task (`_left_out`; the row is not validated further)."""
+    out: dict[str, list] = {name: [] for name in features}
     for index, raw in zip(indices, raw_rows(batch, len(indices), fields, jsonl)):
         if raw is None:
             continue
+        values: dict[str, Any] = {"query": "", "pos": "", "negs": [], "task_name": "", "source": source,
+                                  _EXTRA_POS: [], _ERROR: "", _LEFT_OUT: ""}
         try:
             row = decode_line(raw) if jsonl else raw
-            query, pos, negs, task = parse_row(row, fields, num_negatives)
-            error = ""
+            if (left_out := left_out_task(row, fields)) is not None:
+                values[_LEFT_OUT], values["task_name"] = left_out
+            else:
+                query, pos, negs, task, extra = parse_row(row, fields, num_negatives)
+                values.update({"query": query, "pos": pos, "negs": negs, "task_name": task, _EXTRA_POS: extra})
         except BadRow as bad:
-            query, pos, negs, task = "", "", [], ""
-            error = row_error(where, index, jsonl, bad)
-        for name, value in zip(_TEXT_FEATURES, (query, pos, negs, task, source, error)):
-            out[name].append(value)
+            values[_ERROR] = row_error(where, index, jsonl, bad)
+        for name, column in out.items():
+            column.append(values[name])
     return out
 
 
 def _first_valid_negatives(ds: datasets.Dataset, fields: Fields, jsonl: bool) -> int | None:
-    """K, the negatives per row, from the first valid row (reading only as far as that row)."""
+    """K, the negatives per row, from the first valid row of a kept task (reading only as far as that row)."""
     for batch in ds.iter(batch_size=256):
         size = len(next(iter(batch.values())))
         for raw in raw_rows(batch, size, fields, jsonl):
             try:
                 if raw is not None:
-                    return len(parse_row(decode_line(raw) if jsonl else raw, fields, None)[2])
+                    row = decode_line(raw) if jsonl else raw
+                    if left_out_task(row, fields) is None:
+                        return len(parse_row(row, fields, None).negs)
             except BadRow:
                 continue
     return None
@@ -74,14 +92,38 @@ def _task_counts(ds: datasets.Dataset) -> dict[str, int]:
     return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
 
 
-def _load_source(cfg: DataConfig, split: str, source: SourceConfig | None = None,
-                 index: int = 0) -> tuple[datasets.Dataset, str, int | None, list[str], int]:
-    """One source validated: its rows, description, K, the first skipped rows' messages and the skipped count."""
+def _count_left_out(ds: datasets.Dataset, rows: np.ndarray, into: dict[str, dict[str, int]]) -> None:
+    """Add the left-out `rows` of `ds` to `into`'s `{option: {task: rows}}`, grouped by Arrow."""
+    table = ds.data.table.select([_LEFT_OUT, "task_name"]).take(pa.array(rows))
+    for group in table.group_by([_LEFT_OUT, "task_name"]).aggregate([("task_name", "count")]).to_pylist():
+        tasks = into.setdefault(group[_LEFT_OUT], {})
+        tasks[group["task_name"]] = tasks.get(group["task_name"], 0) + group["task_name_count"]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One source loaded and validated."""
+
+    rows: datasets.Dataset
+    description: str
+    fields: Fields
+    num_negatives: int | None
+    skipped: int
+    examples: list[str]
+    """The first skipped rows' messages."""
+    left_out: list[TasksLeftOut]
+
+
+def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: SourceConfig | None = None,
+                 index: int = 0) -> _Source:
+    """One source validated, its rows of filtered-out tasks left out and counted."""
     fields = Fields.from_config(cfg, source)
     description, parts = resolve(cfg, split, source)
+    features = _text_features(extra_positives)
     num_negatives: int | None = None
     loaded: list[datasets.Dataset] = []
     skipped, examples = 0, []
+    left_out: dict[str, dict[str, int]] = {}
     for part in parts:
         raw = part.load()
         if not part.jsonl and len(raw) and (missing := missing_columns(part.where, fields, raw.column_names)):
@@ -90,69 +132,80 @@ def _load_source(cfg: DataConfig, split: str, source: SourceConfig | None = None
             num_negatives = _first_valid_negatives(raw, fields, part.jsonl)
         ds = raw.map(
             _normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-            features=_TEXT_FEATURES, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
+            features=features, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
             fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl,
-                       "source": index},
+                       "source": index, "features": features},
         )
         errors = ds.data.column(_ERROR)
-        bad = np.flatnonzero(pc.not_equal(errors, "").to_numpy(zero_copy_only=False))
-        if len(bad) and (cfg.on_bad_rows == "error" or len(bad) == len(ds)):
+        is_bad = pc.not_equal(errors, "").to_numpy(zero_copy_only=False)
+        is_left_out = pc.not_equal(ds.data.column(_LEFT_OUT), "").to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(is_bad)
+        considered = len(ds) - int(is_left_out.sum())
+        if len(bad) and (cfg.on_bad_rows == "error" or len(bad) == considered):
             first = errors[int(bad[0])].as_py()
-            if len(bad) == len(ds):
-                raise DataError(f"{part.where}: none of its {len(ds)} rows is valid; first: {first}")
+            if len(bad) == considered:
+                raise DataError(f"{part.where}: none of its {considered} rows is valid; first: {first}")
             raise DataError(f"{first} ({len(bad)} bad row{'s' * (len(bad) > 1)} in {part.where}; "
                             "--data.on_bad_rows=skip skips them)")
         if len(bad):
             skipped += len(bad)
             examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
-            good = np.ones(len(ds), dtype=bool)
-            good[bad] = False
-            ds = ds.select(np.flatnonzero(good))
-        loaded.append(ds.remove_columns(_ERROR))
+        if is_left_out.any():
+            _count_left_out(ds, np.flatnonzero(is_left_out), left_out)
+        if len(bad) or is_left_out.any():
+            ds = ds.select(np.flatnonzero(~(is_bad | is_left_out)))
+        loaded.append(ds.remove_columns([_ERROR, _LEFT_OUT]))
     ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    left_out_report = TasksLeftOut.count(fields.tasks, left_out)
     if len(ds) == 0:
-        raise DataError(f"{description}: no rows")
+        raise no_rows_left(description, left_out_report) if left_out_report else DataError(f"{description}: no rows")
     if cfg.max_rows is not None and cfg.max_rows < len(ds):
         ds = ds.select(range(cfg.max_rows))
-    return ds, description, num_negatives, examples, skipped
+    return _Source(ds, description, fields, num_negatives, skipped, examples, left_out_report)
 
 
 def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
     """Load, validate and normalise the configured triplets: `data.path`, or every source of `data.sources`.
 
-    Returns a dataset with columns `query` (str), `pos` (str), `negs` (list of K str, the same K for every row of a
-    source, possibly 0), `task_name` (str) and, for `data.sources`, `source` (the row's index in the list),
-    instructions already prepended as configured, and its `DataReport`.
+    Returns a dataset with columns `query` (str), `pos` (str, the row's first positive), `negs` (list of K str, the
+    same K for every row of a source, possibly 0), `task_name` (str), for `data.sources` `source` (the row's index
+    in the list) and, when a source has `num_positives` P > 1, `extra_pos` (list of P-1: the row's other positives,
+    None where it has fewer; empty for a source with P = 1), instructions already prepended as configured, and its
+    `DataReport`. Rows of tasks that `include_tasks` / `exclude_tasks` leave out are dropped before they are
+    validated, and counted in the report.
     Raises `DataError` on the first bad row (`FILE:LINE: field 'pos': empty text`) unless
     `data.on_bad_rows=skip`, and always when a file has no valid row at all (a wrong column mapping or format is
-    a configuration error, not a few bad rows to skip); errors about a mixture source start with its name.
-    `data.max_rows` applies to each source. On several ranks, call it on the main process first
-    (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
+    a configuration error, not a few bad rows to skip) or a task filter leaves a source no row; errors about a
+    mixture source start with its name.
+    `data.max_rows` applies to each source, after the task filter. On several ranks, call it on the main process
+    first (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
     """
     split = split or cfg.split
     fields = Fields.from_config(cfg)
     if not cfg.sources:
-        ds, description, num_negatives, examples, skipped = _load_source(cfg, split)
-        ds = ds.remove_columns("source")  # one source: nothing to tell apart
-        return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS], num_negatives or 0,
-                              _task_counts(ds), sorted(fields.instructed))
-    loaded, reports, examples, skipped = [], [], [], 0
+        loaded = _load_source(cfg, split, cfg.num_positives > 1)
+        ds = loaded.rows.remove_columns("source")  # one source: nothing to tell apart
+        return ds, DataReport(loaded.description, len(ds), loaded.skipped, loaded.examples[:MAX_REPORTED_BAD_ROWS],
+                              loaded.num_negatives or 0, _task_counts(ds), sorted(fields.instructed),
+                              num_positives=cfg.num_positives, left_out=loaded.left_out)
+    extra_positives = any(Fields.from_config(cfg, source).num_positives > 1 for source in cfg.sources)
+    sources: list[_Source] = []
     for index, source in enumerate(cfg.sources):
         try:
-            ds, description, num_negatives, source_examples, source_skipped = _load_source(cfg, split, source, index)
+            sources.append(_load_source(cfg, split, extra_positives, source, index))
         except DataError as error:
             raise DataError(f"data.sources {source.name!r}: {error}") from error
-        loaded.append(ds)
-        reports.append(SourceReport(source.name, description, len(ds), num_negatives or 0,
-                                    int(pc.count_distinct(ds.with_format("arrow")["task_name"]).as_py())))
-        examples.extend(source_examples)
-        skipped += source_skipped
-    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    reports = [SourceReport(source.name, s.description, len(s.rows), s.num_negatives or 0,
+                            int(pc.count_distinct(s.rows.with_format("arrow")["task_name"]).as_py()),
+                            s.fields.num_positives, tuple(s.left_out)) for source, s in zip(cfg.sources, sources)]
+    ds = sources[0].rows if len(sources) == 1 else datasets.concatenate_datasets([s.rows for s in sources])
     negatives = {r.num_negatives for r in reports}
+    positives = {r.num_positives for r in reports}
     description = f"mixture of {len(reports)} source{'s' * (len(reports) > 1)}"
-    return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS],
+    return ds, DataReport(description, len(ds), sum(s.skipped for s in sources),
+                          [e for s in sources for e in s.examples][:MAX_REPORTED_BAD_ROWS],
                           negatives.pop() if len(negatives) == 1 else None, _task_counts(ds),
-                          sorted(fields.instructed), reports)
+                          sorted(fields.instructed), reports, positives.pop() if len(positives) == 1 else None)
 
 
 def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, world_size: int, rank: int,

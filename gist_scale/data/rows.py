@@ -1,25 +1,91 @@
-"""One row: which columns hold what (`Fields`), validating and normalising a raw row to (query, pos, negatives,
-task), the `FILE:LINE: field 'F': reason` errors, and the `DataReport` of what was read."""
+"""One row: which columns hold what (`Fields`), which tasks are kept (`TaskFilter`), validating and normalising a raw
+row to a `Row`, the `FILE:LINE: field 'F': reason` errors, and the `DataReport` of what was read."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from fnmatch import fnmatchcase
+from typing import Any, NamedTuple
 
 from gist_scale.config import DataConfig, SourceConfig
 from gist_scale.data.errors import DataError
 
 __all__ = ["DEFAULT_TASK", "MAX_REPORTED_BAD_ROWS", "BadRow", "DataReport", "Fields", "Row", "SourceReport",
-           "decode_line", "missing_columns", "parse_row", "raw_rows", "row_error"]
+           "TaskFilter", "TasksLeftOut", "decode_line", "left_out_task", "missing_columns", "no_rows_left",
+           "parse_row", "raw_rows", "row_error"]
 
 DEFAULT_TASK = "default"
 """`task_name` of every row when `data.task_column` is null."""
 MAX_REPORTED_BAD_ROWS = 5
 
-Row = tuple[str, str, list[str], str]
-"""A validated row: query, positive, negatives, task."""
+
+class Row(NamedTuple):
+    """A validated row."""
+
+    query: str
+    pos: str
+    """The row's first positive."""
+    negs: list[str]
+    task: str
+    extra_pos: list[str | None]
+    """Its other positives, P-1 of them (P: the source's `num_positives`), None where the row has fewer: the
+    positive slots that go in front of its negatives (see `TripletBatch.slot_roles`). Empty when P is 1."""
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """`include_tasks` / `exclude_tasks` of a source or of `data.path`: names or `fnmatch` globs over task names (the
+    `task_column` values, or the source's name). None: that side filters nothing."""
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.include is not None or self.exclude is not None
+
+    def leaves_out(self, task: str) -> str | None:
+        """The option that leaves `task` out (`include_tasks`: it matches none of them; `exclude_tasks`: it matches
+        one), or None when the task is kept."""
+        if self.include is not None and not any(fnmatchcase(task, p) for p in self.include):
+            return "include_tasks"
+        if self.exclude is not None and any(fnmatchcase(task, p) for p in self.exclude):
+            return "exclude_tasks"
+        return None
+
+    def patterns(self, option: str) -> tuple[str, ...]:
+        return (self.include if option == "include_tasks" else self.exclude) or ()
+
+
+@dataclass(frozen=True)
+class TasksLeftOut:
+    """The rows and tasks one option of a `TaskFilter` left out of a source."""
+
+    option: str
+    """`include_tasks` or `exclude_tasks`."""
+    patterns: tuple[str, ...]
+    rows: int
+    tasks: tuple[str, ...]
+    """The tasks left out, sorted."""
+
+    @classmethod
+    def count(cls, tasks: TaskFilter, rows: Mapping[str, Mapping[str, int]]) -> list[TasksLeftOut]:
+        """From `{option: {task: rows left out}}`, in the filter's order (include first)."""
+        return [cls(option, tasks.patterns(option), sum(rows[option].values()), tuple(sorted(rows[option])))
+                for option in ("include_tasks", "exclude_tasks") if rows.get(option)]
+
+    def describe(self) -> str:
+        shown = ", ".join(self.tasks[:5]) + (f", ... {len(self.tasks) - 5} more" if len(self.tasks) > 5 else "")
+        return (f"{self.option} {list(self.patterns)} left out {self.rows:,} row{'s' * (self.rows != 1)} of "
+                f"{len(self.tasks)} task{'s' * (len(self.tasks) != 1)} ({shown})")
+
+
+def no_rows_left(where: str, left_out: Sequence[TasksLeftOut]) -> DataError:
+    """The error for a source whose every row a task filter left out."""
+    return DataError(f"{where}: the task filter left no rows: {'; '.join(t.describe() for t in left_out)}; widen "
+                     "include_tasks or narrow exclude_tasks (names or globs over the task names)")
 
 
 @dataclass(frozen=True)
@@ -35,6 +101,10 @@ class Fields:
     """The task of every row when `task` is None (a mixture source's name)."""
     keep_negatives: int | None = None
     """Keep the first N negatives of each row (a source's `num_negatives`); None: all of them."""
+    num_positives: int = 1
+    """P: the first P texts of a list-valued positive column are the row's positives."""
+    tasks: TaskFilter = TaskFilter()
+    """Which tasks are read; rows of the others are left out before they are validated."""
 
     @classmethod
     def from_config(cls, cfg: DataConfig, source: SourceConfig | None = None) -> Fields:
@@ -50,9 +120,12 @@ class Fields:
         if cfg.neg_instruction:
             instructed.update(negs)
         if source is None:
-            return cls(query, pos, tuple(negs), cfg.task_column, frozenset(instructed))
+            return cls(query, pos, tuple(negs), cfg.task_column, frozenset(instructed),
+                       num_positives=cfg.num_positives, tasks=TaskFilter(cfg.include_tasks, cfg.exclude_tasks))
+        own = {name: getattr(cfg, name) if getattr(source, name) is None else getattr(source, name)
+               for name in ("num_positives", "include_tasks", "exclude_tasks")}
         return cls(query, pos, tuple(negs), source.task_column, frozenset(instructed), source.name,
-                   source.num_negatives)
+                   source.num_negatives, own["num_positives"], TaskFilter(own["include_tasks"], own["exclude_tasks"]))
 
     def required(self) -> dict[str, str]:
         """Column -> the option that names it, for "no such column" messages."""
@@ -105,23 +178,48 @@ def _text(value: Any, column: str, row: Mapping[str, Any], instructed: bool) -> 
     return f"{instruction.strip()} {text}".strip()
 
 
+def _texts(value: Any, column: str, row: Mapping[str, Any], instructed: bool, medi: bool, what: str) -> list[str]:
+    """The texts of a column that may hold a list of them. In MEDI's pair form (the query a list), a 2-string list
+    is one `[instruction, text]`."""
+    if isinstance(value, list) and not (medi and _is_pair(value)):
+        if not value:
+            raise BadRow(column, f"empty list of {what}")
+        return [_text(v, column, row, instructed) for v in value]
+    return [_text(value, column, row, instructed)]
+
+
+def _row_task(row: Mapping[str, Any], fields: Fields) -> str:
+    """The row's task: its `task_column` value, or the source's task when there is no task column."""
+    if fields.task is None:
+        return fields.default_task
+    value = row.get(fields.task)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(fields.task, "missing" if value is None else f"expected a task name, got {value!r}")
+    return value.strip()
+
+
+def left_out_task(row: Mapping[str, Any], fields: Fields) -> tuple[str, str] | None:
+    """(option, task) when the fields' task filter leaves the row's task out, else None (always None without a
+    filter). Read before the rest of the row is validated: a left-out row need not be valid."""
+    if not fields.tasks.active:
+        return None
+    task = _row_task(row, fields)
+    option = fields.tasks.leaves_out(task)
+    return None if option is None else (option, task)
+
+
 def parse_row(row: Mapping[str, Any], fields: Fields, num_negatives: int | None) -> Row:
     """Validate and normalise one raw row, or raise `BadRow` naming the field."""
     query = _text(row.get(fields.query), fields.query, row, fields.query in fields.instructed)
-    pos = _text(row.get(fields.pos), fields.pos, row, fields.pos in fields.instructed)
-    # A list in a negative column holds several negatives, unless the row is in MEDI's pair form, where a
-    # 2-string list is one [instruction, text] negative.
     medi = isinstance(row.get(fields.query), list)
+    positives = _texts(row.get(fields.pos), fields.pos, row, fields.pos in fields.instructed, medi, "positives")
+    extra: list[str | None] = positives[1:fields.num_positives]
+    extra += [None] * (fields.num_positives - 1 - len(extra))
     negs: list[str] = []
     for column in fields.negs:
-        value = row.get(column)
-        instructed = column in fields.instructed
-        if isinstance(value, list) and not (medi and _is_pair(value)):
-            if not value:
-                raise BadRow(column, "empty list of negatives")
-            negs.extend(_text(v, column, row, instructed) for v in value)
-        else:
-            negs.append(_text(value, column, row, instructed))
+        negs.extend(_texts(row.get(column), column, row, column in fields.instructed, medi, "negatives"))
     if fields.keep_negatives is not None:
         if len(negs) < fields.keep_negatives:
             raise BadRow(fields.negs[-1] if fields.negs else None, f"{len(negs)} negatives, but the source's "
@@ -130,15 +228,7 @@ def parse_row(row: Mapping[str, Any], fields: Fields, num_negatives: int | None)
     if num_negatives is not None and len(negs) != num_negatives:
         raise BadRow(fields.negs[-1], f"{len(negs)} negatives, but the first valid row has {num_negatives}; "
                                       "every row needs the same number")
-    task = fields.default_task
-    if fields.task is not None:
-        value = row.get(fields.task)
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not value.strip():
-            raise BadRow(fields.task, "missing" if value is None else f"expected a task name, got {value!r}")
-        task = value.strip()
-    return query, pos, negs, task
+    return Row(query, positives[0], negs, _row_task(row, fields), extra)
 
 
 def decode_line(line: str) -> dict[str, Any]:
@@ -188,6 +278,9 @@ class SourceReport:
     rows: int
     num_negatives: int
     tasks: int
+    num_positives: int = 1
+    left_out: tuple[TasksLeftOut, ...] = ()
+    """What its task filter left out."""
 
 
 @dataclass
@@ -200,26 +293,34 @@ class DataReport:
     skipped_examples: list[str]
     """The first few skipped rows as `FILE:ROW: field 'F': reason`."""
     num_negatives: int | None
-    """K, the negatives per row; None when mixture sources differ (each batch then has its own source's K)."""
+    """K, the hard negatives per row; None when mixture sources differ (each batch then has its own source's K)."""
     tasks: dict[str, int]
     """Rows per task, largest first."""
     instructions: list[str] = field(default_factory=list)
     """Columns whose instruction was prepended."""
     sources: list[SourceReport] = field(default_factory=list)
     """The sources of a `data.sources` mixture, in configuration order (empty for `data.path`)."""
+    num_positives: int | None = 1
+    """P, the positive slots per row (`data.num_positives`); None when mixture sources differ."""
+    left_out: list[TasksLeftOut] = field(default_factory=list)
+    """What the task filter of `data.path` left out (a mixture's sources report their own)."""
 
     def lines(self) -> list[str]:
         shown = ", ".join(f"{t}={n}" for t, n in list(self.tasks.items())[:12])
         more = f", ... {len(self.tasks) - 12} more" if len(self.tasks) > 12 else ""
         negatives = "per source" if self.num_negatives is None else self.num_negatives
+        positives = "per source" if self.num_positives is None else self.num_positives
         lines = [
             f"data: {self.source}",
-            f"  rows: {self.rows}, negatives per row: {negatives}, "
+            f"  rows: {self.rows}, positives per row: {positives}, negatives per row: {negatives}, "
             f"instructions: {', '.join(self.instructions) or 'none'}",
             f"  tasks ({len(self.tasks)}): {shown}{more}",
         ]
-        lines.extend(f"  source {s.name}: {s.rows} rows, {s.num_negatives} negatives, {s.tasks} task"
-                     f"{'s' * (s.tasks != 1)}, {s.where}" for s in self.sources)
+        lines.extend(f"  {left_out.describe()}" for left_out in self.left_out)
+        for s in self.sources:
+            lines.append(f"  source {s.name}: {s.rows} rows, {s.num_negatives} negatives, {s.num_positives} "
+                         f"positive{'s' * (s.num_positives != 1)}, {s.tasks} task{'s' * (s.tasks != 1)}, {s.where}")
+            lines.extend(f"    {left_out.describe()}" for left_out in s.left_out)
         if self.skipped:
             lines.append(f"  skipped {self.skipped} bad rows (data.on_bad_rows=skip); first:")
             lines.extend(f"    {example}" for example in self.skipped_examples)

@@ -4,7 +4,8 @@ Each source's files (or its hub dataset) are opened one after the other as `data
 (`load_dataset(..., streaming=True)`, see `gist_scale.data.sources.Part`) and read row by row; nothing is prepared
 on disk. Rows are validated as they are read, by the same code and with the same messages as the prepared path
 (`gist_scale.data.rows`): a bad row stops training with `FILE:LINE` (JSON lines) or `FILE:row N` (counted within
-its file), unless `data.on_bad_rows=skip`. K, a source's negatives per row, comes from its first valid row.
+its file), unless `data.on_bad_rows=skip`. K, a source's negatives per row, comes from its first valid row. Rows
+of tasks that the source's `include_tasks` / `exclude_tasks` leave out are counted and passed over, unvalidated.
 
 Global batches: for global batch b the source is drawn by weight from `np.random.default_rng([seed, b])`, with
 replacement (a stream's size is unknown, so there is no epoch to draw without replacement from). The source's rows
@@ -15,9 +16,10 @@ its own slice. A source that ends starts over (a new pass); its buffers carry ov
 ends after that many valid rows.
 
 Resume: `state_dict()` is JSON: the global batches emitted and, per source, its pass, the file being read, the rows
-read in it, that file's `IterableDataset.state_dict()` (the library's shard and offset) and the buffered rows not
-yet emitted (at most tasks x global batch per source). The trainer keeps it in `TrainerState.stream`; loading it
-continues with exactly the next global batch, on any world size with the same global batch.
+read in it, that file's `IterableDataset.state_dict()` (the library's shard and offset), the buffered rows not
+yet emitted (at most tasks x global batch per source) and its counts (rows read, skipped, left out by the task
+filter). The trainer keeps it in `TrainerState.stream`; loading it continues with exactly the next global batch, on
+any world size with the same global batch.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ import numpy as np
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import MIXTURE_FILE, DataConfig
+from gist_scale.config import MIXTURE_FILE, POLICY_FIELDS, DataConfig
 from gist_scale.data.batching import SamplerSummary, rank_micro_batches
 from gist_scale.data.collate import TripletBatch, TripletCollator
 from gist_scale.data.errors import DataError
-from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, Row, SourceReport, decode_line,
-                                  missing_columns, parse_row, row_error)
+from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, Row, SourceReport, TasksLeftOut,
+                                  decode_line, left_out_task, missing_columns, no_rows_left, parse_row, row_error)
 from gist_scale.data.sources import Part, resolve
 from gist_scale.data.tokenize import encoder_sides, tokenize_batch
 from gist_scale.model.prompts import Prompts
@@ -52,8 +54,11 @@ _NOT_DATA = ("num_workers", "num_proc", "pad_to_multiple_of", "task_instructions
 
 def stream_fingerprint(cfg: DataConfig) -> str:
     """The streamed data's identity for `resume.check_data`: its configuration (paths, revisions, splits, columns,
-    weights, validation options), since the rows themselves are not known before they are read."""
-    return Hasher.hash({k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_DATA})
+    weights, validation options, task filters), since the rows themselves are not known before they are read. A
+    source's loss policy (`POLICY_FIELDS`) is not data: a resume may change it, as on the prepared path."""
+    data = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_DATA}
+    data["sources"] = [{k: v for k, v in source.items() if k not in POLICY_FIELDS} for source in data["sources"]]
+    return Hasher.hash(data)
 
 
 class _SourceStream:
@@ -76,6 +81,8 @@ class _SourceStream:
         self.read, self.skipped = 0, 0
         self.examples: list[str] = []
         self.tasks: dict[str, int] = {}
+        self.left_out: dict[str, dict[str, int]] = {}
+        """Rows passed over by the task filter: `{option: {task: rows}}`, over every pass."""
         self._position: dict | None = None
         """The current part's `IterableDataset.state_dict()` to start from (None: its beginning)."""
         self._dataset: datasets.IterableDataset | None = None
@@ -95,7 +102,7 @@ class _SourceStream:
             if self._rows is None:
                 self._rows = self._read()
             row = next(self._rows)
-            key = row[3] if self.task_homogeneous else ""
+            key = row.task if self.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
             buffer.append(row)
             if len(buffer) >= size:
@@ -121,8 +128,10 @@ class _SourceStream:
                     break
                 self.part, self.row, self._position, self._dataset = self.part + 1, 0, None, None
             if self.valid == 0:
+                left_out = self.left_out_report()
+                error = no_rows_left(self.description, left_out) if left_out else f"{self.description}: no rows"
                 first = f"; first bad row: {self.examples[0]}" if self.examples else ""
-                raise DataError(f"{self.prefix}{self.description}: no rows{first}")
+                raise DataError(f"{self.prefix}{error}{first}")
             self.passes, self.part, self.row, self.valid = self.passes + 1, 0, 0, 0
             self._position, self._dataset = None, None
 
@@ -161,7 +170,13 @@ class _SourceStream:
         if part.jsonl and not raw["text"].strip():
             return None  # not a row, but it keeps the line count
         try:
-            row = parse_row(decode_line(raw["text"]) if part.jsonl else raw, self.fields, self.num_negatives)
+            values = decode_line(raw["text"]) if part.jsonl else raw
+            if (left_out := left_out_task(values, self.fields)) is not None:
+                option, task = left_out
+                counts = self.left_out.setdefault(option, {})
+                counts[task] = counts.get(task, 0) + 1
+                return None
+            row = parse_row(values, self.fields, self.num_negatives)
         except BadRow as bad:
             message = self.prefix + row_error(part.where, self.row - 1, part.jsonl, bad)
             if self.on_bad_rows == "error":
@@ -171,10 +186,10 @@ class _SourceStream:
                 self.examples.append(message)
             return None
         if self.num_negatives is None:
-            self.num_negatives = len(row[2])
+            self.num_negatives = len(row.negs)
         self.valid += 1
         self.read += 1
-        self.tasks[row[3]] = self.tasks.get(row[3], 0) + 1
+        self.tasks[row.task] = self.tasks.get(row.task, 0) + 1
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -182,7 +197,8 @@ class _SourceStream:
         return {"pass": self.passes, "part": self.part, "row": self.row, "valid": self.valid, "position": position,
                 "num_negatives": self.num_negatives,
                 "buffers": {key: [list(row) for row in rows] for key, rows in self.buffers.items()},
-                "read": self.read, "skipped": self.skipped, "examples": list(self.examples), "tasks": dict(self.tasks)}
+                "read": self.read, "skipped": self.skipped, "examples": list(self.examples), "tasks": dict(self.tasks),
+                "left_out": {option: dict(tasks) for option, tasks in self.left_out.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not 0 <= state["part"] < len(self.parts):
@@ -192,10 +208,15 @@ class _SourceStream:
         self.passes, self.part, self.row, self.valid = state["pass"], state["part"], state["row"], state["valid"]
         self._position, self._dataset, self._rows = state["position"], None, None
         self.num_negatives = state["num_negatives"]
-        self.buffers = {key: [(q, p, list(negs), task) for q, p, negs, task in rows]
+        self.buffers = {key: [Row(q, p, list(negs), task, list(extra)) for q, p, negs, task, extra in rows]
                         for key, rows in state["buffers"].items()}
         self.read, self.skipped = state["read"], state["skipped"]
         self.examples, self.tasks = list(state["examples"]), dict(state["tasks"])
+        self.left_out = {option: dict(tasks) for option, tasks in state["left_out"].items()}
+
+    def left_out_report(self) -> list[TasksLeftOut]:
+        """What the task filter passed over so far."""
+        return TasksLeftOut.count(self.fields.tasks, self.left_out)
 
 
 class StreamingBatches:
@@ -246,7 +267,7 @@ class StreamingBatches:
         now (before any model loads) rather than at the first step that draws it; fixes each source's K."""
         for source, share in zip(self.sources, self.shares):
             if share > 0 and source.num_negatives is None:
-                source.num_negatives = len(source.first_row()[2])
+                source.num_negatives = len(source.first_row().negs)
 
     def _draw(self, batch: int) -> int:
         """The source of global batch `batch`, from (seed, batch) alone: the same on every rank and after a resume."""
@@ -269,8 +290,8 @@ class StreamingBatches:
                 yield self._collate(micro, source)
 
     def _collate(self, rows: list[Row], source: int) -> TripletBatch:
-        columns = {"query": [r[0] for r in rows], "pos": [r[1] for r in rows], "negs": [r[2] for r in rows],
-                   "task_name": [r[3] for r in rows]}
+        columns = {"query": [r.query for r in rows], "pos": [r.pos for r in rows], "negs": [r.negs for r in rows],
+                   "task_name": [r.task for r in rows], "extra_pos": [r.extra_pos for r in rows]}
         tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
         examples = [{k: v[i] for k, v in tokenized.items()} for i in range(len(rows))]
         if self.mixture:
@@ -301,8 +322,11 @@ class StreamingBatches:
                  + ("" if single else "; sources drawn by weight, with replacement")]
         for source, share in zip(self.sources, self.shares):
             negatives = "?" if source.num_negatives is None else source.num_negatives
-            lines.append(f"  {source.name or 'source'}: {negatives} negatives per row"
+            positives = source.fields.num_positives
+            lines.append(f"  {source.name or 'source'}: {negatives} negatives and {positives} "
+                         f"positive{'s' * (positives != 1)} per row"
                          + ("" if single else f", share {share:.1%}, {source.description}"))
+            lines.extend(f"    so far {left_out.describe()}" for left_out in source.left_out_report())
         if self.batches:
             for source in self.sources:
                 buffered = sum(len(rows) for rows in source.buffers.values())
@@ -317,14 +341,17 @@ class StreamingBatches:
             for task, rows in source.tasks.items():
                 tasks[task] = tasks.get(task, 0) + rows
         negatives = {s.num_negatives for s in self.sources if s.num_negatives is not None}
+        positives = {s.fields.num_positives for s in self.sources}
         description = self.sources[0].description if len(self.sources) == 1 else f"{len(self.sources)} sources"
         return DataReport(
             f"{description} (streamed)", sum(s.read for s in self.sources), sum(s.skipped for s in self.sources),
             [e for s in self.sources for e in s.examples][:MAX_REPORTED_BAD_ROWS],
             negatives.pop() if len(negatives) == 1 else None,
             dict(sorted(tasks.items(), key=lambda tc: (-tc[1], tc[0]))), self.instructions,
-            [SourceReport(s.name, s.description, s.read, s.num_negatives or 0, len(s.tasks))
-             for s in self.sources if self.mixture])
+            [SourceReport(s.name, s.description, s.read, s.num_negatives or 0, len(s.tasks), s.fields.num_positives,
+                          tuple(s.left_out_report())) for s in self.sources if self.mixture],
+            positives.pop() if len(positives) == 1 else None,
+            [] if self.mixture else self.sources[0].left_out_report())
 
     def write_mixture(self, run_dir: Path) -> None:
         """RUN/mixture.json with each source's requested share, for `gist-scale report` (several sources only)."""

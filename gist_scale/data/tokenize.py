@@ -64,13 +64,30 @@ def _prompted(texts: list[str], prompts: list[str] | str) -> list[str]:
     return [p + t for p, t in zip(prompts, texts)]
 
 
+def _slots(batch: Mapping[str, list]) -> tuple[list[list[str]], list[list[int]] | None]:
+    """Each row's candidate slots: its extra positives (`extra_pos`; the first positive's text in an empty slot, so
+    encoders always see real text) in front of its negatives; and the positive slots' roles (1: a positive, -1:
+    empty), or None for rows without `extra_pos`."""
+    if "extra_pos" not in batch:
+        return batch["negs"], None
+    slots = [[p if e is None else e for e in extra] + negs
+             for p, extra, negs in zip(batch["pos"], batch["extra_pos"], batch["negs"])]
+    return slots, [[-1 if e is None else 1 for e in extra] for extra in batch["extra_pos"]]
+
+
 def tokenize_batch(batch: Mapping[str, list], sides: Sequence[Side]) -> dict[str, list]:
     """Batched map: texts -> unpadded ids for each side (student, guide), plus per-row truncation flags
     (`_truncated_<side>_<column>`) and, when a side leaves prompts out of pooling, each text's prompt length
-    (`<side>_query_prompt`, ...). Rows may have different numbers of negatives (mixture sources differ)."""
+    (`<side>_query_prompt`, ...). Rows may have different numbers of negatives (mixture sources differ).
+
+    With `extra_pos` (several positives per row), `<side>_negs` holds each row's candidate slots, its extra positives
+    first (see `_slots`), and `positive_slots` their roles."""
     out: dict[str, list] = {}
     rows = len(batch["query"])
-    ends = np.cumsum([len(negs) for negs in batch["negs"]]).tolist()
+    slots, positive_slots = _slots(batch)
+    if positive_slots is not None:
+        out["positive_slots"] = positive_slots
+    ends = np.cumsum([len(texts) for texts in slots]).tolist()
     starts = [0] + ends[:-1]
     for side in sides:
         name, tokenizer, prompts = side.name, side.tokenizer, side.prompts
@@ -79,7 +96,7 @@ def tokenize_batch(batch: Mapping[str, list], sides: Sequence[Side]) -> dict[str
         for column in ("query", "pos"):
             out[f"{name}_{column}"], out[f"_truncated_{name}_{column}"] = token_ids(tokenizer, texts[column],
                                                                                     side.max_length)
-        negs = _prompted([t for negs in batch["negs"] for t in negs], prompts.document)
+        negs = _prompted([t for row in slots for t in row], prompts.document)
         ids, truncated = token_ids(tokenizer, negs, side.max_length)
         out[f"{name}_negs"] = [ids[a:b] for a, b in zip(starts, ends)]
         out[f"_truncated_{name}_negs"] = [sum(truncated[a:b]) for a, b in zip(starts, ends)]
@@ -102,6 +119,8 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
     the same `guide_*` columns, all unpadded token ids with the tokenizer's special tokens (a decoder's EOS
     included, see `gist_scale.model.load_tokenizer`), plus `task_name` (and `source` for a mixture); and the
     fraction of texts truncated per column (`student_query`, ..., `guide_negs`; negatives over all negatives).
+    Rows with `extra_pos` (`data.num_positives` > 1) get P-1+K candidate slots in `<side>_negs`, their P-1 extra
+    positives first, and `positive_slots` (int8, P-1 per row: 1 a positive, -1 an empty slot).
     Each side's `Prompts` are prepended to its texts; a side whose prompts are left out of pooling also gets
     `<side>_query_prompt`, `<side>_pos_prompt` (ints) and `<side>_negs_prompt` (K ints): each text's prompt
     length in tokens. The raw text columns are dropped. A second call with the same data, tokenizers, lengths and
@@ -118,6 +137,8 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
         if not side.prompts.include_prompt:
             features.update({f"{side.name}_query_prompt": datasets.Value("int32"),
                              f"{side.name}_pos_prompt": datasets.Value("int32"), f"{side.name}_negs_prompt": ids})
+    if "extra_pos" in ds.column_names:
+        features["positive_slots"] = datasets.List(datasets.Value("int8"))
     tokenized = ds.map(
         tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
         features=features, num_proc=num_proc, fn_kwargs={"sides": sides},

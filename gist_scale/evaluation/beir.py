@@ -127,11 +127,6 @@ def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = No
     note = f"; {skipped} of {len(query_rows)} queries have no judgments in this split, skipped" if skipped else ""
     if nothing_relevant:
         note += f"; {nothing_relevant} judged without a relevant document, scored 0 as BEIR and MTEB do"
-    return EvalData(
-        queries=[query_rows[q]["text"].strip() for q in evaluated],
-        corpus=corpus,
-        relevant=[grades[q] for q in evaluated],
-        sts=sts,
-        source=f"BEIR folder {root} (split {split}{note})",
-        exclude=[corpus_index.get(q, -1) for q in evaluated],
-    )
+    return EvalData([query_rows[q]["text"].strip() for q in evaluated], corpus, [grades[q] for q in evaluated], sts,
+                    source=f"BEIR folder {root} (split {split}{note})",
+                    exclude=[corpus_index.get(q, -1) for q in evaluated])

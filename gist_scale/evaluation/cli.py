@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from gist_scale.evaluation.scoring import evaluate_embedder
 from gist_scale.model import Embedder
 from gist_scale.options import load_config
 from gist_scale.places import require_writable_file
-from gist_scale.st_format import load_sentence_transformer_dir, model_prompts
+from gist_scale.st_format import load_sentence_transformer_dir
 
 __all__ = ["build_parser", "load_model", "main"]
 
@@ -55,29 +54,13 @@ def load_model(name: str, max_length: int | None = None, trust_remote_code: bool
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _evaluate_model(name: str, data: EvalData, batch_size: int, max_length: int | None,
-                    device: torch.device, dims: Sequence[int] = (), trust_remote_code: bool = False
-                    ) -> tuple[dict[str, float], float]:
-    embedder, tokenizer, length = load_model(name, max_length, trust_remote_code)
-    embedder.to(device)
-    start = time.perf_counter()
-    metrics = evaluate_embedder(embedder, tokenizer, length, data, batch_size, device, dims=dims)
-    return metrics, time.perf_counter() - start
+def _run_mteb(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, length: int, name: str, tasks: list,
+              out_dir: Path, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Run the `--mteb` tasks on one model; mteb's result JSON and `summary.json` go to `out_dir`."""
+    from gist_scale.evaluation.mteb import EmbedderEncoder, run_mteb  # see `main`
 
-
-def _run_mteb(name: str, tasks: str, out_dir: Path, batch_size: int, max_length: int | None,
-              device: torch.device, trust_remote_code: bool = False) -> dict[str, float]:
-    """Run `--mteb` tasks on one model; mteb's result JSON and `summary.json` go to `out_dir`."""
-    # mteb is an optional dependency (the [mteb] extra), heavy to import: only when --mteb asks for it.
-    from gist_scale.evaluation.mteb import EmbedderEncoder, resolve_tasks, run_mteb
-
-    resolved = resolve_tasks([task.strip() for task in tasks.split(",") if task.strip()])
-    embedder, tokenizer, length = load_model(name, max_length, trust_remote_code)
-    embedder.to(device)
-    path = Path(name).expanduser()
-    prompts = {} if (path / COMPLETE_MARKER).is_file() else model_prompts(name)
-    encoder = EmbedderEncoder(embedder, tokenizer, length, device, _mteb_model_name(name), prompts, batch_size)
-    summary = run_mteb(encoder, resolved, out_dir, batch_size)
+    encoder = EmbedderEncoder(embedder, tokenizer, length, device, _mteb_model_name(name), embedder.prompts, batch_size)
+    summary = run_mteb(encoder, tasks, out_dir, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps({"model": name, "tasks": summary}, indent=2) + "\n")
     return {f"{task} ({result['main_score']})": result["value"] for task, result in summary.items()}
@@ -96,10 +79,8 @@ def _table(model: str, metrics: dict[str, float], baseline: str | None, base: di
     caption = f"model: {model}" + (f"\nbaseline: {baseline}" if base is not None else "")
     table = Table(title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
     table.add_column("metric")
-    table.add_column("model", justify="right")
-    if base is not None:
-        table.add_column("baseline", justify="right")
-        table.add_column("delta (model - baseline)", justify="right")
+    for column in ["model"] + (["baseline", "delta (model - baseline)"] if base is not None else []):
+        table.add_column(column, justify="right")
     for key, value in metrics.items():
         cells = [key, f"{value:.4f}"]
         if base is not None:
@@ -201,24 +182,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.out and not args.mteb:  # before minutes of encoding, not after
             require_writable_file(args.out, "--out")
         if args.mteb:
-            out_dir = Path(args.out or "mteb_results")
-            for key, name in (("model", args.model), ("baseline", args.baseline)):
-                if name is not None:
-                    results[key] = _run_mteb(name, args.mteb, out_dir / key, args.batch_size, args.max_length,
-                                             device, args.trust_remote_code)
-                    console.print(f"{key} {name}: mteb results in {out_dir / key}")
+            # mteb is an optional dependency (the [mteb] extra), heavy to import: only when --mteb asks for it.
+            from gist_scale.evaluation.mteb import resolve_tasks
+
+            tasks = resolve_tasks([task.strip() for task in args.mteb.split(",") if task.strip()])
         else:
             with state.main_process_first():  # the main process fills the datasets cache, the others read it
                 data = _cli_eval_data(args)
             if state.is_main_process:
                 console.print(data.describe())
-            for key, name in (("model", args.model), ("baseline", args.baseline)):
-                if name is None:
-                    continue
-                results[key], seconds = _evaluate_model(name, data, args.batch_size, args.max_length, device,
-                                                        args.dims, args.trust_remote_code)
-                if state.is_main_process:
-                    console.print(f"{key} {name}: encoded {len(data.texts)} texts in {seconds:.1f} s")
+        for key, name in (("model", args.model), ("baseline", args.baseline)):
+            if name is None:
+                continue
+            embedder, tokenizer, length = load_model(name, args.max_length, args.trust_remote_code)
+            embedder.to(device)
+            if args.mteb:
+                out_dir = Path(args.out or "mteb_results") / key
+                results[key] = _run_mteb(embedder, tokenizer, length, name, tasks, out_dir, args.batch_size, device)
+                console.print(f"{key} {name}: mteb results in {out_dir}")
+                continue
+            start = time.perf_counter()
+            results[key] = evaluate_embedder(embedder, tokenizer, length, data, args.batch_size, device,
+                                             dims=args.dims)
+            if state.is_main_process:
+                console.print(f"{key} {name}: encoded {len(data.texts)} texts in {time.perf_counter() - start:.1f} s")
     except (ConfigError, DataError, CheckpointError, OSError, ValueError) as error:
         return fail(str(error))
     except ImportError as error:  # only --mteb imports anything here: mteb itself

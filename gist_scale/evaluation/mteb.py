@@ -13,6 +13,7 @@ HF cache when offline (`HF_HUB_OFFLINE=1`); a dataset that can be reached neithe
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,16 +49,12 @@ def resolve_tasks(names: Sequence[str]) -> list[AbsTask]:
     """
     tasks: list[AbsTask] = []
     for name in names:
-        try:
+        with contextlib.suppress(KeyError):
             tasks.append(mteb.get_task(name))
             continue
-        except KeyError:
-            pass
-        try:
+        with contextlib.suppress(KeyError):
             tasks.extend(mteb.get_benchmark(name).tasks)
             continue
-        except KeyError:
-            pass
         known = [task.metadata.name for task in mteb.get_tasks(exclude_superseded=False)]
         known += [benchmark.name for benchmark in mteb.get_benchmarks()]
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
@@ -125,10 +122,7 @@ def run_mteb(encoder: EmbedderEncoder, tasks: Sequence[AbsTask], out_dir: Path,
         finally:
             task.unload_data()
         name = task.metadata.name
-        summary[name] = {
-            "main_score": task.metadata.main_score,
-            "value": float(result.get_score()),
-            "splits": {split: float(result.get_score(splits=[split])) for split in result.scores},
-            "result_file": str(cache.get_task_result_path(name, encoder.mteb_model_meta)),
-        }
+        summary[name] = {"main_score": task.metadata.main_score, "value": float(result.get_score()),
+                         "splits": {split: float(result.get_score(splits=[split])) for split in result.scores},
+                         "result_file": str(cache.get_task_result_path(name, encoder.mteb_model_meta))}
     return summary

@@ -61,16 +61,15 @@ def appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(ids) and ids[-1] == tokenizer.eos_token_id
 
 
+def _special(eos: str, type_id: int) -> dict:
+    return {"SpecialToken": {"id": eos, "type_id": type_id}}
+
+
 def _eos_template(eos: str, eos_id: int) -> dict:
     """A tokenizers `TemplateProcessing` (JSON form) that appends `eos` to single texts and to each of a pair."""
-    def seq(name: str, type_id: int) -> dict:
-        return {"Sequence": {"id": name, "type_id": type_id}}
-
-    def special(type_id: int) -> dict:
-        return {"SpecialToken": {"id": eos, "type_id": type_id}}
-
-    return {"type": "TemplateProcessing", "single": [seq("A", 0), special(0)],
-            "pair": [seq("A", 0), special(0), seq("B", 1), special(1)],
+    a, b = ({"Sequence": {"id": name, "type_id": type_id}} for type_id, name in enumerate("AB"))
+    return {"type": "TemplateProcessing", "single": [a, _special(eos, 0)],
+            "pair": [a, _special(eos, 0), b, _special(eos, 1)],
             "special_tokens": {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}}
 
 
@@ -79,16 +78,11 @@ def _with_eos(processor: dict | None, eos: str, eos_id: int) -> dict:
     if processor is None:
         return _eos_template(eos, eos_id)
     if processor["type"] == "TemplateProcessing":
-        out = dict(processor)
-        out["single"] = processor["single"] + [{"SpecialToken": {"id": eos, "type_id": 0}}]
-        pair, last_a = list(processor["pair"]), 0
-        for i, piece in enumerate(pair):
-            if piece.get("Sequence", {}).get("id") == "A":
-                last_a = i
-        pair.insert(last_a + 1, {"SpecialToken": {"id": eos, "type_id": 0}})
-        out["pair"] = pair + [{"SpecialToken": {"id": eos, "type_id": 1}}]
-        out["special_tokens"] = {**processor["special_tokens"], eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}
-        return out
+        pair = list(processor["pair"])
+        last_a = max((i for i, piece in enumerate(pair) if piece.get("Sequence", {}).get("id") == "A"), default=0)
+        pair.insert(last_a + 1, _special(eos, 0))
+        return {**processor, "single": processor["single"] + [_special(eos, 0)], "pair": pair + [_special(eos, 1)],
+                "special_tokens": {**processor["special_tokens"], eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}}
     if processor["type"] == "Sequence":
         inner = processor["processors"]
         templates = [i for i, p in enumerate(inner) if p["type"] == "TemplateProcessing"]

@@ -58,12 +58,8 @@ class Embedder(nn.Module):
     def __init__(self, encoder: PreTrainedModel, pooling: str, normalize: bool, include_prompt: bool = True,
                  prompts: dict[str, str] | None = None) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
-        self.encoder = encoder
-        self.pooling = pooling
-        self.normalize = normalize
-        self.include_prompt = include_prompt
+        # `pooling` is checked by the config (`EncoderConfig`) or the sentence-transformers reader, and by `pool`.
+        self.encoder, self.pooling, self.normalize, self.include_prompt = encoder, pooling, normalize, include_prompt
         self.prompts = dict(prompts or {})
         self.decoder = is_decoder(encoder.config)
 

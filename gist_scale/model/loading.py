@@ -51,12 +51,6 @@ _DOWNLOAD = (f"download it once where the hub is reachable (`hf download NAME` f
              "(or a sentence-transformers one, e.g. RUN/final)")
 
 
-def _hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
 def _hub_problem(name: str, revision: str | None, error: BaseException) -> str:
     """Why the hub could not give `name`, from the `huggingface_hub` error inside transformers' `OSError`."""
     from huggingface_hub import constants, errors
@@ -66,7 +60,7 @@ def _hub_problem(name: str, revision: str | None, error: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, errors.LocalEntryNotFoundError) or cause is None and "connect" in str(error):
         hub = "the hub is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub is unreachable"
-        return f"it is not in the hub cache {_hub_cache()} and {hub}"
+        return f"it is not in the hub cache {constants.HF_HUB_CACHE} and {hub}"
     if isinstance(cause, errors.GatedRepoError):
         return "it is gated on the hub: accept its terms there, then `hf auth login`"
     if isinstance(cause, errors.RepositoryNotFoundError):
@@ -110,6 +104,8 @@ def _from_pretrained(name: str, revision: str | None, remote_code_option: str) -
     resolved = find_model(name)
     try:
         yield resolved
+    except ConfigError:  # our own checks of what was loaded, raised inside the block
+        raise
     except ValueError as error:  # transformers' word for a bad argument or a directory without tokenizer files
         if "trust_remote_code=True" in str(error):  # custom code, and trust_remote_code was False
             raise ConfigError(f"model {name}: it needs Python code from its repository (auto_map in its config.json "
@@ -199,29 +195,22 @@ def base_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_option: 
     `remote_code_option` names the switch that sets `cfg.trust_remote_code` when a custom-code model is refused
     without it (default `--model.trust_remote_code true`).
     """
-    option = remote_code_option or _remote_code_option(cfg)
-    with _from_pretrained(cfg.name, cfg.revision, option) as path:
+    with _from_pretrained(cfg.name, cfg.revision, remote_code_option or _remote_code_option(cfg)) as path:
         config = _encoder_config(path, cfg.revision, cfg.dropout, cfg.trust_remote_code)
         model_class = _model_class(config, path, cfg.revision, cfg.trust_remote_code)
-    check_pooling(config, cfg.pooling, cfg.section)
-    if cfg.attn_implementation == "sdpa" and model_class is not None and not model_class._supports_sdpa:
-        # Gemma 2, for one: its attention soft-caps the logits, which sdpa cannot; and many custom-code models.
-        raise ConfigError(f"model.attn_implementation=sdpa: {model_class.__name__} has no sdpa attention in "
-                          "transformers; use --model.attn_implementation eager")
-    with contextlib.ExitStack() as stack:
-        if weights:
-            path = stack.enter_context(_from_pretrained(cfg.name, cfg.revision, option))
-            encoder = AutoModel.from_pretrained(path, revision=cfg.revision, config=config,
-                                                attn_implementation=cfg.attn_implementation,
-                                                trust_remote_code=cfg.trust_remote_code)
-        else:
-            stack.enter_context(init_empty_weights())
-            encoder = AutoModel.from_config(config, attn_implementation=cfg.attn_implementation,
-                                            trust_remote_code=cfg.trust_remote_code)
-        check_max_length(cfg, encoder.config)
-        _drop_unused_pooler(encoder)
-        if weights and cfg.gradient_checkpointing:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        check_pooling(config, cfg.pooling, cfg.section)
+        if cfg.attn_implementation == "sdpa" and model_class is not None and not model_class._supports_sdpa:
+            # Gemma 2, for one: its attention soft-caps the logits, which sdpa cannot; and many custom-code models.
+            raise ConfigError(f"model.attn_implementation=sdpa: {model_class.__name__} has no sdpa attention in "
+                              "transformers; use --model.attn_implementation eager")
+        kwargs = {"attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+        with contextlib.nullcontext() if weights else init_empty_weights():
+            encoder = (AutoModel.from_pretrained(path, revision=cfg.revision, config=config, **kwargs) if weights
+                       else AutoModel.from_config(config, **kwargs))
+    check_max_length(cfg, encoder.config)
+    _drop_unused_pooler(encoder)
+    if weights and cfg.gradient_checkpointing:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return encoder
 
 
@@ -251,13 +240,12 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
     `remote_code_option` as for `base_encoder` (default `--guide.trust_remote_code true`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    option = remote_code_option or _remote_code_option(cfg)
-    with _from_pretrained(cfg.name, cfg.revision, option) as path:
+    with _from_pretrained(cfg.name, cfg.revision, remote_code_option or _remote_code_option(cfg)) as path:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    check_pooling(config, cfg.pooling, cfg.section)
-    with _from_pretrained(cfg.name, cfg.revision, option) as path, outside_zero3(restore_zero3):
-        encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype,
-                                            trust_remote_code=cfg.trust_remote_code)
+        check_pooling(config, cfg.pooling, cfg.section)
+        with outside_zero3(restore_zero3):
+            encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype,
+                                                trust_remote_code=cfg.trust_remote_code)
     check_max_length(cfg, encoder.config)
     _drop_unused_pooler(encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.

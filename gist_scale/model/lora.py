@@ -43,14 +43,10 @@ def lora_config(cfg: ModelConfig) -> LoraConfig:
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
 
 
-def _linear_names(encoder: torch.nn.Module) -> list[str]:
-    return [name for name, module in encoder.named_modules() if isinstance(module, torch.nn.Linear)]
-
-
 def add_lora(encoder: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     """Freeze `encoder` and wrap it with LoRA adapters; a target list matching no linear layer is a ConfigError."""
     config = lora_config(cfg)
-    linear = _linear_names(encoder)
+    linear = [name for name, module in encoder.named_modules() if isinstance(module, torch.nn.Linear)]
     if config.target_modules != ALL_LINEAR and not any(check_target_module_exists(config, n) for n in linear):
         # Names inside a repeated block, without the block's path: what a user can put in the list.
         inside = sorted({_LAYER_PREFIX.sub("", name) for name in linear})

@@ -24,11 +24,8 @@ def _folder() -> Path:
 
 def list_recipes() -> dict[str, str]:
     """Recipe name -> its first comment line (what it trains)."""
-    recipes = {}
-    for path in sorted(_folder().glob("*.yaml")):
-        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
-        recipes[path.stem] = first.lstrip("# ").strip()
-    return recipes
+    return {path.stem: (path.read_text().splitlines() or [""])[0].lstrip("# ").strip()
+            for path in sorted(_folder().glob("*.yaml"))}
 
 
 def recipe_path(name: str) -> Path:

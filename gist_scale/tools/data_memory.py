@@ -79,26 +79,22 @@ class PeakMemory:
     machine does not schedule the sampling thread during a phase at all."""
 
     def __init__(self) -> None:
-        self.anon, self.file = self.now()
+        self.reset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-
-    @staticmethod
-    def now() -> tuple[int, int]:
-        memory = memory_status("RssAnon", "RssFile")
-        return memory["RssAnon"], memory["RssFile"]
-
-    def sample(self) -> None:
-        anon, file = self.now()
-        self.anon, self.file = max(self.anon, anon), max(self.file, file)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             self.sample()
 
+    def sample(self) -> None:
+        memory = memory_status("RssAnon", "RssFile")
+        self.anon, self.file = max(self.anon, memory["RssAnon"]), max(self.file, memory["RssFile"])
+
     def reset(self) -> None:
-        self.anon, self.file = self.now()
+        self.anon = self.file = 0
+        self.sample()
 
     def close(self) -> None:
         self._stop.set()
@@ -113,10 +109,9 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
         write_rows(path, rows)
     tokenizer = load_tokenizer("sentence-transformers/all-MiniLM-L6-v2")
     cfg = DataConfig(path=str(path))
-    meter = PeakMemory()
     result: dict = {"rows": rows, "file_mb": path.stat().st_size / 2**20, "batch_size": batch_size,
-                    "start_anon_mb": meter.now()[0] / 2**20, "phases": {}}
-
+                    "start_anon_mb": memory_status("RssAnon")["RssAnon"] / 2**20, "phases": {}}
+    meter = PeakMemory()
     clock = [time.perf_counter(), time.process_time()]
 
     def phase(name: str) -> None:
@@ -137,19 +132,15 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
     else:
         ds, _ = load_triplets(cfg)
         phase("load_validate")
-        if not tokenize:
-            sampler = build_sampler(ds, cfg, batch_size, 1, 0, 1, 0)
-            phase("sampler")
-            batches = sum(1 for _ in sampler)
-            phase("epoch_plan")
-        else:
-            tokenized, _ = tokenize_triplets(ds, tokenizer, 128, tokenizer, 128)
-            count_tokens(tokenized)
+        if tokenize:
+            ds, _ = tokenize_triplets(ds, tokenizer, 128, tokenizer, 128)
+            count_tokens(ds)
             phase("tokenize")
-            sampler = build_sampler(tokenized, cfg, batch_size, 1, 0, 1, 0)
-            phase("sampler")
-            batches = sum(1 for _ in build_dataloader(tokenized, sampler, TripletCollator(tokenizer, tokenizer)))
-            phase("epoch")
+        sampler = build_sampler(ds, cfg, batch_size, 1, 0, 1, 0)
+        phase("sampler")
+        batches = sum(1 for _ in (build_dataloader(ds, sampler, TripletCollator(tokenizer, tokenizer)) if tokenize
+                                  else sampler))
+        phase("epoch" if tokenize else "epoch_plan")
     meter.close()
     result["batches"] = batches
     result["peak_rss_mb_incl_file_pages"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

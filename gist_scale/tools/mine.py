@@ -25,7 +25,11 @@
    K negatives are taken from ranks `[range_min, range_max)`: the K best (`--sampling top`) or K drawn uniformly
    without replacement (`--sampling random`, seeded per block of queries, so the draw does not depend on the
    number of ranks). A query with fewer than K allowed candidates gets none, and its rows are left out (counted).
-5. The main process writes one JSON line per input row, in input order, in the MEDI schema that `gist-scale train`
+5. Before writing, the main process prints the drop table: for a grid of margins around `--margin` (`margin_grid`,
+   the chosen one marked), the share of the searched candidates the rule drops and the rows it would leave without
+   negatives. It is counted on the candidates the search returned anyway (a few comparisons per candidate, no
+   second search), so the chosen margin's row is exactly what this run does.
+6. The main process writes one JSON line per input row, in input order, in the MEDI schema that `gist-scale train`
    reads by default: `query`, `pos`, `neg` (a list of K texts, best first), `task_name`, plus the guide's scores
    `pos_score` (of this row's pair) and `neg_scores`. The file is written to a temporary name and renamed, so an
    interrupted run leaves no partial `--out`; an existing `--out` is kept unless `--overwrite`.
@@ -38,7 +42,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 from rich.console import Console
+from rich.table import Table
 
 from gist_scale import distributed
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig
@@ -59,7 +64,7 @@ from gist_scale.metrics import top_k
 from gist_scale.model import load_guide, load_tokenizer
 from gist_scale.options import job_parser, parse_job
 
-__all__ = ["MineConfig", "MineStats", "mine_negatives", "main"]
+__all__ = ["MarginSweep", "MineConfig", "MineStats", "margin_grid", "mine_negatives", "main"]
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -69,6 +74,10 @@ QUERY_BLOCK = 1024
 
 SCORE_DIGITS = 6
 """Decimals of the scores written (the guide's fp32 cosines carry about 7)."""
+
+MARGIN_LADDER = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+"""The margins the drop table is drawn from (`margin_grid`): the range in which GIST runs and miners set theirs
+(GISTEmbed 0, NV-Retriever's TopK-PercPos a relative 0.05)."""
 
 
 @dataclass(frozen=True)
@@ -177,9 +186,53 @@ def search_depth(range_max: int, positives: Sequence[Sequence[int]], corpus_size
     return min(range_max + max(len(p) for p in positives) + 1, corpus_size)
 
 
+def margin_grid(chosen: float, each_side: int = 3) -> tuple[float, ...]:
+    """The drop table's margins: the chosen one and up to `each_side` neighbours below and above it from
+    `MARGIN_LADDER`, increasing."""
+    below = [m for m in MARGIN_LADDER if m < chosen][-each_side:]
+    above = [m for m in MARGIN_LADDER if m > chosen][:each_side]
+    return (*below, chosen, *above)
+
+
+@dataclass
+class MarginSweep:
+    """What the margin rule would do at each of `margins`, counted by `mine_negatives` on the candidates it searched
+    (the same candidates, positives and ranks; only the threshold changes). The counts stay on the device until the
+    caller reduces them over the ranks."""
+
+    margins: tuple[float, ...]
+    _dropped: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    _short: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+
+    def count(self, scores: torch.Tensor, candidates: torch.Tensor, positive_score: torch.Tensor,
+              cfg: MineConfig) -> None:
+        """One block: `scores` `[B, depth]` best first, `candidates` the searched ones that are neither padding nor
+        excluded by identity, `positive_score` `[B, 1]` the score that sets each query's threshold."""
+        thresholds = torch.stack([margin_threshold(positive_score, cfg.margin_strategy, m) for m in self.margins])
+        above = (scores[None] > thresholds) & candidates[None]  # [G, B, depth]
+        keep = candidates[None] & ~above
+        rank = keep.cumsum(2) - 1  # ranks after filtering, as mining counts them
+        allowed = keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
+        self._dropped.append(above.sum((1, 2)))
+        self._short.append((allowed.sum(2) < cfg.num_negatives).T)
+
+    def dropped(self, device: torch.device) -> torch.Tensor:
+        """`[G]` int64: searched candidates each margin drops."""
+        return torch.stack(self._dropped).sum(0) if self._dropped else torch.zeros(
+            len(self.margins), dtype=torch.int64, device=device)
+
+    def short(self, device: torch.device) -> torch.Tensor:
+        """`[n, G]` uint8, for the n queries mined in order: 1 where a margin leaves the query fewer than K allowed
+        candidates (so no negatives)."""
+        if not self._short:
+            return torch.zeros(0, len(self.margins), dtype=torch.uint8, device=device)
+        return torch.cat(self._short).to(torch.uint8)
+
+
 def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]], cfg: MineConfig,
                    blocks: Sequence[int] | None = None, search: Search | None = None,
-                   own: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   own: Sequence[int] | None = None,
+                   sweep: MarginSweep | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mine K negatives for the queries of `blocks` (blocks of `cfg.query_block` queries; default: all).
 
     `queries` `[Q, D]` and `corpus` `[C, D]` are the guide's L2-normalized embeddings, `positives[i]` the corpus ids
@@ -187,6 +240,7 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
     none is). Returns `(ids, scores, margin_dropped)`: `[n, K]` corpus ids best first (-1 throughout
     a row whose query has fewer than K allowed candidates) and their guide scores, for the n queries of `blocks` in
     order, and how many searched candidates the margin rule dropped. See the module docstring for the rule.
+    `sweep`, when given, also counts what each of its margins would drop, on the same searched candidates.
     """
     k = cfg.num_negatives
     pos_table = _positive_table(positives, queries.device)
@@ -203,13 +257,16 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
         q, pos = queries[rows], pos_table[rows]
         # The lowest positive score of each query sets its threshold, so no row of that query breaks the rule.
         pos_scores = torch.einsum("bd,bpd->bp", q, corpus[pos.clamp(min=0)]).masked_fill(pos < 0, math.inf)
-        threshold = margin_threshold(pos_scores.min(1, keepdim=True).values, cfg.margin_strategy, cfg.margin)
+        lowest_positive = pos_scores.min(1, keepdim=True).values
+        threshold = margin_threshold(lowest_positive, cfg.margin_strategy, cfg.margin)
         scores, ids = search(q, depth)
         real = ids >= 0  # faiss pads a short result with -1
         # Excluded by identity, before the margin: the query's positives and the query's own text.
         excluded = (ids[:, :, None] == pos[:, None, :]).any(-1) | (ids == own_ids[rows, None])
         above = scores > threshold
         dropped += (above & real & ~excluded).sum()
+        if sweep is not None:
+            sweep.count(scores, real & ~excluded, lowest_positive, cfg)
         keep = real & ~excluded & ~above
         rank = keep.cumsum(1) - 1  # ranks after filtering
         allowed = keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
@@ -238,6 +295,17 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
 # ---------------------------------------------------------------------------------------------- command
 
 
+@dataclass(frozen=True)
+class DropRow:
+    """One margin of the drop table."""
+
+    margin: float
+    dropped: int
+    """Searched candidates the margin rule drops."""
+    rows_without_negatives: int
+    """Rows whose query is left with fewer than K allowed candidates, so none are written."""
+
+
 @dataclass
 class MineStats:
     """What a mining run did, printed at the end and written by `--stats FILE`."""
@@ -255,6 +323,8 @@ class MineStats:
     rows_written: int
     mean_pos_score: float
     mean_neg_score: float
+    drop_table: list[DropRow]
+    """The margin grid around the chosen margin (`margin_grid`), printed before anything is written."""
 
     @property
     def texts_per_s(self) -> float:
@@ -274,6 +344,22 @@ class MineStats:
             f"({self.margin_dropped / max(self.searched_candidates, 1):.1%})",
             f"  guide scores: positives {self.mean_pos_score:.4f}, negatives {self.mean_neg_score:.4f} (means)",
         ]
+
+
+def drop_table_view(stats: MineStats, chosen: float, strategy: str) -> Table:
+    """The drop table as printed: per margin, the share of searched candidates dropped and the rows left without
+    negatives; the chosen margin marked."""
+    table = Table(title=f"margin rule ({strategy}) on the {stats.searched_candidates:,} searched candidates",
+                  title_justify="left")
+    for column in ("margin", "dropped as false negatives", "rows without negatives"):
+        table.add_column(column, justify="right")
+    for row in stats.drop_table:
+        mark = row.margin == chosen
+        rows = row.rows_without_negatives
+        table.add_row(f"{'-> ' if mark else ''}{row.margin:g}",
+                      f"{row.dropped:,} ({row.dropped / max(stats.searched_candidates, 1):.1%})",
+                      f"{rows:,} of {stats.rows:,} ({rows / max(stats.rows, 1):.1%})", style="bold" if mark else None)
+    return table
 
 
 def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_size: int,
@@ -365,10 +451,13 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     blocks, sizes = query_blocks(len(positives), mine.query_block, state.num_processes, state.process_index)
     corpus_id = {text: i for i, text in enumerate(task.corpus)}
     own = [corpus_id.get(text, -1) for text in task.queries]
-    ids, scores, dropped = mine_negatives(queries, corpus, positives, mine, blocks, search, own)
+    sweep = MarginSweep(margin_grid(mine.margin))
+    ids, scores, dropped = mine_negatives(queries, corpus, positives, mine, blocks, search, own, sweep)
     ids = distributed.gather_no_grad(ids, sizes).cpu().numpy()
     scores = distributed.gather_no_grad(scores, sizes).cpu().numpy()
     dropped = int(distributed.all_reduce_sum(dropped).item())
+    swept = distributed.all_reduce_sum(sweep.dropped(device)).tolist()
+    short = distributed.gather_no_grad(sweep.short(device), sizes).cpu().numpy()  # [queries, margins]
     search_seconds = time.perf_counter() - start
 
     row_q, row_p = torch.from_numpy(rows_q).to(device), torch.from_numpy(rows_p).to(device)
@@ -381,8 +470,11 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         searched_candidates=len(positives) * depth, margin_dropped=dropped, queries_short=int((~found).sum()),
         rows_written=int(kept_rows.sum()),
         mean_pos_score=float(pos_scores[kept_rows].mean()) if kept_rows.any() else math.nan,
-        mean_neg_score=float(scores[found].mean()) if found.any() else math.nan)
+        mean_neg_score=float(scores[found].mean()) if found.any() else math.nan,
+        drop_table=[DropRow(margin, int(count), int(short[rows_q, g].sum()))
+                    for g, (margin, count) in enumerate(zip(sweep.margins, swept))])
     if state.is_main_process:
+        console.print(drop_table_view(stats, mine.margin, mine.margin_strategy))
         _write(out, dataset, task, rows_q, rows_p, pos_scores, ids, scores)
         for line in stats.lines():
             console.print(line)

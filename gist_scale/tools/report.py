@@ -1,19 +1,22 @@
 """`gist-scale report RUN_DIR`: one PNG of a run's curves from its `metrics.jsonl`.
 
-Panels, each against the optimizer step: loss, learning rate, masked fraction (the share of in-batch candidates
-the guide flagged as false negatives), throughput (triplets/s and tokens/s), gradient norm, and the eval metrics
-(`eval/ndcg@10`, ...) when the run logged any. A Matryoshka run (`loss.matryoshka_dims`), whose evaluations hold
-every metric at each size (`eval/ndcg@10@256`), gets one more panel: quality against embedding dimension, for the
-first and the last evaluation; for a mixture (`data.sources`) a last panel compares each source's realised share
-of the global batches (its `source/NAME/batches` records) with the requested one (`mixture.json`).
-matplotlib is an optional extra (`pip install 'gist-scale[report]'`),
-imported only here, and drawn with the non-interactive Agg backend so the command works on headless nodes.
+Panels, each against the optimizer step: loss, learning rate, masked share (the share of in-batch candidates
+the guide flagged as false negatives: overall, and per block `masked_fraction/qp`, `/qn`, `/qq`, `/pp` when the run
+logged them), throughput (triplets/s and tokens/s), gradient norm, and the eval metrics (`eval/ndcg@10`, ...) when
+the run logged any. A Matryoshka run (`loss.matryoshka_dims`), whose evaluations hold every metric at each size
+(`eval/ndcg@10@256`), gets one more panel: quality against embedding dimension, for the first and the last
+evaluation. A mixture (`data.sources`) gets a last column: each source's realised share of the global batches (its
+`source/NAME/batches` records) against the requested one (`mixture.json`), and each source's masked share over the
+steps (`masked_fraction/source/NAME`). The command also prints a text summary of the same records
+(`summary_lines`). matplotlib is an optional extra (`pip install 'gist-scale[report]'`), imported only here, and
+drawn with the non-interactive Agg backend so the command works on headless nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,10 +26,13 @@ import yaml
 
 from gist_scale.config import METRICS_FILE, MIXTURE_FILE
 
-__all__ = ["MatplotlibMissing", "dimension_curves", "read_metrics", "plot_run", "main"]
+__all__ = ["MatplotlibMissing", "dimension_curves", "masked_share_keys", "read_metrics", "plot_run", "summary_lines",
+           "main"]
 
 DEFAULT_NAME = "report.png"
 EVAL_PREFIX = "eval/"
+MASKED = "masked_fraction"
+SOURCE_MASKED = f"{MASKED}/source/"
 
 
 class MatplotlibMissing(ImportError):
@@ -73,6 +79,60 @@ def dimension_curves(record: dict[str, Any]) -> dict[str, list[tuple[int, float]
         if key.startswith(EVAL_PREFIX) and suffix.isdigit() and base in record:
             curves.setdefault(base.removeprefix(EVAL_PREFIX), []).append((int(suffix), float(value)))
     return {metric: sorted(points) for metric, points in curves.items()}
+
+
+def masked_share_keys(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The per-block keys (`masked_fraction/qp`, ...) and the per-source keys (`masked_fraction/source/NAME`) the
+    records hold, each in the order the run first logged them (the trainer logs the blocks in the loss's order)."""
+    keys = dict.fromkeys(key for record in records for key in record if key.startswith(f"{MASKED}/"))
+    sources = [key for key in keys if key.startswith(SOURCE_MASKED)]
+    return [key for key in keys if key not in sources], sources
+
+
+def _mean(values: Iterable[float]) -> float:
+    """Mean of the finite values (a window without a source's batches may log none for it); NaN when none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def summary_lines(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[str]:
+    """The run in a few lines: the steps logged, the loss, the guide's masked share (overall, per block, per source:
+    mean over the logged windows, and the last one) and the last evaluation."""
+    lines = []
+    steps, losses = _series(train, "loss")
+    if steps:
+        lines.append(f"steps {steps[0]}..{steps[-1]} ({len(steps)} logged): loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    blocks, sources = masked_share_keys(train)
+
+    def shares(keys: list[str], prefix: str) -> str:
+        parts = []
+        for key in keys:
+            values = _series(train, key)[1]
+            last = next((v for v in reversed(values) if math.isfinite(v)), math.nan)
+            parts.append(f"{key.removeprefix(prefix)} {_mean(values):.1%} (last {last:.1%})")
+        return ", ".join(parts)
+
+    if _series(train, MASKED)[0]:
+        lines.append(f"masked share (guide-flagged candidates, mean of the logged windows): {shares([MASKED], '')}")
+    if blocks:
+        lines.append(f"  per block: {shares(blocks, f'{MASKED}/')}")
+    if sources:
+        lines.append(f"  per source: {shares(sources, SOURCE_MASKED)}")
+    if evals:
+        last = evals[-1]
+        keys = _full_dimension_keys([last])
+        metrics = ", ".join(f"{key.removeprefix(EVAL_PREFIX)} {float(last[key]):.4f}" for key in keys
+                            if isinstance(last[key], (int, float)))
+        lines.append(f"eval at step {last['step']}: {metrics}")
+    return lines
+
+
+def _full_dimension_keys(evals: list[dict[str, Any]]) -> list[str]:
+    """The eval metrics at the full dimension, sorted: the per-dimension keys of a Matryoshka run (`ndcg@10@256`)
+    left out."""
+    per_dimension = {f"{EVAL_PREFIX}{metric}@{dim}" for r in evals for metric, points in dimension_curves(r).items()
+                     for dim, _ in points}
+    return sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)} - per_dimension)
 
 
 def _pyplot():
@@ -126,17 +186,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     mixture_path = run / MIXTURE_FILE
     mixture = json.loads(mixture_path.read_text()) if mixture_path.is_file() else None
     # One shared step axis, so eval points line up with the training curves; a Matryoshka run adds a column whose
-    # axis is the embedding dimension instead, a mixture one for its shares.
+    # axis is the embedding dimension instead, a mixture one for its shares of the batches and its masked shares.
     by_dimension = [(r["step"], dimension_curves(r)) for r in (evals[:1] + evals[1:][-1:])]
     by_dimension = [(step, curves) for step, curves in by_dimension if curves]
-    columns = 3 + bool(by_dimension) + bool(mixture)
+    blocks, sources = masked_share_keys(train)
+    columns = 3 + bool(by_dimension) + bool(mixture or sources)
     figure, all_axes = plt.subplots(2, columns, figsize=(5 * columns, 8), constrained_layout=True, squeeze=False)
     axes = all_axes[:, :3]
     for ax in axes.flat[1:]:
         ax.sharex(axes[0, 0])
     figure.suptitle(_title(run))
     panels = {(0, 0): ("loss", "loss"), (0, 1): ("lr", "learning rate"),
-              (0, 2): ("masked_fraction", "masked fraction (guide-flagged false negatives)"),
               (1, 1): ("grad_norm", "gradient norm (before clipping)")}
     for position, (key, title) in panels.items():
         ax = axes[position]
@@ -147,6 +207,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         else:
             ax.text(0.5, 0.5, f"no '{key}' records", ha="center", va="center", transform=ax.transAxes)
     axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    _plot_masked(axes[0, 2], train, [MASKED, *blocks], f"{MASKED}/",
+                 f"masked share{' per block' if blocks else ''} (guide-flagged false negatives)", style)
 
     # Throughput: two units on twin axes, so both curves keep a readable scale.
     ax = axes[1, 0]
@@ -162,9 +224,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[1, 2]
     ax.set_title("eval")
     # The per-dimension keys have their own panel; this one keeps the full-dimension metrics readable.
-    per_dimension = {f"{EVAL_PREFIX}{metric}@{dim}" for r in evals for metric, points in dimension_curves(r).items()
-                     for dim, _ in points}
-    eval_keys = sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)} - per_dimension)
+    eval_keys = _full_dimension_keys(evals)
     for key in eval_keys:
         steps, values = _series(evals, key)
         ax.plot(steps, values, marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
@@ -183,15 +243,50 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         _plot_dimensions(all_axes[0, extra], by_dimension)
         all_axes[1, extra].axis("off")
         extra += 1
-    if mixture:
-        all_axes[1, extra].remove()
-        _plot_mixture(all_axes[0, extra], mixture, train)
+    if mixture or sources:
+        # The mixture's column: its shares of the batches on top, each source's masked share over the steps under them.
+        top, bottom = all_axes[0, extra], all_axes[1, extra]
+        if mixture:
+            _plot_mixture(top, mixture, train)
+        else:
+            top.remove()
+        if sources:
+            bottom.sharex(axes[0, 0])
+            _plot_masked(bottom, train, sources, SOURCE_MASKED, "masked share per source", style)
+            bottom.set_xlabel("step")
+            bottom.grid(alpha=0.3)
+        else:
+            bottom.remove()
 
     target = Path(out) if out is not None else run / DEFAULT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
     plt.close(figure)
     return target
+
+
+def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, title: str,
+                 style: dict[str, Any]) -> None:
+    """One line per key against the step (the overall `masked_fraction` solid and black, the parts in colour), as
+    shares of the candidates the guide judged."""
+    from matplotlib.ticker import PercentFormatter
+
+    ax.set_title(title)
+    drawn = 0
+    for key in keys:
+        steps, values = _series(train, key)
+        if not steps:
+            continue
+        overall = key == MASKED
+        ax.plot(steps, values, label="all blocks" if overall else key.removeprefix(prefix),
+                **({"color": "black", "linewidth": 2} if overall else {}), **style)
+        drawn += 1
+    if drawn:
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        if drawn > 1:
+            ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, f"no '{keys[0]}' records", ha="center", va="center", transform=ax.transAxes)
 
 
 def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, Any]]) -> None:
@@ -246,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gist-scale report: error: {error}", file=sys.stderr)
         return 2
     print(f"report written to {path.resolve()}")
+    for line in summary_lines(*read_metrics(Path(args.run_dir) / METRICS_FILE)):
+        print(line)
     return 0
 
 

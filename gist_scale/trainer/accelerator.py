@@ -31,19 +31,11 @@ def build_accelerator(train: TrainConfig, logging: LoggingConfig, run_dir: Path)
     # torch has it, which torchrun does not set up) and for DeepSpeed on CPU; nccl on GPUs. The timeout is what ends
     # the job when a peer dies instead of hanging forever. A single process must not name a backend at all, or
     # Accelerate expects a process group that nobody started.
-    handlers = []
-    if plan.backend is not None:
-        handlers.append(InitProcessGroupKwargs(backend=plan.backend,
-                                               timeout=timedelta(seconds=train.collective_timeout_s)))
-    return Accelerator(
-        cpu=plan.cpu,
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.grad_accum_steps,
-        kwargs_handlers=handlers,
-        step_scheduler_with_optimizer=False,
-        log_with=list(logging.trackers) or None,
-        project_dir=str(run_dir),
-    )
+    handlers = ([] if plan.backend is None else
+                [InitProcessGroupKwargs(backend=plan.backend, timeout=timedelta(seconds=train.collective_timeout_s))])
+    return Accelerator(cpu=plan.cpu, mixed_precision=train.mixed_precision, kwargs_handlers=handlers,
+                       gradient_accumulation_steps=train.grad_accum_steps, step_scheduler_with_optimizer=False,
+                       log_with=list(logging.trackers) or None, project_dir=str(run_dir))
 
 
 def configure_deepspeed(accelerator: Accelerator, plan: RunPlan, train: TrainConfig, optim: OptimConfig) -> None:

@@ -9,7 +9,6 @@ without held-out data has `NoEvaluation`.
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,37 +27,27 @@ from gist_scale.trainer.exporter import Exporter
 __all__ = ["Evaluator", "HeldOutEvaluator", "NoEvaluation", "build_evaluator", "load_held_out"]
 
 
-class Evaluator(ABC):
-    @abstractmethod
+class Evaluator:
+    """The loop's evaluations. Every method of this base does nothing, which is a run without held-out data."""
+
     def due(self, step: int) -> bool:
         """Is a periodic evaluation due after `step`?"""
+        return False
 
-    @abstractmethod
     def baseline(self, step: int) -> None:
         """Evaluate the starting model (a fresh run, before its first step)."""
 
-    @abstractmethod
     def evaluate(self, step: int) -> dict[str, float] | None:
         """Evaluate (periodically, and the trained model at the end), keeping the model as RUN/best/ if it is the
         best so far; the metrics go on the final model card (None: nothing evaluated)."""
+        return None
 
-    @abstractmethod
     def compare(self, final: dict[str, float] | None) -> None:
         """Print the before/after table."""
 
 
 class NoEvaluation(Evaluator):
-    def due(self, step: int) -> bool:
-        return False
-
-    def baseline(self, step: int) -> None:
-        pass
-
-    def evaluate(self, step: int) -> None:
-        return None
-
-    def compare(self, final: dict[str, float] | None) -> None:
-        pass
+    """A run without held-out data: nothing is evaluated."""
 
 
 class HeldOutEvaluator(Evaluator):

@@ -189,7 +189,7 @@ class Trainer:
         text_ids = batch.text_ids
         loss, stats = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
                                    text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")),
-                                   policy=self.policies[batch.source or 0])
+                                   slot_roles=batch.slot_roles, policy=self.policies[batch.source or 0])
         if grad_cache is None:
             self.accelerator.backward(loss)
         else:

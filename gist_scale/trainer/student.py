@@ -34,9 +34,10 @@ class StudentPolicy(ABC):
         """The student, with `requires_grad` on what is trained (what `build_optimizer` takes)."""
         return load_student(self.cfg, instructions)
 
-    @abstractmethod
     def checkpoint_kwargs(self, accelerator: Accelerator) -> lora.StateKwargs:
-        """Keyword arguments of `accelerator.save_state` / `load_state` (call once, after `prepare`)."""
+        """Keyword arguments of `accelerator.save_state` / `load_state` (call once, after `prepare`); none: every
+        weight is saved and loaded."""
+        return lora.StateKwargs({}, {})
 
     @abstractmethod
     def export(self, accelerator: Accelerator, student: torch.nn.Module, destination: Path) -> None:
@@ -52,9 +53,6 @@ class StudentPolicy(ABC):
 
 class FullFineTuning(StudentPolicy):
     """Every weight trained, checkpointed and exported."""
-
-    def checkpoint_kwargs(self, accelerator: Accelerator) -> lora.StateKwargs:
-        return lora.StateKwargs({}, {})
 
     def export(self, accelerator: Accelerator, student: torch.nn.Module, destination: Path) -> None:
         state_dict = accelerator.get_state_dict(student)

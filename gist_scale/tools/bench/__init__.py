@@ -49,13 +49,15 @@ check that all modes train the same model on the same batch).
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import importlib.util
 import json
 import platform
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -63,10 +65,10 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from gist_scale.flops import peak_tflops
-from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, lora_targets, pooling_of,
-                                           write_deepspeed_configs, write_rows)
-from gist_scale.tools.bench.modes import ALL_MODES, MODES, CaseSetup
-from gist_scale.tools.bench.timing import RECORD_FIELDS, Timing, datasets_cache, device_name, measure
+from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, write_deepspeed_configs,
+                                           write_rows)
+from gist_scale.tools.bench.modes import ALL_MODES, MODES, BenchConfig, CaseSetup
+from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
 
 __all__ = ["BenchConfig", "RECORD_FIELDS", "build_parser", "main", "parse_args"]
 
@@ -75,31 +77,6 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 DISTINCT_BATCHES = 3
 """Global batches in the synthetic data (the sampler reshuffles them every epoch, so no mode benefits from one fixed
 shape)."""
-
-
-@dataclass
-class BenchConfig:
-    cases: list[tuple[str, str]]
-    batches: list[int]
-    modes: list[str]
-    steps: int
-    warmup: int
-    chunk_size: int
-    query_len: tuple[int, int]
-    doc_len: tuple[int, int]
-    device: torch.device
-    dropout: float
-    lr: float
-    seed: int
-    peak_tflops: float | None
-    out: Path | None
-    threads: int | None = None
-    matryoshka_dims: list[int] | None = None
-    """Sizes of the Matryoshka modes; None: the student's width, 1/2, 1/4 and 1/8 of it."""
-    lora_r: int = 0
-    """LoRA rank of the student's adapters in every mode (0: full fine-tuning)."""
-    isolate: bool = False
-    """Each mode in a fresh process, for a per-mode peak resident memory on a CPU."""
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -119,22 +96,34 @@ def _range(text: str) -> tuple[int, int]:
 
 def _case(text: str) -> tuple[str, str]:
     student, _, guide = text.partition("/")
-    guide = guide or student
-    for size in (student, guide):
+    for size in (student, guide or student):
         if size not in SIZES and size not in DECODER_SIZES:
             raise argparse.ArgumentTypeError(f"unknown size {size!r} in case {text!r}: use "
                                              f"{', '.join([*SIZES, *DECODER_SIZES])}")
-    return student, guide
+    return student, guide or student
 
 
-def _dims(text: str) -> list[int]:
-    try:
-        dims = [int(d) for d in text.split(",") if d]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected positive sizes, e.g. 384,192,96")
-    return dims
+def _mode(name: str) -> str:
+    if name not in ALL_MODES:
+        raise argparse.ArgumentTypeError(f"unknown mode {name!r}: use {', '.join(ALL_MODES)}")
+    return name
+
+
+def _at_least(low: int, what: str) -> Callable[[str], int]:
+    def number(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
+        return int(text)
+    return number
+
+
+def _comma_separated(item: Callable[[str], Any]) -> Callable[[str], list]:
+    """A comma-separated list of `item`s, at least one."""
+    def items(text: str) -> list:
+        if not text.strip(","):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list")
+        return [item(part) for part in text.split(",") if part]
+    return items
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,15 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large --batch 32,256 "
                "--out bench.json.  CPU smoke test: gist-scale bench --cases tiny --batch 8 --query-len 8-16 "
                "--doc-len 16-32 --steps 2")
-    parser.add_argument("--cases", default="base/base,small/large",
+    parser.add_argument("--cases", type=_comma_separated(_case), default="base/base,small/large",
                         help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large, qwen3-tiny, qwen3-0.6b, "
                              "qwen3-8b); one size = both")
-    parser.add_argument("--batch", default="32,256", help="comma-separated triplets per step")
-    parser.add_argument("--modes", default=",".join(MODES),
+    parser.add_argument("--batch", dest="batches", default="32,256", help="comma-separated triplets per step",
+                        type=_comma_separated(_at_least(2, "triplets per step >= 2 (in-batch negatives)")))
+    parser.add_argument("--modes", type=_comma_separated(_mode), default=",".join(MODES),
                         help=f"comma-separated, from {', '.join(ALL_MODES)} (st is the reference)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
-    parser.add_argument("--chunk-size", type=int, default=128, help="texts per encoder call in the chunked modes")
+    positive = _at_least(1, "a whole number >= 1")
+    parser.add_argument("--steps", type=positive, default=10, help="timed steps per mode")
+    parser.add_argument("--warmup", type=positive, default=3, help="untimed steps per mode first")
+    parser.add_argument("--chunk-size", type=positive, default=128, help="texts per encoder call in the chunked modes")
     parser.add_argument("--query-len", type=_range, default=(16, 64), help="query token lengths MIN-MAX")
     parser.add_argument("--doc-len", type=_range, default=(64, 256), help="positive/negative token lengths MIN-MAX")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda[:N]")
@@ -162,51 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="device peak for MFU (default: known bf16 peaks of H100/H200/A100, else no MFU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 gives stable CPU timings on a busy host")
-    parser.add_argument("--matryoshka-dims", type=_dims, default=None, metavar="D,D,...",
+    parser.add_argument("--matryoshka-dims", type=_comma_separated(positive), default=None, metavar="D,D,...",
                         help="sizes of the matryoshka modes (default: the student's width, 1/2, 1/4, 1/8)")
-    parser.add_argument("--lora-r", type=int, default=0,
+    parser.add_argument("--lora-r", type=_at_least(0, "a rank >= 0 (0: full fine-tuning)"), default=0,
                         help="train LoRA adapters of this rank (alpha 2r) on the student in every mode, "
                              "sentence-transformers included (0: full fine-tuning)")
     parser.add_argument("--isolate", action="store_true",
                         help="run each mode in a fresh process: on a CPU, peak GiB is then its peak resident memory")
-    parser.add_argument("--out", help="write the records as a JSON list to this file")
+    parser.add_argument("--out", type=Path, help="write the records as a JSON list to this file")
     return parser
 
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in ALL_MODES]
-    if unknown:
-        parser.error(f"unknown mode(s) {unknown}: use {', '.join(ALL_MODES)}")
-    batches = [int(b) for b in args.batch.split(",") if b]
-    if not batches or min(batches) < 2:
-        parser.error("--batch needs sizes >= 2 (in-batch negatives)")
-    if args.steps < 1 or args.warmup < 1 or args.chunk_size < 1:
-        parser.error("--steps, --warmup and --chunk-size must be >= 1")
-    if args.lora_r < 0:
-        parser.error("--lora-r must be >= 0 (0: full fine-tuning)")
-    try:
-        cases = [_case(c) for c in args.cases.split(",") if c]
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    if args.isolate and device.type == "cuda":
+    auto = args.device == "auto"
+    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else args.device)
+    if args.isolate and args.device.type == "cuda":
         parser.error("--isolate measures CPU memory; on CUDA peak GiB is the accelerator's own peak already")
-    return BenchConfig(cases, batches, modes, args.steps, args.warmup,
-                       args.chunk_size, args.query_len, args.doc_len, device, args.dropout, args.lr, args.seed,
-                       args.peak_tflops if args.peak_tflops is not None else peak_tflops(device),
-                       Path(args.out) if args.out else None, args.threads, args.matryoshka_dims, args.lora_r,
-                       args.isolate)
+    if args.peak_tflops is None:
+        args.peak_tflops = peak_tflops(args.device)
+    return BenchConfig(**vars(args))
 
 
 # ------------------------------------------------------------------------------------------------- running
 
 
-def case_setup(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> CaseSetup:
-    """The models (built once per size), the training file and the settings that every mode of a case shares."""
+def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
+    """Every mode of a case: the models (built once per size), the training file and the settings they share."""
     student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed, cfg.device)
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
     work_dir = root / f"{student}-{guide}-{batch}"
@@ -216,17 +190,9 @@ def case_setup(cfg: BenchConfig, student: str, guide: str, batch: int, root: Pat
                       student in DECODER_SIZES, cfg.seed)
     width = AutoConfig.from_pretrained(student_dir).hidden_size
     dims = cfg.matryoshka_dims or [width // 2**i for i in range(4) if width // 2**i]
-    return CaseSetup(student_dir, guide_dir, pooling_of(student), pooling_of(guide), rows, work_dir, batch,
-                     cfg.warmup + cfg.steps, cfg.chunk_size, str(cfg.device), cfg.lr, cfg.seed, cfg.lora_r,
-                     tuple(lora_targets(student)), tuple(dims))
-
-
-def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
-    case = f"{student}/{guide}"
-    setup = case_setup(cfg, student, guide, batch, root)
-    timing = Timing(cfg.steps, cfg.warmup, cfg.isolate, cfg.threads, cfg.peak_tflops)
-    with datasets_cache(setup.work_dir):
-        records = measure(cfg.modes, case, setup, timing)
+    setup = CaseSetup(cfg, student, guide, batch, student_dir, guide_dir, rows, work_dir, tuple(dims))
+    with datasets_cache(work_dir):
+        records = measure(cfg.modes, setup)
     reference = next((r for r in records if r["mode"] == "st" and r["triplets_per_s"]), None)
     for record in records:
         ok = reference is not None and record["triplets_per_s"]
@@ -234,46 +200,34 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     return records
 
 
-def _has_sentence_transformers() -> bool:
-    try:  # optional: the reference implementation, not a dependency
-        return importlib.import_module("sentence_transformers") is not None
-    except ImportError:
-        return False
-
-
 def versions() -> dict[str, str | None]:
     found = {}
     for package in ("torch", "transformers", "sentence-transformers", "deepspeed", "gist-scale"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
     return found
+
+
+_COLUMNS = (("case", "case", None), ("batch", "batch", "d"), ("mode", "mode", None),
+            ("triplets/s", "triplets_per_s", ".1f"), ("real tok/s", "real_tokens_per_s", ".0f"),
+            ("padding", "padding_fraction", ".0%"), ("TFLOP/s", "model_tflops_per_s", ".3g"), ("MFU", "mfu", ".1%"),
+            ("peak GiB", "peak_mem_gib", ".2f"), ("x ST", "ratio_vs_st", ".2f"), ("first loss", "first_loss", ".4f"),
+            ("trainable", "trainable_params", None))
+"""The table's columns: header, record field, format (None: as text; `trainable` in K or M)."""
 
 
 def print_table(records: list[dict]) -> None:
     table = Table(title="gist-scale bench: training step throughput (higher is better)")
-    for column in ("case", "batch", "mode", "triplets/s", "real tok/s", "padding", "TFLOP/s", "MFU", "peak GiB",
-                   "x ST", "first loss", "trainable"):
-        table.add_column(column, justify="left" if column in ("case", "mode") else "right")
-
-    def fmt(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
+    for header, _, _ in _COLUMNS:
+        table.add_column(header, justify="left" if header in ("case", "mode") else "right")
     for r in records:
+        cells = ["-" if r[key] is None else format(r[key], spec) if spec else str(r[key]) for _, key, spec in _COLUMNS]
+        n = r["trainable_params"]
+        cells[-1] = "-" if n is None else f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
         if r["oom"]:
-            table.add_row(r["case"], str(r["batch"]), r["mode"], "OOM", *["-"] * 8)
-            continue
-        table.add_row(r["case"], str(r["batch"]), r["mode"], fmt(r["triplets_per_s"], ".1f"),
-                      fmt(r["real_tokens_per_s"], ".0f"), fmt(r["padding_fraction"], ".0%"),
-                      fmt(r["model_tflops_per_s"], ".3g"), fmt(r["mfu"], ".1%"), fmt(r["peak_mem_gib"], ".2f"),
-                      fmt(r["ratio_vs_st"], ".2f"), fmt(r["first_loss"], ".4f"),
-                      _count(r["trainable_params"]))
+            cells[3] = "OOM"  # every other measured cell is "-"
+        table.add_row(*cells)
     Console(highlight=False, width=max(130, Console().width)).print(table)
-
-
-def _count(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}K"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: BenchConfig) -> int:
-    if "st" in cfg.modes and not _has_sentence_transformers():
+    if "st" in cfg.modes and importlib.util.find_spec("sentence_transformers") is None:
+        # optional: the reference implementation, not a dependency
         console.print("[yellow]sentence-transformers is not installed: the `st` reference is skipped, so no "
                       "ratio is reported (pip install sentence-transformers, or gist-scale[dev])")
         cfg.modes = [m for m in cfg.modes if m != "st"]
@@ -303,13 +258,10 @@ def _run(cfg: BenchConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
         for student, guide in cfg.cases:
             for batch in cfg.batches:
-                for record in run_case(cfg, student, guide, batch, Path(root)):
-                    record.update(meta)
-                    records.append(record)
+                records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
     print_table(records)
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         cfg.out.write_text(json.dumps(records, indent=1) + "\n")
         console.print(f"records: {cfg.out}")
     return 0
-

@@ -122,24 +122,22 @@ def build_model_dir(size: str, root: Path, dropout: float, seed: int, device: to
     return out
 
 
-def _text(rng: np.random.Generator, words: int) -> str:
-    """`words` random vocabulary words (`tok123` is one token)."""
-    return " ".join(f"tok{i}" for i in rng.integers(0, VOCAB - MASK - 1, words))
+def _texts(rng: np.random.Generator, spans: tuple[tuple[int, int], ...], specials: int = 0) -> list[str]:
+    """One text of random vocabulary words (`tok123` is one token) per span: its length uniform in the span, less
+    `specials` (the special tokens that tokenization adds)."""
+    lengths = (int(rng.integers(low, high + 1)) - specials for low, high in spans)
+    return [" ".join(f"tok{i}" for i in rng.integers(0, VOCAB - MASK - 1, length)) for length in lengths]
 
 
 def write_rows(path: Path, rows: int, query_len: tuple[int, int], doc_len: tuple[int, int], decoder: bool,
                seed: int) -> Path:
     """`rows` training triplets (`query`, `pos`, `neg`, one task) as JSONL, each text's token length, specials
     included, uniform in `query_len` or `doc_len`: what the trainer reads, tokenizes, samples and collates."""
-    specials = 1 if decoder else 2
     rng = np.random.default_rng(seed)
-
-    def text(span: tuple[int, int]) -> str:
-        return _text(rng, int(rng.integers(span[0], span[1] + 1)) - specials)
-
     with path.open("w") as handle:
         for _ in range(rows):
-            handle.write(json.dumps({"query": text(query_len), "pos": text(doc_len), "neg": text(doc_len)}) + "\n")
+            texts = _texts(rng, (query_len, doc_len, doc_len), specials=1 if decoder else 2)
+            handle.write(json.dumps(dict(zip(("query", "pos", "neg"), texts))) + "\n")
     return path
 
 
@@ -153,5 +151,4 @@ def write_mining_inputs(root: str | Path, size: str, rows: int, query_len: tuple
     rng = np.random.default_rng(seed)
     with (root / "pairs.jsonl").open("w") as handle:
         for _ in range(rows):
-            query, pos = (_text(rng, int(rng.integers(span[0], span[1] + 1))) for span in (query_len, doc_len))
-            handle.write(json.dumps({"query": query, "pos": pos}) + "\n")
+            handle.write(json.dumps(dict(zip(("query", "pos"), _texts(rng, (query_len, doc_len))))) + "\n")

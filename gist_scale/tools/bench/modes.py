@@ -3,16 +3,13 @@ Trainer itself on the batches its own sampler and collator make; the reference i
 step on the same batches, taken from such a Trainer.
 
 A mode, once built, hands out its optimizer steps' micro-batches (`next_group`, untimed) and takes one optimizer
-step on them (`step`, timed). `batch_facts` is the one reader of a collated batch's fields.
+step on them (`step`, timed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import signal
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +17,14 @@ import torch
 
 from gist_scale.chunking import ChunkedTexts
 from gist_scale.config import JobConfig
-from gist_scale.data import TokenCounts, TripletBatch
+from gist_scale.data import TripletBatch
 from gist_scale.guide_cache import META_FILE, build_guide_cache
 from gist_scale.options import load_config
-from gist_scale.preemption import PreemptionFlag
-from gist_scale.tools.bench.inputs import MAX_LENGTH
-from gist_scale.trainer import StepOutcome, Trainer
+from gist_scale.tools.bench.inputs import MAX_LENGTH, lora_targets, pooling_of
+from gist_scale.trainer import Trainer
 
-__all__ = ["ALL_MODES", "DEEPSPEED_MODES", "MATRYOSHKA_MODES", "MODES", "REFERENCE_MODES", "BatchFacts", "CaseSetup",
-           "batch_facts", "build_mode", "mode_environment"]
+__all__ = ["ALL_MODES", "DEEPSPEED_MODES", "MATRYOSHKA_MODES", "MODES", "REFERENCE_MODES", "BenchConfig", "CaseSetup",
+           "build_mode", "mode_environment", "processed_tokens"]
 
 MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
@@ -40,72 +36,84 @@ CACHED_MODES = ("guide_cache", "grad_cache")
 """The modes whose guide embeddings come from `guide.cache`: the guide never runs in their steps."""
 
 
+@dataclass
+class BenchConfig:
+    """`gist-scale bench`'s command line, parsed."""
+
+    cases: list[tuple[str, str]]
+    batches: list[int]
+    modes: list[str]
+    steps: int
+    """Timed optimizer steps per mode."""
+    warmup: int
+    """Untimed optimizer steps first (the first one's loss is `first_loss`)."""
+    chunk_size: int
+    query_len: tuple[int, int]
+    doc_len: tuple[int, int]
+    device: torch.device
+    dropout: float
+    lr: float
+    seed: int
+    peak_tflops: float | None
+    out: Path | None
+    threads: int | None
+    matryoshka_dims: list[int] | None
+    """Sizes of the Matryoshka modes; None: the student's width, 1/2, 1/4 and 1/8 of it."""
+    lora_r: int
+    """LoRA rank of the student's adapters in every mode (0: full fine-tuning)."""
+    isolate: bool
+    """Each mode in a fresh process, for a per-mode peak resident memory on a CPU."""
+
+
 @dataclass(frozen=True)
 class CaseSetup:
-    """What every mode of one (case, batch) shares: the models, the training file and the settings."""
+    """What every mode of one (case, batch) shares: the bench's settings, the models and the training file."""
 
+    cfg: BenchConfig
+    student: str
+    guide: str
+    batch: int
     student_dir: Path
     guide_dir: Path
-    student_pooling: str
-    guide_pooling: str
     rows: Path
     """The synthetic triplets, a JSONL training file."""
     work_dir: Path
     """Run directories, the guide cache and the DeepSpeed configs."""
-    batch: int
-    steps: int
-    """Optimizer steps a mode takes: warm-up and timed."""
-    chunk_size: int
-    device: str
-    lr: float
-    seed: int
-    lora_r: int
-    lora_targets: tuple[str, ...]
     matryoshka_dims: tuple[int, ...]
 
     @property
+    def case(self) -> str:
+        return f"{self.student}/{self.guide}"
+
+    @property
     def cuda(self) -> bool:
-        return self.device.startswith("cuda")
+        return self.cfg.device.type == "cuda"
 
 
-@dataclass(frozen=True)
-class BatchFacts:
-    """What the bench reads of a collated micro-batch."""
-
-    student: dict | ChunkedTexts
-    """The student's features: `{column: {"input_ids", "attention_mask"}}` padded per column, or the chunks."""
-    student_tokens: TokenCounts
-    guide_tokens: TokenCounts | None
-    """None when the guide's texts were not tokenized (a guide cache, or no guide)."""
-    processed_tokens: int
+def processed_tokens(batch: TripletBatch) -> int:
     """Token positions the student's encoder calls process, padding included."""
-
-
-def batch_facts(batch: TripletBatch) -> BatchFacts:
-    """The one place that reads a collated micro-batch's fields."""
-    student, counts = batch.student, batch.token_counts
-    processed = (student.processed_tokens if isinstance(student, ChunkedTexts)
-                 else sum(features["input_ids"].numel() for features in student.values()))
-    return BatchFacts(student, counts["student"], counts.get("guide"), processed)
+    if isinstance(batch.student, ChunkedTexts):
+        return batch.student.processed_tokens
+    return sum(features["input_ids"].numel() for features in batch.student.values())
 
 
 def trainer_args(name: str, setup: CaseSetup) -> list[str]:
     """Mode `name` as `gist-scale train` options: the trainer's defaults, with this case's models, data and steps,
     the learning rate constant from the first step, bf16 on CUDA (the guide too, as the default); fp32 on a CPU."""
-    cuda = setup.cuda
-    args = ["--model.name", str(setup.student_dir), "--model.pooling", setup.student_pooling,
+    cfg, cuda = setup.cfg, setup.cuda
+    args = ["--model.name", str(setup.student_dir), "--model.pooling", pooling_of(setup.student),
             "--model.max_length", str(MAX_LENGTH), "--guide.name", str(setup.guide_dir),
-            "--guide.pooling", setup.guide_pooling, "--guide.max_length", str(MAX_LENGTH),
+            "--guide.pooling", pooling_of(setup.guide), "--guide.max_length", str(MAX_LENGTH),
             "--guide.dtype", "bf16" if cuda else "fp32", "--data.path", str(setup.rows), "--data.task_column", "null",
-            "--train.batch_size", str(setup.batch), "--train.max_steps", str(setup.steps),
-            "--train.seed", str(setup.seed), "--train.mixed_precision", "bf16" if cuda else "no",
-            "--train.output_dir", str(setup.work_dir / "runs" / name), "--optim.lr", str(setup.lr),
+            "--train.batch_size", str(setup.batch), "--train.max_steps", str(cfg.warmup + cfg.steps),
+            "--train.seed", str(cfg.seed), "--train.mixed_precision", "bf16" if cuda else "no",
+            "--train.output_dir", str(setup.work_dir / "runs" / name), "--optim.lr", str(cfg.lr),
             "--optim.schedule", "constant", "--optim.warmup_ratio", "0"]
-    if setup.lora_r:
-        args += ["--model.lora_r", str(setup.lora_r), "--model.lora_alpha", str(2 * setup.lora_r),
-                 "--model.lora_target_modules", json.dumps(list(setup.lora_targets))]
+    if cfg.lora_r:
+        args += ["--model.lora_r", str(cfg.lora_r), "--model.lora_alpha", str(2 * cfg.lora_r),
+                 "--model.lora_target_modules", json.dumps(lora_targets(setup.student))]
     if name in CHUNKED_MODES:
-        args += ["--train.chunk_size", str(setup.chunk_size)]
+        args += ["--train.chunk_size", str(cfg.chunk_size)]
     if name in CACHED_MODES:
         args += ["--guide.cache", str(setup.work_dir / "guide_cache")]
     if name == "grad_cache":
@@ -124,27 +132,18 @@ def mode_environment(name: str, setup: CaseSetup) -> dict[str, str]:
         # Port 0: the lone process's rendezvous store takes a free port itself.
         return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(config),
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0", "RANK": "0",
-                "LOCAL_RANK": str(torch.device(setup.device).index or 0), "WORLD_SIZE": "1"}
+                "LOCAL_RANK": str(setup.cfg.device.index or 0), "WORLD_SIZE": "1"}
     if not setup.cuda and torch.cuda.is_available():
         return {"ACCELERATE_USE_CPU": "true"}
     return {}
 
 
-@contextlib.contextmanager
-def _signal_handlers_kept() -> Iterator[None]:
-    """A Trainer turns SIGUSR1/SIGTERM into a preemption flag that only its `train()` loop answers; the bench never
-    runs that loop, so it keeps its own handlers (a SIGTERM must still end it)."""
-    saved = {sig: signal.getsignal(sig) for sig in PreemptionFlag.SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
 def _trainer(cfg: JobConfig) -> Trainer:
-    with _signal_handlers_kept():
-        return Trainer(cfg)
+    trainer = Trainer(cfg)
+    # Its SIGUSR1/SIGTERM handlers set a preemption flag that only its `train()` loop answers; the bench never runs
+    # that loop, so it keeps its own handlers (a SIGTERM must still end it).
+    trainer.preemption.uninstall()
+    return trainer
 
 
 def _trainable(model: torch.nn.Module) -> int:
@@ -170,13 +169,9 @@ class TrainerMode:
         return next(self._groups)
 
     def step(self, group: list) -> torch.Tensor:
-        return _loss(self.trainer.train_step(group))
-
-
-def _loss(outcome: StepOutcome) -> torch.Tensor:
-    """The loss of a step of one micro-batch (the bench never accumulates), on the device: the trainer skipped the
-    step's update if it is not finite."""
-    return outcome.metrics[0].loss
+        # The loss of its one micro-batch (the bench never accumulates), on the device; the trainer skipped the
+        # step's update if it is not finite.
+        return self.trainer.train_step(group).metrics[0].loss
 
 
 class ReferenceMode:
@@ -193,16 +188,21 @@ class ReferenceMode:
         # The batches depend on the data, the student's tokenizer and the sampler's seed alone: the Trainer that
         # collates them loads neither a guide nor adapters.
         cfg = load_config([*trainer_args("plain", setup), "--guide.name", "null", "--model.lora_r", "0"])
-        self._groups = iter(_collated_groups(cfg, setup.steps))
-        model = SentenceTransformer(str(setup.student_dir), device=setup.device)
-        if setup.lora_r:
+        trainer = _trainer(cfg)
+        groups = trainer.optimizer_steps()
+        self._groups = iter([next(groups) for _ in range(setup.cfg.warmup + setup.cfg.steps)])
+        del trainer, groups
+        gc.collect()  # a Trainer holds reference cycles: released before the reference's models load
+        device, lora_r = str(setup.cfg.device), setup.cfg.lora_r
+        model = SentenceTransformer(str(setup.student_dir), device=device)
+        if lora_r:
             from peft import LoraConfig, inject_adapter_in_model
 
             # What sentence-transformers' `add_adapter` does (through transformers, which asks for peft >= 0.22, not
             # released at the time of writing): peft's adapters injected into its transformers model, the base frozen.
-            inject_adapter_in_model(LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=0.0,
-                                               target_modules=list(setup.lora_targets)), model.transformers_model)
-        guide = SentenceTransformer(str(setup.guide_dir), device=setup.device)
+            inject_adapter_in_model(LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                               target_modules=lora_targets(setup.student)), model.transformers_model)
+        guide = SentenceTransformer(str(setup.guide_dir), device=device)
         model.train()
         loss = GISTEmbedLoss(model, guide)
         self.loss = MatryoshkaLoss(model, loss, list(setup.matryoshka_dims)) if name == "st_matryoshka" else loss
@@ -219,10 +219,9 @@ class ReferenceMode:
 
     def step(self, group: list) -> torch.Tensor:
         batch, = group
-        student = batch_facts(batch).student
         # Fresh dicts: sentence-transformers writes its outputs into the features it is given.
-        features = [dict(student[column]) for column in ("query", "pos", "neg")]
-        with torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext():
+        features = [dict(batch.student[column]) for column in ("query", "pos", "neg")]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             loss = self.loss(features, None)
         loss.backward()
         if self.max_grad_norm:
@@ -230,17 +229,6 @@ class ReferenceMode:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
-
-
-def _collated_groups(cfg: JobConfig, steps: int) -> list[list]:
-    """The first `steps` optimizer steps' micro-batches of a Trainer of `cfg`, on the device; the Trainer is released
-    before the reference's models load."""
-    trainer = _trainer(cfg)
-    groups = trainer.optimizer_steps()
-    collected = [next(groups) for _ in range(steps)]
-    del trainer, groups
-    gc.collect()  # a Trainer holds reference cycles
-    return collected
 
 
 def build_mode(name: str, setup: CaseSetup) -> TrainerMode | ReferenceMode:
