@@ -30,12 +30,14 @@ def _sources(tmp_path: Path, margins: bool = True) -> str:
             f"{{path: {tmp_path / 'unguided.jsonl'}, weight: 1, in_batch_negatives: false{unguided_margin}}}]")
 
 
-@pytest.mark.parametrize("extra", [[], ["--loss.distill_weight", "1.0", "--loss.false_negatives", "relabel"]])
-def test_each_source_trains_under_its_own_policy_and_is_logged_apart(tmp_path, tiny_model_dir, extra):
+def test_each_source_trains_under_its_own_policy_and_is_logged_apart(tmp_path, tiny_model_dir):
+    """With distillation and relabel on too: the run trains through every new path of the loss (the plain policies'
+    run is the calibrate test's below)."""
     run = tmp_path / "run"
     assert main(["--model.name", str(tiny_model_dir), "--guide.name", str(tiny_model_dir),
                  "--data.sources", _sources(tmp_path), "--train.batch_size", "4", "--train.max_steps", "8",
-                 "--train.log_every", "1", "--train.output_dir", str(run), *extra]) == 0
+                 "--train.log_every", "1", "--train.output_dir", str(run), "--loss.distill_weight", "1.0",
+                 "--loss.false_negatives", "relabel"]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     guided = [r["masked_fraction/source/guided"] for r in train if "masked_fraction/source/guided" in r]
