@@ -49,6 +49,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.table import Table
@@ -121,10 +122,6 @@ class MineConfig:
               f"allowed by --range-min {self.range_min} --range-max {self.range_max}: lower --num-negatives or "
               "widen the range")
         check(math.isfinite(self.margin), f"--margin {self.margin}: must be a finite number")
-        check(self.margin_strategy in MARGIN_STRATEGIES,
-              f"--margin-strategy {self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
-        check(self.sampling in ("random", "top"), f"--sampling {self.sampling!r}: use random or top")
-        check(self.index in ("torch", "faiss"), f"--index {self.index!r}: use torch or faiss")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be positive")
         check(self.query_block > 0, f"--query-block {self.query_block}: must be positive")
 
@@ -134,10 +131,6 @@ class MineConfig:
 
 Search = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 """(queries [B, D], depth) -> (scores, corpus ids) [B, <= depth], best first."""
-
-
-def _torch_search(corpus: torch.Tensor) -> Search:
-    return lambda queries, depth: top_k(queries, corpus, depth)
 
 
 def _faiss_search(corpus: torch.Tensor, depth: int) -> Search:
@@ -162,15 +155,6 @@ def _faiss_search(corpus: torch.Tensor, depth: int) -> Search:
 
 
 # ----------------------------------------------------------------------------------------------- mining
-
-
-def _positive_table(positives: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """`[Q, P]` corpus ids of each query's positives, padded with -1 (never a corpus id)."""
-    width = max(len(ids) for ids in positives)
-    table = np.full((len(positives), width), -1, dtype=np.int64)
-    for i, ids in enumerate(positives):
-        table[i, :len(ids)] = ids
-    return torch.from_numpy(table).to(device)
 
 
 def query_blocks(num_queries: int, block: int, world: int, rank: int) -> tuple[list[int], list[int]]:
@@ -217,16 +201,13 @@ class MarginSweep:
         self._short.append((allowed.sum(2) < cfg.num_negatives).T)
 
     def dropped(self, device: torch.device) -> torch.Tensor:
-        """`[G]` int64: searched candidates each margin drops."""
-        return torch.stack(self._dropped).sum(0) if self._dropped else torch.zeros(
-            len(self.margins), dtype=torch.int64, device=device)
+        """`[G]` int64: searched candidates each margin drops (zeros on a rank that mined no block)."""
+        return sum(self._dropped, torch.zeros(len(self.margins), dtype=torch.int64, device=device))
 
     def short(self, device: torch.device) -> torch.Tensor:
         """`[n, G]` uint8, for the n queries mined in order: 1 where a margin leaves the query fewer than K allowed
         candidates (so no negatives)."""
-        if not self._short:
-            return torch.zeros(0, len(self.margins), dtype=torch.uint8, device=device)
-        return torch.cat(self._short).to(torch.uint8)
+        return torch.cat([torch.zeros(0, len(self.margins), dtype=torch.bool, device=device), *self._short]).byte()
 
 
 def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]], cfg: MineConfig,
@@ -242,16 +223,18 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
     order, and how many searched candidates the margin rule dropped. See the module docstring for the rule.
     `sweep`, when given, also counts what each of its margins would drop, on the same searched candidates.
     """
-    k = cfg.num_negatives
-    pos_table = _positive_table(positives, queries.device)
-    own_ids = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device) if own is None else \
-        torch.as_tensor(own, dtype=torch.int64, device=queries.device)
+    k, device = cfg.num_negatives, queries.device
+    # `[Q, P]` corpus ids of each query's positives, padded with -1 (never a corpus id).
+    pos_table = pad_sequence([torch.tensor(ids) for ids in positives], batch_first=True, padding_value=-1).to(device)
+    own_ids = torch.as_tensor([-1] * len(positives) if own is None else own, dtype=torch.int64, device=device)
     depth = search_depth(cfg.range_max, positives, corpus.shape[0])
-    search = search or _torch_search(corpus)
+    search = search or (lambda block_queries, depth: top_k(block_queries, corpus, depth))
     if blocks is None:
         blocks = range(math.ceil(queries.shape[0] / cfg.query_block))
-    out_ids, out_scores = [], []
-    dropped = torch.zeros((), dtype=torch.int64, device=queries.device)
+    # Empty to begin with, so a rank given no block returns `[0, K]` results.
+    out_ids = [torch.empty(0, k, dtype=torch.int64, device=device)]
+    out_scores = [torch.empty(0, k, device=device)]
+    dropped = torch.zeros((), dtype=torch.int64, device=device)
     for block in blocks:
         rows = slice(block * cfg.query_block, min((block + 1) * cfg.query_block, queries.shape[0]))
         q, pos = queries[rows], pos_table[rows]
@@ -277,18 +260,13 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
             generator = np.random.default_rng([cfg.seed, block])
             keys = torch.from_numpy(generator.random(ids.shape)).to(ids.device)
         keys = keys.masked_fill(~allowed, math.inf)
+        # A search shallower than K (a corpus smaller than K) finds no query its K: the rest is padding.
         width = min(k, ids.shape[1])
         picked = keys.topk(width, dim=1, largest=False).indices.sort(1).values  # position order = score order
         found = allowed.sum(1, keepdim=True) >= k
-        chosen_ids = torch.full((ids.shape[0], k), -1, dtype=torch.int64, device=ids.device)
-        chosen_scores = torch.full((ids.shape[0], k), math.nan, dtype=torch.float32, device=ids.device)
-        chosen_ids[:, :width] = torch.where(found, ids.gather(1, picked), -1)
-        chosen_scores[:, :width] = torch.where(found, scores.gather(1, picked).float(), math.nan)
-        out_ids.append(chosen_ids)
-        out_scores.append(chosen_scores)
-    if not out_ids:
-        return (torch.empty(0, k, dtype=torch.int64, device=queries.device),
-                torch.empty(0, k, device=queries.device), dropped)
+        out_ids.append(F.pad(torch.where(found, ids.gather(1, picked), -1), (0, k - width), value=-1))
+        out_scores.append(F.pad(torch.where(found, scores.gather(1, picked).float(), math.nan), (0, k - width),
+                                value=math.nan))
     return torch.cat(out_ids), torch.cat(out_scores), dropped
 
 
@@ -394,18 +372,15 @@ def _write(out: Path, dataset, task, rows_q: np.ndarray, rows_p: np.ndarray, pos
     """Write the rows whose query has K negatives to a temporary file next to `out`, then rename it over `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    row = 0
     try:
         with tmp.open("w", encoding="utf-8") as handle:
-            for batch in dataset.iter(batch_size=4096):
-                for query, pos, task_name in zip(batch["query"], batch["pos"], batch["task_name"]):
-                    q = rows_q[row]
-                    if neg_ids[q, 0] >= 0:
-                        record = {"query": query, "pos": pos, "neg": [task.corpus[i] for i in neg_ids[q]],
-                                  "task_name": task_name, "pos_score": round(float(pos_scores[row]), SCORE_DIGITS),
-                                  "neg_scores": [round(float(s), SCORE_DIGITS) for s in neg_scores[q]]}
-                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    row += 1
+            for row, (query, pos, task_name) in enumerate(zip(dataset["query"], dataset["pos"], dataset["task_name"])):
+                q = rows_q[row]
+                if neg_ids[q, 0] >= 0:
+                    record = {"query": query, "pos": pos, "neg": [task.corpus[i] for i in neg_ids[q]],
+                              "task_name": task_name, "pos_score": round(float(pos_scores[row]), SCORE_DIGITS),
+                              "neg_scores": [round(float(s), SCORE_DIGITS) for s in neg_scores[q]]}
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -415,11 +390,8 @@ def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray]:
     """Each row's distinct-query id and its positive's corpus id."""
     query_id = {text: i for i, text in enumerate(task.queries)}
     corpus_id = {text: i for i, text in enumerate(task.corpus)}
-    rows_q, rows_p = [], []
-    for batch in dataset.iter(batch_size=4096):
-        rows_q.extend(query_id[text] for text in batch["query"])
-        rows_p.extend(corpus_id[text] for text in batch["pos"])
-    return np.asarray(rows_q, dtype=np.int64), np.asarray(rows_p, dtype=np.int64)
+    return (np.asarray([query_id[text] for text in dataset["query"]], dtype=np.int64),
+            np.asarray([corpus_id[text] for text in dataset["pos"]], dtype=np.int64))
 
 
 def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = (), overwrite: bool = False,
@@ -447,7 +419,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     start = time.perf_counter()
     positives = task.relevant
     depth = search_depth(mine.range_max, positives, corpus.shape[0])
-    search = _faiss_search(corpus, depth) if mine.index == "faiss" else _torch_search(corpus)
+    search = _faiss_search(corpus, depth) if mine.index == "faiss" else None  # None: `metrics.top_k`
     blocks, sizes = query_blocks(len(positives), mine.query_block, state.num_processes, state.process_index)
     corpus_id = {text: i for i, text in enumerate(task.corpus)}
     own = [corpus_id.get(text, -1) for text in task.queries]
