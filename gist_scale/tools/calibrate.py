@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterator, Sequence
+from itertools import islice
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,14 +38,15 @@ from rich.table import Table
 
 from gist_scale import distributed, encode
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, JobConfig
-from gist_scale.data import (DataError, StreamingBatches, TripletBatch, TripletCollator,
-                             build_dataloader, build_sampler, count_tokens, load_triplets, tokenize_triplets)
+from gist_scale.data import (DataError, TripletBatch, TripletCollator, build_dataloader, build_sampler, count_tokens,
+                             load_triplets, tokenize_triplets)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import BLOCKS, GISTLoss, LossPolicy
 from gist_scale.model import load_guide, load_tokenizer
 from gist_scale.model.prompts import Prompts, load_task_instructions
 from gist_scale.options import job_parser, parse_job
 from gist_scale.plan import RunPlan, launched_world_size
+from gist_scale.resume import ResumePlan
 from gist_scale.trainer.batches import BatchSource, ChunkPlan, PreparedBatches, StreamedBatches
 
 __all__ = ["Calibration", "CalibrationRun", "Setting", "calibrate", "main", "parse_grid", "summary", "tables"]
@@ -120,11 +122,8 @@ class _Counts:
     def result(self, setting: Setting, configured: Setting, source_names: Sequence[str]) -> Calibration:
         flagged, judged = self.flagged.sum(0).tolist(), self.judged.sum(0).tolist()
         left = torch.cat(self.left)
-        by_source = {}
-        if len(source_names) > 1:
-            for name, f, j in zip(source_names, self.flagged.sum(1).tolist(), self.judged.sum(1).tolist()):
-                if j:
-                    by_source[name] = f / j
+        per_source = zip(source_names, self.flagged.sum(1).tolist(), self.judged.sum(1).tolist())
+        by_source = {name: f / j for name, f, j in per_source if j} if len(source_names) > 1 else {}
         return Calibration(
             margin_strategy=setting.margin_strategy, margin=setting.margin, configured=setting == configured,
             masked={block: f / j if j else None for block, f, j in zip(BLOCKS, flagged, judged)},
@@ -156,27 +155,18 @@ def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[Bat
     guide_tokenizer = (load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
                                       "--guide.trust_remote_code true") if live_guide else None)
     instructions = load_task_instructions(cfg.data.task_instructions)
-    student_prompts = Prompts.from_config(cfg.model, instructions)
-    guide_prompts = Prompts.from_config(cfg.guide, instructions)
     chunks = None if cfg.train.chunk_size is None else ChunkPlan(plan.per_device_batch, cfg.train.chunk_size)
     collator = TripletCollator(tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of, chunks=chunks)
-    if cfg.data.streaming:
-        streams = []
-        for p in plans:
-            stream = StreamingBatches(
-                cfg.data, collator, tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
-                batch_size=p.per_device_batch, world_size=world_size, rank=p.rank,
-                grad_accum_steps=p.grad_accum_steps, seed=cfg.train.seed, student_prompts=student_prompts,
-                guide_prompts=guide_prompts)
-            stream.check()
-            streams.append(StreamedBatches(stream))
-        return streams
+    if cfg.data.streaming:  # a stream per rank, as training builds it (no checkpoint to resume)
+        return [StreamedBatches.build(cfg, p, ResumePlan(cfg, p), collator, tokenizer, guide_tokenizer, instructions)
+                for p in plans]
     dataset, report = load_triplets(cfg.data)
     guide_cache = (open_guide_cache(cfg.guide, dataset, report.num_negatives, instructions)
                    if cfg.guide.cache is not None else None)
     dataset, truncation = tokenize_triplets(
         dataset, tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
-        student_prompts=student_prompts, guide_prompts=guide_prompts)
+        student_prompts=Prompts.from_config(cfg.model, instructions),
+        guide_prompts=Prompts.from_config(cfg.guide, instructions))
     tokens = count_tokens(dataset, "student")
     samplers = [build_sampler(dataset, cfg.data, p.per_device_batch, world_size, p.rank, p.grad_accum_steps,
                               cfg.train.seed) for p in plans]
@@ -184,14 +174,6 @@ def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[Bat
         dataset, collator = guide_cache.attach(dataset, collator)
     return [PreparedBatches(build_dataloader(dataset, sampler, collator), sampler, report, truncation, tokens)
             for sampler in samplers]
-
-
-def _micro_steps(sources: list[BatchSource], steps: int, grad_accum_steps: int) -> Iterator[list[TripletBatch]]:
-    """The first `steps` global batches' micro-steps, each as every rank's micro-batch in rank order."""
-    for count, micro_batches in enumerate(zip(*sources)):
-        if count == steps * grad_accum_steps:
-            return
-        yield list(micro_batches)
 
 
 def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: int | None,
@@ -217,7 +199,8 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
     policies = [LossPolicy.of(cfg.loss, source) for source in cfg.data.sources] or [LossPolicy.of(cfg.loss)]
     source_names = sources[0].source_names
     counts = {setting: _Counts(len(policies), device) for setting in grid}
-    for micro_batches in _micro_steps(sources, steps, plan.grad_accum_steps):
+    # The first `steps` global batches' micro-steps, each as every rank's micro-batch in rank order.
+    for micro_batches in islice(zip(*sources), steps * plan.grad_accum_steps):
         micro_batches = [batch.to(device) for batch in micro_batches]
         first = micro_batches[0]
         k, source = first.num_negatives, first.source or 0
