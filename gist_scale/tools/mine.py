@@ -343,32 +343,30 @@ def drop_table_view(stats: MineStats, chosen: float, strategy: str) -> Table:
 def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_size: int,
            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Normalized fp32 guide embeddings of the distinct queries and the corpus, and how many texts were embedded."""
-    if job.guide.cache is None:
-        texts = task.texts
-    else:
-        cache = open_guide_cache(job.guide, dataset, 0)
-        # Row embeddings of each query's and each positive's first row; the positives are corpus ids 0..P-1.
-        first_q = np.unique(rows_q, return_index=True)[1]
-        first_p = np.unique(rows_p, return_index=True)[1]
-        query_emb = cache.lookup(first_q.tolist())["query"].to(device)
-        pos_emb = cache.lookup(first_p.tolist())["pos"].to(device)
-        texts = task.corpus[len(first_p):]
-    embeddings = torch.empty(0, 0, device=device)
-    if texts:
+
+    def guide_embeddings(texts: list[str]) -> torch.Tensor:  # the guide is freed on return, before the search
         tokenizer = load_tokenizer(job.guide.name, job.guide.revision, job.guide.trust_remote_code,
                                    "--guide.trust_remote_code true")
-        guide = load_guide(job.guide, device)
-        embeddings = encode_texts(guide, tokenizer, texts, job.guide.max_length, batch_size, device)
-        del guide
+        return encode_texts(load_guide(job.guide, device), tokenizer, texts, job.guide.max_length, batch_size, device)
+
     if job.guide.cache is None:
-        query_emb, corpus_emb = embeddings[task.query_ids], embeddings[task.corpus_ids]
-    else:
-        corpus_emb = torch.cat([pos_emb.float(), embeddings.to(pos_emb.device).float()]) if texts else pos_emb
-    return F.normalize(query_emb.float(), dim=-1), F.normalize(corpus_emb.float(), dim=-1), len(texts)
+        embeddings = guide_embeddings(task.texts)
+        return (F.normalize(embeddings[task.query_ids], dim=-1), F.normalize(embeddings[task.corpus_ids], dim=-1),
+                len(task.texts))
+    cache = open_guide_cache(job.guide, dataset, 0)
+    # Row embeddings of each query's and each positive's first row; the positives are corpus ids 0..P-1.
+    first_q = np.unique(rows_q, return_index=True)[1]
+    first_p = np.unique(rows_p, return_index=True)[1]
+    queries = cache.lookup(first_q.tolist())["query"].to(device).float()
+    corpus = [cache.lookup(first_p.tolist())["pos"].to(device).float()]
+    extra = task.corpus[len(first_p):]  # the --corpus files' texts, which the cache does not hold
+    if extra:
+        corpus.append(guide_embeddings(extra))
+    return F.normalize(queries, dim=-1), F.normalize(torch.cat(corpus), dim=-1), len(extra)
 
 
-def _write(out: Path, dataset, task, rows_q: np.ndarray, rows_p: np.ndarray, pos_scores: np.ndarray,
-           neg_ids: np.ndarray, neg_scores: np.ndarray) -> None:
+def _write(out: Path, dataset, task, rows_q: np.ndarray, pos_scores: np.ndarray, neg_ids: np.ndarray,
+           neg_scores: np.ndarray) -> None:
     """Write the rows whose query has K negatives to a temporary file next to `out`, then rename it over `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -447,7 +445,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
                     for g, (margin, count) in enumerate(zip(sweep.margins, swept))])
     if state.is_main_process:
         console.print(drop_table_view(stats, mine.margin, mine.margin_strategy))
-        _write(out, dataset, task, rows_q, rows_p, pos_scores, ids, scores)
+        _write(out, dataset, task, rows_q, pos_scores, ids, scores)
         for line in stats.lines():
             console.print(line)
         if stats.queries_short:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -89,12 +90,6 @@ def masked_share_keys(records: Iterable[dict[str, Any]]) -> tuple[list[str], lis
     return [key for key in keys if key not in sources], sources
 
 
-def _mean(values: Iterable[float]) -> float:
-    """Mean of the finite values (a window without a source's batches may log none for it); NaN when none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
-
-
 def summary_lines(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[str]:
     """The run in a few lines: the steps logged, the loss, the guide's masked share (overall, per block, per source:
     mean over the logged windows, and the last one) and the last evaluation."""
@@ -107,9 +102,9 @@ def summary_lines(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> l
     def shares(keys: list[str], prefix: str) -> str:
         parts = []
         for key in keys:
-            values = _series(train, key)[1]
-            last = next((v for v in reversed(values) if math.isfinite(v)), math.nan)
-            parts.append(f"{key.removeprefix(prefix)} {_mean(values):.1%} (last {last:.1%})")
+            # A window without a source's batches may log no finite share for it.
+            finite = [v for v in _series(train, key)[1] if math.isfinite(v)] or [math.nan]
+            parts.append(f"{key.removeprefix(prefix)} {statistics.fmean(finite):.1%} (last {finite[-1]:.1%})")
         return ", ".join(parts)
 
     if _series(train, MASKED)[0]:
@@ -345,6 +340,3 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
