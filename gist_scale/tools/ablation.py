@@ -111,8 +111,7 @@ def load_arms(out_dir: Path) -> list[Arm]:
             differ = sorted(k for k in shared.keys() | fixed.keys() if shared.get(k) != fixed.get(k))
             if differ:
                 raise ValueError(f"{run}: differs from {first} in {', '.join(differ)}; every arm must share them")
-            if (_guide(config), _loss(config), config["guide"]) != (_guide(configs[0]), _loss(configs[0]),
-                                                                  configs[0]["guide"]):
+            if (_loss(config), config["guide"]) != (_loss(configs[0]), configs[0]["guide"]):
                 raise ValueError(f"{run}: another guide or loss than {runs[0]} of the same arm")
         per_run = [_scores(run) for run in runs]
         scores = {split: {m: [s[split][m] for s in per_run] for m in per_run[0][split]} for split in SPLITS}

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentParser
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from gist_scale import distributed, encode
@@ -48,10 +47,9 @@ from gist_scale.options import job_parser, parse_job
 from gist_scale.plan import RunPlan, launched_world_size
 from gist_scale.resume import ResumePlan
 from gist_scale.trainer.batches import BatchSource, ChunkPlan, PreparedBatches, StreamedBatches
+from gist_scale.trainer.console import console
 
 __all__ = ["Calibration", "CalibrationRun", "Setting", "calibrate", "main", "parse_grid", "summary", "tables"]
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_MARGINS = (0.0, 0.01, 0.02, 0.05, 0.1)
 """The margins tried unless `--margins` says otherwise (the configured `loss.margin` is always added)."""

@@ -62,15 +62,11 @@ def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
 
 def memory_status(*fields: str) -> dict[str, int]:
     """The given fields of /proc/self/status (`VmHWM`, `RssAnon`, `RssFile`, ...: sizes in kB there), in bytes."""
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in fields:
-            found[key] = int(value.split()[0]) * 1024
-    missing = [f for f in fields if f not in found]
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    missing = [f for f in fields if f not in status]
     if missing:
         raise RuntimeError(f"no {', '.join(missing)} in /proc/self/status: memory is measured on Linux only")
-    return found
+    return {f: int(status[f].split()[0]) * 1024 for f in fields}
 
 
 class PeakMemory:

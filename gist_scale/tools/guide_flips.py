@@ -40,15 +40,11 @@ class FlipReport:
     """Largest |guide score - threshold| of a flipped candidate (0 without flips)."""
     batches: int
 
-    @property
-    def rate(self) -> float:
-        return self.flips / max(self.candidates, 1)
-
     def line(self, dtype: str, micro_batches: Sequence[int]) -> str:
         sizes = " vs ".join(map(str, micro_batches))
         return (f"guide {dtype}, micro-batches {sizes}: {self.flips} of {self.candidates} mask decisions flip "
-                f"({self.rate:.2e}) over {self.batches} global batches; largest |score - threshold| of a flip "
-                f"{self.max_gap:.2e}")
+                f"({self.flips / max(self.candidates, 1):.2e}) over {self.batches} global batches; largest "
+                f"|score - threshold| of a flip {self.max_gap:.2e}")
 
 
 def global_batches(rows: Sequence[dict], size: int) -> list[list[dict]]:

@@ -178,6 +178,16 @@ def margin_grid(chosen: float, each_side: int = 3) -> tuple[float, ...]:
     return (*below, chosen, *above)
 
 
+def _margin_rule(scores: torch.Tensor, candidates: torch.Tensor, threshold: torch.Tensor,
+                 cfg: MineConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along the last dimension (the searched candidates, best first): the candidates the margin rule drops (scored
+    strictly above `threshold`), and the allowed ones, ranks `[range_min, range_max)` among those left."""
+    above = (scores > threshold) & candidates
+    keep = candidates & ~above
+    rank = keep.cumsum(-1) - 1  # ranks after filtering
+    return above, keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
+
+
 @dataclass
 class MarginSweep:
     """What the margin rule would do at each of `margins`, counted by `mine_negatives` on the candidates it searched
@@ -193,10 +203,7 @@ class MarginSweep:
         """One block: `scores` `[B, depth]` best first, `candidates` the searched ones that are neither padding nor
         excluded by identity, `positive_score` `[B, 1]` the score that sets each query's threshold."""
         thresholds = torch.stack([margin_threshold(positive_score, cfg.margin_strategy, m) for m in self.margins])
-        above = (scores[None] > thresholds) & candidates[None]  # [G, B, depth]
-        keep = candidates[None] & ~above
-        rank = keep.cumsum(2) - 1  # ranks after filtering, as mining counts them
-        allowed = keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
+        above, allowed = _margin_rule(scores[None], candidates[None], thresholds, cfg)  # [G, B, depth]
         self._dropped.append(above.sum((1, 2)))
         self._short.append((allowed.sum(2) < cfg.num_negatives).T)
 
@@ -236,7 +243,7 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
     out_scores = [torch.empty(0, k, device=device)]
     dropped = torch.zeros((), dtype=torch.int64, device=device)
     for block in blocks:
-        rows = slice(block * cfg.query_block, min((block + 1) * cfg.query_block, queries.shape[0]))
+        rows = slice(block * cfg.query_block, (block + 1) * cfg.query_block)
         q, pos = queries[rows], pos_table[rows]
         # The lowest positive score of each query sets its threshold, so no row of that query breaks the rule.
         pos_scores = torch.einsum("bd,bpd->bp", q, corpus[pos.clamp(min=0)]).masked_fill(pos < 0, math.inf)
@@ -246,13 +253,10 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
         real = ids >= 0  # faiss pads a short result with -1
         # Excluded by identity, before the margin: the query's positives and the query's own text.
         excluded = (ids[:, :, None] == pos[:, None, :]).any(-1) | (ids == own_ids[rows, None])
-        above = scores > threshold
-        dropped += (above & real & ~excluded).sum()
+        above, allowed = _margin_rule(scores, real & ~excluded, threshold, cfg)
+        dropped += above.sum()
         if sweep is not None:
             sweep.count(scores, real & ~excluded, lowest_positive, cfg)
-        keep = real & ~excluded & ~above
-        rank = keep.cumsum(1) - 1  # ranks after filtering
-        allowed = keep & (rank >= cfg.range_min) & (rank < cfg.range_max)
         if cfg.sampling == "top":
             keys = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device).expand(ids.shape)
         else:
@@ -294,7 +298,9 @@ class MineStats:
     ranks: int
     texts_embedded: int
     embed_seconds: float
+    texts_per_s: float
     search_seconds: float
+    queries_per_s: float
     searched_candidates: int
     margin_dropped: int
     queries_short: int
@@ -303,14 +309,6 @@ class MineStats:
     mean_neg_score: float
     drop_table: list[DropRow]
     """The margin grid around the chosen margin (`margin_grid`), printed before anything is written."""
-
-    @property
-    def texts_per_s(self) -> float:
-        return self.texts_embedded / max(self.embed_seconds, 1e-9)
-
-    @property
-    def queries_per_s(self) -> float:
-        return self.queries / max(self.search_seconds, 1e-9)
 
     def lines(self) -> list[str]:
         return [
@@ -430,13 +428,13 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     short = distributed.gather_no_grad(sweep.short(device), sizes).cpu().numpy()  # [queries, margins]
     search_seconds = time.perf_counter() - start
 
-    row_q, row_p = torch.from_numpy(rows_q).to(device), torch.from_numpy(rows_p).to(device)
-    pos_scores = (queries[row_q] * corpus[row_p]).sum(-1).cpu().numpy()
+    pos_scores = (queries[rows_q] * corpus[rows_p]).sum(-1).cpu().numpy()
     found = ids[:, 0] >= 0
     kept_rows = found[rows_q]
     stats = MineStats(
         rows=len(rows_q), queries=len(positives), corpus=corpus.shape[0], ranks=state.num_processes,
-        texts_embedded=embedded, embed_seconds=embed_seconds, search_seconds=search_seconds,
+        texts_embedded=embedded, embed_seconds=embed_seconds, texts_per_s=embedded / max(embed_seconds, 1e-9),
+        search_seconds=search_seconds, queries_per_s=len(positives) / max(search_seconds, 1e-9),
         searched_candidates=len(positives) * depth, margin_dropped=dropped, queries_short=int((~found).sum()),
         rows_written=int(kept_rows.sum()),
         mean_pos_score=float(pos_scores[kept_rows].mean()) if kept_rows.any() else math.nan,
@@ -454,8 +452,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
                           "--range-min or --margin, or add --corpus texts")
         console.print(f"wrote {stats.rows_written} rows to {out}")
         if stats_file is not None:
-            record = {**asdict(stats), "texts_per_s": stats.texts_per_s, "queries_per_s": stats.queries_per_s,
-                      "device": str(device), "guide": job.guide.name, "settings": asdict(mine)}
+            record = {**asdict(stats), "device": str(device), "guide": job.guide.name, "settings": asdict(mine)}
             Path(stats_file).write_text(json.dumps(record, indent=2) + "\n")
     state.wait_for_everyone()
     return stats

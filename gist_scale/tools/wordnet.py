@@ -89,18 +89,13 @@ def parse_line(line: str) -> Synset:
         raise ValueError("no ' | ' before the gloss")
     fields = head.split()
     offset, lex_filenum, ss_type = fields[0], int(fields[1]), fields[2]
-    word_count = int(fields[3], 16)
-    i = 4 + 2 * word_count
-    pointer_count = int(fields[i])
-    i += 1
-    parents = []
-    for _ in range(pointer_count):
-        symbol, target, target_pos = fields[i], fields[i + 1], fields[i + 2]
-        i += 4
-        if symbol in ("@", "@i") or (ss_type == "s" and symbol == "&"):
-            parents.append((_file_pos(target_pos), target))
+    i = 4 + 2 * int(fields[3], 16)  # p_cnt, after w_cnt (hexadecimal) words and their lex_ids
+    # Each pointer is `symbol offset pos source/target`.
+    pointers = [fields[j:j + 4] for j in range(i + 1, i + 1 + 4 * int(fields[i]), 4)]
+    parents = tuple((_file_pos(target_pos), target) for symbol, target, target_pos, _ in pointers
+                    if symbol in ("@", "@i") or (ss_type == "s" and symbol == "&"))
     definition, examples = parse_gloss(gloss)
-    return Synset((_file_pos(ss_type), offset), LEXNAMES[lex_filenum], definition, examples, tuple(parents))
+    return Synset((_file_pos(ss_type), offset), LEXNAMES[lex_filenum], definition, examples, parents)
 
 
 def iter_synsets(path: Path) -> Iterator[Synset]:
