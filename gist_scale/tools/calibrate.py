@@ -148,12 +148,11 @@ class CalibrationRun:
 def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[BatchSource]:
     """Every rank's batch source at `world_size`, built as training builds it (one data load for all of them)."""
     plans = [RunPlan.create(cfg, world_size, rank) for rank in range(world_size)]
-    plan = plans[0]
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code)
     guide_tokenizer = (load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
                                       "--guide.trust_remote_code true") if live_guide else None)
     instructions = load_task_instructions(cfg.data.task_instructions)
-    chunks = None if cfg.train.chunk_size is None else ChunkPlan(plan.per_device_batch, cfg.train.chunk_size)
+    chunks = None if cfg.train.chunk_size is None else ChunkPlan(plans[0].per_device_batch, cfg.train.chunk_size)
     collator = TripletCollator(tokenizer, guide_tokenizer, cfg.data.pad_to_multiple_of, chunks=chunks)
     if cfg.data.streaming:  # a stream per rank, as training builds it (no checkpoint to resume)
         return [StreamedBatches.build(cfg, p, ResumePlan(cfg, p), collator, tokenizer, guide_tokenizer, instructions)

@@ -400,9 +400,9 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         raise ConfigError(f"--out {out} exists: pass --overwrite to replace it, or choose another path")
     state = distributed.launch_state(job.train.collective_timeout_s)
     device = state.device
-    data_cfg = replace(job.data, neg_columns=[])  # rows are read as pairs: existing negatives are not candidates
     with state.main_process_first():
-        dataset, report = load_triplets(data_cfg)
+        # Rows are read as pairs: existing negatives are not candidates.
+        dataset, report = load_triplets(replace(job.data, neg_columns=[]))
         task = retrieval_task(dataset, corpus_files, report.source)
     rows_q, rows_p = _row_pairs(dataset, task)
     if state.is_main_process:

@@ -233,14 +233,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
-    extra = 3
     if by_dimension:
-        _plot_dimensions(all_axes[0, extra], by_dimension)
-        all_axes[1, extra].axis("off")
-        extra += 1
+        _plot_dimensions(all_axes[0, 3], by_dimension)
+        all_axes[1, 3].axis("off")
     if mixture or sources:
-        # The mixture's column: its shares of the batches on top, each source's masked share over the steps under them.
-        top, bottom = all_axes[0, extra], all_axes[1, extra]
+        # The mixture's column, the last: its shares of the batches on top, each source's masked share over the steps
+        # under them.
+        top, bottom = all_axes[:, -1]
         if mixture:
             _plot_mixture(top, mixture, train)
         else:
@@ -267,18 +266,15 @@ def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, 
     from matplotlib.ticker import PercentFormatter
 
     ax.set_title(title)
-    drawn = 0
-    for key in keys:
-        steps, values = _series(train, key)
-        if not steps:
-            continue
+    every = [(key, *_series(train, key)) for key in keys]
+    drawn = [(key, steps, values) for key, steps, values in every if steps]  # the keys the run logged
+    for key, steps, values in drawn:
         overall = key == MASKED
         ax.plot(steps, values, label="all blocks" if overall else key.removeprefix(prefix),
                 **({"color": "black", "linewidth": 2} if overall else {}), **style)
-        drawn += 1
     if drawn:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        if drawn > 1:
+        if len(drawn) > 1:
             ax.legend(fontsize="small")
     else:
         ax.text(0.5, 0.5, f"no '{keys[0]}' records", ha="center", va="center", transform=ax.transAxes)
