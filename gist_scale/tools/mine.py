@@ -42,7 +42,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -467,30 +467,27 @@ def build_parser() -> ArgumentParser:
         "embeds and searches a share. Ranks are counted after dropping positives and margin violators, as in "
         "sentence-transformers' mine_hard_negatives.")
     defaults = MineConfig()
+
+    def setting(name: str, help_: str, **kwargs) -> None:
+        """The `MineConfig` field `name` as the option `--name-with-dashes`, with the field's default."""
+        parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name),
+                            help=f"{help_} (default %(default)s)", **kwargs)
+
     parser.add_argument("--out", required=True, help="JSONL file to write (MEDI schema plus guide scores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--corpus", action="append", default=[], metavar="FILE",
                         help="extra candidate texts (JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); "
                              "repeatable")
-    parser.add_argument("--num-negatives", type=int, default=defaults.num_negatives,
-                        help="K negatives per row (default %(default)s)")
-    parser.add_argument("--range-min", type=int, default=defaults.range_min,
-                        help="skip this many best surviving candidates (default %(default)s)")
-    parser.add_argument("--range-max", type=int, default=defaults.range_max,
-                        help="take negatives from surviving ranks below this (default %(default)s)")
-    parser.add_argument("--margin", type=float, default=defaults.margin,
-                        help="GIST margin: drop candidates scored above the positive minus it (default %(default)s)")
-    parser.add_argument("--margin-strategy", default=defaults.margin_strategy, choices=MARGIN_STRATEGIES,
-                        help="absolute: minus margin; relative: minus |g(q,p)| x margin (default %(default)s)")
-    parser.add_argument("--sampling", default=defaults.sampling, choices=("random", "top"),
-                        help="K drawn uniformly from the allowed ranks, or the K best (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random draw")
-    parser.add_argument("--index", default=defaults.index, choices=("torch", "faiss"),
-                        help="exact search by blocked matrix products, or a faiss IndexFlatIP (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="texts per guide forward (default %(default)s)")
-    parser.add_argument("--query-block", type=int, default=defaults.query_block,
-                        help="queries searched at a time, also the unit of the seeded draw (default %(default)s)")
+    setting("num_negatives", "K negatives per row", type=int)
+    setting("range_min", "skip this many best surviving candidates", type=int)
+    setting("range_max", "take negatives from surviving ranks below this", type=int)
+    setting("margin", "GIST margin: drop candidates scored above the positive minus it", type=float)
+    setting("margin_strategy", "absolute: minus margin; relative: minus |g(q,p)| x margin", choices=MARGIN_STRATEGIES)
+    setting("sampling", "K drawn uniformly from the allowed ranks, or the K best", choices=("random", "top"))
+    setting("seed", "seed of the random draw", type=int)
+    setting("index", "exact search by blocked matrix products, or a faiss IndexFlatIP", choices=("torch", "faiss"))
+    setting("batch_size", "texts per guide forward", type=int)
+    setting("query_block", "queries searched at a time, also the unit of the seeded draw", type=int)
     parser.add_argument("--stats", metavar="FILE", help="also write the run's counts and throughput as JSON")
     return parser
 
@@ -498,8 +495,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         job, args = parse_job(build_parser(), argv)
-        mine = MineConfig(args.num_negatives, args.range_min, args.range_max, args.margin, args.margin_strategy,
-                          args.sampling, args.seed, args.index, args.batch_size, args.query_block)
+        mine = MineConfig(**{field.name: getattr(args, field.name) for field in fields(MineConfig)})
         run(job, mine, args.out, args.corpus, args.overwrite, args.stats)
     except (ConfigError, DataError, OSError) as error:  # GuideCacheError is a ConfigError
         console.print(f"[red]error:[/red] {error}")
