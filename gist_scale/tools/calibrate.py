@@ -224,8 +224,8 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
 
 def _guide_columns(guide, batch: TripletBatch, k: int) -> tuple:
     """The guide's embeddings of one rank's micro-batch: from the cache, or embedded as that rank would."""
-    if batch.guide_embeddings is not None:
-        cached = batch.guide_embeddings
+    cached = batch.guide_embeddings
+    if cached is not None:
         return cached["query"], cached["pos"], cached.get("neg")
     return encode.embed_frozen(guide, batch.guide, k)
 
@@ -243,9 +243,7 @@ def tables(run: CalibrationRun) -> list[Table]:
                      title_justify="left")
         for column in ("margin", *BLOCKS, "all", *sources, "negatives left", "no negative"):
             view.add_column(column, justify="right")
-        for row in run.settings:
-            if row.margin_strategy != strategy:
-                continue
+        for row in [row for row in run.settings if row.margin_strategy == strategy]:
             view.add_row(f"{'-> ' if row.configured else ''}{row.margin:g}",
                          *(_share(row.masked[block]) for block in BLOCKS), _share(row.masked_all),
                          *(_share(row.masked_by_source.get(name)) for name in sources),

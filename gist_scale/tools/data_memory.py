@@ -53,8 +53,7 @@ def write_rows(path: Path, rows: int, tasks: int = 8) -> None:
         for start in range(0, rows, 10_000):
             count = min(10_000, rows - start)
             picks = words[rng.integers(0, len(words), size=(count, 38))]
-            for i in range(count):
-                row = start + i
+            for i, row in enumerate(range(start, start + count)):
                 handle.write(json.dumps({
                     "query": f"{row} " + " ".join(picks[i, :6]), "pos": " ".join(picks[i, 6:22]),
                     "neg": " ".join(picks[i, 22:]), "task_name": f"task{row % tasks}"}) + "\n")

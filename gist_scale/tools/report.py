@@ -115,9 +115,8 @@ def summary_lines(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> l
         lines.append(f"  per source: {shares(sources, SOURCE_MASKED)}")
     if evals:
         last = evals[-1]
-        keys = _full_dimension_keys([last])
-        metrics = ", ".join(f"{key.removeprefix(EVAL_PREFIX)} {float(last[key]):.4f}" for key in keys
-                            if isinstance(last[key], (int, float)))
+        metrics = ", ".join(f"{key.removeprefix(EVAL_PREFIX)} {float(last[key]):.4f}"
+                            for key in _full_dimension_keys([last]) if isinstance(last[key], (int, float)))
         lines.append(f"eval at step {last['step']}: {metrics}")
     return lines
 
