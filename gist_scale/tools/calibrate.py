@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from itertools import islice
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch

@@ -49,10 +49,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 from jsonargparse import ArgumentParser
 from rich.console import Console
 from rich.table import Table
+from torch.nn.utils.rnn import pad_sequence
 
 from gist_scale import distributed
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, LossConfig

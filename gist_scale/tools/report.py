@@ -334,4 +334,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary_lines(*read_metrics(Path(args.run_dir) / METRICS_FILE)):
         print(line)
     return 0
-
