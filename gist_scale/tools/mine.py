@@ -420,11 +420,10 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     corpus_id = {text: i for i, text in enumerate(task.corpus)}
     own = [corpus_id.get(text, -1) for text in task.queries]
     sweep = MarginSweep(margin_grid(mine.margin))
-    ids, scores, dropped = mine_negatives(queries, corpus, positives, mine, blocks, search, own, sweep)
+    ids, scores, _ = mine_negatives(queries, corpus, positives, mine, blocks, search, own, sweep)
     ids = distributed.gather_no_grad(ids, sizes).cpu().numpy()
     scores = distributed.gather_no_grad(scores, sizes).cpu().numpy()
-    dropped = int(distributed.all_reduce_sum(dropped).item())
-    swept = distributed.all_reduce_sum(sweep.dropped(device)).tolist()
+    swept = distributed.all_reduce_sum(sweep.dropped(device)).tolist()  # the chosen margin's count is the run's
     short = distributed.gather_no_grad(sweep.short(device), sizes).cpu().numpy()  # [queries, margins]
     search_seconds = time.perf_counter() - start
 
@@ -435,8 +434,8 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         rows=len(rows_q), queries=len(positives), corpus=corpus.shape[0], ranks=state.num_processes,
         texts_embedded=embedded, embed_seconds=embed_seconds, texts_per_s=embedded / max(embed_seconds, 1e-9),
         search_seconds=search_seconds, queries_per_s=len(positives) / max(search_seconds, 1e-9),
-        searched_candidates=len(positives) * depth, margin_dropped=dropped, queries_short=int((~found).sum()),
-        rows_written=int(kept_rows.sum()),
+        searched_candidates=len(positives) * depth, margin_dropped=int(swept[sweep.margins.index(mine.margin)]),
+        queries_short=int((~found).sum()), rows_written=int(kept_rows.sum()),
         mean_pos_score=float(pos_scores[kept_rows].mean()) if kept_rows.any() else math.nan,
         mean_neg_score=float(scores[found].mean()) if found.any() else math.nan,
         drop_table=[DropRow(margin, int(count), int(short[rows_q, g].sum()))
