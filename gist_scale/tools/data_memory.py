@@ -20,9 +20,9 @@ make, plus the size of the stream's checkpoint state (JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
-import shutil
 import sys
 import tempfile
 import threading
@@ -155,14 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="gist-data-memory-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        print(json.dumps(measure(args.rows, work, args.batch_size, tokenize=not args.no_tokenize,
+    # Without --work-dir, a temporary folder, deleted afterwards.
+    with (contextlib.nullcontext(args.work_dir) if args.work_dir else
+          tempfile.TemporaryDirectory(prefix="gist-data-memory-", ignore_cleanup_errors=True)) as work:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        print(json.dumps(measure(args.rows, Path(work), args.batch_size, tokenize=not args.no_tokenize,
                                  streaming=args.streaming)))
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

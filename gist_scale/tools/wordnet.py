@@ -378,10 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gist-scale data wordnet: {error}", file=sys.stderr)
         return 1
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(result.train, args.out_dir / "train.jsonl")
-    write_jsonl(result.eval, args.out_dir / "eval.jsonl")
-    if result.ood_tasks:
-        write_jsonl(result.ood, args.out_dir / "ood.jsonl")
+    for split in ("train", "eval", "ood") if result.ood_tasks else ("train", "eval"):
+        write_jsonl(getattr(result, split), args.out_dir / f"{split}.jsonl")
     notice = "The triplets in this folder are derived from WordNet 3.0 and are distributed under its license:\n\n"
     (args.out_dir / "LICENSE").write_text(notice + license_text(args.wordnet_dir))
     (args.out_dir / "README.md").write_text(_readme(result, args))
