@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import random
 import re
@@ -122,13 +123,9 @@ def load_wordnet(wordnet_dir: Path) -> dict[SynsetKey, Synset]:
 
 def license_text(wordnet_dir: Path) -> str:
     """The Princeton WordNet 3.0 license, exactly as the header of data.noun carries it."""
-    lines = []
     with (wordnet_dir / "data.noun").open(encoding="utf-8") as f:
-        for line in f:
-            if not line.startswith("  "):
-                break
-            lines.append(re.sub(r"^\s+\d+ ?", "", line).rstrip())
-    return "\n".join(lines).strip() + "\n"
+        header = itertools.takewhile(lambda line: line.startswith("  "), f)
+        return "\n".join(re.sub(r"^\s+\d+ ?", "", line).rstrip() for line in header).strip() + "\n"
 
 
 @dataclass
