@@ -205,15 +205,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                  f"masked share{' per block' if blocks else ''} (guide-flagged false negatives)", style)
 
     # Throughput: two units on twin axes, so both curves keep a readable scale.
-    ax = axes[1, 0]
-    ax.set_title("throughput")
-    steps, triplets = _series(train, "triplets_per_s")
-    ax.plot(steps, triplets, color="tab:blue", label="triplets/s", **style)
-    ax.set_ylabel("triplets/s", color="tab:blue")
-    twin = ax.twinx()
-    steps, tokens = _series(train, "tokens_per_s")
-    twin.plot(steps, tokens, color="tab:orange", label="tokens/s", **style)
-    twin.set_ylabel("tokens/s", color="tab:orange")
+    axes[1, 0].set_title("throughput")
+    for ax, unit, color in ((axes[1, 0], "triplets", "tab:blue"), (axes[1, 0].twinx(), "tokens", "tab:orange")):
+        ax.plot(*_series(train, f"{unit}_per_s"), color=color, label=f"{unit}/s", **style)
+        ax.set_ylabel(f"{unit}/s", color=color)
 
     ax = axes[1, 2]
     ax.set_title("eval")
