@@ -210,8 +210,7 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
         slot_roles = None if first.slot_roles is None else torch.cat([batch.slot_roles for batch in micro_batches])
         with torch.no_grad():
             for setting in grid:
-                policy = dataclasses.replace(policies[source], margin_strategy=setting.margin_strategy,
-                                             margin=setting.margin)
+                policy = dataclasses.replace(policies[source], **asdict(setting))  # the grid's margin and strategy
                 _, stats = loss_fn(query, pos, neg, query, pos, neg, text_ids=text_ids, slot_roles=slot_roles,
                                    policy=policy)
                 counts[setting].add(source, stats.flagged_by_block, stats.judged_by_block, stats.negatives_left)

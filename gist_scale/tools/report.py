@@ -215,8 +215,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     # The per-dimension keys have their own panel; this one keeps the full-dimension metrics readable.
     eval_keys = _full_dimension_keys(evals)
     for key in eval_keys:
-        steps, values = _series(evals, key)
-        ax.plot(steps, values, marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
+        ax.plot(*_series(evals, key), marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
     if eval_keys:
         ax.legend(fontsize="small")
     else:
