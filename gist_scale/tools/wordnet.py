@@ -369,8 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         synsets = load_wordnet(args.wordnet_dir)
-        result = build_triplets(synsets, args.train, args.eval, args.seed, args.tasks, args.holdout_lexnames,
-                                args.ood)
+        result = build_triplets(synsets, args.train, args.eval, args.seed, args.tasks, args.holdout_lexnames, args.ood)
     except (OSError, ValueError) as error:
         print(f"gist-scale data wordnet: {error}", file=sys.stderr)
         return 1
