@@ -47,10 +47,9 @@ class Prompts:
 
     def for_query(self, task: str) -> str:
         """The prompt of a query of `task`: its instruction through the template, else the query prompt."""
-        if self.template is not None:
-            for name, instruction in self.instructions:
-                if name == task:
-                    return self.template.format(instruction=instruction)
+        instruction = dict(self.instructions).get(task)
+        if self.template is not None and instruction is not None:
+            return self.template.format(instruction=instruction)
         return self.query
 
     def named(self) -> dict[str, str]:
@@ -97,8 +96,7 @@ def load_task_instructions(path: str | None) -> dict[str, str]:
         raise ConfigError(f"data.task_instructions={path}: expected a non-empty map task_name: instruction")
     for task, instruction in loaded.items():
         if not isinstance(instruction, str) or not instruction.strip():
-            raise ConfigError(f"data.task_instructions={path}: task {task!r}: the instruction must be a non-empty "
-                              "text")
+            raise ConfigError(f"data.task_instructions={path}: task {task!r}: the instruction must be a non-empty text")
     return {str(task): instruction.strip() for task, instruction in loaded.items()}
 
 
