@@ -14,7 +14,7 @@ under left padding too (`exclude_prompt`; sentence-transformers PR 2951 fixed th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import ConfigError, EncoderConfig
 
-__all__ = ["Prompts", "exclude_prompt", "load_task_instructions", "prompt_length", "unknown_tasks"]
+__all__ = ["Prompts", "exclude_prompt", "load_task_instructions", "prompt_length"]
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,3 @@ def load_task_instructions(path: str | None) -> dict[str, str]:
         if not isinstance(instruction, str) or not instruction.strip():
             raise ConfigError(f"data.task_instructions={path}: task {task!r}: the instruction must be a non-empty text")
     return {str(task): instruction.strip() for task, instruction in loaded.items()}
-
-
-def unknown_tasks(instructions: Mapping[str, str], tasks: Iterable[str]) -> list[str]:
-    """Tasks that have an instruction but no rows in the data (a typo, or another dataset's file)."""
-    present = set(tasks)
-    return sorted(task for task in instructions if task not in present)
