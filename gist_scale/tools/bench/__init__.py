@@ -69,10 +69,9 @@ from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, bui
                                            write_rows)
 from gist_scale.tools.bench.modes import ALL_MODES, MODES, CaseSetup
 from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
+from gist_scale.trainer.console import console
 
 __all__ = ["RECORD_FIELDS", "build_parser", "main", "parse_args"]
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DISTINCT_BATCHES = 3
 """Global batches in the synthetic data (the sampler reshuffles them every epoch, so no mode benefits from one fixed

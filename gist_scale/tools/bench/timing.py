@@ -23,17 +23,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from rich.console import Console
 from transformers import AutoConfig
 
 from gist_scale.tools.bench.modes import (MATRYOSHKA_MODES, REFERENCE_MODES, CaseSetup, ReferenceMode, TrainerMode,
                                           mode_environment, processed_tokens)
 from gist_scale.tools.data_memory import memory_status
+from gist_scale.trainer.console import console
 from gist_scale.trainer.step_metrics import model_flops
 
 __all__ = ["RECORD_FIELDS", "datasets_cache", "device_name", "measure"]
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
                  "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
