@@ -49,10 +49,6 @@ class ParameterCounts:
     """The same over trainable parameters only (ZeRO-3 gathers a layer's full gradient before it reduce-scatters
     it); equal to `largest_layer` for full fine-tuning."""
 
-    @property
-    def frozen(self) -> int:
-        return self.total - self.trainable
-
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -156,10 +152,9 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
         raise ValueError(f"offload_param needs ZeRO-3 (DeepSpeed partitions parameters only there); got "
                          f"zero_stage={zero_stage}")
     total, trainable = counts.total, counts.trainable
-    lora = trainable < total
     setting = (f"{'no DeepSpeed' if zero_stage == 0 else f'ZeRO-{zero_stage}'}, {world_size} "
                f"rank{'s' if world_size > 1 else ''}, {'fp32' if mixed_precision == 'no' else mixed_precision}"
-               f"{', LoRA' if lora else ''}{', optimizer offloaded' if offload_optimizer else ''}"
+               f"{', LoRA' if trainable < total else ''}{', optimizer offloaded' if offload_optimizer else ''}"
                f"{', parameters offloaded' if offload_param else ''}")
 
     if zero_stage == 0:

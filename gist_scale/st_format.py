@@ -74,11 +74,10 @@ def export_sentence_transformer(encoder: PreTrainedModel, tokenizer: PreTrainedT
 
 def _local_dir(name_or_path: str) -> Path:
     """A local directory for a path, the offline MiniLM copy, or a hub name (downloaded or read from the cache)."""
-    resolved = resolve_model_path(name_or_path)
-    path = Path(resolved).expanduser()
+    path = Path(resolve_model_path(name_or_path)).expanduser()
     if path.is_dir():
         return path
-    find_model(name_or_path)  # a file, or a path that does not exist: says so
+    resolved = find_model(name_or_path)  # a file, or a path that does not exist: says so
     try:
         return Path(snapshot_download(resolved))
     except Exception as error:  # offline, unknown repository, authentication: all end the same way

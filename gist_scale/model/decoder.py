@@ -110,8 +110,7 @@ def ensure_eos(tokenizer: PreTrainedTokenizerBase, name: str) -> PreTrainedToken
     from tokenizers import Tokenizer
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    backend["post_processor"] = _with_eos(backend.get("post_processor"), tokenizer.eos_token,
-                                          tokenizer.eos_token_id)
+    backend["post_processor"] = _with_eos(backend.get("post_processor"), tokenizer.eos_token, tokenizer.eos_token_id)
     tokenizer.backend_tokenizer.post_processor = Tokenizer.from_str(json.dumps(backend)).post_processor
     assert appends_eos(tokenizer), f"{name}: appending EOS to the tokenizer failed"
     return tokenizer

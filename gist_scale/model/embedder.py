@@ -70,10 +70,9 @@ class Embedder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt_length: torch.Tensor | None = None) -> torch.Tensor:
         config = self.encoder.config
-        encoder_mask = attention_mask
         extra = forward_kwargs(attention_mask) if self.decoder else {}
-        if config._attn_implementation == "sdpa" and config.model_type in SDPA_MASK_MODEL_TYPES:
-            encoder_mask = attention_mask.bool()[:, None, None, :]
+        sdpa_mask = config._attn_implementation == "sdpa" and config.model_type in SDPA_MASK_MODEL_TYPES
+        encoder_mask = attention_mask.bool()[:, None, None, :] if sdpa_mask else attention_mask
         hidden = self.encoder(input_ids=input_ids, attention_mask=encoder_mask, **extra).last_hidden_state
         embeddings = pool(hidden, attention_mask, self.pooling, None if self.include_prompt else prompt_length)
         return F.normalize(embeddings, dim=-1) if self.normalize else embeddings

@@ -91,11 +91,6 @@ def find_model(name: str) -> str:
     return resolved
 
 
-def _remote_code_option(cfg: ModelConfig | GuideConfig) -> str:
-    """The switch that sets `cfg.trust_remote_code`, as the refusal of a custom-code model names it."""
-    return f"--{cfg.section}.trust_remote_code true"
-
-
 @contextlib.contextmanager
 def _from_pretrained(name: str, revision: str | None, remote_code_option: str) -> Iterator[str]:
     """Yield the checked location of `name`; turn transformers' `OSError` (offline, typo, no access) into one line
@@ -144,16 +139,6 @@ def _drop_unused_pooler(encoder: PreTrainedModel) -> None:
         encoder.pooler = None
 
 
-def _encoder_config(name: str, revision: str | None, dropout: float | None, trust_remote_code: bool):
-    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    if dropout is not None:
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
-                    "dropout", "embedding_dropout", "mlp_dropout", "classifier_dropout"):
-            if getattr(config, key, None) is not None:
-                setattr(config, key, dropout)
-    return config
-
-
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
                    remote_code_option: str = "--model.trust_remote_code true") -> PreTrainedTokenizerBase:
     """The model's tokenizer; a decoder's appends EOS to every text (`gist_scale.model.decoder.ensure_eos`).
@@ -164,8 +149,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     """
     with _from_pretrained(name, revision, remote_code_option) as path:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-        decoder = is_decoder(AutoConfig.from_pretrained(path, revision=revision,
-                                                        trust_remote_code=trust_remote_code))
+        decoder = is_decoder(AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code))
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token. Padding is masked out and pooling reads only the mask, so
         # the pad token may be the EOS token that last_token pooling takes.
@@ -195,8 +179,12 @@ def base_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_option: 
     `remote_code_option` names the switch that sets `cfg.trust_remote_code` when a custom-code model is refused
     without it (default `--model.trust_remote_code true`).
     """
-    with _from_pretrained(cfg.name, cfg.revision, remote_code_option or _remote_code_option(cfg)) as path:
-        config = _encoder_config(path, cfg.revision, cfg.dropout, cfg.trust_remote_code)
+    with _from_pretrained(cfg.name, cfg.revision, remote_code_option or "--model.trust_remote_code true") as path:
+        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
+                    "dropout", "embedding_dropout", "mlp_dropout", "classifier_dropout"):  # what `model.dropout` sets
+            if cfg.dropout is not None and getattr(config, key, None) is not None:
+                setattr(config, key, cfg.dropout)
         model_class = _model_class(config, path, cfg.revision, cfg.trust_remote_code)
         check_pooling(config, cfg.pooling, cfg.section)
         if cfg.attn_implementation == "sdpa" and model_class is not None and not model_class._supports_sdpa:
@@ -233,14 +221,11 @@ def outside_zero3(restore: Callable[[], None] | None):
         restore()
 
 
-def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[], None] | None = None, *,
-               remote_code_option: str | None = None) -> Embedder:
-    """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`).
-
-    `remote_code_option` as for `base_encoder` (default `--guide.trust_remote_code true`)."""
+def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[], None] | None = None) -> Embedder:
+    """Load the frozen guide: bf16 (or fp32), eval mode, no gradients, never partitioned (see `outside_zero3`)."""
     assert cfg.name is not None, "load_guide called without a guide"
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    with _from_pretrained(cfg.name, cfg.revision, remote_code_option or _remote_code_option(cfg)) as path:
+    with _from_pretrained(cfg.name, cfg.revision, "--guide.trust_remote_code true") as path:
         config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         check_pooling(config, cfg.pooling, cfg.section)
         with outside_zero3(restore_zero3):

@@ -30,22 +30,17 @@ from transformers import PreTrainedModel
 from gist_scale.config import ConfigError, ModelConfig
 from gist_scale.model.loading import base_encoder, outside_zero3
 
-__all__ = ["ALL_LINEAR", "StateKwargs", "adapter_state_dict", "add_lora", "checkpoint_kwargs", "lora_config",
-           "merged_encoder"]
+__all__ = ["ALL_LINEAR", "StateKwargs", "adapter_state_dict", "add_lora", "checkpoint_kwargs", "merged_encoder"]
 
 ALL_LINEAR = "all-linear"
 """peft's shorthand for every linear layer except an output head (an `AutoModel` encoder has none)."""
 _LAYER_PREFIX = re.compile(r"^.*?\.\d+\.")
 
 
-def lora_config(cfg: ModelConfig) -> LoraConfig:
-    targets = ALL_LINEAR if cfg.lora_target_modules == (ALL_LINEAR,) else list(cfg.lora_target_modules)
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
-
-
 def add_lora(encoder: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     """Freeze `encoder` and wrap it with LoRA adapters; a target list matching no linear layer is a ConfigError."""
-    config = lora_config(cfg)
+    targets = ALL_LINEAR if cfg.lora_target_modules == (ALL_LINEAR,) else list(cfg.lora_target_modules)
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
     linear = [name for name, module in encoder.named_modules() if isinstance(module, torch.nn.Linear)]
     if config.target_modules != ALL_LINEAR and not any(check_target_module_exists(config, n) for n in linear):
         # Names inside a repeated block, without the block's path: what a user can put in the list.
@@ -90,7 +85,8 @@ def _keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_d
 
 
 def adapter_state_dict(accelerator: Accelerator, student: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The trained adapter weights, whole, on the main process (None elsewhere); every rank must call this.
+    """The trained adapter weights of the student's encoder (names as in the encoder), whole, on the main process
+    (None elsewhere); every rank must call this.
 
     Only the adapters are gathered from ZeRO-3 partitions (megabytes, not the 16 GB of an 8B base): the frozen base
     is what `model.name` holds on disk. The gather is read-only (`modifier_rank=None`): nothing is broadcast back.
@@ -99,8 +95,8 @@ def adapter_state_dict(accelerator: Accelerator, student: torch.nn.Module) -> di
     """
     import deepspeed  # its context is a no-op for parameters that ZeRO-3 did not partition
 
-    model = accelerator.unwrap_model(student)
-    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    encoder = accelerator.unwrap_model(student).encoder
+    trainable = {name: param for name, param in encoder.named_parameters() if param.requires_grad}
     with deepspeed.zero.GatheredParameters(list(trainable.values()), modifier_rank=None):
         if not accelerator.is_main_process:
             return None
@@ -111,7 +107,7 @@ def merged_encoder(cfg: ModelConfig, adapter_state: dict[str, torch.Tensor], ada
                    restore_zero3: Callable[[], None] | None) -> PreTrainedModel:
     """The base model from `cfg.name` with the trained adapter merged in; also writes the adapter to `adapter_dir`.
 
-    Main process only, on a fresh copy (`adapter_state` holds the `Embedder`'s adapter entries, `encoder.`-less):
+    Main process only, on a fresh copy (`adapter_state` as `adapter_state_dict` returns it):
     merging the live student in place and unmerging afterwards would not restore its base weights bit for bit,
     and training (or a later export) goes on. `restore_zero3` is as for `outside_zero3`: the copy lives on this
     process alone and must not be partitioned.

@@ -14,7 +14,7 @@ under left padding too (`exclude_prompt`; sentence-transformers PR 2951 fixed th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from gist_scale.config import ConfigError, EncoderConfig
 
-__all__ = ["Prompts", "exclude_prompt", "load_task_instructions", "prompt_length", "unknown_tasks"]
+__all__ = ["Prompts", "exclude_prompt", "load_task_instructions", "prompt_length"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,9 @@ class Prompts:
 
     def for_query(self, task: str) -> str:
         """The prompt of a query of `task`: its instruction through the template, else the query prompt."""
-        if self.template is not None:
-            for name, instruction in self.instructions:
-                if name == task:
-                    return self.template.format(instruction=instruction)
+        instruction = dict(self.instructions).get(task)
+        if self.template is not None and instruction is not None:
+            return self.template.format(instruction=instruction)
         return self.query
 
     def named(self) -> dict[str, str]:
@@ -97,12 +96,5 @@ def load_task_instructions(path: str | None) -> dict[str, str]:
         raise ConfigError(f"data.task_instructions={path}: expected a non-empty map task_name: instruction")
     for task, instruction in loaded.items():
         if not isinstance(instruction, str) or not instruction.strip():
-            raise ConfigError(f"data.task_instructions={path}: task {task!r}: the instruction must be a non-empty "
-                              "text")
+            raise ConfigError(f"data.task_instructions={path}: task {task!r}: the instruction must be a non-empty text")
     return {str(task): instruction.strip() for task, instruction in loaded.items()}
-
-
-def unknown_tasks(instructions: Mapping[str, str], tasks: Iterable[str]) -> list[str]:
-    """Tasks that have an instruction but no rows in the data (a typo, or another dataset's file)."""
-    present = set(tasks)
-    return sorted(task for task in instructions if task not in present)

@@ -45,6 +45,5 @@ def load_student(cfg: ModelConfig, instructions: Mapping[str, str] | None = None
 
     `instructions` (task -> instruction, `data.task_instructions`) become named prompts next to `query`/`document`.
     """
-    encoder = student_encoder(cfg, remote_code_option=remote_code_option)
-    return Embedder(encoder, cfg.pooling, cfg.normalize, cfg.pool_prompt,
-                    Prompts.from_config(cfg, instructions).named())
+    return Embedder(student_encoder(cfg, remote_code_option=remote_code_option), cfg.pooling, cfg.normalize,
+                    cfg.pool_prompt, Prompts.from_config(cfg, instructions).named())

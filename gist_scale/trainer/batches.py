@@ -26,7 +26,7 @@ from gist_scale.data import (DataReport, GlobalBatchSampler, TripletBatch, Tripl
 from gist_scale.data.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.model import load_tokenizer
-from gist_scale.model.prompts import Prompts, unknown_tasks
+from gist_scale.model.prompts import Prompts
 from gist_scale.plan import RunPlan
 from gist_scale.resume import ResumePlan
 from gist_scale.trainer.console import console
@@ -123,7 +123,7 @@ class PreparedBatches(BatchSource):
                 dataset, tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
                 num_proc=cfg.data.num_proc, student_prompts=Prompts.from_config(cfg.model, instructions),
                 guide_prompts=Prompts.from_config(cfg.guide, instructions))
-        unused = unknown_tasks(instructions, report.tasks)
+        unused = sorted(set(instructions) - set(report.tasks))  # a typo, or another dataset's file
         if unused and accelerator.is_main_process:
             console.print(f"[yellow]warning:[/yellow] data.task_instructions names task(s) that the data does not "
                           f"have, so their instructions are unused: {', '.join(unused)}")

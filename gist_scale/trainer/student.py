@@ -70,10 +70,9 @@ class LoRAFineTuning(StudentPolicy):
         return lora.checkpoint_kwargs(accelerator)
 
     def export(self, accelerator: Accelerator, student: torch.nn.Module, destination: Path) -> None:
-        state_dict = lora.adapter_state_dict(accelerator, student)  # only the adapters: the frozen base is on disk
+        adapters = lora.adapter_state_dict(accelerator, student)  # only the adapters: the frozen base is on disk
         if not accelerator.is_main_process:
             return
-        adapters = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         merged = lora.merged_encoder(self.cfg, adapters, destination.with_name(destination.name + "-adapter"),
                                      self.restore_zero3)
         self._write(accelerator.unwrap_model(student), merged, destination, None)

@@ -141,14 +141,13 @@ def write_rows(path: Path, rows: int, query_len: tuple[int, int], doc_len: tuple
     return path
 
 
-def write_mining_inputs(root: str | Path, size: str, rows: int, query_len: tuple[int, int] = (8, 32),
-                        doc_len: tuple[int, int] = (32, 120), seed: int = 0) -> None:
+def write_mining_inputs(root: str | Path, size: str, rows: int) -> None:
     """Inputs for timing `gist-scale mine` (`launch/bench_gpu.sh`): a random BERT guide `ROOT/SIZE`
-    (`build_model_dir`) and `ROOT/pairs.jsonl`, `rows` (query, pos) pairs of random vocabulary words, lengths in
-    words uniform in `query_len` and `doc_len`."""
+    (`build_model_dir`, seed 0) and `ROOT/pairs.jsonl`, `rows` (query, pos) pairs of random vocabulary words, lengths
+    in words uniform in 8-32 (query) and 32-120 (pos)."""
     root = Path(root)
-    build_model_dir(size, root, 0.0, seed)
-    rng = np.random.default_rng(seed)
+    build_model_dir(size, root, 0.0, 0)
+    rng = np.random.default_rng(0)
     with (root / "pairs.jsonl").open("w") as handle:
         for _ in range(rows):
-            handle.write(json.dumps(dict(zip(("query", "pos"), _texts(rng, (query_len, doc_len))))) + "\n")
+            handle.write(json.dumps(dict(zip(("query", "pos"), _texts(rng, ((8, 32), (32, 120)))))) + "\n")

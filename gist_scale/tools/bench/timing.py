@@ -23,17 +23,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from rich.console import Console
 from transformers import AutoConfig
 
-from gist_scale.tools.bench.modes import (MATRYOSHKA_MODES, REFERENCE_MODES, CaseSetup, build_mode, mode_environment,
-                                          processed_tokens)
+from gist_scale.tools.bench.modes import (MATRYOSHKA_MODES, REFERENCE_MODES, CaseSetup, ReferenceMode, TrainerMode,
+                                          mode_environment, processed_tokens)
 from gist_scale.tools.data_memory import memory_status
+from gist_scale.trainer.console import console
 from gist_scale.trainer.step_metrics import model_flops
 
 __all__ = ["RECORD_FIELDS", "datasets_cache", "device_name", "measure"]
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
                  "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
@@ -69,18 +67,14 @@ def measure(names: list[str], setup: CaseSetup) -> list[dict]:
             continue
         for together in ([i] for i in indices) if setup.cfg.isolate else [indices]:
             # Spawned, not forked: a forked child would share the parent's pages (and OpenMP is not fork-safe).
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_set_environment,
-                                     initargs=(dict(environment),)) as pool:
-                measured = pool.submit(_measure_in_child, [names[i] for i in together], setup).result()
-            records.update(zip(together, measured))
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                job = pool.submit(_measure_in_child, [names[i] for i in together], setup, dict(environment))
+            records.update(zip(together, job.result()))
     return [records[i] for i in range(len(names))]
 
 
-def _set_environment(variables: dict[str, str]) -> None:
-    os.environ.update(variables)
-
-
-def _measure_in_child(names: list[str], setup: CaseSetup) -> list[dict]:
+def _measure_in_child(names: list[str], setup: CaseSetup, environment: dict[str, str]) -> list[dict]:
+    os.environ.update(environment)  # before the mode builds its Accelerator, which reads it
     if setup.cfg.threads:
         torch.set_num_threads(setup.cfg.threads)
     with datasets_cache(setup.work_dir):
@@ -126,7 +120,7 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
     mode = None
     try:
         torch.manual_seed(cfg.seed)
-        mode = build_mode(name, setup)
+        mode = (ReferenceMode if name in REFERENCE_MODES else TrainerMode)(name, setup)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         if after_build is not None:
