@@ -109,23 +109,22 @@ class Fields:
     @classmethod
     def from_config(cls, cfg: DataConfig, source: SourceConfig | None = None) -> Fields:
         """The data section's columns, or a mixture source's, where its own options override the section's."""
-        query = source.query_column or cfg.query_column if source else cfg.query_column
-        pos = source.pos_column or cfg.pos_column if source else cfg.pos_column
-        negs = cfg.neg_columns if source is None or source.neg_columns is None else source.neg_columns
-        instructed = set()
-        if cfg.query_instruction:
-            instructed.add(query)
+
+        def option(name: str) -> Any:
+            own = None if source is None else getattr(source, name)
+            return getattr(cfg, name) if own is None else own
+
+        query, pos, negs = option("query_column"), option("pos_column"), tuple(option("neg_columns"))
+        instructed = {query} if cfg.query_instruction else set()
         if cfg.pos_instruction:
             instructed.add(pos)
         if cfg.neg_instruction:
             instructed.update(negs)
         if source is None:
-            return cls(query, pos, tuple(negs), cfg.task_column, frozenset(instructed),
-                       num_positives=cfg.num_positives, tasks=TaskFilter(cfg.include_tasks, cfg.exclude_tasks))
-        own = {name: getattr(cfg, name) if getattr(source, name) is None else getattr(source, name)
-               for name in ("num_positives", "include_tasks", "exclude_tasks")}
-        return cls(query, pos, tuple(negs), source.task_column, frozenset(instructed), source.name,
-                   source.num_negatives, own["num_positives"], TaskFilter(own["include_tasks"], own["exclude_tasks"]))
+            return cls(query, pos, negs, cfg.task_column, frozenset(instructed), num_positives=cfg.num_positives,
+                       tasks=TaskFilter(cfg.include_tasks, cfg.exclude_tasks))
+        return cls(query, pos, negs, source.task_column, frozenset(instructed), source.name, source.num_negatives,
+                   option("num_positives"), TaskFilter(option("include_tasks"), option("exclude_tasks")))
 
     def required(self) -> dict[str, str]:
         """Column -> the option that names it, for "no such column" messages."""

@@ -148,10 +148,9 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
     truncation: dict[str, float] = {}
     flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
     for flag in flags:
-        column = flag.removeprefix("_truncated_")
-        texts = negatives if column.endswith("_negs") else len(tokenized)
-        total = pc.sum(tokenized.data.column(flag)).as_py() or 0
-        truncation[column] = total / texts if texts else 0.0
+        texts = negatives if flag.endswith("_negs") else len(tokenized)
+        truncated = pc.sum(tokenized.data.column(flag)).as_py() or 0
+        truncation[flag.removeprefix("_truncated_")] = truncated / max(texts, 1)  # no texts: none truncated
     return tokenized.remove_columns(flags), truncation
 
 
