@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from accelerate.utils import DistributedType
+from packaging.version import Version
 from torch import Tensor, nn
 
 from gist_scale.chunking import COLUMNS, ChunkedTexts, Features
@@ -177,19 +178,17 @@ def _can_coalesce(engine) -> bool:
     return hasattr(engine.optimizer, "_coalesce_grad_reduction")
 
 
-DEEPSPEED_FOR_GRAD_CACHE = (0, 19, 1)
+DEEPSPEED_FOR_GRAD_CACHE = "0.19.1"
 """The first DeepSpeed release with `engine.coalesce_grad_reduction` (deepspeedai/DeepSpeed#7992, which came after
 #7981's fix of the chunk gradients that the micro-step path dropped); the `deepspeed` floor in pyproject.toml."""
 
 
 def require_deepspeed_for_grad_cache(version: str) -> None:
     """Refuse GradCache under DeepSpeed ZeRO with a release that silently loses chunk gradients."""
-    release = tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
-    if release < DEEPSPEED_FOR_GRAD_CACHE:
-        wanted = ".".join(map(str, DEEPSPEED_FOR_GRAD_CACHE))
-        raise ConfigError(f"train.grad_cache=true under DeepSpeed ZeRO needs deepspeed>={wanted} (installed: {version}; "
-                          "older releases drop all but the last chunk's gradients): pip install -U deepspeed, or "
-                          "train without GradCache")
+    if Version(version) < Version(DEEPSPEED_FOR_GRAD_CACHE):
+        raise ConfigError(f"train.grad_cache=true under DeepSpeed ZeRO needs deepspeed>={DEEPSPEED_FOR_GRAD_CACHE} "
+                          f"(installed: {version}; older releases drop all but the last chunk's gradients): pip "
+                          "install -U deepspeed, or train without GradCache")
 
 
 @contextlib.contextmanager
