@@ -268,10 +268,6 @@ def _features(dim: int, k: int) -> datasets.Features:
     return datasets.Features(features)
 
 
-def _fixed(values: np.ndarray, width: int) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float16()), width)
-
-
 def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int = 512, chunk_size: int = 256) -> Path:
     """Embed every training row's texts with the guide, this rank's contiguous share of the rows; returns DIR.
 
@@ -306,10 +302,8 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
         with inference.inference_mode(guide):
-            query, pos, neg = encode.encode_columns(guide, batch, k)
-        arrays = {"query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
-        if k:
-            arrays["neg"] = _fixed(_half(neg), k * dim)
+            embeddings = zip(chunking.COLUMNS, encode.encode_columns(guide, batch, k))
+        arrays = {column: _float16_column(values) for column, values in embeddings if values is not None}
         writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))
         if state.is_main_process and (begin // rows_per_batch) % 20 == 0:
             console.print(f"cache-guide: rank 0 embedded {begin + len(index)}/{len(rows)} rows (x{world} ranks)")
@@ -364,13 +358,15 @@ def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.arrow"
 
 
-def _half(t: torch.Tensor) -> np.ndarray:
-    values = t.float()
+def _float16_column(embeddings: torch.Tensor) -> pa.Array:
+    """`[B, ...]` embeddings as a float16 column of B fixed-size lists."""
+    values = embeddings.float()
     # One device read per tensor (NaN fails the comparison too).
     if not bool(torch.isfinite(values).all() & (values.abs().amax() <= 65504)):
         raise GuideCacheError("guide embeddings are not finite or exceed float16's range (they are L2-normalized, so the "
                               "guide produced NaN/inf: check its weights, or build the cache with --guide.dtype fp32)")
-    return values.to(torch.float16).cpu().numpy()
+    rows = values.to(torch.float16).cpu().numpy().reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.float16()), rows.shape[1])
 
 
 def build_parser() -> ArgumentParser:

@@ -153,10 +153,9 @@ class _SourceStream:
             except Exception as error:
                 raise DataError(f"{self.prefix}{part.failure(error)}") from error
             self.row += 1
-            if not columns_checked:
-                if missing := missing_columns(part.where, self.fields, list(raw)):
-                    raise DataError(f"{self.prefix}{missing}")
-                columns_checked = True
+            if not columns_checked and (missing := missing_columns(part.where, self.fields, list(raw))):
+                raise DataError(f"{self.prefix}{missing}")
+            columns_checked = True
             row = self._validate(raw, part)
             if row is not None:
                 yield row
