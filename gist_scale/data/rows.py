@@ -39,24 +39,21 @@ class TaskFilter:
     """`include_tasks` / `exclude_tasks` of a source or of `data.path`: names or `fnmatch` globs over task names (the
     `task_column` values, or the source's name). None: that side filters nothing."""
 
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
+    include_tasks: tuple[str, ...] | None = None
+    exclude_tasks: tuple[str, ...] | None = None
 
     @property
     def active(self) -> bool:
-        return self.include is not None or self.exclude is not None
+        return self.include_tasks is not None or self.exclude_tasks is not None
 
     def leaves_out(self, task: str) -> str | None:
         """The option that leaves `task` out (`include_tasks`: it matches none of them; `exclude_tasks`: it matches
         one), or None when the task is kept."""
-        if self.include is not None and not any(fnmatchcase(task, p) for p in self.include):
+        if self.include_tasks is not None and not any(fnmatchcase(task, p) for p in self.include_tasks):
             return "include_tasks"
-        if self.exclude is not None and any(fnmatchcase(task, p) for p in self.exclude):
+        if self.exclude_tasks is not None and any(fnmatchcase(task, p) for p in self.exclude_tasks):
             return "exclude_tasks"
         return None
-
-    def patterns(self, option: str) -> tuple[str, ...]:
-        return (self.include if option == "include_tasks" else self.exclude) or ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class TasksLeftOut:
     @classmethod
     def count(cls, tasks: TaskFilter, rows: Mapping[str, Mapping[str, int]]) -> list[TasksLeftOut]:
         """From `{option: {task: rows left out}}`, in the filter's order (include first)."""
-        return [cls(option, tasks.patterns(option), sum(rows[option].values()), tuple(sorted(rows[option])))
+        return [cls(option, getattr(tasks, option) or (), sum(rows[option].values()), tuple(sorted(rows[option])))
                 for option in ("include_tasks", "exclude_tasks") if rows.get(option)]
 
     def describe(self) -> str:
