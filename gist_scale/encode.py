@@ -131,19 +131,13 @@ class AcceleratorBackward(ChunkBackward):
     """
 
     def __init__(self, accelerator, model: nn.Module, coalesce: bool = True) -> None:
-        self.accelerator = accelerator
-        self.model = model
-        self.sync = accelerator.sync_gradients
-        self.engine = None
-        self.coalesce = False
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            self.engine = accelerator.deepspeed_engine_wrapped.engine
-            self.coalesce = coalesce and self.sync and _can_coalesce(self.engine)
+        self.accelerator, self.model, self.sync = accelerator, model, accelerator.sync_gradients
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
+        self.coalesce = deepspeed and coalesce and self.sync and _can_coalesce(self.engine)
 
     def steps(self) -> contextlib.AbstractContextManager:
-        if self.coalesce:
-            return self.engine.coalesce_grad_reduction()
-        return contextlib.nullcontext()
+        return self.engine.coalesce_grad_reduction() if self.coalesce else contextlib.nullcontext()
 
     def chunk(self, last: bool) -> contextlib.AbstractContextManager:
         if self.engine is not None:
@@ -223,8 +217,7 @@ class GradCache:
         outputs = []
         with torch.no_grad():
             for chunk in chunked.chunks[:chunked.real_chunks]:
-                self.rng_states.append((torch.get_rng_state(),
-                                        [torch.cuda.get_rng_state(d) for d in self.devices]))
+                self.rng_states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]))
                 with self.autocast():
                     outputs.append(model(**chunk))
             # Placeholder chunks contribute nothing to the embeddings; their forward runs in `backward`.
