@@ -294,10 +294,8 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = inference.shards(len(tokenized), world)[rank]
-    shard = _shard_name(rank, world)
-    dim = guide.dim
-    features = _features(dim, k)
-    writer = ArrowWriter(features=features, path=str(out / shard))
+    features = _features(guide.dim, k)
+    writer = ArrowWriter(features=features, path=str(out / _shard_name(rank, world)))
     for begin in range(0, len(rows), rows_per_batch):
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
@@ -310,11 +308,11 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     writer.finalize()
     state.wait_for_everyone()
     if state.is_main_process:
-        meta = CacheMeta(FORMAT, VERSION, key, guide_digest(cfg.guide.name), dim, "float16",
+        meta = CacheMeta(FORMAT, VERSION, key, guide_digest(cfg.guide.name), guide.dim, "float16",
                          [_shard_name(r, world) for r in range(world)],
                          time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter() - start_time)
         (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        console.print(f"guide cache: {out} ({len(tokenized)} rows x {2 + k} texts, dim {dim}, float16, "
+        console.print(f"guide cache: {out} ({len(tokenized)} rows x {2 + k} texts, dim {guide.dim}, float16, "
                       f"{world} shard(s), {meta.seconds:.1f} s)")
     state.wait_for_everyone()
     return out
