@@ -39,12 +39,12 @@ def _text_features(extra_positives: bool) -> datasets.Features:
     """Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`), `extra_pos`
     (only when a source has `num_positives` > 1) its other positives; `_error` and `_left_out` ("" for a row kept)
     say why a row is not kept, until the kept rows are selected."""
-    features = {"query": datasets.Value("string"), "pos": datasets.Value("string"),
-                "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
+    text = datasets.Value("string")
+    features = {"query": text, "pos": text, "negs": datasets.List(text), "task_name": text,
                 "source": datasets.Value("int32")}
     if extra_positives:
-        features[_EXTRA_POS] = datasets.List(datasets.Value("string"))
-    return datasets.Features({**features, _ERROR: datasets.Value("string"), _LEFT_OUT: datasets.Value("string")})
+        features[_EXTRA_POS] = datasets.List(text)
+    return datasets.Features({**features, _ERROR: text, _LEFT_OUT: text})
 
 
 def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fields, num_negatives: int | None,
@@ -112,12 +112,10 @@ def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: Sou
             raise missing
         if num_negatives is None:
             num_negatives = _first_valid_negatives(raw, fields, part.jsonl)
-        ds = raw.map(
-            _normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-            features=features, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
-            fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl,
-                       "source": index, "features": features},
-        )
+        ds = raw.map(_normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                     features=features, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
+                     fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where,
+                                "jsonl": part.jsonl, "source": index, "features": features})
         errors = ds.data.column(_ERROR)
         is_bad = pc.not_equal(errors, "").to_numpy(zero_copy_only=False)
         is_left_out = pc.not_equal(ds.data.column(_LEFT_OUT), "").to_numpy(zero_copy_only=False)
@@ -196,10 +194,9 @@ def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, wo
     columns = tok_ds.with_format("arrow")
     sources = columns["source"] if cfg.sources else None
     weights = [s.weight for s in cfg.sources] if cfg.sources and cfg.sources[0].weight is not None else None
-    return GlobalBatchSampler(
-        columns["task_name"], batch_size, world_size, rank, grad_accum_steps, seed, cfg.task_homogeneous,
-        cfg.drop_last, sources=sources, source_names=[s.name for s in cfg.sources] or None, weights=weights,
-        sampling_alpha=cfg.sampling_alpha)
+    return GlobalBatchSampler(columns["task_name"], batch_size, world_size, rank, grad_accum_steps, seed,
+                              cfg.task_homogeneous, cfg.drop_last, sources=sources, weights=weights,
+                              source_names=[s.name for s in cfg.sources] or None, sampling_alpha=cfg.sampling_alpha)
 
 
 def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, collator: TripletCollator,

@@ -139,11 +139,9 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
                              f"{side.name}_pos_prompt": datasets.Value("int32"), f"{side.name}_negs_prompt": ids})
     if "extra_pos" in ds.column_names:
         features["positive_slots"] = datasets.List(datasets.Value("int8"))
-    tokenized = ds.map(
-        tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
-        features=features, num_proc=num_proc, fn_kwargs={"sides": sides},
-        desc="tokenizing " + " and ".join(side.name for side in sides),
-    )
+    tokenized = ds.map(tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
+                       features=features, num_proc=num_proc, fn_kwargs={"sides": sides},
+                       desc="tokenizing " + " and ".join(side.name for side in sides))
     negatives = pc.sum(pc.list_value_length(tokenized.data.column("student_negs"))).as_py() or 0
     truncation: dict[str, float] = {}
     flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
