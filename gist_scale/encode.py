@@ -232,13 +232,12 @@ class GradCache:
         loss.backward()
         grad = self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
         grads = grad.float().split(self.chunked.chunk_rows)
-        last = len(self.chunked.chunks) - 1
         with chunk_backward.steps():
             for i, chunk in enumerate(self.chunked.chunks):
                 real = i < self.chunked.real_chunks
                 # Placeholders draw no dropout mask worth replaying: their output is multiplied by zero.
                 replay = _replay_rng(self.rng_states[i], self.devices) if real else contextlib.nullcontext()
-                with chunk_backward.chunk(i == last), replay:
+                with chunk_backward.chunk(i == len(self.chunked.chunks) - 1), replay:
                     with self.autocast():
                         out = self.model(**chunk)
                     surrogate = (out.float() * grads[i]).sum() if real else out.float().sum() * 0

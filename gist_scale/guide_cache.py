@@ -114,13 +114,11 @@ def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int 
         raise GuideCacheError("the guide cache stores K negatives per row, and the data.sources differ in K: give "
                               "every source the same num_negatives, or train without guide.cache")
     prompts = Prompts.from_config(guide, instructions)
-    return {
-        "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,
-        "max_length": guide.max_length, "dtype": guide.dtype,
-        "prompts": {"named": prompts.named(), "include_prompt": prompts.include_prompt},
-        "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
-        "num_positives": _num_positives(dataset),
-    }
+    return {"guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,
+            "max_length": guide.max_length, "dtype": guide.dtype,
+            "prompts": {"named": prompts.named(), "include_prompt": prompts.include_prompt},
+            "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
+            "num_positives": _num_positives(dataset)}
 
 
 def _slots(key: Mapping[str, Any]) -> int:

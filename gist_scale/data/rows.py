@@ -213,9 +213,8 @@ def parse_row(row: Mapping[str, Any], fields: Fields, num_negatives: int | None)
     positives = _texts(row.get(fields.pos), fields.pos, row, fields.pos in fields.instructed, medi, "positives")
     extra: list[str | None] = positives[1:fields.num_positives]
     extra += [None] * (fields.num_positives - 1 - len(extra))
-    negs: list[str] = []
-    for column in fields.negs:
-        negs.extend(_texts(row.get(column), column, row, column in fields.instructed, medi, "negatives"))
+    negs = [text for column in fields.negs
+            for text in _texts(row.get(column), column, row, column in fields.instructed, medi, "negatives")]
     if fields.keep_negatives is not None:
         if len(negs) < fields.keep_negatives:
             raise BadRow(fields.negs[-1] if fields.negs else None, f"{len(negs)} negatives, but the source's "
