@@ -84,19 +84,18 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     parts = shards(len(texts), world)
     sizes = [len(part) for part in parts]
     shard = [prompt + texts[i] for i in parts[rank]]
-    ids: list[list[int]] = (tokenizer(shard, truncation=True, max_length=max_length, return_attention_mask=False,
-                                      return_token_type_ids=False)["input_ids"] if shard else [])
+    # The shard's texts and, last, the dummy batch's one text (texts[0], which every rank has).
+    *ids, dummy = tokenizer(shard + [prompt + texts[0]], truncation=True, max_length=max_length,
+                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
-    dummy = tokenizer([prompt + texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
-                      return_token_type_ids=False)["input_ids"]
     excluded = prompt_length(tokenizer, prompt) if not getattr(embedder, "include_prompt", True) else None
 
     outputs: list[torch.Tensor] = []
     with inference_mode(embedder), (autocast or contextlib.nullcontext)():
         for rows in batches + [None] * (num_batches - len(batches)):  # None: the dummy batch
-            sequences = [ids[i] for i in rows] if rows is not None else dummy
+            sequences = [ids[i] for i in rows] if rows is not None else [dummy]
             features = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
                                      return_tensors="pt").to(device)
             if excluded is not None:
