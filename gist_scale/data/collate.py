@@ -120,8 +120,6 @@ class TripletCollator:
             if tokenizer.pad_token_id is None:
                 raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
                                 "tokenizer.eos_token: padded positions are masked out)")
-        if isinstance(chunks, int) and chunks < 1:
-            raise ValueError(f"chunks={chunks}: must be >= 1, or None for one tensor per column")
         self.pad_to_multiple_of = pad_to_multiple_of
         self.chunks = chunks
 
