@@ -197,8 +197,7 @@ class _IndexedRows(torch.utils.data.Dataset):
         return {**self.dataset[index], "_row": index}
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.dataset.__getitems__(indices)
-        return [{**row, "_row": index} for row, index in zip(rows, indices)]
+        return [{**row, "_row": index} for row, index in zip(self.dataset.__getitems__(indices), indices)]
 
 
 def _with_cached_guide(collator: TripletCollator, cache: GuideCache, rows: Sequence[Mapping[str, Any]]) -> TripletBatch:

@@ -305,12 +305,10 @@ class DataReport:
         more = f", ... {len(self.tasks) - 12} more" if len(self.tasks) > 12 else ""
         negatives = "per source" if self.num_negatives is None else self.num_negatives
         positives = "per source" if self.num_positives is None else self.num_positives
-        lines = [
-            f"data: {self.source}",
-            f"  rows: {self.rows}, positives per row: {positives}, negatives per row: {negatives}, "
-            f"instructions: {', '.join(self.instructions) or 'none'}",
-            f"  tasks ({len(self.tasks)}): {shown}{more}",
-        ]
+        lines = [f"data: {self.source}",
+                 f"  rows: {self.rows}, positives per row: {positives}, negatives per row: {negatives}, "
+                 f"instructions: {', '.join(self.instructions) or 'none'}",
+                 f"  tasks ({len(self.tasks)}): {shown}{more}"]
         lines.extend(f"  {left_out.describe()}" for left_out in self.left_out)
         for s in self.sources:
             lines.append(f"  source {s.name}: {s.rows} rows, {s.num_negatives} negatives, {s.num_positives} "
