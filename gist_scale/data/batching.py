@@ -121,15 +121,10 @@ class GlobalBatchSampler:
         if count:
             for start, group in zip(np.r_[0, bounds].tolist(), np.split(order, bounds)):
                 self._groups[int(sorted_key[start]) // tasks].append(group)
-        sizes, dropped = [], 0
-        for source_groups in self._groups:
-            steps = 0
-            for group in source_groups:
-                full, tail = divmod(len(group), self.global_batch_size)
-                kept_tail = self._keeps_tail(tail)
-                steps += full + kept_tail
-                dropped += 0 if kept_tail else tail
-            sizes.append(steps)
+        # Per source, per group: (full global batches, tail rows); a kept tail is one batch more, a dropped one counts.
+        cuts = [[divmod(len(group), self.global_batch_size) for group in groups] for groups in self._groups]
+        sizes = [sum(full + self._keeps_tail(tail) for full, tail in groups) for groups in cuts]
+        dropped = sum(tail for groups in cuts for _, tail in groups if not self._keeps_tail(tail))
         if num_sources == 1 and sizes[0] == 0:
             largest = max((len(g) for g in self._groups[0]), default=0)
             raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x world size "
