@@ -154,13 +154,9 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
 
 def count_tokens(tok_ds: datasets.Dataset, side: str = "student") -> int:
     """Real (unpadded) tokens of one side's texts over the whole dataset, counted in Arrow without a Python loop."""
-    total = 0
-    for column in (f"{side}_query", f"{side}_pos", f"{side}_negs"):
-        values = tok_ds.data.column(column)
-        if column.endswith("_negs"):
-            values = pc.list_flatten(values)
-        total += pc.sum(pc.list_value_length(values)).as_py() or 0
-    return total
+    data = tok_ds.data
+    texts = (data.column(f"{side}_query"), data.column(f"{side}_pos"), pc.list_flatten(data.column(f"{side}_negs")))
+    return sum(pc.sum(pc.list_value_length(ids)).as_py() or 0 for ids in texts)
 
 
 def measure_tokenization_rate(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase,
