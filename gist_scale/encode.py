@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from accelerate.utils import DistributedType
+from packaging.version import Version
 from torch import Tensor, nn
 
 from gist_scale.chunking import COLUMNS, ChunkedTexts, Features
@@ -130,19 +131,13 @@ class AcceleratorBackward(ChunkBackward):
     """
 
     def __init__(self, accelerator, model: nn.Module, coalesce: bool = True) -> None:
-        self.accelerator = accelerator
-        self.model = model
-        self.sync = accelerator.sync_gradients
-        self.engine = None
-        self.coalesce = False
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            self.engine = accelerator.deepspeed_engine_wrapped.engine
-            self.coalesce = coalesce and self.sync and _can_coalesce(self.engine)
+        self.accelerator, self.model, self.sync = accelerator, model, accelerator.sync_gradients
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
+        self.coalesce = deepspeed and coalesce and self.sync and _can_coalesce(self.engine)
 
     def steps(self) -> contextlib.AbstractContextManager:
-        if self.coalesce:
-            return self.engine.coalesce_grad_reduction()
-        return contextlib.nullcontext()
+        return self.engine.coalesce_grad_reduction() if self.coalesce else contextlib.nullcontext()
 
     def chunk(self, last: bool) -> contextlib.AbstractContextManager:
         if self.engine is not None:
@@ -177,19 +172,17 @@ def _can_coalesce(engine) -> bool:
     return hasattr(engine.optimizer, "_coalesce_grad_reduction")
 
 
-DEEPSPEED_FOR_GRAD_CACHE = (0, 19, 1)
+DEEPSPEED_FOR_GRAD_CACHE = "0.19.1"
 """The first DeepSpeed release with `engine.coalesce_grad_reduction` (deepspeedai/DeepSpeed#7992, which came after
 #7981's fix of the chunk gradients that the micro-step path dropped); the `deepspeed` floor in pyproject.toml."""
 
 
 def require_deepspeed_for_grad_cache(version: str) -> None:
     """Refuse GradCache under DeepSpeed ZeRO with a release that silently loses chunk gradients."""
-    release = tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
-    if release < DEEPSPEED_FOR_GRAD_CACHE:
-        wanted = ".".join(map(str, DEEPSPEED_FOR_GRAD_CACHE))
-        raise ConfigError(f"train.grad_cache=true under DeepSpeed ZeRO needs deepspeed>={wanted} (installed: {version}; "
-                          "older releases drop all but the last chunk's gradients): pip install -U deepspeed, or "
-                          "train without GradCache")
+    if Version(version) < Version(DEEPSPEED_FOR_GRAD_CACHE):
+        raise ConfigError(f"train.grad_cache=true under DeepSpeed ZeRO needs deepspeed>={DEEPSPEED_FOR_GRAD_CACHE} "
+                          f"(installed: {version}; older releases drop all but the last chunk's gradients): pip "
+                          "install -U deepspeed, or train without GradCache")
 
 
 @contextlib.contextmanager
@@ -224,8 +217,7 @@ class GradCache:
         outputs = []
         with torch.no_grad():
             for chunk in chunked.chunks[:chunked.real_chunks]:
-                self.rng_states.append((torch.get_rng_state(),
-                                        [torch.cuda.get_rng_state(d) for d in self.devices]))
+                self.rng_states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]))
                 with self.autocast():
                     outputs.append(model(**chunk))
             # Placeholder chunks contribute nothing to the embeddings; their forward runs in `backward`.
@@ -240,13 +232,12 @@ class GradCache:
         loss.backward()
         grad = self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
         grads = grad.float().split(self.chunked.chunk_rows)
-        last = len(self.chunked.chunks) - 1
         with chunk_backward.steps():
             for i, chunk in enumerate(self.chunked.chunks):
                 real = i < self.chunked.real_chunks
                 # Placeholders draw no dropout mask worth replaying: their output is multiplied by zero.
                 replay = _replay_rng(self.rng_states[i], self.devices) if real else contextlib.nullcontext()
-                with chunk_backward.chunk(i == last), replay:
+                with chunk_backward.chunk(i == len(self.chunked.chunks) - 1), replay:
                     with self.autocast():
                         out = self.model(**chunk)
                     surrogate = (out.float() * grads[i]).sum() if real else out.float().sum() * 0

@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,11 @@ def cache_key(guide: GuideConfig, dataset: datasets.Dataset, num_negatives: int 
         raise GuideCacheError("the guide cache stores K negatives per row, and the data.sources differ in K: give "
                               "every source the same num_negatives, or train without guide.cache")
     prompts = Prompts.from_config(guide, instructions)
-    return {
-        "guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,
-        "max_length": guide.max_length, "dtype": guide.dtype,
-        "prompts": {"named": prompts.named(), "include_prompt": prompts.include_prompt},
-        "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
-        "num_positives": _num_positives(dataset),
-    }
+    return {"guide": guide.name, "revision": guide.revision, "pooling": guide.pooling,
+            "max_length": guide.max_length, "dtype": guide.dtype,
+            "prompts": {"named": prompts.named(), "include_prompt": prompts.include_prompt},
+            "dataset_fingerprint": dataset._fingerprint, "rows": len(dataset), "num_negatives": num_negatives,
+            "num_positives": _num_positives(dataset)}
 
 
 def _slots(key: Mapping[str, Any]) -> int:
@@ -178,9 +177,11 @@ class GuideCache:
             out[column] = torch.from_numpy(values.reshape(shape).copy())  # Arrow buffers are read-only
         return out
 
-    def attach(self, dataset, collator) -> tuple[_IndexedRows, _CachedGuideCollator]:
-        """Wrap the tokenized training dataset and the collator so that batches carry `guide_embeddings`."""
-        return _IndexedRows(dataset), _CachedGuideCollator(collator, self)
+    def attach(self, dataset, collator) -> tuple[_IndexedRows, Callable[[Sequence[Mapping[str, Any]]], TripletBatch]]:
+        """Wrap the tokenized training dataset and the collator so that batches carry `guide_embeddings`.
+
+        The collator is a `partial` of a module function, not a closure: DataLoader workers may receive it pickled."""
+        return _IndexedRows(dataset), partial(_with_cached_guide, collator, self)
 
 
 class _IndexedRows(torch.utils.data.Dataset):
@@ -196,19 +197,12 @@ class _IndexedRows(torch.utils.data.Dataset):
         return {**self.dataset[index], "_row": index}
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.dataset.__getitems__(indices)
-        return [{**row, "_row": index} for row, index in zip(rows, indices)]
+        return [{**row, "_row": index} for row, index in zip(self.dataset.__getitems__(indices), indices)]
 
 
-class _CachedGuideCollator:
+def _with_cached_guide(collator: TripletCollator, cache: GuideCache, rows: Sequence[Mapping[str, Any]]) -> TripletBatch:
     """`TripletCollator`'s batch with `guide_embeddings` from the cache (the collator pads only the student)."""
-
-    def __init__(self, collator: TripletCollator, cache: GuideCache) -> None:
-        self.collator = collator
-        self.cache = cache
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> TripletBatch:
-        return replace(self.collator(rows), guide_embeddings=self.cache.lookup([row["_row"] for row in rows]))
+    return replace(collator(rows), guide_embeddings=cache.lookup([row["_row"] for row in rows]))
 
 
 def _read_meta(path: Path) -> CacheMeta:
@@ -271,12 +265,7 @@ def _features(dim: int, k: int) -> datasets.Features:
     return datasets.Features(features)
 
 
-def _fixed(values: np.ndarray, width: int) -> pa.Array:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa.float16()), width)
-
-
-def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int = 512,
-                      chunk_size: int | None = 256) -> Path:
+def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int = 512, chunk_size: int = 256) -> Path:
     """Embed every training row's texts with the guide, this rank's contiguous share of the rows; returns DIR.
 
     Every rank of the job must call it. The metadata is written by the main process after all shards exist.
@@ -290,9 +279,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state = distributed.launch_state(cfg.train.collective_timeout_s)
     out = Path(out_dir).expanduser()
     start_time = time.perf_counter()
-    prepared = _guide_rows(cfg, state)
-    tokenizer, dataset, tokenized = prepared.tokenizer, prepared.dataset, prepared.tokenized
-    key = cache_key(cfg.guide, dataset, prepared.num_negatives, prepared.instructions)
+    tokenizer, tokenized, key = _guide_rows(cfg, state)
     k = _slots(key)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -300,53 +287,37 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     state.wait_for_everyone()
 
     guide = load_guide(cfg.guide, state.device)
-    chunks = None if chunk_size is None else chunking.num_chunks(rows_per_batch * (2 + k), chunk_size)
+    chunks = chunking.num_chunks(rows_per_batch * (2 + k), chunk_size)
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = inference.shards(len(tokenized), world)[rank]
-    shard = _shard_name(rank, world)
-    dim = guide.dim
-    features = _features(dim, k)
-    writer = ArrowWriter(features=features, path=str(out / shard))
-    done = 0
+    features = _features(guide.dim, k)
+    writer = ArrowWriter(features=features, path=str(out / _shard_name(rank, world)))
     for begin in range(0, len(rows), rows_per_batch):
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
         with inference.inference_mode(guide):
-            query, pos, neg = encode.encode_columns(guide, batch, k)
-        arrays = {"query": _fixed(_half(query), dim), "pos": _fixed(_half(pos), dim)}
-        if k:
-            arrays["neg"] = _fixed(_half(neg), k * dim)
+            embeddings = zip(chunking.COLUMNS, encode.encode_columns(guide, batch, k))
+        arrays = {column: _float16_column(values) for column, values in embeddings if values is not None}
         writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))
-        done += len(index)
         if state.is_main_process and (begin // rows_per_batch) % 20 == 0:
-            console.print(f"cache-guide: rank 0 embedded {done}/{len(rows)} rows (x{world} ranks)")
+            console.print(f"cache-guide: rank 0 embedded {begin + len(index)}/{len(rows)} rows (x{world} ranks)")
     writer.finalize()
     state.wait_for_everyone()
     if state.is_main_process:
-        meta = CacheMeta(FORMAT, VERSION, key, guide_digest(cfg.guide.name), dim, "float16",
+        meta = CacheMeta(FORMAT, VERSION, key, guide_digest(cfg.guide.name), guide.dim, "float16",
                          [_shard_name(r, world) for r in range(world)],
                          time.strftime("%Y-%m-%dT%H:%M:%S"), time.perf_counter() - start_time)
         (out / META_FILE).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        console.print(f"guide cache: {out} ({len(tokenized)} rows x {2 + k} texts, dim {dim}, float16, "
+        console.print(f"guide cache: {out} ({len(tokenized)} rows x {2 + k} texts, dim {guide.dim}, float16, "
                       f"{world} shard(s), {meta.seconds:.1f} s)")
     state.wait_for_everyone()
     return out
 
 
-@dataclass
-class _GuideRows:
-    """The training rows, loaded, validated and tokenized for the guide as training tokenizes them."""
-
-    tokenizer: Any
-    dataset: datasets.Dataset
-    tokenized: datasets.Dataset
-    instructions: dict[str, str]
-    num_negatives: int | None
-    """K (None: mixture sources differ, which `cache_key` refuses)."""
-
-
-def _guide_rows(cfg: JobConfig, state: Any) -> _GuideRows:
+def _guide_rows(cfg: JobConfig, state: Any) -> tuple[Any, datasets.Dataset, dict[str, Any]]:
+    """The guide's tokenizer, the training rows loaded, validated and tokenized for the guide as training tokenizes
+    them, and their cache key."""
     if cfg.guide.name is None:
         raise GuideCacheError("cache-guide needs a guide: set --guide.name")
     tokenizer = load_tokenizer(cfg.guide.name, cfg.guide.revision, cfg.guide.trust_remote_code,
@@ -357,21 +328,21 @@ def _guide_rows(cfg: JobConfig, state: Any) -> _GuideRows:
         # Tokenized as training tokenizes the guide side (the same function and cache), under the `student_` names.
         tokenized, _ = tokenize_triplets(dataset, tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
                                          student_prompts=Prompts.from_config(cfg.guide, instructions))
-    return _GuideRows(tokenizer, dataset, tokenized, instructions, report.num_negatives)
+    return tokenizer, tokenized, cache_key(cfg.guide, dataset, report.num_negatives, instructions)
 
 
 def describe_guide_cache(cfg: JobConfig, out_dir: str | Path) -> int:
     """`cache-guide --dry-run`: the rows checked and tokenized as the real run would, then what it would write,
     without loading the guide's weights (its embedding size comes from its config). Returns 0."""
     state = distributed.launch_state(cfg.train.collective_timeout_s)
-    rows = _guide_rows(cfg, state)
-    slots = _slots(cache_key(cfg.guide, rows.dataset, rows.num_negatives, rows.instructions))
+    _, tokenized, key = _guide_rows(cfg, state)
+    slots = _slots(key)
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.guide.name), revision=cfg.guide.revision,
                                         trust_remote_code=cfg.guide.trust_remote_code)
-    texts = len(rows.tokenized) * (2 + slots)
+    texts = len(tokenized) * (2 + slots)
     size = texts * config.hidden_size * 2  # float16
     if state.is_main_process:
-        console.print(f"dry run: cache-guide would embed {len(rows.tokenized):,} rows x {2 + slots} "
+        console.print(f"dry run: cache-guide would embed {len(tokenized):,} rows x {2 + slots} "
                       f"texts = {texts:,} texts with {cfg.guide.name} ({config.hidden_size}-dim, float16) over "
                       f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: {size / 2**30:.2f} GiB")
     state.wait_for_everyone()
@@ -382,13 +353,15 @@ def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.arrow"
 
 
-def _half(t: torch.Tensor) -> np.ndarray:
-    values = t.float()
+def _float16_column(embeddings: torch.Tensor) -> pa.Array:
+    """`[B, ...]` embeddings as a float16 column of B fixed-size lists."""
+    values = embeddings.float()
     # One device read per tensor (NaN fails the comparison too).
     if not bool(torch.isfinite(values).all() & (values.abs().amax() <= 65504)):
         raise GuideCacheError("guide embeddings are not finite or exceed float16's range (they are L2-normalized, so the "
                               "guide produced NaN/inf: check its weights, or build the cache with --guide.dtype fp32)")
-    return values.to(torch.float16).cpu().numpy()
+    rows = values.to(torch.float16).cpu().numpy().reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.float16()), rows.shape[1])
 
 
 def build_parser() -> ArgumentParser:

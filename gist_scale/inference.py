@@ -84,34 +84,28 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     parts = shards(len(texts), world)
     sizes = [len(part) for part in parts]
     shard = [prompt + texts[i] for i in parts[rank]]
-    ids: list[list[int]] = (tokenizer(shard, truncation=True, max_length=max_length, return_attention_mask=False,
-                                      return_token_type_ids=False)["input_ids"] if shard else [])
+    # The shard's texts and, last, the dummy batch's one text (texts[0], which every rank has).
+    *ids, dummy = tokenizer(shard + [prompt + texts[0]], truncation=True, max_length=max_length,
+                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
-    dummy = tokenizer([prompt + texts[0]], truncation=True, max_length=max_length, return_attention_mask=False,
-                      return_token_type_ids=False)["input_ids"]
     excluded = prompt_length(tokenizer, prompt) if not getattr(embedder, "include_prompt", True) else None
 
-    positions: list[list[int]] = []
     outputs: list[torch.Tensor] = []
     with inference_mode(embedder), (autocast or contextlib.nullcontext)():
-        for b in range(num_batches):
-            rows = batches[b] if b < len(batches) else None
-            sequences = [ids[i] for i in rows] if rows is not None else dummy
-            padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
-                                   return_tensors="pt")
-            features = {"input_ids": padded["input_ids"].to(device),
-                        "attention_mask": padded["attention_mask"].to(device)}
+        for rows in batches + [None] * (num_batches - len(batches)):  # None: the dummy batch
+            sequences = [ids[i] for i in rows] if rows is not None else [dummy]
+            features = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
+                                     return_tensors="pt").to(device)
             if excluded is not None:
                 features["prompt_length"] = torch.full((len(sequences),), excluded, device=device)
             embeddings = embedder(**features)
             if rows is not None:
-                positions.append(rows)
                 outputs.append(embeddings.float())
             dim = embeddings.shape[-1]
     # Outside inference mode: these ops turn inference tensors into normal ones that any later code may use.
     local = torch.empty(len(shard), dim, device=device)
     if outputs:
-        local[torch.tensor([i for rows in positions for i in rows], device=device)] = torch.cat(outputs)
+        local[torch.tensor(order, device=device)] = torch.cat(outputs)  # the batches in order are `order`
     return distributed.gather_no_grad(local, sizes)

@@ -60,10 +60,7 @@ class SamplerSummary:
 
 def _codes(values: Any) -> np.ndarray:
     """Integer codes of a column of names, in sorted-name order, computed by Arrow (no Python string per row)."""
-    if isinstance(values, (pa.Array, pa.ChunkedArray)):
-        array = values
-    else:
-        array = pa.array(values if isinstance(values, np.ndarray) else list(values), type=pa.string())
+    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(list(values), type=pa.string())
     names = pc.unique(array)
     names = names.take(pc.sort_indices(names))
     return pc.index_in(array, value_set=names).to_numpy(zero_copy_only=False)
@@ -100,9 +97,6 @@ class GlobalBatchSampler:
                  drop_last: bool = True, *,
                  sources: Sequence[int] | pa.ChunkedArray | None = None, source_names: Sequence[str] | None = None,
                  weights: Sequence[float] | None = None, sampling_alpha: float = 1.0) -> None:
-        if batch_size < 1 or world_size < 1 or grad_accum_steps < 1:
-            raise ValueError(f"batch_size={batch_size}, world_size={world_size} and "
-                             f"grad_accum_steps={grad_accum_steps} must all be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
@@ -110,8 +104,7 @@ class GlobalBatchSampler:
         self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
         count = len(task_names)
         # int32 per row (5M rows: 20 MB an array): the source index, then the (source, task) group key.
-        key = (np.zeros(count, dtype=np.int32) if sources is None else
-               np.asarray(sources.to_numpy() if isinstance(sources, pa.ChunkedArray) else sources, dtype=np.int32))
+        key = np.zeros(count, dtype=np.int32) if sources is None else np.asarray(sources, dtype=np.int32)
         num_sources = int(key.max(initial=0)) + 1 if source_names is None else len(source_names)
         names = list(source_names) if source_names is not None else [str(s) for s in range(num_sources)]
         # Rows grouped by (source, task), tasks in sorted-name order: one stable argsort of integer keys.
@@ -128,15 +121,10 @@ class GlobalBatchSampler:
         if count:
             for start, group in zip(np.r_[0, bounds].tolist(), np.split(order, bounds)):
                 self._groups[int(sorted_key[start]) // tasks].append(group)
-        sizes, dropped = [], 0
-        for source_groups in self._groups:
-            steps = 0
-            for group in source_groups:
-                full, tail = divmod(len(group), self.global_batch_size)
-                kept_tail = self._keeps_tail(tail)
-                steps += full + kept_tail
-                dropped += 0 if kept_tail else tail
-            sizes.append(steps)
+        # Per source, per group: (full global batches, tail rows); a kept tail is one batch more, a dropped one counts.
+        cuts = [[divmod(len(group), self.global_batch_size) for group in groups] for groups in self._groups]
+        sizes = [sum(full + self._keeps_tail(tail) for full, tail in groups) for groups in cuts]
+        dropped = sum(tail for groups in cuts for _, tail in groups if not self._keeps_tail(tail))
         if num_sources == 1 and sizes[0] == 0:
             largest = max((len(g) for g in self._groups[0]), default=0)
             raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x world size "
@@ -151,12 +139,10 @@ class GlobalBatchSampler:
                                 "data.drop_last=false, or give it weight 0 or remove it")
         self._quotas, requested = mixture_quotas(sizes, weights, sampling_alpha)
         rows = [sum(len(g) for g in groups) for groups in self._groups]
-        self.sources = [SourcePlan(n, r, b, q, p) for n, r, b, q, p in zip(names, rows, sizes, self._quotas,
-                                                                           requested)]
+        self.sources = [SourcePlan(*plan) for plan in zip(names, rows, sizes, self._quotas, requested)]
         """The mixture, one `SourcePlan` per source (one entry without `sources`)."""
         self.summary = SamplerSummary(steps_per_epoch=sum(self._quotas), dropped_rows=dropped)
-        self.epoch = 0
-        self.position = 0
+        self.epoch, self.position = 0, 0
         self._plan: tuple[int, list[np.ndarray]] | None = None
 
     def _keeps_tail(self, rows: int) -> bool:
@@ -204,12 +190,8 @@ class GlobalBatchSampler:
                 batches.extend(self._shuffled_batches(groups, rng))
             drawn.append(batches[:quota])
         order = rng.permutation(np.repeat(np.arange(len(drawn)), self._quotas))
-        taken = [0] * len(drawn)
-        batches = []
-        for source in order.tolist():
-            batches.append(drawn[source][taken[source]])
-            taken[source] += 1
-        return batches
+        each_source = [iter(batches) for batches in drawn]
+        return [next(each_source[source]) for source in order.tolist()]
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._plan is None or self._plan[0] != self.epoch:

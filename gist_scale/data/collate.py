@@ -87,10 +87,8 @@ class TripletBatch:
     the rows' source has one positive per row: every slot is a hard negative."""
 
     def _moved(self, move: Callable[[Any], Any]) -> TripletBatch:
-        return dataclasses.replace(
-            self, student=_each_tensor(self.student, move), guide=_each_tensor(self.guide, move),
-            text_ids=_each_tensor(self.text_ids, move), guide_embeddings=_each_tensor(self.guide_embeddings, move),
-            slot_roles=_each_tensor(self.slot_roles, move))
+        tensors = ("student", "guide", "text_ids", "guide_embeddings", "slot_roles")
+        return dataclasses.replace(self, **{name: _each_tensor(getattr(self, name), move) for name in tensors})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TripletBatch:
         return self._moved(lambda tensor: tensor.to(device, non_blocking=non_blocking))
@@ -116,15 +114,12 @@ class TripletCollator:
     def __init__(self, student_tokenizer: PreTrainedTokenizerBase,
                  guide_tokenizer: PreTrainedTokenizerBase | None = None, pad_to_multiple_of: int | None = None,
                  chunks: int | Callable[[int], int | None] | None = None) -> None:
-        for name, tokenizer in (("student", student_tokenizer), ("guide", guide_tokenizer)):
-            if tokenizer is not None and tokenizer.pad_token_id is None:
+        sides = (("student", student_tokenizer), ("guide", guide_tokenizer))
+        self.sides = [(name, tokenizer) for name, tokenizer in sides if tokenizer is not None]
+        for name, tokenizer in self.sides:
+            if tokenizer.pad_token_id is None:
                 raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
                                 "tokenizer.eos_token: padded positions are masked out)")
-        if isinstance(chunks, int) and chunks < 1:
-            raise ValueError(f"chunks={chunks}: must be >= 1, or None for one tensor per column")
-        self.sides = [("student", student_tokenizer)]
-        if guide_tokenizer is not None:
-            self.sides.append(("guide", guide_tokenizer))
         self.pad_to_multiple_of = pad_to_multiple_of
         self.chunks = chunks
 
@@ -134,8 +129,6 @@ class TripletCollator:
         return {"input_ids": padded["input_ids"].long(), "attention_mask": padded["attention_mask"].long()}
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> TripletBatch:
-        if not rows:
-            raise ValueError("empty batch: GlobalBatchSampler never yields one")
         num_negatives = len(rows[0]["student_negs"])
         chunks = self.chunks(num_negatives) if callable(self.chunks) else self.chunks
         encoded_sides: dict[str, Columns | ChunkedTexts] = {}

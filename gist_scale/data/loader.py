@@ -7,8 +7,8 @@ resumed job, and every rank of a job, reuses the first run's work instead of re-
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,12 @@ def _text_features(extra_positives: bool) -> datasets.Features:
     """Validated rows; `source` is the row's index in `data.sources` (dropped for a single `data.path`), `extra_pos`
     (only when a source has `num_positives` > 1) its other positives; `_error` and `_left_out` ("" for a row kept)
     say why a row is not kept, until the kept rows are selected."""
-    features = {"query": datasets.Value("string"), "pos": datasets.Value("string"),
-                "negs": datasets.List(datasets.Value("string")), "task_name": datasets.Value("string"),
+    text = datasets.Value("string")
+    features = {"query": text, "pos": text, "negs": datasets.List(text), "task_name": text,
                 "source": datasets.Value("int32")}
     if extra_positives:
-        features[_EXTRA_POS] = datasets.List(datasets.Value("string"))
-    return datasets.Features({**features, _ERROR: datasets.Value("string"), _LEFT_OUT: datasets.Value("string")})
+        features[_EXTRA_POS] = datasets.List(text)
+    return datasets.Features({**features, _ERROR: text, _LEFT_OUT: text})
 
 
 def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fields, num_negatives: int | None,
@@ -73,16 +73,13 @@ def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fiel
 
 def _first_valid_negatives(ds: datasets.Dataset, fields: Fields, jsonl: bool) -> int | None:
     """K, the negatives per row, from the first valid row of a kept task (reading only as far as that row)."""
-    for batch in ds.iter(batch_size=256):
-        size = len(next(iter(batch.values())))
-        for raw in raw_rows(batch, size, fields, jsonl):
-            try:
-                if raw is not None:
-                    row = decode_line(raw) if jsonl else raw
-                    if left_out_task(row, fields) is None:
-                        return len(parse_row(row, fields, None).negs)
-            except BadRow:
-                continue
+    for raw in ds:
+        try:  # a blank JSON line is no JSON object: passed over with the bad rows
+            row = decode_line(raw["text"]) if jsonl else raw
+            if left_out_task(row, fields) is None:
+                return len(parse_row(row, fields, None).negs)
+        except BadRow:
+            continue
     return None
 
 
@@ -92,50 +89,33 @@ def _task_counts(ds: datasets.Dataset) -> dict[str, int]:
     return dict(sorted(((c["values"], c["counts"]) for c in counts), key=lambda tc: (-tc[1], tc[0])))
 
 
-def _count_left_out(ds: datasets.Dataset, rows: np.ndarray, into: dict[str, dict[str, int]]) -> None:
+def _count_left_out(ds: datasets.Dataset, rows: np.ndarray, into: defaultdict[str, Counter[str]]) -> None:
     """Add the left-out `rows` of `ds` to `into`'s `{option: {task: rows}}`, grouped by Arrow."""
     table = ds.data.table.select([_LEFT_OUT, "task_name"]).take(pa.array(rows))
     for group in table.group_by([_LEFT_OUT, "task_name"]).aggregate([("task_name", "count")]).to_pylist():
-        tasks = into.setdefault(group[_LEFT_OUT], {})
-        tasks[group["task_name"]] = tasks.get(group["task_name"], 0) + group["task_name_count"]
-
-
-@dataclass(frozen=True)
-class _Source:
-    """One source loaded and validated."""
-
-    rows: datasets.Dataset
-    description: str
-    fields: Fields
-    num_negatives: int | None
-    skipped: int
-    examples: list[str]
-    """The first skipped rows' messages."""
-    left_out: list[TasksLeftOut]
+        into[group[_LEFT_OUT]][group["task_name"]] += group["task_name_count"]
 
 
 def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: SourceConfig | None = None,
-                 index: int = 0) -> _Source:
-    """One source validated, its rows of filtered-out tasks left out and counted."""
+                 index: int = 0) -> tuple[datasets.Dataset, DataReport]:
+    """One source validated, its rows of filtered-out tasks left out and counted, and its report."""
     fields = Fields.from_config(cfg, source)
     description, parts = resolve(cfg, split, source)
     features = _text_features(extra_positives)
     num_negatives: int | None = None
     loaded: list[datasets.Dataset] = []
     skipped, examples = 0, []
-    left_out: dict[str, dict[str, int]] = {}
+    left_out: defaultdict[str, Counter[str]] = defaultdict(Counter)
     for part in parts:
         raw = part.load()
         if not part.jsonl and len(raw) and (missing := missing_columns(part.where, fields, raw.column_names)):
             raise missing
         if num_negatives is None:
             num_negatives = _first_valid_negatives(raw, fields, part.jsonl)
-        ds = raw.map(
-            _normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-            features=features, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
-            fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where, "jsonl": part.jsonl,
-                       "source": index, "features": features},
-        )
+        ds = raw.map(_normalize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                     features=features, num_proc=cfg.num_proc, desc=f"validating {Path(part.where).name}",
+                     fn_kwargs={"fields": fields, "num_negatives": num_negatives, "where": part.where,
+                                "jsonl": part.jsonl, "source": index, "features": features})
         errors = ds.data.column(_ERROR)
         is_bad = pc.not_equal(errors, "").to_numpy(zero_copy_only=False)
         is_left_out = pc.not_equal(ds.data.column(_LEFT_OUT), "").to_numpy(zero_copy_only=False)
@@ -147,9 +127,8 @@ def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: Sou
                 raise DataError(f"{part.where}: none of its {considered} rows is valid; first: {first}")
             raise DataError(f"{first} ({len(bad)} bad row{'s' * (len(bad) > 1)} in {part.where}; "
                             "--data.on_bad_rows=skip skips them)")
-        if len(bad):
-            skipped += len(bad)
-            examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
+        skipped += len(bad)
+        examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
         if is_left_out.any():
             _count_left_out(ds, np.flatnonzero(is_left_out), left_out)
         if len(bad) or is_left_out.any():
@@ -161,7 +140,9 @@ def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: Sou
         raise no_rows_left(description, left_out_report) if left_out_report else DataError(f"{description}: no rows")
     if cfg.max_rows is not None and cfg.max_rows < len(ds):
         ds = ds.select(range(cfg.max_rows))
-    return _Source(ds, description, fields, num_negatives, skipped, examples, left_out_report)
+    return ds, DataReport(description, len(ds), skipped, examples[:MAX_REPORTED_BAD_ROWS], num_negatives or 0,
+                          _task_counts(ds), sorted(fields.instructed), num_positives=fields.num_positives,
+                          left_out=left_out_report)
 
 
 def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.Dataset, DataReport]:
@@ -181,31 +162,29 @@ def load_triplets(cfg: DataConfig, split: str | None = None) -> tuple[datasets.D
     first (`accelerator.main_process_first()`) so the others read its cache instead of validating concurrently.
     """
     split = split or cfg.split
-    fields = Fields.from_config(cfg)
     if not cfg.sources:
-        loaded = _load_source(cfg, split, cfg.num_positives > 1)
-        ds = loaded.rows.remove_columns("source")  # one source: nothing to tell apart
-        return ds, DataReport(loaded.description, len(ds), loaded.skipped, loaded.examples[:MAX_REPORTED_BAD_ROWS],
-                              loaded.num_negatives or 0, _task_counts(ds), sorted(fields.instructed),
-                              num_positives=cfg.num_positives, left_out=loaded.left_out)
+        ds, report = _load_source(cfg, split, cfg.num_positives > 1)
+        return ds.remove_columns("source"), report  # one source: nothing to tell apart
     extra_positives = any(Fields.from_config(cfg, source).num_positives > 1 for source in cfg.sources)
-    sources: list[_Source] = []
+    loaded, reports = [], []
     for index, source in enumerate(cfg.sources):
         try:
-            sources.append(_load_source(cfg, split, extra_positives, source, index))
+            ds, report = _load_source(cfg, split, extra_positives, source, index)
         except DataError as error:
             raise DataError(f"data.sources {source.name!r}: {error}") from error
-    reports = [SourceReport(source.name, s.description, len(s.rows), s.num_negatives or 0,
-                            int(pc.count_distinct(s.rows.with_format("arrow")["task_name"]).as_py()),
-                            s.fields.num_positives, tuple(s.left_out)) for source, s in zip(cfg.sources, sources)]
-    ds = sources[0].rows if len(sources) == 1 else datasets.concatenate_datasets([s.rows for s in sources])
-    negatives = {r.num_negatives for r in reports}
-    positives = {r.num_positives for r in reports}
-    description = f"mixture of {len(reports)} source{'s' * (len(reports) > 1)}"
-    return ds, DataReport(description, len(ds), sum(s.skipped for s in sources),
-                          [e for s in sources for e in s.examples][:MAX_REPORTED_BAD_ROWS],
+        loaded.append(ds)
+        reports.append(report)
+    sources = [SourceReport(source.name, r.source, r.rows, r.num_negatives, len(r.tasks), r.num_positives,
+                            tuple(r.left_out)) for source, r in zip(cfg.sources, reports)]
+    ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
+    negatives = {r.num_negatives for r in sources}
+    positives = {r.num_positives for r in sources}
+    description = f"mixture of {len(sources)} source{'s' * (len(sources) > 1)}"
+    return ds, DataReport(description, len(ds), sum(r.skipped for r in reports),
+                          [e for r in reports for e in r.skipped_examples][:MAX_REPORTED_BAD_ROWS],
                           negatives.pop() if len(negatives) == 1 else None, _task_counts(ds),
-                          sorted(fields.instructed), reports, positives.pop() if len(positives) == 1 else None)
+                          sorted(Fields.from_config(cfg).instructed), sources,
+                          positives.pop() if len(positives) == 1 else None)
 
 
 def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, world_size: int, rank: int,
@@ -215,10 +194,9 @@ def build_sampler(tok_ds: datasets.Dataset, cfg: DataConfig, batch_size: int, wo
     columns = tok_ds.with_format("arrow")
     sources = columns["source"] if cfg.sources else None
     weights = [s.weight for s in cfg.sources] if cfg.sources and cfg.sources[0].weight is not None else None
-    return GlobalBatchSampler(
-        columns["task_name"], batch_size, world_size, rank, grad_accum_steps, seed, cfg.task_homogeneous,
-        cfg.drop_last, sources=sources, source_names=[s.name for s in cfg.sources] or None, weights=weights,
-        sampling_alpha=cfg.sampling_alpha)
+    return GlobalBatchSampler(columns["task_name"], batch_size, world_size, rank, grad_accum_steps, seed,
+                              cfg.task_homogeneous, cfg.drop_last, sources=sources, weights=weights,
+                              source_names=[s.name for s in cfg.sources] or None, sampling_alpha=cfg.sampling_alpha)
 
 
 def build_dataloader(tok_ds: datasets.Dataset, sampler: GlobalBatchSampler, collator: TripletCollator,

@@ -39,24 +39,21 @@ class TaskFilter:
     """`include_tasks` / `exclude_tasks` of a source or of `data.path`: names or `fnmatch` globs over task names (the
     `task_column` values, or the source's name). None: that side filters nothing."""
 
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] | None = None
+    include_tasks: tuple[str, ...] | None = None
+    exclude_tasks: tuple[str, ...] | None = None
 
     @property
     def active(self) -> bool:
-        return self.include is not None or self.exclude is not None
+        return self.include_tasks is not None or self.exclude_tasks is not None
 
     def leaves_out(self, task: str) -> str | None:
         """The option that leaves `task` out (`include_tasks`: it matches none of them; `exclude_tasks`: it matches
         one), or None when the task is kept."""
-        if self.include is not None and not any(fnmatchcase(task, p) for p in self.include):
+        if self.include_tasks is not None and not any(fnmatchcase(task, p) for p in self.include_tasks):
             return "include_tasks"
-        if self.exclude is not None and any(fnmatchcase(task, p) for p in self.exclude):
+        if self.exclude_tasks is not None and any(fnmatchcase(task, p) for p in self.exclude_tasks):
             return "exclude_tasks"
         return None
-
-    def patterns(self, option: str) -> tuple[str, ...]:
-        return (self.include if option == "include_tasks" else self.exclude) or ()
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class TasksLeftOut:
     @classmethod
     def count(cls, tasks: TaskFilter, rows: Mapping[str, Mapping[str, int]]) -> list[TasksLeftOut]:
         """From `{option: {task: rows left out}}`, in the filter's order (include first)."""
-        return [cls(option, tasks.patterns(option), sum(rows[option].values()), tuple(sorted(rows[option])))
+        return [cls(option, getattr(tasks, option) or (), sum(rows[option].values()), tuple(sorted(rows[option])))
                 for option in ("include_tasks", "exclude_tasks") if rows.get(option)]
 
     def describe(self) -> str:
@@ -109,23 +106,22 @@ class Fields:
     @classmethod
     def from_config(cls, cfg: DataConfig, source: SourceConfig | None = None) -> Fields:
         """The data section's columns, or a mixture source's, where its own options override the section's."""
-        query = source.query_column or cfg.query_column if source else cfg.query_column
-        pos = source.pos_column or cfg.pos_column if source else cfg.pos_column
-        negs = cfg.neg_columns if source is None or source.neg_columns is None else source.neg_columns
-        instructed = set()
-        if cfg.query_instruction:
-            instructed.add(query)
+
+        def option(name: str) -> Any:
+            own = None if source is None else getattr(source, name)
+            return getattr(cfg, name) if own is None else own
+
+        query, pos, negs = option("query_column"), option("pos_column"), tuple(option("neg_columns"))
+        instructed = {query} if cfg.query_instruction else set()
         if cfg.pos_instruction:
             instructed.add(pos)
         if cfg.neg_instruction:
             instructed.update(negs)
         if source is None:
-            return cls(query, pos, tuple(negs), cfg.task_column, frozenset(instructed),
-                       num_positives=cfg.num_positives, tasks=TaskFilter(cfg.include_tasks, cfg.exclude_tasks))
-        own = {name: getattr(cfg, name) if getattr(source, name) is None else getattr(source, name)
-               for name in ("num_positives", "include_tasks", "exclude_tasks")}
-        return cls(query, pos, tuple(negs), source.task_column, frozenset(instructed), source.name,
-                   source.num_negatives, own["num_positives"], TaskFilter(own["include_tasks"], own["exclude_tasks"]))
+            return cls(query, pos, negs, cfg.task_column, frozenset(instructed), num_positives=cfg.num_positives,
+                       tasks=TaskFilter(cfg.include_tasks, cfg.exclude_tasks))
+        return cls(query, pos, negs, source.task_column, frozenset(instructed), source.name, source.num_negatives,
+                   option("num_positives"), TaskFilter(option("include_tasks"), option("exclude_tasks")))
 
     def required(self) -> dict[str, str]:
         """Column -> the option that names it, for "no such column" messages."""
@@ -217,9 +213,8 @@ def parse_row(row: Mapping[str, Any], fields: Fields, num_negatives: int | None)
     positives = _texts(row.get(fields.pos), fields.pos, row, fields.pos in fields.instructed, medi, "positives")
     extra: list[str | None] = positives[1:fields.num_positives]
     extra += [None] * (fields.num_positives - 1 - len(extra))
-    negs: list[str] = []
-    for column in fields.negs:
-        negs.extend(_texts(row.get(column), column, row, column in fields.instructed, medi, "negatives"))
+    negs = [text for column in fields.negs
+            for text in _texts(row.get(column), column, row, column in fields.instructed, medi, "negatives")]
     if fields.keep_negatives is not None:
         if len(negs) < fields.keep_negatives:
             raise BadRow(fields.negs[-1] if fields.negs else None, f"{len(negs)} negatives, but the source's "
@@ -310,12 +305,10 @@ class DataReport:
         more = f", ... {len(self.tasks) - 12} more" if len(self.tasks) > 12 else ""
         negatives = "per source" if self.num_negatives is None else self.num_negatives
         positives = "per source" if self.num_positives is None else self.num_positives
-        lines = [
-            f"data: {self.source}",
-            f"  rows: {self.rows}, positives per row: {positives}, negatives per row: {negatives}, "
-            f"instructions: {', '.join(self.instructions) or 'none'}",
-            f"  tasks ({len(self.tasks)}): {shown}{more}",
-        ]
+        lines = [f"data: {self.source}",
+                 f"  rows: {self.rows}, positives per row: {positives}, negatives per row: {negatives}, "
+                 f"instructions: {', '.join(self.instructions) or 'none'}",
+                 f"  tasks ({len(self.tasks)}): {shown}{more}"]
         lines.extend(f"  {left_out.describe()}" for left_out in self.left_out)
         for s in self.sources:
             lines.append(f"  source {s.name}: {s.rows} rows, {s.num_negatives} negatives, {s.num_positives} "

@@ -93,11 +93,8 @@ def _local_part(path: Path) -> Part:
     jsonl = _is_json_lines(path)
     builder = "text" if jsonl else FORMATS[path.suffix.lower()]
     kind = "JSON lines" if jsonl else builder
-
-    def stream() -> datasets.IterableDataset:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
-
-    return Part(str(path), lambda: read_local_file(path, builder, str(path), kind), jsonl, stream,
+    return Part(str(path), lambda: read_local_file(path, builder, str(path), kind), jsonl,
+                lambda: datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True),
                 lambda error: _read_failure(path, builder, str(path), kind, error))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,8 @@ class _SourceStream:
                  weight: float) -> None:
         self.name, self.description, self.parts, self.fields, self.weight = name, description, parts, fields, weight
         self.prefix = f"data.sources {name!r}: " if name is not None else ""
-        self._cfg = cfg
-        self.on_bad_rows, self.max_rows, self.task_homogeneous = cfg.on_bad_rows, cfg.max_rows, cfg.task_homogeneous
-        self.passes = 0
-        self.part = 0
+        self.cfg = cfg
+        self.passes, self.part = 0, 0
         self.row = 0
         """Rows read in the current part, blank lines included: the last row's number."""
         self.valid = 0
@@ -80,8 +79,8 @@ class _SourceStream:
         self.buffers: dict[str, list[Row]] = {}
         self.read, self.skipped = 0, 0
         self.examples: list[str] = []
-        self.tasks: dict[str, int] = {}
-        self.left_out: dict[str, dict[str, int]] = {}
+        self.tasks: Counter[str] = Counter()
+        self.left_out: defaultdict[str, Counter[str]] = defaultdict(Counter)
         """Rows passed over by the task filter: `{option: {task: rows}}`, over every pass."""
         self._position: dict | None = None
         """The current part's `IterableDataset.state_dict()` to start from (None: its beginning)."""
@@ -91,10 +90,6 @@ class _SourceStream:
         """Each part opened once, with its start state: a new pass reads it again from there (`load_dataset` costs
         a module lookup and, for the hub, requests, on every call)."""
 
-    def fresh(self) -> _SourceStream:
-        """The same source, unread."""
-        return _SourceStream(self.name, self.description, self.parts, self.fields, self._cfg, self.weight)
-
     def take(self, size: int) -> list[Row]:
         """The next global batch: `size` rows of one buffer (one task), reading rows until a buffer holds them."""
         full = next((key for key, rows in self.buffers.items() if len(rows) >= size), None)
@@ -102,7 +97,7 @@ class _SourceStream:
             if self._rows is None:
                 self._rows = self._read()
             row = next(self._rows)
-            key = row.task if self.task_homogeneous else ""
+            key = row.task if self.cfg.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
             buffer.append(row)
             if len(buffer) >= size:
@@ -115,10 +110,11 @@ class _SourceStream:
 
     def first_row(self) -> Row:
         """The first valid row of a pass (read on a fresh copy: this source's position does not move)."""
-        return next(self.fresh()._read())
+        fresh = _SourceStream(self.name, self.description, self.parts, self.fields, self.cfg, self.weight)
+        return next(fresh._read())
 
     def _pass_done(self) -> bool:
-        return self.max_rows is not None and self.valid >= self.max_rows
+        return self.cfg.max_rows is not None and self.valid >= self.cfg.max_rows
 
     def _read(self) -> Iterator[Row]:
         while True:
@@ -157,10 +153,9 @@ class _SourceStream:
             except Exception as error:
                 raise DataError(f"{self.prefix}{part.failure(error)}") from error
             self.row += 1
-            if not columns_checked:
-                if missing := missing_columns(part.where, self.fields, list(raw)):
-                    raise DataError(f"{self.prefix}{missing}")
-                columns_checked = True
+            if not columns_checked and (missing := missing_columns(part.where, self.fields, list(raw))):
+                raise DataError(f"{self.prefix}{missing}")
+            columns_checked = True
             row = self._validate(raw, part)
             if row is not None:
                 yield row
@@ -173,13 +168,12 @@ class _SourceStream:
             values = decode_line(raw["text"]) if part.jsonl else raw
             if (left_out := left_out_task(values, self.fields)) is not None:
                 option, task = left_out
-                counts = self.left_out.setdefault(option, {})
-                counts[task] = counts.get(task, 0) + 1
+                self.left_out[option][task] += 1
                 return None
             row = parse_row(values, self.fields, self.num_negatives)
         except BadRow as bad:
             message = self.prefix + row_error(part.where, self.row - 1, part.jsonl, bad)
-            if self.on_bad_rows == "error":
+            if self.cfg.on_bad_rows == "error":
                 raise DataError(f"{message} (--data.on_bad_rows=skip skips bad rows)") from None
             self.skipped += 1
             if len(self.examples) < MAX_REPORTED_BAD_ROWS:
@@ -189,7 +183,7 @@ class _SourceStream:
             self.num_negatives = len(row.negs)
         self.valid += 1
         self.read += 1
-        self.tasks[row.task] = self.tasks.get(row.task, 0) + 1
+        self.tasks[row.task] += 1
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,11 +202,10 @@ class _SourceStream:
         self.passes, self.part, self.row, self.valid = state["pass"], state["part"], state["row"], state["valid"]
         self._position, self._dataset, self._rows = state["position"], None, None
         self.num_negatives = state["num_negatives"]
-        self.buffers = {key: [Row(q, p, list(negs), task, list(extra)) for q, p, negs, task, extra in rows]
-                        for key, rows in state["buffers"].items()}
+        self.buffers = {key: [Row(*row) for row in rows] for key, rows in state["buffers"].items()}
         self.read, self.skipped = state["read"], state["skipped"]
-        self.examples, self.tasks = list(state["examples"]), dict(state["tasks"])
-        self.left_out = {option: dict(tasks) for option, tasks in state["left_out"].items()}
+        self.examples, self.tasks = list(state["examples"]), Counter(state["tasks"])
+        self.left_out = defaultdict(Counter, {option: Counter(tasks) for option, tasks in state["left_out"].items()})
 
     def left_out_report(self) -> list[TasksLeftOut]:
         """What the task filter passed over so far."""
@@ -293,11 +286,9 @@ class StreamingBatches:
         columns = {"query": [r.query for r in rows], "pos": [r.pos for r in rows], "negs": [r.negs for r in rows],
                    "task_name": [r.task for r in rows], "extra_pos": [r.extra_pos for r in rows]}
         tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
-        examples = [{k: v[i] for k, v in tokenized.items()} for i in range(len(rows))]
         if self.mixture:
-            for example in examples:
-                example["source"] = source
-        return self.collator(examples)
+            tokenized["source"] = [source] * len(rows)
+        return self.collator([{k: v[i] for k, v in tokenized.items()} for i in range(len(rows))])
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position: global batches emitted, and each source's pass, file, row, stream state and buffers."""
@@ -336,10 +327,7 @@ class StreamingBatches:
 
     def report(self) -> DataReport:
         """What was read so far, as `load_triplets` reports a prepared dataset (for the model card)."""
-        tasks: dict[str, int] = {}
-        for source in self.sources:
-            for task, rows in source.tasks.items():
-                tasks[task] = tasks.get(task, 0) + rows
+        tasks = sum((source.tasks for source in self.sources), Counter())
         negatives = {s.num_negatives for s in self.sources if s.num_negatives is not None}
         positives = {s.fields.num_positives for s in self.sources}
         description = self.sources[0].description if len(self.sources) == 1 else f"{len(self.sources)} sources"

@@ -139,31 +139,24 @@ def tokenize_triplets(ds: datasets.Dataset, student_tokenizer: PreTrainedTokeniz
                              f"{side.name}_pos_prompt": datasets.Value("int32"), f"{side.name}_negs_prompt": ids})
     if "extra_pos" in ds.column_names:
         features["positive_slots"] = datasets.List(datasets.Value("int8"))
-    tokenized = ds.map(
-        tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
-        features=features, num_proc=num_proc, fn_kwargs={"sides": sides},
-        desc="tokenizing " + " and ".join(side.name for side in sides),
-    )
+    tokenized = ds.map(tokenize_batch, batched=True, remove_columns=[c for c in ds.column_names if c not in kept],
+                       features=features, num_proc=num_proc, fn_kwargs={"sides": sides},
+                       desc="tokenizing " + " and ".join(side.name for side in sides))
     negatives = pc.sum(pc.list_value_length(tokenized.data.column("student_negs"))).as_py() or 0
     truncation: dict[str, float] = {}
     flags = [c for c in tokenized.column_names if c.startswith("_truncated_")]
     for flag in flags:
-        column = flag.removeprefix("_truncated_")
-        texts = negatives if column.endswith("_negs") else len(tokenized)
-        total = pc.sum(tokenized.data.column(flag)).as_py() or 0
-        truncation[column] = total / texts if texts else 0.0
+        texts = negatives if flag.endswith("_negs") else len(tokenized)
+        truncated = pc.sum(tokenized.data.column(flag)).as_py() or 0
+        truncation[flag.removeprefix("_truncated_")] = truncated / max(texts, 1)  # no texts: none truncated
     return tokenized.remove_columns(flags), truncation
 
 
 def count_tokens(tok_ds: datasets.Dataset, side: str = "student") -> int:
     """Real (unpadded) tokens of one side's texts over the whole dataset, counted in Arrow without a Python loop."""
-    total = 0
-    for column in (f"{side}_query", f"{side}_pos", f"{side}_negs"):
-        values = tok_ds.data.column(column)
-        if column.endswith("_negs"):
-            values = pc.list_flatten(values)
-        total += pc.sum(pc.list_value_length(values)).as_py() or 0
-    return total
+    data = tok_ds.data
+    texts = (data.column(f"{side}_query"), data.column(f"{side}_pos"), pc.list_flatten(data.column(f"{side}_negs")))
+    return sum(pc.sum(pc.list_value_length(ids)).as_py() or 0 for ids in texts)
 
 
 def measure_tokenization_rate(ds: datasets.Dataset, student_tokenizer: PreTrainedTokenizerBase,

@@ -31,8 +31,9 @@ __all__ = ["load_beir"]
 LAYOUT = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """`_id` -> row, for a JSONL file whose rows need `_id` and `fields`; errors name file:line and field."""
+def _read_jsonl(path: Path) -> dict[str, dict[str, str]]:
+    """`_id` -> row, for a JSONL file whose rows need `_id` and a `text` (empty only beside a title); errors name
+    file:line and field."""
     if not path.is_file():
         raise DataError(f"{path}: no such file ({LAYOUT})")
     rows: dict[str, dict[str, str]] = {}
@@ -47,12 +48,9 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, dict[str, str]
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict) or "_id" not in row:
                 raise DataError(f"{where}: field '_id' missing")
-            key = str(row["_id"])
-            for name in fields:
-                value = row.get(name)
-                if not isinstance(value, str) or (name == "text" and not value.strip() and not row.get("title")):
-                    raise DataError(f"{where}: field '{name}' must be a text" + (" (not empty)" if name == "text"
-                                                                                  else ""))
+            key, text = str(row["_id"]), row.get("text")
+            if not isinstance(text, str) or not (text.strip() or row.get("title")):
+                raise DataError(f"{where}: field 'text' must be a text (not empty)")
             if key in rows:
                 raise DataError(f"{where}: duplicate _id {key!r}")
             rows[key] = row
@@ -101,8 +99,8 @@ def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = No
         raise DataError(f"{root}: no such directory ({LAYOUT})")
     qrels_path = root / "qrels" / f"{split}.tsv"
     judgments = _read_qrels(qrels_path)
-    corpus_rows = _read_jsonl(root / "corpus.jsonl", ("text",))
-    query_rows = _read_jsonl(root / "queries.jsonl", ("text",))
+    corpus_rows = _read_jsonl(root / "corpus.jsonl")
+    query_rows = _read_jsonl(root / "queries.jsonl")
 
     corpus_index = {doc_id: i for i, doc_id in enumerate(corpus_rows)}
     grades: dict[str, dict[int, int]] = {}

@@ -170,14 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("--corpus adds distractors to eval triplets (--data); a BEIR folder or MTEB task has its own")
     if args.mteb and (args.sts or args.config or args.split):
         return fail("--sts, --config and --split do not apply to --mteb (each task brings its data and splits)")
-    try:
-        state = distributed.launch_state()
-    except ConfigError as error:  # a launch that would not shard the encoding (`distributed.launch_plan`)
-        return fail(str(error))
-    if args.mteb and state.use_distributed:
-        return fail("--mteb runs in one process: start gist-scale eval without torchrun/accelerate launch")
     results: dict[str, dict[str, float] | None] = {"model": None, "baseline": None}
     try:
+        state = distributed.launch_state()  # ConfigError: a launch that would not shard the encoding
+        if args.mteb and state.use_distributed:
+            return fail("--mteb runs in one process: start gist-scale eval without torchrun/accelerate launch")
         device = _device(args.device) if args.device else state.device
         if args.out and not args.mteb:  # before minutes of encoding, not after
             require_writable_file(args.out, "--out")

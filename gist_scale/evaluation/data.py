@@ -9,6 +9,7 @@ judgments instead, as the same `EvalData`. Scored sentence pairs (`StsPairs`) ad
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +31,6 @@ class StsPairs:
     sentence1: list[str]
     sentence2: list[str]
     scores: list[float]
-
-    def __post_init__(self) -> None:
-        if not (len(self.sentence1) == len(self.sentence2) == len(self.scores)):
-            raise ValueError("sentence1, sentence2 and scores must have the same length")
 
 
 @dataclass
@@ -69,13 +66,9 @@ class EvalData:
     def __post_init__(self) -> None:
         if not self.queries or not self.corpus:
             raise DataError(f"{self.source or 'eval data'}: no queries or no corpus to evaluate")
-        if len(self.relevant) != len(self.queries):
-            raise ValueError(f"{len(self.relevant)} relevance lists for {len(self.queries)} queries")
-        for i, ids in enumerate(self.relevant):
-            if not ids or min(ids) < 0 or max(ids) >= len(self.corpus):
-                raise ValueError(f"query {i} has no relevant document, or an id outside the corpus: {ids}")
-        if self.exclude is not None and len(self.exclude) != len(self.queries):
-            raise ValueError(f"{len(self.exclude)} excluded ids for {len(self.queries)} queries")
+        for i, ids in enumerate(self.relevant):  # both builders give one per query, ids from the corpus they built
+            if not ids:
+                raise ValueError(f"query {i} has no relevant document")
         index: dict[str, int] = {}
 
         def lookup(items: list[str]) -> list[int]:
@@ -164,12 +157,10 @@ def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), sourc
     query's relevant (positive) documents, from `load_triplets` rows. `gist-scale mine` searches the same task."""
     queries: dict[str, int] = {}
     corpus: dict[str, int] = {}
-    relevant: list[set[int]] = []
+    relevant: defaultdict[int, set[int]] = defaultdict(set)
     for batch in ds.iter(batch_size=4096):
         for query, pos, negs in zip(batch["query"], batch["pos"], batch["negs"]):
             q = queries.setdefault(query, len(queries))
-            if q == len(relevant):
-                relevant.append(set())
             # The same query text in several rows is one query with several relevant documents: scoring it twice
             # would count its other positive as a miss.
             relevant[q].add(corpus.setdefault(pos, len(corpus)))
@@ -179,4 +170,4 @@ def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), sourc
         for text in read_corpus(file):
             corpus.setdefault(text, len(corpus))
     extra = f" + {len(extra_corpus)} extra corpus file(s)" if extra_corpus else ""
-    return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant], sts, source=source + extra)
+    return EvalData(list(queries), list(corpus), [sorted(ids) for ids in relevant.values()], sts, source=source + extra)
