@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 import typing
 from collections.abc import Sequence
@@ -783,24 +784,15 @@ class JobConfig:
                    "own eval split)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON values: sections as mappings, tuples as lists."""
-        return _plain(dataclasses.asdict(self))
+        """Plain YAML/JSON values: sections as mappings, tuples as lists (through JSON, which has no tuples; every
+        number is finite, `_check_values` saw to that)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "guide": GuideConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "export": ExportConfig,
-    "logging": LoggingConfig,
-}
-"""The sections of `JobConfig` by name (`gist_scale.options` makes their fields command-line options)."""
+SECTIONS: dict[str, type] = {item.name: item.default_factory for item in dataclasses.fields(JobConfig)
+                              if item.default_factory is not dataclasses.MISSING}
+"""The sections of `JobConfig` by name, each its config class (`gist_scale.options` makes their fields
+command-line options)."""
 
 
 def save_config(config: JobConfig, path: str | Path) -> None:
