@@ -6,7 +6,6 @@ Pure functions of tensors: no data loading, no model, no process group. Used by 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -133,17 +132,11 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Te
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n; tied values share the mean of the ranks they span (so [5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    # Start index (in sorted order) of each run of equal values, plus n as a sentinel end.
-    new_run = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-    starts = np.r_[np.flatnonzero(new_run), len(values)]
-    run_of = np.cumsum(new_run) - 1  # run index of each sorted position
-    # A run spanning sorted positions [s, e) holds ranks s+1 .. e; their mean is (s + 1 + e) / 2.
-    mean_rank = (starts[:-1] + 1 + starts[1:]) / 2.0
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = mean_rank[run_of]
-    return ranks
+    _, run_of, run_lengths = np.unique(values, return_inverse=True, return_counts=True)
+    # A run of c equal values ending at rank e holds ranks e - c + 1 .. e; their mean is e - (c - 1) / 2.
+    ends = np.cumsum(run_lengths)
+    return (ends - (run_lengths - 1) / 2.0)[run_of]
+
 
 def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor) -> float:
     """Spearman's rank correlation with average ranks for ties: the Pearson correlation of the ranks.
@@ -154,8 +147,5 @@ def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] 
     b = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"spearman needs two 1-d sequences of the same length >= 2, got {a.shape} and {b.shape}")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant side: 0 / 0, NaN
+        return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])
