@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import functools
 import re
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from gist_scale.config import SECTIONS, ConfigError, JobConfig, unknown_name
+from gist_scale.config import SECTIONS, ConfigError, JobConfig, SourceConfig, unknown_name
 from gist_scale.places import text_file_problem
 from gist_scale.recipes import config_files
 
@@ -145,10 +144,8 @@ def _one_line(message: str, where: str) -> str:
         key = key.group(1) if "." in key.group(1) else key.group(1).replace("_", "-")
         entry_key = [match.group(1) for match in _KEY.finditer(message)][1:]  # a field inside a data source
         shown = f"{key} entry's {entry_key[-1]}" if entry_key else key
-        if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source
-            nested = SECTIONS.get(key.split(".")[0])
-            entry = typing.get_type_hints(nested).get(key.split(".")[-1]) if nested else None
-            fields = [f.name for f in dataclasses.fields(typing.get_args(entry)[0])] if entry else []
+        if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source, the one list of mappings
+            fields = [f.name for f in dataclasses.fields(SourceConfig)]
             return str(unknown_name(f"key in an entry of {where.removesuffix(': ') + ' ' if where != '--' else '--'}"
                                 f"{key}:", unknown.group(1), fields))
         if union := _UNION.search(message):
