@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = ["DEPTH", "METRICS", "K", "Relevance", "retrieval_metrics", "spearman", "top_k"]
 
@@ -38,13 +39,9 @@ judged non-relevant)."""
 def _relevance_table(relevant: Sequence[Relevance], num_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query, its judged corpus ids sorted ascending (padded with `num_docs`, never a corpus id) and their gains."""
     rows = [sorted(r.items()) if isinstance(r, Mapping) else [(i, 1.0) for i in sorted(set(r))] for r in relevant]
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), num_docs, dtype=torch.long)
-    gains = torch.zeros(len(rows), width, dtype=torch.float64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor([doc for doc, _ in row], dtype=torch.long)
-        gains[i, : len(row)] = torch.as_tensor([max(float(gain), 0.0) for _, gain in row], dtype=torch.float64)
-    return ids, gains
+    ids = pad_sequence([torch.tensor([doc for doc, _ in row]) for row in rows], batch_first=True, padding_value=num_docs)
+    gains = [torch.tensor([max(float(gain), 0.0) for _, gain in row], dtype=torch.float64) for row in rows]
+    return ids, pad_sequence(gains, batch_first=True)
 
 
 def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor,
@@ -87,8 +84,7 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
         # The gain of each retrieved document: binary search in the query's sorted judged ids.
         where = torch.searchsorted(ids[start:end], top).clamp(max=ids.shape[1] - 1)
         judged = ids[start:end].gather(1, where) == top
-        gain = torch.where(judged, gains[start:end].gather(1, where), torch.zeros((), dtype=torch.float64,
-                                                                                   device=device))
+        gain = gains[start:end].gather(1, where) * judged
         hits = (gain > 0).double()
         n_rel = num_relevant[start:end]
         ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[start:end]
