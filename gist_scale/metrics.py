@@ -88,8 +88,7 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
         hits = (gain > 0).double()
         n_rel = num_relevant[start:end]
         ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[start:end]
-        first = hits[:, :K].argmax(1)  # position of the first hit; only used where there is one
-        mrr = torch.where(hits[:, :K].any(1), 1.0 / (first + 1).double(), torch.zeros_like(n_rel))
+        mrr = (hits[:, :K] / ranks[:K]).amax(1)  # 1 / rank of the first hit in the top K, 0 without one
         found = hits.cumsum(1)
         average_precision = (hits * found / ranks).sum(1) / n_rel
         recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
