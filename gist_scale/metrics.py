@@ -107,8 +107,8 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Te
     """
     k = min(k, corpus.shape[0])
     corpus_block = corpus_block or CORPUS_CHUNK
-    best_scores = best_ids = None
     rows = torch.arange(queries.shape[0], device=queries.device)
+    best_scores, best_ids = queries.new_empty(len(rows), 0), rows.new_empty(len(rows), 0)
     for start in range(0, corpus.shape[0], corpus_block):
         block = corpus[start:start + corpus_block]
         scores = queries @ block.T
@@ -116,12 +116,9 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Te
             inside = (exclude >= start) & (exclude < start + block.shape[0])
             scores[rows[inside], exclude[inside] - start] = float("-inf")
         scores, ids = scores.topk(min(k, block.shape[0]), dim=1)
-        ids = ids + start
-        if best_scores is not None:
-            merged = torch.cat([best_scores, scores], 1)
-            scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
-            ids = torch.cat([best_ids, ids], 1).gather(1, pick)
-        best_scores, best_ids = scores, ids
+        merged = torch.cat([best_scores, scores], 1)
+        best_scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, ids + start], 1).gather(1, pick)
     return best_scores, best_ids
 
 
