@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import math
 import typing
 from collections.abc import Sequence
@@ -50,16 +52,32 @@ def unknown_name(kind: str, key: Any, known: Sequence[str]) -> ConfigError:
 
 def _check_values(config: Any) -> None:
     """The rules every field follows, checked here so that no section repeats them: a number is finite (an infinite
-    batch size or a NaN margin would only fail deep inside torch or the loss), and a text is not empty (an empty path
-    would silently mean the current directory). Range checks specific to a field stay in its `__post_init__`."""
+    batch size or a NaN margin would only fail deep inside torch or the loss), a text is not empty (an empty path
+    would silently mean the current directory), and a `Literal` field holds one of its choices (the command line
+    checks that too; `LossConfig(...)` from Python, as `GISTLoss` builds it, is checked here). Range checks specific
+    to a field stay in its `__post_init__`."""
     section = getattr(config, "section", "")
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
+        where = f"{section}.{item.name}={value!r}".lstrip(".")
         for element in value if isinstance(value, tuple) else (value,):
-            where = f"{section}.{item.name}={value!r}".lstrip(".")
             _check(not isinstance(element, float) or math.isfinite(element), f"{where}: must be a finite number")
             _check(not isinstance(element, str) or bool(element.strip()),
                    f"{where}: must not be empty" + (" (null unsets it)" if item.default is None else ""))
+        choices = _literal_choices(type(config)).get(item.name, ())
+        _check(not choices or value in choices or (value is None and item.default is None),
+               f"{where}: use one of {', '.join(choices)}")
+
+
+@functools.cache
+def _literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The choices of each `Literal[...]` (or `Literal[...] | None`) field of a config class."""
+    choices = {}
+    for name, annotation in typing.get_type_hints(cls).items():
+        for arg in (annotation, *typing.get_args(annotation)):
+            if typing.get_origin(arg) is Literal:
+                choices[name] = typing.get_args(arg)
+    return choices
 
 
 Pooling = Literal["cls", "mean", "last_token"]
@@ -69,20 +87,10 @@ MarginStrategy = Literal["absolute", "relative"]
 MARGIN_STRATEGIES: tuple[str, ...] = typing.get_args(MarginStrategy)
 """How the guide threshold is relaxed by `loss.margin` (see `gist_scale.loss`)."""
 FalseNegatives = Literal["mask", "relabel"]
-FALSE_NEGATIVE_CHOICES: tuple[str, ...] = typing.get_args(FalseNegatives)
 """What the loss does with a candidate the guide flags: `mask` drops it (GISTEmbed), `relabel` counts it a positive."""
 POLICY_FIELDS: tuple[str, ...] = ("margin_strategy", "margin", "contrast_anchors", "contrast_positives",
                                   "in_batch_negatives", "protect_hard_negatives", "false_negatives")
 """The loss settings a `data.sources` entry may set for its own batches (null there: the `loss` section's)."""
-
-
-def _check_policy(config: Any, where: str) -> None:
-    """The rules of the per-step loss policy fields, shared by `LossConfig` and `SourceConfig` (None: unset)."""
-    _check(config.margin_strategy in (None, *MARGIN_STRATEGIES),
-           f"{where}.margin_strategy={config.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
-    _check(config.false_negatives in (None, *FALSE_NEGATIVE_CHOICES),
-           f"{where}.false_negatives={config.false_negatives!r}: use mask (drop them, GISTEmbed) or relabel "
-           "(count them as positives)")
 
 
 def _check_tasks(config: Any, where: str) -> None:
@@ -127,7 +135,6 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         _check_values(self)
-        _check(self.pooling in POOLINGS, f"{self.section}.pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
         _check(self.max_length > 0, f"{self.section}.max_length={self.max_length}: must be a positive token count")
         template = self.query_prompt_template
         _check(template is None or "{instruction}" in template,
@@ -204,7 +211,6 @@ class GuideConfig(EncoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.dtype in ("bf16", "fp32"), f"guide.dtype={self.dtype!r}: use bf16 or fp32")
         _check(self.cache is None or self.name is not None,
                "guide.cache needs guide.name (the guide the cache was built with; it is checked, not loaded)")
 
@@ -280,7 +286,6 @@ class SourceConfig:
                f"{where}: num_negatives={self.num_negatives} must be >= 0, or null for all of each row's negatives")
         _check(self.num_positives is None or self.num_positives >= 1,
                f"{where}: num_positives={self.num_positives} must be >= 1, or null for data.num_positives")
-        _check_policy(self, where)
         _check_tasks(self, where)
 
 
@@ -374,7 +379,6 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_values(self)
-        _check(self.on_bad_rows in ("error", "skip"), f"data.on_bad_rows={self.on_bad_rows!r}: use error or skip")
         _check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0")
         _check(self.num_positives >= 1, f"data.num_positives={self.num_positives}: must be >= 1")
         _check_tasks(self, "data")
@@ -485,7 +489,6 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check_values(self)
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
-        _check_policy(self, "loss")
         _check(self.contrastive_weight >= 0 and self.distill_weight >= 0
                and self.contrastive_weight + self.distill_weight > 0,
                f"loss.contrastive_weight={self.contrastive_weight}, loss.distill_weight={self.distill_weight}: both "
@@ -534,8 +537,6 @@ class OptimConfig:
                f"optim.betas={list(self.betas)}: two values in [0, 1), e.g. [0.9, 0.999]")
         _check(self.eps > 0, f"optim.eps={self.eps}: must be > 0 (e.g. 1e-8)")
         _check(0.0 <= self.warmup_ratio < 1.0, f"optim.warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
-        _check(self.schedule in ("linear", "cosine", "constant"),
-               f"optim.schedule={self.schedule!r}: use linear, cosine or constant")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0,
                f"optim.max_grad_norm={self.max_grad_norm}: must be > 0, or null to disable clipping")
 
@@ -601,8 +602,6 @@ class TrainConfig:
         _check(self.epochs > 0, f"train.epochs={self.epochs}: must be >= 1")
         # The range every seeded generator accepts (numpy's is the narrowest).
         _check(0 <= self.seed < 2**32, f"train.seed={self.seed}: must be in [0, 2**32)")
-        _check(self.mixed_precision in ("no", "bf16", "fp16"),
-               f"train.mixed_precision={self.mixed_precision!r}: use no, bf16 or fp16")
         _check(self.log_every > 0, f"train.log_every={self.log_every}: must be >= 1")
         _check(self.max_nonfinite_steps > 0, f"train.max_nonfinite_steps={self.max_nonfinite_steps}: must be >= 1")
         _check(self.collective_timeout_s > 0, f"train.collective_timeout_s={self.collective_timeout_s}: must be > 0")
@@ -701,10 +700,8 @@ class EvalConfig:
                    f"eval.beir={self.beir}: no such folder (it holds corpus.jsonl, queries.jsonl, qrels/)")
             _check(self.path is None, "eval.beir and eval.path are both set: evaluate on one of them")
             _check(not self.corpus, "eval.corpus adds distractors to eval triplets; a BEIR folder has its own corpus")
-            _check(bool(self.beir_split.strip()), "eval.beir_split: must name a qrels file (e.g. test, dev)")
         _check(self.every is None or self.every > 0, f"eval.every={self.every}: must be positive, or null")
         _check(self.batch_size > 0, f"eval.batch_size={self.batch_size}: must be positive")
-        _check(bool(self.split.strip()), "eval.split: must name a split (e.g. eval, validation, test)")
         for file in self.corpus:
             _check(Path(file).expanduser().is_file(), f"eval.corpus: {file}: no such file")
         _check(self.sts is None or Path(self.sts).expanduser().is_file(),
@@ -787,24 +784,15 @@ class JobConfig:
                    "own eval split)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON values: sections as mappings, tuples as lists."""
-        return _plain(dataclasses.asdict(self))
+        """Plain YAML/JSON values: sections as mappings, tuples as lists (through JSON, which has no tuples; every
+        number is finite, `_check_values` saw to that)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig, "guide": GuideConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-    "train": TrainConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "export": ExportConfig,
-    "logging": LoggingConfig,
-}
-"""The sections of `JobConfig` by name (`gist_scale.options` makes their fields command-line options)."""
+SECTIONS: dict[str, type] = {item.name: item.default_factory for item in dataclasses.fields(JobConfig)
+                              if item.default_factory is not dataclasses.MISSING}
+"""The sections of `JobConfig` by name, each its config class (`gist_scale.options` makes their fields
+command-line options)."""
 
 
 def save_config(config: JobConfig, path: str | Path) -> None:

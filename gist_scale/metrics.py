@@ -6,12 +6,12 @@ Pure functions of tensors: no data loading, no model, no process group. Used by 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = ["DEPTH", "METRICS", "K", "Relevance", "retrieval_metrics", "spearman", "top_k"]
 
@@ -39,13 +39,9 @@ judged non-relevant)."""
 def _relevance_table(relevant: Sequence[Relevance], num_docs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query, its judged corpus ids sorted ascending (padded with `num_docs`, never a corpus id) and their gains."""
     rows = [sorted(r.items()) if isinstance(r, Mapping) else [(i, 1.0) for i in sorted(set(r))] for r in relevant]
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), num_docs, dtype=torch.long)
-    gains = torch.zeros(len(rows), width, dtype=torch.float64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.as_tensor([doc for doc, _ in row], dtype=torch.long)
-        gains[i, : len(row)] = torch.as_tensor([max(float(gain), 0.0) for _, gain in row], dtype=torch.float64)
-    return ids, gains
+    ids = pad_sequence([torch.tensor([doc for doc, _ in row]) for row in rows], batch_first=True, padding_value=num_docs)
+    gains = [torch.tensor([max(float(gain), 0.0) for _, gain in row], dtype=torch.float64) for row in rows]
+    return ids, pad_sequence(gains, batch_first=True)
 
 
 def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor,
@@ -88,13 +84,11 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
         # The gain of each retrieved document: binary search in the query's sorted judged ids.
         where = torch.searchsorted(ids[start:end], top).clamp(max=ids.shape[1] - 1)
         judged = ids[start:end].gather(1, where) == top
-        gain = torch.where(judged, gains[start:end].gather(1, where), torch.zeros((), dtype=torch.float64,
-                                                                                   device=device))
+        gain = gains[start:end].gather(1, where) * judged
         hits = (gain > 0).double()
         n_rel = num_relevant[start:end]
         ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[start:end]
-        first = hits[:, :K].argmax(1)  # position of the first hit; only used where there is one
-        mrr = torch.where(hits[:, :K].any(1), 1.0 / (first + 1).double(), torch.zeros_like(n_rel))
+        mrr = (hits[:, :K] / ranks[:K]).amax(1)  # 1 / rank of the first hit in the top K, 0 without one
         found = hits.cumsum(1)
         average_precision = (hits * found / ranks).sum(1) / n_rel
         recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
@@ -113,8 +107,8 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Te
     """
     k = min(k, corpus.shape[0])
     corpus_block = corpus_block or CORPUS_CHUNK
-    best_scores = best_ids = None
     rows = torch.arange(queries.shape[0], device=queries.device)
+    best_scores, best_ids = queries.new_empty(len(rows), 0), rows.new_empty(len(rows), 0)
     for start in range(0, corpus.shape[0], corpus_block):
         block = corpus[start:start + corpus_block]
         scores = queries @ block.T
@@ -122,28 +116,19 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Te
             inside = (exclude >= start) & (exclude < start + block.shape[0])
             scores[rows[inside], exclude[inside] - start] = float("-inf")
         scores, ids = scores.topk(min(k, block.shape[0]), dim=1)
-        ids = ids + start
-        if best_scores is not None:
-            merged = torch.cat([best_scores, scores], 1)
-            scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
-            ids = torch.cat([best_ids, ids], 1).gather(1, pick)
-        best_scores, best_ids = scores, ids
+        merged = torch.cat([best_scores, scores], 1)
+        best_scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, ids + start], 1).gather(1, pick)
     return best_scores, best_ids
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n; tied values share the mean of the ranks they span (so [5, 7, 7, 9] -> [1, 2.5, 2.5, 4])."""
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    # Start index (in sorted order) of each run of equal values, plus n as a sentinel end.
-    new_run = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-    starts = np.r_[np.flatnonzero(new_run), len(values)]
-    run_of = np.cumsum(new_run) - 1  # run index of each sorted position
-    # A run spanning sorted positions [s, e) holds ranks s+1 .. e; their mean is (s + 1 + e) / 2.
-    mean_rank = (starts[:-1] + 1 + starts[1:]) / 2.0
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = mean_rank[run_of]
-    return ranks
+    _, run_of, run_lengths = np.unique(values, return_inverse=True, return_counts=True)
+    # A run of c equal values ending at rank e holds ranks e - c + 1 .. e; their mean is e - (c - 1) / 2.
+    ends = np.cumsum(run_lengths)
+    return (ends - (run_lengths - 1) / 2.0)[run_of]
+
 
 def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] | np.ndarray | torch.Tensor) -> float:
     """Spearman's rank correlation with average ranks for ties: the Pearson correlation of the ranks.
@@ -154,8 +139,5 @@ def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] 
     b = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"spearman needs two 1-d sequences of the same length >= 2, got {a.shape} and {b.shape}")
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denominator = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant side: 0 / 0, NaN
+        return float(np.corrcoef(_average_ranks(a), _average_ranks(b))[0, 1])

@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import functools
 import re
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
-from gist_scale.config import SECTIONS, ConfigError, JobConfig, unknown_name
+from gist_scale.config import SECTIONS, ConfigError, JobConfig, SourceConfig, unknown_name
 from gist_scale.places import text_file_problem
 from gist_scale.recipes import config_files
 
@@ -135,6 +134,9 @@ _UNION = re.compile(r"Union subtypes\s*Subtypes: \[(.*)\]\s*\n(?:.|\n)*Given val
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _UNKNOWN_KEY = re.compile(r"Group '([^']+)' does not accept (?:option|nested key) '([^']+)'")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (\S+)")
+_TOP_LEVEL_COMMA = re.compile(r",\s*(?![^\[]*\])")
+"""A comma that no `]` closes: the one of `typing.Literal['a', 'b'], tuple[int, ...], <class 'NoneType'>` that
+separates the subtypes of a union (none of the config's types nests brackets)."""
 
 
 def _one_line(message: str, where: str) -> str:
@@ -145,14 +147,12 @@ def _one_line(message: str, where: str) -> str:
         key = key.group(1) if "." in key.group(1) else key.group(1).replace("_", "-")
         entry_key = [match.group(1) for match in _KEY.finditer(message)][1:]  # a field inside a data source
         shown = f"{key} entry's {entry_key[-1]}" if entry_key else key
-        if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source
-            nested = SECTIONS.get(key.split(".")[0])
-            entry = typing.get_type_hints(nested).get(key.split(".")[-1]) if nested else None
-            fields = [f.name for f in dataclasses.fields(typing.get_args(entry)[0])] if entry else []
+        if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source, the one list of mappings
+            fields = [f.name for f in dataclasses.fields(SourceConfig)]
             return str(unknown_name(f"key in an entry of {where.removesuffix(': ') + ' ' if where != '--' else '--'}"
                                 f"{key}:", unknown.group(1), fields))
         if union := _UNION.search(message):
-            names = [_type_name(name) for name in _top_level_items(union.group(1))]
+            names = [_type_name(name) for name in _TOP_LEVEL_COMMA.split(union.group(1))]
             return f"{where}{shown}={union.group(2).strip()!r}: expected {' or '.join(names)}"
         if expected := _EXPECTED.search(message):
             value, kind = expected.group(2).strip(), _type_name(expected.group(1))
@@ -166,17 +166,6 @@ def _one_line(message: str, where: str) -> str:
     if match := _UNRECOGNIZED.search(message):
         return str(unknown_name("option", match.group(1), [f"--{name}" for name in _option_names()]))
     return where.removeprefix("--") + " ".join(line.strip() for line in message.splitlines() if line.strip())
-
-
-def _top_level_items(text: str) -> list[str]:
-    """`tuple[int, ...], <class 'NoneType'>` -> its two items (commas inside brackets are not separators)."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += char in "[(<" and 1 or char in "])>" and -1 or 0
-        if char == "," and depth == 0:
-            items.append(text[start:i].strip())
-            start = i + 1
-    return items + [text[start:].strip()]
 
 
 def _type_name(expected: str) -> str:

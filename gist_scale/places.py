@@ -7,15 +7,12 @@ of after loading (or, worse, at its first checkpoint). `text_file_problem` names
 
 from __future__ import annotations
 
-import codecs
 import tempfile
 from pathlib import Path
 
 from gist_scale.config import ConfigError
 
 __all__ = ["require_writable_dir", "require_writable_file", "text_file_problem"]
-
-_BLOCK = 1 << 20
 
 
 def require_writable_dir(path: str | Path, option: str) -> Path:
@@ -54,27 +51,18 @@ def require_writable_file(path: str | Path, option: str) -> Path:
 def text_file_problem(path: str | Path) -> str | None:
     """`empty file` or `not UTF-8 text (line L, column C)` for a text file that no reader can use, else None.
 
-    Reads the whole file; call it after a reader failed, to name the cause, not before every read.
+    Reads the whole file, a line at a time; call it after a reader failed, to name the cause, not before every read.
     """
     path = Path(path)
     if path.stat().st_size == 0:
         return "empty file"
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line, column = 1, 1
     with path.open("rb") as handle:
-        while block := handle.read(_BLOCK):
+        for number, line in enumerate(handle, 1):
             try:
-                decoder.decode(block)
+                line.decode("utf-8")
             except UnicodeDecodeError as error:
-                head = block[:error.start]
-                newlines = head.count(b"\n")
-                column = error.start - head.rfind(b"\n") if newlines else column + error.start
-                return f"not UTF-8 text (line {line + newlines}, column {column}: byte 0x{block[error.start]:02x})"
-            newlines = block.count(b"\n")
-            line += newlines
-            column = len(block) - block.rfind(b"\n") if newlines else column + len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return f"not UTF-8 text (line {line}, column {column}: the file ends inside a character)"
+                where = f"line {number}, column {error.start + 1}"
+                if error.reason == "unexpected end of data":  # only the last line can end inside a character
+                    return f"not UTF-8 text ({where}: the file ends inside a character)"
+                return f"not UTF-8 text ({where}: byte 0x{line[error.start]:02x})"
     return None

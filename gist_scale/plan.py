@@ -82,14 +82,12 @@ def launch_plan(deepspeed: bool = False) -> LaunchPlan:
         raise ConfigError("ACCELERATE_USE_DEEPSPEED=true and ACCELERATE_USE_CPU=1: in CPU mode Accelerate drops "
                           "DeepSpeed and would train plain DDP, without ZeRO; unset ACCELERATE_USE_CPU (DeepSpeed runs "
                           "on CPU over gloo by itself), or unset ACCELERATE_USE_DEEPSPEED for DDP")
-    if cpu_requested:
-        return LaunchPlan(world, cpu=True, backend="gloo")
-    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    accelerator = None if cpu_requested else torch.accelerator.current_accelerator(check_available=True)
     if accelerator is not None:
         return LaunchPlan(world, cpu=False, backend="nccl" if accelerator.type == "cuda" else "gloo")
-    if deepspeed_requested:
-        return LaunchPlan(world, cpu=False, backend="gloo")
-    return LaunchPlan(world, cpu=True, backend="gloo")
+    # CPU processes: DDP over gloo (`cpu=True`), unless DeepSpeed, which forms its gloo group itself (and which
+    # `cpu_requested` has been refused with above).
+    return LaunchPlan(world, cpu=not deepspeed_requested, backend="gloo")
 
 
 def global_batch(per_device_batch: int, world_size: int, grad_accum_steps: int) -> int:
@@ -168,8 +166,7 @@ class RunPlan:
         return cls(world_size=world_size, rank=rank, global_batch=rows, per_device_batch=per_device,
                    grad_accum_steps=train.grad_accum_steps,
                    rank_sizes=(per_device,) * world_size if full_batches else None, zero_stage=zero_stage,
-                   mixed_precision=train.mixed_precision, device=device,
-                   max_steps=train.max_steps, epochs=train.epochs)
+                   mixed_precision=train.mixed_precision, device=device, max_steps=train.max_steps, epochs=train.epochs)
 
     def total_steps(self, steps_per_epoch: int | None) -> int:
         """Optimizer steps of the whole run, given the data's global batches per epoch (None: unknown, a stream's)."""

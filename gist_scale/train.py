@@ -44,8 +44,10 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _error(message: str) -> None:
+def _error(exit_code: int, message: str) -> int:
+    """Print the command's one `error:` line; returns `exit_code`."""
     console.print(f"[red]error:[/red] {escape(message)}")
+    return exit_code
 
 
 def _line(error: BaseException, last: bool = False) -> str:
@@ -65,23 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         with torch.autograd.set_detect_anomaly(cfg.debug):
             return Trainer(cfg).train()
     except (ConfigError, DataError, CheckpointError) as error:
-        _error(str(error))
-        return 2
+        return _error(2, str(error))
     except FloatingPointError as error:  # the run diverged (`gist_scale.trainer.nonfinite`)
-        _error(str(error))
-        return 1
+        return _error(1, str(error))
     except torch.OutOfMemoryError as error:
-        _error(f"out of memory ({_line(error)}): lower --train.batch_size (keep the global "
-               "batch with --train.global_batch_size), or encode in chunks (--train.chunk_size N, --train.grad_cache "
-               "true)")
-        return 1
+        return _error(1, f"out of memory ({_line(error)}): lower --train.batch_size (keep the global batch with "
+                         "--train.global_batch_size), or encode in chunks (--train.chunk_size N, --train.grad_cache "
+                         "true)")
     except RuntimeError as error:
         # A peer rank that died (gloo: connection reset/closed) or stalled past train.collective_timeout_s (timed
         # out) surfaces here on the surviving ranks: one clear line instead of a wall of tracebacks, and a non-zero
         # exit so the launcher ends the job. (NCCL's watchdog aborts the process itself, with its own message.)
         if not distributed.is_collective_failure(error):
             raise
-        _error(f"rank {distributed.rank()}: a collective failed: another rank died, or stalled longer than "
-               f"train.collective_timeout_s ({cfg.train.collective_timeout_s} s). The job stops here; start it again "
-               f"with --resume auto to continue from the newest complete checkpoint. ({_line(error, last=True)})")
-        return 1
+        return _error(1, f"rank {distributed.rank()}: a collective failed: another rank died, or stalled longer "
+                         f"than train.collective_timeout_s ({cfg.train.collective_timeout_s} s). The job stops here; "
+                         "start it again with --resume auto to continue from the newest complete checkpoint. "
+                         f"({_line(error, last=True)})")

@@ -10,27 +10,25 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from importlib import resources
 from pathlib import Path
 
 from gist_scale.config import ConfigError
 
 __all__ = ["config_files", "list_recipes", "main", "recipe_path"]
 
-
-def _folder() -> Path:
-    return Path(str(resources.files("gist_scale") / "recipes"))
+_FOLDER = Path(__file__).parent
+"""The recipes are this package's YAML files (package data)."""
 
 
 def list_recipes() -> dict[str, str]:
     """Recipe name -> its first comment line (what it trains)."""
     return {path.stem: (path.read_text().splitlines() or [""])[0].lstrip("# ").strip()
-            for path in sorted(_folder().glob("*.yaml"))}
+            for path in sorted(_FOLDER.glob("*.yaml"))}
 
 
 def recipe_path(name: str) -> Path:
     """The YAML file of recipe `name`; an unknown name fails with the closest one and the list."""
-    path = _folder() / f"{name.removesuffix('.yaml')}.yaml"
+    path = _FOLDER / f"{name.removesuffix('.yaml')}.yaml"
     if not path.is_file():
         known = list(list_recipes())
         close = difflib.get_close_matches(name, known, n=1)
