@@ -116,7 +116,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +196,8 @@ class LossStats:
 class GISTLoss(nn.Module):
     """Guided in-batch contrastive loss of GISTEmbed over the global batch.
 
-    The defaults are `LossConfig`'s (one place); the trainer builds it as ``GISTLoss(**asdict(cfg.loss))``.
+    The keyword arguments are `LossConfig`'s fields, with its defaults and its rules (one place), plus
+    ``gather_across_ranks`` and ``check_finite``; the trainer builds it as ``GISTLoss(**asdict(cfg.loss))``.
 
     See the module docstring for the formulation, the self-pair rule and the distributed
     scaling.
@@ -237,52 +238,23 @@ class GISTLoss(nn.Module):
         :class:`LossStats`.
     """
 
-    def __init__(
-        self,
-        temperature: float = LossConfig.temperature,
-        margin_strategy: str = LossConfig.margin_strategy,
-        margin: float = LossConfig.margin,
-        contrast_anchors: bool = LossConfig.contrast_anchors,
-        contrast_positives: bool = LossConfig.contrast_positives,
-        gather_across_ranks: bool = True,
-        check_finite: bool = True,
-        row_block: int | None = LossConfig.row_block,
-        matryoshka_dims: list[int] | None = LossConfig.matryoshka_dims,
-        matryoshka_weights: list[float] | None = LossConfig.matryoshka_weights,
-        mask_duplicates: bool = LossConfig.mask_duplicates,
-        in_batch_negatives: bool = LossConfig.in_batch_negatives,
-        protect_hard_negatives: bool = LossConfig.protect_hard_negatives,
-        false_negatives: str = LossConfig.false_negatives,
-        contrastive_weight: float = LossConfig.contrastive_weight,
-        distill_weight: float = LossConfig.distill_weight,
-        distill_temperature: float = LossConfig.distill_temperature,
-    ) -> None:
+    def __init__(self, *, gather_across_ranks: bool = True, check_finite: bool = True, **settings: Any) -> None:
         super().__init__()
-        # The rules of these settings are LossConfig's (ConfigError, a ValueError), in one place.
-        cfg = LossConfig(temperature=temperature, margin_strategy=margin_strategy, margin=margin,
-                         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, row_block=row_block,
-                         matryoshka_dims=None if matryoshka_dims is None else tuple(matryoshka_dims),
-                         matryoshka_weights=None if matryoshka_weights is None else tuple(matryoshka_weights),
-                         mask_duplicates=mask_duplicates, in_batch_negatives=in_batch_negatives,
-                         protect_hard_negatives=protect_hard_negatives, false_negatives=false_negatives,
-                         contrastive_weight=contrastive_weight, distill_weight=distill_weight,
-                         distill_temperature=distill_temperature)
-        self.temperature = float(cfg.temperature)
+        # The settings, their defaults and their rules are LossConfig's (ConfigError, a ValueError), in one place.
+        for name in ("matryoshka_dims", "matryoshka_weights"):
+            if settings.get(name) is not None:
+                settings[name] = tuple(settings[name])  # lists welcome here; the config holds tuples
+        self.settings = LossConfig(**settings)
         # The guide settings a data source may override, per call (`forward(policy=...)`).
-        self.policy = LossPolicy.of(cfg)
-        self.contrastive_weight = float(cfg.contrastive_weight)
-        self.distill_weight = float(cfg.distill_weight)
-        self.distill_temperature = float(cfg.distill_temperature)
-        self.gather_across_ranks = bool(gather_across_ranks)
-        self.check_finite = bool(check_finite)
-        self.row_block = cfg.row_block
+        self.policy = LossPolicy.of(self.settings)
+        self.gather_across_ranks = gather_across_ranks
+        self.check_finite = check_finite
         # [(size, weight)], largest first; None: the full dimension with weight 1.
-        self.matryoshka = matryoshka_pairs(cfg.matryoshka_dims, cfg.matryoshka_weights)
-        self.mask_duplicates = bool(mask_duplicates)
+        self.matryoshka = matryoshka_pairs(self.settings.matryoshka_dims, self.settings.matryoshka_weights)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, {self.policy}"
-                + (f", distill_weight={self.distill_weight}" if self.distill_weight else "")
+        return (f"temperature={self.settings.temperature}, {self.policy}"
+                + (f", distill_weight={self.settings.distill_weight}" if self.settings.distill_weight else "")
                 + (f", matryoshka={self.matryoshka}" if self.matryoshka else ""))
 
     def forward(
@@ -300,11 +272,11 @@ class GISTLoss(nn.Module):
         policy: LossPolicy | None = None,
     ) -> tuple[Tensor, LossStats]:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
-        if error is None and text_ids is not None and self.mask_duplicates:
+        if error is None and text_ids is not None and self.settings.mask_duplicates:
             error = _check_text_ids(text_ids, shape)
         if error is None and slot_roles is not None and tuple(slot_roles.shape) != shape[:2]:
             error = f"slot_roles must be [B={shape[0]}, K={shape[1]}] like the negatives, got {tuple(slot_roles.shape)}"
-        if error is None and self.distill_weight and guide_anchor is None:
+        if error is None and self.settings.distill_weight and guide_anchor is None:
             error = "distill_weight > 0 distills from the guide: pass the guide's embeddings"
         if error is None and self.matryoshka and self.matryoshka[0][0] > shape[2]:
             error = (f"matryoshka_dims has {self.matryoshka[0][0]}, larger than the student's embedding dimension "
@@ -373,7 +345,7 @@ class GISTLoss(nn.Module):
         # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
         ids = roles = None
         local_facts = []
-        if text_ids is not None and self.mask_duplicates:
+        if text_ids is not None and self.settings.mask_duplicates:
             query_ids, positive_ids, negative_ids = text_ids
             local_facts += [query_ids.reshape(b_local, 1), positive_ids.reshape(b_local, 1)]
             local_facts += [] if k == 0 else [negative_ids.reshape(b_local, k)]
@@ -382,7 +354,7 @@ class GISTLoss(nn.Module):
         if local_facts:
             facts = torch.cat([f.to(anchor.device) for f in local_facts], 1)
             facts = gdist.gather_no_grad(facts, sizes) if distributed else facts
-            if text_ids is not None and self.mask_duplicates:
+            if text_ids is not None and self.settings.mask_duplicates:
                 ids, facts = facts[:, :2 + k], facts[:, 2 + k:]
             roles = facts if facts.shape[1] else None
         n_cols = n_global * (1 + k + int(policy.contrast_anchors) + int(policy.contrast_positives))
@@ -391,18 +363,20 @@ class GISTLoss(nn.Module):
         several_positives = slot_roles is not None or policy.false_negatives == "relabel"
 
         row_losses = functools.partial(self._row_losses, policy, several_positives, n_global, k)
-        if self.row_block is None or b_local <= self.row_block:
+        block = self.settings.row_block
+        if block is None or b_local <= block:
             parts = row_losses(offset, b_local, views, ids, roles, *guide)
         else:
             # Row blocks, each recomputed in the backward: the loss holds [row_block, C] matrices at a time instead
             # of [B_local, C] ones (a 16,384-row batch with one negative has C = 65,536).
-            blocks = [checkpoint(row_losses, offset + start, min(self.row_block, b_local - start), views, ids, roles,
-                                 *guide, use_reentrant=False) for start in range(0, b_local, self.row_block)]
+            blocks = [checkpoint(row_losses, offset + start, min(block, b_local - start), views, ids, roles,
+                                 *guide, use_reentrant=False) for start in range(0, b_local, block)]
             parts = _RowParts(*(torch.cat(values) if name == "negatives_left" else torch.stack(values).sum(0)
                                 for name, values in zip(_RowParts._fields, zip(*blocks))))
         scale = world / n_global
         dim_losses, dim_distillation = parts.contrastive * scale, parts.distillation * scale
-        objective = self.contrastive_weight * dim_losses + self.distill_weight * dim_distillation
+        objective = (self.settings.contrastive_weight * dim_losses
+                     + self.settings.distill_weight * dim_distillation)
         # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
         loss = sum(objective[i] * weight for i, (_, weight) in enumerate(sizes_weights))
         stats_device = loss.device
@@ -478,14 +452,15 @@ class GISTLoss(nn.Module):
         labels = g[:, 0]
         contrastive, distillation = [], []
         teacher = None
-        if self.distill_weight:
+        distill_temperature = self.settings.distill_temperature
+        if self.settings.distill_weight:
             # Over every candidate the row may be compared with, flagged ones included: the guide's scores of them are
             # the knowledge the mask alone throws away.
             compared = excluded & ~flagged
-            teacher = (guide_sims / self.distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
+            teacher = (guide_sims / distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
         for q, p, n in views:
             sims = block_similarities(q, p, n, first, rows, policy.contrast_anchors, policy.contrast_positives)
-            logits = (sims / self.temperature).masked_fill(excluded, float("-inf"))
+            logits = (sims / self.settings.temperature).masked_fill(excluded, float("-inf"))
             if several_positives:
                 # Each positive competes with the row's negatives only (never with its fellow positives); the row's
                 # loss is the mean over its positives. With one positive this is the cross-entropy.
@@ -498,7 +473,7 @@ class GISTLoss(nn.Module):
             if teacher is None:
                 distillation.append(torch.zeros((), device=device))
             else:
-                student = (sims / self.distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
+                student = (sims / distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
                 # KL(guide || student) per row, summed; excluded columns hold 0 * (-inf) terms, so they are zeroed.
                 distillation.append((teacher.exp() * (teacher - student)).masked_fill(compared, 0.0).sum())
         return _RowParts(
