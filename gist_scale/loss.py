@@ -258,18 +258,10 @@ class GISTLoss(nn.Module):
                 + (f", matryoshka={self.matryoshka}" if self.matryoshka else ""))
 
     def forward(
-        self,
-        anchor: Tensor,
-        positive: Tensor,
-        negative: Tensor | None = None,
-        guide_anchor: Tensor | None = None,
-        guide_positive: Tensor | None = None,
-        guide_negative: Tensor | None = None,
-        *,
-        rank_sizes: list[int] | None = None,
-        text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
-        slot_roles: Tensor | None = None,
-        policy: LossPolicy | None = None,
+        self, anchor: Tensor, positive: Tensor, negative: Tensor | None = None, guide_anchor: Tensor | None = None,
+        guide_positive: Tensor | None = None, guide_negative: Tensor | None = None, *,
+        rank_sizes: list[int] | None = None, text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        slot_roles: Tensor | None = None, policy: LossPolicy | None = None,
     ) -> tuple[Tensor, LossStats]:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
         if error is None and text_ids is not None and self.settings.mask_duplicates:
@@ -281,7 +273,6 @@ class GISTLoss(nn.Module):
         if error is None and self.matryoshka and self.matryoshka[0][0] > shape[2]:
             error = (f"matryoshka_dims has {self.matryoshka[0][0]}, larger than the student's embedding dimension "
                      f"{shape[2]}")
-        has_guide = guide_anchor is not None
         distributed = self.gather_across_ranks and gdist.world_size() > 1
 
         columns = (anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
@@ -336,11 +327,10 @@ class GISTLoss(nn.Module):
         sizes_weights = self.matryoshka or [(shape[2], 1.0)]
         views = [_normalized(q, p, n, dim) for dim, _ in sizes_weights]
         guide = (None, None, None)
-        if has_guide:
+        if guide_anchor is not None:
             with torch.no_grad():
-                guide = self._gathered_columns(
-                    guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
-                )
+                guide = self._gathered_columns(guide_anchor, guide_positive, guide_negative, sizes, distributed,
+                                               with_grad=False)
         # The rows' integer facts, gathered like the embeddings in one small collective: text identities
         # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
         ids = roles = None
@@ -379,14 +369,13 @@ class GISTLoss(nn.Module):
                      + self.settings.distill_weight * dim_distillation)
         # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
         loss = sum(objective[i] * weight for i, (_, weight) in enumerate(sizes_weights))
-        stats_device = loss.device
 
         maskable = b_local * (n_cols - 1 - n_self)
         stats = LossStats(
             masked_fraction=(parts.flagged_by_block.sum() / max(maskable, 1)).detach(),
-            candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
-            local_rows=torch.full((), float(b_local), device=stats_device),
-            global_rows=torch.full((), float(n_global), device=stats_device),
+            candidates_per_anchor=loss.new_full((), float(n_cols - n_self)),
+            local_rows=loss.new_full((), float(b_local)),
+            global_rows=loss.new_full((), float(n_global)),
             dim_losses=dim_losses.detach(),
             duplicates_masked=parts.duplicates.float().detach(),
             distillation=dim_distillation.detach(),
@@ -492,9 +481,7 @@ class GISTLoss(nn.Module):
         n2 = None if n is None else n.reshape(b, k * d)
         if distributed:
             cols = [a, p] if n2 is None else [a, p, n2]
-            dtype = cols[0].dtype
-            for c in cols[1:]:
-                dtype = torch.promote_types(dtype, c.dtype)
+            dtype = functools.reduce(torch.promote_types, [c.dtype for c in cols])
             # Gathered in the input dtype (half the traffic for bf16); normalized in fp32 after.
             packed = torch.cat([c.to(dtype) for c in cols], dim=1)
             packed = gdist.gather_with_grad(packed, sizes) if with_grad else gdist.gather_no_grad(packed, sizes)
@@ -570,15 +557,8 @@ def margin_threshold(pos_sim: Tensor, margin_strategy: str, margin: float) -> Te
     return pos_sim - pos_sim.abs() * margin
 
 
-def block_similarities(
-    q: Tensor,
-    p: Tensor,
-    n: Tensor | None,
-    offset: int,
-    b_local: int,
-    contrast_anchors: bool,
-    contrast_positives: bool,
-) -> Tensor:
+def block_similarities(q: Tensor, p: Tensor, n: Tensor | None, offset: int, b_local: int, contrast_anchors: bool,
+                       contrast_positives: bool) -> Tensor:
     """Cosine matrix ``[B_local, C]`` of the local rows against ``[qp | qn | qq | pp]``.
 
     ``q``, ``p``, ``n`` are global and normalized; this rank's rows are the global rows
@@ -642,12 +622,8 @@ def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) ->
 
 
 def _check_inputs(
-    anchor: Tensor,
-    positive: Tensor,
-    negative: Tensor | None,
-    guide_anchor: Tensor | None,
-    guide_positive: Tensor | None,
-    guide_negative: Tensor | None,
+    anchor: Tensor, positive: Tensor, negative: Tensor | None, guide_anchor: Tensor | None,
+    guide_positive: Tensor | None, guide_negative: Tensor | None,
 ) -> tuple[str | None, tuple[int, int, int, int, int, int]]:
     """Validate shapes without raising: ``(error or None, (B, K, D, Dg, has_neg, has_guide))``.
 
@@ -655,14 +631,8 @@ def _check_inputs(
     :func:`_raise_if_any_invalid`). No host sync: only shapes are inspected here.
     """
     bad_shape = (-1, -1, -1, -1, -1, -1)
-    named = {
-        "anchor": anchor,
-        "positive": positive,
-        "negative": negative,
-        "guide_anchor": guide_anchor,
-        "guide_positive": guide_positive,
-        "guide_negative": guide_negative,
-    }
+    named = {"anchor": anchor, "positive": positive, "negative": negative, "guide_anchor": guide_anchor,
+             "guide_positive": guide_positive, "guide_negative": guide_negative}
     for name, t in named.items():
         if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
             return f"{name} must be a floating-point tensor or None, got {type(t).__name__}", bad_shape
