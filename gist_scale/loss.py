@@ -292,14 +292,12 @@ class GISTLoss(nn.Module):
             # input on one rank makes every rank raise together instead of leaving the healthy
             # ranks blocked in the embedding all-gather until the timeout.
             device = anchor.device if isinstance(anchor, Tensor) else gdist.comm_device()
-            if self.check_finite and error is None:
-                finite = _all_finite(tensors, device).long().view(1)
-            else:
-                finite = torch.ones(1, dtype=torch.int64, device=device)
+            checked = self.check_finite and error is None
+            finite = _all_finite(tensors, device) if checked else torch.ones((), dtype=torch.bool, device=device)
             # non_blocking: a blocking host-to-device copy would sync the stream, and the
             # .tolist() below is meant to be the only sync.
             meta = torch.tensor([*shape, 0 if error is None else 1], dtype=torch.int64).to(device, non_blocking=True)
-            meta = torch.cat([meta, finite])
+            meta = torch.cat([meta, finite.long().view(1)])
             all_meta = gdist.gather_no_grad(meta.view(1, -1), sizes=[1] * gdist.world_size()).tolist()
             _raise_if_any_invalid(error, all_meta)
             sizes = [row[0] for row in all_meta]
@@ -615,10 +613,8 @@ def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) ->
     # K, D, Dg and the guide/negative layout must agree, or the gathered columns would not line up.
     layouts = {tuple(row[1:-2]) for row in all_meta}
     if len(layouts) > 1:
-        raise ValueError(
-            "ranks disagree on (K, D, Dg, has_negative, has_guide): "
-            + ", ".join(f"rank {r}: {tuple(row[1:-2])}" for r, row in enumerate(all_meta))
-        )
+        raise ValueError("ranks disagree on (K, D, Dg, has_negative, has_guide): "
+                         + ", ".join(f"rank {r}: {tuple(row[1:-2])}" for r, row in enumerate(all_meta)))
 
 
 def _check_inputs(
@@ -652,28 +648,22 @@ def _check_inputs(
         k = 1 if negative.ndim == 2 else negative.shape[1]
 
     guides = (guide_anchor, guide_positive, guide_negative)
-    students = (anchor, positive, negative)
     if all(g is None for g in guides):
         return None, (b, k, d, 0, int(negative is not None), 0)
-    missing = [
-        f"guide_{c}" if g is None else c
-        for c, s, g in zip(("anchor", "positive", "negative"), students, guides)
-        if (s is None) != (g is None)
-    ]
+    missing = [f"guide_{c}" if g is None else c for c, s, g in zip(("anchor", "positive", "negative"),
+                                                                      (anchor, positive, negative), guides)
+               if (s is None) != (g is None)]
     if missing:
         return f"guide embeddings must be given for all columns or none; unmatched: {missing}", bad_shape
     if guide_anchor.ndim != 2:
         return f"guide_anchor must be [B, Dg], got {tuple(guide_anchor.shape)}", bad_shape
     dg = guide_anchor.shape[1]
     if guide_anchor.shape[0] != b or guide_positive.shape != (b, dg) or dg == 0:
-        return (
-            f"guide_anchor/guide_positive must both be [B={b}, Dg], got "
-            f"{tuple(guide_anchor.shape)} and {tuple(guide_positive.shape)}"
-        ), bad_shape
+        return (f"guide_anchor/guide_positive must both be [B={b}, Dg], got {tuple(guide_anchor.shape)} and "
+                f"{tuple(guide_positive.shape)}"), bad_shape
     if guide_negative is not None:
         gk = 1 if guide_negative.ndim == 2 else (guide_negative.shape[1] if guide_negative.ndim == 3 else -1)
         if gk != k or guide_negative.shape[0] != b or guide_negative.shape[-1] != dg:
-            return (
-                f"guide_negative must match negative's [B={b}, K={k}] with Dg={dg}, got {tuple(guide_negative.shape)}"
-            ), bad_shape
+            return (f"guide_negative must match negative's [B={b}, K={k}] with Dg={dg}, got "
+                    f"{tuple(guide_negative.shape)}"), bad_shape
     return None, (b, k, d, dg, int(negative is not None), 1)
