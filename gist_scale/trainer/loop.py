@@ -135,7 +135,7 @@ class Trainer:
             while self.state.step < self.total_steps and not preempted:
                 outcome = self.train_step(next(steps))
                 preempted = outcome.preempted
-                window.add(outcome)
+                window.steps.append(outcome)
                 progress.advance(bar)
                 step = self.state.step
                 if self._due(self.cfg.train.log_every) or step == self.total_steps:
@@ -307,10 +307,8 @@ class Trainer:
         state under this launch's ZeRO stage (`gist_scale.memory`, counted on the meta device). Returns 0."""
         with outside_zero3(zero3_restorer(self.accelerator)):  # the meta device: nothing for zero.Init to partition
             counts = count_parameters(self.cfg.model)
-        offload_optimizer, offload_param = deepspeed_offload(self.accelerator)
         estimate = estimate_model_states(counts, self.plan.zero_stage or 0, self.plan.world_size,
-                                         self.plan.mixed_precision, offload_optimizer=offload_optimizer,
-                                         offload_param=offload_param)
+                                         self.plan.mixed_precision, **deepspeed_offload(self.accelerator))
         if self.accelerator.is_main_process:
             lines = ["[bold]dry run[/bold]: nothing is trained and no weights are loaded", self.plan.summary(),
                      f"steps {self.total_steps} ({self.batches.epochs})", *self.batches.lines(),

@@ -79,9 +79,6 @@ class MetricsWindow:
     opened: float = field(default_factory=time.perf_counter)
     other_seconds: dict[str, float] = field(default_factory=dict)
 
-    def add(self, outcome: StepOutcome) -> None:
-        self.steps.append(outcome)
-
     def timed(self, name: str, action: Callable[[], object]) -> None:
         # The steps queued before it are the window's work, not the action's: wait for them first (such a step reads
         # back anyway).
