@@ -132,9 +132,8 @@ class MetricsLog:
         applied = (~torch.stack([s.skipped for s in window.steps])).tolist()  # the same on every rank
         seconds = window.train_seconds()
         kept = [m for step, ok in zip(window.steps, applied) if ok for m in step.metrics]
-        every = [m for step in window.steps for m in step.metrics]
-        counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for m in every], dtype=torch.float64,
-                              device=self.accelerator.device).sum(0)
+        counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for step in window.steps for m in step.metrics],
+                              dtype=torch.float64, device=self.accelerator.device).sum(0)
         duplicates = sum((m.stats.duplicates_masked.double() for m in kept), counts.new_zeros(1))
         masks = self._mask_counts(kept, counts)
         # One collective for every sum of the window.
