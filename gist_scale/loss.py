@@ -345,8 +345,8 @@ class GISTLoss(nn.Module):
             if text_ids is not None and self.settings.mask_duplicates:
                 ids, facts = facts[:, :2 + k], facts[:, 2 + k:]
             roles = facts if facts.shape[1] else None
-        n_cols = n_global * (1 + k + int(policy.contrast_anchors) + int(policy.contrast_positives))
-        n_self = int(policy.contrast_anchors) + int(policy.contrast_positives)
+        n_self = int(policy.contrast_anchors) + int(policy.contrast_positives)  # the qq and pp blocks' self pairs
+        n_cols = n_global * (1 + k + n_self)
         # Decided on the host from what the batch holds, not from its values: no sync.
         several_positives = slot_roles is not None or policy.false_negatives == "relabel"
 
