@@ -311,9 +311,7 @@ class GISTLoss(nn.Module):
         n_global = sum(sizes)
         if n_global == 0:
             raise ValueError("the (global) batch is empty")
-        rank = gdist.rank() if distributed else 0
-        world = len(sizes)
-        offset = sum(sizes[:rank])
+        offset = sum(sizes[:gdist.rank()]) if distributed else 0  # this rank's first global row
         b_local = anchor.shape[0]
         k = shape[1]
         policy = policy or self.policy
@@ -361,7 +359,7 @@ class GISTLoss(nn.Module):
                                  *guide, use_reentrant=False) for start in range(0, b_local, block)]
             parts = _RowParts(*(torch.cat(values) if name == "negatives_left" else torch.stack(values).sum(0)
                                 for name, values in zip(_RowParts._fields, zip(*blocks))))
-        scale = world / n_global
+        scale = len(sizes) / n_global  # W ranks / N global rows
         dim_losses, dim_distillation = parts.contrastive * scale, parts.distillation * scale
         objective = (self.settings.contrastive_weight * dim_losses
                      + self.settings.distill_weight * dim_distillation)
