@@ -594,8 +594,7 @@ def _check_text_ids(text_ids: tuple, shape: tuple[int, ...]) -> str | None:
 
 
 def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
-    flags = [torch.isfinite(t).all().to(device) for t in tensors]
-    return torch.stack(flags).all()
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
 
 
 def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) -> None:
