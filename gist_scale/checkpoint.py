@@ -182,13 +182,13 @@ def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
 
 def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None = None,
                     state_kwargs: dict | None = None) -> TrainerState:
-    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint.
+    """Restore model, optimizer, scheduler, RNG states and the loop position from a complete checkpoint, verified
+    already (`gist_scale.resume.RunRecord.read`, before anything loads).
 
     `load_from`: a directory holding the same state in another layout's form (converted by `gist_scale.resume`
     for another world size or for a run without DeepSpeed) to hand to `accelerator.load_state` instead of `path`.
     `state_kwargs` go to `accelerator.load_state`, as those of `save_checkpoint` to `save_state`.
     """
-    verify_checkpoint(path)
     state_file = path / STATE_FILE
     try:
         state = TrainerState(**json.loads(state_file.read_text()))

@@ -54,9 +54,8 @@ def is_collective_failure(error: BaseException) -> bool:
     """
     if not is_distributed():
         return False
-    text = str(error)
     markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out waiting")
-    return isinstance(error, dist.DistError) or any(marker in text for marker in markers)
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in markers)
 
 
 def _unsynchronised(num_processes: int, distributed_type: object, consequence: str) -> ConfigError:

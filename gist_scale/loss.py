@@ -116,7 +116,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -196,7 +196,8 @@ class LossStats:
 class GISTLoss(nn.Module):
     """Guided in-batch contrastive loss of GISTEmbed over the global batch.
 
-    The defaults are `LossConfig`'s (one place); the trainer builds it as ``GISTLoss(**asdict(cfg.loss))``.
+    The keyword arguments are `LossConfig`'s fields, with its defaults and its rules (one place), plus
+    ``gather_across_ranks`` and ``check_finite``; the trainer builds it as ``GISTLoss(**asdict(cfg.loss))``.
 
     See the module docstring for the formulation, the self-pair rule and the distributed
     scaling.
@@ -237,79 +238,41 @@ class GISTLoss(nn.Module):
         :class:`LossStats`.
     """
 
-    def __init__(
-        self,
-        temperature: float = LossConfig.temperature,
-        margin_strategy: str = LossConfig.margin_strategy,
-        margin: float = LossConfig.margin,
-        contrast_anchors: bool = LossConfig.contrast_anchors,
-        contrast_positives: bool = LossConfig.contrast_positives,
-        gather_across_ranks: bool = True,
-        check_finite: bool = True,
-        row_block: int | None = LossConfig.row_block,
-        matryoshka_dims: list[int] | None = LossConfig.matryoshka_dims,
-        matryoshka_weights: list[float] | None = LossConfig.matryoshka_weights,
-        mask_duplicates: bool = LossConfig.mask_duplicates,
-        in_batch_negatives: bool = LossConfig.in_batch_negatives,
-        protect_hard_negatives: bool = LossConfig.protect_hard_negatives,
-        false_negatives: str = LossConfig.false_negatives,
-        contrastive_weight: float = LossConfig.contrastive_weight,
-        distill_weight: float = LossConfig.distill_weight,
-        distill_temperature: float = LossConfig.distill_temperature,
-    ) -> None:
+    def __init__(self, *, gather_across_ranks: bool = True, check_finite: bool = True, **settings: Any) -> None:
         super().__init__()
-        # The rules of these settings are LossConfig's (ConfigError, a ValueError), in one place.
-        cfg = LossConfig(temperature=temperature, margin_strategy=margin_strategy, margin=margin,
-                         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, row_block=row_block,
-                         matryoshka_dims=None if matryoshka_dims is None else tuple(matryoshka_dims),
-                         matryoshka_weights=None if matryoshka_weights is None else tuple(matryoshka_weights),
-                         mask_duplicates=mask_duplicates, in_batch_negatives=in_batch_negatives,
-                         protect_hard_negatives=protect_hard_negatives, false_negatives=false_negatives,
-                         contrastive_weight=contrastive_weight, distill_weight=distill_weight,
-                         distill_temperature=distill_temperature)
-        self.temperature = float(cfg.temperature)
+        # The settings, their defaults and their rules are LossConfig's (ConfigError, a ValueError), in one place.
+        for name in ("matryoshka_dims", "matryoshka_weights"):
+            if settings.get(name) is not None:
+                settings[name] = tuple(settings[name])  # lists welcome here; the config holds tuples
+        self.settings = LossConfig(**settings)
         # The guide settings a data source may override, per call (`forward(policy=...)`).
-        self.policy = LossPolicy.of(cfg)
-        self.contrastive_weight = float(cfg.contrastive_weight)
-        self.distill_weight = float(cfg.distill_weight)
-        self.distill_temperature = float(cfg.distill_temperature)
-        self.gather_across_ranks = bool(gather_across_ranks)
-        self.check_finite = bool(check_finite)
-        self.row_block = cfg.row_block
+        self.policy = LossPolicy.of(self.settings)
+        self.gather_across_ranks = gather_across_ranks
+        self.check_finite = check_finite
         # [(size, weight)], largest first; None: the full dimension with weight 1.
-        self.matryoshka = matryoshka_pairs(cfg.matryoshka_dims, cfg.matryoshka_weights)
-        self.mask_duplicates = bool(mask_duplicates)
+        self.matryoshka = matryoshka_pairs(self.settings.matryoshka_dims, self.settings.matryoshka_weights)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, {self.policy}"
-                + (f", distill_weight={self.distill_weight}" if self.distill_weight else "")
+        return (f"temperature={self.settings.temperature}, {self.policy}"
+                + (f", distill_weight={self.settings.distill_weight}" if self.settings.distill_weight else "")
                 + (f", matryoshka={self.matryoshka}" if self.matryoshka else ""))
 
     def forward(
-        self,
-        anchor: Tensor,
-        positive: Tensor,
-        negative: Tensor | None = None,
-        guide_anchor: Tensor | None = None,
-        guide_positive: Tensor | None = None,
-        guide_negative: Tensor | None = None,
-        *,
-        rank_sizes: list[int] | None = None,
-        text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
-        slot_roles: Tensor | None = None,
-        policy: LossPolicy | None = None,
+        self, anchor: Tensor, positive: Tensor, negative: Tensor | None = None, guide_anchor: Tensor | None = None,
+        guide_positive: Tensor | None = None, guide_negative: Tensor | None = None, *,
+        rank_sizes: list[int] | None = None, text_ids: tuple[Tensor, Tensor, Tensor | None] | None = None,
+        slot_roles: Tensor | None = None, policy: LossPolicy | None = None,
     ) -> tuple[Tensor, LossStats]:
         error, shape = _check_inputs(anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
-        if error is None and text_ids is not None and self.mask_duplicates:
+        if error is None and text_ids is not None and self.settings.mask_duplicates:
             error = _check_text_ids(text_ids, shape)
         if error is None and slot_roles is not None and tuple(slot_roles.shape) != shape[:2]:
             error = f"slot_roles must be [B={shape[0]}, K={shape[1]}] like the negatives, got {tuple(slot_roles.shape)}"
-        if error is None and self.distill_weight and guide_anchor is None:
+        if error is None and self.settings.distill_weight and guide_anchor is None:
             error = "distill_weight > 0 distills from the guide: pass the guide's embeddings"
         if error is None and self.matryoshka and self.matryoshka[0][0] > shape[2]:
             error = (f"matryoshka_dims has {self.matryoshka[0][0]}, larger than the student's embedding dimension "
                      f"{shape[2]}")
-        has_guide = guide_anchor is not None
         distributed = self.gather_across_ranks and gdist.world_size() > 1
 
         columns = (anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
@@ -329,14 +292,12 @@ class GISTLoss(nn.Module):
             # input on one rank makes every rank raise together instead of leaving the healthy
             # ranks blocked in the embedding all-gather until the timeout.
             device = anchor.device if isinstance(anchor, Tensor) else gdist.comm_device()
-            if self.check_finite and error is None:
-                finite = _all_finite(tensors, device).long().view(1)
-            else:
-                finite = torch.ones(1, dtype=torch.int64, device=device)
+            checked = self.check_finite and error is None
+            finite = _all_finite(tensors, device) if checked else torch.ones((), dtype=torch.bool, device=device)
             # non_blocking: a blocking host-to-device copy would sync the stream, and the
             # .tolist() below is meant to be the only sync.
             meta = torch.tensor([*shape, 0 if error is None else 1], dtype=torch.int64).to(device, non_blocking=True)
-            meta = torch.cat([meta, finite])
+            meta = torch.cat([meta, finite.long().view(1)])
             all_meta = gdist.gather_no_grad(meta.view(1, -1), sizes=[1] * gdist.world_size()).tolist()
             _raise_if_any_invalid(error, all_meta)
             sizes = [row[0] for row in all_meta]
@@ -350,9 +311,7 @@ class GISTLoss(nn.Module):
         n_global = sum(sizes)
         if n_global == 0:
             raise ValueError("the (global) batch is empty")
-        rank = gdist.rank() if distributed else 0
-        world = len(sizes)
-        offset = sum(sizes[:rank])
+        offset = sum(sizes[:gdist.rank()]) if distributed else 0  # this rank's first global row
         b_local = anchor.shape[0]
         k = shape[1]
         policy = policy or self.policy
@@ -364,16 +323,15 @@ class GISTLoss(nn.Module):
         sizes_weights = self.matryoshka or [(shape[2], 1.0)]
         views = [_normalized(q, p, n, dim) for dim, _ in sizes_weights]
         guide = (None, None, None)
-        if has_guide:
+        if guide_anchor is not None:
             with torch.no_grad():
-                guide = self._gathered_columns(
-                    guide_anchor, guide_positive, guide_negative, sizes, distributed, with_grad=False
-                )
+                guide = self._gathered_columns(guide_anchor, guide_positive, guide_negative, sizes, distributed,
+                                               with_grad=False)
         # The rows' integer facts, gathered like the embeddings in one small collective: text identities
         # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
         ids = roles = None
         local_facts = []
-        if text_ids is not None and self.mask_duplicates:
+        if text_ids is not None and self.settings.mask_duplicates:
             query_ids, positive_ids, negative_ids = text_ids
             local_facts += [query_ids.reshape(b_local, 1), positive_ids.reshape(b_local, 1)]
             local_facts += [] if k == 0 else [negative_ids.reshape(b_local, k)]
@@ -382,37 +340,38 @@ class GISTLoss(nn.Module):
         if local_facts:
             facts = torch.cat([f.to(anchor.device) for f in local_facts], 1)
             facts = gdist.gather_no_grad(facts, sizes) if distributed else facts
-            if text_ids is not None and self.mask_duplicates:
+            if text_ids is not None and self.settings.mask_duplicates:
                 ids, facts = facts[:, :2 + k], facts[:, 2 + k:]
             roles = facts if facts.shape[1] else None
-        n_cols = n_global * (1 + k + int(policy.contrast_anchors) + int(policy.contrast_positives))
-        n_self = int(policy.contrast_anchors) + int(policy.contrast_positives)
+        n_self = int(policy.contrast_anchors) + int(policy.contrast_positives)  # the qq and pp blocks' self pairs
+        n_cols = n_global * (1 + k + n_self)
         # Decided on the host from what the batch holds, not from its values: no sync.
         several_positives = slot_roles is not None or policy.false_negatives == "relabel"
 
         row_losses = functools.partial(self._row_losses, policy, several_positives, n_global, k)
-        if self.row_block is None or b_local <= self.row_block:
+        block = self.settings.row_block
+        if block is None or b_local <= block:
             parts = row_losses(offset, b_local, views, ids, roles, *guide)
         else:
             # Row blocks, each recomputed in the backward: the loss holds [row_block, C] matrices at a time instead
             # of [B_local, C] ones (a 16,384-row batch with one negative has C = 65,536).
-            blocks = [checkpoint(row_losses, offset + start, min(self.row_block, b_local - start), views, ids, roles,
-                                 *guide, use_reentrant=False) for start in range(0, b_local, self.row_block)]
+            blocks = [checkpoint(row_losses, offset + start, min(block, b_local - start), views, ids, roles,
+                                 *guide, use_reentrant=False) for start in range(0, b_local, block)]
             parts = _RowParts(*(torch.cat(values) if name == "negatives_left" else torch.stack(values).sum(0)
                                 for name, values in zip(_RowParts._fields, zip(*blocks))))
-        scale = world / n_global
+        scale = len(sizes) / n_global  # W ranks / N global rows
         dim_losses, dim_distillation = parts.contrastive * scale, parts.distillation * scale
-        objective = self.contrastive_weight * dim_losses + self.distill_weight * dim_distillation
+        objective = (self.settings.contrastive_weight * dim_losses
+                     + self.settings.distill_weight * dim_distillation)
         # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
         loss = sum(objective[i] * weight for i, (_, weight) in enumerate(sizes_weights))
-        stats_device = loss.device
 
         maskable = b_local * (n_cols - 1 - n_self)
         stats = LossStats(
             masked_fraction=(parts.flagged_by_block.sum() / max(maskable, 1)).detach(),
-            candidates_per_anchor=torch.full((), float(n_cols - n_self), device=stats_device),
-            local_rows=torch.full((), float(b_local), device=stats_device),
-            global_rows=torch.full((), float(n_global), device=stats_device),
+            candidates_per_anchor=loss.new_full((), float(n_cols - n_self)),
+            local_rows=loss.new_full((), float(b_local)),
+            global_rows=loss.new_full((), float(n_global)),
             dim_losses=dim_losses.detach(),
             duplicates_masked=parts.duplicates.float().detach(),
             distillation=dim_distillation.detach(),
@@ -478,14 +437,15 @@ class GISTLoss(nn.Module):
         labels = g[:, 0]
         contrastive, distillation = [], []
         teacher = None
-        if self.distill_weight:
+        distill_temperature = self.settings.distill_temperature
+        if self.settings.distill_weight:
             # Over every candidate the row may be compared with, flagged ones included: the guide's scores of them are
             # the knowledge the mask alone throws away.
             compared = excluded & ~flagged
-            teacher = (guide_sims / self.distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
+            teacher = (guide_sims / distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
         for q, p, n in views:
             sims = block_similarities(q, p, n, first, rows, policy.contrast_anchors, policy.contrast_positives)
-            logits = (sims / self.temperature).masked_fill(excluded, float("-inf"))
+            logits = (sims / self.settings.temperature).masked_fill(excluded, float("-inf"))
             if several_positives:
                 # Each positive competes with the row's negatives only (never with its fellow positives); the row's
                 # loss is the mean over its positives. With one positive this is the cross-entropy.
@@ -498,7 +458,7 @@ class GISTLoss(nn.Module):
             if teacher is None:
                 distillation.append(torch.zeros((), device=device))
             else:
-                student = (sims / self.distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
+                student = (sims / distill_temperature).masked_fill(compared, float("-inf")).log_softmax(1)
                 # KL(guide || student) per row, summed; excluded columns hold 0 * (-inf) terms, so they are zeroed.
                 distillation.append((teacher.exp() * (teacher - student)).masked_fill(compared, 0.0).sum())
         return _RowParts(
@@ -517,9 +477,7 @@ class GISTLoss(nn.Module):
         n2 = None if n is None else n.reshape(b, k * d)
         if distributed:
             cols = [a, p] if n2 is None else [a, p, n2]
-            dtype = cols[0].dtype
-            for c in cols[1:]:
-                dtype = torch.promote_types(dtype, c.dtype)
+            dtype = functools.reduce(torch.promote_types, [c.dtype for c in cols])
             # Gathered in the input dtype (half the traffic for bf16); normalized in fp32 after.
             packed = torch.cat([c.to(dtype) for c in cols], dim=1)
             packed = gdist.gather_with_grad(packed, sizes) if with_grad else gdist.gather_no_grad(packed, sizes)
@@ -595,15 +553,8 @@ def margin_threshold(pos_sim: Tensor, margin_strategy: str, margin: float) -> Te
     return pos_sim - pos_sim.abs() * margin
 
 
-def block_similarities(
-    q: Tensor,
-    p: Tensor,
-    n: Tensor | None,
-    offset: int,
-    b_local: int,
-    contrast_anchors: bool,
-    contrast_positives: bool,
-) -> Tensor:
+def block_similarities(q: Tensor, p: Tensor, n: Tensor | None, offset: int, b_local: int, contrast_anchors: bool,
+                       contrast_positives: bool) -> Tensor:
     """Cosine matrix ``[B_local, C]`` of the local rows against ``[qp | qn | qq | pp]``.
 
     ``q``, ``p``, ``n`` are global and normalized; this rank's rows are the global rows
@@ -643,8 +594,7 @@ def _check_text_ids(text_ids: tuple, shape: tuple[int, ...]) -> str | None:
 
 
 def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
-    flags = [torch.isfinite(t).all().to(device) for t in tensors]
-    return torch.stack(flags).all()
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
 
 
 def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) -> None:
@@ -660,19 +610,13 @@ def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) ->
     # K, D, Dg and the guide/negative layout must agree, or the gathered columns would not line up.
     layouts = {tuple(row[1:-2]) for row in all_meta}
     if len(layouts) > 1:
-        raise ValueError(
-            "ranks disagree on (K, D, Dg, has_negative, has_guide): "
-            + ", ".join(f"rank {r}: {tuple(row[1:-2])}" for r, row in enumerate(all_meta))
-        )
+        raise ValueError("ranks disagree on (K, D, Dg, has_negative, has_guide): "
+                         + ", ".join(f"rank {r}: {tuple(row[1:-2])}" for r, row in enumerate(all_meta)))
 
 
 def _check_inputs(
-    anchor: Tensor,
-    positive: Tensor,
-    negative: Tensor | None,
-    guide_anchor: Tensor | None,
-    guide_positive: Tensor | None,
-    guide_negative: Tensor | None,
+    anchor: Tensor, positive: Tensor, negative: Tensor | None, guide_anchor: Tensor | None,
+    guide_positive: Tensor | None, guide_negative: Tensor | None,
 ) -> tuple[str | None, tuple[int, int, int, int, int, int]]:
     """Validate shapes without raising: ``(error or None, (B, K, D, Dg, has_neg, has_guide))``.
 
@@ -680,14 +624,8 @@ def _check_inputs(
     :func:`_raise_if_any_invalid`). No host sync: only shapes are inspected here.
     """
     bad_shape = (-1, -1, -1, -1, -1, -1)
-    named = {
-        "anchor": anchor,
-        "positive": positive,
-        "negative": negative,
-        "guide_anchor": guide_anchor,
-        "guide_positive": guide_positive,
-        "guide_negative": guide_negative,
-    }
+    named = {"anchor": anchor, "positive": positive, "negative": negative, "guide_anchor": guide_anchor,
+             "guide_positive": guide_positive, "guide_negative": guide_negative}
     for name, t in named.items():
         if t is not None and not (isinstance(t, Tensor) and t.is_floating_point()):
             return f"{name} must be a floating-point tensor or None, got {type(t).__name__}", bad_shape
@@ -707,28 +645,22 @@ def _check_inputs(
         k = 1 if negative.ndim == 2 else negative.shape[1]
 
     guides = (guide_anchor, guide_positive, guide_negative)
-    students = (anchor, positive, negative)
     if all(g is None for g in guides):
         return None, (b, k, d, 0, int(negative is not None), 0)
-    missing = [
-        f"guide_{c}" if g is None else c
-        for c, s, g in zip(("anchor", "positive", "negative"), students, guides)
-        if (s is None) != (g is None)
-    ]
+    missing = [f"guide_{c}" if g is None else c for c, s, g in zip(("anchor", "positive", "negative"),
+                                                                      (anchor, positive, negative), guides)
+               if (s is None) != (g is None)]
     if missing:
         return f"guide embeddings must be given for all columns or none; unmatched: {missing}", bad_shape
     if guide_anchor.ndim != 2:
         return f"guide_anchor must be [B, Dg], got {tuple(guide_anchor.shape)}", bad_shape
     dg = guide_anchor.shape[1]
     if guide_anchor.shape[0] != b or guide_positive.shape != (b, dg) or dg == 0:
-        return (
-            f"guide_anchor/guide_positive must both be [B={b}, Dg], got "
-            f"{tuple(guide_anchor.shape)} and {tuple(guide_positive.shape)}"
-        ), bad_shape
+        return (f"guide_anchor/guide_positive must both be [B={b}, Dg], got {tuple(guide_anchor.shape)} and "
+                f"{tuple(guide_positive.shape)}"), bad_shape
     if guide_negative is not None:
         gk = 1 if guide_negative.ndim == 2 else (guide_negative.shape[1] if guide_negative.ndim == 3 else -1)
         if gk != k or guide_negative.shape[0] != b or guide_negative.shape[-1] != dg:
-            return (
-                f"guide_negative must match negative's [B={b}, K={k}] with Dg={dg}, got {tuple(guide_negative.shape)}"
-            ), bad_shape
+            return (f"guide_negative must match negative's [B={b}, K={k}] with Dg={dg}, got "
+                    f"{tuple(guide_negative.shape)}"), bad_shape
     return None, (b, k, d, dg, int(negative is not None), 1)

@@ -59,11 +59,13 @@ def configure_deepspeed(accelerator: Accelerator, plan: RunPlan, train: TrainCon
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
 
-def deepspeed_offload(accelerator: Accelerator) -> tuple[bool, bool]:
-    """Whether the DeepSpeed config offloads (the optimizer state, the parameters); neither without DeepSpeed."""
+def deepspeed_offload(accelerator: Accelerator) -> dict[str, bool]:
+    """Whether the DeepSpeed config offloads the optimizer state and the parameters (neither without DeepSpeed), as
+    `gist_scale.memory.estimate_model_states`' `offload_optimizer` and `offload_param`."""
     plugin = accelerator.state.deepspeed_plugin
     zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin else {}
-    return tuple(zero.get(f"offload_{part}", {}).get("device", "none") != "none" for part in ("optimizer", "param"))
+    return {f"offload_{part}": zero.get(f"offload_{part}", {}).get("device", "none") != "none"
+            for part in ("optimizer", "param")}
 
 
 def zero3_restorer(accelerator: Accelerator) -> Callable[[], None] | None:

@@ -47,15 +47,14 @@ class BatchSource(ABC):
     """Optimizer steps per epoch; None for a source without epochs (the run then needs `train.max_steps`)."""
     source_names: list[str]
     """The mixture's sources, as `MixtureMeter` counts them."""
+    epoch: int
+    """The current epoch (0 for a source without epochs), for the log records."""
+    epochs: str
+    """How the run's steps divide into epochs, for the summary."""
 
     @abstractmethod
     def __iter__(self) -> Iterator[TripletBatch]:
         """Micro-batches from the current position; the position advances as they are consumed."""
-
-    @property
-    @abstractmethod
-    def epoch(self) -> int:
-        """The current epoch (0 for a source without epochs), for the log records."""
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -76,11 +75,6 @@ class BatchSource(ABC):
     @abstractmethod
     def write_mixture(self, run_dir: Path) -> None:
         """RUN/mixture.json for `gist-scale report`, when there are several sources."""
-
-    @property
-    @abstractmethod
-    def epochs(self) -> str:
-        """How the run's steps divide into epochs, for the summary."""
 
 
 @dataclass(frozen=True)
@@ -104,8 +98,9 @@ class PreparedBatches(BatchSource):
         self.loader, self.sampler, self.data_report = loader, sampler, data_report
         self.truncation, self.tokens_per_epoch = truncation, tokens_per_epoch
         self.steps_per_epoch = sampler.summary.steps_per_epoch
+        self.epochs = f"{self.steps_per_epoch} per epoch"
         self.source_names = [s.name for s in sampler.sources]
-        self._epoch, self.position = 0, 0
+        self.epoch, self.position = 0, 0
         """Micro-batches of the epoch consumed: the sampler resumes right after them."""
 
     @classmethod
@@ -140,27 +135,18 @@ class PreparedBatches(BatchSource):
 
     def __iter__(self) -> Iterator[TripletBatch]:
         while True:
-            self.sampler.set_epoch(self._epoch)
-            self.sampler.load_state_dict({"epoch": self._epoch, "position": self.position})
+            self.sampler.load_state_dict(self.state_dict())  # the epoch, from its current position
             for batch in self.loader:
                 # Counted when consumed (not when the sampler yields), so prefetching workers cannot skew a resume.
                 self.position += 1
                 yield batch
-            self._epoch, self.position = self._epoch + 1, 0
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
+            self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._epoch, self.position = state["epoch"], state["position"]
-
-    @property
-    def epochs(self) -> str:
-        return f"{self.steps_per_epoch} per epoch"
+        self.epoch, self.position = state["epoch"], state["position"]
 
     def lines(self) -> list[str]:
         return [f"{self.tokens_per_epoch:,} real student tokens per epoch", *self.data_report.lines(),
@@ -179,6 +165,8 @@ class StreamedBatches(BatchSource):
     """`data.streaming`: rows read, validated and tokenized as training consumes them; no epochs."""
 
     steps_per_epoch = None
+    epoch = 0
+    epochs = "streamed: no epochs"
 
     def __init__(self, stream: StreamingBatches) -> None:
         self.stream = stream
@@ -201,14 +189,6 @@ class StreamedBatches(BatchSource):
 
     def __iter__(self) -> Iterator[TripletBatch]:
         return iter(self.stream)  # endless: sources start over
-
-    @property
-    def epoch(self) -> int:
-        return 0
-
-    @property
-    def epochs(self) -> str:
-        return "streamed: no epochs"
 
     def state_dict(self) -> dict[str, Any]:
         return {"stream": self.stream.state_dict()}

@@ -18,7 +18,7 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale import distributed
-from gist_scale.config import ConfigError, JobConfig
+from gist_scale.config import JobConfig
 from gist_scale.evaluation import EvalData, evaluate_embedder, load_beir, load_eval_data, read_sts
 from gist_scale.model_card import BASELINE_FILE
 from gist_scale.trainer.console import console
@@ -72,11 +72,8 @@ class HeldOutEvaluator(Evaluator):
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = self._evaluate(step)
         best_metric = self.cfg.checkpoint.keep_best
-        if not best_metric:
+        if not best_metric:  # `JobConfig` made sure it names one of the metrics
             return metrics
-        if best_metric not in metrics:
-            raise ConfigError(f"checkpoint.keep_best={best_metric!r}: not an eval metric; use one of "
-                              f"{', '.join(metrics)}")
         # Rank 0 decides for all: ranks comparing their own floats could disagree (and then wait forever).
         if distributed.main_process_decides(metrics[best_metric] > self.best):
             self.best = metrics[best_metric]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gist_scale import distributed, encode, faults
 from gist_scale.checkpoint import TrainerState, incomplete_checkpoints, save_checkpoint
@@ -39,8 +40,7 @@ from gist_scale.trainer.evaluator import build_evaluator, load_held_out
 from gist_scale.trainer.exporter import SentenceTransformersExporter
 from gist_scale.trainer.nonfinite import NonFiniteSteps
 from gist_scale.trainer.optimizer import build_optimizer, build_optimizer_step, build_scheduler
-from gist_scale.trainer.step_metrics import (MetricsLog, MetricsWindow, StepMetrics, StepOutcome, StepProgress,
-                                             model_flops)
+from gist_scale.trainer.step_metrics import MetricsLog, MetricsWindow, StepMetrics, StepOutcome, model_flops
 from gist_scale.trainer.student import student_policy
 
 __all__ = ["Trainer"]
@@ -123,24 +123,28 @@ class Trainer:
     def train(self) -> int:
         """Run to `total_steps`, or until a preemption signal; returns the exit code (0, or EXIT_PREEMPTED)."""
         self._start()
-        progress = StepProgress(self.total_steps, self.state.step, enabled=self.accelerator.is_main_process)
+        # Log lines printed through `console` appear above the bar.
+        progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=console, disable=not self.accelerator.is_main_process,
+                            transient=True)
+        bar = progress.add_task("train", total=self.total_steps, completed=self.state.step)
         window = MetricsWindow()
         steps = self.optimizer_steps()
         preempted = False
-        while self.state.step < self.total_steps and not preempted:
-            outcome = self.train_step(next(steps))
-            preempted = outcome.preempted
-            window.add(outcome)
-            progress.update(1)
-            step = self.state.step
-            if self._due(self.cfg.train.log_every) or step == self.total_steps:
-                self._log(window)  # the loop's sync point: metrics cross ranks and reach the host only here
-                window = MetricsWindow()
-            if self._due(self.cfg.checkpoint.every):
-                window.timed("checkpoint_seconds", self._save_checkpoint)
-            if self.evaluator.due(step) and step < self.total_steps:
-                window.timed("eval_seconds", lambda: self.evaluator.evaluate(step))
-        progress.close()
+        with progress:
+            while self.state.step < self.total_steps and not preempted:
+                outcome = self.train_step(next(steps))
+                preempted = outcome.preempted
+                window.steps.append(outcome)
+                progress.advance(bar)
+                step = self.state.step
+                if self._due(self.cfg.train.log_every) or step == self.total_steps:
+                    self._log(window)  # the loop's sync point: metrics cross ranks and reach the host only here
+                    window = MetricsWindow()
+                if self._due(self.cfg.checkpoint.every):
+                    window.timed("checkpoint_seconds", self._save_checkpoint)
+                if self.evaluator.due(step) and step < self.total_steps:
+                    window.timed("eval_seconds", lambda: self.evaluator.evaluate(step))
         return self._finish(preempted)
 
     def optimizer_steps(self) -> Iterator[list[TripletBatch]]:
@@ -163,9 +167,8 @@ class Trainer:
         metrics = []
         for batch in micro_batches:
             with self.accelerator.accumulate(self.student):
-                loss, batch_metrics = self._forward_backward(batch)
-            nonfinite |= ~torch.isfinite(loss)
-            metrics.append(batch_metrics)
+                metrics.append(self._forward_backward(batch))
+            nonfinite |= ~torch.isfinite(metrics[-1].loss)
         nonfinite, preempted = distributed.agree_on_step(nonfinite, self.preemption.is_set)
         skipped, grad_norm = self.update.apply(nonfinite)
         self.scheduler.step()
@@ -173,8 +176,8 @@ class Trainer:
         self.nonfinite.add(skipped, nonfinite)
         return StepOutcome(skipped, preempted, metrics, grad_norm)
 
-    def _forward_backward(self, batch: TripletBatch) -> tuple[torch.Tensor, StepMetrics]:
-        """Loss and backward of one micro-batch; returns the detached loss and the micro-batch's metrics."""
+    def _forward_backward(self, batch: TripletBatch) -> StepMetrics:
+        """Loss and backward of one micro-batch; returns its metrics (the detached loss among them)."""
         student = batch.student  # column tensors, or `chunking.ChunkedTexts` planned by the collator
         k = batch.num_negatives
         guide_embeddings = self._guide_embeddings(batch, k)
@@ -202,11 +205,8 @@ class Trainer:
                         f"masked {stats.masked_fraction.item():.3f} duplicates {stats.duplicates_masked.item():.0f} "
                         f"candidates/anchor {stats.candidates_per_anchor.item():.0f}")
         counts = batch.token_counts
-        loss = loss.detach()
-        return loss, StepMetrics(loss, stats.masked_fraction, stats.candidates_per_anchor, stats.duplicates_masked,
-                                 stats.flagged_by_block, stats.judged_by_block, counts["student"].tokens,
-                                 counts["student"].texts // (2 + k), model_flops(self.encoder_configs, counts),
-                                 batch.source)
+        return StepMetrics(loss.detach(), stats, counts["student"].tokens, counts["student"].texts // (2 + k),
+                           model_flops(self.encoder_configs, counts), batch.source)
 
     def _guide_embeddings(self, batch: TripletBatch, k: int) -> tuple:
         if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
@@ -307,10 +307,8 @@ class Trainer:
         state under this launch's ZeRO stage (`gist_scale.memory`, counted on the meta device). Returns 0."""
         with outside_zero3(zero3_restorer(self.accelerator)):  # the meta device: nothing for zero.Init to partition
             counts = count_parameters(self.cfg.model)
-        offload_optimizer, offload_param = deepspeed_offload(self.accelerator)
         estimate = estimate_model_states(counts, self.plan.zero_stage or 0, self.plan.world_size,
-                                         self.plan.mixed_precision, offload_optimizer=offload_optimizer,
-                                         offload_param=offload_param)
+                                         self.plan.mixed_precision, **deepspeed_offload(self.accelerator))
         if self.accelerator.is_main_process:
             lines = ["[bold]dry run[/bold]: nothing is trained and no weights are loaded", self.plan.summary(),
                      f"steps {self.total_steps} ({self.batches.epochs})", *self.batches.lines(),

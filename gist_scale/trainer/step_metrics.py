@@ -15,17 +15,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
 from gist_scale import distributed
 from gist_scale.config import METRICS_FILE, JobConfig
 from gist_scale.data import TokenCounts
 from gist_scale.flops import forward_flops
-from gist_scale.loss import BLOCKS
+from gist_scale.loss import BLOCKS, LossStats
 from gist_scale.trainer.console import console
 
-__all__ = ["MetricsLog", "MetricsWindow", "StepMetrics", "StepOutcome", "StepProgress", "model_flops"]
+__all__ = ["MetricsLog", "MetricsWindow", "StepMetrics", "StepOutcome", "model_flops"]
 
 
 @dataclass
@@ -33,13 +32,8 @@ class StepMetrics:
     """One micro-batch's values: device tensors, and host numbers the collator counted."""
 
     loss: Tensor
-    masked_fraction: Tensor
-    candidates_per_anchor: Tensor
-    duplicates_masked: Tensor
-    flagged_by_block: Tensor
-    """``[4]``: candidates the guide flagged in each of `gist_scale.loss.BLOCKS` (this rank's rows)."""
-    judged_by_block: Tensor
-    """``[4]``: candidates the guide judged in each block."""
+    stats: LossStats
+    """What the loss says of the guide's mask: masked shares (by block too), duplicates, candidates per anchor."""
     tokens: int
     triplets: int
     model_flops: float
@@ -84,9 +78,6 @@ class MetricsWindow:
     steps: list[StepOutcome] = field(default_factory=list)
     opened: float = field(default_factory=time.perf_counter)
     other_seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, outcome: StepOutcome) -> None:
-        self.steps.append(outcome)
 
     def timed(self, name: str, action: Callable[[], object]) -> None:
         # The steps queued before it are the window's work, not the action's: wait for them first (such a step reads
@@ -141,14 +132,12 @@ class MetricsLog:
         applied = (~torch.stack([s.skipped for s in window.steps])).tolist()  # the same on every rank
         seconds = window.train_seconds()
         kept = [m for step, ok in zip(window.steps, applied) if ok for m in step.metrics]
-        every = [m for step in window.steps for m in step.metrics]
-        counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for m in every], dtype=torch.float64,
-                              device=self.accelerator.device).sum(0)
-        duplicates = torch.stack([m.duplicates_masked for m in kept]).double().sum().reshape(1) if kept else \
-            counts.new_zeros(1)
+        counts = torch.tensor([[m.tokens, m.triplets, m.model_flops] for step in window.steps for m in step.metrics],
+                              dtype=torch.float64, device=self.accelerator.device).sum(0)
+        duplicates = sum((m.stats.duplicates_masked.double() for m in kept), counts.new_zeros(1))
         masks = self._mask_counts(kept, counts)
         # One collective for every sum of the window.
-        summed = distributed.all_reduce_sum(torch.cat([counts, duplicates.to(counts.device), masks.flatten()]))
+        summed = distributed.all_reduce_sum(torch.cat([counts, duplicates, masks.flatten()]))
         tokens, triplets, flops, duplicates = summed[:4].tolist()
         masks = summed[4:].reshape(masks.shape).tolist()
         tflops = flops / seconds / self.accelerator.num_processes / 1e12
@@ -157,7 +146,7 @@ class MetricsLog:
         if self.peak_tflops:
             record["mfu"] = tflops / self.peak_tflops
         if kept:
-            local = torch.stack([torch.stack([m.loss, m.masked_fraction, m.candidates_per_anchor]).float()
+            local = torch.stack([torch.stack([m.loss, m.stats.masked_fraction, m.stats.candidates_per_anchor]).float()
                                  for m in kept]).mean(0)
             loss, masked, candidates = distributed.all_reduce_mean(local).tolist()
             # Per optimizer step over the global batch: summed over micro-batches and ranks, averaged over steps.
@@ -179,7 +168,7 @@ class MetricsLog:
         """``[4 + sources, 2]`` float64 on the device: (flagged, judged) per block, then per mixture source."""
         rows = like.new_zeros(len(BLOCKS) + len(self.source_names), 2)
         for m in kept:
-            pair = torch.stack([m.flagged_by_block, m.judged_by_block], 1).to(rows)
+            pair = torch.stack([m.stats.flagged_by_block, m.stats.judged_by_block], 1).to(rows)
             rows[:len(BLOCKS)] += pair
             if self.source_names and m.source is not None:
                 rows[len(BLOCKS) + m.source] += pair.sum(0)
@@ -196,18 +185,3 @@ class MetricsLog:
         return (line + f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s"
                 + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""))
 
-
-class StepProgress:
-    """A Rich progress bar over optimizer steps; log lines printed through `console` appear above it."""
-
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                  TimeRemainingColumn(), console=console, disable=not enabled, transient=True)
-        self._task = self._progress.add_task("train", total=total, completed=done)
-        self._progress.start()
-
-    def update(self, steps: int) -> None:
-        self._progress.advance(self._task, steps)
-
-    def close(self) -> None:
-        self._progress.stop()
