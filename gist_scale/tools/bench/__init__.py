@@ -67,11 +67,11 @@ from transformers import AutoConfig
 from gist_scale.flops import peak_tflops
 from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, write_deepspeed_configs,
                                            write_rows)
-from gist_scale.tools.bench.modes import ALL_MODES, MODES, CaseSetup
+from gist_scale.tools.bench.modes import ALL_MODES, MODES, BenchConfig, CaseSetup
 from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
 from gist_scale.trainer.console import console
 
-__all__ = ["RECORD_FIELDS", "build_parser", "main", "parse_args"]
+__all__ = ["BenchConfig", "RECORD_FIELDS", "build_parser", "main", "parse_args"]
 
 DISTINCT_BATCHES = 3
 """Global batches in the synthetic data (the sampler reshuffles them every epoch, so no mode benefits from one fixed
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> BenchConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     auto = args.device == "auto"
@@ -172,13 +172,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--isolate measures CPU memory; on CUDA peak GiB is the accelerator's own peak already")
     if args.peak_tflops is None:
         args.peak_tflops = peak_tflops(args.device)
-    return args
+    return BenchConfig(**vars(args))
 
 
 # ------------------------------------------------------------------------------------------------- running
 
 
-def run_case(cfg: argparse.Namespace, student: str, guide: str, batch: int, root: Path) -> list[dict]:
+def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path) -> list[dict]:
     """Every mode of a case: the models (built once per size), the training file and the settings they share."""
     student_dir = build_model_dir(student, root, cfg.dropout, cfg.seed, cfg.device)
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: argparse.Namespace) -> int:
+def _run(cfg: BenchConfig) -> int:
     if "st" in cfg.modes and importlib.util.find_spec("sentence_transformers") is None:
         # optional: the reference implementation, not a dependency
         console.print("[yellow]sentence-transformers is not installed: the `st` reference is skipped, so no "

@@ -8,7 +8,6 @@ step on them (`step`, timed).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from gist_scale.options import load_config
 from gist_scale.tools.bench.inputs import MAX_LENGTH, lora_targets, pooling_of
 from gist_scale.trainer import Trainer
 
-__all__ = ["ALL_MODES", "DEEPSPEED_MODES", "MATRYOSHKA_MODES", "MODES", "REFERENCE_MODES", "CaseSetup", "ReferenceMode",
-           "TrainerMode", "mode_environment", "processed_tokens"]
+__all__ = ["ALL_MODES", "DEEPSPEED_MODES", "MATRYOSHKA_MODES", "MODES", "REFERENCE_MODES", "BenchConfig", "CaseSetup",
+           "ReferenceMode", "TrainerMode", "mode_environment", "processed_tokens"]
 
 MODES = ("st", "plain", "chunked", "guide_cache", "grad_cache")
 DEEPSPEED_MODES = ("zero2", "zero3", "zero2_chunked", "zero3_chunked")
@@ -37,12 +36,40 @@ CACHED_MODES = ("guide_cache", "grad_cache")
 """The modes whose guide embeddings come from `guide.cache`: the guide never runs in their steps."""
 
 
+@dataclass
+class BenchConfig:
+    """`gist-scale bench`'s command line, parsed."""
+
+    cases: list[tuple[str, str]]
+    batches: list[int]
+    modes: list[str]
+    steps: int
+    """Timed optimizer steps per mode."""
+    warmup: int
+    """Untimed optimizer steps first (the first one's loss is `first_loss`)."""
+    chunk_size: int
+    query_len: tuple[int, int]
+    doc_len: tuple[int, int]
+    device: torch.device
+    dropout: float
+    lr: float
+    seed: int
+    peak_tflops: float | None
+    out: Path | None
+    threads: int | None
+    matryoshka_dims: list[int] | None
+    """Sizes of the Matryoshka modes; None: the student's width, 1/2, 1/4 and 1/8 of it."""
+    lora_r: int
+    """LoRA rank of the student's adapters in every mode (0: full fine-tuning)."""
+    isolate: bool
+    """Each mode in a fresh process, for a per-mode peak resident memory on a CPU."""
+
+
 @dataclass(frozen=True)
 class CaseSetup:
-    """What every mode of one (case, batch) shares: the bench's settings (its parsed command line), the models and
-    the training file."""
+    """What every mode of one (case, batch) shares: the bench's settings, the models and the training file."""
 
-    cfg: argparse.Namespace
+    cfg: BenchConfig
     student: str
     guide: str
     batch: int
