@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -125,6 +126,17 @@ def test_the_drop_table_counts_what_mining_at_each_margin_does(strategy):
     empty = MarginSweep((0.0, 0.1))
     mine_negatives(q, c, positives, cfg, blocks=[], sweep=empty)
     assert empty.dropped(q.device).tolist() == [0, 0] and empty.short(q.device).shape == (0, 2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("margin_strategy", "percent", "--margin-strategy 'percent': use one of absolute, relative"),
+    ("sampling", "best", "--sampling 'best': use random or top"),
+    ("index", "annoy", "--index 'annoy': use torch or faiss"),
+])
+def test_a_mine_config_built_in_python_refuses_an_unknown_choice(field, value, message):
+    """The parser rejects these on the command line; a MineConfig built in Python must not mine with a fallback."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MineConfig(**{field: value})
 
 
 def test_margin_grid_brackets_the_chosen_margin():

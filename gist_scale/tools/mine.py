@@ -124,6 +124,11 @@ class MineConfig:
         check(math.isfinite(self.margin), f"--margin {self.margin}: must be a finite number")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be positive")
         check(self.query_block > 0, f"--query-block {self.query_block}: must be positive")
+        # The command line checks these choices too; a MineConfig built in Python must not fall back silently.
+        check(self.margin_strategy in MARGIN_STRATEGIES,
+              f"--margin-strategy {self.margin_strategy!r}: use one of {', '.join(MARGIN_STRATEGIES)}")
+        check(self.sampling in ("random", "top"), f"--sampling {self.sampling!r}: use random or top")
+        check(self.index in ("torch", "faiss"), f"--index {self.index!r}: use torch or faiss")
 
 
 # ---------------------------------------------------------------------------------------------- search
