@@ -150,6 +150,23 @@ def test_shipped_eval_split_relevance():
     assert data.sts is None and len(data.texts) == len(set(data.queries) | set(data.corpus))
 
 
+def test_every_listed_positive_is_relevant_and_the_first_positives_keep_the_first_corpus_ids(tmp_path: Path):
+    """With `data.num_positives` P, a row's first P listed positives are all relevant (as in training, where none of
+    them is a negative); the others join the corpus after every first positive and negative, so the first positives
+    keep ids 0.. in row order (`gist-scale mine` reads their guide embeddings from the cache in that order)."""
+    triplets = tmp_path / "eval.jsonl"
+    triplets.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "cats", "pos": ["a cat", "a kitten", "a tabby", "a lion"], "neg": ["a dog"]},
+        {"query": "dogs", "pos": "a dog", "neg": ["a kitten"]},
+    ]) + "\n")
+    cfg = DataConfig(task_column=None, num_positives=3)
+    data = load_eval_data(str(triplets), cfg)
+    assert data.corpus == ["a cat", "a dog", "a kitten", "a tabby"]  # "a lion" is past P; "a kitten" is dog's negative
+    assert data.relevant == [[0, 2, 3], [1]]
+    # One positive per row (the default): only the first is relevant, as before.
+    assert load_eval_data(str(triplets), DataConfig(task_column=None)).relevant == [[0], [1]]
+
+
 def test_column_mapping_extra_corpus_and_sts(tmp_path: Path):
     triplets = tmp_path / "eval.jsonl"
     triplets.write_text("\n".join(json.dumps(r) for r in [

@@ -299,6 +299,25 @@ def test_trains_on_the_mined_file(tmp_path, tiny_model_dir, capsys):
     assert set(report.tasks) <= {r["task_name"] for r in _read(sample_data_path("train"))}
 
 
+def test_a_rows_listed_positives_are_never_its_negatives(tmp_path, tiny_model_dir):
+    """With `--data.num_positives 2` the second listed positive of "cats" (also the positive of another row, so a
+    corpus text) is excluded like the first; with one positive it is an ordinary candidate. The margin is disabled
+    and every candidate drawn, so only the positives rule decides."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"query": "cats", "pos": ["a cat", "a kitten"]}, {"query": "kittens", "pos": "a kitten"},
+            *({"query": f"query {i}", "pos": f"document {i}"} for i in range(6))]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    negatives = {}
+    for positives in (1, 2):
+        out = tmp_path / f"mined{positives}.jsonl"
+        # 8 corpus texts: "cats" has 7 candidates with one positive, 6 with two.
+        assert main(["--data.path", str(pairs), "--data.task_column", "null", "--data.num_positives", str(positives),
+                     "--guide.name", str(tiny_model_dir), "--num-negatives", "6", "--sampling", "top", "--margin",
+                     "-10", "--out", str(out)]) == 0
+        negatives[positives] = next(r["neg"] for r in _read(out) if r["query"] == "cats")
+    assert "a kitten" in negatives[1] and "a kitten" not in negatives[2] and "a cat" not in negatives[2]
+
+
 def test_a_guide_cache_replaces_the_guide(tmp_path, tiny_model_dir):
     """Built with cache-guide on the same pairs, the cache gives the queries' and positives' embeddings (fp16) and
     the guide is not even loaded when there is no extra corpus (its directory is gone)."""

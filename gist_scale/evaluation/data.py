@@ -154,18 +154,27 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
 def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), source: str = "",
                    sts: StsPairs | None = None) -> EvalData:
     """Distinct queries, the distinct documents (positives, negatives, then `extra_corpus` files' texts) and each
-    query's relevant (positive) documents, from `load_triplets` rows. `gist-scale mine` searches the same task."""
+    query's relevant (positive) documents, from `load_triplets` rows. `gist-scale mine` searches the same task.
+
+    Rows read with `num_positives` P > 1 carry their other positives (`extra_pos`): each is relevant too, and they
+    join the corpus after every row's first positive and negatives, so the first positives keep the first corpus ids
+    (`gist-scale mine` reads their guide embeddings from the cache by that order)."""
     queries: dict[str, int] = {}
     corpus: dict[str, int] = {}
     relevant: defaultdict[int, set[int]] = defaultdict(set)
+    others: list[tuple[int, list[str | None]]] = []
     for batch in ds.iter(batch_size=4096):
-        for query, pos, negs in zip(batch["query"], batch["pos"], batch["negs"]):
+        more_positives = batch.get("extra_pos", [[]] * len(batch["query"]))
+        for query, pos, negs, more in zip(batch["query"], batch["pos"], batch["negs"], more_positives):
             q = queries.setdefault(query, len(queries))
             # The same query text in several rows is one query with several relevant documents: scoring it twice
             # would count its other positive as a miss.
             relevant[q].add(corpus.setdefault(pos, len(corpus)))
             for neg in negs:
                 corpus.setdefault(neg, len(corpus))
+            others.append((q, more))
+    for q, texts in others:
+        relevant[q].update(corpus.setdefault(text, len(corpus)) for text in texts if text is not None)
     for file in extra_corpus:
         for text in read_corpus(file):
             corpus.setdefault(text, len(corpus))
