@@ -362,7 +362,7 @@ def _embed(job, task, rows_q: np.ndarray, rows_p: np.ndarray, dataset, batch_siz
     first_p = np.unique(rows_p, return_index=True)[1]
     queries = cache.lookup(first_q.tolist())["query"].to(device).float()
     corpus = [cache.lookup(first_p.tolist())["pos"].to(device).float()]
-    extra = task.corpus[len(first_p):]  # the --corpus files' texts, which the cache does not hold
+    extra = task.corpus[len(first_p):]  # rows' other positives and the --corpus files' texts: not in the cache
     if extra:
         corpus.append(guide_embeddings(extra))
     return F.normalize(queries, dim=-1), F.normalize(torch.cat(corpus), dim=-1), len(extra)
