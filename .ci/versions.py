@@ -30,7 +30,7 @@ def _installed() -> dict[str, str]:
 def main() -> None:
     installed = _installed()
     if sys.argv[1:] == ["--freeze"]:
-        print("# The exact versions the full suite last passed with (python -m pytest -q, 0 failed), on Python "
+        print("# The exact versions the full suite last passed with (python -m pytest -q -n 2, 0 failed), on Python "
               f"{platform.python_version()}, {platform.system()} {platform.machine()}, "
               f"{datetime.date.today().isoformat()}.")
         print("# Used by .ci/run and README's development install: pip install -c constraints.txt ...")
