@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device, set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gist_scale import distributed, encode, faults
 from gist_scale.checkpoint import TrainerState, incomplete_checkpoints, save_checkpoint
@@ -40,7 +39,8 @@ from gist_scale.trainer.evaluator import build_evaluator, load_held_out
 from gist_scale.trainer.exporter import SentenceTransformersExporter
 from gist_scale.trainer.nonfinite import NonFiniteSteps
 from gist_scale.trainer.optimizer import build_optimizer, build_optimizer_step, build_scheduler
-from gist_scale.trainer.step_metrics import MetricsLog, MetricsWindow, StepMetrics, StepOutcome, model_flops
+from gist_scale.trainer.step_metrics import (MetricsLog, MetricsWindow, StepMetrics, StepOutcome, model_flops,
+                                             progress_bar)
 from gist_scale.trainer.student import student_policy
 
 __all__ = ["Trainer"]
@@ -123,10 +123,7 @@ class Trainer:
     def train(self) -> int:
         """Run to `total_steps`, or until a preemption signal; returns the exit code (0, or EXIT_PREEMPTED)."""
         self._start()
-        # Log lines printed through `console` appear above the bar.
-        progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=console, disable=not self.accelerator.is_main_process,
-                            transient=True)
+        progress = progress_bar(enabled=self.accelerator.is_main_process)
         bar = progress.add_task("train", total=self.total_steps, completed=self.state.step)
         window = MetricsWindow()
         steps = self.optimizer_steps()

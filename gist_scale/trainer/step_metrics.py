@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
 from gist_scale import distributed
@@ -24,7 +25,7 @@ from gist_scale.flops import forward_flops
 from gist_scale.loss import BLOCKS, LossStats
 from gist_scale.trainer.console import console
 
-__all__ = ["MetricsLog", "MetricsWindow", "StepMetrics", "StepOutcome", "model_flops"]
+__all__ = ["MetricsLog", "MetricsWindow", "StepMetrics", "StepOutcome", "model_flops", "progress_bar"]
 
 
 @dataclass
@@ -185,3 +186,8 @@ class MetricsLog:
         return (line + f"{record['triplets_per_s']:.1f} triplets/s  {record['tokens_per_s']:.0f} tokens/s"
                 + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""))
 
+
+def progress_bar(enabled: bool) -> Progress:
+    """A Rich progress bar over optimizer steps; log lines printed through `console` appear above it."""
+    return Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=True)
