@@ -30,8 +30,8 @@ def _installed() -> dict[str, str]:
 def main() -> None:
     installed = _installed()
     if sys.argv[1:] == ["--freeze"]:
-        print("# The exact versions the full suite last passed with (python -m pytest -q -n 2, 0 failed), on Python "
-              f"{platform.python_version()}, {platform.system()} {platform.machine()}, "
+        print("# The exact versions the full suite last passed with (python -m pytest -q -n 2 --dist worksteal, "
+              f"0 failed), on Python {platform.python_version()}, {platform.system()} {platform.machine()}, "
               f"{datetime.date.today().isoformat()}.")
         print("# Used by .ci/run and README's development install: pip install -c constraints.txt ...")
         print("# Refresh: bash .ci/newest --lock (newest releases, full suite, rewritten only when it passes).")

@@ -47,7 +47,7 @@ NOT_A_CONFIG = "not a config"  # a yaml block whose first line says this is not 
 
 README_INSTALL = ('python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt torch==2.13.0 '
                   '-e ".[dev]" && gist-scale train')
-README_TEST = "python -m pytest -q -n 2"
+README_TEST = "python -m pytest -q -n 2 --dist worksteal"
 DOC_PAGES = ["README.md", "getting-started.md", "data.md", "models.md", "loss.md", "calibration.md", "launching.md",
              "evaluation.md", "performance.md", "troubleshooting.md", "development.md", "ablation.md"]
 
