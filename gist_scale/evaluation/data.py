@@ -172,7 +172,8 @@ def retrieval_task(ds: datasets.Dataset, extra_corpus: Sequence[str] = (), sourc
             relevant[q].add(corpus.setdefault(pos, len(corpus)))
             for neg in negs:
                 corpus.setdefault(neg, len(corpus))
-            others.append((q, more))
+            if more:  # rows read with one positive have no others
+                others.append((q, more))
     for q, texts in others:
         relevant[q].update(corpus.setdefault(text, len(corpus)) for text in texts if text is not None)
     for file in extra_corpus:
