@@ -416,25 +416,30 @@ def test_running_out_of_memory_in_a_step_ends_with_one_error_line(tmp_path, tiny
     assert "Traceback" not in err
 
 
-SLOW_EVAL_S = 3.0
-"""How long the patched evaluation sleeps: far longer than two tiny training steps, even on a loaded machine."""
+SLOW_EVAL_S = 1000.0
+"""How long the patched evaluation takes on the trainer's clock: far longer than two tiny training steps, however
+loaded the machine."""
 
 
 def test_throughput_is_timed_over_training_steps_only(tmp_path, tiny_model_dir, monkeypatch):
     """The first log window used to start before the baseline evaluation: a slow evaluation must not lower the
-    logged throughput, and evaluation time is logged on its own."""
+    logged throughput, and evaluation time is logged on its own. The evaluation moves the trainer's clock forward
+    instead of sleeping, so a loaded machine can neither fail the test nor slow it down."""
     import time
+    from types import SimpleNamespace
 
     from gist_scale.data import sample_data_path
-    from gist_scale.trainer import evaluator
+    from gist_scale.trainer import evaluator, step_metrics
 
+    skipped = [0.0]
+    monkeypatch.setattr(step_metrics, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0]))
     original = evaluator.evaluate_embedder
     calls = []
 
     def slow_evaluate(*args, **kwargs):
         calls.append(1)
         if len(calls) <= 2:  # the baseline (before the first window) and the one at step 2 (in the second)
-            time.sleep(SLOW_EVAL_S)
+            skipped[0] += SLOW_EVAL_S
         return original(*args, **kwargs)
 
     monkeypatch.setattr(evaluator, "evaluate_embedder", slow_evaluate)
@@ -444,10 +449,11 @@ def test_throughput_is_timed_over_training_steps_only(tmp_path, tiny_model_dir, 
     assert main(tiny_args(tiny_model_dir, run, "--train.batch_size", "8", "--train.max_steps", "4",
                           "--train.log_every", "2", "--data.path", str(sample_data_path("train")),
                           "--eval.path", str(eval_file), "--eval.every", "2")) == 0
+    assert len(calls) == 3  # the baseline, step 2 and step 4
     first, second = loss_records(run)
     for record in (first, second):
-        seconds = 2 * 8 / record["triplets_per_s"]  # two steps of 8 triplets: well under a second unloaded
-        assert seconds < SLOW_EVAL_S, record  # the evaluations' sleep is not in it
+        seconds = 2 * 8 / record["triplets_per_s"]  # two steps of 8 triplets
+        assert seconds < SLOW_EVAL_S, record  # the evaluations' time is not in it
     assert "eval_seconds" not in first  # the baseline evaluation came before any training step
     assert second["eval_seconds"] >= SLOW_EVAL_S  # the evaluation at step 2 ran inside the second window
 

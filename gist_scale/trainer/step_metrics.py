@@ -77,7 +77,7 @@ class MetricsWindow:
     between (so neither is mixed into the throughput)."""
 
     steps: list[StepOutcome] = field(default_factory=list)
-    opened: float = field(default_factory=time.perf_counter)
+    opened: float = field(default_factory=lambda: time.perf_counter())  # looked up per call: a test's clock applies
     other_seconds: dict[str, float] = field(default_factory=dict)
 
     def timed(self, name: str, action: Callable[[], object]) -> None:
