@@ -16,6 +16,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite's two workers (README's `-n 2`) share two cores with the ranks they launch (one thread each, see
+# launch_env). A second intra-op thread in a worker only contends, and OpenMP's spinning waits make that costly:
+# four tiny in-process training runs on a loaded machine took 8.8-9.6 s and 3.7-5.2 s of CPU on one thread, 13.5-40 s
+# and 9.2-15.9 s of CPU on two. Commands a test starts without launch_env inherit the setting.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
