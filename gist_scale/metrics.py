@@ -135,8 +135,7 @@ def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] 
 
     NaN when either side is constant (the correlation is undefined), as scipy reports it.
     """
-    a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    b = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+    a, b = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64) for v in (x, y))
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"spearman needs two 1-d sequences of the same length >= 2, got {a.shape} and {b.shape}")
     with np.errstate(invalid="ignore", divide="ignore"):  # a constant side: 0 / 0, NaN
