@@ -93,8 +93,7 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
         average_precision = (hits * found / ranks).sum(1) / n_rel
         recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
         totals += torch.stack([ndcg.sum(), mrr.sum(), *(r.sum() for r in recall), average_precision.sum()])
-    values = (totals / queries.shape[0]).tolist()
-    return dict(zip(METRICS, values))
+    return dict(zip(METRICS, (totals / queries.shape[0]).tolist()))
 
 def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
           corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
