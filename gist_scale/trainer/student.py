@@ -11,16 +11,25 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from gist_scale.config import ModelConfig
 from gist_scale.model import Embedder, load_student, lora
 from gist_scale.st_format import export_sentence_transformer
 
-__all__ = ["FullFineTuning", "LoRAFineTuning", "StudentPolicy", "student_policy"]
+__all__ = ["FullFineTuning", "LoRAFineTuning", "StateKwargs", "StudentPolicy", "student_policy"]
+
+
+class StateKwargs(NamedTuple):
+    """Keyword arguments for `accelerator.save_state` and `accelerator.load_state`."""
+
+    save: dict
+    load: dict
 
 
 class StudentPolicy(ABC):
@@ -34,10 +43,10 @@ class StudentPolicy(ABC):
         """The student, with `requires_grad` on what is trained (what `build_optimizer` takes)."""
         return load_student(self.cfg, instructions)
 
-    def checkpoint_kwargs(self, accelerator: Accelerator) -> lora.StateKwargs:
+    def checkpoint_kwargs(self, accelerator: Accelerator) -> StateKwargs:
         """Keyword arguments of `accelerator.save_state` / `load_state` (call once, after `prepare`); none: every
         weight is saved and loaded."""
-        return lora.StateKwargs({}, {})
+        return StateKwargs({}, {})
 
     @abstractmethod
     def export(self, accelerator: Accelerator, student: torch.nn.Module, destination: Path) -> None:
@@ -66,8 +75,17 @@ class FullFineTuning(StudentPolicy):
 class LoRAFineTuning(StudentPolicy):
     """LoRA adapters on a frozen base (`load_student` adds them for `model.lora_r`)."""
 
-    def checkpoint_kwargs(self, accelerator: Accelerator) -> lora.StateKwargs:
-        return lora.checkpoint_kwargs(accelerator)
+    def checkpoint_kwargs(self, accelerator: Accelerator) -> StateKwargs:
+        """Keep the frozen base out of `save_state`, and let `load_state` accept a checkpoint without it.
+
+        DeepSpeed's `save_checkpoint` does this itself (`exclude_frozen_parameters`); the optimizer shards only ever
+        hold the adapters. Otherwise Accelerate saves `get_state_dict(model)` whole, so a save hook keeps the
+        trainable entries. Loading is then non-strict (the base comes from `model.name`, as at the start).
+        """
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return StateKwargs({"exclude_frozen_parameters": True}, {"load_module_strict": False})
+        accelerator.register_save_state_pre_hook(_keep_trainable)
+        return StateKwargs({}, {"strict": False})
 
     def export(self, accelerator: Accelerator, student: torch.nn.Module, destination: Path) -> None:
         adapters = lora.adapter_state_dict(accelerator, student)  # only the adapters: the frozen base is on disk
@@ -76,6 +94,13 @@ class LoRAFineTuning(StudentPolicy):
         merged = lora.merged_encoder(self.cfg, adapters, destination.with_name(destination.name + "-adapter"),
                                      self.restore_zero3)
         self._write(accelerator.unwrap_model(student), merged, destination, None)
+
+
+def _keep_trainable(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+    for model, state in zip(models, weights, strict=True):
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        for name in [name for name in state if name not in trainable]:
+            del state[name]
 
 
 def student_policy(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
