@@ -156,8 +156,9 @@ def verify_checkpoint(path: Path) -> None:
                                   f"--resume PATH")
 
 
-def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
-    """After a failed load: the first checkpoint file that does not deserialize, and why; None if all do.
+def _unreadable_file(path: Path) -> str | None:
+    """After a failed load: the error naming the first checkpoint file that does not deserialize, and why; None if
+    all do.
 
     Cheap enough for multi-GB ZeRO shards: safetensors files are opened (header only) and torch files are
     memory-mapped, so tensor data is not read. Runs only on the error path.
@@ -176,7 +177,7 @@ def _unreadable_file(path: Path) -> tuple[Path, Exception] | None:
                 # Our own checkpoint, so full unpickling is fine; weights_only would reject Accelerate's RNG states.
                 torch.load(file, map_location="cpu", mmap=True, weights_only=False)
         except Exception as error:  # any failure to deserialize is what we are looking for
-            return file, error
+            return f"{file}: corrupted, it cannot be deserialized ({type(error).__name__}: {error})"
     return None
 
 
@@ -197,12 +198,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, load_from: Path | None
     try:
         accelerator.load_state(str(load_from or path), **(state_kwargs or {}))
     except Exception as error:  # torch/DeepSpeed raise many types; name the file where we can find it
-        found = _unreadable_file(load_from or path)
-        if found:
-            bad, reason = found
-            where = f"{bad}: corrupted, it cannot be deserialized ({type(reason).__name__}: {reason})"
-        else:
-            where = f"{path}: could not load the saved state ({error})"
+        where = _unreadable_file(load_from or path) or f"{path}: could not load the saved state ({error})"
         raise CheckpointError(f"{where}; resume from an older checkpoint with --resume PATH") from error
     accelerator.wait_for_everyone()
     return state

@@ -119,10 +119,8 @@ def comm_device() -> torch.device:
     NCCL (and other accelerator-only backends) cannot communicate CPU tensors, gloo can; a
     mixed backend such as ``"cpu:gloo,cuda:nccl"`` handles CPU tensors with gloo.
     """
-    if not is_distributed() or "gloo" in str(dist.get_backend()):
-        return torch.device("cpu")
     accelerator = torch.accelerator.current_accelerator()
-    if accelerator is None:
+    if not is_distributed() or "gloo" in str(dist.get_backend()) or accelerator is None:
         return torch.device("cpu")
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
@@ -170,14 +168,11 @@ def gather_with_grad(t: torch.Tensor, sizes: Sequence[int] | None = None) -> tor
     """
     if not is_distributed():
         return t
-    ws = world_size()
-    if sizes is None:
-        sizes = gather_sizes(t.shape[0], t.device)
-    sizes = [int(s) for s in sizes]
-    if len(sizes) != ws or sizes[rank()] != t.shape[0]:
+    sizes = gather_sizes(t.shape[0], t.device) if sizes is None else [int(s) for s in sizes]
+    if len(sizes) != world_size() or sizes[rank()] != t.shape[0]:
         # A caller bug, not a data problem: every rank received the same sizes, so every rank
         # with the bug raises here, and before any collective.
-        raise ValueError(f"sizes {sizes} do not match world size {ws} and local size {t.shape[0]}")
+        raise ValueError(f"sizes {sizes} do not match world size {world_size()} and local size {t.shape[0]}")
     max_n = max(sizes)
     if max_n == 0:
         return t

@@ -241,14 +241,12 @@ class GISTLoss(nn.Module):
     def __init__(self, *, gather_across_ranks: bool = True, check_finite: bool = True, **settings: Any) -> None:
         super().__init__()
         # The settings, their defaults and their rules are LossConfig's (ConfigError, a ValueError), in one place.
-        for name in ("matryoshka_dims", "matryoshka_weights"):
-            if settings.get(name) is not None:
-                settings[name] = tuple(settings[name])  # lists welcome here; the config holds tuples
+        settings.update({name: tuple(settings[name]) for name in ("matryoshka_dims", "matryoshka_weights")
+                         if settings.get(name) is not None})  # lists welcome here; the config holds tuples
         self.settings = LossConfig(**settings)
         # The guide settings a data source may override, per call (`forward(policy=...)`).
         self.policy = LossPolicy.of(self.settings)
-        self.gather_across_ranks = gather_across_ranks
-        self.check_finite = check_finite
+        self.gather_across_ranks, self.check_finite = gather_across_ranks, check_finite
         # [(size, weight)], largest first; None: the full dimension with weight 1.
         self.matryoshka = matryoshka_pairs(self.settings.matryoshka_dims, self.settings.matryoshka_weights)
 
@@ -331,10 +329,8 @@ class GISTLoss(nn.Module):
         # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
         ids = roles = None
         local_facts = []
-        if text_ids is not None and self.settings.mask_duplicates:
-            query_ids, positive_ids, negative_ids = text_ids
-            local_facts += [query_ids.reshape(b_local, 1), positive_ids.reshape(b_local, 1)]
-            local_facts += [] if k == 0 else [negative_ids.reshape(b_local, k)]
+        if text_ids is not None and self.settings.mask_duplicates:  # query, positive and (with K > 0) slot ids
+            local_facts += [t.reshape(b_local, width) for t, width in zip(text_ids, (1, 1, k)) if width]
         if slot_roles is not None and k > 0:
             local_facts.append(slot_roles.reshape(b_local, k).long())
         if local_facts:
@@ -361,13 +357,12 @@ class GISTLoss(nn.Module):
                                 for name, values in zip(_RowParts._fields, zip(*blocks))))
         scale = len(sizes) / n_global  # W ranks / N global rows
         dim_losses, dim_distillation = parts.contrastive * scale, parts.distillation * scale
-        objective = (self.settings.contrastive_weight * dim_losses
-                     + self.settings.distill_weight * dim_distillation)
+        objective = self.settings.contrastive_weight * dim_losses + self.settings.distill_weight * dim_distillation
         # Weighted with Python floats: a weight tensor would be a host-to-device copy, a stream sync, in every step.
         loss = sum(objective[i] * weight for i, (_, weight) in enumerate(sizes_weights))
 
         maskable = b_local * (n_cols - 1 - n_self)
-        stats = LossStats(
+        return loss, LossStats(
             masked_fraction=(parts.flagged_by_block.sum() / max(maskable, 1)).detach(),
             candidates_per_anchor=loss.new_full((), float(n_cols - n_self)),
             local_rows=loss.new_full((), float(b_local)),
@@ -379,7 +374,6 @@ class GISTLoss(nn.Module):
             judged_by_block=parts.judged_by_block.detach(),
             negatives_left=parts.negatives_left.float().detach(),
         )
-        return loss, stats
 
     def _row_losses(
         self, policy: LossPolicy, several_positives: bool, n_global: int, k: int, first: int, rows: int,
@@ -409,8 +403,7 @@ class GISTLoss(nn.Module):
                 own_slots = ids[first:first + rows, 2:]
                 extra = (candidate_ids[None, :, None] == own_slots[:, None, :]) & (roles[first:first + rows] == 1)[:, None, :]
                 same_text = torch.cat([same_text, extra], -1)
-            duplicate = same_text.any(-1)
-            duplicate &= ~own_positive & ~excluded
+            duplicate = same_text.any(-1) & ~own_positive & ~excluded
             duplicates = duplicate.sum()
             excluded |= duplicate
         positives = own_positive
@@ -434,7 +427,6 @@ class GISTLoss(nn.Module):
             else:
                 excluded = excluded | flagged
         negatives = ~excluded & ~positives
-        labels = g[:, 0]
         contrastive, distillation = [], []
         teacher = None
         distill_temperature = self.settings.distill_temperature
@@ -454,7 +446,7 @@ class GISTLoss(nn.Module):
                 per_row = terms.masked_fill(~positives, 0.0).sum(1) / positives.sum(1)
                 contrastive.append(per_row.sum())
             else:
-                contrastive.append(F.cross_entropy(logits, labels, reduction="sum"))
+                contrastive.append(F.cross_entropy(logits, g[:, 0], reduction="sum"))  # label: the row's positive
             if teacher is None:
                 distillation.append(torch.zeros((), device=device))
             else:
@@ -582,9 +574,7 @@ def _block_ids(ids: Tensor, contrast_anchors: bool, contrast_positives: bool) ->
 def _check_text_ids(text_ids: tuple, shape: tuple[int, ...]) -> str | None:
     """An error message when ``text_ids`` does not match the columns ``(B, K)`` of ``shape``, else None."""
     b, k = shape[0], shape[1]
-    query, positive, negative = text_ids
-    wanted = {"query": (query, b), "positive": (positive, b), "negative": (negative, b * k)}
-    for name, (t, numel) in wanted.items():
+    for name, t, numel in zip(("query", "positive", "negative"), text_ids, (b, b, b * k), strict=True):
         if numel == 0 and t is None:
             continue
         if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != numel:

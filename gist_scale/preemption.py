@@ -22,7 +22,8 @@ class PreemptionFlag:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.is_set = False
+        """A signal arrived: the loop stops after the current step."""
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionFlag:
@@ -37,8 +38,4 @@ class PreemptionFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = signum
-
-    @property
-    def is_set(self) -> bool:
-        return self.received is not None
+        self.is_set = True

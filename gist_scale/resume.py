@@ -151,11 +151,10 @@ class ResumePlan:
             source = plain_checkpoint(accelerator, self.checkpoint)
         elif self.resharded and self.plan.zero_stage is not None:
             source = universal_checkpoint(accelerator, self.checkpoint)
-        optimizers = accelerator._optimizers
-        built = [[group["weight_decay"] for group in optimizer.param_groups] for optimizer in optimizers]
+        optimizer = accelerator._optimizers[0]  # the trainer's one optimizer
+        built = [group["weight_decay"] for group in optimizer.param_groups]
         state = load_checkpoint(accelerator, self.checkpoint, load_from=source, state_kwargs=state_kwargs)
-        for optimizer, decays in zip(optimizers, built):
-            _repair_loaded_optimizer(optimizer, decays)
+        _repair_loaded_optimizer(optimizer, built)
         if self.resharded:
             # The saved per-rank streams belong to another rank count (some ranks have none, some files are left
             # over); a stream per (seed, step, rank) keeps a resume reproducible.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from rich.table import Table
+from rich.table import Column, Table
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale import distributed
@@ -71,11 +71,9 @@ class HeldOutEvaluator(Evaluator):
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = self._evaluate(step)
-        best_metric = self.cfg.checkpoint.keep_best
-        if not best_metric:  # `JobConfig` made sure it names one of the metrics
-            return metrics
+        best_metric = self.cfg.checkpoint.keep_best  # `JobConfig` made sure it names one of the metrics, if any
         # Rank 0 decides for all: ranks comparing their own floats could disagree (and then wait forever).
-        if distributed.main_process_decides(metrics[best_metric] > self.best):
+        if best_metric and distributed.main_process_decides(metrics[best_metric] > self.best):
             self.best = metrics[best_metric]
             self.exporter.export(self.run_dir / "best", step, metrics)
             if self.accelerator.is_main_process:
@@ -99,9 +97,8 @@ class HeldOutEvaluator(Evaluator):
         if final is None or not self.accelerator.is_main_process or not baseline_file.is_file():
             return
         base = json.loads(baseline_file.read_text())
-        table = Table(title=f"held-out retrieval: {self.cfg.model.name} before vs after GIST fine-tuning")
-        for column in ("metric", "before", "after", "delta"):
-            table.add_column(column, justify="left" if column == "metric" else "right")
+        table = Table("metric", *(Column(column, justify="right") for column in ("before", "after", "delta")),
+                      title=f"held-out retrieval: {self.cfg.model.name} before vs after GIST fine-tuning")
         for name, value in final.items():
             before = base.get(name, float("nan"))
             table.add_row(name, f"{before:.4f}", f"{value:.4f}", f"{value - before:+.4f}")

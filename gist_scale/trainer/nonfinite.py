@@ -25,12 +25,12 @@ class NonFiniteSteps:
         """A non-finite loss whose update was applied (DeepSpeed's overflow check switched off): an error."""
 
     def add(self, skipped: Tensor, nonfinite: Tensor) -> None:
-        """Count one step: whether it was skipped and whether its loss was non-finite (0-dim bools, not read)."""
-        skipped = skipped.to(self._skipped.device, non_blocking=True)
+        """Count one step: whether it was skipped and whether its loss was non-finite (0-dim bools on the trainer's
+        device, as the optimizer step and `distributed.agree_on_step` return them; not read)."""
         self._skipped += skipped
         self._in_a_row = (self._in_a_row + 1) * skipped
         torch.maximum(self._longest, self._in_a_row, out=self._longest)
-        self._applied_anyway |= nonfinite.to(skipped.device, non_blocking=True) & ~skipped
+        self._applied_anyway |= nonfinite & ~skipped
 
     def in_a_row(self) -> int:
         """The current run of skipped steps (for a checkpoint: a resume continues it). Reads the device."""

@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
+from transformers.utils import flatten_dict
 
 from gist_scale import distributed
 from gist_scale.config import METRICS_FILE, JobConfig
@@ -64,11 +65,8 @@ class StepOutcome:
 def model_flops(encoder_configs: dict, counts: dict[str, TokenCounts]) -> float:
     """Training FLOPs of a micro-batch on real tokens: the student's forward and backward (3x a forward) and the live
     guide's forward. GradCache's second forward is recomputation and is not counted."""
-    flops = 0.0
-    for side, config in encoder_configs.items():
-        forward = forward_flops(config, counts[side].tokens, counts[side].tokens_squared)
-        flops += 3 * forward if side == "student" else forward
-    return flops
+    return sum((3 if side == "student" else 1) * forward_flops(config, counts[side].tokens, counts[side].tokens_squared)
+               for side, config in encoder_configs.items())
 
 
 @dataclass
@@ -94,17 +92,6 @@ class MetricsWindow:
         return time.perf_counter() - self.opened - sum(self.other_seconds.values())
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """Trackers take flat scalar hyperparameters: {"optim.lr": 2e-5, ...}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
-
-
 class MetricsLog:
     """The run's records (trackers and RUN/metrics.jsonl, main process) and its log lines."""
 
@@ -117,7 +104,10 @@ class MetricsLog:
 
     def init_trackers(self, cfg: JobConfig) -> None:
         if cfg.logging.trackers:
-            self.accelerator.init_trackers(cfg.logging.project, config=_flatten(cfg.to_dict()))
+            # Trackers take flat scalar hyperparameters: {"optim.lr": 2e-5, ...}.
+            flat = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                    for key, value in flatten_dict(cfg.to_dict()).items()}
+            self.accelerator.init_trackers(cfg.logging.project, config=flat)
 
     def record(self, record: dict) -> None:
         """Send a metrics record to the trackers and append it to RUN/metrics.jsonl (main process)."""
