@@ -50,7 +50,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentParser
-from rich.console import Console
 from rich.table import Table
 from torch.nn.utils.rnn import pad_sequence
 
@@ -64,10 +63,9 @@ from gist_scale.loss import margin_threshold
 from gist_scale.metrics import top_k
 from gist_scale.model import load_guide, load_tokenizer
 from gist_scale.options import job_parser, parse_job
+from gist_scale.trainer.console import console
 
 __all__ = ["MarginSweep", "MineConfig", "MineStats", "margin_grid", "mine_negatives", "main"]
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 QUERY_BLOCK = 1024
 """Queries searched at a time (and the unit of the random draw's seeding): with the corpus scored in blocks of
@@ -266,8 +264,7 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
             keys = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device).expand(ids.shape)
         else:
             # Seeded by (seed, block): the same draw whichever rank holds the block.
-            generator = np.random.default_rng([cfg.seed, block])
-            keys = torch.from_numpy(generator.random(ids.shape)).to(ids.device)
+            keys = torch.from_numpy(np.random.default_rng([cfg.seed, block]).random(ids.shape)).to(ids.device)
         keys = keys.masked_fill(~allowed, math.inf)
         # A search shallower than K (a corpus smaller than K) finds no query its K: the rest is padding.
         width = min(k, ids.shape[1])
@@ -387,12 +384,14 @@ def _write(out: Path, dataset, task, rows_q: np.ndarray, pos_scores: np.ndarray,
         tmp.unlink(missing_ok=True)
 
 
-def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's distinct-query id and its positive's corpus id."""
+def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Each row's distinct-query id and its positive's corpus id, and each distinct query's own corpus id (-1 where
+    its text is not a corpus text)."""
     query_id = {text: i for i, text in enumerate(task.queries)}
     corpus_id = {text: i for i, text in enumerate(task.corpus)}
     return (np.asarray([query_id[text] for text in dataset["query"]], dtype=np.int64),
-            np.asarray([corpus_id[text] for text in dataset["pos"]], dtype=np.int64))
+            np.asarray([corpus_id[text] for text in dataset["pos"]], dtype=np.int64),
+            [corpus_id.get(text, -1) for text in task.queries])
 
 
 def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = (), overwrite: bool = False,
@@ -409,7 +408,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         # Rows are read as pairs: existing negatives are not candidates.
         dataset, report = load_triplets(replace(job.data, neg_columns=[]))
         task = retrieval_task(dataset, corpus_files, report.source)
-    rows_q, rows_p = _row_pairs(dataset, task)
+    rows_q, rows_p, own = _row_pairs(dataset, task)
     if state.is_main_process:
         console.print(f"{task.describe()}; guide {job.guide.name} on {state.num_processes} rank(s)")
 
@@ -422,8 +421,6 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     depth = search_depth(mine.range_max, positives, corpus.shape[0])
     search = _faiss_search(corpus, depth) if mine.index == "faiss" else None  # None: `metrics.top_k`
     blocks, sizes = query_blocks(len(positives), mine.query_block, state.num_processes, state.process_index)
-    corpus_id = {text: i for i, text in enumerate(task.corpus)}
-    own = [corpus_id.get(text, -1) for text in task.queries]
     sweep = MarginSweep(margin_grid(mine.margin))
     ids, scores, _ = mine_negatives(queries, corpus, positives, mine, blocks, search, own, sweep)
     ids = distributed.gather_no_grad(ids, sizes).cpu().numpy()
@@ -448,8 +445,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     if state.is_main_process:
         console.print(drop_table_view(stats, mine.margin, mine.margin_strategy))
         _write(out, dataset, task, rows_q, pos_scores, ids, scores)
-        for line in stats.lines():
-            console.print(line)
+        console.print(*stats.lines(), sep="\n")
         if stats.queries_short:
             console.print(f"[yellow]{stats.queries_short} queries ({stats.rows - stats.rows_written} rows) had fewer "
                           f"than {mine.num_negatives} allowed candidates and were left out: raise --range-max, lower "
