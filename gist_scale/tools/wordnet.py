@@ -76,10 +76,9 @@ def _file_pos(ss_type: str) -> str:
 
 def parse_gloss(gloss: str) -> tuple[str, tuple[str, ...]]:
     """Split a gloss into its definition and its quoted example sentences (too-short examples are dropped)."""
-    quote = gloss.find('"')
-    definition = (gloss if quote < 0 else gloss[:quote]).strip().rstrip(";").strip()
-    quoted = re.findall(r'"([^"]*)"', gloss[quote:]) if quote >= 0 else []
-    examples = tuple(e.strip() for e in quoted if len(e.split()) >= MIN_EXAMPLE_WORDS)
+    definition = gloss.partition('"')[0].strip().rstrip(";").strip()
+    # The definition holds no quote, so every quoted part of the gloss is an example.
+    examples = tuple(e.strip() for e in re.findall(r'"([^"]*)"', gloss) if len(e.split()) >= MIN_EXAMPLE_WORDS)
     return definition, examples
 
 
@@ -271,12 +270,6 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
     return WordNetTriplets(train_rows, eval_rows, tasks, ood, list(holdout_lexnames))
 
 
-def write_jsonl(rows: Sequence[dict[str, str]], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _ood_readme(result: WordNetTriplets) -> str:
     """The README's paragraph on `ood.jsonl` (empty without held-out lexicographer files)."""
     if not result.ood_tasks:
@@ -375,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval", "ood") if result.ood_tasks else ("train", "eval"):
-        write_jsonl(getattr(result, split), args.out_dir / f"{split}.jsonl")
+        with (args.out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in getattr(result, split))
     notice = "The triplets in this folder are derived from WordNet 3.0 and are distributed under its license:\n\n"
     (args.out_dir / "LICENSE").write_text(notice + license_text(args.wordnet_dir))
     (args.out_dir / "README.md").write_text(_readme(result, args))
