@@ -128,10 +128,10 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
         configs = {"student": AutoConfig.from_pretrained(setup.student_dir)}
         if mode.guide_runs:
             configs["guide"] = AutoConfig.from_pretrained(setup.guide_dir)
-        losses = [mode.step(mode.next_group()) for _ in range(cfg.warmup)]
+        losses = [mode.step(next(mode.groups)) for _ in range(cfg.warmup)]
         real = processed = flops = elapsed = 0
         for _ in range(cfg.steps):
-            group = mode.next_group()
+            group = next(mode.groups)
             if cuda:
                 torch.cuda.synchronize(device)  # the group's copy to the device belongs to the data path
             start = time.perf_counter()
