@@ -129,18 +129,6 @@ def _full_dimension_keys(evals: list[dict[str, Any]]) -> list[str]:
     return sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)} - per_dimension)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise MatplotlibMissing("gist-scale report needs matplotlib, an optional extra: "
-                                "pip install 'gist-scale[report]' (or pip install matplotlib)") from error
-    matplotlib.use("Agg")  # no display on cluster nodes; must precede importing pyplot
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
     return [s for s, _ in points], [v for _, v in points]
@@ -171,12 +159,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     train, evals = read_metrics(metrics_path)
     if not train and not evals:
         raise ValueError(f"{metrics_path}: no records yet (the first is written at step train.log_every)")
-    plt = _pyplot()
-    # Markers make short runs (a handful of logged steps) readable; long runs are drawn as plain lines.
-    style = {"marker": "o", "markersize": 3} if len(train) < 50 else {}
-
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MatplotlibMissing("gist-scale report needs matplotlib, an optional extra: "
+                                "pip install 'gist-scale[report]' (or pip install matplotlib)") from error
+    matplotlib.use("Agg")  # no display on cluster nodes; must precede importing pyplot
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    # Markers make short runs (a handful of logged steps) readable; long runs are drawn as plain lines.
+    style = {"marker": "o", "markersize": 3} if len(train) < 50 else {}
     mixture_path = run / MIXTURE_FILE
     mixture = json.loads(mixture_path.read_text()) if mixture_path.is_file() else None
     # One shared step axis, so eval points line up with the training curves; a Matryoshka run adds a column whose
