@@ -279,17 +279,6 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
 # ---------------------------------------------------------------------------------------------- command
 
 
-@dataclass(frozen=True)
-class DropRow:
-    """One margin of the drop table."""
-
-    margin: float
-    dropped: int
-    """Searched candidates the margin rule drops."""
-    rows_without_negatives: int
-    """Rows whose query is left with fewer than K allowed candidates, so none are written."""
-
-
 @dataclass
 class MineStats:
     """What a mining run did, printed at the end and written by `--stats FILE`."""
@@ -309,8 +298,10 @@ class MineStats:
     rows_written: int
     mean_pos_score: float
     mean_neg_score: float
-    drop_table: list[DropRow]
-    """The margin grid around the chosen margin (`margin_grid`), printed before anything is written."""
+    drop_table: list[dict[str, float]]
+    """The margin grid around the chosen margin (`margin_grid`), printed before anything is written; per margin,
+    `margin`, `dropped` (the searched candidates the margin rule drops) and `rows_without_negatives` (the rows whose
+    query it leaves fewer than K allowed candidates, so none are written)."""
 
     def lines(self) -> list[str]:
         return [
@@ -332,10 +323,10 @@ def drop_table_view(stats: MineStats, chosen: float, strategy: str) -> Table:
     for column in ("margin", "dropped as false negatives", "rows without negatives"):
         table.add_column(column, justify="right")
     for row in stats.drop_table:
-        mark = row.margin == chosen
-        rows = row.rows_without_negatives
-        table.add_row(f"{'-> ' if mark else ''}{row.margin:g}",
-                      f"{row.dropped:,} ({row.dropped / max(stats.searched_candidates, 1):.1%})",
+        mark = row["margin"] == chosen
+        dropped, rows = row["dropped"], row["rows_without_negatives"]
+        table.add_row(f"{'-> ' if mark else ''}{row['margin']:g}",
+                      f"{dropped:,} ({dropped / max(stats.searched_candidates, 1):.1%})",
                       f"{rows:,} of {stats.rows:,} ({rows / max(stats.rows, 1):.1%})", style="bold" if mark else None)
     return table
 
@@ -440,7 +431,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         queries_short=int((~found).sum()), rows_written=int(kept_rows.sum()),
         mean_pos_score=float(pos_scores[kept_rows].mean()) if kept_rows.any() else math.nan,
         mean_neg_score=float(scores[found].mean()) if found.any() else math.nan,
-        drop_table=[DropRow(margin, int(count), int(short[rows_q, g].sum()))
+        drop_table=[{"margin": margin, "dropped": int(count), "rows_without_negatives": int(short[rows_q, g].sum())}
                     for g, (margin, count) in enumerate(zip(sweep.margins, swept))])
     if state.is_main_process:
         console.print(drop_table_view(stats, mine.margin, mine.margin_strategy))
