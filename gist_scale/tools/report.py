@@ -216,7 +216,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 ha="center", va="center", transform=ax.transAxes)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
     if by_dimension:
@@ -234,9 +233,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             bottom.sharex(axes[0, 0])
             _plot_masked(bottom, train, sources, SOURCE_MASKED, "masked share per source", style)
             bottom.set_xlabel("step")
-            bottom.grid(alpha=0.3)
         else:
             bottom.remove()
+    for ax in all_axes.flat:
+        ax.grid(alpha=0.3)
 
     target = Path(out) if out is not None else run / DEFAULT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -280,7 +280,6 @@ def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, 
     ax.set_xlabel("share of global batches")
     ax.set_title("mixture: requested vs realised")
     ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
 
 
 def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int, float]]]]]) -> None:
@@ -296,7 +295,6 @@ def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int,
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
     ax.set_xlabel("embedding dimension (truncate_dim)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
 
 
