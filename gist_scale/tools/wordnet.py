@@ -94,8 +94,7 @@ def parse_line(line: str) -> Synset:
     pointers = [fields[j:j + 4] for j in range(i + 1, i + 1 + 4 * int(fields[i]), 4)]
     parents = tuple((_file_pos(target_pos), target) for symbol, target, target_pos, _ in pointers
                     if symbol in ("@", "@i") or (ss_type == "s" and symbol == "&"))
-    definition, examples = parse_gloss(gloss)
-    return Synset((_file_pos(ss_type), offset), LEXNAMES[lex_filenum], definition, examples, parents)
+    return Synset((_file_pos(ss_type), offset), LEXNAMES[lex_filenum], *parse_gloss(gloss), parents)
 
 
 def iter_synsets(path: Path) -> Iterator[Synset]:
@@ -216,9 +215,8 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
         an example that is not also one of `key`'s, so it always yields a negative distinct from the positive."""
         parents = [family] if family is not None else list(synsets[key].parents)
         own = set(examples(key))
-        found = {c for p in parents for c in children[p] if c != key and c not in exclude and usable(c)
-                 and any(e not in own for e in examples(c))}
-        return sorted(found)
+        return sorted({c for p in parents for c in children[p] if c != key and c not in exclude and usable(c)
+                       and any(e not in own for e in examples(c))})
 
     by_task = Counter(synsets[k].lexname for k in sorted(synsets) if usable(k) and siblings(k, None, set()))
     tasks = sorted(by_task, key=lambda t: (-by_task[t], t))[:num_tasks]
