@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     trust = args.trust_remote_code == "true"
     guide = load_guide(GuideConfig(name=args.guide, dtype=args.dtype, trust_remote_code=trust), torch.device("cpu"))
     tokenizer = load_tokenizer(args.guide, None, trust, "--guide.trust_remote_code true")
-    report = measure_flips(guide, tokenizer, batches, args.micro_batches)
-    print(report.line(args.dtype, args.micro_batches))
+    print(measure_flips(guide, tokenizer, batches, args.micro_batches).line(args.dtype, args.micro_batches))
     return 0
 
 
