@@ -199,9 +199,8 @@ class ReferenceMode:
             # released at the time of writing): peft's adapters injected into its transformers model, the base frozen.
             inject_adapter_in_model(LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                                target_modules=lora_targets(setup.student)), model.transformers_model)
-        guide = SentenceTransformer(str(setup.guide_dir), device=device)
         model.train()
-        loss = GISTEmbedLoss(model, guide)
+        loss = GISTEmbedLoss(model, SentenceTransformer(str(setup.guide_dir), device=device))
         self.loss = MatryoshkaLoss(model, loss, list(setup.matryoshka_dims)) if name == "st_matryoshka" else loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, fused=setup.cuda)
