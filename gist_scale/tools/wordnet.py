@@ -286,9 +286,8 @@ synsets); none of their synsets appears in `train.jsonl` or `eval.jsonl`, nor an
 
 
 def _readme(result: WordNetTriplets, args: argparse.Namespace) -> str:
-    counts = {split: Counter(r["task_name"] for r in rows)
-              for split, rows in (("train", result.train), ("eval", result.eval))}
-    table = "\n".join(f"| {t} | {counts['train'][t]} | {counts['eval'][t]} |" for t in result.tasks)
+    train_counts, eval_counts = (Counter(r["task_name"] for r in rows) for rows in (result.train, result.eval))
+    table = "\n".join(f"| {t} | {train_counts[t]} | {eval_counts[t]} |" for t in result.tasks)
     holdout = f" --holdout-lexnames {','.join(args.holdout_lexnames)} --ood {args.ood}" if args.holdout_lexnames else ""
     return f"""# WordNet 3.0 triplets
 
