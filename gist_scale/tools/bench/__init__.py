@@ -65,8 +65,8 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from gist_scale.flops import peak_tflops
-from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, write_deepspeed_configs,
-                                           write_rows)
+from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, ZERO_SETTINGS, build_model_dir,
+                                           deepspeed_config, write_rows)
 from gist_scale.tools.bench.modes import ALL_MODES, MODES, BenchConfig, CaseSetup
 from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
 from gist_scale.trainer.console import console
@@ -184,7 +184,8 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
     work_dir = root / f"{student}-{guide}-{batch}"
     work_dir.mkdir()
-    write_deepspeed_configs(work_dir)
+    for stage in ZERO_SETTINGS:  # zero2.json and zero3.json, the shipped ZeRO configs, for the DeepSpeed modes
+        (work_dir / f"zero{stage}.json").write_text(json.dumps(deepspeed_config(stage), indent=2) + "\n")
     rows = write_rows(work_dir / "rows.jsonl", DISTINCT_BATCHES * batch, cfg.query_len, cfg.doc_len,
                       student in DECODER_SIZES, cfg.seed)
     width = AutoConfig.from_pretrained(student_dir).hidden_size

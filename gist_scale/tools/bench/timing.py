@@ -147,8 +147,8 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
                                      if name in REFERENCE_MODES else counts)
         # Read back once, after the timing: the trainer leaves out the update of a step with a non-finite loss.
         if not bool(torch.isfinite(torch.stack(losses)).all()):
-            raise FloatingPointError(f"{setup.case} batch {setup.batch}, {name}: a non-finite loss (its update left out, so "
-                                     "its time is not a step's); try a lower --lr")
+            raise FloatingPointError(f"{setup.case} batch {setup.batch}, {name}: a non-finite loss (its update left "
+                                     "out, so its time is not a step's); try a lower --lr")
         tflops = flops / elapsed / 1e12
         record.update(chunk_size=mode.chunk_size, precision=mode.precision, trainable_params=mode.trainable_params,
                       first_loss=float(losses[0]), seconds_per_step=elapsed / cfg.steps,
