@@ -277,14 +277,13 @@ def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, 
             label=f"realised ({sum(batches):.0f} batches)")
     ax.set_yticks(list(positions), names, fontsize="small")
     ax.invert_yaxis()
-    ax.set_xlabel("share of global batches")
-    ax.set_title("mixture: requested vs realised")
+    ax.set(title="mixture: requested vs realised", xlabel="share of global batches")
     ax.legend(fontsize="small")
 
 
 def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int, float]]]]]) -> None:
     """Quality against embedding dimension (log scale): solid for the last evaluation, dashed for the first."""
-    ax.set_title("eval against embedding dimension (Matryoshka)")
+    ax.set(title="eval against embedding dimension (Matryoshka)", xlabel="embedding dimension (truncate_dim)")
     colors = {}
     for index, (step, curves) in enumerate(reversed(by_dimension)):
         for metric, points in curves.items():
@@ -294,7 +293,6 @@ def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int,
     dims = sorted({d for _, curves in by_dimension for pts in curves.values() for d, _ in pts})
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
-    ax.set_xlabel("embedding dimension (truncate_dim)")
     ax.legend(fontsize="x-small")
 
 
