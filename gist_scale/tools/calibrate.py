@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         state = distributed.launch_state(cfg.train.collective_timeout_s)
         if state.is_main_process:
             run = calibrate(cfg, grid, world_size, args.steps, state.device)
-            console.print(summary(run))
-            for view in tables(run):
-                console.print(view)
+            console.print(summary(run), *tables(run), sep="\n")
             if args.json is not None:
                 Path(args.json).write_text(json.dumps(asdict(run), indent=2) + "\n")
         state.wait_for_everyone()
