@@ -313,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     except (MatplotlibMissing, FileNotFoundError, ValueError) as error:
         print(f"gist-scale report: error: {error}", file=sys.stderr)
         return 2
-    print(f"report written to {path.resolve()}")
-    for line in summary_lines(*read_metrics(Path(args.run_dir) / METRICS_FILE)):
-        print(line)
+    print(f"report written to {path.resolve()}", *summary_lines(*read_metrics(Path(args.run_dir) / METRICS_FILE)),
+          sep="\n")
     return 0
