@@ -232,33 +232,29 @@ def print_table(records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg)
-    except FloatingPointError as error:
-        console.print(f"[red]error:[/red] {error}")
-        return 1
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(cfg: BenchConfig) -> int:
     if "st" in cfg.modes and importlib.util.find_spec("sentence_transformers") is None:
         # optional: the reference implementation, not a dependency
         console.print("[yellow]sentence-transformers is not installed: the `st` reference is skipped, so no "
                       "ratio is reported (pip install sentence-transformers, or gist-scale[dev])")
         cfg.modes = [m for m in cfg.modes if m != "st"]
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
             "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout,
             "peak_tflops": cfg.peak_tflops}
     console.print(f"device {device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     records = []
-    with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
-        for student, guide in cfg.cases:
-            for batch in cfg.batches:
-                records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
+    try:
+        with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
+            for student, guide in cfg.cases:
+                for batch in cfg.batches:
+                    records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
+    except FloatingPointError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 1
+    finally:
+        torch.set_num_threads(threads)
     print_table(records)
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
