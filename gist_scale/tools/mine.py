@@ -67,10 +67,6 @@ from gist_scale.trainer.console import console
 
 __all__ = ["MarginSweep", "MineConfig", "MineStats", "margin_grid", "mine_negatives", "main"]
 
-QUERY_BLOCK = 1024
-"""Queries searched at a time (and the unit of the random draw's seeding): with the corpus scored in blocks of
-`metrics.CORPUS_CHUNK`, the largest score matrix is 1024 x 65536 fp32 (256 MiB)."""
-
 SCORE_DIGITS = 6
 """Decimals of the scores written (the guide's fp32 cosines carry about 7)."""
 
@@ -103,8 +99,9 @@ class MineConfig:
     """`torch`: blocked matrix products on this rank's device; `faiss`: an exact faiss IndexFlatIP (needs faiss)."""
     batch_size: int = 128
     """Texts per guide forward."""
-    query_block: int = QUERY_BLOCK
-    """Queries searched at a time."""
+    query_block: int = 1024
+    """Queries searched at a time (and the unit of the random draw's seeding): with the corpus scored in blocks of
+    `metrics.CORPUS_CHUNK`, the largest score matrix is 1024 x 65536 fp32 (256 MiB)."""
 
     def __post_init__(self) -> None:
         def check(condition: bool, message: str) -> None:
