@@ -30,7 +30,6 @@ from gist_scale.config import METRICS_FILE, MIXTURE_FILE
 __all__ = ["MatplotlibMissing", "dimension_curves", "masked_share_keys", "read_metrics", "plot_run", "summary_lines",
            "main"]
 
-DEFAULT_NAME = "report.png"
 EVAL_PREFIX = "eval/"
 MASKED = "masked_fraction"
 SOURCE_MASKED = f"{MASKED}/source/"
@@ -238,7 +237,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for ax in all_axes.flat:
         ax.grid(alpha=0.3)
 
-    target = Path(out) if out is not None else run / DEFAULT_NAME
+    target = Path(out) if out is not None else run / "report.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
     plt.close(figure)
