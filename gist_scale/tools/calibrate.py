@@ -192,7 +192,6 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
     loss_fn = GISTLoss(**{**asdict(cfg.loss), "matryoshka_dims": None, "matryoshka_weights": None,
                           "contrastive_weight": 1.0, "distill_weight": 0.0}, gather_across_ranks=False)
     policies = [LossPolicy.of(cfg.loss, source) for source in cfg.data.sources] or [LossPolicy.of(cfg.loss)]
-    source_names = sources[0].source_names
     counts = {setting: _Counts(len(policies), device) for setting in grid}
     # The first `steps` global batches' micro-steps, each as every rank's micro-batch in rank order.
     for micro_batches in islice(zip(*sources), steps * plan.grad_accum_steps):
@@ -216,7 +215,7 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
                                    policy=replace(policies[source], **asdict(setting)))
                 counts[setting].add(source, stats.flagged_by_block, stats.judged_by_block, stats.negatives_left)
     configured = Setting(cfg.loss.margin_strategy, cfg.loss.margin)
-    results = [counts[setting].result(setting, configured, source_names) for setting in grid]
+    results = [counts[setting].result(setting, configured, sources[0].source_names) for setting in grid]
     return CalibrationRun(guide=cfg.guide.name, guide_cache=cfg.guide.cache, world_size=world_size,
                           grad_accum_steps=plan.grad_accum_steps, global_batch=plan.global_batch, steps=steps,
                           rows=results[0].rows, seconds=time.perf_counter() - start, settings=results)
