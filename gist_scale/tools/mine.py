@@ -113,9 +113,8 @@ class MineConfig:
         check(self.range_max > self.range_min,
               f"--range-max {self.range_max}: must be larger than --range-min {self.range_min}")
         check(self.num_negatives <= self.range_max - self.range_min,
-              f"--num-negatives {self.num_negatives} is more than the {self.range_max - self.range_min} ranks "
-              f"allowed by --range-min {self.range_min} --range-max {self.range_max}: lower --num-negatives or "
-              "widen the range")
+              f"--num-negatives {self.num_negatives} is more than the {self.range_max - self.range_min} ranks allowed "
+              f"by --range-min {self.range_min} --range-max {self.range_max}: lower --num-negatives or widen the range")
         check(math.isfinite(self.margin), f"--margin {self.margin}: must be a finite number")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be positive")
         check(self.query_block > 0, f"--query-block {self.query_block}: must be positive")
@@ -218,8 +217,7 @@ class MarginSweep:
 
 
 def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]], cfg: MineConfig,
-                   blocks: Sequence[int] | None = None, search: Search | None = None,
-                   own: Sequence[int] | None = None,
+                   blocks: Sequence[int] | None = None, search: Search | None = None, own: Sequence[int] | None = None,
                    sweep: MarginSweep | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mine K negatives for the queries of `blocks` (blocks of `cfg.query_block` queries; default: all).
 
@@ -463,9 +461,8 @@ def build_parser() -> ArgumentParser:
 
     parser.add_argument("--out", required=True, help="JSONL file to write (MEDI schema plus guide scores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--corpus", action="append", default=[], metavar="FILE",
-                        help="extra candidate texts (JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); "
-                             "repeatable")
+    parser.add_argument("--corpus", action="append", default=[], metavar="FILE", help="extra candidate texts "
+                        "(JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); repeatable")
     setting("num_negatives", "K negatives per row", type=int)
     setting("range_min", "skip this many best surviving candidates", type=int)
     setting("range_max", "take negatives from surviving ranks below this", type=int)

@@ -113,9 +113,8 @@ def load_wordnet(wordnet_dir: Path) -> dict[SynsetKey, Synset]:
     """All synsets of data.noun, data.verb, data.adj and data.adv, by key."""
     missing = [name for name in DATA_FILES if not (wordnet_dir / f"data.{name}").is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{wordnet_dir}: no data.{missing[0]}; install WordNet 3.0 (Debian: apt-get install wordnet-base) "
-            "or pass --wordnet-dir DIR")
+        raise FileNotFoundError(f"{wordnet_dir}: no data.{missing[0]}; install WordNet 3.0 (Debian: apt-get install "
+                                "wordnet-base) or pass --wordnet-dir DIR")
     return {s.key: s for name in DATA_FILES for s in iter_synsets(wordnet_dir / f"data.{name}")}
 
 

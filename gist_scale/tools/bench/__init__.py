@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
-            "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout,
-            "peak_tflops": cfg.peak_tflops}
+            "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout, "peak_tflops": cfg.peak_tflops}
     console.print(f"device {device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     records = []
     try:
