@@ -333,7 +333,7 @@ def test_a_guide_cache_replaces_the_guide(tmp_path, tiny_model_dir):
     build_guide_cache(job, tmp_path / "cache", rows_per_batch=50, chunk_size=16)
     dataset, report = load_triplets(data)
     task = retrieval_task(dataset, (), report.source)
-    rows_q, rows_p = mine_mod._row_pairs(dataset, task)
+    rows_q, rows_p, _ = mine_mod._row_pairs(dataset, task)
     want_q, want_c, embedded = mine_mod._embed(job, task, rows_q, rows_p, dataset, 32, torch.device("cpu"))
     assert embedded == len(task.texts)
     cached = JobConfig(guide=GuideConfig(name=str(guide), dtype="fp32", cache=str(tmp_path / "cache")), data=data)

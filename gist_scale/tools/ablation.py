@@ -77,11 +77,6 @@ def _flat(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _guide(config: dict) -> str:
-    name = config["guide"]["name"]
-    return "none" if name is None else Path(name).name
-
-
 def _loss(config: dict) -> str:
     """The loss options that differ between the arms, as they were run."""
     loss = config["loss"]
@@ -116,8 +111,9 @@ def load_arms(out_dir: Path) -> list[Arm]:
         per_run = [_scores(run) for run in runs]
         scores = {split: {m: [s[split][m] for s in per_run] for m in per_run[0][split]} for split in SPLITS}
         wall = [sum(_read_json(run / "wall.json").values()) for run in runs]
-        arms.append(Arm(arm_dir.name.split("-", 1)[-1], _guide(configs[0]), _loss(configs[0]),
-                        [c["train"]["seed"] for c in configs], scores, wall))
+        # The guide by its folder's name ("none": trained without a guide).
+        arms.append(Arm(arm_dir.name.split("-", 1)[-1], Path(configs[0]["guide"]["name"] or "none").name,
+                        _loss(configs[0]), [c["train"]["seed"] for c in configs], scores, wall))
     if not arms:
         raise ValueError(f"{out_dir / 'runs'}: no finished runs")
     return arms

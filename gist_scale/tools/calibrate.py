@@ -22,11 +22,10 @@ with none. `--json PATH` writes the same numbers.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -37,8 +36,8 @@ from rich.table import Table
 
 from gist_scale import distributed, encode
 from gist_scale.config import MARGIN_STRATEGIES, ConfigError, JobConfig
-from gist_scale.data import (DataError, TripletBatch, TripletCollator, build_dataloader, build_sampler, count_tokens,
-                             load_triplets, tokenize_triplets)
+from gist_scale.data import (DataError, TripletCollator, build_dataloader, build_sampler, count_tokens, load_triplets,
+                             tokenize_triplets)
 from gist_scale.guide_cache import open_guide_cache
 from gist_scale.loss import BLOCKS, GISTLoss, LossPolicy
 from gist_scale.model import load_guide, load_tokenizer
@@ -186,22 +185,23 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
     if steps is None:
         run_steps = plan.total_steps(sources[0].steps_per_epoch)
         steps = min(DEFAULT_STEPS, run_steps, sources[0].steps_per_epoch or run_steps)
-    for line in sources[0].lines():
-        console.print(line)
+    console.print(*sources[0].lines(), sep="\n")
     guide = load_guide(cfg.guide, device) if live_guide else None
     # The mask depends on the policy, the guide's scores and the text identities: the student's Matryoshka sizes
     # and the distillation term (which the guide's embeddings standing in for the student's would only slow) are off.
     loss_fn = GISTLoss(**{**asdict(cfg.loss), "matryoshka_dims": None, "matryoshka_weights": None,
                           "contrastive_weight": 1.0, "distill_weight": 0.0}, gather_across_ranks=False)
     policies = [LossPolicy.of(cfg.loss, source) for source in cfg.data.sources] or [LossPolicy.of(cfg.loss)]
-    source_names = sources[0].source_names
     counts = {setting: _Counts(len(policies), device) for setting in grid}
     # The first `steps` global batches' micro-steps, each as every rank's micro-batch in rank order.
     for micro_batches in islice(zip(*sources), steps * plan.grad_accum_steps):
         micro_batches = [batch.to(device) for batch in micro_batches]
         first = micro_batches[0]
         k, source = first.num_negatives, first.source or 0
-        columns = [_guide_columns(guide, batch, k) for batch in micro_batches]
+        # The guide's embeddings of each rank's micro-batch: embedded as that rank would, or from the cache.
+        columns = [encode.embed_frozen(guide, batch.guide, k) if live_guide
+                   else tuple(batch.guide_embeddings.get(name) for name in ("query", "pos", "neg"))
+                   for batch in micro_batches]
         query, pos, neg = (None if columns[0][i] is None else torch.cat([c[i] for c in columns]) for i in range(3))
         text_ids = tuple(None if name not in first.text_ids else
                          torch.cat([batch.text_ids[name] for batch in micro_batches])
@@ -210,23 +210,15 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
         slot_roles = None if first.slot_roles is None else torch.cat([batch.slot_roles for batch in micro_batches])
         with torch.no_grad():
             for setting in grid:
-                policy = dataclasses.replace(policies[source], **asdict(setting))  # the grid's margin and strategy
+                # The source's policy at the grid's margin and strategy.
                 _, stats = loss_fn(query, pos, neg, query, pos, neg, text_ids=text_ids, slot_roles=slot_roles,
-                                   policy=policy)
+                                   policy=replace(policies[source], **asdict(setting)))
                 counts[setting].add(source, stats.flagged_by_block, stats.judged_by_block, stats.negatives_left)
     configured = Setting(cfg.loss.margin_strategy, cfg.loss.margin)
-    results = [counts[setting].result(setting, configured, source_names) for setting in grid]
+    results = [counts[setting].result(setting, configured, sources[0].source_names) for setting in grid]
     return CalibrationRun(guide=cfg.guide.name, guide_cache=cfg.guide.cache, world_size=world_size,
                           grad_accum_steps=plan.grad_accum_steps, global_batch=plan.global_batch, steps=steps,
                           rows=results[0].rows, seconds=time.perf_counter() - start, settings=results)
-
-
-def _guide_columns(guide, batch: TripletBatch, k: int) -> tuple:
-    """The guide's embeddings of one rank's micro-batch: from the cache, or embedded as that rank would."""
-    cached = batch.guide_embeddings
-    if cached is not None:
-        return cached["query"], cached["pos"], cached.get("neg")
-    return encode.embed_frozen(guide, batch.guide, k)
 
 
 def _share(value: float | None) -> str:
@@ -291,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         state = distributed.launch_state(cfg.train.collective_timeout_s)
         if state.is_main_process:
             run = calibrate(cfg, grid, world_size, args.steps, state.device)
-            console.print(summary(run))
-            for view in tables(run):
-                console.print(view)
+            console.print(summary(run), *tables(run), sep="\n")
             if args.json is not None:
                 Path(args.json).write_text(json.dumps(asdict(run), indent=2) + "\n")
         state.wait_for_everyone()

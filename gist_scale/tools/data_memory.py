@@ -68,10 +68,11 @@ def memory_status(*fields: str) -> dict[str, int]:
     return {f: int(status[f].split()[0]) * 1024 for f in fields}
 
 
-class PeakMemory:
+class PhaseMeter:
     """Samples /proc/self/status every 20 ms, and at every phase boundary: the peak RssAnon and RssFile of the
-    current phase. The boundary reading matters for phases shorter than a sampling interval, or when a loaded
-    machine does not schedule the sampling thread during a phase at all."""
+    current phase, which `reset` starts (and `started` holds its start's wall-clock and CPU times). The boundary
+    reading matters for phases shorter than a sampling interval, or when a loaded machine does not schedule the
+    sampling thread during a phase at all."""
 
     def __init__(self) -> None:
         self.reset()
@@ -90,6 +91,7 @@ class PeakMemory:
     def reset(self) -> None:
         self.anon = self.file = 0
         self.sample()
+        self.started = time.perf_counter(), time.process_time()
 
     def close(self) -> None:
         self._stop.set()
@@ -106,17 +108,15 @@ def measure(rows: int, work_dir: Path, batch_size: int, tokenize: bool = True, s
     cfg = DataConfig(path=str(path))
     result: dict = {"rows": rows, "file_mb": path.stat().st_size / 2**20, "batch_size": batch_size,
                     "start_anon_mb": memory_status("RssAnon")["RssAnon"] / 2**20, "phases": {}}
-    meter = PeakMemory()
-    clock = [time.perf_counter(), time.process_time()]
+    meter = PhaseMeter()
 
     def phase(name: str) -> None:
-        wall, cpu = time.perf_counter() - clock[0], time.process_time() - clock[1]
+        wall, cpu = time.perf_counter() - meter.started[0], time.process_time() - meter.started[1]
         meter.sample()
         result["phases"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                                   "cpu_us_per_row": round(cpu / rows * 1e6, 2),
                                   "peak_anon_mb": round(meter.anon / 2**20), "peak_file_mb": round(meter.file / 2**20)}
         meter.reset()
-        clock[:] = [time.perf_counter(), time.process_time()]
 
     if streaming:
         stream = StreamingBatches(DataConfig(path=str(path), streaming=True), TripletCollator(tokenizer, tokenizer),

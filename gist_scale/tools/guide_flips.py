@@ -82,8 +82,7 @@ def measure_flips(guide: torch.nn.Module, tokenizer, batches: Sequence[Sequence[
     for batch in batches:
         n = len(batch)
         query, pos, neg = ([row[key] for row in batch] for key in ("query", "pos", "neg"))
-        texts = query + pos + neg
-        (mask_a, gap_a), (mask_b, _) = (_decisions(_embed(guide, tokenizer, texts, size, max_length), n)
+        (mask_a, gap_a), (mask_b, _) = (_decisions(_embed(guide, tokenizer, query + pos + neg, size, max_length), n)
                                         for size in micro_batches[:2])
         columns = pos + neg + query + pos
         compared = torch.tensor([[j != i and j != 2 * n + i and j != 3 * n + i and text not in (query[i], pos[i])
@@ -91,8 +90,7 @@ def measure_flips(guide: torch.nn.Module, tokenizer, batches: Sequence[Sequence[
         flipped = (mask_a != mask_b) & compared
         flips += int(flipped.sum())
         candidates += int(compared.sum())
-        if flipped.any():
-            max_gap = max(max_gap, float(gap_a[flipped].abs().max()))
+        max_gap = max([max_gap, *gap_a[flipped].abs().tolist()])
     return FlipReport(flips, candidates, max_gap, len(batches))
 
 
@@ -125,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     trust = args.trust_remote_code == "true"
     guide = load_guide(GuideConfig(name=args.guide, dtype=args.dtype, trust_remote_code=trust), torch.device("cpu"))
     tokenizer = load_tokenizer(args.guide, None, trust, "--guide.trust_remote_code true")
-    report = measure_flips(guide, tokenizer, batches, args.micro_batches)
-    print(report.line(args.dtype, args.micro_batches))
+    print(measure_flips(guide, tokenizer, batches, args.micro_batches).line(args.dtype, args.micro_batches))
     return 0
 
 

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jsonargparse import ArgumentParser
-from rich.console import Console
 from rich.table import Table
 from torch.nn.utils.rnn import pad_sequence
 
@@ -64,14 +63,9 @@ from gist_scale.loss import margin_threshold
 from gist_scale.metrics import top_k
 from gist_scale.model import load_guide, load_tokenizer
 from gist_scale.options import job_parser, parse_job
+from gist_scale.trainer.console import console
 
 __all__ = ["MarginSweep", "MineConfig", "MineStats", "margin_grid", "mine_negatives", "main"]
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-
-QUERY_BLOCK = 1024
-"""Queries searched at a time (and the unit of the random draw's seeding): with the corpus scored in blocks of
-`metrics.CORPUS_CHUNK`, the largest score matrix is 1024 x 65536 fp32 (256 MiB)."""
 
 SCORE_DIGITS = 6
 """Decimals of the scores written (the guide's fp32 cosines carry about 7)."""
@@ -105,8 +99,9 @@ class MineConfig:
     """`torch`: blocked matrix products on this rank's device; `faiss`: an exact faiss IndexFlatIP (needs faiss)."""
     batch_size: int = 128
     """Texts per guide forward."""
-    query_block: int = QUERY_BLOCK
-    """Queries searched at a time."""
+    query_block: int = 1024
+    """Queries searched at a time (and the unit of the random draw's seeding): with the corpus scored in blocks of
+    `metrics.CORPUS_CHUNK`, the largest score matrix is 1024 x 65536 fp32 (256 MiB)."""
 
     def __post_init__(self) -> None:
         def check(condition: bool, message: str) -> None:
@@ -118,9 +113,8 @@ class MineConfig:
         check(self.range_max > self.range_min,
               f"--range-max {self.range_max}: must be larger than --range-min {self.range_min}")
         check(self.num_negatives <= self.range_max - self.range_min,
-              f"--num-negatives {self.num_negatives} is more than the {self.range_max - self.range_min} ranks "
-              f"allowed by --range-min {self.range_min} --range-max {self.range_max}: lower --num-negatives or "
-              "widen the range")
+              f"--num-negatives {self.num_negatives} is more than the {self.range_max - self.range_min} ranks allowed "
+              f"by --range-min {self.range_min} --range-max {self.range_max}: lower --num-negatives or widen the range")
         check(math.isfinite(self.margin), f"--margin {self.margin}: must be a finite number")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be positive")
         check(self.query_block > 0, f"--query-block {self.query_block}: must be positive")
@@ -223,8 +217,7 @@ class MarginSweep:
 
 
 def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Sequence[Sequence[int]], cfg: MineConfig,
-                   blocks: Sequence[int] | None = None, search: Search | None = None,
-                   own: Sequence[int] | None = None,
+                   blocks: Sequence[int] | None = None, search: Search | None = None, own: Sequence[int] | None = None,
                    sweep: MarginSweep | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mine K negatives for the queries of `blocks` (blocks of `cfg.query_block` queries; default: all).
 
@@ -266,8 +259,7 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
             keys = torch.arange(ids.shape[1], dtype=torch.float64, device=ids.device).expand(ids.shape)
         else:
             # Seeded by (seed, block): the same draw whichever rank holds the block.
-            generator = np.random.default_rng([cfg.seed, block])
-            keys = torch.from_numpy(generator.random(ids.shape)).to(ids.device)
+            keys = torch.from_numpy(np.random.default_rng([cfg.seed, block]).random(ids.shape)).to(ids.device)
         keys = keys.masked_fill(~allowed, math.inf)
         # A search shallower than K (a corpus smaller than K) finds no query its K: the rest is padding.
         width = min(k, ids.shape[1])
@@ -280,17 +272,6 @@ def mine_negatives(queries: torch.Tensor, corpus: torch.Tensor, positives: Seque
 
 
 # ---------------------------------------------------------------------------------------------- command
-
-
-@dataclass(frozen=True)
-class DropRow:
-    """One margin of the drop table."""
-
-    margin: float
-    dropped: int
-    """Searched candidates the margin rule drops."""
-    rows_without_negatives: int
-    """Rows whose query is left with fewer than K allowed candidates, so none are written."""
 
 
 @dataclass
@@ -312,8 +293,10 @@ class MineStats:
     rows_written: int
     mean_pos_score: float
     mean_neg_score: float
-    drop_table: list[DropRow]
-    """The margin grid around the chosen margin (`margin_grid`), printed before anything is written."""
+    drop_table: list[dict[str, float]]
+    """The margin grid around the chosen margin (`margin_grid`), printed before anything is written; per margin,
+    `margin`, `dropped` (the searched candidates the margin rule drops) and `rows_without_negatives` (the rows whose
+    query it leaves fewer than K allowed candidates, so none are written)."""
 
     def lines(self) -> list[str]:
         return [
@@ -335,10 +318,10 @@ def drop_table_view(stats: MineStats, chosen: float, strategy: str) -> Table:
     for column in ("margin", "dropped as false negatives", "rows without negatives"):
         table.add_column(column, justify="right")
     for row in stats.drop_table:
-        mark = row.margin == chosen
-        rows = row.rows_without_negatives
-        table.add_row(f"{'-> ' if mark else ''}{row.margin:g}",
-                      f"{row.dropped:,} ({row.dropped / max(stats.searched_candidates, 1):.1%})",
+        mark = row["margin"] == chosen
+        dropped, rows = row["dropped"], row["rows_without_negatives"]
+        table.add_row(f"{'-> ' if mark else ''}{row['margin']:g}",
+                      f"{dropped:,} ({dropped / max(stats.searched_candidates, 1):.1%})",
                       f"{rows:,} of {stats.rows:,} ({rows / max(stats.rows, 1):.1%})", style="bold" if mark else None)
     return table
 
@@ -387,12 +370,14 @@ def _write(out: Path, dataset, task, rows_q: np.ndarray, pos_scores: np.ndarray,
         tmp.unlink(missing_ok=True)
 
 
-def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's distinct-query id and its positive's corpus id."""
+def _row_pairs(dataset, task) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Each row's distinct-query id and its positive's corpus id, and each distinct query's own corpus id (-1 where
+    its text is not a corpus text)."""
     query_id = {text: i for i, text in enumerate(task.queries)}
     corpus_id = {text: i for i, text in enumerate(task.corpus)}
     return (np.asarray([query_id[text] for text in dataset["query"]], dtype=np.int64),
-            np.asarray([corpus_id[text] for text in dataset["pos"]], dtype=np.int64))
+            np.asarray([corpus_id[text] for text in dataset["pos"]], dtype=np.int64),
+            [corpus_id.get(text, -1) for text in task.queries])
 
 
 def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = (), overwrite: bool = False,
@@ -409,7 +394,7 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         # Rows are read as pairs: existing negatives are not candidates.
         dataset, report = load_triplets(replace(job.data, neg_columns=[]))
         task = retrieval_task(dataset, corpus_files, report.source)
-    rows_q, rows_p = _row_pairs(dataset, task)
+    rows_q, rows_p, own = _row_pairs(dataset, task)
     if state.is_main_process:
         console.print(f"{task.describe()}; guide {job.guide.name} on {state.num_processes} rank(s)")
 
@@ -422,8 +407,6 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
     depth = search_depth(mine.range_max, positives, corpus.shape[0])
     search = _faiss_search(corpus, depth) if mine.index == "faiss" else None  # None: `metrics.top_k`
     blocks, sizes = query_blocks(len(positives), mine.query_block, state.num_processes, state.process_index)
-    corpus_id = {text: i for i, text in enumerate(task.corpus)}
-    own = [corpus_id.get(text, -1) for text in task.queries]
     sweep = MarginSweep(margin_grid(mine.margin))
     ids, scores, _ = mine_negatives(queries, corpus, positives, mine, blocks, search, own, sweep)
     ids = distributed.gather_no_grad(ids, sizes).cpu().numpy()
@@ -443,13 +426,12 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
         queries_short=int((~found).sum()), rows_written=int(kept_rows.sum()),
         mean_pos_score=float(pos_scores[kept_rows].mean()) if kept_rows.any() else math.nan,
         mean_neg_score=float(scores[found].mean()) if found.any() else math.nan,
-        drop_table=[DropRow(margin, int(count), int(short[rows_q, g].sum()))
+        drop_table=[{"margin": margin, "dropped": int(count), "rows_without_negatives": int(short[rows_q, g].sum())}
                     for g, (margin, count) in enumerate(zip(sweep.margins, swept))])
     if state.is_main_process:
         console.print(drop_table_view(stats, mine.margin, mine.margin_strategy))
         _write(out, dataset, task, rows_q, pos_scores, ids, scores)
-        for line in stats.lines():
-            console.print(line)
+        console.print(*stats.lines(), sep="\n")
         if stats.queries_short:
             console.print(f"[yellow]{stats.queries_short} queries ({stats.rows - stats.rows_written} rows) had fewer "
                           f"than {mine.num_negatives} allowed candidates and were left out: raise --range-max, lower "
@@ -479,9 +461,8 @@ def build_parser() -> ArgumentParser:
 
     parser.add_argument("--out", required=True, help="JSONL file to write (MEDI schema plus guide scores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--corpus", action="append", default=[], metavar="FILE",
-                        help="extra candidate texts (JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); "
-                             "repeatable")
+    parser.add_argument("--corpus", action="append", default=[], metavar="FILE", help="extra candidate texts "
+                        "(JSONL/JSON/Parquet/CSV with a 'text' column, or plain lines); repeatable")
     setting("num_negatives", "K negatives per row", type=int)
     setting("range_min", "skip this many best surviving candidates", type=int)
     setting("range_max", "take negatives from surviving ranks below this", type=int)

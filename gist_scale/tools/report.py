@@ -30,7 +30,6 @@ from gist_scale.config import METRICS_FILE, MIXTURE_FILE
 __all__ = ["MatplotlibMissing", "dimension_curves", "masked_share_keys", "read_metrics", "plot_run", "summary_lines",
            "main"]
 
-DEFAULT_NAME = "report.png"
 EVAL_PREFIX = "eval/"
 MASKED = "masked_fraction"
 SOURCE_MASKED = f"{MASKED}/source/"
@@ -129,18 +128,6 @@ def _full_dimension_keys(evals: list[dict[str, Any]]) -> list[str]:
     return sorted({k for r in evals for k in r if k.startswith(EVAL_PREFIX)} - per_dimension)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise MatplotlibMissing("gist-scale report needs matplotlib, an optional extra: "
-                                "pip install 'gist-scale[report]' (or pip install matplotlib)") from error
-    matplotlib.use("Agg")  # no display on cluster nodes; must precede importing pyplot
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
     return [s for s, _ in points], [v for _, v in points]
@@ -171,12 +158,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     train, evals = read_metrics(metrics_path)
     if not train and not evals:
         raise ValueError(f"{metrics_path}: no records yet (the first is written at step train.log_every)")
-    plt = _pyplot()
-    # Markers make short runs (a handful of logged steps) readable; long runs are drawn as plain lines.
-    style = {"marker": "o", "markersize": 3} if len(train) < 50 else {}
-
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise MatplotlibMissing("gist-scale report needs matplotlib, an optional extra: "
+                                "pip install 'gist-scale[report]' (or pip install matplotlib)") from error
+    matplotlib.use("Agg")  # no display on cluster nodes; must precede importing pyplot
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    # Markers make short runs (a handful of logged steps) readable; long runs are drawn as plain lines.
+    style = {"marker": "o", "markersize": 3} if len(train) < 50 else {}
     mixture_path = run / MIXTURE_FILE
     mixture = json.loads(mixture_path.read_text()) if mixture_path.is_file() else None
     # One shared step axis, so eval points line up with the training curves; a Matryoshka run adds a column whose
@@ -223,7 +215,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 ha="center", va="center", transform=ax.transAxes)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
     if by_dimension:
@@ -241,11 +232,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             bottom.sharex(axes[0, 0])
             _plot_masked(bottom, train, sources, SOURCE_MASKED, "masked share per source", style)
             bottom.set_xlabel("step")
-            bottom.grid(alpha=0.3)
         else:
             bottom.remove()
+    for ax in all_axes.flat:
+        ax.grid(alpha=0.3)
 
-    target = Path(out) if out is not None else run / DEFAULT_NAME
+    target = Path(out) if out is not None else run / "report.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, dpi=100)
     plt.close(figure)
@@ -284,15 +276,13 @@ def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, 
             label=f"realised ({sum(batches):.0f} batches)")
     ax.set_yticks(list(positions), names, fontsize="small")
     ax.invert_yaxis()
-    ax.set_xlabel("share of global batches")
-    ax.set_title("mixture: requested vs realised")
+    ax.set(title="mixture: requested vs realised", xlabel="share of global batches")
     ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
 
 
 def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int, float]]]]]) -> None:
     """Quality against embedding dimension (log scale): solid for the last evaluation, dashed for the first."""
-    ax.set_title("eval against embedding dimension (Matryoshka)")
+    ax.set(title="eval against embedding dimension (Matryoshka)", xlabel="embedding dimension (truncate_dim)")
     colors = {}
     for index, (step, curves) in enumerate(reversed(by_dimension)):
         for metric, points in curves.items():
@@ -302,8 +292,6 @@ def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int,
     dims = sorted({d for _, curves in by_dimension for pts in curves.values() for d, _ in pts})
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
-    ax.set_xlabel("embedding dimension (truncate_dim)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
 
 
@@ -324,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     except (MatplotlibMissing, FileNotFoundError, ValueError) as error:
         print(f"gist-scale report: error: {error}", file=sys.stderr)
         return 2
-    print(f"report written to {path.resolve()}")
-    for line in summary_lines(*read_metrics(Path(args.run_dir) / METRICS_FILE)):
-        print(line)
+    print(f"report written to {path.resolve()}", *summary_lines(*read_metrics(Path(args.run_dir) / METRICS_FILE)),
+          sep="\n")
     return 0

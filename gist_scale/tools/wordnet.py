@@ -76,10 +76,9 @@ def _file_pos(ss_type: str) -> str:
 
 def parse_gloss(gloss: str) -> tuple[str, tuple[str, ...]]:
     """Split a gloss into its definition and its quoted example sentences (too-short examples are dropped)."""
-    quote = gloss.find('"')
-    definition = (gloss if quote < 0 else gloss[:quote]).strip().rstrip(";").strip()
-    quoted = re.findall(r'"([^"]*)"', gloss[quote:]) if quote >= 0 else []
-    examples = tuple(e.strip() for e in quoted if len(e.split()) >= MIN_EXAMPLE_WORDS)
+    definition = gloss.partition('"')[0].strip().rstrip(";").strip()
+    # The definition holds no quote, so every quoted part of the gloss is an example.
+    examples = tuple(e.strip() for e in re.findall(r'"([^"]*)"', gloss) if len(e.split()) >= MIN_EXAMPLE_WORDS)
     return definition, examples
 
 
@@ -95,8 +94,7 @@ def parse_line(line: str) -> Synset:
     pointers = [fields[j:j + 4] for j in range(i + 1, i + 1 + 4 * int(fields[i]), 4)]
     parents = tuple((_file_pos(target_pos), target) for symbol, target, target_pos, _ in pointers
                     if symbol in ("@", "@i") or (ss_type == "s" and symbol == "&"))
-    definition, examples = parse_gloss(gloss)
-    return Synset((_file_pos(ss_type), offset), LEXNAMES[lex_filenum], definition, examples, parents)
+    return Synset((_file_pos(ss_type), offset), LEXNAMES[lex_filenum], *parse_gloss(gloss), parents)
 
 
 def iter_synsets(path: Path) -> Iterator[Synset]:
@@ -115,9 +113,8 @@ def load_wordnet(wordnet_dir: Path) -> dict[SynsetKey, Synset]:
     """All synsets of data.noun, data.verb, data.adj and data.adv, by key."""
     missing = [name for name in DATA_FILES if not (wordnet_dir / f"data.{name}").is_file()]
     if missing:
-        raise FileNotFoundError(
-            f"{wordnet_dir}: no data.{missing[0]}; install WordNet 3.0 (Debian: apt-get install wordnet-base) "
-            "or pass --wordnet-dir DIR")
+        raise FileNotFoundError(f"{wordnet_dir}: no data.{missing[0]}; install WordNet 3.0 (Debian: apt-get install "
+                                "wordnet-base) or pass --wordnet-dir DIR")
     return {s.key: s for name in DATA_FILES for s in iter_synsets(wordnet_dir / f"data.{name}")}
 
 
@@ -217,9 +214,8 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
         an example that is not also one of `key`'s, so it always yields a negative distinct from the positive."""
         parents = [family] if family is not None else list(synsets[key].parents)
         own = set(examples(key))
-        found = {c for p in parents for c in children[p] if c != key and c not in exclude and usable(c)
-                 and any(e not in own for e in examples(c))}
-        return sorted(found)
+        return sorted({c for p in parents for c in children[p] if c != key and c not in exclude and usable(c)
+                       and any(e not in own for e in examples(c))})
 
     by_task = Counter(synsets[k].lexname for k in sorted(synsets) if usable(k) and siblings(k, None, set()))
     tasks = sorted(by_task, key=lambda t: (-by_task[t], t))[:num_tasks]
@@ -271,12 +267,6 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
     return WordNetTriplets(train_rows, eval_rows, tasks, ood, list(holdout_lexnames))
 
 
-def write_jsonl(rows: Sequence[dict[str, str]], path: Path) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _ood_readme(result: WordNetTriplets) -> str:
     """The README's paragraph on `ood.jsonl` (empty without held-out lexicographer files)."""
     if not result.ood_tasks:
@@ -295,9 +285,8 @@ synsets); none of their synsets appears in `train.jsonl` or `eval.jsonl`, nor an
 
 
 def _readme(result: WordNetTriplets, args: argparse.Namespace) -> str:
-    counts = {split: Counter(r["task_name"] for r in rows)
-              for split, rows in (("train", result.train), ("eval", result.eval))}
-    table = "\n".join(f"| {t} | {counts['train'][t]} | {counts['eval'][t]} |" for t in result.tasks)
+    train_counts, eval_counts = (Counter(r["task_name"] for r in rows) for rows in (result.train, result.eval))
+    table = "\n".join(f"| {t} | {train_counts[t]} | {eval_counts[t]} |" for t in result.tasks)
     holdout = f" --holdout-lexnames {','.join(args.holdout_lexnames)} --ood {args.ood}" if args.holdout_lexnames else ""
     return f"""# WordNet 3.0 triplets
 
@@ -375,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval", "ood") if result.ood_tasks else ("train", "eval"):
-        write_jsonl(getattr(result, split), args.out_dir / f"{split}.jsonl")
+        with (args.out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in getattr(result, split))
     notice = "The triplets in this folder are derived from WordNet 3.0 and are distributed under its license:\n\n"
     (args.out_dir / "LICENSE").write_text(notice + license_text(args.wordnet_dir))
     (args.out_dir / "README.md").write_text(_readme(result, args))

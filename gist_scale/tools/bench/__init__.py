@@ -65,8 +65,8 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from gist_scale.flops import peak_tflops
-from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, build_model_dir, write_deepspeed_configs,
-                                           write_rows)
+from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, ZERO_SETTINGS, build_model_dir,
+                                           deepspeed_config, write_rows)
 from gist_scale.tools.bench.modes import ALL_MODES, MODES, BenchConfig, CaseSetup
 from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
 from gist_scale.trainer.console import console
@@ -184,7 +184,8 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     guide_dir = build_model_dir(guide, root, cfg.dropout, cfg.seed + 1, cfg.device)
     work_dir = root / f"{student}-{guide}-{batch}"
     work_dir.mkdir()
-    write_deepspeed_configs(work_dir)
+    for stage in ZERO_SETTINGS:  # zero2.json and zero3.json, the shipped ZeRO configs, for the DeepSpeed modes
+        (work_dir / f"zero{stage}.json").write_text(json.dumps(deepspeed_config(stage), indent=2) + "\n")
     rows = write_rows(work_dir / "rows.jsonl", DISTINCT_BATCHES * batch, cfg.query_len, cfg.doc_len,
                       student in DECODER_SIZES, cfg.seed)
     width = AutoConfig.from_pretrained(student_dir).hidden_size
@@ -231,33 +232,28 @@ def print_table(records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run(cfg)
-    except FloatingPointError as error:
-        console.print(f"[red]error:[/red] {error}")
-        return 1
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(cfg: BenchConfig) -> int:
     if "st" in cfg.modes and importlib.util.find_spec("sentence_transformers") is None:
         # optional: the reference implementation, not a dependency
         console.print("[yellow]sentence-transformers is not installed: the `st` reference is skipped, so no "
                       "ratio is reported (pip install sentence-transformers, or gist-scale[dev])")
         cfg.modes = [m for m in cfg.modes if m != "st"]
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
-            "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout,
-            "peak_tflops": cfg.peak_tflops}
+            "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout, "peak_tflops": cfg.peak_tflops}
     console.print(f"device {device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     records = []
-    with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
-        for student, guide in cfg.cases:
-            for batch in cfg.batches:
-                records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
+    try:
+        with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
+            for student, guide in cfg.cases:
+                for batch in cfg.batches:
+                    records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
+    except FloatingPointError as error:
+        console.print(f"[red]error:[/red] {error}")
+        return 1
+    finally:
+        torch.set_num_threads(threads)
     print_table(records)
     if cfg.out is not None:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)

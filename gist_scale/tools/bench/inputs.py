@@ -19,8 +19,8 @@ from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, Qwen3Co
 
 from gist_scale.st_format import export_sentence_transformer
 
-__all__ = ["SIZES", "DECODER_SIZES", "LORA_TARGETS", "MAX_LENGTH", "CLS", "SEP", "PAD", "bench_tokenizer",
-           "build_model_dir", "deepspeed_config", "lora_targets", "pooling_of", "write_deepspeed_configs",
+__all__ = ["SIZES", "DECODER_SIZES", "LORA_TARGETS", "MAX_LENGTH", "ZERO_SETTINGS", "CLS", "SEP", "PAD",
+           "bench_tokenizer", "build_model_dir", "deepspeed_config", "lora_targets", "pooling_of",
            "write_mining_inputs", "write_rows"]
 
 SIZES = {
@@ -65,12 +65,6 @@ def deepspeed_config(stage: int) -> dict:
             "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
             "zero_optimization": dict(ZERO_SETTINGS[stage]), "steps_per_print": 1_000_000,
             "wall_clock_breakdown": False}
-
-
-def write_deepspeed_configs(work_dir: Path) -> None:
-    """`zero2.json` and `zero3.json`, the shipped ZeRO configs, into a case's work directory."""
-    for stage in ZERO_SETTINGS:
-        (work_dir / f"zero{stage}.json").write_text(json.dumps(deepspeed_config(stage), indent=2) + "\n")
 
 
 def pooling_of(size: str) -> str:

@@ -2,8 +2,8 @@
 Trainer itself on the batches its own sampler and collator make; the reference is sentence-transformers' training
 step on the same batches, taken from such a Trainer.
 
-A mode, once built, hands out its optimizer steps' micro-batches (`next_group`, untimed) and takes one optimizer
-step on them (`step`, timed).
+A mode, once built, hands out its optimizer steps' micro-batches (`next(mode.groups)`, untimed) and takes one
+optimizer step on them (`step`, timed).
 """
 
 from __future__ import annotations
@@ -159,14 +159,11 @@ class TrainerMode:
         if name in CACHED_MODES and not (Path(cfg.guide.cache) / META_FILE).is_file():
             build_guide_cache(cfg, cfg.guide.cache)  # `gist-scale cache-guide`, once for the case's cached modes
         self.trainer = _trainer(cfg)
-        self._groups = self.trainer.optimizer_steps()
+        self.groups = self.trainer.optimizer_steps()
         self.guide_runs = name not in CACHED_MODES
         self.chunk_size = cfg.train.chunk_size
         self.precision = ("fp32" if not setup.cuda else "bf16" if name in DEEPSPEED_MODES else "bf16-autocast")
         self.trainable_params = _trainable(self.trainer.student)
-
-    def next_group(self) -> list:
-        return next(self._groups)
 
     def step(self, group: list) -> torch.Tensor:
         # The loss of its one micro-batch (the bench never accumulates), on the device; the trainer skipped the
@@ -190,7 +187,7 @@ class ReferenceMode:
         cfg = load_config([*trainer_args("plain", setup), "--guide.name", "null", "--model.lora_r", "0"])
         trainer = _trainer(cfg)
         groups = trainer.optimizer_steps()
-        self._groups = iter([next(groups) for _ in range(setup.cfg.warmup + setup.cfg.steps)])
+        self.groups = iter([next(groups) for _ in range(setup.cfg.warmup + setup.cfg.steps)])
         del trainer, groups
         gc.collect()  # a Trainer holds reference cycles: released before the reference's models load
         device, lora_r = str(setup.cfg.device), setup.cfg.lora_r
@@ -202,9 +199,8 @@ class ReferenceMode:
             # released at the time of writing): peft's adapters injected into its transformers model, the base frozen.
             inject_adapter_in_model(LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
                                                target_modules=lora_targets(setup.student)), model.transformers_model)
-        guide = SentenceTransformer(str(setup.guide_dir), device=device)
         model.train()
-        loss = GISTEmbedLoss(model, guide)
+        loss = GISTEmbedLoss(model, SentenceTransformer(str(setup.guide_dir), device=device))
         self.loss = MatryoshkaLoss(model, loss, list(setup.matryoshka_dims)) if name == "st_matryoshka" else loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, fused=setup.cuda)
@@ -213,9 +209,6 @@ class ReferenceMode:
         self.guide_runs, self.chunk_size = True, None
         self.precision = "bf16-autocast" if setup.cuda else "fp32"
         self.trainable_params = _trainable(model)
-
-    def next_group(self) -> list:
-        return next(self._groups)
 
     def step(self, group: list) -> torch.Tensor:
         batch, = group

@@ -128,10 +128,10 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
         configs = {"student": AutoConfig.from_pretrained(setup.student_dir)}
         if mode.guide_runs:
             configs["guide"] = AutoConfig.from_pretrained(setup.guide_dir)
-        losses = [mode.step(mode.next_group()) for _ in range(cfg.warmup)]
+        losses = [mode.step(next(mode.groups)) for _ in range(cfg.warmup)]
         real = processed = flops = elapsed = 0
         for _ in range(cfg.steps):
-            group = mode.next_group()
+            group = next(mode.groups)
             if cuda:
                 torch.cuda.synchronize(device)  # the group's copy to the device belongs to the data path
             start = time.perf_counter()
@@ -147,8 +147,8 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
                                      if name in REFERENCE_MODES else counts)
         # Read back once, after the timing: the trainer leaves out the update of a step with a non-finite loss.
         if not bool(torch.isfinite(torch.stack(losses)).all()):
-            raise FloatingPointError(f"{setup.case} batch {setup.batch}, {name}: a non-finite loss (its update left out, so "
-                                     "its time is not a step's); try a lower --lr")
+            raise FloatingPointError(f"{setup.case} batch {setup.batch}, {name}: a non-finite loss (its update left "
+                                     "out, so its time is not a step's); try a lower --lr")
         tflops = flops / elapsed / 1e12
         record.update(chunk_size=mode.chunk_size, precision=mode.precision, trainable_params=mode.trainable_params,
                       first_loss=float(losses[0]), seconds_per_step=elapsed / cfg.steps,
