@@ -9,8 +9,9 @@ whose recomputed block gets no gradient when its input (the frozen embeddings' o
 student uses non-reentrant checkpointing, which back-propagates to the adapters either way (tested).
 
 Checkpoints hold the adapters and their optimizer state, not the frozen base, which `--resume` reloads from
-`model.name` like at the start (`gist_scale.trainer.student.LoRAFineTuning.checkpoint_kwargs`). Export gathers the adapters alone (`adapter_state_dict`)
-and writes them, and the merged model, from a fresh copy of the base (`merged_encoder`).
+`model.name` like at the start (`gist_scale.trainer.student.LoRAFineTuning.checkpoint_kwargs`). Export gathers the
+adapters alone (`adapter_state_dict`) and writes them, and the merged model, from a fresh copy of the base
+(`merged_encoder`).
 """
 
 from __future__ import annotations
