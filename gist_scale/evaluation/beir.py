@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from gist_scale.data import DataError
@@ -31,29 +32,32 @@ __all__ = ["load_beir"]
 LAYOUT = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each non-blank line of a UTF-8 file."""
+    with path.open(encoding="utf-8") as handle:
+        yield from ((line_number, line) for line_number, line in enumerate(handle, start=1) if line.strip())
+
+
 def _read_jsonl(path: Path) -> dict[str, dict[str, str]]:
     """`_id` -> row, for a JSONL file whose rows need `_id` and a `text` (empty only beside a title); errors name
     file:line and field."""
     if not path.is_file():
         raise DataError(f"{path}: no such file ({LAYOUT})")
     rows: dict[str, dict[str, str]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "_id" not in row:
-                raise DataError(f"{where}: field '_id' missing")
-            key, text = str(row["_id"]), row.get("text")
-            if not isinstance(text, str) or not (text.strip() or row.get("title")):
-                raise DataError(f"{where}: field 'text' must be a text (not empty)")
-            if key in rows:
-                raise DataError(f"{where}: duplicate _id {key!r}")
-            rows[key] = row
+    for line_number, line in _lines(path):
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise DataError(f"{where}: field '_id' missing")
+        key, text = str(row["_id"]), row.get("text")
+        if not isinstance(text, str) or not (text.strip() or row.get("title")):
+            raise DataError(f"{where}: field 'text' must be a text (not empty)")
+        if key in rows:
+            raise DataError(f"{where}: duplicate _id {key!r}")
+        rows[key] = row
     if not rows:
         raise DataError(f"{path}: empty")
     return rows
@@ -66,22 +70,19 @@ def _read_qrels(path: Path) -> list[tuple[str, str, int, int]]:
         found = f"; splits here: {', '.join(splits)} (pick one with --split)" if splits else f" ({LAYOUT})"
         raise DataError(f"{path}: no such file{found}")
     judgments = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    for line_number, line in _lines(path):
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            raise DataError(f"{path}:{line_number}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                            f"got {len(fields)}")
+        try:
+            grade = int(fields[2])
+        except ValueError:
+            if line_number == 1:  # the header
                 continue
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) != 3:
-                raise DataError(f"{path}:{line_number}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                                f"got {len(fields)}")
-            try:
-                grade = int(fields[2])
-            except ValueError:
-                if line_number == 1:  # the header
-                    continue
-                raise DataError(f"{path}:{line_number}: field 'score' must be an integer grade, got "
-                                f"{fields[2]!r}") from None
-            judgments.append((fields[0], fields[1], grade, line_number))
+            raise DataError(f"{path}:{line_number}: field 'score' must be an integer grade, got "
+                            f"{fields[2]!r}") from None
+        judgments.append((fields[0], fields[1], grade, line_number))
     return judgments
 
 
