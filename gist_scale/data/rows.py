@@ -4,7 +4,7 @@ row to a `Row`, the `FILE:LINE: field 'F': reason` errors, and the `DataReport` 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
@@ -14,7 +14,7 @@ from gist_scale.data.errors import DataError
 
 __all__ = ["DEFAULT_TASK", "MAX_REPORTED_BAD_ROWS", "BadRow", "DataReport", "Fields", "Row", "SourceReport",
            "TaskFilter", "TasksLeftOut", "decode_line", "left_out_task", "missing_columns", "no_rows_left",
-           "parse_row", "raw_rows", "row_error"]
+           "parse_row", "row_error"]
 
 DEFAULT_TASK = "default"
 """`task_name` of every row when `data.task_column` is null."""
@@ -28,7 +28,7 @@ class Row(NamedTuple):
     pos: str
     """The row's first positive."""
     negs: list[str]
-    task: str
+    task_name: str
     extra_pos: list[str | None]
     """Its other positives, P-1 of them (P: the source's `num_positives`), None where the row has fewer: the
     positive slots that go in front of its negatives (see `TripletBatch.slot_roles`). Empty when P is 1."""
@@ -235,19 +235,6 @@ def decode_line(line: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise BadRow(None, f"expected a JSON object, got {type(row).__name__}")
     return row
-
-
-def raw_rows(batch: Mapping[str, list], size: int, fields: Fields,
-             jsonl: bool) -> Iterator[str | Mapping[str, Any] | None]:
-    """A `datasets` batch's raw rows: mappings, or JSON lines still to decode (so the caller can name a line that
-    fails); None for a blank line, which is not a row but keeps the line count."""
-    if jsonl:
-        for line in batch["text"]:
-            yield line if line.strip() else None
-        return
-    columns = {c: batch[c] for c in fields.read() if c in batch}
-    for i in range(size):
-        yield {c: values[i] for c, values in columns.items()}
 
 
 def row_error(where: str, index: int, jsonl: bool, bad: BadRow) -> str:

@@ -97,7 +97,7 @@ class _SourceStream:
             if self._rows is None:
                 self._rows = self._read()
             row = next(self._rows)
-            key = row.task if self.cfg.task_homogeneous else ""
+            key = row.task_name if self.cfg.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
             buffer.append(row)
             if len(buffer) >= size:
@@ -183,7 +183,7 @@ class _SourceStream:
             self.num_negatives = len(row.negs)
         self.valid += 1
         self.read += 1
-        self.tasks[row.task] += 1
+        self.tasks[row.task_name] += 1
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -224,19 +224,18 @@ class StreamingBatches:
                  student_max_length: int, guide_tokenizer: PreTrainedTokenizerBase | None = None,
                  guide_max_length: int | None = None, *, batch_size: int, world_size: int = 1, rank: int = 0,
                  grad_accum_steps: int = 1, seed: int = 0, student_prompts: Prompts | None = None,
-                 guide_prompts: Prompts | None = None, split: str | None = None) -> None:
+                 guide_prompts: Prompts | None = None) -> None:
         self.collator = collator
         self.sides = encoder_sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length,
                                    student_prompts, guide_prompts)
         self.world_size, self.rank, self.grad_accum_steps, self.seed = world_size, rank, grad_accum_steps, seed
         self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
         self.instructions = sorted(Fields.from_config(cfg).instructed)
-        split = split or cfg.split
         self.mixture = bool(cfg.sources)
         self.sources: list[_SourceStream] = []
         for source in cfg.sources or [None]:
             try:
-                description, parts = resolve(cfg, split, source)
+                description, parts = resolve(cfg, cfg.split, source)
             except DataError as error:
                 raise DataError(f"data.sources {source.name!r}: {error}" if source else str(error)) from error
             weight = 1.0 if source is None or source.weight is None else source.weight
@@ -283,8 +282,7 @@ class StreamingBatches:
                 yield self._collate(micro, source)
 
     def _collate(self, rows: list[Row], source: int) -> TripletBatch:
-        columns = {"query": [r.query for r in rows], "pos": [r.pos for r in rows], "negs": [r.negs for r in rows],
-                   "task_name": [r.task for r in rows], "extra_pos": [r.extra_pos for r in rows]}
+        columns = {name: [getattr(row, name) for row in rows] for name in Row._fields}
         tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
         if self.mixture:
             tokenized["source"] = [source] * len(rows)
