@@ -62,33 +62,30 @@ def stream_fingerprint(cfg: DataConfig) -> str:
     return Hasher.hash(data)
 
 
+_START = {"pass": 0, "part": 0, "row": 0, "valid": 0, "position": None, "num_negatives": None, "buffers": {}, "read": 0,
+          "skipped": 0, "examples": [], "tasks": {}, "left_out": {}}
+"""A source's state before its first row (`_SourceStream.state_dict`)."""
+
+
 class _SourceStream:
-    """One source read row by row, pass after pass, with its position and its per-task buffers."""
+    """One source read row by row, pass after pass, with its position and its per-task buffers.
+
+    Its position: `passes`, `part` (the file being read), `row` (rows read in that file, blank lines included: the
+    last row's number), `valid` (valid rows read in the current pass) and `_position` (the file's
+    `IterableDataset.state_dict()` to start from; None: its beginning). Its counts, over every pass: `read`,
+    `skipped` (with the first `examples`), `tasks` and `left_out` (rows passed over by the task filter,
+    `{option: {task: rows}}`).
+    """
 
     def __init__(self, name: str | None, description: str, parts: list[Part], fields: Fields, cfg: DataConfig,
                  weight: float) -> None:
         self.name, self.description, self.parts, self.fields, self.weight = name, description, parts, fields, weight
         self.prefix = f"data.sources {name!r}: " if name is not None else ""
         self.cfg = cfg
-        self.passes, self.part = 0, 0
-        self.row = 0
-        """Rows read in the current part, blank lines included: the last row's number."""
-        self.valid = 0
-        """Valid rows read in the current pass."""
-        self.num_negatives: int | None = None
-        self.buffers: dict[str, list[Row]] = {}
-        self.read, self.skipped = 0, 0
-        self.examples: list[str] = []
-        self.tasks: Counter[str] = Counter()
-        self.left_out: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        """Rows passed over by the task filter: `{option: {task: rows}}`, over every pass."""
-        self._position: dict | None = None
-        """The current part's `IterableDataset.state_dict()` to start from (None: its beginning)."""
-        self._dataset: datasets.IterableDataset | None = None
-        self._rows: Iterator[Row] | None = None
         self._opened: dict[int, tuple[datasets.IterableDataset, dict]] = {}
         """Each part opened once, with its start state: a new pass reads it again from there (`load_dataset` costs
         a module lookup and, for the hub, requests, on every call)."""
+        self.load_state_dict(_START)
 
     def take(self, size: int) -> list[Row]:
         """The next global batch: `size` rows of one buffer (one task), reading rows until a buffer holds them."""
@@ -261,16 +258,11 @@ class StreamingBatches:
             if share > 0 and source.num_negatives is None:
                 source.num_negatives = len(source.first_row().negs)
 
-    def _draw(self, batch: int) -> int:
-        """The source of global batch `batch`, from (seed, batch) alone: the same on every rank and after a resume."""
-        if len(self.sources) == 1:
-            return 0
-        return int(np.random.default_rng([self.seed, batch]).choice(len(self.shares), p=self.shares))
-
     def global_batches(self) -> Iterator[tuple[int, list[Row]]]:
         """(source index, rows) of each global batch from the current position; advances the position."""
         while True:
-            source = self._draw(self.batches)
+            # Drawn from (seed, batch) alone: the same on every rank and after a resume.
+            source = int(np.random.default_rng([self.seed, self.batches]).choice(len(self.shares), p=self.shares))
             rows = self.sources[source].take(self.global_batch_size)
             self.batches += 1
             yield source, rows
