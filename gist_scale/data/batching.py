@@ -125,15 +125,14 @@ class GlobalBatchSampler:
         cuts = [[divmod(len(group), self.global_batch_size) for group in groups] for groups in self._groups]
         sizes = [sum(full + self._keeps_tail(tail) for full, tail in groups) for groups in cuts]
         dropped = sum(tail for groups in cuts for _, tail in groups if not self._keeps_tail(tail))
-        if num_sources == 1 and sizes[0] == 0:
-            largest = max((len(g) for g in self._groups[0]), default=0)
-            raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x world size "
-                            f"{world_size} x grad_accum_steps {grad_accum_steps}) fits: the largest task has "
-                            f"{largest} rows; lower train.batch_size, set data.drop_last=false or "
-                            "data.task_homogeneous=false")
         for s, size in enumerate(sizes):
             if size == 0 and (weights is None or weights[s] > 0):
                 largest = max((len(g) for g in self._groups[s]), default=0)
+                if num_sources == 1:
+                    raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x "
+                                    f"world size {world_size} x grad_accum_steps {grad_accum_steps}) fits: the "
+                                    f"largest task has {largest} rows; lower train.batch_size, set "
+                                    "data.drop_last=false or data.task_homogeneous=false")
                 raise DataError(f"data.sources {names[s]!r}: no global batch of {self.global_batch_size} rows fits "
                                 f"in it (largest task: {largest} rows); lower train.batch_size, set "
                                 "data.drop_last=false, or give it weight 0 or remove it")

@@ -136,7 +136,7 @@ def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: Sou
             ds = ds.select(np.flatnonzero(~(is_bad | is_left_out)))
         loaded.append(ds.remove_columns([_ERROR, _LEFT_OUT]))
     ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
-    left_out_report = TasksLeftOut.count(fields.tasks, left_out)
+    left_out_report = TasksLeftOut.count(fields, left_out)
     if len(ds) == 0:
         raise no_rows_left(description, left_out_report) if left_out_report else DataError(f"{description}: no rows")
     if cfg.max_rows is not None and cfg.max_rows < len(ds):

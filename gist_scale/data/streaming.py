@@ -206,7 +206,7 @@ class _SourceStream:
 
     def left_out_report(self) -> list[TasksLeftOut]:
         """What the task filter passed over so far."""
-        return TasksLeftOut.count(self.fields.tasks, self.left_out)
+        return TasksLeftOut.count(self.fields, self.left_out)
 
 
 class StreamingBatches:
