@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.mteb and state.use_distributed:
             return fail("--mteb runs in one process: start gist-scale eval without torchrun/accelerate launch")
         device = _device(args.device) if args.device else state.device
-        if args.out and not args.mteb:  # before minutes of encoding, not after
-            require_writable_file(args.out, "--out")
+        # Checked before minutes of encoding, not after (with --mteb, --out is mteb's folder).
+        out = require_writable_file(args.out, "--out") if args.out and not args.mteb else None
         if args.mteb:
             # mteb is an optional dependency (the [mteb] extra), heavy to import: only when --mteb asks for it.
             from gist_scale.evaluation.mteb import resolve_tasks
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{error}; --mteb needs the mteb package: pip install 'gist-scale[mteb]'")
     if state.is_main_process:
         Console(highlight=False).print(_table(args.model, results["model"], args.baseline, results["baseline"]))
-        if args.out and not args.mteb:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
+        if out is not None:
             out.write_text(json.dumps(results, indent=2) + "\n")
             console.print(f"metrics written to {out}")
     if state.use_distributed:
