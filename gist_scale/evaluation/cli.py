@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
         return fail("--batch-size and --max-length must be positive")
-    if args.corpus and args.data is None and (args.beir or args.mteb):
+    if args.corpus and (args.beir or args.mteb):  # --data, --beir and --mteb exclude each other
         return fail("--corpus adds distractors to eval triplets (--data); a BEIR folder or MTEB task has its own")
     if args.mteb and (args.sts or args.config or args.split):
         return fail("--sts, --config and --split do not apply to --mteb (each task brings its data and splits)")
