@@ -154,7 +154,6 @@ class GuideCache:
     """A validated cache: `lookup(row indices)` returns the guide embeddings of those dataset rows."""
 
     def __init__(self, path: Path, meta: CacheMeta) -> None:
-        self.path = path
         self.meta = meta
         self.k = _slots(meta.key)
         """Candidate slots per row (`TripletBatch.num_negatives`)."""
