@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale import distributed
@@ -77,10 +77,9 @@ def _mteb_model_name(name: str) -> str:
 def _table(model: str, metrics: dict[str, float], baseline: str | None, base: dict[str, float] | None):
     # Names go in the caption, where they may wrap, rather than in headers, where long ones would be cut.
     caption = f"model: {model}" + (f"\nbaseline: {baseline}" if base is not None else "")
-    table = Table(title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
-    table.add_column("metric")
-    for column in ["model"] + (["baseline", "delta (model - baseline)"] if base is not None else []):
-        table.add_column(column, justify="right")
+    numbers = ["model"] + (["baseline", "delta (model - baseline)"] if base is not None else [])
+    table = Table("metric", *(Column(name, justify="right") for name in numbers),
+                  title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
     for key, value in metrics.items():
         cells = [key, f"{value:.4f}"]
         if base is not None:
