@@ -238,6 +238,7 @@ class StreamingBatches:
             weight = 1.0 if source is None or source.weight is None else source.weight
             self.sources.append(_SourceStream(source and source.name, description, parts,
                                               Fields.from_config(cfg, source), cfg, weight))
+        self.source_names = [s.name or s.description for s in self.sources]
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.shares = weights / weights.sum()
         self.batches = 0
@@ -246,10 +247,6 @@ class StreamingBatches:
         self.summary = SamplerSummary(steps_per_epoch=0, dropped_rows=0)
         """For `ResumePlan.check_data`: a stream has no epochs (no plan that a world-size change could alter) and
         drops no rows (a task's rows wait in its buffer)."""
-
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name or s.description for s in self.sources]
 
     def check(self) -> None:
         """Read each drawn source up to its first valid row, so that a wrong path, column mapping or format fails
