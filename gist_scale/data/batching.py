@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from gist_scale.data.errors import DataError
 from gist_scale.data.mixture import SourcePlan, mixture_quotas
+from gist_scale.inference import shards
 from gist_scale.plan import global_batch
 
 __all__ = ["GlobalBatchSampler", "SamplerSummary", "rank_micro_batches"]
@@ -42,10 +43,9 @@ def rank_micro_batches(rows: Rows, grad_accum_steps: int, world_size: int, rank:
 
 
 def _even_parts(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
-    """[start, stop) cut into `parts` contiguous ranges whose sizes differ by at most one, the larger first."""
-    size, larger = divmod(stop - start, parts)
-    bounds = [start + i * size + min(i, larger) for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
+    """[start, stop) cut into `parts` contiguous ranges as sharded inference cuts its texts (`shards`: sizes differ by
+    at most one, the larger first)."""
+    return [(start + part.start, start + part.stop) for part in shards(stop - start, parts)]
 
 
 @dataclass(frozen=True)
