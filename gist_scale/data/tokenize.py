@@ -83,7 +83,6 @@ def tokenize_batch(batch: Mapping[str, list], sides: Sequence[Side]) -> dict[str
     With `extra_pos` (several positives per row), `<side>_negs` holds each row's candidate slots, its extra positives
     first (see `_slots`), and `positive_slots` their roles."""
     out: dict[str, list] = {}
-    rows = len(batch["query"])
     slots, positive_slots = _slots(batch)
     if positive_slots is not None:
         out["positive_slots"] = positive_slots
@@ -104,7 +103,7 @@ def tokenize_batch(batch: Mapping[str, list], sides: Sequence[Side]) -> dict[str
             lengths = {p: prompt_length(tokenizer, p) for p in {*query_prompts, prompts.document}}
             document = lengths[prompts.document]
             out[f"{name}_query_prompt"] = [lengths[p] for p in query_prompts]
-            out[f"{name}_pos_prompt"] = [document] * rows
+            out[f"{name}_pos_prompt"] = [document] * len(batch["pos"])
             out[f"{name}_negs_prompt"] = [[document] * (b - a) for a, b in zip(starts, ends)]
     return out
 
