@@ -50,8 +50,7 @@ def mixture_quotas(sizes: Sequence[int], weights: Sequence[float] | None = None,
     exact = share * epoch
     quotas = np.floor(exact).astype(np.int64)
     remainders = exact - quotas
-    for s in np.argsort(-remainders, kind="stable")[: epoch - int(quotas.sum())]:
-        quotas[s] += 1
+    quotas[np.argsort(-remainders, kind="stable")[: epoch - int(quotas.sum())]] += 1
     return quotas.tolist(), share.tolist()
 
 
