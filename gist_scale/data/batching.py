@@ -61,8 +61,7 @@ class SamplerSummary:
 def _codes(values: Any) -> np.ndarray:
     """Integer codes of a column of names, in sorted-name order, computed by Arrow (no Python string per row)."""
     array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(list(values), type=pa.string())
-    names = pc.unique(array)
-    names = names.take(pc.sort_indices(names))
+    names = pc.unique(array).sort()
     return pc.index_in(array, value_set=names).to_numpy(zero_copy_only=False)
 
 
