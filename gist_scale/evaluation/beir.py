@@ -86,13 +86,6 @@ def _read_qrels(path: Path) -> list[tuple[str, str, int, int]]:
     return judgments
 
 
-def _warn_unknown(path: Path, kind: str, unknown: list[tuple[str, int]]) -> None:
-    if unknown:
-        first, line = unknown[0]
-        warnings.warn(f"{path}: {len(unknown)} judgment(s) name a {kind} id that is not in the folder, dropped "
-                      f"(first: {first!r} at line {line})", stacklevel=3)
-
-
 def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = None) -> EvalData:
     """The retrieval task of a BEIR folder's `split`, with graded relevance (see the module docstring)."""
     root = Path(folder).expanduser()
@@ -105,17 +98,19 @@ def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = No
 
     corpus_index = {doc_id: i for i, doc_id in enumerate(corpus_rows)}
     grades: dict[str, dict[int, int]] = {}
-    unknown_queries: list[tuple[str, int]] = []
-    unknown_docs: list[tuple[str, int]] = []
+    unknown: dict[str, list[tuple[str, int]]] = {"query": [], "corpus": []}  # (id, line) of dropped judgments
     for query_id, doc_id, grade, line in judgments:
         if query_id not in query_rows:
-            unknown_queries.append((query_id, line))
+            unknown["query"].append((query_id, line))
         elif doc_id not in corpus_index:
-            unknown_docs.append((doc_id, line))
+            unknown["corpus"].append((doc_id, line))
         else:
             grades.setdefault(query_id, {})[corpus_index[doc_id]] = grade
-    _warn_unknown(qrels_path, "query", unknown_queries)
-    _warn_unknown(qrels_path, "corpus", unknown_docs)
+    for kind, dropped in unknown.items():
+        if dropped:
+            first, line = dropped[0]
+            warnings.warn(f"{qrels_path}: {len(dropped)} judgment(s) name a {kind} id that is not in the folder, "
+                          f"dropped (first: {first!r} at line {line})", stacklevel=2)
 
     evaluated = [q for q in query_rows if q in grades]
     if not any(g > 0 for q in evaluated for g in grades[q].values()):
