@@ -142,9 +142,10 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
     if path is None:
         cfg, split = DataConfig(), "eval"
     else:
-        base = data_cfg or DataConfig()
+        cfg = data_cfg or DataConfig()
         # The training data's revision pins the training dataset, not necessarily this one.
-        cfg = replace(base, path=path, split=split, max_rows=None, revision=base.revision if path == base.path else None)
+        revision = cfg.revision if path == cfg.path else None
+        cfg = replace(cfg, path=path, split=split, max_rows=None, revision=revision)
     ds, report = load_triplets(cfg, split=split)
     return retrieval_task(ds, extra_corpus, report.source, read_sts(sts) if sts else None)
 
