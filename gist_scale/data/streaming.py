@@ -99,8 +99,7 @@ class _SourceStream:
             buffer.append(row)
             if len(buffer) >= size:
                 full = key
-        rows = self.buffers[full][:size]
-        del self.buffers[full][:size]
+        rows, self.buffers[full] = self.buffers[full][:size], self.buffers[full][size:]
         if not self.buffers[full]:
             del self.buffers[full]
         return rows
