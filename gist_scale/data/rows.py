@@ -1,5 +1,5 @@
-"""One row: which columns hold what and which tasks are kept (`Fields`), validating and normalising a raw
-row to a `Row`, the `FILE:LINE: field 'F': reason` errors, and the `DataReport` of what was read."""
+"""One row: which columns hold what and which tasks are kept (`Fields`), validating and normalising a raw row to a
+`Row`, the `FILE:LINE: field 'F': reason` errors, and the `DataReport` of what was read."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from gist_scale.config import DataConfig, SourceConfig
 from gist_scale.data.errors import DataError
 
 __all__ = ["DEFAULT_TASK", "MAX_REPORTED_BAD_ROWS", "BadRow", "DataReport", "Fields", "Row", "SourceReport",
-           "TasksLeftOut", "decode_line", "left_out_task", "missing_columns", "no_rows_left",
-           "parse_row", "row_error"]
+           "TasksLeftOut", "decode_line", "left_out_task", "missing_columns", "no_rows_left", "parse_row", "row_error"]
 
 DEFAULT_TASK = "default"
 """`task_name` of every row when `data.task_column` is null."""
