@@ -69,8 +69,7 @@ def encode_chunked(model: nn.Module, chunked: ChunkedTexts) -> Tensor:
 def split_columns(embeddings: Tensor, counts: Mapping[str, int], k: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """`[N, D]` text-order embeddings to `(query [B, D], positive [B, D], negatives [B, K, D] or None)`."""
     parts = dict(zip(counts, embeddings.split(list(counts.values()))))
-    query, pos = parts["query"], parts["pos"]
-    neg = parts.get("neg")
+    query, pos, neg = (parts.get(column) for column in COLUMNS)
     return query, pos, None if neg is None else neg.view(query.shape[0], k, -1)
 
 

@@ -154,7 +154,6 @@ class GuideCache:
     """A validated cache: `lookup(row indices)` returns the guide embeddings of those dataset rows."""
 
     def __init__(self, path: Path, meta: CacheMeta) -> None:
-        self.path = path
         self.meta = meta
         self.k = _slots(meta.key)
         """Candidate slots per row (`TripletBatch.num_negatives`)."""
@@ -270,11 +269,11 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
 
     Every rank of the job must call it. The metadata is written by the main process after all shards exist.
 
-    The rows are split over the ranks by `gist_scale.inference.shards` and the guide runs under its
-    `inference_mode`, as in every sharded inference; the texts are not encoded by `encode_texts`, though: each row
-    is tokenized and chunked as training tokenizes and chunks the guide's side (per-task instructions,
-    `TripletCollator`), so the cache holds what the live guide computes in training, and each rank writes its
-    rows' embeddings to its own shard file instead of gathering every row onto every rank.
+    The rows are split over the ranks by `gist_scale.inference.shards`, as in every sharded inference; the texts
+    are not encoded by `encode_texts`, though: each row is tokenized, chunked and embedded as training does for the
+    guide's side (per-task instructions, `TripletCollator`, `encode.embed_frozen`), so the cache holds what the
+    live guide computes in training, and each rank writes its rows' embeddings to its own shard file instead of
+    gathering every row onto every rank.
     """
     state = distributed.launch_state(cfg.train.collective_timeout_s)
     out = Path(out_dir).expanduser()
@@ -296,8 +295,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     for begin in range(0, len(rows), rows_per_batch):
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
-        with inference.inference_mode(guide):
-            embeddings = zip(chunking.COLUMNS, encode.encode_columns(guide, batch, k))
+        embeddings = zip(chunking.COLUMNS, encode.embed_frozen(guide, batch, k))
         arrays = {column: _float16_column(values) for column, values in embeddings if values is not None}
         writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))
         if state.is_main_process and (begin // rows_per_batch) % 20 == 0:

@@ -2,8 +2,8 @@
 
 The one place where the work of running an embedder without gradients is split over ranks. `encode_texts` serves
 evaluation (`gist_scale.evaluation`, in training and in `gist-scale eval`), mteb's encoder and `gist-scale mine`;
-`gist-scale cache-guide` (`gist_scale.guide_cache`) splits its rows with the same `shards` and runs the guide under
-the same `inference_mode`, but encodes per row and writes a file per rank instead of gathering (see there why).
+`gist-scale cache-guide` (`gist_scale.guide_cache`) splits its rows with the same `shards`, but embeds them as
+training's guide does and writes a file per rank instead of gathering (see there why).
 
 The collectives themselves are in `gist_scale.distributed`.
 """

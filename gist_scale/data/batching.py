@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from gist_scale.data.errors import DataError
 from gist_scale.data.mixture import SourcePlan, mixture_quotas
+from gist_scale.inference import shards
 from gist_scale.plan import global_batch
 
 __all__ = ["GlobalBatchSampler", "SamplerSummary", "rank_micro_batches"]
@@ -42,10 +43,9 @@ def rank_micro_batches(rows: Rows, grad_accum_steps: int, world_size: int, rank:
 
 
 def _even_parts(start: int, stop: int, parts: int) -> list[tuple[int, int]]:
-    """[start, stop) cut into `parts` contiguous ranges whose sizes differ by at most one, the larger first."""
-    size, larger = divmod(stop - start, parts)
-    bounds = [start + i * size + min(i, larger) for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
+    """[start, stop) cut into `parts` contiguous ranges as sharded inference cuts its texts (`shards`: sizes differ by
+    at most one, the larger first)."""
+    return [(start + part.start, start + part.stop) for part in shards(stop - start, parts)]
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ class SamplerSummary:
 def _codes(values: Any) -> np.ndarray:
     """Integer codes of a column of names, in sorted-name order, computed by Arrow (no Python string per row)."""
     array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(list(values), type=pa.string())
-    names = pc.unique(array)
-    names = names.take(pc.sort_indices(names))
+    names = pc.unique(array).sort()
     return pc.index_in(array, value_set=names).to_numpy(zero_copy_only=False)
 
 
@@ -125,15 +124,14 @@ class GlobalBatchSampler:
         cuts = [[divmod(len(group), self.global_batch_size) for group in groups] for groups in self._groups]
         sizes = [sum(full + self._keeps_tail(tail) for full, tail in groups) for groups in cuts]
         dropped = sum(tail for groups in cuts for _, tail in groups if not self._keeps_tail(tail))
-        if num_sources == 1 and sizes[0] == 0:
-            largest = max((len(g) for g in self._groups[0]), default=0)
-            raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x world size "
-                            f"{world_size} x grad_accum_steps {grad_accum_steps}) fits: the largest task has "
-                            f"{largest} rows; lower train.batch_size, set data.drop_last=false or "
-                            "data.task_homogeneous=false")
         for s, size in enumerate(sizes):
             if size == 0 and (weights is None or weights[s] > 0):
                 largest = max((len(g) for g in self._groups[s]), default=0)
+                if num_sources == 1:
+                    raise DataError(f"no global batch of {self.global_batch_size} rows (batch_size {batch_size} x "
+                                    f"world size {world_size} x grad_accum_steps {grad_accum_steps}) fits: the "
+                                    f"largest task has {largest} rows; lower train.batch_size, set "
+                                    "data.drop_last=false or data.task_homogeneous=false")
                 raise DataError(f"data.sources {names[s]!r}: no global batch of {self.global_batch_size} rows fits "
                                 f"in it (largest task: {largest} rows); lower train.batch_size, set "
                                 "data.drop_last=false, or give it weight 0 or remove it")

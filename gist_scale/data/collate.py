@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import recursively_apply
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale.chunking import ChunkedTexts, chunk_texts
@@ -43,13 +44,8 @@ def text_identities(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
                                         .digest(), "little", signed=True) for ids in sequences], dtype=torch.int64)
 
 
-def _each_tensor(value: Any, move: Callable[[Any], Any]) -> Any:
-    """`move` applied to every tensor (or `ChunkedTexts`, which moves itself) in nested dicts; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {key: _each_tensor(item, move) for key, item in value.items()}
-    return move(value)
+def _movable(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, ChunkedTexts))
 
 
 @dataclass(frozen=True)
@@ -87,8 +83,10 @@ class TripletBatch:
     the rows' source has one positive per row: every slot is a hard negative."""
 
     def _moved(self, move: Callable[[Any], Any]) -> TripletBatch:
+        """`move` applied to every tensor (or `ChunkedTexts`, which moves itself) in the fields that hold them."""
         tensors = ("student", "guide", "text_ids", "guide_embeddings", "slot_roles")
-        return dataclasses.replace(self, **{name: _each_tensor(getattr(self, name), move) for name in tensors})
+        return dataclasses.replace(self, **{name: recursively_apply(move, getattr(self, name), test_type=_movable)
+                                            for name in tensors})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TripletBatch:
         return self._moved(lambda tensor: tensor.to(device, non_blocking=non_blocking))

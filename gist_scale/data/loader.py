@@ -24,15 +24,13 @@ from gist_scale.data.batching import GlobalBatchSampler
 from gist_scale.data.collate import TripletCollator
 from gist_scale.data.errors import DataError
 from gist_scale.data.rows import (MAX_REPORTED_BAD_ROWS, BadRow, DataReport, Fields, SourceReport, TasksLeftOut,
-                                  decode_line, left_out_task, missing_columns, no_rows_left, parse_row, raw_rows,
-                                  row_error)
+                                  decode_line, left_out_task, missing_columns, no_rows_left, parse_row, row_error)
 from gist_scale.data.sources import resolve
 
 __all__ = ["build_dataloader", "build_sampler", "load_triplets"]
 
 _ERROR = "_error"
 _LEFT_OUT = "_left_out"
-_EXTRA_POS = "extra_pos"
 
 
 def _text_features(extra_positives: bool) -> datasets.Features:
@@ -43,7 +41,7 @@ def _text_features(extra_positives: bool) -> datasets.Features:
     features = {"query": text, "pos": text, "negs": datasets.List(text), "task_name": text,
                 "source": datasets.Value("int32")}
     if extra_positives:
-        features[_EXTRA_POS] = datasets.List(text)
+        features["extra_pos"] = datasets.List(text)
     return datasets.Features({**features, _ERROR: text, _LEFT_OUT: text})
 
 
@@ -52,18 +50,22 @@ def _normalize_batch(batch: Mapping[str, list], indices: list[int], fields: Fiel
     """Batched map: raw rows -> normalised rows of `source`, with an `_error` message for a bad row and the option
     that left out a row of a filtered task (`_left_out`; the row is not validated further)."""
     out: dict[str, list] = {name: [] for name in features}
-    for index, raw in zip(indices, raw_rows(batch, len(indices), fields, jsonl)):
+    if jsonl:  # JSON lines still to decode, so that a line that fails is named; None: a blank line, not a row
+        raws = [line if line.strip() else None for line in batch["text"]]
+    else:
+        columns = {c: batch[c] for c in fields.read() if c in batch}
+        raws = [{c: values[i] for c, values in columns.items()} for i in range(len(indices))]
+    for index, raw in zip(indices, raws):
         if raw is None:
             continue
         values: dict[str, Any] = {"query": "", "pos": "", "negs": [], "task_name": "", "source": source,
-                                  _EXTRA_POS: [], _ERROR: "", _LEFT_OUT: ""}
+                                  "extra_pos": [], _ERROR: "", _LEFT_OUT: ""}
         try:
             row = decode_line(raw) if jsonl else raw
             if (left_out := left_out_task(row, fields)) is not None:
                 values[_LEFT_OUT], values["task_name"] = left_out
             else:
-                query, pos, negs, task, extra = parse_row(row, fields, num_negatives)
-                values.update({"query": query, "pos": pos, "negs": negs, "task_name": task, _EXTRA_POS: extra})
+                values.update(parse_row(row, fields, num_negatives)._asdict())
         except BadRow as bad:
             values[_ERROR] = row_error(where, index, jsonl, bad)
         for name, column in out.items():
@@ -129,13 +131,12 @@ def _load_source(cfg: DataConfig, split: str, extra_positives: bool, source: Sou
                             "--data.on_bad_rows=skip skips them)")
         skipped += len(bad)
         examples.extend(errors.take(pa.array(bad[:MAX_REPORTED_BAD_ROWS])).to_pylist())
-        if is_left_out.any():
-            _count_left_out(ds, np.flatnonzero(is_left_out), left_out)
+        _count_left_out(ds, np.flatnonzero(is_left_out), left_out)
         if len(bad) or is_left_out.any():
             ds = ds.select(np.flatnonzero(~(is_bad | is_left_out)))
         loaded.append(ds.remove_columns([_ERROR, _LEFT_OUT]))
     ds = loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
-    left_out_report = TasksLeftOut.count(fields.tasks, left_out)
+    left_out_report = TasksLeftOut.count(fields, left_out)
     if len(ds) == 0:
         raise no_rows_left(description, left_out_report) if left_out_report else DataError(f"{description}: no rows")
     if cfg.max_rows is not None and cfg.max_rows < len(ds):

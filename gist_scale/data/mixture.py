@@ -50,8 +50,7 @@ def mixture_quotas(sizes: Sequence[int], weights: Sequence[float] | None = None,
     exact = share * epoch
     quotas = np.floor(exact).astype(np.int64)
     remainders = exact - quotas
-    for s in np.argsort(-remainders, kind="stable")[: epoch - int(quotas.sum())]:
-        quotas[s] += 1
+    quotas[np.argsort(-remainders, kind="stable")[: epoch - int(quotas.sum())]] += 1
     return quotas.tolist(), share.tolist()
 
 
@@ -92,7 +91,6 @@ def mixture_lines(sources: Sequence[SourcePlan], steps_per_epoch: int) -> list[s
     """The startup summary's mixture table (nothing for a single source)."""
     if len(sources) < 2:
         return []
-    lines = [f"mixture: {len(sources)} sources, epoch = {steps_per_epoch} global batches"]
-    lines.extend(f"  {s.name}: {s.rows} rows, {s.batches} batches; drawn {s.drawn} per epoch "
-                 f"(share {s.drawn / max(steps_per_epoch, 1):.1%}, requested {s.requested:.1%})" for s in sources)
-    return lines
+    return [f"mixture: {len(sources)} sources, epoch = {steps_per_epoch} global batches",
+            *(f"  {s.name}: {s.rows} rows, {s.batches} batches; drawn {s.drawn} per epoch "
+              f"(share {s.drawn / max(steps_per_epoch, 1):.1%}, requested {s.requested:.1%})" for s in sources)]

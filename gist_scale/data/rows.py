@@ -1,10 +1,10 @@
-"""One row: which columns hold what (`Fields`), which tasks are kept (`TaskFilter`), validating and normalising a raw
-row to a `Row`, the `FILE:LINE: field 'F': reason` errors, and the `DataReport` of what was read."""
+"""One row: which columns hold what and which tasks are kept (`Fields`), validating and normalising a raw row to a
+`Row`, the `FILE:LINE: field 'F': reason` errors, and the `DataReport` of what was read."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, NamedTuple
@@ -13,8 +13,7 @@ from gist_scale.config import DataConfig, SourceConfig
 from gist_scale.data.errors import DataError
 
 __all__ = ["DEFAULT_TASK", "MAX_REPORTED_BAD_ROWS", "BadRow", "DataReport", "Fields", "Row", "SourceReport",
-           "TaskFilter", "TasksLeftOut", "decode_line", "left_out_task", "missing_columns", "no_rows_left",
-           "parse_row", "raw_rows", "row_error"]
+           "TasksLeftOut", "decode_line", "left_out_task", "missing_columns", "no_rows_left", "parse_row", "row_error"]
 
 DEFAULT_TASK = "default"
 """`task_name` of every row when `data.task_column` is null."""
@@ -28,37 +27,16 @@ class Row(NamedTuple):
     pos: str
     """The row's first positive."""
     negs: list[str]
-    task: str
+    task_name: str
     extra_pos: list[str | None]
     """Its other positives, P-1 of them (P: the source's `num_positives`), None where the row has fewer: the
     positive slots that go in front of its negatives (see `TripletBatch.slot_roles`). Empty when P is 1."""
 
 
 @dataclass(frozen=True)
-class TaskFilter:
-    """`include_tasks` / `exclude_tasks` of a source or of `data.path`: names or `fnmatch` globs over task names (the
-    `task_column` values, or the source's name). None: that side filters nothing."""
-
-    include_tasks: tuple[str, ...] | None = None
-    exclude_tasks: tuple[str, ...] | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.include_tasks is not None or self.exclude_tasks is not None
-
-    def leaves_out(self, task: str) -> str | None:
-        """The option that leaves `task` out (`include_tasks`: it matches none of them; `exclude_tasks`: it matches
-        one), or None when the task is kept."""
-        if self.include_tasks is not None and not any(fnmatchcase(task, p) for p in self.include_tasks):
-            return "include_tasks"
-        if self.exclude_tasks is not None and any(fnmatchcase(task, p) for p in self.exclude_tasks):
-            return "exclude_tasks"
-        return None
-
-
-@dataclass(frozen=True)
 class TasksLeftOut:
-    """The rows and tasks one option of a `TaskFilter` left out of a source."""
+    """The rows and tasks one option of a task filter (`Fields.include_tasks` / `exclude_tasks`) left out of a
+    source."""
 
     option: str
     """`include_tasks` or `exclude_tasks`."""
@@ -68,9 +46,9 @@ class TasksLeftOut:
     """The tasks left out, sorted."""
 
     @classmethod
-    def count(cls, tasks: TaskFilter, rows: Mapping[str, Mapping[str, int]]) -> list[TasksLeftOut]:
+    def count(cls, fields: Fields, rows: Mapping[str, Mapping[str, int]]) -> list[TasksLeftOut]:
         """From `{option: {task: rows left out}}`, in the filter's order (include first)."""
-        return [cls(option, getattr(tasks, option) or (), sum(rows[option].values()), tuple(sorted(rows[option])))
+        return [cls(option, getattr(fields, option) or (), sum(rows[option].values()), tuple(sorted(rows[option])))
                 for option in ("include_tasks", "exclude_tasks") if rows.get(option)]
 
     def describe(self) -> str:
@@ -100,8 +78,12 @@ class Fields:
     """Keep the first N negatives of each row (a source's `num_negatives`); None: all of them."""
     num_positives: int = 1
     """P: the first P texts of a list-valued positive column are the row's positives."""
-    tasks: TaskFilter = TaskFilter()
-    """Which tasks are read; rows of the others are left out before they are validated."""
+    include_tasks: tuple[str, ...] | None = None
+    """The task filter of a source or of `data.path`: names or `fnmatch` globs over task names (the `task_column`
+    values, or the source's name); rows of the other tasks are left out before they are validated. None: no
+    filter."""
+    exclude_tasks: tuple[str, ...] | None = None
+    """Names or globs of the tasks to leave out (as `include_tasks`)."""
 
     @classmethod
     def from_config(cls, cfg: DataConfig, source: SourceConfig | None = None) -> Fields:
@@ -119,9 +101,9 @@ class Fields:
             instructed.update(negs)
         if source is None:
             return cls(query, pos, negs, cfg.task_column, frozenset(instructed), num_positives=cfg.num_positives,
-                       tasks=TaskFilter(cfg.include_tasks, cfg.exclude_tasks))
+                       include_tasks=cfg.include_tasks, exclude_tasks=cfg.exclude_tasks)
         return cls(query, pos, negs, source.task_column, frozenset(instructed), source.name, source.num_negatives,
-                   option("num_positives"), TaskFilter(option("include_tasks"), option("exclude_tasks")))
+                   option("num_positives"), option("include_tasks"), option("exclude_tasks"))
 
     def required(self) -> dict[str, str]:
         """Column -> the option that names it, for "no such column" messages."""
@@ -197,13 +179,17 @@ def _row_task(row: Mapping[str, Any], fields: Fields) -> str:
 
 
 def left_out_task(row: Mapping[str, Any], fields: Fields) -> tuple[str, str] | None:
-    """(option, task) when the fields' task filter leaves the row's task out, else None (always None without a
-    filter). Read before the rest of the row is validated: a left-out row need not be valid."""
-    if not fields.tasks.active:
+    """(option, task) when the fields' task filter leaves the row's task out (`include_tasks`: it matches none of
+    them; `exclude_tasks`: it matches one), else None (always None without a filter). Read before the rest of the
+    row is validated: a left-out row need not be valid."""
+    if fields.include_tasks is None and fields.exclude_tasks is None:
         return None
     task = _row_task(row, fields)
-    option = fields.tasks.leaves_out(task)
-    return None if option is None else (option, task)
+    if fields.include_tasks is not None and not any(fnmatchcase(task, p) for p in fields.include_tasks):
+        return "include_tasks", task
+    if fields.exclude_tasks is not None and any(fnmatchcase(task, p) for p in fields.exclude_tasks):
+        return "exclude_tasks", task
+    return None
 
 
 def parse_row(row: Mapping[str, Any], fields: Fields, num_negatives: int | None) -> Row:
@@ -235,19 +221,6 @@ def decode_line(line: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise BadRow(None, f"expected a JSON object, got {type(row).__name__}")
     return row
-
-
-def raw_rows(batch: Mapping[str, list], size: int, fields: Fields,
-             jsonl: bool) -> Iterator[str | Mapping[str, Any] | None]:
-    """A `datasets` batch's raw rows: mappings, or JSON lines still to decode (so the caller can name a line that
-    fails); None for a blank line, which is not a row but keeps the line count."""
-    if jsonl:
-        for line in batch["text"]:
-            yield line if line.strip() else None
-        return
-    columns = {c: batch[c] for c in fields.read() if c in batch}
-    for i in range(size):
-        yield {c: values[i] for c, values in columns.items()}
 
 
 def row_error(where: str, index: int, jsonl: bool, bad: BadRow) -> str:

@@ -62,33 +62,30 @@ def stream_fingerprint(cfg: DataConfig) -> str:
     return Hasher.hash(data)
 
 
+_START = {"pass": 0, "part": 0, "row": 0, "valid": 0, "position": None, "num_negatives": None, "buffers": {}, "read": 0,
+          "skipped": 0, "examples": [], "tasks": {}, "left_out": {}}
+"""A source's state before its first row (`_SourceStream.state_dict`)."""
+
+
 class _SourceStream:
-    """One source read row by row, pass after pass, with its position and its per-task buffers."""
+    """One source read row by row, pass after pass, with its position and its per-task buffers.
+
+    Its position: `passes`, `part` (the file being read), `row` (rows read in that file, blank lines included: the
+    last row's number), `valid` (valid rows read in the current pass) and `_position` (the file's
+    `IterableDataset.state_dict()` to start from; None: its beginning). Its counts, over every pass: `read`,
+    `skipped` (with the first `examples`), `tasks` and `left_out` (rows passed over by the task filter,
+    `{option: {task: rows}}`).
+    """
 
     def __init__(self, name: str | None, description: str, parts: list[Part], fields: Fields, cfg: DataConfig,
                  weight: float) -> None:
         self.name, self.description, self.parts, self.fields, self.weight = name, description, parts, fields, weight
         self.prefix = f"data.sources {name!r}: " if name is not None else ""
         self.cfg = cfg
-        self.passes, self.part = 0, 0
-        self.row = 0
-        """Rows read in the current part, blank lines included: the last row's number."""
-        self.valid = 0
-        """Valid rows read in the current pass."""
-        self.num_negatives: int | None = None
-        self.buffers: dict[str, list[Row]] = {}
-        self.read, self.skipped = 0, 0
-        self.examples: list[str] = []
-        self.tasks: Counter[str] = Counter()
-        self.left_out: defaultdict[str, Counter[str]] = defaultdict(Counter)
-        """Rows passed over by the task filter: `{option: {task: rows}}`, over every pass."""
-        self._position: dict | None = None
-        """The current part's `IterableDataset.state_dict()` to start from (None: its beginning)."""
-        self._dataset: datasets.IterableDataset | None = None
-        self._rows: Iterator[Row] | None = None
         self._opened: dict[int, tuple[datasets.IterableDataset, dict]] = {}
         """Each part opened once, with its start state: a new pass reads it again from there (`load_dataset` costs
         a module lookup and, for the hub, requests, on every call)."""
+        self.load_state_dict(_START)
 
     def take(self, size: int) -> list[Row]:
         """The next global batch: `size` rows of one buffer (one task), reading rows until a buffer holds them."""
@@ -97,13 +94,12 @@ class _SourceStream:
             if self._rows is None:
                 self._rows = self._read()
             row = next(self._rows)
-            key = row.task if self.cfg.task_homogeneous else ""
+            key = row.task_name if self.cfg.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
             buffer.append(row)
             if len(buffer) >= size:
                 full = key
-        rows = self.buffers[full][:size]
-        del self.buffers[full][:size]
+        rows, self.buffers[full] = self.buffers[full][:size], self.buffers[full][size:]
         if not self.buffers[full]:
             del self.buffers[full]
         return rows
@@ -183,7 +179,7 @@ class _SourceStream:
             self.num_negatives = len(row.negs)
         self.valid += 1
         self.read += 1
-        self.tasks[row.task] += 1
+        self.tasks[row.task_name] += 1
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -209,7 +205,7 @@ class _SourceStream:
 
     def left_out_report(self) -> list[TasksLeftOut]:
         """What the task filter passed over so far."""
-        return TasksLeftOut.count(self.fields.tasks, self.left_out)
+        return TasksLeftOut.count(self.fields, self.left_out)
 
 
 class StreamingBatches:
@@ -224,24 +220,24 @@ class StreamingBatches:
                  student_max_length: int, guide_tokenizer: PreTrainedTokenizerBase | None = None,
                  guide_max_length: int | None = None, *, batch_size: int, world_size: int = 1, rank: int = 0,
                  grad_accum_steps: int = 1, seed: int = 0, student_prompts: Prompts | None = None,
-                 guide_prompts: Prompts | None = None, split: str | None = None) -> None:
+                 guide_prompts: Prompts | None = None) -> None:
         self.collator = collator
         self.sides = encoder_sides(student_tokenizer, student_max_length, guide_tokenizer, guide_max_length,
                                    student_prompts, guide_prompts)
         self.world_size, self.rank, self.grad_accum_steps, self.seed = world_size, rank, grad_accum_steps, seed
         self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
         self.instructions = sorted(Fields.from_config(cfg).instructed)
-        split = split or cfg.split
         self.mixture = bool(cfg.sources)
         self.sources: list[_SourceStream] = []
         for source in cfg.sources or [None]:
             try:
-                description, parts = resolve(cfg, split, source)
+                description, parts = resolve(cfg, cfg.split, source)
             except DataError as error:
                 raise DataError(f"data.sources {source.name!r}: {error}" if source else str(error)) from error
             weight = 1.0 if source is None or source.weight is None else source.weight
             self.sources.append(_SourceStream(source and source.name, description, parts,
                                               Fields.from_config(cfg, source), cfg, weight))
+        self.source_names = [s.name or s.description for s in self.sources]
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.shares = weights / weights.sum()
         self.batches = 0
@@ -251,10 +247,6 @@ class StreamingBatches:
         """For `ResumePlan.check_data`: a stream has no epochs (no plan that a world-size change could alter) and
         drops no rows (a task's rows wait in its buffer)."""
 
-    @property
-    def source_names(self) -> list[str]:
-        return [s.name or s.description for s in self.sources]
-
     def check(self) -> None:
         """Read each drawn source up to its first valid row, so that a wrong path, column mapping or format fails
         now (before any model loads) rather than at the first step that draws it; fixes each source's K."""
@@ -262,16 +254,11 @@ class StreamingBatches:
             if share > 0 and source.num_negatives is None:
                 source.num_negatives = len(source.first_row().negs)
 
-    def _draw(self, batch: int) -> int:
-        """The source of global batch `batch`, from (seed, batch) alone: the same on every rank and after a resume."""
-        if len(self.sources) == 1:
-            return 0
-        return int(np.random.default_rng([self.seed, batch]).choice(len(self.shares), p=self.shares))
-
     def global_batches(self) -> Iterator[tuple[int, list[Row]]]:
         """(source index, rows) of each global batch from the current position; advances the position."""
         while True:
-            source = self._draw(self.batches)
+            # Drawn from (seed, batch) alone: the same on every rank and after a resume.
+            source = int(np.random.default_rng([self.seed, self.batches]).choice(len(self.shares), p=self.shares))
             rows = self.sources[source].take(self.global_batch_size)
             self.batches += 1
             yield source, rows
@@ -283,8 +270,7 @@ class StreamingBatches:
                 yield self._collate(micro, source)
 
     def _collate(self, rows: list[Row], source: int) -> TripletBatch:
-        columns = {"query": [r.query for r in rows], "pos": [r.pos for r in rows], "negs": [r.negs for r in rows],
-                   "task_name": [r.task for r in rows], "extra_pos": [r.extra_pos for r in rows]}
+        columns = {name: [getattr(row, name) for row in rows] for name in Row._fields}
         tokenized = {k: v for k, v in tokenize_batch(columns, self.sides).items() if not k.startswith("_truncated_")}
         if self.mixture:
             tokenized["source"] = [source] * len(rows)

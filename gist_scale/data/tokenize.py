@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -20,8 +20,7 @@ __all__ = ["Side", "count_tokens", "encoder_sides", "measure_tokenization_rate",
            "tokenize_triplets"]
 
 
-@dataclass(frozen=True)
-class Side:
+class Side(NamedTuple):
     """One encoder to tokenize for: `student` or `guide`, with its tokenizer, max length and prompts."""
 
     name: str
@@ -83,28 +82,26 @@ def tokenize_batch(batch: Mapping[str, list], sides: Sequence[Side]) -> dict[str
     With `extra_pos` (several positives per row), `<side>_negs` holds each row's candidate slots, its extra positives
     first (see `_slots`), and `positive_slots` their roles."""
     out: dict[str, list] = {}
-    rows = len(batch["query"])
     slots, positive_slots = _slots(batch)
     if positive_slots is not None:
         out["positive_slots"] = positive_slots
     ends = np.cumsum([len(texts) for texts in slots]).tolist()
     starts = [0] + ends[:-1]
-    for side in sides:
-        name, tokenizer, prompts = side.name, side.tokenizer, side.prompts
+    for name, tokenizer, max_length, prompts in sides:
         query_prompts = [prompts.for_query(task) for task in batch["task_name"]]
         texts = {"query": _prompted(batch["query"], query_prompts), "pos": _prompted(batch["pos"], prompts.document)}
         for column in ("query", "pos"):
             out[f"{name}_{column}"], out[f"_truncated_{name}_{column}"] = token_ids(tokenizer, texts[column],
-                                                                                    side.max_length)
+                                                                                    max_length)
         negs = _prompted([t for row in slots for t in row], prompts.document)
-        ids, truncated = token_ids(tokenizer, negs, side.max_length)
+        ids, truncated = token_ids(tokenizer, negs, max_length)
         out[f"{name}_negs"] = [ids[a:b] for a, b in zip(starts, ends)]
         out[f"_truncated_{name}_negs"] = [sum(truncated[a:b]) for a, b in zip(starts, ends)]
         if not prompts.include_prompt:
             lengths = {p: prompt_length(tokenizer, p) for p in {*query_prompts, prompts.document}}
             document = lengths[prompts.document]
             out[f"{name}_query_prompt"] = [lengths[p] for p in query_prompts]
-            out[f"{name}_pos_prompt"] = [document] * rows
+            out[f"{name}_pos_prompt"] = [document] * len(batch["pos"])
             out[f"{name}_negs_prompt"] = [[document] * (b - a) for a, b in zip(starts, ends)]
     return out
 

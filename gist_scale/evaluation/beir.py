@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from gist_scale.data import DataError
@@ -31,29 +32,32 @@ __all__ = ["load_beir"]
 LAYOUT = "a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each non-blank line of a UTF-8 file."""
+    with path.open(encoding="utf-8") as handle:
+        yield from ((line_number, line) for line_number, line in enumerate(handle, start=1) if line.strip())
+
+
 def _read_jsonl(path: Path) -> dict[str, dict[str, str]]:
     """`_id` -> row, for a JSONL file whose rows need `_id` and a `text` (empty only beside a title); errors name
     file:line and field."""
     if not path.is_file():
         raise DataError(f"{path}: no such file ({LAYOUT})")
     rows: dict[str, dict[str, str]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "_id" not in row:
-                raise DataError(f"{where}: field '_id' missing")
-            key, text = str(row["_id"]), row.get("text")
-            if not isinstance(text, str) or not (text.strip() or row.get("title")):
-                raise DataError(f"{where}: field 'text' must be a text (not empty)")
-            if key in rows:
-                raise DataError(f"{where}: duplicate _id {key!r}")
-            rows[key] = row
+    for line_number, line in _lines(path):
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise DataError(f"{where}: field '_id' missing")
+        key, text = str(row["_id"]), row.get("text")
+        if not isinstance(text, str) or not (text.strip() or row.get("title")):
+            raise DataError(f"{where}: field 'text' must be a text (not empty)")
+        if key in rows:
+            raise DataError(f"{where}: duplicate _id {key!r}")
+        rows[key] = row
     if not rows:
         raise DataError(f"{path}: empty")
     return rows
@@ -66,30 +70,20 @@ def _read_qrels(path: Path) -> list[tuple[str, str, int, int]]:
         found = f"; splits here: {', '.join(splits)} (pick one with --split)" if splits else f" ({LAYOUT})"
         raise DataError(f"{path}: no such file{found}")
     judgments = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    for line_number, line in _lines(path):
+        fields = line.rstrip("\r\n").split("\t")
+        if len(fields) != 3:
+            raise DataError(f"{path}:{line_number}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                            f"got {len(fields)}")
+        try:
+            grade = int(fields[2])
+        except ValueError:
+            if line_number == 1:  # the header
                 continue
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) != 3:
-                raise DataError(f"{path}:{line_number}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                                f"got {len(fields)}")
-            try:
-                grade = int(fields[2])
-            except ValueError:
-                if line_number == 1:  # the header
-                    continue
-                raise DataError(f"{path}:{line_number}: field 'score' must be an integer grade, got "
-                                f"{fields[2]!r}") from None
-            judgments.append((fields[0], fields[1], grade, line_number))
+            raise DataError(f"{path}:{line_number}: field 'score' must be an integer grade, got "
+                            f"{fields[2]!r}") from None
+        judgments.append((fields[0], fields[1], grade, line_number))
     return judgments
-
-
-def _warn_unknown(path: Path, kind: str, unknown: list[tuple[str, int]]) -> None:
-    if unknown:
-        first, line = unknown[0]
-        warnings.warn(f"{path}: {len(unknown)} judgment(s) name a {kind} id that is not in the folder, dropped "
-                      f"(first: {first!r} at line {line})", stacklevel=3)
 
 
 def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = None) -> EvalData:
@@ -104,17 +98,19 @@ def load_beir(folder: str | Path, split: str = "test", sts: StsPairs | None = No
 
     corpus_index = {doc_id: i for i, doc_id in enumerate(corpus_rows)}
     grades: dict[str, dict[int, int]] = {}
-    unknown_queries: list[tuple[str, int]] = []
-    unknown_docs: list[tuple[str, int]] = []
+    unknown: dict[str, list[tuple[str, int]]] = {"query": [], "corpus": []}  # (id, line) of dropped judgments
     for query_id, doc_id, grade, line in judgments:
         if query_id not in query_rows:
-            unknown_queries.append((query_id, line))
+            unknown["query"].append((query_id, line))
         elif doc_id not in corpus_index:
-            unknown_docs.append((doc_id, line))
+            unknown["corpus"].append((doc_id, line))
         else:
             grades.setdefault(query_id, {})[corpus_index[doc_id]] = grade
-    _warn_unknown(qrels_path, "query", unknown_queries)
-    _warn_unknown(qrels_path, "corpus", unknown_docs)
+    for kind, dropped in unknown.items():
+        if dropped:
+            first, line = dropped[0]
+            warnings.warn(f"{qrels_path}: {len(dropped)} judgment(s) name a {kind} id that is not in the folder, "
+                          f"dropped (first: {first!r} at line {line})", stacklevel=2)
 
     evaluated = [q for q in query_rows if q in grades]
     if not any(g > 0 for q in evaluated for g in grades[q].values()):

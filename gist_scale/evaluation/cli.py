@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from transformers import PreTrainedTokenizerBase
 
 from gist_scale import distributed
@@ -77,10 +77,9 @@ def _mteb_model_name(name: str) -> str:
 def _table(model: str, metrics: dict[str, float], baseline: str | None, base: dict[str, float] | None):
     # Names go in the caption, where they may wrap, rather than in headers, where long ones would be cut.
     caption = f"model: {model}" + (f"\nbaseline: {baseline}" if base is not None else "")
-    table = Table(title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
-    table.add_column("metric")
-    for column in ["model"] + (["baseline", "delta (model - baseline)"] if base is not None else []):
-        table.add_column(column, justify="right")
+    numbers = ["model"] + (["baseline", "delta (model - baseline)"] if base is not None else [])
+    table = Table("metric", *(Column(name, justify="right") for name in numbers),
+                  title="retrieval" + (" and STS" if "spearman" in metrics else ""), caption=caption)
     for key, value in metrics.items():
         cells = [key, f"{value:.4f}"]
         if base is not None:
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
         return fail("--batch-size and --max-length must be positive")
-    if args.corpus and args.data is None and (args.beir or args.mteb):
+    if args.corpus and (args.beir or args.mteb):  # --data, --beir and --mteb exclude each other
         return fail("--corpus adds distractors to eval triplets (--data); a BEIR folder or MTEB task has its own")
     if args.mteb and (args.sts or args.config or args.split):
         return fail("--sts, --config and --split do not apply to --mteb (each task brings its data and splits)")
@@ -176,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.mteb and state.use_distributed:
             return fail("--mteb runs in one process: start gist-scale eval without torchrun/accelerate launch")
         device = _device(args.device) if args.device else state.device
-        if args.out and not args.mteb:  # before minutes of encoding, not after
-            require_writable_file(args.out, "--out")
+        # Checked before minutes of encoding, not after (with --mteb, --out is mteb's folder).
+        out = require_writable_file(args.out, "--out") if args.out and not args.mteb else None
         if args.mteb:
             # mteb is an optional dependency (the [mteb] extra), heavy to import: only when --mteb asks for it.
             from gist_scale.evaluation.mteb import resolve_tasks
@@ -209,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{error}; --mteb needs the mteb package: pip install 'gist-scale[mteb]'")
     if state.is_main_process:
         Console(highlight=False).print(_table(args.model, results["model"], args.baseline, results["baseline"]))
-        if args.out and not args.mteb:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
+        if out is not None:
             out.write_text(json.dumps(results, indent=2) + "\n")
             console.print(f"metrics written to {out}")
     if state.use_distributed:

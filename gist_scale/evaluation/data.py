@@ -141,12 +141,11 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
     """
     if path is None:
         cfg, split = DataConfig(), "eval"
-    elif data_cfg is None:
-        cfg = DataConfig(path=path, split=split)
     else:
+        cfg = data_cfg or DataConfig()
         # The training data's revision pins the training dataset, not necessarily this one.
-        cfg = replace(data_cfg, path=path, split=split, max_rows=None,
-                      revision=data_cfg.revision if path == data_cfg.path else None)
+        revision = cfg.revision if path == cfg.path else None
+        cfg = replace(cfg, path=path, split=split, max_rows=None, revision=revision)
     ds, report = load_triplets(cfg, split=split)
     return retrieval_task(ds, extra_corpus, report.source, read_sts(sts) if sts else None)
 

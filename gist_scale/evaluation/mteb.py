@@ -84,10 +84,8 @@ class EmbedderEncoder(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
                **kwargs: Any) -> np.ndarray:
-        texts = [text for batch in inputs for text in batch["text"]]
-        prompt = get_prompt(self.model_prompts, task_metadata, prompt_type)
-        if prompt:
-            texts = [prompt + text for text in texts]
+        prompt = get_prompt(self.model_prompts, task_metadata, prompt_type) or ""
+        texts = [prompt + text for batch in inputs for text in batch["text"]]
         embeddings = encode_texts(self.model, self.tokenizer, texts, self.max_length,
                                   kwargs.get("batch_size") or self.batch_size, self.device)
         return embeddings.cpu().numpy()
