@@ -253,6 +253,34 @@ class NaiveGuided(NamedTuple):
     """Per row."""
 
 
+def random_slot_roles(n: int, k: int, seed: int) -> torch.Tensor:
+    """Random roles, as several positives make them: per row, its extra positive slots first (1), then empty slots
+    of positives it lacks (-1), then its hard negatives (0)."""
+    g = torch.Generator().manual_seed(seed)
+    extra = k // 2  # P - 1 positive slots per row
+    roles = torch.zeros(n, k, dtype=torch.int8)
+    for row in range(n):
+        have = int(torch.randint(0, extra + 1, (1,), generator=g))
+        roles[row, :have] = 1
+        roles[row, have:extra] = -1
+    return roles
+
+
+# The guide policies, distillation and their mixes that the loss tests run against the references (one process
+# and the global batch over ranks).
+POLICIES = {
+    "gist": {},
+    "relative": dict(margin_strategy="relative", margin=0.1),
+    "no_in_batch": dict(in_batch_negatives=False),
+    "protected": dict(protect_hard_negatives=True, margin=0.05),
+    "relabel": dict(false_negatives="relabel"),
+    "relabel_qq_only": dict(false_negatives="relabel", contrast_positives=False, margin=0.05),
+    "distill": dict(distill_weight=2.0, distill_temperature=0.05),
+    "distill_only": dict(contrastive_weight=0.0, distill_weight=1.0, distill_temperature=0.1),
+    "everything": dict(false_negatives="relabel", protect_hard_negatives=True, distill_weight=0.5, margin=0.02),
+}
+
+
 def naive_guided_loss(
     anchor: Tensor, positive: Tensor, negative: Tensor, guide_anchor: Tensor | None, guide_positive: Tensor | None,
     guide_negative: Tensor | None, *, slot_roles: Tensor | None = None, text_ids=None, temperature: float = 0.01,

@@ -13,8 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
-from gist_reference import make_inputs, st_gist_loss, with_duplicates
-from test_loss_guidance import POLICIES, slot_roles
+from gist_reference import POLICIES, make_inputs, random_slot_roles, st_gist_loss, with_duplicates
 from torch import nn
 
 from gist_scale import distributed as gdist
@@ -151,7 +150,7 @@ def _guidance_worker(rank: int, world: int) -> None:
         n, k = sum(sizes), 4
         full, ids = with_duplicates(make_inputs(n, k, seed=500 + i, related=0.5))
         ids = (ids[0], ids[1], ids[2].reshape(n, k))
-        roles = slot_roles(n, k, seed=i)
+        roles = random_slot_roles(n, k, seed=i)
         settings = POLICIES[name]
         policy = LossPolicy(**{f: settings[f] for f in settings if f in LossPolicy.__dataclass_fields__})
         weights = {f: v for f, v in settings.items() if f not in LossPolicy.__dataclass_fields__}

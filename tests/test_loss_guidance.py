@@ -8,39 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from gist_reference import make_inputs, naive_guided_loss, with_duplicates
+from gist_reference import POLICIES, make_inputs, naive_guided_loss, random_slot_roles, with_duplicates
 from test_encode import BagOfTokens, _columns, _embedder
 
 from gist_scale import chunking, encode
 
 from gist_scale.config import LossConfig, SourceConfig
 from gist_scale.loss import BLOCKS, GISTLoss, LossPolicy
-
-
-def slot_roles(n: int, k: int, seed: int) -> torch.Tensor:
-    """Random roles, as several positives make them: per row, its extra positive slots first (1), then empty slots
-    of positives it lacks (-1), then its hard negatives (0)."""
-    g = torch.Generator().manual_seed(seed)
-    extra = k // 2  # P - 1 positive slots per row
-    roles = torch.zeros(n, k, dtype=torch.int8)
-    for row in range(n):
-        have = int(torch.randint(0, extra + 1, (1,), generator=g))
-        roles[row, :have] = 1
-        roles[row, have:extra] = -1
-    return roles
-
-
-POLICIES = {
-    "gist": {},
-    "relative": dict(margin_strategy="relative", margin=0.1),
-    "no_in_batch": dict(in_batch_negatives=False),
-    "protected": dict(protect_hard_negatives=True, margin=0.05),
-    "relabel": dict(false_negatives="relabel"),
-    "relabel_qq_only": dict(false_negatives="relabel", contrast_positives=False, margin=0.05),
-    "distill": dict(distill_weight=2.0, distill_temperature=0.05),
-    "distill_only": dict(contrastive_weight=0.0, distill_weight=1.0, distill_temperature=0.1),
-    "everything": dict(false_negatives="relabel", protect_hard_negatives=True, distill_weight=0.5, margin=0.02),
-}
 
 
 def _inputs(n: int, k: int, seed: int, duplicates: bool):
@@ -57,7 +31,7 @@ def test_matches_the_naive_reference(name, roles, duplicates):
     n, k = 8, 4
     inputs, ids = _inputs(n, k, seed=len(name) + 10 * roles + 20 * duplicates, duplicates=duplicates)
     settings = POLICIES[name]
-    roles_tensor = slot_roles(n, k, seed=7) if roles else None
+    roles_tensor = random_slot_roles(n, k, seed=7) if roles else None
     want = naive_guided_loss(**inputs, slot_roles=roles_tensor, text_ids=None if ids is None else (
         ids[0].tolist(), ids[1].tolist(), ids[2].reshape(-1).tolist()), **settings)
     loss, stats = GISTLoss(**settings)(**inputs, slot_roles=roles_tensor,
@@ -75,7 +49,7 @@ def test_matches_the_naive_reference(name, roles, duplicates):
 def test_the_policies_of_the_reference_do_change_the_loss():
     """The cases above would pass vacuously if the settings did nothing: each changes the loss or the mask."""
     inputs = make_inputs(8, 4, seed=3, related=0.5)
-    roles = slot_roles(8, 4, seed=7)
+    roles = random_slot_roles(8, 4, seed=7)
     base = naive_guided_loss(**inputs, slot_roles=roles, margin=0.05)
     for name, settings in POLICIES.items():
         if name == "gist":
@@ -123,7 +97,7 @@ def test_a_source_overrides_the_loss_section_where_it_sets_a_value():
 @pytest.mark.parametrize("matryoshka", [None, dict(matryoshka_dims=[16, 4], matryoshka_weights=[1.0, 0.5])])
 def test_row_blocks_give_the_same_loss_gradients_and_stats(matryoshka):
     inputs, ids = with_duplicates(make_inputs(9, 4, seed=11, related=0.5))
-    roles = slot_roles(9, 4, seed=2)
+    roles = random_slot_roles(9, 4, seed=2)
     settings = dict(false_negatives="relabel", distill_weight=1.0, protect_hard_negatives=True, margin=0.05,
                     **(matryoshka or {}))
     results = []
