@@ -50,15 +50,17 @@ else
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-# One interpreter both checks the imports every run needs and prints the versions (each python3 start costs seconds).
-if ! python3 -c "import datasets, jsonargparse, torch, transformers
-try:
-    import sentence_transformers as st
-    reference = st.__version__
-except ImportError:
-    reference = 'not installed (the st reference is skipped)'
-print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', reference)" \
-        2>&1 | tee -a "$LOG"; then
+# One interpreter checks that every package a run needs is installed and prints the versions, from the packages'
+# metadata: importing them would cost seconds here for what each run imports anyway.
+if ! python3 -c "import importlib.metadata, importlib.util, sys
+missing = [name for name in ('datasets', 'jsonargparse', 'torch', 'transformers') if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit('missing: ' + ', '.join(missing))
+reference = 'not installed (the st reference is skipped)'
+if importlib.util.find_spec('sentence_transformers'):
+    reference = importlib.metadata.version('sentence-transformers')
+print('torch', importlib.metadata.version('torch'), 'transformers', importlib.metadata.version('transformers'),
+      'sentence-transformers', reference)" 2>&1 | tee -a "$LOG"; then
     echo "bench_gpu.sh: the trainer needs datasets and jsonargparse: carry their wheels (see the top of this script)" \
         | tee -a "$LOG"
     exit 1
