@@ -185,13 +185,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     panels = {(0, 0): ("loss", "loss"), (0, 1): ("lr", "learning rate"),
               (1, 1): ("grad_norm", "gradient norm (before clipping)")}
     for position, (key, title) in panels.items():
-        ax = axes[position]
-        steps, values = _series(train, key)
-        ax.set_title(title)
-        if steps:
-            ax.plot(steps, values, **style)
-        else:
-            ax.text(0.5, 0.5, f"no '{key}' records", ha="center", va="center", transform=ax.transAxes)
+        _plot_lines(axes[position], train, [key], "", title, style)
     axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     _plot_masked(axes[0, 2], train, [MASKED, *blocks], f"{MASKED}/",
                  f"masked share{' per block' if blocks else ''} (guide-flagged false negatives)", style)
@@ -202,17 +196,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(*_series(train, f"{unit}_per_s"), color=color, label=f"{unit}/s", **style)
         ax.set_ylabel(f"{unit}/s", color=color)
 
-    ax = axes[1, 2]
-    ax.set_title("eval")
     # The per-dimension keys have their own panel; this one keeps the full-dimension metrics readable.
-    eval_keys = _full_dimension_keys(evals)
-    for key in eval_keys:
-        ax.plot(*_series(evals, key), marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
-    if eval_keys:
-        ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no eval records\n(set eval.every, or wait for the end of training)",
-                ha="center", va="center", transform=ax.transAxes)
+    _plot_lines(axes[1, 2], evals, _full_dimension_keys(evals), EVAL_PREFIX, "eval", {"marker": "o", "markersize": 3},
+                "no eval records\n(set eval.every, or wait for the end of training)")
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
@@ -244,25 +230,32 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return target
 
 
-def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, title: str,
-                 style: dict[str, Any]) -> None:
-    """One line per key against the step (the overall `masked_fraction` solid and black, the parts in colour), as
-    shares of the candidates the guide judged."""
-    from matplotlib.ticker import PercentFormatter
-
+def _plot_lines(ax, records: list[dict[str, Any]], keys: list[str], prefix: str, title: str, style: dict[str, Any],
+                empty: str | None = None) -> bool:
+    """One line per key the records hold, against the step, labelled without `prefix` (the overall masked share
+    `masked_fraction` solid and black, the parts in colour), a legend when there are several; where the records hold
+    none of the keys, `empty` (default: no 'KEY' records) instead. Whether a line was drawn."""
     ax.set_title(title)
-    every = [(key, *_series(train, key)) for key in keys]
+    every = [(key, *_series(records, key)) for key in keys]
     drawn = [(key, steps, values) for key, steps, values in every if steps]  # the keys the run logged
     for key, steps, values in drawn:
         overall = key == MASKED
         ax.plot(steps, values, label="all blocks" if overall else key.removeprefix(prefix),
                 **({"color": "black", "linewidth": 2} if overall else {}), **style)
-    if drawn:
+    if len(drawn) > 1:
+        ax.legend(fontsize="small")
+    if not drawn:
+        ax.text(0.5, 0.5, empty or f"no '{keys[0]}' records", ha="center", va="center", transform=ax.transAxes)
+    return bool(drawn)
+
+
+def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, title: str,
+                 style: dict[str, Any]) -> None:
+    """`_plot_lines` of masked shares: as shares of the candidates the guide judged."""
+    from matplotlib.ticker import PercentFormatter
+
+    if _plot_lines(ax, train, keys, prefix, title, style):
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        if len(drawn) > 1:
-            ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, f"no '{keys[0]}' records", ha="center", va="center", transform=ax.transAxes)
 
 
 def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, Any]]) -> None:
