@@ -222,7 +222,6 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
     if len(tasks) < num_tasks:
         raise ValueError(f"WordNet has only {len(tasks)} usable lexicographer files; lower --tasks")
     eval_need = dict(zip(tasks, _split_quota(num_eval, num_tasks)))
-    train_need = dict(zip(tasks, _split_quota(num_train, num_tasks)))
 
     def triplet(key: SynsetKey, negatives: list[SynsetKey]) -> dict[str, str]:
         pos = rng.choice(examples(key))
@@ -254,13 +253,13 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
 
     # Train: one row per synset, never touching a synset reserved for eval (as query or as negative).
     train_rows: list[dict[str, str]] = []
-    for task in tasks:
+    for task, need in zip(tasks, _split_quota(num_train, num_tasks)):
         pool = [k for k in sorted(synsets) if synsets[k].lexname == task and k not in reserved and usable(k)
                 and siblings(k, None, reserved)]
-        if len(pool) < train_need[task]:
-            raise ValueError(f"{task} has only {len(pool)} usable synsets outside eval, {train_need[task]} asked; "
-                             "lower --train or --tasks")
-        for key in rng.sample(pool, train_need[task]):
+        if len(pool) < need:
+            raise ValueError(f"{task} has only {len(pool)} usable synsets outside eval, {need} asked; lower --train or "
+                             "--tasks")
+        for key in rng.sample(pool, need):
             train_rows.append(triplet(key, siblings(key, None, reserved)))
     rng.shuffle(train_rows)
     rng.shuffle(eval_rows)
