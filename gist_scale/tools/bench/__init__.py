@@ -68,7 +68,7 @@ from gist_scale.flops import peak_tflops
 from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, ZERO_SETTINGS, build_model_dir,
                                            deepspeed_config, write_rows)
 from gist_scale.tools.bench.modes import ALL_MODES, MODES, BenchConfig, CaseSetup
-from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
+from gist_scale.tools.bench.timing import RECORD_FIELDS, device_name, measure
 from gist_scale.trainer.console import console
 
 __all__ = ["BenchConfig", "RECORD_FIELDS", "build_parser", "main", "parse_args"]
@@ -191,8 +191,7 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     width = AutoConfig.from_pretrained(student_dir).hidden_size
     dims = cfg.matryoshka_dims or [width // 2**i for i in range(4) if width // 2**i]
     setup = CaseSetup(cfg, student, guide, batch, student_dir, guide_dir, rows, work_dir, tuple(dims))
-    with datasets_cache(work_dir):
-        records = measure(cfg.modes, setup)
+    records = measure(cfg.modes, setup)
     reference = next((r for r in records if r["mode"] == "st" and r["triplets_per_s"]), None)
     for record in records:
         ok = reference is not None and record["triplets_per_s"]
