@@ -82,9 +82,8 @@ def _loss(config: dict) -> str:
     loss = config["loss"]
     if config["guide"]["name"] is None:
         return "InfoNCE"
-    parts = [] if loss["contrastive_weight"] == 0 else [
-        f"GIST {loss['false_negatives']}" + (f" x{loss['contrastive_weight']:g}" if loss["contrastive_weight"] != 1
-                                             else "")]
+    weight = loss["contrastive_weight"]
+    parts = [f"GIST {loss['false_negatives']}" + (f" x{weight:g}" if weight != 1 else "")] if weight else []
     if loss["distill_weight"] > 0:
         parts.append(f"KL x{loss['distill_weight']:g} at T {loss['distill_temperature']:g}")
     return " + ".join(parts)
