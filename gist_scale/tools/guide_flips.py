@@ -100,23 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guide.dtype", dest="dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--guide.trust_remote_code", dest="trust_remote_code", choices=("true", "false"),
                         default="false", help="run the guide repository's own code (only for code you trust)")
-    parser.add_argument("--data.path", dest="data", default=str(sample_data_path("train")),
+    parser.add_argument("--data.path", dest="data", type=Path, default=sample_data_path("train"),
                         help="JSONL rows with query, pos, neg (one text) and task_name (default: the WordNet sample)")
     parser.add_argument("--rows", type=int, default=512, help="rows read from the top of the file")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro-batches", type=int, nargs=2, default=[8, 4], metavar=("A", "B"),
                         help="the two micro-batch sizes compared (each rank's share under two layouts)")
     args = parser.parse_args(argv)
-    path = Path(args.data)
-    if not path.is_file():
-        parser.error(f"--data.path {path}: no such file")
+    if not args.data.is_file():
+        parser.error(f"--data.path {args.data}: no such file")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines()[:args.rows], start=1):
+    for number, line in enumerate(args.data.read_text().splitlines()[:args.rows], start=1):
         try:
             row = json.loads(line)
             rows.append({key: row[key] for key in ("query", "pos", "neg", "task_name")})
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            parser.error(f"{path}:{number}: not a JSON object with query, pos, neg and task_name ({error!r})")
+            parser.error(f"{args.data}:{number}: not a JSON object with query, pos, neg and task_name ({error!r})")
     batches = global_batches(rows, args.global_batch)
     if not batches:
         parser.error(f"--rows {args.rows}: no task has --global-batch {args.global_batch} rows; read more rows")
