@@ -176,9 +176,8 @@ def build_ood(synsets: dict[SynsetKey, Synset], lexnames: Sequence[str], num_row
         if len(pool) < need:
             raise ValueError(f"{lexname} has only {len(pool)} usable synsets, {need} asked; lower --ood or hold out "
                              "more lexicographer files")
-        for key in rng.sample(pool, need):
-            rows.append({"query": held[key].definition, "pos": rng.choice(held[key].examples),
-                         "neg": rng.choice(negatives(key)), "task_name": lexname})
+        rows += [{"query": held[key].definition, "pos": rng.choice(held[key].examples),
+                  "neg": rng.choice(negatives(key)), "task_name": lexname} for key in rng.sample(pool, need)]
     rng.shuffle(rows)
     return rows
 
@@ -259,8 +258,7 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
         if len(pool) < need:
             raise ValueError(f"{task} has only {len(pool)} usable synsets outside eval, {need} asked; lower --train or "
                              "--tasks")
-        for key in rng.sample(pool, need):
-            train_rows.append(triplet(key, siblings(key, None, reserved)))
+        train_rows += [triplet(key, siblings(key, None, reserved)) for key in rng.sample(pool, need)]
     rng.shuffle(train_rows)
     rng.shuffle(eval_rows)
     return WordNetTriplets(train_rows, eval_rows, tasks, ood, list(holdout_lexnames))
