@@ -254,10 +254,9 @@ def summary(run: CalibrationRun) -> str:
 
 def build_parser() -> ArgumentParser:
     """`gist-scale calibrate`: the training config's options (the run to calibrate), and the grid's."""
-    parser = job_parser(
-        "gist-scale calibrate",
-        __doc__.split("\n\n")[0] + " Give it the run's options (--config, --data.*, --guide.*, --loss.*, --train.*); "
-        "nothing is trained and the student's weights are not loaded. Seconds with --guide.cache.")
+    parser = job_parser("gist-scale calibrate", __doc__.split("\n\n")[0] + " Give it the run's options (--config, "
+                        "--data.*, --guide.*, --loss.*, --train.*); nothing is trained and the student's weights are "
+                        "not loaded. Seconds with --guide.cache.")
     parser.add_argument("--margins", help="comma-separated margins to try (default: "
                                           f"{','.join(f'{m:g}' for m in DEFAULT_MARGINS)}; loss.margin is added)")
     parser.add_argument("--margin-strategies", default=",".join(MARGIN_STRATEGIES),

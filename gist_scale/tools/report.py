@@ -289,10 +289,9 @@ def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gist-scale report",
-        description="Plot a run's metrics.jsonl (loss, lr, masked fraction, throughput, grad norm, eval metrics "
-                    "against step) into one PNG. Needs matplotlib: pip install 'gist-scale[report]'.")
+    parser = argparse.ArgumentParser(prog="gist-scale report", description="Plot a run's metrics.jsonl (loss, lr, "
+                                     "masked fraction, throughput, grad norm, eval metrics against step) into one PNG. "
+                                     "Needs matplotlib: pip install 'gist-scale[report]'.")
     parser.add_argument("run_dir", help="the run directory (train.output_dir), holding metrics.jsonl")
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/report.png)")
     return parser
