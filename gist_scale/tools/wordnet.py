@@ -326,10 +326,9 @@ def _lexnames(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gist-scale data", description="Build triplet datasets.")
     commands = parser.add_subparsers(dest="command", required=True)
-    wordnet = commands.add_parser(
-        "wordnet", help="triplets from WordNet 3.0 (definition, example, sibling's example)",
-        description="Write OUT_DIR/train.jsonl, eval.jsonl, LICENSE and README.md from WordNet 3.0 (and ood.jsonl "
-                    "with --holdout-lexnames).")
+    wordnet = commands.add_parser("wordnet", help="triplets from WordNet 3.0 (definition, example, sibling's example)",
+                                  description="Write OUT_DIR/train.jsonl, eval.jsonl, LICENSE and README.md from "
+                                              "WordNet 3.0 (and ood.jsonl with --holdout-lexnames).")
     wordnet.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     wordnet.add_argument("--train", type=int, default=4096, help="train triplets (default: 4096)")
     wordnet.add_argument("--eval", type=int, default=512, help="held-out eval triplets (default: 512)")

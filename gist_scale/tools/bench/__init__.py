@@ -126,11 +126,10 @@ def _comma_separated(item: Callable[[str], Any]) -> Callable[[str], list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gist-scale bench", description=__doc__.split("\n\n")[0],
-        epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large --batch 32,256 "
-               "--out bench.json.  CPU smoke test: gist-scale bench --cases tiny --batch 8 --query-len 8-16 "
-               "--doc-len 16-32 --steps 2")
+    parser = argparse.ArgumentParser(prog="gist-scale bench", description=__doc__.split("\n\n")[0],
+                                     epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large "
+                                            "--batch 32,256 --out bench.json.  CPU smoke test: gist-scale bench "
+                                            "--cases tiny --batch 8 --query-len 8-16 --doc-len 16-32 --steps 2")
     parser.add_argument("--cases", type=_comma_separated(_case), default="base/base,small/large",
                         help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large, qwen3-tiny, qwen3-0.6b, "
                              "qwen3-8b); one size = both")
