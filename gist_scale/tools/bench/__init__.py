@@ -83,14 +83,12 @@ shape)."""
 
 def _range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
-    try:
-        low_i, high_i = int(low), int(high or low)
-    except ValueError:
-        low_i = high_i = 0  # not two whole numbers: the same message as a range out of bounds
-    if not 3 <= low_i <= high_i <= MAX_LENGTH:
+    high = high or low  # one number: MIN = MAX
+    # Not two whole numbers gets the same message as a range out of bounds.
+    if not (low.isdecimal() and high.isdecimal() and 3 <= int(low) <= int(high) <= MAX_LENGTH):
         raise argparse.ArgumentTypeError(f"{text!r}: expected MIN-MAX token lengths with 3 <= MIN <= MAX <= "
                                          f"{MAX_LENGTH} (a word and the special tokens at least)")
-    return low_i, high_i
+    return int(low), int(high)
 
 
 def _case(text: str) -> tuple[str, str]:
