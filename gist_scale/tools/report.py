@@ -98,20 +98,17 @@ def summary_lines(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> l
         lines.append(f"steps {steps[0]}..{steps[-1]} ({len(steps)} logged): loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     blocks, sources = masked_share_keys(train)
 
-    def shares(keys: list[str], prefix: str) -> str:
-        parts = []
-        for key in keys:
-            # A window without a source's batches may log no finite share for it.
-            finite = [v for v in _series(train, key)[1] if math.isfinite(v)] or [math.nan]
-            parts.append(f"{key.removeprefix(prefix)} {statistics.fmean(finite):.1%} (last {finite[-1]:.1%})")
-        return ", ".join(parts)
+    def share(key: str, prefix: str) -> str:
+        # A window without a source's batches may log no finite share for it.
+        finite = [v for v in _series(train, key)[1] if math.isfinite(v)] or [math.nan]
+        return f"{key.removeprefix(prefix)} {statistics.fmean(finite):.1%} (last {finite[-1]:.1%})"
 
     if _series(train, MASKED)[0]:
-        lines.append(f"masked share (guide-flagged candidates, mean of the logged windows): {shares([MASKED], '')}")
+        lines.append(f"masked share (guide-flagged candidates, mean of the logged windows): {share(MASKED, '')}")
     if blocks:
-        lines.append(f"  per block: {shares(blocks, f'{MASKED}/')}")
+        lines.append(f"  per block: {', '.join(share(key, f'{MASKED}/') for key in blocks)}")
     if sources:
-        lines.append(f"  per source: {shares(sources, SOURCE_MASKED)}")
+        lines.append(f"  per source: {', '.join(share(key, SOURCE_MASKED) for key in sources)}")
     if evals:
         last = evals[-1]
         metrics = ", ".join(f"{key.removeprefix(EVAL_PREFIX)} {float(last[key]):.4f}"
