@@ -157,8 +157,7 @@ def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[Bat
         return [StreamedBatches.build(cfg, p, ResumePlan(cfg, p), collator, tokenizer, guide_tokenizer, instructions)
                 for p in plans]
     dataset, report = load_triplets(cfg.data)
-    guide_cache = (open_guide_cache(cfg.guide, dataset, report.num_negatives, instructions)
-                   if cfg.guide.cache is not None else None)
+    guide_cache = None if live_guide else open_guide_cache(cfg.guide, dataset, report.num_negatives, instructions)
     dataset, truncation = tokenize_triplets(
         dataset, tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
         student_prompts=Prompts.from_config(cfg.model, instructions),
@@ -166,7 +165,7 @@ def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[Bat
     tokens = count_tokens(dataset, "student")
     samplers = [build_sampler(dataset, cfg.data, p.per_device_batch, world_size, p.rank, p.grad_accum_steps,
                               cfg.train.seed) for p in plans]
-    if guide_cache is not None:
+    if not live_guide:
         dataset, collator = guide_cache.attach(dataset, collator)
     return [PreparedBatches(build_dataloader(dataset, sampler, collator), sampler, report, truncation, tokens)
             for sampler in samplers]
