@@ -196,8 +196,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     # The per-dimension keys have their own panel; this one keeps the full-dimension metrics readable.
     _plot_lines(axes[1, 2], evals, _full_dimension_keys(evals), EVAL_PREFIX, "eval", {"marker": "o", "markersize": 3},
                 "no eval records\n(set eval.every, or wait for the end of training)")
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared: the step axes have one ticker
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
     if by_dimension:
