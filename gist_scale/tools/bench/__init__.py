@@ -239,12 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
             "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout, "peak_tflops": cfg.peak_tflops}
     console.print(f"device {device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    records = []
     try:
         with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
-            for student, guide in cfg.cases:
-                for batch in cfg.batches:
-                    records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
+            # Every case at every batch size, in that order; each record with the settings and versions of the run.
+            records = [{**record, **meta} for student, guide in cfg.cases for batch in cfg.batches
+                       for record in run_case(cfg, student, guide, batch, Path(root))]
     except FloatingPointError as error:
         console.print(f"[red]error:[/red] {error}")
         return 1
