@@ -202,9 +202,8 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
                    else tuple(batch.guide_embeddings.get(name) for name in ("query", "pos", "neg"))
                    for batch in micro_batches]
         query, pos, neg = (None if columns[0][i] is None else torch.cat([c[i] for c in columns]) for i in range(3))
-        text_ids = tuple(None if name not in first.text_ids else
-                         torch.cat([batch.text_ids[name] for batch in micro_batches])
-                         for name in ("query", "pos", "neg"))
+        text_ids = tuple(torch.cat([batch.text_ids[name] for batch in micro_batches]) if name in first.text_ids
+                         else None for name in ("query", "pos", "neg"))
         # Several positives: the ranks' slot roles, concatenated like their rows.
         slot_roles = None if first.slot_roles is None else torch.cat([batch.slot_roles for batch in micro_batches])
         with torch.no_grad():
