@@ -77,8 +77,7 @@ def measure_flips(guide: torch.nn.Module, tokenizer, batches: Sequence[Sequence[
                   micro_batches: Sequence[int] = (8, 4), max_length: int = 128) -> FlipReport:
     """Compare the guide masks of `batches` (rows with `query`, `pos`, one `neg` text) across the first two
     micro-batch sizes of `micro_batches`."""
-    flips = candidates = 0
-    max_gap = 0.0
+    flips, candidates, max_gap = 0, 0, 0.0
     for batch in batches:
         n = len(batch)
         query, pos, neg = ([row[key] for row in batch] for key in ("query", "pos", "neg"))
