@@ -247,7 +247,7 @@ def _plot_lines(ax, records: list[dict[str, Any]], keys: list[str], prefix: str,
 
 def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, title: str,
                  style: dict[str, Any]) -> None:
-    """`_plot_lines` of masked shares: as shares of the candidates the guide judged."""
+    """`_plot_lines` for masked shares, the y axis in percent of the candidates the guide judged."""
     from matplotlib.ticker import PercentFormatter
 
     if _plot_lines(ax, train, keys, prefix, title, style):
