@@ -142,13 +142,12 @@ def tables(out_dir: Path) -> str:
                      + "".join(f"| {_delta(scores[s][HEADLINE], reference and reference[s][HEADLINE])} "
                                for s in SPLITS) + "| | | |")
     for arm in arms:
+        vs_base = [_delta(arm.mean(s), base[s][HEADLINE]) for s in SPLITS]
         vs_infonce = [_delta(arm.mean(s), None if infonce is None or arm is infonce else infonce.mean(s))
                       for s in SPLITS]
         lines.append(f"| {arm.name} | {arm.guide} | {arm.loss} | {','.join(map(str, arm.seeds))} "
-                     f"| {arm.cell('in_domain')} | {arm.cell('ood')} "
-                     f"| {_delta(arm.mean('in_domain'), base['in_domain'][HEADLINE])} "
-                     f"| {_delta(arm.mean('ood'), base['ood'][HEADLINE])} | {vs_infonce[0]} | {vs_infonce[1]} "
-                     f"| {statistics.fmean(arm.wall_s):.0f} |")
+                     f"| {arm.cell('in_domain')} | {arm.cell('ood')} | {vs_base[0]} | {vs_base[1]} | {vs_infonce[0]} "
+                     f"| {vs_infonce[1]} | {statistics.fmean(arm.wall_s):.0f} |")
     for split, title in (("in_domain", "in-domain (eval.jsonl)"), ("ood", "out-of-distribution (ood.jsonl)")):
         metrics = [m for m in METRICS if m in base[split]]
         lines += ["", f"Every metric, {title}, mean ± sample std:", "",
