@@ -82,9 +82,8 @@ def _loss(config: dict) -> str:
     loss = config["loss"]
     if config["guide"]["name"] is None:
         return "InfoNCE"
-    parts = [] if loss["contrastive_weight"] == 0 else [
-        f"GIST {loss['false_negatives']}" + (f" x{loss['contrastive_weight']:g}" if loss["contrastive_weight"] != 1
-                                             else "")]
+    weight = loss["contrastive_weight"]
+    parts = [f"GIST {loss['false_negatives']}" + (f" x{weight:g}" if weight != 1 else "")] if weight else []
     if loss["distill_weight"] > 0:
         parts.append(f"KL x{loss['distill_weight']:g} at T {loss['distill_temperature']:g}")
     return " + ".join(parts)
@@ -143,13 +142,12 @@ def tables(out_dir: Path) -> str:
                      + "".join(f"| {_delta(scores[s][HEADLINE], reference and reference[s][HEADLINE])} "
                                for s in SPLITS) + "| | | |")
     for arm in arms:
+        vs_base = [_delta(arm.mean(s), base[s][HEADLINE]) for s in SPLITS]
         vs_infonce = [_delta(arm.mean(s), None if infonce is None or arm is infonce else infonce.mean(s))
                       for s in SPLITS]
         lines.append(f"| {arm.name} | {arm.guide} | {arm.loss} | {','.join(map(str, arm.seeds))} "
-                     f"| {arm.cell('in_domain')} | {arm.cell('ood')} "
-                     f"| {_delta(arm.mean('in_domain'), base['in_domain'][HEADLINE])} "
-                     f"| {_delta(arm.mean('ood'), base['ood'][HEADLINE])} | {vs_infonce[0]} | {vs_infonce[1]} "
-                     f"| {statistics.fmean(arm.wall_s):.0f} |")
+                     f"| {arm.cell('in_domain')} | {arm.cell('ood')} | {vs_base[0]} | {vs_base[1]} | {vs_infonce[0]} "
+                     f"| {vs_infonce[1]} | {statistics.fmean(arm.wall_s):.0f} |")
     for split, title in (("in_domain", "in-domain (eval.jsonl)"), ("ood", "out-of-distribution (ood.jsonl)")):
         metrics = [m for m in METRICS if m in base[split]]
         lines += ["", f"Every metric, {title}, mean ± sample std:", "",

@@ -157,8 +157,7 @@ def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[Bat
         return [StreamedBatches.build(cfg, p, ResumePlan(cfg, p), collator, tokenizer, guide_tokenizer, instructions)
                 for p in plans]
     dataset, report = load_triplets(cfg.data)
-    guide_cache = (open_guide_cache(cfg.guide, dataset, report.num_negatives, instructions)
-                   if cfg.guide.cache is not None else None)
+    guide_cache = None if live_guide else open_guide_cache(cfg.guide, dataset, report.num_negatives, instructions)
     dataset, truncation = tokenize_triplets(
         dataset, tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length, num_proc=cfg.data.num_proc,
         student_prompts=Prompts.from_config(cfg.model, instructions),
@@ -166,7 +165,7 @@ def _rank_sources(cfg: JobConfig, world_size: int, live_guide: bool) -> list[Bat
     tokens = count_tokens(dataset, "student")
     samplers = [build_sampler(dataset, cfg.data, p.per_device_batch, world_size, p.rank, p.grad_accum_steps,
                               cfg.train.seed) for p in plans]
-    if guide_cache is not None:
+    if not live_guide:
         dataset, collator = guide_cache.attach(dataset, collator)
     return [PreparedBatches(build_dataloader(dataset, sampler, collator), sampler, report, truncation, tokens)
             for sampler in samplers]
@@ -203,9 +202,8 @@ def calibrate(cfg: JobConfig, grid: Sequence[Setting], world_size: int, steps: i
                    else tuple(batch.guide_embeddings.get(name) for name in ("query", "pos", "neg"))
                    for batch in micro_batches]
         query, pos, neg = (None if columns[0][i] is None else torch.cat([c[i] for c in columns]) for i in range(3))
-        text_ids = tuple(None if name not in first.text_ids else
-                         torch.cat([batch.text_ids[name] for batch in micro_batches])
-                         for name in ("query", "pos", "neg"))
+        text_ids = tuple(torch.cat([batch.text_ids[name] for batch in micro_batches]) if name in first.text_ids
+                         else None for name in ("query", "pos", "neg"))
         # Several positives: the ranks' slot roles, concatenated like their rows.
         slot_roles = None if first.slot_roles is None else torch.cat([batch.slot_roles for batch in micro_batches])
         with torch.no_grad():
@@ -254,10 +252,9 @@ def summary(run: CalibrationRun) -> str:
 
 def build_parser() -> ArgumentParser:
     """`gist-scale calibrate`: the training config's options (the run to calibrate), and the grid's."""
-    parser = job_parser(
-        "gist-scale calibrate",
-        __doc__.split("\n\n")[0] + " Give it the run's options (--config, --data.*, --guide.*, --loss.*, --train.*); "
-        "nothing is trained and the student's weights are not loaded. Seconds with --guide.cache.")
+    parser = job_parser("gist-scale calibrate", __doc__.split("\n\n")[0] + " Give it the run's options (--config, "
+                        "--data.*, --guide.*, --loss.*, --train.*); nothing is trained and the student's weights are "
+                        "not loaded. Seconds with --guide.cache.")
     parser.add_argument("--margins", help="comma-separated margins to try (default: "
                                           f"{','.join(f'{m:g}' for m in DEFAULT_MARGINS)}; loss.margin is added)")
     parser.add_argument("--margin-strategies", default=",".join(MARGIN_STRATEGIES),

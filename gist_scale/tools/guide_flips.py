@@ -77,8 +77,7 @@ def measure_flips(guide: torch.nn.Module, tokenizer, batches: Sequence[Sequence[
                   micro_batches: Sequence[int] = (8, 4), max_length: int = 128) -> FlipReport:
     """Compare the guide masks of `batches` (rows with `query`, `pos`, one `neg` text) across the first two
     micro-batch sizes of `micro_batches`."""
-    flips = candidates = 0
-    max_gap = 0.0
+    flips, candidates, max_gap = 0, 0, 0.0
     for batch in batches:
         n = len(batch)
         query, pos, neg = ([row[key] for row in batch] for key in ("query", "pos", "neg"))
@@ -100,23 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guide.dtype", dest="dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--guide.trust_remote_code", dest="trust_remote_code", choices=("true", "false"),
                         default="false", help="run the guide repository's own code (only for code you trust)")
-    parser.add_argument("--data.path", dest="data", default=str(sample_data_path("train")),
+    parser.add_argument("--data.path", dest="data", type=Path, default=sample_data_path("train"),
                         help="JSONL rows with query, pos, neg (one text) and task_name (default: the WordNet sample)")
     parser.add_argument("--rows", type=int, default=512, help="rows read from the top of the file")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--micro-batches", type=int, nargs=2, default=[8, 4], metavar=("A", "B"),
                         help="the two micro-batch sizes compared (each rank's share under two layouts)")
     args = parser.parse_args(argv)
-    path = Path(args.data)
-    if not path.is_file():
-        parser.error(f"--data.path {path}: no such file")
+    if not args.data.is_file():
+        parser.error(f"--data.path {args.data}: no such file")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines()[:args.rows], start=1):
+    for number, line in enumerate(args.data.read_text().splitlines()[:args.rows], start=1):
         try:
             row = json.loads(line)
             rows.append({key: row[key] for key in ("query", "pos", "neg", "task_name")})
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            parser.error(f"{path}:{number}: not a JSON object with query, pos, neg and task_name ({error!r})")
+            parser.error(f"{args.data}:{number}: not a JSON object with query, pos, neg and task_name ({error!r})")
     batches = global_batches(rows, args.global_batch)
     if not batches:
         parser.error(f"--rows {args.rows}: no task has --global-batch {args.global_batch} rows; read more rows")

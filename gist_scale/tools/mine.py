@@ -446,17 +446,15 @@ def run(job, mine: MineConfig, out: str | Path, corpus_files: Sequence[str] = ()
 
 def build_parser() -> ArgumentParser:
     """`gist-scale mine`: its own options, and the training config's (its data and guide sections count)."""
-    parser = job_parser(
-        "gist-scale mine",
-        __doc__.split("\n\n")[0] + " Rows come from --data.* options as for training (negative columns are "
-        "ignored); the guide from --guide.* (also --guide.cache). Under torchrun / accelerate launch every rank "
-        "embeds and searches a share. Ranks are counted after dropping positives and margin violators, as in "
-        "sentence-transformers' mine_hard_negatives.")
-    defaults = MineConfig()
+    parser = job_parser("gist-scale mine", __doc__.split("\n\n")[0] + " Rows come from --data.* options as for "
+                        "training (negative columns are ignored); the guide from --guide.* (also --guide.cache). Under "
+                        "torchrun / accelerate launch every rank embeds and searches a share. Ranks are counted after "
+                        "dropping positives and margin violators, as in sentence-transformers' mine_hard_negatives.")
 
     def setting(name: str, help_: str, **kwargs) -> None:
-        """The `MineConfig` field `name` as the option `--name-with-dashes`, with the field's default."""
-        parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(defaults, name),
+        """The `MineConfig` field `name` as the option `--name-with-dashes`, with the field's default (the class
+        attribute of that name)."""
+        parser.add_argument(f"--{name.replace('_', '-')}", default=getattr(MineConfig, name),
                             help=f"{help_} (default %(default)s)", **kwargs)
 
     parser.add_argument("--out", required=True, help="JSONL file to write (MEDI schema plus guide scores)")

@@ -98,20 +98,17 @@ def summary_lines(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> l
         lines.append(f"steps {steps[0]}..{steps[-1]} ({len(steps)} logged): loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     blocks, sources = masked_share_keys(train)
 
-    def shares(keys: list[str], prefix: str) -> str:
-        parts = []
-        for key in keys:
-            # A window without a source's batches may log no finite share for it.
-            finite = [v for v in _series(train, key)[1] if math.isfinite(v)] or [math.nan]
-            parts.append(f"{key.removeprefix(prefix)} {statistics.fmean(finite):.1%} (last {finite[-1]:.1%})")
-        return ", ".join(parts)
+    def share(key: str, prefix: str) -> str:
+        # A window without a source's batches may log no finite share for it.
+        finite = [v for v in _series(train, key)[1] if math.isfinite(v)] or [math.nan]
+        return f"{key.removeprefix(prefix)} {statistics.fmean(finite):.1%} (last {finite[-1]:.1%})"
 
     if _series(train, MASKED)[0]:
-        lines.append(f"masked share (guide-flagged candidates, mean of the logged windows): {shares([MASKED], '')}")
+        lines.append(f"masked share (guide-flagged candidates, mean of the logged windows): {share(MASKED, '')}")
     if blocks:
-        lines.append(f"  per block: {shares(blocks, f'{MASKED}/')}")
+        lines.append(f"  per block: {', '.join(share(key, f'{MASKED}/') for key in blocks)}")
     if sources:
-        lines.append(f"  per source: {shares(sources, SOURCE_MASKED)}")
+        lines.append(f"  per source: {', '.join(share(key, SOURCE_MASKED) for key in sources)}")
     if evals:
         last = evals[-1]
         metrics = ", ".join(f"{key.removeprefix(EVAL_PREFIX)} {float(last[key]):.4f}"
@@ -185,13 +182,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     panels = {(0, 0): ("loss", "loss"), (0, 1): ("lr", "learning rate"),
               (1, 1): ("grad_norm", "gradient norm (before clipping)")}
     for position, (key, title) in panels.items():
-        ax = axes[position]
-        steps, values = _series(train, key)
-        ax.set_title(title)
-        if steps:
-            ax.plot(steps, values, **style)
-        else:
-            ax.text(0.5, 0.5, f"no '{key}' records", ha="center", va="center", transform=ax.transAxes)
+        _plot_lines(axes[position], train, [key], "", title, style)
     axes[0, 1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     _plot_masked(axes[0, 2], train, [MASKED, *blocks], f"{MASKED}/",
                  f"masked share{' per block' if blocks else ''} (guide-flagged false negatives)", style)
@@ -202,19 +193,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(*_series(train, f"{unit}_per_s"), color=color, label=f"{unit}/s", **style)
         ax.set_ylabel(f"{unit}/s", color=color)
 
-    ax = axes[1, 2]
-    ax.set_title("eval")
     # The per-dimension keys have their own panel; this one keeps the full-dimension metrics readable.
-    eval_keys = _full_dimension_keys(evals)
-    for key in eval_keys:
-        ax.plot(*_series(evals, key), marker="o", markersize=3, label=key.removeprefix(EVAL_PREFIX))
-    if eval_keys:
-        ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no eval records\n(set eval.every, or wait for the end of training)",
-                ha="center", va="center", transform=ax.transAxes)
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _plot_lines(axes[1, 2], evals, _full_dimension_keys(evals), EVAL_PREFIX, "eval", {"marker": "o", "markersize": 3},
+                "no eval records\n(set eval.every, or wait for the end of training)")
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared: the step axes have one ticker
     for ax in axes[-1]:  # the step axis is shared: label it once, under the bottom row
         ax.set_xlabel("step")
     if by_dimension:
@@ -244,25 +226,32 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return target
 
 
-def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, title: str,
-                 style: dict[str, Any]) -> None:
-    """One line per key against the step (the overall `masked_fraction` solid and black, the parts in colour), as
-    shares of the candidates the guide judged."""
-    from matplotlib.ticker import PercentFormatter
-
+def _plot_lines(ax, records: list[dict[str, Any]], keys: list[str], prefix: str, title: str, style: dict[str, Any],
+                empty: str | None = None) -> bool:
+    """One line per key the records hold, against the step, labelled without `prefix` (the overall masked share
+    `masked_fraction` solid and black, the parts in colour), a legend when there are several; where the records hold
+    none of the keys, `empty` (default: no 'KEY' records) instead. Whether a line was drawn."""
     ax.set_title(title)
-    every = [(key, *_series(train, key)) for key in keys]
+    every = [(key, *_series(records, key)) for key in keys]
     drawn = [(key, steps, values) for key, steps, values in every if steps]  # the keys the run logged
     for key, steps, values in drawn:
         overall = key == MASKED
         ax.plot(steps, values, label="all blocks" if overall else key.removeprefix(prefix),
                 **({"color": "black", "linewidth": 2} if overall else {}), **style)
-    if drawn:
+    if len(drawn) > 1:
+        ax.legend(fontsize="small")
+    if not drawn:
+        ax.text(0.5, 0.5, empty or f"no '{keys[0]}' records", ha="center", va="center", transform=ax.transAxes)
+    return bool(drawn)
+
+
+def _plot_masked(ax, train: list[dict[str, Any]], keys: list[str], prefix: str, title: str,
+                 style: dict[str, Any]) -> None:
+    """`_plot_lines` for masked shares, the y axis in percent of the candidates the guide judged."""
+    from matplotlib.ticker import PercentFormatter
+
+    if _plot_lines(ax, train, keys, prefix, title, style):
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-        if len(drawn) > 1:
-            ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, f"no '{keys[0]}' records", ha="center", va="center", transform=ax.transAxes)
 
 
 def _plot_mixture(ax, mixture: dict[str, dict[str, Any]], train: list[dict[str, Any]]) -> None:
@@ -296,10 +285,9 @@ def _plot_dimensions(ax, by_dimension: list[tuple[int, dict[str, list[tuple[int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gist-scale report",
-        description="Plot a run's metrics.jsonl (loss, lr, masked fraction, throughput, grad norm, eval metrics "
-                    "against step) into one PNG. Needs matplotlib: pip install 'gist-scale[report]'.")
+    parser = argparse.ArgumentParser(prog="gist-scale report", description="Plot a run's metrics.jsonl (loss, lr, "
+                                     "masked fraction, throughput, grad norm, eval metrics against step) into one PNG. "
+                                     "Needs matplotlib: pip install 'gist-scale[report]'.")
     parser.add_argument("run_dir", help="the run directory (train.output_dir), holding metrics.jsonl")
     parser.add_argument("--out", help="PNG to write (default: RUN_DIR/report.png)")
     return parser

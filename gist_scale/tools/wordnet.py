@@ -176,9 +176,8 @@ def build_ood(synsets: dict[SynsetKey, Synset], lexnames: Sequence[str], num_row
         if len(pool) < need:
             raise ValueError(f"{lexname} has only {len(pool)} usable synsets, {need} asked; lower --ood or hold out "
                              "more lexicographer files")
-        for key in rng.sample(pool, need):
-            rows.append({"query": held[key].definition, "pos": rng.choice(held[key].examples),
-                         "neg": rng.choice(negatives(key)), "task_name": lexname})
+        rows += [{"query": held[key].definition, "pos": rng.choice(held[key].examples),
+                  "neg": rng.choice(negatives(key)), "task_name": lexname} for key in rng.sample(pool, need)]
     rng.shuffle(rows)
     return rows
 
@@ -222,7 +221,6 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
     if len(tasks) < num_tasks:
         raise ValueError(f"WordNet has only {len(tasks)} usable lexicographer files; lower --tasks")
     eval_need = dict(zip(tasks, _split_quota(num_eval, num_tasks)))
-    train_need = dict(zip(tasks, _split_quota(num_train, num_tasks)))
 
     def triplet(key: SynsetKey, negatives: list[SynsetKey]) -> dict[str, str]:
         pos = rng.choice(examples(key))
@@ -254,14 +252,13 @@ def build_triplets(synsets: dict[SynsetKey, Synset], num_train: int, num_eval: i
 
     # Train: one row per synset, never touching a synset reserved for eval (as query or as negative).
     train_rows: list[dict[str, str]] = []
-    for task in tasks:
+    for task, need in zip(tasks, _split_quota(num_train, num_tasks)):
         pool = [k for k in sorted(synsets) if synsets[k].lexname == task and k not in reserved and usable(k)
                 and siblings(k, None, reserved)]
-        if len(pool) < train_need[task]:
-            raise ValueError(f"{task} has only {len(pool)} usable synsets outside eval, {train_need[task]} asked; "
-                             "lower --train or --tasks")
-        for key in rng.sample(pool, train_need[task]):
-            train_rows.append(triplet(key, siblings(key, None, reserved)))
+        if len(pool) < need:
+            raise ValueError(f"{task} has only {len(pool)} usable synsets outside eval, {need} asked; lower --train or "
+                             "--tasks")
+        train_rows += [triplet(key, siblings(key, None, reserved)) for key in rng.sample(pool, need)]
     rng.shuffle(train_rows)
     rng.shuffle(eval_rows)
     return WordNetTriplets(train_rows, eval_rows, tasks, ood, list(holdout_lexnames))
@@ -329,10 +326,9 @@ def _lexnames(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gist-scale data", description="Build triplet datasets.")
     commands = parser.add_subparsers(dest="command", required=True)
-    wordnet = commands.add_parser(
-        "wordnet", help="triplets from WordNet 3.0 (definition, example, sibling's example)",
-        description="Write OUT_DIR/train.jsonl, eval.jsonl, LICENSE and README.md from WordNet 3.0 (and ood.jsonl "
-                    "with --holdout-lexnames).")
+    wordnet = commands.add_parser("wordnet", help="triplets from WordNet 3.0 (definition, example, sibling's example)",
+                                  description="Write OUT_DIR/train.jsonl, eval.jsonl, LICENSE and README.md from "
+                                              "WordNet 3.0 (and ood.jsonl with --holdout-lexnames).")
     wordnet.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     wordnet.add_argument("--train", type=int, default=4096, help="train triplets (default: 4096)")
     wordnet.add_argument("--eval", type=int, default=512, help="held-out eval triplets (default: 512)")

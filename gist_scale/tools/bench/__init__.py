@@ -68,7 +68,7 @@ from gist_scale.flops import peak_tflops
 from gist_scale.tools.bench.inputs import (DECODER_SIZES, MAX_LENGTH, SIZES, ZERO_SETTINGS, build_model_dir,
                                            deepspeed_config, write_rows)
 from gist_scale.tools.bench.modes import ALL_MODES, MODES, BenchConfig, CaseSetup
-from gist_scale.tools.bench.timing import RECORD_FIELDS, datasets_cache, device_name, measure
+from gist_scale.tools.bench.timing import RECORD_FIELDS, device_name, measure
 from gist_scale.trainer.console import console
 
 __all__ = ["BenchConfig", "RECORD_FIELDS", "build_parser", "main", "parse_args"]
@@ -83,14 +83,12 @@ shape)."""
 
 def _range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
-    try:
-        low_i, high_i = int(low), int(high or low)
-    except ValueError:
-        low_i = high_i = 0  # not two whole numbers: the same message as a range out of bounds
-    if not 3 <= low_i <= high_i <= MAX_LENGTH:
+    high = high or low  # one number: MIN = MAX
+    # Not two whole numbers gets the same message as a range out of bounds.
+    if not (low.isdecimal() and high.isdecimal() and 3 <= int(low) <= int(high) <= MAX_LENGTH):
         raise argparse.ArgumentTypeError(f"{text!r}: expected MIN-MAX token lengths with 3 <= MIN <= MAX <= "
                                          f"{MAX_LENGTH} (a word and the special tokens at least)")
-    return low_i, high_i
+    return int(low), int(high)
 
 
 def _case(text: str) -> tuple[str, str]:
@@ -126,11 +124,10 @@ def _comma_separated(item: Callable[[str], Any]) -> Callable[[str], list]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gist-scale bench", description=__doc__.split("\n\n")[0],
-        epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large --batch 32,256 "
-               "--out bench.json.  CPU smoke test: gist-scale bench --cases tiny --batch 8 --query-len 8-16 "
-               "--doc-len 16-32 --steps 2")
+    parser = argparse.ArgumentParser(prog="gist-scale bench", description=__doc__.split("\n\n")[0],
+                                     epilog="Example (one H100/H200): gist-scale bench --cases base/base,small/large "
+                                            "--batch 32,256 --out bench.json.  CPU smoke test: gist-scale bench "
+                                            "--cases tiny --batch 8 --query-len 8-16 --doc-len 16-32 --steps 2")
     parser.add_argument("--cases", type=_comma_separated(_case), default="base/base,small/large",
                         help="comma-separated STUDENT/GUIDE sizes (tiny, small, base, large, qwen3-tiny, qwen3-0.6b, "
                              "qwen3-8b); one size = both")
@@ -191,8 +188,7 @@ def run_case(cfg: BenchConfig, student: str, guide: str, batch: int, root: Path)
     width = AutoConfig.from_pretrained(student_dir).hidden_size
     dims = cfg.matryoshka_dims or [width // 2**i for i in range(4) if width // 2**i]
     setup = CaseSetup(cfg, student, guide, batch, student_dir, guide_dir, rows, work_dir, tuple(dims))
-    with datasets_cache(work_dir):
-        records = measure(cfg.modes, setup)
+    records = measure(cfg.modes, setup)
     reference = next((r for r in records if r["mode"] == "st" and r["triplets_per_s"]), None)
     for record in records:
         ok = reference is not None and record["triplets_per_s"]
@@ -243,12 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"versions": versions(), "python": platform.python_version(), "query_len": list(cfg.query_len),
             "doc_len": list(cfg.doc_len), "warmup": cfg.warmup, "dropout": cfg.dropout, "peak_tflops": cfg.peak_tflops}
     console.print(f"device {device_name(cfg.device)}  " + "  ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    records = []
     try:
         with tempfile.TemporaryDirectory(prefix="gist-bench-") as root:
-            for student, guide in cfg.cases:
-                for batch in cfg.batches:
-                    records += [{**record, **meta} for record in run_case(cfg, student, guide, batch, Path(root))]
+            # Every case at every batch size, in that order; each record with the settings and versions of the run.
+            records = [{**record, **meta} for student, guide in cfg.cases for batch in cfg.batches
+                       for record in run_case(cfg, student, guide, batch, Path(root))]
     except FloatingPointError as error:
         console.print(f"[red]error:[/red] {error}")
         return 1

@@ -116,32 +116,32 @@ def build_model_dir(size: str, root: Path, dropout: float, seed: int, device: to
     return out
 
 
-def _texts(rng: np.random.Generator, spans: tuple[tuple[int, int], ...], specials: int = 0) -> list[str]:
-    """One text of random vocabulary words (`tok123` is one token) per span: its length uniform in the span, less
-    `specials` (the special tokens that tokenization adds)."""
-    lengths = (int(rng.integers(low, high + 1)) - specials for low, high in spans)
-    return [" ".join(f"tok{i}" for i in rng.integers(0, VOCAB - MASK - 1, length)) for length in lengths]
+def _text(rng: np.random.Generator, span: tuple[int, int], specials: int) -> str:
+    """Random vocabulary words (`tok123` is one token): the length uniform in `span`, less `specials` (the special
+    tokens that tokenization adds)."""
+    length = int(rng.integers(span[0], span[1] + 1)) - specials
+    return " ".join(f"tok{i}" for i in rng.integers(0, VOCAB - MASK - 1, length))
+
+
+def _write_texts(path: Path, rows: int, spans: dict[str, tuple[int, int]], seed: int, specials: int = 0) -> Path:
+    """`rows` JSON lines, each a random text per column of `spans` (`_text`)."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as handle:
+        for _ in range(rows):
+            handle.write(json.dumps({column: _text(rng, span, specials) for column, span in spans.items()}) + "\n")
+    return path
 
 
 def write_rows(path: Path, rows: int, query_len: tuple[int, int], doc_len: tuple[int, int], decoder: bool,
                seed: int) -> Path:
     """`rows` training triplets (`query`, `pos`, `neg`, one task) as JSONL, each text's token length, specials
     included, uniform in `query_len` or `doc_len`: what the trainer reads, tokenizes, samples and collates."""
-    rng = np.random.default_rng(seed)
-    with path.open("w") as handle:
-        for _ in range(rows):
-            texts = _texts(rng, (query_len, doc_len, doc_len), specials=1 if decoder else 2)
-            handle.write(json.dumps(dict(zip(("query", "pos", "neg"), texts))) + "\n")
-    return path
+    return _write_texts(path, rows, {"query": query_len, "pos": doc_len, "neg": doc_len}, seed, 1 if decoder else 2)
 
 
 def write_mining_inputs(root: str | Path, size: str, rows: int) -> None:
     """Inputs for timing `gist-scale mine` (`launch/bench_gpu.sh`): a random BERT guide `ROOT/SIZE`
     (`build_model_dir`, seed 0) and `ROOT/pairs.jsonl`, `rows` (query, pos) pairs of random vocabulary words, lengths
     in words uniform in 8-32 (query) and 32-120 (pos)."""
-    root = Path(root)
-    build_model_dir(size, root, 0.0, 0)
-    rng = np.random.default_rng(0)
-    with (root / "pairs.jsonl").open("w") as handle:
-        for _ in range(rows):
-            handle.write(json.dumps(dict(zip(("query", "pos"), _texts(rng, ((8, 32), (32, 120)))))) + "\n")
+    build_model_dir(size, Path(root), 0.0, 0)
+    _write_texts(Path(root) / "pairs.jsonl", rows, {"query": (8, 32), "pos": (32, 120)}, 0)

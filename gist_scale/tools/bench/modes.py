@@ -185,10 +185,9 @@ class ReferenceMode:
         # The batches depend on the data, the student's tokenizer and the sampler's seed alone: the Trainer that
         # collates them loads neither a guide nor adapters.
         cfg = load_config([*trainer_args("plain", setup), "--guide.name", "null", "--model.lora_r", "0"])
-        trainer = _trainer(cfg)
-        groups = trainer.optimizer_steps()
+        groups = _trainer(cfg).optimizer_steps()  # the generator holds the Trainer
         self.groups = iter([next(groups) for _ in range(setup.cfg.warmup + setup.cfg.steps)])
-        del trainer, groups
+        del groups
         gc.collect()  # a Trainer holds reference cycles: released before the reference's models load
         device, lora_r = str(setup.cfg.device), setup.cfg.lora_r
         model = SentenceTransformer(str(setup.student_dir), device=device)

@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from gist_scale.tools.data_memory import memory_status
 from gist_scale.trainer.console import console
 from gist_scale.trainer.step_metrics import model_flops
 
-__all__ = ["RECORD_FIELDS", "datasets_cache", "device_name", "measure"]
+__all__ = ["RECORD_FIELDS", "device_name", "measure"]
 
 RECORD_FIELDS = ("case", "student", "guide", "mode", "batch", "chunk_size", "triplets_per_s", "real_tokens_per_s",
                  "padding_fraction", "model_tflops_per_s", "mfu", "peak_mem_gib", "ratio_vs_st", "first_loss",
@@ -77,19 +77,12 @@ def _measure_in_child(names: list[str], setup: CaseSetup, environment: dict[str,
     os.environ.update(environment)  # before the mode builds its Accelerator, which reads it
     if setup.cfg.threads:
         torch.set_num_threads(setup.cfg.threads)
-    with datasets_cache(setup.work_dir):
-        if not setup.cfg.isolate:  # in a process of their own for their environment's sake only
-            return [_measure(name, setup) for name in names]
+    if setup.cfg.isolate:
         # Every mode's process imports the same libraries, so that their peaks differ by what the modes hold.
         for module in ("sentence_transformers", "peft", "deepspeed"):
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
-        name, = names
-        record = _measure(name, setup, after_build=_reset_peak_rss)
-    if not record["oom"]:
-        record.update(peak_mem_gib=memory_status("VmHWM")["VmHWM"] / 2**30,
-                      peak_mem_kind="process peak RSS over the steps")
-    return [record]
+    return [_measure(name, setup) for name in names]
 
 
 def _reset_peak_rss() -> None:
@@ -102,9 +95,10 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None = None) -> dict:
+def _measure(name: str, setup: CaseSetup) -> dict:
     """Build the mode, run its warm-up steps then its timed ones, and return its record (`oom` when it did not
-    fit). On CUDA the peak memory is counted from the end of the build, as the CPU's with `--isolate`.
+    fit). The peak memory is counted from the end of the build: the accelerator's peak allocation on CUDA; on a CPU,
+    with `--isolate` (the mode alone in its process), the process's peak resident set.
 
     Counted on the host from the collator's numbers: real (non-padding) student tokens, the token positions the
     student's calls processed, padding included, and model FLOPs on real tokens (`model_flops`, as the trainer
@@ -116,15 +110,17 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
     record = {"case": setup.case, "student": setup.student, "guide": setup.guide, "mode": name, "batch": setup.batch,
               "chunk_size": None, "steps": cfg.steps, "oom": False, "device": device_name(device),
               "matryoshka_dims": list(setup.matryoshka_dims) if name in MATRYOSHKA_MODES else None,
-              "lora_r": cfg.lora_r, "peak_mem_kind": "accelerator peak allocation" if cuda else None}
+              "lora_r": cfg.lora_r, "peak_mem_kind": "accelerator peak allocation" if cuda else
+              "process peak RSS over the steps" if cfg.isolate else None}
     mode = None
     try:
         torch.manual_seed(cfg.seed)
-        mode = (ReferenceMode if name in REFERENCE_MODES else TrainerMode)(name, setup)
+        with datasets_cache(setup.work_dir):  # where the mode's build reads, tokenizes and caches the rows
+            mode = (ReferenceMode if name in REFERENCE_MODES else TrainerMode)(name, setup)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        if after_build is not None:
-            after_build()
+        elif cfg.isolate:
+            _reset_peak_rss()
         configs = {"student": AutoConfig.from_pretrained(setup.student_dir)}
         if mode.guide_runs:
             configs["guide"] = AutoConfig.from_pretrained(setup.guide_dir)
@@ -156,6 +152,8 @@ def _measure(name: str, setup: CaseSetup, after_build: Callable[[], None] | None
                       triplets_per_s=setup.batch * cfg.steps / elapsed, real_tokens_per_s=real / elapsed,
                       padding_fraction=1.0 - real / processed, model_tflops_per_s=tflops,
                       mfu=tflops / cfg.peak_tflops if cfg.peak_tflops else None)
+        if cfg.isolate:
+            record["peak_mem_gib"] = memory_status("VmHWM")["VmHWM"] / 2**30
     except torch.OutOfMemoryError:
         record.update(oom=True, **{key: None for key in RECORD_FIELDS if key not in record})
     finally:
