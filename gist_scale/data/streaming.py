@@ -91,8 +91,6 @@ class _SourceStream:
         """The next global batch: `size` rows of one buffer (one task), reading rows until a buffer holds them."""
         full = next((key for key, rows in self.buffers.items() if len(rows) >= size), None)
         while full is None:
-            if self._rows is None:
-                self._rows = self._read()
             row = next(self._rows)
             key = row.task_name if self.cfg.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
@@ -107,7 +105,7 @@ class _SourceStream:
     def first_row(self) -> Row:
         """The first valid row of a pass (read on a fresh copy: this source's position does not move)."""
         fresh = _SourceStream(self.name, self.description, self.parts, self.fields, self.cfg, self.weight)
-        return next(fresh._read())
+        return next(fresh._rows)
 
     def _pass_done(self) -> bool:
         return self.cfg.max_rows is not None and self.valid >= self.cfg.max_rows
@@ -196,7 +194,8 @@ class _SourceStream:
                             f"{state['part'] + 1}, but the source has {len(self.parts)}; resume with the data the run "
                             "started with")
         self.passes, self.part, self.row, self.valid = state["pass"], state["part"], state["row"], state["valid"]
-        self._position, self._dataset, self._rows = state["position"], None, None
+        # The rows from this position; the generator reads the fields set here when the first row is asked for.
+        self._position, self._dataset, self._rows = state["position"], None, self._read()
         self.num_negatives = state["num_negatives"]
         self.buffers = {key: [Row(*row) for row in rows] for key, rows in state["buffers"].items()}
         self.read, self.skipped = state["read"], state["skipped"]
