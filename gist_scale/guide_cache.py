@@ -157,8 +157,7 @@ class GuideCache:
         self.meta = meta
         self.k = _slots(meta.key)
         """Candidate slots per row (`TripletBatch.num_negatives`)."""
-        shards = [datasets.Dataset.from_file(str(path / shard)) for shard in meta.shards]
-        self.dataset = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
+        self.dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path / s)) for s in meta.shards])
         if len(self.dataset) != meta.key["rows"]:
             raise GuideCacheError(f"guide cache {path}: {len(self.dataset)} rows on disk, its metadata says "
                                   f"{meta.key['rows']}; rebuild it with `gist-scale cache-guide`")
@@ -184,16 +183,14 @@ class GuideCache:
 
 
 class _IndexedRows(torch.utils.data.Dataset):
-    """The tokenized dataset, with each row's index in `_row` so the collator can look its embeddings up."""
+    """The tokenized dataset, with each row's index in `_row` so the collator can look its embeddings up; read a
+    batch at a time (`__getitems__`), as the DataLoader reads it."""
 
     def __init__(self, dataset: datasets.Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "_row": index}
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [{**row, "_row": index} for row, index in zip(self.dataset.__getitems__(indices), indices)]
@@ -232,7 +229,6 @@ def open_guide_cache(guide: GuideConfig, dataset: datasets.Dataset, num_negative
     `dataset` is what `load_triplets` returned (before tokenization); its fingerprint must be the cache's.
     `instructions` are the task instructions (`data.task_instructions`), part of the guide's prompts.
     """
-    assert guide.cache is not None, "open_guide_cache called without guide.cache"
     path = Path(guide.cache).expanduser()
     meta = _read_meta(path)
     expected = cache_key(guide, dataset, num_negatives, instructions)
