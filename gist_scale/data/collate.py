@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate.utils import recursively_apply
 from transformers import PreTrainedTokenizerBase
 
@@ -159,9 +160,7 @@ class TripletCollator:
 def _slot_roles(rows: Sequence[Mapping[str, Any]], slots: int) -> torch.Tensor | None:
     """`TripletBatch.slot_roles` from the rows' `positive_slots` (the roles of the P-1 slots in front of the hard
     negatives); None when the rows have no positive slot."""
-    positive = len(rows[0].get("positive_slots", ()))
-    if not positive:
+    if not rows[0].get("positive_slots"):
         return None
-    roles = torch.zeros(len(rows), slots, dtype=torch.int8)
-    roles[:, :positive] = torch.tensor([row["positive_slots"] for row in rows], dtype=torch.int8)
-    return roles
+    roles = torch.tensor([row["positive_slots"] for row in rows], dtype=torch.int8)
+    return F.pad(roles, (0, slots - roles.shape[1]))  # the hard negatives' slots: 0
