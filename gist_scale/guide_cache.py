@@ -334,11 +334,11 @@ def describe_guide_cache(cfg: JobConfig, out_dir: str | Path) -> int:
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.guide.name), revision=cfg.guide.revision,
                                         trust_remote_code=cfg.guide.trust_remote_code)
     texts = len(tokenized) * (2 + slots)
-    size = texts * config.hidden_size * 2  # float16
-    if state.is_main_process:
+    if state.is_main_process:  # float16: 2 bytes a feature
         console.print(f"dry run: cache-guide would embed {len(tokenized):,} rows x {2 + slots} "
                       f"texts = {texts:,} texts with {cfg.guide.name} ({config.hidden_size}-dim, float16) over "
-                      f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: {size / 2**30:.2f} GiB")
+                      f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: "
+                      f"{texts * config.hidden_size * 2 / 2**30:.2f} GiB")
     state.wait_for_everyone()
     return 0
 
