@@ -119,8 +119,7 @@ class TripletCollator:
             if tokenizer.pad_token_id is None:
                 raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
                                 "tokenizer.eos_token: padded positions are masked out)")
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.chunks = chunks
+        self.pad_to_multiple_of, self.chunks = pad_to_multiple_of, chunks
 
     def _pad(self, tokenizer: PreTrainedTokenizerBase, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
