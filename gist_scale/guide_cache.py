@@ -286,14 +286,12 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = inference.shards(len(tokenized), world)[rank]
-    features = _features(guide.dim, k)
-    writer = ArrowWriter(features=features, path=str(out / _shard_name(rank, world)))
+    writer = ArrowWriter(features=_features(guide.dim, k), path=str(out / _shard_name(rank, world)))
     for begin in range(0, len(rows), rows_per_batch):
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
         embeddings = zip(chunking.COLUMNS, encode.embed_frozen(guide, batch, k))
-        arrays = {column: _float16_column(values) for column, values in embeddings if values is not None}
-        writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))
+        writer.write_batch({column: _float16_column(values) for column, values in embeddings if values is not None})
         if state.is_main_process and (begin // rows_per_batch) % 20 == 0:
             console.print(f"cache-guide: rank 0 embedded {begin + len(index)}/{len(rows)} rows (x{world} ranks)")
     writer.finalize()
