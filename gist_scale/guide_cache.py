@@ -291,7 +291,7 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
         embeddings = zip(chunking.COLUMNS, encode.embed_frozen(guide, batch, k))
-        writer.write_batch({column: _float16_column(values) for column, values in embeddings if values is not None})
+        writer.write_batch({column: _float16_rows(values) for column, values in embeddings if values is not None})
         if state.is_main_process and (begin // rows_per_batch) % 20 == 0:
             console.print(f"cache-guide: rank 0 embedded {begin + len(index)}/{len(rows)} rows (x{world} ranks)")
     writer.finalize()
@@ -345,15 +345,14 @@ def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.arrow"
 
 
-def _float16_column(embeddings: torch.Tensor) -> pa.Array:
-    """`[B, ...]` embeddings as a float16 column of B fixed-size lists."""
+def _float16_rows(embeddings: torch.Tensor) -> np.ndarray:
+    """`[B, ...]` embeddings as B float16 rows, `[B, F]` (the writer stores each as a fixed-size list)."""
     values = embeddings.float()
     # One device read per tensor (NaN fails the comparison too).
     if not bool(torch.isfinite(values).all() & (values.abs().amax() <= 65504)):
         raise GuideCacheError("guide embeddings are not finite or exceed float16's range (they are L2-normalized, so the "
                               "guide produced NaN/inf: check its weights, or build the cache with --guide.dtype fp32)")
-    rows = values.to(torch.float16).cpu().numpy().reshape(len(values), -1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.float16()), rows.shape[1])
+    return values.to(torch.float16).cpu().numpy().reshape(len(values), -1)
 
 
 def build_parser() -> ArgumentParser:
