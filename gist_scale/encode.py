@@ -214,11 +214,10 @@ class GradCache:
         self.devices = [torch.cuda.current_device()] if cuda else []
         self.rng_states: list[tuple[Tensor, list[Tensor]]] = []
         outputs = []
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             for chunk in chunked.chunks[:chunked.real_chunks]:
                 self.rng_states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]))
-                with self.autocast():
-                    outputs.append(model(**chunk))
+                outputs.append(model(**chunk))
             # Placeholder chunks contribute nothing to the embeddings; their forward runs in `backward`.
         # One leaf, in chunk order, for all texts: the loss's gradient w.r.t. every embedding lands in its `.grad`.
         self.leaf = torch.cat(outputs).detach().requires_grad_()

@@ -157,8 +157,7 @@ class GuideCache:
         self.meta = meta
         self.k = _slots(meta.key)
         """Candidate slots per row (`TripletBatch.num_negatives`)."""
-        shards = [datasets.Dataset.from_file(str(path / shard)) for shard in meta.shards]
-        self.dataset = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
+        self.dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(str(path / s)) for s in meta.shards])
         if len(self.dataset) != meta.key["rows"]:
             raise GuideCacheError(f"guide cache {path}: {len(self.dataset)} rows on disk, its metadata says "
                                   f"{meta.key['rows']}; rebuild it with `gist-scale cache-guide`")
@@ -184,16 +183,14 @@ class GuideCache:
 
 
 class _IndexedRows(torch.utils.data.Dataset):
-    """The tokenized dataset, with each row's index in `_row` so the collator can look its embeddings up."""
+    """The tokenized dataset, with each row's index in `_row` so the collator can look its embeddings up; read a
+    batch at a time (`__getitems__`), as the DataLoader reads it."""
 
     def __init__(self, dataset: datasets.Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "_row": index}
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [{**row, "_row": index} for row, index in zip(self.dataset.__getitems__(indices), indices)]
@@ -232,7 +229,6 @@ def open_guide_cache(guide: GuideConfig, dataset: datasets.Dataset, num_negative
     `dataset` is what `load_triplets` returned (before tokenization); its fingerprint must be the cache's.
     `instructions` are the task instructions (`data.task_instructions`), part of the guide's prompts.
     """
-    assert guide.cache is not None, "open_guide_cache called without guide.cache"
     path = Path(guide.cache).expanduser()
     meta = _read_meta(path)
     expected = cache_key(guide, dataset, num_negatives, instructions)
@@ -290,14 +286,12 @@ def build_guide_cache(cfg: JobConfig, out_dir: str | Path, rows_per_batch: int =
     collator = TripletCollator(tokenizer, None, cfg.data.pad_to_multiple_of, chunks=chunks)
     world, rank = state.num_processes, state.process_index
     rows = inference.shards(len(tokenized), world)[rank]
-    features = _features(guide.dim, k)
-    writer = ArrowWriter(features=features, path=str(out / _shard_name(rank, world)))
+    writer = ArrowWriter(features=_features(guide.dim, k), path=str(out / _shard_name(rank, world)))
     for begin in range(0, len(rows), rows_per_batch):
         index = list(rows[begin:begin + rows_per_batch])
         batch = send_to_device(collator(tokenized.__getitems__(index)).student, state.device)
         embeddings = zip(chunking.COLUMNS, encode.embed_frozen(guide, batch, k))
-        arrays = {column: _float16_column(values) for column, values in embeddings if values is not None}
-        writer.write_table(pa.Table.from_pydict(arrays, schema=features.arrow_schema))
+        writer.write_batch({column: _float16_rows(values) for column, values in embeddings if values is not None})
         if state.is_main_process and (begin // rows_per_batch) % 20 == 0:
             console.print(f"cache-guide: rank 0 embedded {begin + len(index)}/{len(rows)} rows (x{world} ranks)")
     writer.finalize()
@@ -338,11 +332,11 @@ def describe_guide_cache(cfg: JobConfig, out_dir: str | Path) -> int:
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.guide.name), revision=cfg.guide.revision,
                                         trust_remote_code=cfg.guide.trust_remote_code)
     texts = len(tokenized) * (2 + slots)
-    size = texts * config.hidden_size * 2  # float16
-    if state.is_main_process:
+    if state.is_main_process:  # float16: 2 bytes a feature
         console.print(f"dry run: cache-guide would embed {len(tokenized):,} rows x {2 + slots} "
                       f"texts = {texts:,} texts with {cfg.guide.name} ({config.hidden_size}-dim, float16) over "
-                      f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: {size / 2**30:.2f} GiB")
+                      f"{state.num_processes} rank(s) into {Path(out_dir).expanduser()}: "
+                      f"{texts * config.hidden_size * 2 / 2**30:.2f} GiB")
     state.wait_for_everyone()
     return 0
 
@@ -351,15 +345,14 @@ def _shard_name(rank: int, world: int) -> str:
     return f"shard-{rank:05d}-of-{world:05d}.arrow"
 
 
-def _float16_column(embeddings: torch.Tensor) -> pa.Array:
-    """`[B, ...]` embeddings as a float16 column of B fixed-size lists."""
+def _float16_rows(embeddings: torch.Tensor) -> np.ndarray:
+    """`[B, ...]` embeddings as B float16 rows, `[B, F]` (the writer stores each as a fixed-size list)."""
     values = embeddings.float()
     # One device read per tensor (NaN fails the comparison too).
     if not bool(torch.isfinite(values).all() & (values.abs().amax() <= 65504)):
         raise GuideCacheError("guide embeddings are not finite or exceed float16's range (they are L2-normalized, so the "
                               "guide produced NaN/inf: check its weights, or build the cache with --guide.dtype fp32)")
-    rows = values.to(torch.float16).cpu().numpy().reshape(len(values), -1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.float16()), rows.shape[1])
+    return values.to(torch.float16).cpu().numpy().reshape(len(values), -1)
 
 
 def build_parser() -> ArgumentParser:

@@ -73,7 +73,6 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
     Runs under `inference_mode` (eval mode, no gradients, ZeRO-3 aware). `autocast` (e.g. `accelerator.autocast`)
     wraps the forwards.
     """
-    world, rank = distributed.world_size(), distributed.rank()
     counts = distributed.gather_sizes(len(texts))
     if len(set(counts)) != 1:
         # Every rank sees the same counts and raises together, before any forward.
@@ -81,27 +80,27 @@ def encode_texts(embedder: nn.Module, tokenizer: PreTrainedTokenizerBase, texts:
                          "identically on every rank")
     if not texts:
         return torch.empty(0, 0, device=device)
-    parts = shards(len(texts), world)
+    parts = shards(len(texts), distributed.world_size())
     sizes = [len(part) for part in parts]
-    shard = [prompt + texts[i] for i in parts[rank]]
+    shard = [prompt + texts[i] for i in parts[distributed.rank()]]
     # The shard's texts and, last, the dummy batch's one text (texts[0], which every rank has).
     *ids, dummy = tokenizer(shard + [prompt + texts[0]], truncation=True, max_length=max_length,
                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     num_batches = num_chunks(max(sizes), batch_size)  # the same on every rank, without a collective
     excluded = prompt_length(tokenizer, prompt) if not getattr(embedder, "include_prompt", True) else None
 
     outputs: list[torch.Tensor] = []
     with inference_mode(embedder), (autocast or contextlib.nullcontext)():
-        for rows in batches + [None] * (num_batches - len(batches)):  # None: the dummy batch
-            sequences = [ids[i] for i in rows] if rows is not None else [dummy]
+        for begin in range(0, num_batches * batch_size, batch_size):
+            rows = order[begin:begin + batch_size]  # empty past this rank's texts: the dummy batch
+            sequences = [ids[i] for i in rows] or [dummy]
             features = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
                                      return_tensors="pt").to(device)
             if excluded is not None:
                 features["prompt_length"] = torch.full((len(sequences),), excluded, device=device)
             embeddings = embedder(**features)
-            if rows is not None:
+            if rows:
                 outputs.append(embeddings.float())
             dim = embeddings.shape[-1]
     # Outside inference mode: these ops turn inference tensors into normal ones that any later code may use.

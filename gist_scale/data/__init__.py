@@ -30,10 +30,8 @@ from gist_scale.data.sources import FORMATS, read_local_file, sample_data_path
 from gist_scale.data.streaming import StreamingBatches, stream_fingerprint
 from gist_scale.data.tokenize import count_tokens, measure_tokenization_rate, tokenize_triplets
 
-__all__ = [
-    "FORMATS", "DataError", "DataReport", "GlobalBatchSampler", "MixtureMeter", "SamplerSummary", "SourcePlan",
-    "SourceReport", "StreamingBatches", "TokenCounts", "TripletBatch", "TripletCollator", "build_dataloader",
-    "build_sampler", "count_tokens", "load_triplets", "measure_tokenization_rate", "mixture_lines", "mixture_quotas",
-    "rank_micro_batches", "read_local_file", "sample_data_path", "stream_fingerprint", "text_identities",
-    "tokenize_triplets", "write_mixture",
-]
+__all__ = ["FORMATS", "DataError", "DataReport", "GlobalBatchSampler", "MixtureMeter", "SamplerSummary", "SourcePlan",
+           "SourceReport", "StreamingBatches", "TokenCounts", "TripletBatch", "TripletCollator", "build_dataloader",
+           "build_sampler", "count_tokens", "load_triplets", "measure_tokenization_rate", "mixture_lines",
+           "mixture_quotas", "rank_micro_batches", "read_local_file", "sample_data_path", "stream_fingerprint",
+           "text_identities", "tokenize_triplets", "write_mixture"]

@@ -171,9 +171,9 @@ class GlobalBatchSampler:
         batches: list[np.ndarray] = []
         for group in groups:
             rows = group[rng.permutation(len(group))]
-            full = len(rows) // self.global_batch_size
-            batches.extend(rows[: full * self.global_batch_size].reshape(full, self.global_batch_size))
-            tail = rows[full * self.global_batch_size:]
+            # Full global batches, then the tail: the last part, possibly empty.
+            *full, tail = np.split(rows, range(self.global_batch_size, len(rows) + 1, self.global_batch_size))
+            batches.extend(full)
             if self._keeps_tail(len(tail)):
                 batches.append(tail)
         return [batches[i] for i in rng.permutation(len(batches))]
@@ -181,15 +181,14 @@ class GlobalBatchSampler:
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's global batches in order, from (seed, epoch) alone, the same on every rank."""
         rng = np.random.default_rng([self.seed, epoch])
-        drawn: list[list[np.ndarray]] = []
+        drawn: list[Iterator[np.ndarray]] = []
         for groups, quota in zip(self._groups, self._quotas):
             batches: list[np.ndarray] = []
             while len(batches) < quota:
                 batches.extend(self._shuffled_batches(groups, rng))
-            drawn.append(batches[:quota])
+            drawn.append(iter(batches[:quota]))
         order = rng.permutation(np.repeat(np.arange(len(drawn)), self._quotas))
-        each_source = [iter(batches) for batches in drawn]
-        return [next(each_source[source]) for source in order.tolist()]
+        return [next(drawn[source]) for source in order.tolist()]
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._plan is None or self._plan[0] != self.epoch:

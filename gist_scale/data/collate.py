@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate.utils import recursively_apply
 from transformers import PreTrainedTokenizerBase
 
@@ -118,8 +119,7 @@ class TripletCollator:
             if tokenizer.pad_token_id is None:
                 raise DataError(f"the {name} tokenizer has no pad token; set one (e.g. tokenizer.pad_token = "
                                 "tokenizer.eos_token: padded positions are masked out)")
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.chunks = chunks
+        self.pad_to_multiple_of, self.chunks = pad_to_multiple_of, chunks
 
     def _pad(self, tokenizer: PreTrainedTokenizerBase, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
         padded = tokenizer.pad({"input_ids": sequences}, padding="longest", return_attention_mask=True,
@@ -159,9 +159,7 @@ class TripletCollator:
 def _slot_roles(rows: Sequence[Mapping[str, Any]], slots: int) -> torch.Tensor | None:
     """`TripletBatch.slot_roles` from the rows' `positive_slots` (the roles of the P-1 slots in front of the hard
     negatives); None when the rows have no positive slot."""
-    positive = len(rows[0].get("positive_slots", ()))
-    if not positive:
+    if not rows[0].get("positive_slots"):
         return None
-    roles = torch.zeros(len(rows), slots, dtype=torch.int8)
-    roles[:, :positive] = torch.tensor([row["positive_slots"] for row in rows], dtype=torch.int8)
-    return roles
+    roles = torch.tensor([row["positive_slots"] for row in rows], dtype=torch.int8)
+    return F.pad(roles, (0, slots - roles.shape[1]))  # the hard negatives' slots: 0

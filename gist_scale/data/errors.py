@@ -1,8 +1,6 @@
 """`DataError`, the one error of the data path: every module of `gist_scale.data` raises it, and the trainer and the
 tools turn it into one line for the user."""
 
-from __future__ import annotations
-
 __all__ = ["DataError"]
 
 

@@ -42,8 +42,6 @@ def mixture_quotas(sizes: Sequence[int], weights: Sequence[float] | None = None,
     (ties to the earlier source), so the quotas add up to the epoch exactly.
     """
     sizes_arr = np.asarray(sizes, dtype=np.float64)
-    if weights is None and alpha == 1.0:
-        return [int(n) for n in sizes], (sizes_arr / sizes_arr.sum()).tolist()
     raw = np.asarray(weights, dtype=np.float64) if weights is not None else sizes_arr ** alpha
     share = raw / raw.sum()
     epoch = int(sizes_arr[share > 0].sum())

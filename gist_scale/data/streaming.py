@@ -36,7 +36,7 @@ import numpy as np
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
-from gist_scale.config import MIXTURE_FILE, POLICY_FIELDS, DataConfig
+from gist_scale.config import MIXTURE_FILE, POLICY_FIELDS, DataConfig, SourceConfig
 from gist_scale.data.batching import SamplerSummary, rank_micro_batches
 from gist_scale.data.collate import TripletBatch, TripletCollator
 from gist_scale.data.errors import DataError
@@ -77,11 +77,15 @@ class _SourceStream:
     `{option: {task: rows}}`).
     """
 
-    def __init__(self, name: str | None, description: str, parts: list[Part], fields: Fields, cfg: DataConfig,
-                 weight: float) -> None:
-        self.name, self.description, self.parts, self.fields, self.weight = name, description, parts, fields, weight
-        self.prefix = f"data.sources {name!r}: " if name is not None else ""
-        self.cfg = cfg
+    def __init__(self, cfg: DataConfig, source: SourceConfig | None) -> None:
+        self.cfg, self.source, self.name = cfg, source, source and source.name
+        self.prefix = f"data.sources {source.name!r}: " if source else ""
+        try:
+            self.description, self.parts = resolve(cfg, cfg.split, source)
+        except DataError as error:
+            raise DataError(f"{self.prefix}{error}") from error
+        self.fields = Fields.from_config(cfg, source)
+        self.weight = 1.0 if source is None or source.weight is None else source.weight
         self._opened: dict[int, tuple[datasets.IterableDataset, dict]] = {}
         """Each part opened once, with its start state: a new pass reads it again from there (`load_dataset` costs
         a module lookup and, for the hub, requests, on every call)."""
@@ -91,8 +95,6 @@ class _SourceStream:
         """The next global batch: `size` rows of one buffer (one task), reading rows until a buffer holds them."""
         full = next((key for key, rows in self.buffers.items() if len(rows) >= size), None)
         while full is None:
-            if self._rows is None:
-                self._rows = self._read()
             row = next(self._rows)
             key = row.task_name if self.cfg.task_homogeneous else ""
             buffer = self.buffers.setdefault(key, [])
@@ -106,8 +108,7 @@ class _SourceStream:
 
     def first_row(self) -> Row:
         """The first valid row of a pass (read on a fresh copy: this source's position does not move)."""
-        fresh = _SourceStream(self.name, self.description, self.parts, self.fields, self.cfg, self.weight)
-        return next(fresh._read())
+        return next(_SourceStream(self.cfg, self.source)._rows)
 
     def _pass_done(self) -> bool:
         return self.cfg.max_rows is not None and self.valid >= self.cfg.max_rows
@@ -196,7 +197,8 @@ class _SourceStream:
                             f"{state['part'] + 1}, but the source has {len(self.parts)}; resume with the data the run "
                             "started with")
         self.passes, self.part, self.row, self.valid = state["pass"], state["part"], state["row"], state["valid"]
-        self._position, self._dataset, self._rows = state["position"], None, None
+        # The rows from this position; the generator reads the fields set here when the first row is asked for.
+        self._position, self._dataset, self._rows = state["position"], None, self._read()
         self.num_negatives = state["num_negatives"]
         self.buffers = {key: [Row(*row) for row in rows] for key, rows in state["buffers"].items()}
         self.read, self.skipped = state["read"], state["skipped"]
@@ -228,15 +230,7 @@ class StreamingBatches:
         self.global_batch_size = global_batch(batch_size, world_size, grad_accum_steps)
         self.instructions = sorted(Fields.from_config(cfg).instructed)
         self.mixture = bool(cfg.sources)
-        self.sources: list[_SourceStream] = []
-        for source in cfg.sources or [None]:
-            try:
-                description, parts = resolve(cfg, cfg.split, source)
-            except DataError as error:
-                raise DataError(f"data.sources {source.name!r}: {error}" if source else str(error)) from error
-            weight = 1.0 if source is None or source.weight is None else source.weight
-            self.sources.append(_SourceStream(source and source.name, description, parts,
-                                              Fields.from_config(cfg, source), cfg, weight))
+        self.sources = [_SourceStream(cfg, source) for source in cfg.sources or [None]]
         self.source_names = [s.name or s.description for s in self.sources]
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         self.shares = weights / weights.sum()

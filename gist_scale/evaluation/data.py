@@ -144,8 +144,7 @@ def load_eval_data(path: str | None, data_cfg: DataConfig | None = None, extra_c
     else:
         cfg = data_cfg or DataConfig()
         # The training data's revision pins the training dataset, not necessarily this one.
-        revision = cfg.revision if path == cfg.path else None
-        cfg = replace(cfg, path=path, split=split, max_rows=None, revision=revision)
+        cfg = replace(cfg, path=path, split=split, max_rows=None, revision=cfg.revision if path == cfg.path else None)
     ds, report = load_triplets(cfg, split=split)
     return retrieval_task(ds, extra_corpus, report.source, read_sts(sts) if sts else None)
 

@@ -86,9 +86,8 @@ class EmbedderEncoder(AbsEncoder):
                **kwargs: Any) -> np.ndarray:
         prompt = get_prompt(self.model_prompts, task_metadata, prompt_type) or ""
         texts = [prompt + text for batch in inputs for text in batch["text"]]
-        embeddings = encode_texts(self.model, self.tokenizer, texts, self.max_length,
-                                  kwargs.get("batch_size") or self.batch_size, self.device)
-        return embeddings.cpu().numpy()
+        return encode_texts(self.model, self.tokenizer, texts, self.max_length,
+                            kwargs.get("batch_size") or self.batch_size, self.device).cpu().numpy()
 
 
 def _load(task: AbsTask) -> None:
