@@ -274,7 +274,6 @@ class GISTLoss(nn.Module):
         distributed = self.gather_across_ranks and gdist.world_size() > 1
 
         columns = (anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
-        tensors = [t for t in columns if t is not None]
         if distributed and rank_sizes is not None and not self.check_finite:
             # The caller knows every rank's rows (equal per-rank batches): no size exchange, so no host sync here.
             # Inputs are then only checked locally.
@@ -291,7 +290,7 @@ class GISTLoss(nn.Module):
             # ranks blocked in the embedding all-gather until the timeout.
             device = anchor.device if isinstance(anchor, Tensor) else gdist.comm_device()
             checked = self.check_finite and error is None
-            finite = _all_finite(tensors, device) if checked else torch.ones((), dtype=torch.bool, device=device)
+            finite = _all_finite(columns, device) if checked else torch.ones((), dtype=torch.bool, device=device)
             # non_blocking: a blocking host-to-device copy would sync the stream, and the
             # .tolist() below is meant to be the only sync.
             meta = torch.tensor([*shape, 0 if error is None else 1], dtype=torch.int64).to(device, non_blocking=True)
@@ -302,7 +301,7 @@ class GISTLoss(nn.Module):
         else:
             if error is not None:
                 raise ValueError(error)
-            if self.check_finite and not bool(_all_finite(tensors, anchor.device)):
+            if self.check_finite and not bool(_all_finite(columns, anchor.device)):
                 raise ValueError("embeddings contain NaN or inf")
             sizes = [anchor.shape[0]]
 
@@ -310,21 +309,20 @@ class GISTLoss(nn.Module):
         if n_global == 0:
             raise ValueError("the (global) batch is empty")
         offset = sum(sizes[:gdist.rank()]) if distributed else 0  # this rank's first global row
-        b_local = anchor.shape[0]
-        k = shape[1]
+        b_local, k = shape[:2]
         policy = policy or self.policy
 
         # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three, at full width; each
         # Matryoshka size is a truncation of the gathered columns, normalized once here for all row blocks.
-        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True,
-                                         normalize=False)
+        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True)
         sizes_weights = self.matryoshka or [(shape[2], 1.0)]
         views = [_normalized(q, p, n, dim) for dim, _ in sizes_weights]
         guide = (None, None, None)
         if guide_anchor is not None:
             with torch.no_grad():
-                guide = self._gathered_columns(guide_anchor, guide_positive, guide_negative, sizes, distributed,
-                                               with_grad=False)
+                gathered = self._gathered_columns(guide_anchor, guide_positive, guide_negative, sizes, distributed,
+                                                  with_grad=False)
+                guide = _normalized(*gathered, guide_anchor.shape[1])  # the guide's full width
         # The rows' integer facts, gathered like the embeddings in one small collective: text identities
         # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
         ids = roles = None
@@ -459,11 +457,9 @@ class GISTLoss(nn.Module):
             negatives_left=negatives.sum(1))
 
     @staticmethod
-    def _gathered_columns(
-        a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool, with_grad: bool,
-        normalize: bool = True,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Global fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``, L2-normalized if asked."""
+    def _gathered_columns(a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool,
+                          with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Global fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``, before `_normalized`."""
         b, d = a.shape
         k = 0 if n is None else (1 if n.ndim == 2 else n.shape[1])
         n2 = None if n is None else n.reshape(b, k * d)
@@ -476,8 +472,7 @@ class GISTLoss(nn.Module):
             a, p = packed[:, :d], packed[:, d : 2 * d]
             n2 = None if n2 is None else packed[:, 2 * d :]
         negs = None if n2 is None or k == 0 else n2.float().reshape(-1, d)
-        columns = (a.float(), p.float(), negs)
-        return _normalized(*columns, d) if normalize else columns
+        return a.float(), p.float(), negs
 
 
 def _normalized(q: Tensor, p: Tensor, n: Tensor | None, dim: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -583,8 +578,8 @@ def _check_text_ids(text_ids: tuple, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
-    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+def _all_finite(tensors: tuple[Tensor | None, ...], device: torch.device) -> Tensor:
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t is not None]).all()
 
 
 def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) -> None:
