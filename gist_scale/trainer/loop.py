@@ -37,8 +37,7 @@ from gist_scale.trainer.batches import build_batch_source
 from gist_scale.trainer.console import console
 from gist_scale.trainer.evaluator import build_evaluator, load_held_out
 from gist_scale.trainer.exporter import SentenceTransformersExporter
-from gist_scale.trainer.nonfinite import NonFiniteSteps
-from gist_scale.trainer.optimizer import build_optimizer, build_optimizer_step, build_scheduler
+from gist_scale.trainer.optimizer import NonFiniteSteps, build_optimizer, build_optimizer_step, build_scheduler
 from gist_scale.trainer.step_metrics import (MetricsLog, MetricsWindow, StepMetrics, StepOutcome, model_flops,
                                              progress_bar)
 from gist_scale.trainer.student import student_policy
@@ -186,9 +185,8 @@ class Trainer:
         else:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
-        text_ids = batch.text_ids
         loss, stats = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
-                                   text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")),
+                                   text_ids=tuple(batch.text_ids.get(column) for column in ("query", "pos", "neg")),
                                    slot_roles=batch.slot_roles, policy=self.policies[batch.source or 0])
         if grad_cache is None:
             self.accelerator.backward(loss)
@@ -207,8 +205,7 @@ class Trainer:
 
     def _guide_embeddings(self, batch: TripletBatch, k: int) -> tuple:
         if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
-            cached = batch.guide_embeddings
-            return cached["query"], cached["pos"], cached.get("neg")
+            return tuple(batch.guide_embeddings.get(column) for column in ("query", "pos", "neg"))
         if self.guide is None:
             return None, None, None
         return encode.embed_frozen(self.guide, batch.guide, k)
