@@ -501,16 +501,14 @@ def _column_layout(n: int, k: int, roles: Tensor | None, contrast_anchors: bool,
     """The :class:`_Layout` of ``[qp | qn | qq | pp]`` for ``n`` global rows with ``k`` slots each, in
     :func:`block_similarities`'s column order."""
     rows = torch.arange(n, device=device)
-    owners, blocks, column_roles = [rows, rows.repeat_interleave(k)], [QP, QN], [
-        torch.ones(n, dtype=torch.int64, device=device),
-        roles.reshape(-1) if roles is not None else torch.zeros(n * k, dtype=torch.int64, device=device)]
-    for present, block in ((contrast_anchors, QQ), (contrast_positives, PP)):
-        if present:
-            owners.append(rows)
-            blocks.append(block)
-            column_roles.append(torch.zeros(n, dtype=torch.int64, device=device))
-    block = torch.cat([torch.full_like(o, b) for o, b in zip(owners, blocks)])
-    return _Layout(torch.cat(owners)[None], block[None], torch.cat(column_roles)[None])
+    zeros = torch.zeros_like(rows)
+    slot_roles = zeros.repeat_interleave(k) if roles is None else roles.reshape(-1)
+    # (owner, block, role) of each block's columns: the qp column is its owner's positive.
+    parts = [(rows, QP, zeros + 1), (rows.repeat_interleave(k), QN, slot_roles)]
+    parts += [(rows, block, zeros) for present, block in ((contrast_anchors, QQ), (contrast_positives, PP)) if present]
+    owners, blocks, part_roles = zip(*parts)
+    block = torch.cat([torch.full_like(owner, index) for owner, index in zip(owners, blocks)])
+    return _Layout(torch.cat(owners)[None], block[None], torch.cat(part_roles)[None])
 
 
 def _count_by_block(mask: Tensor, block: Tensor) -> Tensor:
