@@ -253,10 +253,8 @@ def _repair_loaded_optimizer(optimizer: Any, weight_decays: list[float]) -> None
     """
     for group, decay in zip(optimizer.param_groups, weight_decays, strict=True):
         group["weight_decay"] = decay
-    inner = optimizer
-    while hasattr(inner, "optimizer"):  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer, then torch's AdamW
-        inner = inner.optimizer
-    for param_state in inner.state.values():
+    # torch's AdamW state, which Accelerate's wrapper and DeepSpeed's ZeRO optimizer both hand on as their `state`.
+    for param_state in optimizer.state.values():
         if torch.is_tensor(param_state.get("step")):
             param_state["step"] = param_state["step"].clone()
 
