@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 from argparse import Namespace
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +162,8 @@ class ResumePlan:
             set_seed(int(seed) % 2**31, device_specific=True)
         # The position in this run's micro-batches; scaled by rows when the global batch was allowed to change.
         global_batches = self.saved.global_batches * self.saved.global_batch_size // self.plan.global_batch
-        state.epoch = self.saved.epoch
-        state.position = min(global_batches, self.steps_per_epoch) * self.plan.grad_accum_steps
-        return state
+        return replace(state, epoch=self.saved.epoch,
+                       position=min(global_batches, self.steps_per_epoch) * self.plan.grad_accum_steps)
 
     def summary_lines(self) -> list[str]:
         if self.saved is None:
