@@ -176,7 +176,11 @@ class Trainer:
         """Loss and backward of one micro-batch; returns its metrics (the detached loss among them)."""
         student = batch.student  # column tensors, or `chunking.ChunkedTexts` planned by the collator
         k = batch.num_negatives
-        guide_embeddings = self._guide_embeddings(batch, k)
+        guide_embeddings = None, None, None  # no guide: plain InfoNCE
+        if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
+            guide_embeddings = tuple(batch.guide_embeddings.get(column) for column in ("query", "pos", "neg"))
+        elif self.guide is not None:
+            guide_embeddings = encode.embed_frozen(self.guide, batch.guide, k)
         grad_cache = None
         if self.cfg.train.grad_cache:
             # Embeddings without autograd now; the backward below re-encodes chunk by chunk with the cached gradient.
@@ -202,13 +206,6 @@ class Trainer:
         counts = batch.token_counts
         return StepMetrics(loss.detach(), stats, counts["student"].tokens, counts["student"].texts // (2 + k),
                            model_flops(self.encoder_configs, counts), batch.source)
-
-    def _guide_embeddings(self, batch: TripletBatch, k: int) -> tuple:
-        if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
-            return tuple(batch.guide_embeddings.get(column) for column in ("query", "pos", "neg"))
-        if self.guide is None:
-            return None, None, None
-        return encode.embed_frozen(self.guide, batch.guide, k)
 
     def _due(self, every: int | None) -> bool:
         """Is an every-N-steps action (logging, checkpointing) due after the step just taken?"""
