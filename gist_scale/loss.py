@@ -556,11 +556,8 @@ def block_similarities(q: Tensor, p: Tensor, n: Tensor | None, offset: int, b_lo
 def _block_ids(ids: Tensor, contrast_anchors: bool, contrast_positives: bool) -> Tensor:
     """The text identity of every column of ``[qp | qn | qq | pp]`` (``[C]``), from the global ``[N, 2 + K]`` ids,
     in :func:`block_similarities`'s column order."""
-    blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]
-    if contrast_anchors:
-        blocks.append(ids[:, 0])
-    if contrast_positives:
-        blocks.append(ids[:, 1])
+    blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]  # qp, qn
+    blocks += [block for present, block in ((contrast_anchors, ids[:, 0]), (contrast_positives, ids[:, 1])) if present]
     return torch.cat(blocks)
 
 
