@@ -547,9 +547,7 @@ def block_similarities(q: Tensor, p: Tensor, n: Tensor | None, offset: int, b_lo
     """
     rows = slice(offset, offset + b_local)
     candidates = [p] + ([n] if n is not None else []) + ([q] if contrast_anchors else [])
-    blocks = [q[rows] @ torch.cat(candidates).T]
-    if contrast_positives:
-        blocks.append(p[rows] @ p.T)
+    blocks = [q[rows] @ torch.cat(candidates).T] + ([p[rows] @ p.T] if contrast_positives else [])
     return torch.cat(blocks, dim=1)
 
 
