@@ -26,7 +26,7 @@ LossFn = Callable[..., tuple[Tensor, object]]
 
 
 def requested(point: str, step: int | None = None) -> bool:
-    """Does `GIST_SCALE_FAULT` ask `point` to fail at `step` (None: at some step)?"""
+    """Does `GIST_SCALE_FAULT` ask `point` to fail at `step`? Without a step: does it name `point` at all?"""
     name, _, at = os.environ.get(FAULT_ENV, "").partition(":")
     return name == point and (step is None or not at or int(at) == step)
 
