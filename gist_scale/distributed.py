@@ -52,10 +52,8 @@ def is_collective_failure(error: BaseException) -> bool:
     gloo reports a dead peer as "Connection closed/reset" and a stalled one as "Timed out waiting"; newer torch
     raises `DistError` subclasses. Only meaningful inside a process group.
     """
-    if not is_distributed():
-        return False
     markers = ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out waiting")
-    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in markers)
+    return is_distributed() and (isinstance(error, dist.DistError) or any(marker in str(error) for marker in markers))
 
 
 def _unsynchronised(num_processes: int, distributed_type: object, consequence: str) -> ConfigError:

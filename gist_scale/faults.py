@@ -25,29 +25,23 @@ LossFn = Callable[..., tuple[Tensor, object]]
 """A loss returning `(loss, statistics)`, as `gist_scale.loss.GISTLoss` does."""
 
 
-def _requested() -> tuple[str, int | None]:
+def requested(point: str, step: int | None = None) -> bool:
+    """Does `GIST_SCALE_FAULT` ask `point` to fail at `step`? Without a step: does it name `point` at all?"""
     name, _, at = os.environ.get(FAULT_ENV, "").partition(":")
-    return name, int(at) if at else None
-
-
-def requested(point: str, step: int) -> bool:
-    """Does `GIST_SCALE_FAULT` ask `point` to fail at `step`?"""
-    name, at = _requested()
-    return name == point and at in (None, step)
+    return name == point and (step is None or not at or int(at) == step)
 
 
 def with_loss_fault(loss_fn: LossFn, grad_accum_steps: int) -> LossFn:
     """`loss_fn`, or, when `GIST_SCALE_FAULT` names `nonfinite_loss`, a wrapper that counts its calls (one per
     micro-batch) and makes the loss NaN on the last micro-batch of the requested optimizer step."""
-    name, at = _requested()
-    if name != "nonfinite_loss":
+    if not requested("nonfinite_loss"):
         return loss_fn
     calls = itertools.count(1)
 
     def poisoned(*args, **kwargs) -> tuple[Tensor, object]:
         loss, stats = loss_fn(*args, **kwargs)
         step, micro_batch = divmod(next(calls), grad_accum_steps)
-        if micro_batch == 0 and at in (None, step):
+        if micro_batch == 0 and requested("nonfinite_loss", step):
             loss = loss * float("nan")
         return loss, stats
 

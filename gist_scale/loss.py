@@ -274,7 +274,6 @@ class GISTLoss(nn.Module):
         distributed = self.gather_across_ranks and gdist.world_size() > 1
 
         columns = (anchor, positive, negative, guide_anchor, guide_positive, guide_negative)
-        tensors = [t for t in columns if t is not None]
         if distributed and rank_sizes is not None and not self.check_finite:
             # The caller knows every rank's rows (equal per-rank batches): no size exchange, so no host sync here.
             # Inputs are then only checked locally.
@@ -291,7 +290,7 @@ class GISTLoss(nn.Module):
             # ranks blocked in the embedding all-gather until the timeout.
             device = anchor.device if isinstance(anchor, Tensor) else gdist.comm_device()
             checked = self.check_finite and error is None
-            finite = _all_finite(tensors, device) if checked else torch.ones((), dtype=torch.bool, device=device)
+            finite = _all_finite(columns, device) if checked else torch.ones((), dtype=torch.bool, device=device)
             # non_blocking: a blocking host-to-device copy would sync the stream, and the
             # .tolist() below is meant to be the only sync.
             meta = torch.tensor([*shape, 0 if error is None else 1], dtype=torch.int64).to(device, non_blocking=True)
@@ -302,7 +301,7 @@ class GISTLoss(nn.Module):
         else:
             if error is not None:
                 raise ValueError(error)
-            if self.check_finite and not bool(_all_finite(tensors, anchor.device)):
+            if self.check_finite and not bool(_all_finite(columns, anchor.device)):
                 raise ValueError("embeddings contain NaN or inf")
             sizes = [anchor.shape[0]]
 
@@ -310,21 +309,20 @@ class GISTLoss(nn.Module):
         if n_global == 0:
             raise ValueError("the (global) batch is empty")
         offset = sum(sizes[:gdist.rank()]) if distributed else 0  # this rank's first global row
-        b_local = anchor.shape[0]
-        k = shape[1]
+        b_local, k = shape[:2]
         policy = policy or self.policy
 
         # Student columns travel as one [B, (2+K)*D] tensor: one collective instead of three, at full width; each
         # Matryoshka size is a truncation of the gathered columns, normalized once here for all row blocks.
-        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True,
-                                         normalize=False)
+        q, p, n = self._gathered_columns(anchor, positive, negative, sizes, distributed, with_grad=True)
         sizes_weights = self.matryoshka or [(shape[2], 1.0)]
         views = [_normalized(q, p, n, dim) for dim, _ in sizes_weights]
         guide = (None, None, None)
         if guide_anchor is not None:
             with torch.no_grad():
-                guide = self._gathered_columns(guide_anchor, guide_positive, guide_negative, sizes, distributed,
-                                               with_grad=False)
+                gathered = self._gathered_columns(guide_anchor, guide_positive, guide_negative, sizes, distributed,
+                                                  with_grad=False)
+                guide = _normalized(*gathered, guide_anchor.shape[1])  # the guide's full width
         # The rows' integer facts, gathered like the embeddings in one small collective: text identities
         # [N, 2 + K] (duplicate rule) and slot roles [N, K] (several positives, empty slots).
         ids = roles = None
@@ -459,11 +457,9 @@ class GISTLoss(nn.Module):
             negatives_left=negatives.sum(1))
 
     @staticmethod
-    def _gathered_columns(
-        a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool, with_grad: bool,
-        normalize: bool = True,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Global fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``, L2-normalized if asked."""
+    def _gathered_columns(a: Tensor, p: Tensor, n: Tensor | None, sizes: list[int], distributed: bool,
+                          with_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Global fp32 ``(queries [N,D], positives [N,D], negatives [N*K,D] | None)``, before `_normalized`."""
         b, d = a.shape
         k = 0 if n is None else (1 if n.ndim == 2 else n.shape[1])
         n2 = None if n is None else n.reshape(b, k * d)
@@ -476,8 +472,7 @@ class GISTLoss(nn.Module):
             a, p = packed[:, :d], packed[:, d : 2 * d]
             n2 = None if n2 is None else packed[:, 2 * d :]
         negs = None if n2 is None or k == 0 else n2.float().reshape(-1, d)
-        columns = (a.float(), p.float(), negs)
-        return _normalized(*columns, d) if normalize else columns
+        return a.float(), p.float(), negs
 
 
 def _normalized(q: Tensor, p: Tensor, n: Tensor | None, dim: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -506,16 +501,14 @@ def _column_layout(n: int, k: int, roles: Tensor | None, contrast_anchors: bool,
     """The :class:`_Layout` of ``[qp | qn | qq | pp]`` for ``n`` global rows with ``k`` slots each, in
     :func:`block_similarities`'s column order."""
     rows = torch.arange(n, device=device)
-    owners, blocks, column_roles = [rows, rows.repeat_interleave(k)], [QP, QN], [
-        torch.ones(n, dtype=torch.int64, device=device),
-        roles.reshape(-1) if roles is not None else torch.zeros(n * k, dtype=torch.int64, device=device)]
-    for present, block in ((contrast_anchors, QQ), (contrast_positives, PP)):
-        if present:
-            owners.append(rows)
-            blocks.append(block)
-            column_roles.append(torch.zeros(n, dtype=torch.int64, device=device))
-    block = torch.cat([torch.full_like(o, b) for o, b in zip(owners, blocks)])
-    return _Layout(torch.cat(owners)[None], block[None], torch.cat(column_roles)[None])
+    zeros = torch.zeros_like(rows)
+    slot_roles = zeros.repeat_interleave(k) if roles is None else roles.reshape(-1)
+    # (owner, block, role) of each block's columns: the qp column is its owner's positive.
+    parts = [(rows, QP, zeros + 1), (rows.repeat_interleave(k), QN, slot_roles)]
+    parts += [(rows, block, zeros) for present, block in ((contrast_anchors, QQ), (contrast_positives, PP)) if present]
+    owners, blocks, part_roles = zip(*parts)
+    block = torch.cat([torch.full_like(owner, index) for owner, index in zip(owners, blocks)])
+    return _Layout(torch.cat(owners)[None], block[None], torch.cat(part_roles)[None])
 
 
 def _count_by_block(mask: Tensor, block: Tensor) -> Tensor:
@@ -554,20 +547,15 @@ def block_similarities(q: Tensor, p: Tensor, n: Tensor | None, offset: int, b_lo
     """
     rows = slice(offset, offset + b_local)
     candidates = [p] + ([n] if n is not None else []) + ([q] if contrast_anchors else [])
-    blocks = [q[rows] @ torch.cat(candidates).T]
-    if contrast_positives:
-        blocks.append(p[rows] @ p.T)
+    blocks = [q[rows] @ torch.cat(candidates).T] + ([p[rows] @ p.T] if contrast_positives else [])
     return torch.cat(blocks, dim=1)
 
 
 def _block_ids(ids: Tensor, contrast_anchors: bool, contrast_positives: bool) -> Tensor:
     """The text identity of every column of ``[qp | qn | qq | pp]`` (``[C]``), from the global ``[N, 2 + K]`` ids,
     in :func:`block_similarities`'s column order."""
-    blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]
-    if contrast_anchors:
-        blocks.append(ids[:, 0])
-    if contrast_positives:
-        blocks.append(ids[:, 1])
+    blocks = [ids[:, 1], ids[:, 2:].reshape(-1)]  # qp, qn
+    blocks += [block for present, block in ((contrast_anchors, ids[:, 0]), (contrast_positives, ids[:, 1])) if present]
     return torch.cat(blocks)
 
 
@@ -583,8 +571,8 @@ def _check_text_ids(text_ids: tuple, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
-    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+def _all_finite(tensors: tuple[Tensor | None, ...], device: torch.device) -> Tensor:
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t is not None]).all()
 
 
 def _raise_if_any_invalid(local_error: str | None, all_meta: list[list[int]]) -> None:

@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 from argparse import Namespace
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,9 +162,8 @@ class ResumePlan:
             set_seed(int(seed) % 2**31, device_specific=True)
         # The position in this run's micro-batches; scaled by rows when the global batch was allowed to change.
         global_batches = self.saved.global_batches * self.saved.global_batch_size // self.plan.global_batch
-        state.epoch = self.saved.epoch
-        state.position = min(global_batches, self.steps_per_epoch) * self.plan.grad_accum_steps
-        return state
+        return replace(state, epoch=self.saved.epoch,
+                       position=min(global_batches, self.steps_per_epoch) * self.plan.grad_accum_steps)
 
     def summary_lines(self) -> list[str]:
         if self.saved is None:
@@ -253,10 +252,8 @@ def _repair_loaded_optimizer(optimizer: Any, weight_decays: list[float]) -> None
     """
     for group, decay in zip(optimizer.param_groups, weight_decays, strict=True):
         group["weight_decay"] = decay
-    inner = optimizer
-    while hasattr(inner, "optimizer"):  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer, then torch's AdamW
-        inner = inner.optimizer
-    for param_state in inner.state.values():
+    # torch's AdamW state, which Accelerate's wrapper and DeepSpeed's ZeRO optimizer both hand on as their `state`.
+    for param_state in optimizer.state.values():
         if torch.is_tensor(param_state.get("step")):
             param_state["step"] = param_state["step"].clone()
 

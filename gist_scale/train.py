@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return Trainer(cfg).train()
     except (ConfigError, DataError, CheckpointError) as error:
         return _error(2, str(error))
-    except FloatingPointError as error:  # the run diverged (`gist_scale.trainer.nonfinite`)
+    except FloatingPointError as error:  # the run diverged (`gist_scale.trainer.optimizer.NonFiniteSteps`)
         return _error(1, str(error))
     except torch.OutOfMemoryError as error:
         return _error(1, f"out of memory ({_line(error)}): lower --train.batch_size (keep the global batch with "

@@ -161,22 +161,20 @@ class PreparedBatches(BatchSource):
         write_mixture(self.sampler.sources, run_dir)
 
 
-class StreamedBatches(BatchSource):
-    """`data.streaming`: rows read, validated and tokenized as training consumes them; no epochs."""
+class StreamedBatches(StreamingBatches, BatchSource):
+    """`data.streaming`: rows read, validated and tokenized as training consumes them; no epochs. The stream is the
+    source itself: it iterates, summarises and reports as `StreamingBatches` does, and its position (the stream's own
+    state dict) is kept as the `TrainerState` field `stream`."""
 
     steps_per_epoch = None
     epoch = 0
     epochs = "streamed: no epochs"
 
-    def __init__(self, stream: StreamingBatches) -> None:
-        self.stream = stream
-        self.source_names = stream.source_names
-
     @classmethod
     def build(cls, cfg: JobConfig, plan: RunPlan, resume: ResumePlan, collator: TripletCollator,
               tokenizer: PreTrainedTokenizerBase, guide_tokenizer: PreTrainedTokenizerBase | None,
               instructions: dict[str, str]) -> StreamedBatches:
-        stream = StreamingBatches(
+        stream = cls(
             cfg.data, collator, tokenizer, cfg.model.max_length, guide_tokenizer, cfg.guide.max_length,
             batch_size=plan.per_device_batch, world_size=plan.world_size, rank=plan.rank,
             grad_accum_steps=plan.grad_accum_steps, seed=cfg.train.seed,
@@ -185,26 +183,14 @@ class StreamedBatches(BatchSource):
         # A wrong path, column mapping or format fails now, before any model loads; later bad rows stop training.
         stream.check()
         resume.check_data(stream_fingerprint(cfg.data), stream.summary)
-        return cls(stream)
-
-    def __iter__(self) -> Iterator[TripletBatch]:
-        return iter(self.stream)  # endless: sources start over
+        return stream
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict()}
+        return {"stream": super().state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["stream"] is not None:
-            self.stream.load_state_dict(state["stream"])
-
-    def lines(self) -> list[str]:
-        return self.stream.lines()
-
-    def report(self) -> DataReport:
-        return self.stream.report()
-
-    def write_mixture(self, run_dir: Path) -> None:
-        self.stream.write_mixture(run_dir)
+            super().load_state_dict(state["stream"])
 
 
 def build_batch_source(cfg: JobConfig, plan: RunPlan, resume: ResumePlan, accelerator: Accelerator,

@@ -120,6 +120,5 @@ def load_held_out(cfg: JobConfig, accelerator: Accelerator) -> EvalData | None:
 def build_evaluator(cfg: JobConfig, data: EvalData | None, accelerator: Accelerator, student: torch.nn.Module,
                     tokenizer: PreTrainedTokenizerBase, record: Callable[[dict], None], exporter: Exporter,
                     run_dir: Path) -> Evaluator:
-    if data is None:
-        return NoEvaluation()
-    return HeldOutEvaluator(cfg, accelerator, student, tokenizer, data, record, exporter, run_dir)
+    return (NoEvaluation() if data is None else
+            HeldOutEvaluator(cfg, accelerator, student, tokenizer, data, record, exporter, run_dir))

@@ -37,8 +37,7 @@ from gist_scale.trainer.batches import build_batch_source
 from gist_scale.trainer.console import console
 from gist_scale.trainer.evaluator import build_evaluator, load_held_out
 from gist_scale.trainer.exporter import SentenceTransformersExporter
-from gist_scale.trainer.nonfinite import NonFiniteSteps
-from gist_scale.trainer.optimizer import build_optimizer, build_optimizer_step, build_scheduler
+from gist_scale.trainer.optimizer import NonFiniteSteps, build_optimizer, build_optimizer_step, build_scheduler
 from gist_scale.trainer.step_metrics import (MetricsLog, MetricsWindow, StepMetrics, StepOutcome, model_flops,
                                              progress_bar)
 from gist_scale.trainer.student import student_policy
@@ -177,7 +176,11 @@ class Trainer:
         """Loss and backward of one micro-batch; returns its metrics (the detached loss among them)."""
         student = batch.student  # column tensors, or `chunking.ChunkedTexts` planned by the collator
         k = batch.num_negatives
-        guide_embeddings = self._guide_embeddings(batch, k)
+        guide_embeddings = None, None, None  # no guide: plain InfoNCE
+        if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
+            guide_embeddings = tuple(batch.guide_embeddings.get(column) for column in ("query", "pos", "neg"))
+        elif self.guide is not None:
+            guide_embeddings = encode.embed_frozen(self.guide, batch.guide, k)
         grad_cache = None
         if self.cfg.train.grad_cache:
             # Embeddings without autograd now; the backward below re-encodes chunk by chunk with the cached gradient.
@@ -186,9 +189,8 @@ class Trainer:
         else:
             with self.accelerator.autocast():
                 query, pos, neg = encode.encode_columns(self.student, student, k)
-        text_ids = batch.text_ids
         loss, stats = self.loss_fn(query, pos, neg, *guide_embeddings, rank_sizes=self.plan.rank_sizes,
-                                   text_ids=(text_ids["query"], text_ids["pos"], text_ids.get("neg")),
+                                   text_ids=tuple(batch.text_ids.get(column) for column in ("query", "pos", "neg")),
                                    slot_roles=batch.slot_roles, policy=self.policies[batch.source or 0])
         if grad_cache is None:
             self.accelerator.backward(loss)
@@ -204,14 +206,6 @@ class Trainer:
         counts = batch.token_counts
         return StepMetrics(loss.detach(), stats, counts["student"].tokens, counts["student"].texts // (2 + k),
                            model_flops(self.encoder_configs, counts), batch.source)
-
-    def _guide_embeddings(self, batch: TripletBatch, k: int) -> tuple:
-        if batch.guide_embeddings is not None:  # from the guide cache (`guide.cache`)
-            cached = batch.guide_embeddings
-            return cached["query"], cached["pos"], cached.get("neg")
-        if self.guide is None:
-            return None, None, None
-        return encode.embed_frozen(self.guide, batch.guide, k)
 
     def _due(self, every: int | None) -> bool:
         """Is an every-N-steps action (logging, checkpointing) due after the step just taken?"""

@@ -11,6 +11,10 @@ Where that decision is taken:
 * `DeepSpeedStep`: the engine. The update ran inside the last backward (Accelerate calls `engine.step()` there), and
   DeepSpeed's own overflow check (`configure_deepspeed` switches it on for every precision) skipped it and cleared
   the gradients; the step reports what the engine decided and reads nothing more itself.
+
+So the loop learns of a skip only when it reads `NonFiniteSteps`, the skipped steps counted on the device at log and
+checkpoint steps: the log line reports them, and too many in a row (`train.max_nonfinite_steps`, the longest run since
+the previous log line) stop the run at the next log step, with one `error:` line.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from transformers import get_scheduler
 
 from gist_scale.config import OptimConfig
 
-__all__ = ["DeepSpeedStep", "FusedStep", "OptimizerStep", "build_optimizer", "build_optimizer_step", "build_scheduler"]
+__all__ = ["DeepSpeedStep", "FusedStep", "NonFiniteSteps", "OptimizerStep", "build_optimizer", "build_optimizer_step",
+           "build_scheduler"]
 
 
 def build_optimizer(student: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -72,10 +77,9 @@ class FusedStep(OptimizerStep):
         self.fused = bool(self.adamw.defaults.get("fused"))
 
     def apply(self, nonfinite: Tensor) -> tuple[Tensor, Tensor | None]:
-        grad_norm = None
-        if self.max_grad_norm:
-            # A non-finite gradient makes the norm NaN and the clipped gradients too; the step is skipped anyway.
-            grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+        # A non-finite gradient makes the norm NaN and the clipped gradients too; the step is skipped anyway.
+        grad_norm = (self.accelerator.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+                     if self.max_grad_norm else None)
         if self.fused:
             self.adamw.found_inf = nonfinite.float()
             self.optimizer.step()
@@ -106,3 +110,43 @@ def build_optimizer_step(accelerator: Accelerator, student: torch.nn.Module, opt
         return DeepSpeedStep(accelerator.deepspeed_engine_wrapped.engine, accelerator.device,
                              clipping=bool(optim.max_grad_norm))
     return FusedStep(accelerator, student, optimizer, optim.max_grad_norm)
+
+
+class NonFiniteSteps:
+    """Skipped steps since the last read, the current run of them in a row and the longest since the last read."""
+
+    def __init__(self, device: torch.device, limit: int, in_a_row: int = 0) -> None:
+        self.limit = limit
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._in_a_row = torch.full((), in_a_row, dtype=torch.int64, device=device)
+        self._longest = self._in_a_row.clone()
+        self._applied_anyway = torch.zeros((), dtype=torch.bool, device=device)
+        """A non-finite loss whose update was applied (DeepSpeed's overflow check switched off): an error."""
+
+    def add(self, skipped: Tensor, nonfinite: Tensor) -> None:
+        """Count one step: whether it was skipped and whether its loss was non-finite (0-dim bools on the trainer's
+        device, as the optimizer step and `distributed.agree_on_step` return them; not read)."""
+        self._skipped += skipped
+        self._in_a_row = (self._in_a_row + 1) * skipped
+        torch.maximum(self._longest, self._in_a_row, out=self._longest)
+        self._applied_anyway |= nonfinite & ~skipped
+
+    def in_a_row(self) -> int:
+        """The current run of skipped steps (for a checkpoint: a resume continues it). Reads the device."""
+        return int(self._in_a_row)
+
+    def read(self, step: int) -> tuple[int, int]:
+        """`(skipped, longest run in a row)` since the last read, which starts a new count. Reads the device once;
+        raises FloatingPointError (one line: `gist_scale.train.main`) when the run must stop."""
+        skipped, longest, applied_anyway = torch.stack(
+            [self._skipped, self._longest, self._applied_anyway.long()]).tolist()
+        self._skipped.zero_()
+        self._longest.copy_(self._in_a_row)
+        if applied_anyway:
+            raise FloatingPointError(
+                f"by step {step}: a loss was non-finite but DeepSpeed applied the update; its gradient overflow check "
+                "must be on (bf16.check_grad_overflow, set by gist-scale): check the DeepSpeed config")
+        if longest >= self.limit:
+            raise FloatingPointError(f"{longest} non-finite losses in a row by step {step}: lower optim.lr, or check "
+                                     "the data (--debug shows shapes)")
+        return skipped, longest
