@@ -24,7 +24,7 @@ from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from gist_scale.config import SECTIONS, ConfigError, JobConfig, SourceConfig, unknown_name
 from gist_scale.places import text_file_problem
-from gist_scale.recipes import config_files
+from gist_scale.recipes import recipe_path
 
 # The field docs are attribute docstrings ("""...""" under each field), as torchtitan and tyro read them.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -66,8 +66,7 @@ def parse_job(parser: ArgumentParser, argv: Sequence[str] | None) -> tuple[JobCo
                                                         _skip_required=True), f"{path}: ")
     namespace = _parsed(lambda: parser.parse_args(rest, namespace=namespace), "--")
     instantiated = _parsed(lambda: parser.instantiate(namespace), "--")
-    job = JobConfig(**{name: instantiated[name] for name in names})
-    return job, instantiated
+    return JobConfig(**{name: instantiated[name] for name in names}), instantiated
 
 
 def load_config(argv: Sequence[str] | None = None,
@@ -92,7 +91,7 @@ def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
     pre.add_argument("--config", action="append", default=[])
     pre.add_argument("--debug", nargs="?", const="true")
     known, rest = pre.parse_known_args(_joined_negative_numbers(argv or []))
-    files = config_files(known.recipe, None) + [Path(file) for file in known.config]
+    files = ([recipe_path(known.recipe)] if known.recipe else []) + [Path(file) for file in known.config]
     return files, rest + (["--debug", known.debug] if known.debug is not None else [])
 
 
