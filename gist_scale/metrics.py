@@ -95,17 +95,17 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
         totals += torch.stack([ndcg.sum(), mrr.sum(), *(r.sum() for r in recall), average_precision.sum()])
     return dict(zip(METRICS, (totals / queries.shape[0]).tolist()))
 
+
 def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
-          corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          corpus_block: int = CORPUS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and indices `[Q, min(k, C)]` of each query's most similar documents (dot product), best first.
 
-    The corpus is scored `corpus_block` (default `CORPUS_CHUNK`) documents at a time and each block's top k merged
-    into a running top k, so memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining
-    (`gist-scale mine`) uses it with deeper k. `exclude[i]` (-1: none) is a document that query i must not
-    retrieve; it scores -inf, so it can only fill ranks beyond every other document.
+    The corpus is scored `corpus_block` documents at a time and each block's top k merged into a running top k, so
+    memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining (`gist-scale mine`) uses it
+    with deeper k. `exclude[i]` (-1: none) is a document that query i must not retrieve; it scores -inf, so it can
+    only fill ranks beyond every other document.
     """
     k = min(k, corpus.shape[0])
-    corpus_block = corpus_block or CORPUS_CHUNK
     rows = torch.arange(queries.shape[0], device=queries.device)
     best_scores, best_ids = queries.new_empty(len(rows), 0), rows.new_empty(len(rows), 0)
     for start in range(0, corpus.shape[0], corpus_block):
