@@ -76,14 +76,11 @@ class MemoryEstimate:
 def parameter_counts(model: torch.nn.Module) -> ParameterCounts:
     """The counts of a built model (real or on the meta device); a shared parameter counts once."""
     params = list(model.parameters())  # deduplicated by identity: tied weights once (meta tensors have no data_ptr)
-    largest = largest_trainable = 0
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        largest = max(largest, sum(p.numel() for p in own))
-        largest_trainable = max(largest_trainable, sum(p.numel() for p in own if p.requires_grad))
-    return ParameterCounts(total=sum(p.numel() for p in params),
-                           trainable=sum(p.numel() for p in params if p.requires_grad),
-                           largest_layer=largest, largest_trainable_layer=largest_trainable)
+    layers = [list(module.parameters(recurse=False)) for module in model.modules()]  # each module's own
+    return ParameterCounts(
+        total=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
+        largest_layer=max(sum(p.numel() for p in own) for own in layers),
+        largest_trainable_layer=max(sum(p.numel() for p in own if p.requires_grad) for own in layers))
 
 
 def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
