@@ -77,10 +77,8 @@ def load_config(argv: Sequence[str] | None = None,
     return parse_job(_shared_parser(), argv)[0]
 
 
-@functools.cache
-def _shared_parser() -> ArgumentParser:
-    # Building a parser reads every field's doc (a few tenths of a second); in-process callers load configs often.
-    return job_parser()
+# Building a parser reads every field's doc (a few tenths of a second); in-process callers load configs often.
+_shared_parser = functools.cache(job_parser)
 
 
 def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
@@ -95,24 +93,20 @@ def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
     return files, rest + (["--debug", known.debug] if known.debug is not None else [])
 
 
+_NEGATIVE_NUMBER = re.compile(r"-(\.?\d|inf|nan)", re.IGNORECASE)
+"""The start of a negative number (`-1e-5`, `-.5`, `-inf`): a value, since no option name starts that way."""
+
+
 def _joined_negative_numbers(argv: Sequence[str]) -> list[str]:
     """`--optim.lr -1e-5` as `--optim.lr=-1e-5`: argparse takes a value that starts with `-` for an option (it
     knows only plain negative numbers like -1), and the field's own check should say what is wrong with it."""
     joined: list[str] = []
     for arg in argv:
-        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _is_number(arg) and arg[0] == "-":
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_NUMBER.match(arg):
             joined[-1] = f"{joined[-1]}={arg}"
         else:
             joined.append(arg)
     return joined
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _parsed(step: Callable[[], Any], where: str) -> Any:
