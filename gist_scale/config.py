@@ -77,7 +77,6 @@ def _literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
 
 
 Pooling = Literal["cls", "mean", "last_token"]
-POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 """How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE), `last_token` (decoder LLMs)."""
 MarginStrategy = Literal["absolute", "relative"]
 MARGIN_STRATEGIES: tuple[str, ...] = typing.get_args(MarginStrategy)
