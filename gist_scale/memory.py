@@ -178,12 +178,12 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
 
     offloaded = 0
     if offload_optimizer:
-        offloaded += fp32_grads + master + moments
+        # The 16-bit gradients leave the device too: ZeRO-2 copies them from the reduce buckets straight into the
+        # host's fp32 partition, ZeRO-3 keeps their partition on the host (counted there).
+        offloaded = fp32_grads + master + moments + (low_grads if zero_stage == 3 else 0)
         fp32_grads = master = moments = 0
-        if zero_stage == 2:
-            low_grads = 0  # copied from the reduce buckets straight into the host's fp32 partition
-        elif zero_stage == 3:
-            offloaded, low_grads = offloaded + low_grads, 0
+        if zero_stage > 1:
+            low_grads = 0
     if offload_param:
         partition = w * _shard(total, world_size)
         offloaded, weights = offloaded + partition, weights - partition
@@ -203,9 +203,8 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
     moved = ["optimizer state and gradient partitions"] * offload_optimizer + ["weight partitions"] * offload_param
     if moved:
         assumptions += f"; {' and '.join(moved)} in CPU memory"
-    return MemoryEstimate(weights=weights, gradients=low_grads + gathered_grads + fp32_grads,
-                          optimizer_state=master + moments, offloaded=offloaded, setting=setting,
-                          assumptions=assumptions)
+    return MemoryEstimate(weights=weights, gradients=low_grads + gathered_grads + fp32_grads, offloaded=offloaded,
+                          optimizer_state=master + moments, setting=setting, assumptions=assumptions)
 
 
 def _gib(n: int) -> str:
