@@ -135,11 +135,10 @@ separates the subtypes of a union (none of the config's types nests brackets).""
 def _one_line(message: str, where: str) -> str:
     """One line from jsonargparse's multi-line error: `--train.batch_size='abc': expected int`, or an unknown option
     with the closest known name. `where` is `--` for flags and `FILE: ` for a YAML file."""
-    if key := _KEY.search(message):
+    if keys := _KEY.findall(message):
         # A config field as typed (`train.batch_size`); a command's own option is spelt with hyphens (`num-negatives`).
-        key = key.group(1) if "." in key.group(1) else key.group(1).replace("_", "-")
-        entry_key = [match.group(1) for match in _KEY.finditer(message)][1:]  # a field inside a data source
-        shown = f"{key} entry's {entry_key[-1]}" if entry_key else key
+        key = keys[0] if "." in keys[0] else keys[0].replace("_", "-")
+        shown = f"{key} entry's {keys[-1]}" if len(keys) > 1 else key  # the last: a field inside a data source
         if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source, the one list of mappings
             fields = [f.name for f in dataclasses.fields(SourceConfig)]
             return str(unknown_name(f"key in an entry of {where.removesuffix(': ') + ' ' if where != '--' else '--'}"
