@@ -150,9 +150,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         # Decoders often ship without a pad token. Padding is masked out and pooling reads only the mask, so
         # the pad token may be the EOS token that last_token pooling takes.
         tokenizer.pad_token = tokenizer.eos_token
-    if decoder:
-        ensure_eos(tokenizer, name)
-    return tokenizer
+    return ensure_eos(tokenizer, name) if decoder else tokenizer
 
 
 def _model_class(config, path: str, revision: str | None, trust_remote_code: bool) -> type[PreTrainedModel] | None:
