@@ -290,9 +290,8 @@ def _source(entry: Any, index: int) -> SourceConfig:
         entry = {"path": str(entry)}
     _check(isinstance(entry, dict), f"data.sources[{index}]={entry!r}: expected a mapping with at least `path`")
     known = [f.name for f in dataclasses.fields(SourceConfig)]
-    for key in entry:
-        if key not in known:
-            raise unknown_name(f"key in data.sources[{index}]:", key, known)
+    if unknown := [key for key in entry if key not in known]:
+        raise unknown_name(f"key in data.sources[{index}]:", unknown[0], known)
     _check("path" in entry, f"data.sources[{index}]: missing `path` (a file, folder or hub dataset name)")
     return SourceConfig(**entry)
 

@@ -58,9 +58,8 @@ def parse_job(parser: ArgumentParser, argv: Sequence[str] | None) -> tuple[JobCo
         content = _read_yaml(path) or {}
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...)")
-        for key in content:
-            if key not in names:
-                raise unknown_name(f"section in {path}:", key, sorted(names))
+        if unknown := [key for key in content if key not in names]:
+            raise unknown_name(f"section in {path}:", unknown[0], sorted(names))
         # A file holds config sections; a command's required arguments (`OUT_DIR`) come with the flags, checked there.
         namespace = _parsed(lambda: parser.parse_object(content, namespace=namespace, defaults=False,
                                                         _skip_required=True), f"{path}: ")
