@@ -158,11 +158,10 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
         # Accelerate without DeepSpeed keeps the model in fp32 and autocasts (bf16/fp16 change no stored state).
         # DDP copies gradients into its own flat buckets (Accelerate leaves `gradient_as_bucket_view` off).
         buckets = 4 * trainable if world_size > 1 else 0
-        return MemoryEstimate(
-            weights=4 * total, gradients=4 * trainable + buckets, optimizer_state=8 * trainable, offloaded=0,
-            setting=setting,
-            assumptions="fp32 weights, gradients and AdamW moments on every rank (autocast changes activations "
-                        "only)" + ("; DDP's buckets hold a second copy of the gradients" if buckets else ""))
+        assumptions = ("fp32 weights, gradients and AdamW moments on every rank (autocast changes activations only)"
+                       + ("; DDP's buckets hold a second copy of the gradients" if buckets else ""))
+        return MemoryEstimate(weights=4 * total, gradients=4 * trainable + buckets, optimizer_state=8 * trainable,
+                              offloaded=0, setting=setting, assumptions=assumptions)
 
     w = 4 if mixed_precision == "no" else 2
     shard = _shard(trainable, world_size)
