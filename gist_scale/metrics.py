@@ -79,19 +79,18 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     ranks = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for start in range(0, queries.shape[0], QUERY_CHUNK):
-        end = start + QUERY_CHUNK
-        _, top = top_k(queries[start:end], corpus, depth, skip[start:end])  # [chunk, depth] ids, best first
+        chunk = slice(start, start + QUERY_CHUNK)
+        _, top = top_k(queries[chunk], corpus, depth, skip[chunk])  # [chunk, depth] ids, best first
         # The gain of each retrieved document: binary search in the query's sorted judged ids.
-        where = torch.searchsorted(ids[start:end], top).clamp(max=ids.shape[1] - 1)
-        judged = ids[start:end].gather(1, where) == top
-        gain = gains[start:end].gather(1, where) * judged
+        where = torch.searchsorted(ids[chunk], top).clamp(max=ids.shape[1] - 1)
+        judged = ids[chunk].gather(1, where) == top
+        gain = gains[chunk].gather(1, where) * judged
         hits = (gain > 0).double()
-        n_rel = num_relevant[start:end]
-        ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[start:end]
+        ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[chunk]
         mrr = (hits[:, :K] / ranks[:K]).amax(1)  # 1 / rank of the first hit in the top K, 0 without one
         found = hits.cumsum(1)
-        average_precision = (hits * found / ranks).sum(1) / n_rel
-        recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
+        average_precision = (hits * found / ranks).sum(1) / num_relevant[chunk]
+        recall = [found[:, min(k, depth) - 1] / num_relevant[chunk] for k in (1, K, DEPTH)]
         totals += torch.stack([ndcg.sum(), mrr.sum(), *(r.sum() for r in recall), average_precision.sum()])
     return dict(zip(METRICS, (totals / queries.shape[0]).tolist()))
 
