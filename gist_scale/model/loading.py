@@ -226,8 +226,7 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
                                                 trust_remote_code=cfg.trust_remote_code)
     _loaded(cfg, encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.
-    guide = Embedder(encoder, cfg.pooling, normalize=True, include_prompt=cfg.pool_prompt).to(device).eval()
-    guide.requires_grad_(False)
-    return guide
+    guide = Embedder(encoder, cfg.pooling, normalize=True, include_prompt=cfg.pool_prompt)
+    return guide.to(device).eval().requires_grad_(False)
 
 
