@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"gist-scale: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return int(importlib.import_module(COMMANDS[command][0]).main(rest) or 0)
 
 
 def run() -> int:

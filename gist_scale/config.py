@@ -77,7 +77,6 @@ def _literal_choices(cls: type) -> dict[str, tuple[str, ...]]:
 
 
 Pooling = Literal["cls", "mean", "last_token"]
-POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 """How token states become one vector: `cls` (bge), `mean` (MiniLM, E5, GTE), `last_token` (decoder LLMs)."""
 MarginStrategy = Literal["absolute", "relative"]
 MARGIN_STRATEGIES: tuple[str, ...] = typing.get_args(MarginStrategy)
@@ -179,10 +178,9 @@ class ModelConfig(EncoderConfig):
         _check(self.lora_r >= 0, f"model.lora_r={self.lora_r}: must be >= 0 (e.g. 16), or 0 for full fine-tuning")
         _check(self.lora_alpha > 0, f"model.lora_alpha={self.lora_alpha}: must be > 0 (commonly 2 x lora_r)")
         _check(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout={self.lora_dropout}: must be in [0, 1)")
-        _check(bool(self.lora_target_modules) and ("all-linear" not in self.lora_target_modules
-                                                   or len(self.lora_target_modules) == 1),
-               f"model.lora_target_modules={list(self.lora_target_modules)}: give module names (`[query, value]`) or "
-               f"`[all-linear]` alone")
+        targets = self.lora_target_modules
+        _check(bool(targets) and ("all-linear" not in targets or len(targets) == 1), f"model.lora_target_modules="
+               f"{list(targets)}: give module names (`[query, value]`) or `[all-linear]` alone")
 
 
 @dataclass(frozen=True)
@@ -292,9 +290,8 @@ def _source(entry: Any, index: int) -> SourceConfig:
         entry = {"path": str(entry)}
     _check(isinstance(entry, dict), f"data.sources[{index}]={entry!r}: expected a mapping with at least `path`")
     known = [f.name for f in dataclasses.fields(SourceConfig)]
-    for key in entry:
-        if key not in known:
-            raise unknown_name(f"key in data.sources[{index}]:", key, known)
+    if unknown := [key for key in entry if key not in known]:
+        raise unknown_name(f"key in data.sources[{index}]:", unknown[0], known)
     _check("path" in entry, f"data.sources[{index}]: missing `path` (a file, folder or hub dataset name)")
     return SourceConfig(**entry)
 
@@ -483,10 +480,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         _check_values(self)
         _check(self.temperature > 0, f"loss.temperature={self.temperature}: must be > 0 (GISTEmbed used 0.01)")
-        _check(self.contrastive_weight >= 0 and self.distill_weight >= 0
-               and self.contrastive_weight + self.distill_weight > 0,
-               f"loss.contrastive_weight={self.contrastive_weight}, loss.distill_weight={self.distill_weight}: both "
-               "must be >= 0 and at least one > 0")
+        weights = (self.contrastive_weight, self.distill_weight)
+        _check(min(weights) >= 0 and sum(weights) > 0, f"loss.contrastive_weight={self.contrastive_weight}, "
+               f"loss.distill_weight={self.distill_weight}: both must be >= 0 and at least one > 0")
         _check(self.distill_temperature > 0,
                f"loss.distill_temperature={self.distill_temperature}: must be > 0 (e.g. 0.05)")
         _check(self.row_block is None or self.row_block > 0,
@@ -757,12 +753,10 @@ class JobConfig:
     def __post_init__(self) -> None:
         _check_values(self)
         if self.data.streaming:
-            _check(self.train.max_steps is not None,
-                   "data.streaming=true needs train.max_steps: a stream's length is unknown until it is read, so "
-                   "train.epochs cannot define the schedule; set --train.max_steps N")
-            _check(self.guide.cache is None,
-                   "data.streaming=true cannot use guide.cache (the cache indexes the rows of a prepared dataset); "
-                   "drop guide.cache to run the guide live, or turn data.streaming off")
+            _check(self.train.max_steps is not None, "data.streaming=true needs train.max_steps: a stream's length is "
+                   "unknown until it is read, so train.epochs cannot define the schedule; set --train.max_steps N")
+            _check(self.guide.cache is None, "data.streaming=true cannot use guide.cache (the cache indexes the rows "
+                   "of a prepared dataset); drop guide.cache to run the guide live, or turn data.streaming off")
         _check(self.loss.distill_weight == 0 or self.guide.name is not None,
                f"loss.distill_weight={self.loss.distill_weight} distills from the guide, and guide.name is null; name "
                "a guide (or its cache), or set loss.distill_weight 0")

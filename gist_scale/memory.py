@@ -76,14 +76,11 @@ class MemoryEstimate:
 def parameter_counts(model: torch.nn.Module) -> ParameterCounts:
     """The counts of a built model (real or on the meta device); a shared parameter counts once."""
     params = list(model.parameters())  # deduplicated by identity: tied weights once (meta tensors have no data_ptr)
-    largest = largest_trainable = 0
-    for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        largest = max(largest, sum(p.numel() for p in own))
-        largest_trainable = max(largest_trainable, sum(p.numel() for p in own if p.requires_grad))
-    return ParameterCounts(total=sum(p.numel() for p in params),
-                           trainable=sum(p.numel() for p in params if p.requires_grad),
-                           largest_layer=largest, largest_trainable_layer=largest_trainable)
+    layers = [list(module.parameters(recurse=False)) for module in model.modules()]  # each module's own
+    return ParameterCounts(
+        total=sum(p.numel() for p in params), trainable=sum(p.numel() for p in params if p.requires_grad),
+        largest_layer=max(sum(p.numel() for p in own) for own in layers),
+        largest_trainable_layer=max(sum(p.numel() for p in own if p.requires_grad) for own in layers))
 
 
 def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
@@ -161,11 +158,10 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
         # Accelerate without DeepSpeed keeps the model in fp32 and autocasts (bf16/fp16 change no stored state).
         # DDP copies gradients into its own flat buckets (Accelerate leaves `gradient_as_bucket_view` off).
         buckets = 4 * trainable if world_size > 1 else 0
-        return MemoryEstimate(
-            weights=4 * total, gradients=4 * trainable + buckets, optimizer_state=8 * trainable, offloaded=0,
-            setting=setting,
-            assumptions="fp32 weights, gradients and AdamW moments on every rank (autocast changes activations "
-                        "only)" + ("; DDP's buckets hold a second copy of the gradients" if buckets else ""))
+        assumptions = ("fp32 weights, gradients and AdamW moments on every rank (autocast changes activations only)"
+                       + ("; DDP's buckets hold a second copy of the gradients" if buckets else ""))
+        return MemoryEstimate(weights=4 * total, gradients=4 * trainable + buckets, optimizer_state=8 * trainable,
+                              offloaded=0, setting=setting, assumptions=assumptions)
 
     w = 4 if mixed_precision == "no" else 2
     shard = _shard(trainable, world_size)
@@ -181,12 +177,12 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
 
     offloaded = 0
     if offload_optimizer:
-        offloaded += fp32_grads + master + moments
+        # The 16-bit gradients leave the device too: ZeRO-2 copies them from the reduce buckets straight into the
+        # host's fp32 partition, ZeRO-3 keeps their partition on the host (counted there).
+        offloaded = fp32_grads + master + moments + (low_grads if zero_stage == 3 else 0)
         fp32_grads = master = moments = 0
-        if zero_stage == 2:
-            low_grads = 0  # copied from the reduce buckets straight into the host's fp32 partition
-        elif zero_stage == 3:
-            offloaded, low_grads = offloaded + low_grads, 0
+        if zero_stage > 1:
+            low_grads = 0
     if offload_param:
         partition = w * _shard(total, world_size)
         offloaded, weights = offloaded + partition, weights - partition
@@ -206,9 +202,8 @@ def estimate_model_states(counts: ParameterCounts, zero_stage: int, world_size: 
     moved = ["optimizer state and gradient partitions"] * offload_optimizer + ["weight partitions"] * offload_param
     if moved:
         assumptions += f"; {' and '.join(moved)} in CPU memory"
-    return MemoryEstimate(weights=weights, gradients=low_grads + gathered_grads + fp32_grads,
-                          optimizer_state=master + moments, offloaded=offloaded, setting=setting,
-                          assumptions=assumptions)
+    return MemoryEstimate(weights=weights, gradients=low_grads + gathered_grads + fp32_grads, offloaded=offloaded,
+                          optimizer_state=master + moments, setting=setting, assumptions=assumptions)
 
 
 def _gib(n: int) -> str:

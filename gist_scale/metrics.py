@@ -79,33 +79,32 @@ def retrieval_metrics(query_embeddings: torch.Tensor, corpus_embeddings: torch.T
     ranks = torch.arange(1, depth + 1, device=device, dtype=torch.float64)
     totals = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for start in range(0, queries.shape[0], QUERY_CHUNK):
-        end = start + QUERY_CHUNK
-        _, top = top_k(queries[start:end], corpus, depth, skip[start:end])  # [chunk, depth] ids, best first
+        chunk = slice(start, start + QUERY_CHUNK)
+        _, top = top_k(queries[chunk], corpus, depth, skip[chunk])  # [chunk, depth] ids, best first
         # The gain of each retrieved document: binary search in the query's sorted judged ids.
-        where = torch.searchsorted(ids[start:end], top).clamp(max=ids.shape[1] - 1)
-        judged = ids[start:end].gather(1, where) == top
-        gain = gains[start:end].gather(1, where) * judged
+        where = torch.searchsorted(ids[chunk], top).clamp(max=ids.shape[1] - 1)
+        judged = ids[chunk].gather(1, where) == top
+        gain = gains[chunk].gather(1, where) * judged
         hits = (gain > 0).double()
-        n_rel = num_relevant[start:end]
-        ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[start:end]
+        ndcg = (gain[:, :K] * discounts[:K]).sum(1) / ideal_dcg[chunk]
         mrr = (hits[:, :K] / ranks[:K]).amax(1)  # 1 / rank of the first hit in the top K, 0 without one
         found = hits.cumsum(1)
-        average_precision = (hits * found / ranks).sum(1) / n_rel
-        recall = [found[:, min(k, depth) - 1] / n_rel for k in (1, K, DEPTH)]
+        average_precision = (hits * found / ranks).sum(1) / num_relevant[chunk]
+        recall = [found[:, min(k, depth) - 1] / num_relevant[chunk] for k in (1, K, DEPTH)]
         totals += torch.stack([ndcg.sum(), mrr.sum(), *(r.sum() for r in recall), average_precision.sum()])
     return dict(zip(METRICS, (totals / queries.shape[0]).tolist()))
 
+
 def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
-          corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          corpus_block: int = CORPUS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores and indices `[Q, min(k, C)]` of each query's most similar documents (dot product), best first.
 
-    The corpus is scored `corpus_block` (default `CORPUS_CHUNK`) documents at a time and each block's top k merged
-    into a running top k, so memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining
-    (`gist-scale mine`) uses it with deeper k. `exclude[i]` (-1: none) is a document that query i must not
-    retrieve; it scores -inf, so it can only fill ranks beyond every other document.
+    The corpus is scored `corpus_block` documents at a time and each block's top k merged into a running top k, so
+    memory is `Q x corpus_block` scores whatever the corpus size. Hard-negative mining (`gist-scale mine`) uses it
+    with deeper k. `exclude[i]` (-1: none) is a document that query i must not retrieve; it scores -inf, so it can
+    only fill ranks beyond every other document.
     """
     k = min(k, corpus.shape[0])
-    corpus_block = corpus_block or CORPUS_CHUNK
     rows = torch.arange(queries.shape[0], device=queries.device)
     best_scores, best_ids = queries.new_empty(len(rows), 0), rows.new_empty(len(rows), 0)
     for start in range(0, corpus.shape[0], corpus_block):

@@ -24,7 +24,7 @@ from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 
 from gist_scale.config import SECTIONS, ConfigError, JobConfig, SourceConfig, unknown_name
 from gist_scale.places import text_file_problem
-from gist_scale.recipes import config_files
+from gist_scale.recipes import recipe_path
 
 # The field docs are attribute docstrings ("""...""" under each field), as torchtitan and tyro read them.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -58,16 +58,14 @@ def parse_job(parser: ArgumentParser, argv: Sequence[str] | None) -> tuple[JobCo
         content = _read_yaml(path) or {}
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...)")
-        for key in content:
-            if key not in names:
-                raise unknown_name(f"section in {path}:", key, sorted(names))
+        if unknown := [key for key in content if key not in names]:
+            raise unknown_name(f"section in {path}:", unknown[0], sorted(names))
         # A file holds config sections; a command's required arguments (`OUT_DIR`) come with the flags, checked there.
         namespace = _parsed(lambda: parser.parse_object(content, namespace=namespace, defaults=False,
                                                         _skip_required=True), f"{path}: ")
     namespace = _parsed(lambda: parser.parse_args(rest, namespace=namespace), "--")
     instantiated = _parsed(lambda: parser.instantiate(namespace), "--")
-    job = JobConfig(**{name: instantiated[name] for name in names})
-    return job, instantiated
+    return JobConfig(**{name: instantiated[name] for name in names}), instantiated
 
 
 def load_config(argv: Sequence[str] | None = None,
@@ -78,10 +76,8 @@ def load_config(argv: Sequence[str] | None = None,
     return parse_job(_shared_parser(), argv)[0]
 
 
-@functools.cache
-def _shared_parser() -> ArgumentParser:
-    # Building a parser reads every field's doc (a few tenths of a second); in-process callers load configs often.
-    return job_parser()
+# Building a parser reads every field's doc (a few tenths of a second); in-process callers load configs often.
+_shared_parser = functools.cache(job_parser)
 
 
 def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
@@ -92,8 +88,12 @@ def _files(argv: Sequence[str] | None) -> tuple[list[Path], list[str]]:
     pre.add_argument("--config", action="append", default=[])
     pre.add_argument("--debug", nargs="?", const="true")
     known, rest = pre.parse_known_args(_joined_negative_numbers(argv or []))
-    files = config_files(known.recipe, None) + [Path(file) for file in known.config]
+    files = ([recipe_path(known.recipe)] if known.recipe else []) + [Path(file) for file in known.config]
     return files, rest + (["--debug", known.debug] if known.debug is not None else [])
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(\.?\d|inf|nan)", re.IGNORECASE)
+"""The start of a negative number (`-1e-5`, `-.5`, `-inf`): a value, since no option name starts that way."""
 
 
 def _joined_negative_numbers(argv: Sequence[str]) -> list[str]:
@@ -101,19 +101,11 @@ def _joined_negative_numbers(argv: Sequence[str]) -> list[str]:
     knows only plain negative numbers like -1), and the field's own check should say what is wrong with it."""
     joined: list[str] = []
     for arg in argv:
-        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _is_number(arg) and arg[0] == "-":
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_NUMBER.match(arg):
             joined[-1] = f"{joined[-1]}={arg}"
         else:
             joined.append(arg)
     return joined
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _parsed(step: Callable[[], Any], where: str) -> Any:
@@ -142,11 +134,10 @@ separates the subtypes of a union (none of the config's types nests brackets).""
 def _one_line(message: str, where: str) -> str:
     """One line from jsonargparse's multi-line error: `--train.batch_size='abc': expected int`, or an unknown option
     with the closest known name. `where` is `--` for flags and `FILE: ` for a YAML file."""
-    if key := _KEY.search(message):
+    if keys := _KEY.findall(message):
         # A config field as typed (`train.batch_size`); a command's own option is spelt with hyphens (`num-negatives`).
-        key = key.group(1) if "." in key.group(1) else key.group(1).replace("_", "-")
-        entry_key = [match.group(1) for match in _KEY.finditer(message)][1:]  # a field inside a data source
-        shown = f"{key} entry's {entry_key[-1]}" if entry_key else key
+        key = keys[0] if "." in keys[0] else keys[0].replace("_", "-")
+        shown = f"{key} entry's {keys[-1]}" if len(keys) > 1 else key  # the last: a field inside a data source
         if unknown := _NOT_ACCEPTED.search(message):  # a key inside a data source, the one list of mappings
             fields = [f.name for f in dataclasses.fields(SourceConfig)]
             return str(unknown_name(f"key in an entry of {where.removesuffix(': ') + ' ' if where != '--' else '--'}"

@@ -31,8 +31,7 @@ def require_writable_dir(path: str | Path, option: str) -> Path:
     else:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path, prefix=".gist-scale-write-test-"):
-                pass
+            tempfile.NamedTemporaryFile(dir=path, prefix=".gist-scale-write-test-").close()  # created, then removed by close
             return path
         except OSError as error:
             problem = f"cannot write in {path}: {error.strerror or error}"

@@ -46,8 +46,7 @@ def export_sentence_transformer(encoder: PreTrainedModel, tokenizer: PreTrainedT
     `include_prompt=False` makes the Pooling module leave them out as training did. A decoder's tokenizer is saved
     with its EOS post-processor (`gist_scale.model.decoder`), so sentence-transformers appends the EOS too.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)  # created by save_pretrained
     # Save the in-memory parameter names. Reverting load-time renames would, for a model loaded under ZeRO-3, also
     # revert transformers' legacy `LayerNorm.gamma -> weight` mapping and write names the original never had.
     encoder.save_pretrained(out, state_dict=state_dict, save_original_format=False)

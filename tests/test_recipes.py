@@ -7,7 +7,7 @@ import pytest
 
 from gist_scale.cli import main as cli
 from gist_scale.options import load_config
-from gist_scale.recipes import config_files, list_recipes, recipe_path
+from gist_scale.recipes import list_recipes, recipe_path
 
 RECIPES = ["gist-small-repro", "qwen3-embedding-0.6b-full", "qwen3-embedding-8b-lora"]
 
@@ -45,7 +45,7 @@ def test_gist_small_repro_is_the_original_experiment():
 def test_flags_and_config_override_a_recipe(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("train:\n  batch_size: 8\n  epochs: 2\n")
-    cfg = load_config(["--train.epochs", "3"], config_files("gist-small-repro", str(mine)))
+    cfg = load_config(["--train.epochs", "3"], [recipe_path("gist-small-repro"), mine])
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.lr) == (8, 3, 5e-6)
 
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from gist_scale.config import POOLINGS
 from gist_scale.model.decoder import forward_kwargs, is_decoder
 from gist_scale.model.prompts import exclude_prompt
 
@@ -40,12 +39,11 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    if pooling == "last_token":
-        # Works for right and left padding: the last attended position of each row.
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    # `last_token`, the one other pooling the config and the sentence-transformers reader admit: the last attended
+    # position of each row, for right and left padding alike.
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 class Embedder(nn.Module):
     """A `transformers` encoder (or decoder LLM) followed by pooling and optional L2 normalization.
@@ -58,7 +56,7 @@ class Embedder(nn.Module):
     def __init__(self, encoder: PreTrainedModel, pooling: str, normalize: bool, include_prompt: bool = True,
                  prompts: dict[str, str] | None = None) -> None:
         super().__init__()
-        # `pooling` is checked by the config (`EncoderConfig`) or the sentence-transformers reader, and by `pool`.
+        # `pooling` is checked by the config (`EncoderConfig`) or the sentence-transformers reader (`st_format`).
         self.encoder, self.pooling, self.normalize, self.include_prompt = encoder, pooling, normalize, include_prompt
         self.prompts = dict(prompts or {})
         self.decoder = is_decoder(encoder.config)

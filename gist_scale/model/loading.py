@@ -22,8 +22,8 @@ from gist_scale.config import MINILM, ConfigError, GuideConfig, ModelConfig
 from gist_scale.model.decoder import check_pooling, ensure_eos, is_decoder
 from gist_scale.model.embedder import Embedder
 
-__all__ = ["ModelNotFoundError", "base_encoder", "check_max_length", "find_model", "hub_model_not_found", "load_guide",
-           "load_tokenizer", "outside_zero3", "resolve_model_path"]
+__all__ = ["ModelNotFoundError", "base_encoder", "find_model", "hub_model_not_found", "load_guide", "load_tokenizer",
+           "outside_zero3", "resolve_model_path"]
 
 
 class ModelNotFoundError(ConfigError):
@@ -123,16 +123,14 @@ def hub_model_not_found(name: str, revision: str | None, error: BaseException) -
                               f"{_hub_problem(name, revision, error)}; {_DOWNLOAD}")
 
 
-def check_max_length(cfg: ModelConfig | GuideConfig, config) -> None:
-    """A `max_length` beyond the model's position embeddings would fail in the first long batch's forward."""
-    positions = getattr(config, "max_position_embeddings", None)
+def _loaded(cfg: ModelConfig | GuideConfig, encoder: PreTrainedModel) -> None:
+    """What the student and the guide both need once loaded: a `max_length` beyond the model's position embeddings
+    (which would fail in the first long batch's forward) is refused, and the pooler of a BERT-style encoder, which
+    embeddings never use, goes (DDP requires every parameter to get a gradient)."""
+    positions = getattr(encoder.config, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.max_length > positions:
         raise ConfigError(f"{cfg.section}.max_length={cfg.max_length}: {cfg.name} has {positions} positions "
                           f"(max_position_embeddings); use at most {positions}")
-
-
-def _drop_unused_pooler(encoder: PreTrainedModel) -> None:
-    # BERT-style encoders carry a pooler that embeddings never use; DDP requires every parameter to get a gradient.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
 
@@ -152,9 +150,7 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         # Decoders often ship without a pad token. Padding is masked out and pooling reads only the mask, so
         # the pad token may be the EOS token that last_token pooling takes.
         tokenizer.pad_token = tokenizer.eos_token
-    if decoder:
-        ensure_eos(tokenizer, name)
-    return tokenizer
+    return ensure_eos(tokenizer, name) if decoder else tokenizer
 
 
 def _model_class(config, path: str, revision: str | None, trust_remote_code: bool) -> type[PreTrainedModel] | None:
@@ -193,8 +189,7 @@ def base_encoder(cfg: ModelConfig, *, weights: bool = True, remote_code_option: 
         with contextlib.nullcontext() if weights else init_empty_weights():
             encoder = (AutoModel.from_pretrained(path, revision=cfg.revision, config=config, **kwargs) if weights
                        else AutoModel.from_config(config, **kwargs))
-    check_max_length(cfg, encoder.config)
-    _drop_unused_pooler(encoder)
+    _loaded(cfg, encoder)
     if weights and cfg.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return encoder
@@ -229,11 +224,9 @@ def load_guide(cfg: GuideConfig, device: torch.device, restore_zero3: Callable[[
         with outside_zero3(restore_zero3):
             encoder = AutoModel.from_pretrained(path, revision=cfg.revision, dtype=dtype,
                                                 trust_remote_code=cfg.trust_remote_code)
-    check_max_length(cfg, encoder.config)
-    _drop_unused_pooler(encoder)
+    _loaded(cfg, encoder)
     # Always normalized: cosine does not depend on it, and unit vectors keep the fp16 guide cache in range.
-    guide = Embedder(encoder, cfg.pooling, normalize=True, include_prompt=cfg.pool_prompt).to(device).eval()
-    guide.requires_grad_(False)
-    return guide
+    guide = Embedder(encoder, cfg.pooling, normalize=True, include_prompt=cfg.pool_prompt)
+    return guide.to(device).eval().requires_grad_(False)
 
 

@@ -94,7 +94,6 @@ def load_task_instructions(path: str | None) -> dict[str, str]:
         raise ConfigError(f"data.task_instructions={path}: not YAML/JSON ({error})") from error
     if not isinstance(loaded, dict) or not loaded:
         raise ConfigError(f"data.task_instructions={path}: expected a non-empty map task_name: instruction")
-    for task, instruction in loaded.items():
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ConfigError(f"data.task_instructions={path}: task {task!r}: the instruction must be a non-empty text")
+    if empty := [task for task, text in loaded.items() if not isinstance(text, str) or not text.strip()]:
+        raise ConfigError(f"data.task_instructions={path}: task {empty[0]!r}: the instruction must be a non-empty text")
     return {str(task): instruction.strip() for task, instruction in loaded.items()}

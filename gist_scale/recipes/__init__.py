@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gist_scale.config import ConfigError
 
-__all__ = ["config_files", "list_recipes", "main", "recipe_path"]
+__all__ = ["list_recipes", "main", "recipe_path"]
 
 _FOLDER = Path(__file__).parent
 """The recipes are this package's YAML files (package data)."""
@@ -35,11 +35,6 @@ def recipe_path(name: str) -> Path:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"--recipe {name}: no such recipe; {hint}known: {', '.join(known)} (`gist-scale recipes`)")
     return path
-
-
-def config_files(recipe: str | None, config: str | None) -> list[Path]:
-    """The YAML files a command applies, in order: the recipe's, then the user's `--config`."""
-    return ([recipe_path(recipe)] if recipe else []) + ([Path(config)] if config else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
