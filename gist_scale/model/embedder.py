@@ -39,11 +39,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
     if pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    # `last_token`, the one other pooling the config and the sentence-transformers reader admit: the last attended
-    # position of each row, for right and left padding alike.
+    if pooling != "last_token":  # the config and the sentence-transformers reader refuse it before; a Python caller
+        raise ValueError(f"unknown pooling {pooling!r}: use cls, mean or last_token")
+    # The last attended position of each row, for right and left padding alike.
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
 
 class Embedder(nn.Module):
     """A `transformers` encoder (or decoder LLM) followed by pooling and optional L2 normalization.
