@@ -35,6 +35,12 @@ def test_embeddings_equal_the_encoder_with_its_own_2d_mask(model_type, attention
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_an_unknown_pooling_is_refused_not_pooled_as_another():
+    """A Python caller's misspelt pooling fails with the names that work (the config refuses it for the CLI)."""
+    with pytest.raises(ValueError, match="unknown pooling 'max': use cls, mean or last_token"):
+        pool(torch.zeros(2, 3, 4), torch.ones(2, 3), "max")
+
+
 # ------------------------------------------------------------------------------- trust_remote_code
 
 _CONFIG_CODE = '''from transformers import BertConfig
