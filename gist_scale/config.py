@@ -179,8 +179,9 @@ class ModelConfig(EncoderConfig):
         _check(self.lora_alpha > 0, f"model.lora_alpha={self.lora_alpha}: must be > 0 (commonly 2 x lora_r)")
         _check(0.0 <= self.lora_dropout < 1.0, f"model.lora_dropout={self.lora_dropout}: must be in [0, 1)")
         targets = self.lora_target_modules
-        _check(bool(targets) and ("all-linear" not in targets or len(targets) == 1), f"model.lora_target_modules="
-               f"{list(targets)}: give module names (`[query, value]`) or `[all-linear]` alone")
+        _check(bool(targets) and ("all-linear" not in targets or len(targets) == 1),
+               f"model.lora_target_modules={list(targets)}: give module names (`[query, value]`) or "
+               "`[all-linear]` alone")
 
 
 @dataclass(frozen=True)
