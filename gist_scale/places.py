@@ -31,7 +31,8 @@ def require_writable_dir(path: str | Path, option: str) -> Path:
     else:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            tempfile.NamedTemporaryFile(dir=path, prefix=".gist-scale-write-test-").close()  # created, then removed by close
+            # Created, then removed by close: a file this process could write.
+            tempfile.NamedTemporaryFile(dir=path, prefix=".gist-scale-write-test-").close()
             return path
         except OSError as error:
             problem = f"cannot write in {path}: {error.strerror or error}"

@@ -60,7 +60,8 @@ def _run_mteb(embedder: Embedder, tokenizer: PreTrainedTokenizerBase, length: in
     from gist_scale.evaluation.mteb import EmbedderEncoder, run_mteb  # see `main`
 
     encoder = EmbedderEncoder(embedder, tokenizer, length, device, _mteb_model_name(name), embedder.prompts, batch_size)
-    summary = run_mteb(encoder, tasks, out_dir, batch_size)  # mteb's ResultCache made out_dir
+    summary = run_mteb(encoder, tasks, out_dir, batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)  # ours to write in, whatever mteb's cache did
     (out_dir / "summary.json").write_text(json.dumps({"model": name, "tasks": summary}, indent=2) + "\n")
     return {f"{task} ({result['main_score']})": result["value"] for task, result in summary.items()}
 
